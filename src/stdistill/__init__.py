@@ -1,0 +1,28 @@
+"""stdistill: learn from paired spatial transcriptomics + H&E, then run on H&E alone.
+
+Submodules follow scverse conventions: ``io`` (readers), ``datasets``, ``pp`` (patches,
+tiling, neighbours, splits), ``encoders`` (registry), ``features`` (extraction + cache),
+``teachers``, ``students``, ``losses``, ``metrics``, ``bench``, ``recipes``, ``pl``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._errors import StdistillError
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "io", "pp", "datasets", "encoders", "features", "teachers", "students",
+    "losses", "metrics", "bench", "recipes", "pl",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'stdistill' has no attribute {name!r}")
+
+
+__all__ = ["StdistillError", "__version__", *sorted(_SUBMODULES)]

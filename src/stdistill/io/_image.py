@@ -1,0 +1,186 @@
+"""Lazy readers of full-resolution H&E images.
+
+A reader never holds a whole slide unless the file format forces it (plain JPEG/PNG are
+decoded once, on the first region read). Pyramidal TIFF/SVS/NDPI go through tiffslide or
+openslide when installed (``pip install stdistill[wsi]``); plain TIFF through tifffile.
+Coordinates are full-resolution pixels, (x, y) = (column, row).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .._errors import StdistillError
+from .._utils import array_digest, file_digest
+
+PAD_VALUE = 255  # white, like glass background
+_WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".tif", ".tiff"}
+
+
+class ImageReader(Protocol):
+    """What every reader offers."""
+
+    path: str | None
+    size: tuple[int, int]  # (width, height) in full-resolution pixels
+
+    def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 array (h, w, 3); parts outside the image are filled with white."""
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        """Downscaled RGB uint8 image whose longer side is <= ``max_size``, and its scale."""
+
+    def digest(self) -> str:
+        """Content digest (file bytes or array bytes), for cache keys."""
+
+
+def _paste(region: np.ndarray, x0: int, y0: int, w: int, h: int, width: int, height: int, read) -> np.ndarray:
+    """Fill ``region`` (h, w, 3) with the in-bounds part of [x0, x0+w) x [y0, y0+h)."""
+    ax0, ay0 = max(x0, 0), max(y0, 0)
+    ax1, ay1 = min(x0 + w, width), min(y0 + h, height)
+    if ax1 > ax0 and ay1 > ay0:
+        region[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = read(ax0, ay0, ax1 - ax0, ay1 - ay0)
+    return region
+
+
+class ArrayImage:
+    """An image held in memory (simulated data, small images)."""
+
+    def __init__(self, array: np.ndarray, path: str | None = None):
+        if array.ndim != 3 or array.shape[2] < 3:
+            raise StdistillError(f"image must be (height, width, 3) RGB, got shape {array.shape}", path)
+        self.array = np.ascontiguousarray(array[..., :3].astype(np.uint8, copy=False))
+        self.path = path
+        self.size = (self.array.shape[1], self.array.shape[0])
+        self._digest: str | None = None
+
+    def _read(self, x, y, w, h):
+        return self.array[y : y + h, x : x + w]
+
+    def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        out = np.full((h, w, 3), PAD_VALUE, np.uint8)
+        return _paste(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        from PIL import Image
+
+        scale = min(1.0, max_size / max(self.size))
+        if scale == 1.0:
+            return self.array, 1.0
+        im = Image.fromarray(self.array).resize(
+            (max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale))), Image.BILINEAR
+        )
+        return np.asarray(im), scale
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = file_digest(self.path) if self.path else array_digest(self.array)
+        return self._digest
+
+
+class PILImage(ArrayImage):
+    """JPEG/PNG/plain TIFF read with Pillow; decoded once on first access (formats without tiles)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from PIL import Image
+
+        self.path = str(path)
+        try:
+            with Image.open(self.path) as im:
+                self.size = im.size
+        except FileNotFoundError:
+            raise StdistillError("image file does not exist", path) from None
+        except Exception as e:  # PIL raises many types for corrupt files
+            raise StdistillError(f"image is unreadable ({type(e).__name__}: {e})", path) from None
+        self._array: np.ndarray | None = None
+        self._digest = None
+        self._lock = threading.Lock()
+
+    @property
+    def array(self) -> np.ndarray:  # type: ignore[override]
+        if self._array is None:
+            from PIL import Image
+
+            with self._lock:
+                if self._array is None:
+                    old = Image.MAX_IMAGE_PIXELS
+                    Image.MAX_IMAGE_PIXELS = None  # our own images; size checked above
+                    try:
+                        with Image.open(self.path) as im:
+                            self._array = np.asarray(im.convert("RGB"))
+                    except Exception as e:
+                        raise StdistillError(f"image is unreadable ({type(e).__name__}: {e})", self.path) from None
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = old
+        return self._array
+
+
+class SlideImage:
+    """Pyramidal whole-slide image through tiffslide (or openslide); reads only the regions asked."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            import tiffslide as backend
+        except ImportError:  # pragma: no cover - optional
+            import openslide as backend  # type: ignore[no-redef]
+        try:
+            self._slide = backend.OpenSlide(self.path)
+        except Exception as e:
+            raise StdistillError(f"slide is unreadable ({type(e).__name__}: {e})", path) from None
+        self.size = tuple(int(v) for v in self._slide.dimensions)
+
+    def _read(self, x, y, w, h):
+        return np.asarray(self._slide.read_region((x, y), 0, (w, h)).convert("RGB"))
+
+    def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        out = np.full((h, w, 3), PAD_VALUE, np.uint8)
+        return _paste(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        im = self._slide.get_thumbnail((max_size, max_size)).convert("RGB")
+        return np.asarray(im), im.size[0] / self.size[0]
+
+    def digest(self) -> str:
+        return file_digest(self.path)
+
+
+def open_image(path: str | os.PathLike) -> ImageReader:
+    """Open an image file with the best available lazy reader.
+
+    Raises :class:`StdistillError` naming the file when it is missing or unreadable.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise StdistillError("image file does not exist", p)
+    if p.suffix.lower() in _WSI_SUFFIXES:
+        try:
+            import tiffslide  # noqa: F401
+
+            return SlideImage(p)
+        except ImportError:
+            pass
+        if p.suffix.lower() in {".tif", ".tiff"}:
+            return _tifffile_image(p)
+        raise StdistillError(
+            f"reading {p.suffix} slides needs tiffslide or openslide: pip install 'stdistill[wsi]'", p
+        )
+    return PILImage(p)
+
+
+def _tifffile_image(p: Path) -> ArrayImage:
+    import tifffile
+
+    try:
+        arr = tifffile.imread(p)
+    except Exception as e:
+        raise StdistillError(f"image is unreadable ({type(e).__name__}: {e})", p) from None
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.dtype != np.uint8:
+        raise StdistillError(f"expected an 8-bit RGB image, got dtype {arr.dtype}", p)
+    return ArrayImage(arr, path=str(p))
