@@ -1,0 +1,61 @@
+"""The engineering side of training, kept apart from the science (models, losses, steps).
+
+Every recipe builds its LightningModule and calls :func:`make_trainer`; the same recipe runs on
+a laptop CPU or on several GPUs by changing ``accelerator``/``devices``/``strategy`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+
+def make_trainer(
+    max_epochs: int = 50,
+    *,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    precision: str | None = None,
+    monitor: str | None = "val_loss",
+    patience: int = 5,
+    enable_progress_bar: bool | None = None,
+    deterministic: bool = True,
+    **kwargs: Any,
+):
+    """A quiet, deterministic ``lightning.Trainer`` with early stopping on ``monitor``.
+
+    ``precision=None`` chooses ``"bf16-mixed"`` on a GPU and ``"32-true"`` on the CPU.
+    No checkpoints or logs are written unless asked (``kwargs`` pass through).
+    """
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    if precision is None:
+        precision = "bf16-mixed" if (accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "32-true"
+    if enable_progress_bar is None:
+        enable_progress_bar = os.environ.get("STDISTILL_PROGRESS", "1") != "0"
+    callbacks = list(kwargs.pop("callbacks", []))
+    if monitor:
+        callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode="min"))
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        callbacks=callbacks,
+        deterministic=deterministic,
+        logger=kwargs.pop("logger", False),
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        enable_model_summary=False,
+        enable_progress_bar=enable_progress_bar,
+        **kwargs,
+    )
