@@ -1,0 +1,20 @@
+"""Plots (matplotlib). Each function returns the Figure and writes a PNG when given a path."""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> submodule that defines it (imported on first use, so importing the
+# package stays light). Add an entry when you add a public object.
+_LAZY: dict[str, str] = {
+
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)
