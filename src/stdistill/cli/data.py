@@ -8,7 +8,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
-        path: str = typer.Argument(..., help="An .h5ad file, a Visium outs/ folder, or a dataset name: 'her2st', 'simulated'."),
+        path: str = typer.Argument(..., help="An .h5ad file, a Visium outs/ folder, a her2st copy, or a dataset name: 'her2st', 'simulated', 'mob'."),
     ) -> None:
         """Summarise sections: spots, genes, microns per pixel, image size, spots inside the image, labels."""
         from ..io.summary import load_any, summarise

@@ -8,13 +8,16 @@ import importlib
 # package stays light). Add an entry when you add a public object.
 _LAZY: dict[str, str] = {
     "her2st": "her2st",
+    "mob": "mob",
     "simulated": "simulated",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        obj = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = obj  # importing the submodule of the same name set it here: the function wins
+        return obj
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

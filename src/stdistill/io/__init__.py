@@ -14,6 +14,12 @@ from ._section import (
     spatial_um,
     subset_sections,
 )
+from .h5ad import read_h5ad, validate, write_h5ad
+from .hest import read_hest
+from .legacy_st import read_legacy_st
+from .spatialdata import to_spatialdata
+from .summary import load_any, summarise
+from .visium import read_visium
 
 __all__ = [
     "PATIENT_KEY",
@@ -23,10 +29,19 @@ __all__ = [
     "concat",
     "has_image",
     "image",
+    "load_any",
     "microns_per_pixel",
     "new_section",
     "open_image",
+    "read_h5ad",
+    "read_hest",
+    "read_legacy_st",
+    "read_visium",
     "sections",
     "spatial_um",
     "subset_sections",
+    "summarise",
+    "to_spatialdata",
+    "validate",
+    "write_h5ad",
 ]

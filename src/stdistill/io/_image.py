@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -90,8 +91,10 @@ class PILImage(ArrayImage):
 
         self.path = str(path)
         try:
-            with Image.open(self.path) as im:
-                self.size = im.size
+            with warnings.catch_warnings():  # big H&E scans are no decompression bombs
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.path) as im:
+                    self.size = im.size
         except FileNotFoundError:
             raise StdistillError("image file does not exist", path) from None
         except Exception as e:  # PIL raises many types for corrupt files
@@ -99,6 +102,27 @@ class PILImage(ArrayImage):
         self._array: np.ndarray | None = None
         self._digest = None
         self._lock = threading.Lock()
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        """As :meth:`ArrayImage.thumbnail`, but a JPEG not yet decoded is read at reduced scale
+        (libjpeg's DCT scaling), which is several times faster than decoding it whole."""
+        if self._array is not None or min(1.0, max_size / max(self.size)) == 1.0:
+            return super().thumbnail(max_size)
+        from PIL import Image
+
+        scale = max_size / max(self.size)
+        target = (max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale)))
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(self.path) as im:
+                im.draft("RGB", target)  # no-op for formats other than JPEG
+                small = im.convert("RGB").resize(target, Image.BILINEAR)
+        except Exception as e:
+            raise StdistillError(f"image is unreadable ({type(e).__name__}: {e})", self.path) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+        return np.asarray(small), scale
 
     @property
     def array(self) -> np.ndarray:  # type: ignore[override]

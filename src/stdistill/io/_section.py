@@ -98,7 +98,8 @@ def new_section(
     Parameters
     ----------
     counts
-        (n_spots, n_genes) raw integer counts, dense or sparse.
+        (n_spots, n_genes) raw integer counts, dense or sparse; ``None`` (with ``genes=[]``) for an
+        H&E-only section (tiles): ``X`` is then an empty (n_spots, 0) matrix.
     genes, spots
         Gene symbols and spot ids (both made unique is *not* done silently for spots).
     xy_px
@@ -119,10 +120,15 @@ def new_section(
     n = len(spots)
     if n == 0:
         raise StdistillError("section is empty (no spots)", source)
-    if counts.shape != (n, len(genes)):
-        raise StdistillError(f"counts shape {counts.shape} does not match {n} spots x {len(genes)} genes", source)
-    if len(genes) == 0:
-        raise StdistillError("section has no genes", source)
+    if counts is None:  # H&E only (e.g. pp.tile): no transcriptome, X is an empty (n, 0) matrix
+        if len(genes):
+            raise StdistillError(f"{len(genes)} genes given but no counts; pass counts= or genes=[]", source)
+        counts = sp.csr_matrix((n, 0), dtype=np.int32)
+    else:
+        if counts.shape != (n, len(genes)):
+            raise StdistillError(f"counts shape {counts.shape} does not match {n} spots x {len(genes)} genes", source)
+        if len(genes) == 0:
+            raise StdistillError("section has no genes", source)
     if xy.shape != (n, 2) or not np.all(np.isfinite(xy)):
         raise StdistillError("spot positions must be (n_spots, 2) finite pixel coordinates", source)
     spots_idx = pd.Index(spots, dtype=str)

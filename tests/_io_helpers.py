@@ -1,0 +1,88 @@
+"""Tiny hand-made inputs for the reader tests (legacy ST layout, HEST layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+
+def write_image(path: Path, w: int = 64, h: int = 48, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def legacy_st(
+    tmp: Path,
+    counts: np.ndarray | None = None,
+    ids: list[str] | None = None,
+    positions: dict | None = None,
+    image: bool = True,
+    gzip: bool = True,
+) -> dict:
+    """A 4-spot legacy ST section: array 2x2 with 10 px per array step, image 64x48 px.
+
+    Returns keyword arguments for ``read_legacy_st`` (counts, spots, image).
+    """
+    xy = [(1, 1), (2, 1), (1, 2), (2, 2)]
+    ids = ids if ids is not None else [f"{x}x{y}" for x, y in xy]
+    if counts is None:
+        counts = np.array([[1, 0, 3], [0, 2, 0], [5, 1, 0], [0, 0, 7]])
+    df = pd.DataFrame(counts, index=ids, columns=["GENEA", "GENEB", "GENEC"])
+    cpath = tmp / ("counts.tsv.gz" if gzip else "counts.tsv")
+    df.to_csv(cpath, sep="\t")
+    pos = positions or {
+        "x": [x for x, _ in xy],
+        "y": [y for _, y in xy],
+        "new_x": [x + 0.01 for x, _ in xy],
+        "new_y": [y - 0.01 for _, y in xy],
+        "pixel_x": [10.0 * x + 5 for x, _ in xy],
+        "pixel_y": [10.0 * y + 3 for _, y in xy],
+        "selected": [1, 1, 1, 1],
+    }
+    spath = tmp / "spots.tsv"
+    pd.DataFrame(pos).to_csv(spath, sep="\t", index=False)
+    out = {"counts": cpath, "spots": spath, "image": None}
+    if image:
+        out["image"] = write_image(tmp / "he.png")
+    return out
+
+
+def hest_folder(root: Path, sample: str = "TENX1", meta: dict | None = None, wsi: bool = True) -> Path:
+    """A tiny HEST-1k layout: st/<id>.h5ad (5 spots, 4 genes), wsis/<id>.tif (80x60), metadata/<id>.json."""
+    import anndata as ad
+    import scipy.sparse as sp
+    import tifffile
+
+    for sub in ("st", "wsis", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    X = sp.csr_matrix(
+        np.array([[1, 0, 2, 0], [0, 3, 0, 1], [4, 0, 0, 0], [0, 0, 5, 6], [2, 2, 2, 2]], dtype=np.float32)
+    )
+    obs = pd.DataFrame(
+        {"in_tissue": [1, 1, 1, 1, 0], "array_row": [0, 0, 1, 1, 2], "array_col": [0, 2, 1, 3, 0]},
+        index=[f"BC{i}-1" for i in range(5)],
+    )
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["ACTB", "GAPDH", "ERBB2", "KRT19"]))
+    a.obsm["spatial"] = np.array([[10.0, 10.0], [30.0, 12.0], [20.0, 30.0], [50.0, 40.0], [70.0, 55.0]])
+    a.write_h5ad(root / "st" / f"{sample}.h5ad")
+    if wsi:
+        rng = np.random.default_rng(1)
+        tifffile.imwrite(
+            root / "wsis" / f"{sample}.tif", rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), photometric="rgb"
+        )
+    m = {
+        "pixel_size_um_estimated": 0.5,
+        "pixel_size_um_embedded": 0.25,
+        "patient": "P7",
+        "st_technology": "Visium",
+        "species": "Homo sapiens",
+    }
+    if meta is not None:
+        m = meta
+    (root / "metadata" / f"{sample}.json").write_text(json.dumps(m))
+    return root
