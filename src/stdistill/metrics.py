@@ -22,3 +22,98 @@ def pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray, genes=None) -> pd.S
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1.0), np.nan)
     return pd.Series(r, index=genes if genes is not None else range(y_true.shape[1]), name="pearson")
+
+
+# --------------------------------------------------------------------------- niches
+# Clustering agreement against a teacher's niches. Inputs: 1-D label arrays of equal length.
+
+
+def ari(labels_true, labels_pred) -> float:
+    """Adjusted Rand index (ignores label identities; 1 = same partition, ~0 = chance)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(np.asarray(labels_true), np.asarray(labels_pred)))
+
+
+def nmi(labels_true, labels_pred) -> float:
+    """Normalised mutual information (arithmetic mean normalisation; ignores label identities)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(labels_true), np.asarray(labels_pred)))
+
+
+def niche_id_accuracy(teacher, student) -> float:
+    """Share of spots whose predicted niche id equals the teacher's (identities matter, unlike ARI/NMI)."""
+    t, s = np.asarray(teacher), np.asarray(student)
+    if t.shape != s.shape:
+        raise ValueError(f"shapes differ: {t.shape} vs {s.shape}")
+    return float(np.mean(t.astype(str) == s.astype(str))) if t.size else float("nan")
+
+
+def seen_niche_share(test_teacher, train_teacher) -> float:
+    """Share of test spots whose teacher niche occurs among the training spots' teacher niches."""
+    t = np.asarray(test_teacher).astype(str)
+    return float(np.isin(t, np.unique(np.asarray(train_teacher).astype(str))).mean()) if t.size else float("nan")
+
+
+def niche_sizes(niches, groups, categories=None) -> pd.DataFrame:
+    """Spots per niche (columns) in each group (rows, e.g. patients): a crosstab of counts."""
+    tab = pd.crosstab(pd.Series(np.asarray(groups).astype(str), name="group"),
+                      pd.Series(np.asarray(niches).astype(str), name="niche"))
+    if categories is not None:
+        tab = tab.reindex(columns=[str(c) for c in categories], fill_value=0)
+    return tab
+
+
+def majority_map(source, target) -> dict:
+    """``{source label: most frequent target label among its spots}`` (ties: first in sorted order).
+
+    Used to map niches to pathology labels, or baseline clusters to teacher niches, on
+    *training* spots only; apply it to test spots with :func:`apply_map`.
+    """
+    df = pd.DataFrame({"s": np.asarray(source).astype(str), "t": np.asarray(target).astype(str)})
+    counts = df.groupby(["s", "t"]).size().reset_index(name="n").sort_values(["s", "n", "t"], ascending=[True, False, True])
+    return dict(counts.drop_duplicates("s")[["s", "t"]].itertuples(index=False, name=None))
+
+
+def apply_map(labels, mapping: dict, default=None) -> np.ndarray:
+    """Map each label through ``mapping``; unmapped labels get ``default``."""
+    return np.array([mapping.get(str(v), default) for v in np.asarray(labels).astype(str)], dtype=object)
+
+
+def macro_f1(y_true, y_pred, labels=None) -> float:
+    """Macro-averaged F1 over ``labels`` (default: the classes present in ``y_true``)."""
+    from sklearn.metrics import f1_score
+
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(y_pred).astype(str)
+    labels = sorted(set(y_true)) if labels is None else [str(x) for x in labels]
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+
+
+def trivial_macro_f1(y_true, label=None) -> tuple[str, float]:
+    """Macro-F1 of predicting one label everywhere (default: the most frequent in ``y_true``).
+
+    On HER2ST A1 (83% invasive cancer) this is the line any niche -> label map must beat.
+    Returns ``(label, macro_f1)``.
+    """
+    y_true = np.asarray(y_true).astype(str)
+    if label is None:
+        v, c = np.unique(y_true, return_counts=True)
+        label = str(v[np.argmax(c)])
+    return label, macro_f1(y_true, np.full(len(y_true), label))
+
+
+def hungarian_match(reference, labels) -> dict:
+    """``{label: reference label}`` maximising overlap (Hungarian assignment on the contingency
+    table); labels left over (more clusters than reference labels) map to themselves prefixed "+"."""
+    from scipy.optimize import linear_sum_assignment
+
+    r = np.asarray(reference).astype(str)
+    lab = np.asarray(labels).astype(str)
+    tab = pd.crosstab(lab, r)
+    rows, cols = linear_sum_assignment(-tab.to_numpy())
+    out = {str(tab.index[i]): str(tab.columns[j]) for i, j in zip(rows, cols)}
+    for v in tab.index:
+        out.setdefault(str(v), f"+{v}")
+    return out

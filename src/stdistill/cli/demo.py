@@ -135,11 +135,45 @@ def step_figure(run: DemoRun) -> None:
     run.outputs["H&E with true niches"] = path
 
 
+ENCODER = "effnet-lite0-imagenet"  # the offline default: an ImageNet model, not a pathology model
+
+
+def step_features(run: DemoRun) -> None:
+    """Patch features with the offline default encoder (features.extract, cached on disk)."""
+    from ..features import extract
+
+    key = f"X_{ENCODER}"
+    extract(run.adata, encoder=ENCODER, size_um=112.0, px=run.patch_px, key_added=key)
+    run.info["feature_key"] = key
+    run.console.print(f"  obsm[{key!r}]: {run.adata.obsm[key].shape[1]}-d features of {run.adata.n_obs} patches "
+                      f"({ENCODER}: ImageNet weights, not a pathology model)")
+
+
+def step_niches(run: DemoRun) -> None:
+    """Niche distillation, leave one patient out: ST teacher -> H&E student vs histology baselines."""
+    from ..recipes import niches
+
+    k = run.adata.obs["niche_true"].nunique()
+    out = run.out / "niches"
+    df, figs = niches.run(run.adata, run.info["feature_key"], n_niches=k, out_dir=out, seed=run.seed,
+                          label_key="pathology", verbose=False)
+    run.info["niches"] = df
+    run.console.print(f"  K = {k} niches; held-out patients; agreement with the ST teacher (simulated data):")
+    run.console.print(niches.format_table(df), soft_wrap=True, markup=False)
+    run.console.print("  mean over held-out patients:")
+    run.console.print(niches.summary(df).round(3).to_string(), soft_wrap=True, markup=False)
+    for i, f in enumerate(figs):
+        run.outputs[f"niche map {i + 1} (teacher | student | baselines)"] = Path(f)
+    run.outputs["niche metrics table"] = out / f"metrics_K{k}.csv"
+
+
 STEPS: list[Step] = [
     Step("simulate", "simulate paired ST + H&E", step_simulate),
     Step("patches", "cut patches at a physical size", step_patches),
     Step("summary", "summarise the sections", step_summary),
     Step("figure", "draw the sections", step_figure),
+    Step("features", f"extract patch features ({ENCODER})", step_features),
+    Step("niches", "distil ST niches into an H&E-only student", step_niches),
 ]
 
 
@@ -277,5 +311,5 @@ def register(app: typer.Typer) -> None:
             None, "--n-patients", help="Simulated patients (default 3; 2 with --quick)."),
         quick: bool = typer.Option(False, "--quick", hidden=True, help="Tiny sizes, for tests."),
     ) -> None:
-        """Run the main job on embedded simulated data: simulate, cut patches, summarise, draw."""
+        """Run the main job on embedded simulated data: simulate, patch, extract features, distil niches, draw."""
         run_demo(out, seed=seed, n_sections=n_sections, n_patients=n_patients, quick=quick)

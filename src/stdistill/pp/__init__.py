@@ -2,5 +2,10 @@
 
 from .patches import PatchDataset, patches
 from .splits import Fold, check_patient_disjoint, check_split, folds
+from .tile import tile, tissue_mask
+from .genes import hest_genes, log1p_targets, read_gene_list
+from .neighbors import NeighborTokens, aggregate_neighbors, neighbor_tokens, radius_for_neighbors, spatial_neighbors
 
-__all__ = ["PatchDataset", "patches", "Fold", "check_patient_disjoint", "check_split", "folds"]
+__all__ = ["PatchDataset", "patches", "Fold", "check_patient_disjoint", "check_split", "folds",
+           "NeighborTokens", "aggregate_neighbors", "neighbor_tokens", "spatial_neighbors",
+           "hest_genes", "log1p_targets", "read_gene_list", "tile", "tissue_mask"]

@@ -9,6 +9,8 @@ import importlib
 _LAZY: dict[str, str] = {
     "NicheTeacher": "niche",
     "ExpressionTeacher": "expression",
+    "CountEmbedder": "expression",
+    "register_embedder": "expression",
 }
 
 

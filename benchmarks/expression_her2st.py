@@ -1,0 +1,248 @@
+"""HER2ST expression benchmark: frozen-feature HEST ridge vs PEKA, leave-one-patient-out.
+
+Imaged HER2ST sections: patient A (A1, A2: 2000 px app copies, ~3.2 um/px), B (B4) and C
+(C2-C5) (both ~0.69 um/px). Three folds, each holding out one patient. Encoder: the offline
+default ``effnet-lite0-imagenet`` (an ImageNet model, not a pathology model). Per fold:
+
+1. targets: 50 genes chosen HEST's way on the fold's training sections (imaged); ERBB2 is also
+   reported (not one of the 50 in any fold, so reported beside the score, not in it);
+2. teacher: :class:`ExpressionTeacher` (PCA of log-normalised counts, per-section standardised)
+   fitted on **all** HER2ST sections of the training patients (with or without image);
+3. baseline: frozen encoder features -> HEST probe (StandardScaler -> PCA(256) -> ridge);
+4. PEKA (and ablations): settings (learning rate, epochs) chosen by early stopping on a
+   validation patient inside the training patients (inner split: the training patient with most
+   imaged spots trains, the other validates; the HEST probe's Pearson r on the validation
+   patient is the criterion); then trained on all training patients for the chosen number of
+   epochs, for each seed; adapted features -> the same HEST probe -> Pearson on the test patient.
+
+Speed-ups (2-core CPU): the frozen part of the encoder up to the last block's depthwise
+convolution runs once per patch and is cached (``trunk_activations``); training samples 16 of
+the 49 positions of the cached 7x7 map per patch (``train_positions``); PCA uses an exact
+eigen-solver (``svd_solver="covariance_eigh"``) for every probe in this script (the HEST
+default randomized solver is also printed for the baseline).
+
+Usage::
+
+    python benchmarks/expression_her2st.py --root ../shared/data/her2st --out results/expression_her2st
+
+Writes ``results.csv`` (one row per fold x method x seed), ``table.md`` (the docs table),
+``selection.csv``, ``per_gene_*.csv`` and ERBB2 maps (``erbb2_<section>.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("STDISTILL_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import stdistill as sd  # noqa: E402
+from stdistill.recipes.peka import PEKA, PekaConfig, trunk_activations  # noqa: E402
+from stdistill.teachers import ExpressionTeacher  # noqa: E402
+from stdistill.teachers.expression import teacher_targets  # noqa: E402
+
+VARIANTS = {
+    "peka_miss": dict(adapter="miss"),
+    "no_kd": dict(adapter="miss", w_kd=0.0),
+    "no_sa": dict(adapter="miss", w_sa=0.0),
+    "peka_lora": dict(adapter="lora"),
+}
+RES_NOTE = {"A": "A1/A2 at ~3.2 um/px (2000 px app copies): resolution shift + patient shift"}
+
+
+def log(msg: str, t0: float) -> None:
+    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
+def frozen_features(adata, cfg: PekaConfig) -> np.ndarray:
+    """Frozen encoder features through the same cached trunk + tail as PEKA (fp32 tail)."""
+    import torch
+
+    from stdistill.recipes.peka import _parse_cut, _Tail
+
+    enc = sd.encoders.load("effnet-lite0-imagenet")
+    H = trunk_activations(enc, adata, cfg)
+    tail = _Tail(enc, _parse_cut(enc.backbone, cfg.train_from)).eval()
+    with torch.no_grad():
+        return torch.cat([tail(H[i:i + 256, 0].float()) for i in range(0, len(H), 256)]).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
+    ap.add_argument("--out", default="results/expression_her2st")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--lr-miss", type=float, nargs="+", default=[3e-5, 1e-4])
+    ap.add_argument("--lr-lora", type=float, nargs="+", default=[3e-4, 1e-3])
+    ap.add_argument("--max-epochs", type=int, default=4, help="upper bound for early stopping on the inner validation patient")
+    ap.add_argument("--rank", type=int, default=None, help="adapter rank (default MiSS 128 / LoRA 64, about 6%% of the encoder)")
+    ap.add_argument("--train-positions", type=int, default=16)
+    ap.add_argument("--head-ridge", type=float, default=10.0)
+    ap.add_argument("--n-components", type=int, default=32, help="teacher embedding width")
+    ap.add_argument("--map-gene", default="ERBB2")
+    args = ap.parse_args()
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    full = sd.datasets.her2st(root=args.root)
+    img_secs = [s for s in sd.io.sections(full) if sd.io.has_image(full, s)]
+    img = sd.io.subset_sections(full, img_secs)
+    log(f"HER2ST: {full.n_obs} spots in {len(sd.io.sections(full))} sections; imaged {img_secs} ({img.n_obs} spots)", t0)
+
+    base_cfg = PekaConfig(max_epochs=args.max_epochs, patience=2, train_positions=args.train_positions,
+                          head_ridge=args.head_ridge, rank=args.rank)
+    t_trunk = time.time()
+    img.obsm["X_frozen"] = frozen_features(img, base_cfg)
+    log(f"trunk cache + frozen features: {time.time() - t_trunk:.1f}s", t0)
+
+    folds = sd.pp.folds(img)
+    rows, sel_rows, per_gene_tables = [], [], {}
+    map_done = False
+    for fold in folds:
+        test_p = fold.patients_of("test")[0]
+        train_secs = list(fold.train)
+        genes = sd.pp.hest_genes(img, 50, sections=train_secs)
+        tr_pats = fold.patients_of("train")
+        full_tr = full[full.obs["patient"].astype(str).isin(tr_pats).to_numpy()].copy()
+        teacher = ExpressionTeacher("pca", n_components=args.n_components).fit(full_tr)
+        ref = teacher.transform(full_tr)
+        tr = sd.io.subset_sections(img, train_secs)
+        T = teacher.transform(tr)
+        kd = {seed: teacher_targets(ref, n_clusters=base_cfg.n_clusters, seed=seed)[:2] for seed in set(args.seeds) | {0}}
+        log(f"fold {fold.name}: train {tr_pats} ({tr.n_obs} imaged spots; teacher on {full_tr.n_obs} spots), test {test_p}", t0)
+
+        def bench(key: str, solver: str = "covariance_eigh"):
+            return sd.bench.expression(img, key, folds=[fold], genes=genes, extra_genes=[args.map_gene],
+                                       svd_solver=solver, key_added=None)
+
+        b = bench("X_frozen")
+        b_auto = bench("X_frozen", "auto")
+        rows.append({"fold": test_p, "method": "frozen_ridge", "seed": -1, "pearson": b.mean,
+                     "r_ERBB2": float(b.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
+                     "seconds": 0.0, "lr": np.nan})
+        rows.append({"fold": test_p, "method": "frozen_ridge_hest_randomized_pca", "seed": -1, "pearson": b_auto.mean,
+                     "r_ERBB2": float(b_auto.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
+                     "seconds": 0.0, "lr": np.nan})
+        per_gene_tables[("frozen_ridge", test_p)] = b.per_gene[test_p]
+        log(f"  frozen ridge: {b.mean:.4f} (HEST randomized PCA: {b_auto.mean:.4f}), ERBB2 r={rows[-2]['r_ERBB2']:.3f}", t0)
+
+        # ---- choose lr and epochs on validation patients inside the training patients: each training
+        # patient in turn validates a model trained on the other(s); validation curves (HEST-probe
+        # Pearson per epoch, epoch 0 = frozen) are averaged over the inner splits and the best
+        # (lr, epoch) wins. Inner genes and the inner teacher never see the validation patient.
+        inner = []
+        for val_p in tr_pats:
+            it_secs = [s for s in train_secs if fold.patients[s] != val_p]
+            iv_secs = [s for s in train_secs if fold.patients[s] == val_p]
+            inner_tr, inner_va = sd.io.subset_sections(tr, it_secs), sd.io.subset_sections(tr, iv_secs)
+            full_in = full[(full.obs["patient"].astype(str) != val_p).to_numpy()
+                           & full.obs["patient"].astype(str).isin(tr_pats).to_numpy()].copy()
+            teacher_in = ExpressionTeacher("pca", n_components=args.n_components).fit(full_in)
+            kd_in = teacher_targets(teacher_in.transform(full_in), n_clusters=base_cfg.n_clusters, seed=0)[:2]
+            inner.append((val_p, inner_tr, inner_va, teacher_in.transform(inner_tr), sd.pp.hest_genes(inner_tr, 50), kd_in))
+        chosen = {}
+        for family, lrs in (("miss", args.lr_miss), ("lora", args.lr_lora)):
+            if not any(VARIANTS[v]["adapter"] == family for v in args.variants):
+                continue
+            curves = {}
+            for lr in lrs:
+                cfg = replace(base_cfg, adapter=family, lr=lr, seed=0, patience=args.max_epochs + 1)
+                cs = []
+                for val_p, inner_tr, inner_va, T_in, g_in, kd_in in inner:
+                    m = PEKA("effnet-lite0-imagenet", cfg).fit(inner_tr, T_in, g_in, kd_classifier=kd_in, val=inner_va)
+                    c = [h["val_ridge_pearson"] for h in m.history_]
+                    cs.append(c)
+                    sel_rows.append({"fold": test_p, "adapter": family, "lr": lr, "val": val_p,
+                                     "curve": " ".join(f"{x:.4f}" for x in c), "seconds": round(m.fit_seconds_, 1)})
+                    log(f"  select {family} lr={lr:g} val {val_p}: " + " ".join(f"{x:.4f}" for x in c)
+                        + f" [{m.fit_seconds_:.0f}s]", t0)
+                curves[lr] = np.mean([c[: min(map(len, cs))] for c in cs], axis=0)
+            lr, ep = max(((lr, int(np.argmax(c))) for lr, c in curves.items()), key=lambda t: curves[t[0]][t[1]])
+            chosen[family] = {"lr": lr, "epochs": ep}
+            log(f"  chosen {family}: lr={lr:g}, epochs={ep} (mean val r {curves[lr][ep]:.4f}; frozen {curves[lr][0]:.4f})", t0)
+        # ---- final models
+        for v in args.variants:
+            upd = VARIANTS[v]
+            ch = chosen[upd["adapter"]]
+            for seed in args.seeds:
+                cfg = replace(base_cfg, **upd, lr=ch["lr"], max_epochs=ch["epochs"], seed=seed)
+                m = PEKA("effnet-lite0-imagenet", cfg).fit(tr, T, genes, kd_classifier=kd[seed])
+                key = f"X_{v}_s{seed}"
+                m.transform(img, key_added=key)
+                r = bench(key)
+                rows.append({"fold": test_p, "method": v, "seed": seed, "pearson": r.mean,
+                             "r_ERBB2": float(r.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": m.trainable_share,
+                             "epochs": ch["epochs"], "seconds": round(m.fit_seconds_, 1), "lr": ch["lr"]})
+                per_gene_tables[(f"{v}_s{seed}", test_p)] = r.per_gene[test_p]
+                log(f"  {v} seed {seed}: {r.mean:.4f} ERBB2 r={rows[-1]['r_ERBB2']:.3f} "
+                    f"(lr {ch['lr']:g}, {ch['epochs']} ep, share {m.trainable_share:.2%}, {m.fit_seconds_:.0f}s)", t0)
+                if v == "peka_miss" and seed == args.seeds[0] and not map_done and test_p == "B":
+                    sec = fold.test[0]
+                    sd.pl.expression_maps(
+                        img, args.map_gene,
+                        {"frozen ridge": b.predictions[test_p][args.map_gene], "PEKA (MiSS) ridge": r.predictions[test_p][args.map_gene]},
+                        section=sec, path=out / f"erbb2_{sec}.png",
+                        title=f"{args.map_gene} on held-out section {sec} (patient {test_p}): measured vs predicted")
+                    map_done = True
+                img.obsm.pop(key)
+
+    res = pd.DataFrame(rows)
+    res.to_csv(out / "results.csv", index=False)
+    pd.DataFrame(sel_rows).to_csv(out / "selection.csv", index=False)
+    pd.DataFrame({f"{k[0]}|{k[1]}": v for k, v in per_gene_tables.items()}).to_csv(out / "per_gene.csv")
+    table = summarise(res)
+    (out / "table.md").write_text(table)
+    print(table)
+    print(pd.DataFrame(sel_rows).to_string(index=False))
+    log(f"total {time.time() - t0:.0f}s; outputs in {out}", t0)
+
+
+def summarise(res: pd.DataFrame) -> str:
+    """Markdown: per fold (mean +- std over seeds), mean +- std over folds, gain over the baseline."""
+    methods = list(dict.fromkeys(res["method"]))
+    folds = list(dict.fromkeys(res["fold"]))
+    base = res[res["method"] == "frozen_ridge"].set_index("fold")["pearson"]
+    lines = ["| method | " + " | ".join(f"{f}{' *' if f in RES_NOTE else ''}" for f in folds)
+             + " | mean +- std over folds | gain vs frozen | ERBB2 r (mean over folds) | trainable | train s/run |",
+             "|---" * (len(folds) + 6) + "|"]
+    for m in methods:
+        d = res[res["method"] == m]
+        cells = []
+        per_fold_means = []
+        for f in folds:
+            x = d[d["fold"] == f]["pearson"]
+            per_fold_means.append(x.mean())
+            cells.append(f"{x.mean():.4f}" + (f" +- {x.std(ddof=0):.4f}" if len(x) > 1 else ""))
+        # mean over folds per seed, then mean +- std over seeds (seeds paired across folds)
+        if d["seed"].max() >= 0:
+            by_seed = d.groupby("seed")["pearson"].mean()
+            overall = f"{by_seed.mean():.4f} +- {by_seed.std(ddof=0):.4f} (seeds); folds: {np.mean(per_fold_means):.4f} +- {np.std(per_fold_means):.4f}"
+        else:
+            overall = f"{np.mean(per_fold_means):.4f} +- {np.std(per_fold_means):.4f}"
+        gain = (np.mean(per_fold_means) - base.mean()) / base.mean() * 100
+        erbb2 = d.groupby("fold")["r_ERBB2"].mean().mean()
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {overall} | {gain:+.1f}% | {erbb2:.3f} | "
+                     f"{d['share'].mean():.2%} | {d['seconds'].mean():.0f} |")
+    lines.append("")
+    lines.append("Pearson r: mean over the 50 genes on the held-out patient (HEST probe, exact PCA); per fold mean +- std over "
+                 "seeds. " + " ".join(f"* {k}: {v}." for k, v in RES_NOTE.items()))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Niche distillation on HER2ST: leave-one-patient-out over the patients with images (A, B, C).
+
+Teacher (transcriptome only, fitted once per K on all 36 sections, frozen) -> H&E student
+(trained on the two other imaged patients, early stopping on one of them) -> two unsupervised
+histology baselines (k-means on patch features; k-means on neighbourhood-averaged features) ->
+ARI / NMI / niche-ID accuracy against the teacher on the held-out patient, macro-F1 on A1 against
+the pathologist labels, and niche maps of held-out sections.
+
+    python benchmarks/niches_her2st.py                       # the full run (K 4/6/8 x seeds 0/1/2)
+    python benchmarks/niches_her2st.py --ks 6 --seeds 0      # one cell of the grid
+
+Features: the offline encoder's cached file (``--features``, default /work/cache/her2st_effnet.h5ad,
+made by ``stdistill.features.extract(adata, "effnet-lite0-imagenet")``, an ImageNet model, not a
+pathology model). Writes ``<out>/table.md`` (every number below is printed there), per-run CSVs
+and PNGs. Patient A's images are the 2000 px app copies (about 3.2 um/px): the A fold tests a
+resolution shift as much as a patient shift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("STDISTILL_PROGRESS", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import anndata as ad  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+KEY = "X_effnet-lite0-imagenet"
+METHODS = ["student", "kmeans", "kmeans_nbr"]
+A_NOTE = "A: images about 3.2 um/px (2000 px copies) vs 0.69 um/px for B/C: resolution shift + patient shift"
+
+
+def load(features: Path, root: str | None) -> ad.AnnData:
+    import stdistill
+
+    a = stdistill.datasets.her2st(root=root)
+    c = ad.read_h5ad(features)
+    if KEY not in c.obsm:
+        sys.exit(f"error: {features} has no obsm['{KEY}']")
+    f = np.full((a.n_obs, c.obsm[KEY].shape[1]), np.nan, np.float32)
+    pos = a.obs_names.get_indexer(c.obs_names)
+    if (pos < 0).any():
+        sys.exit(f"error: {features}: {(pos < 0).sum()} spots are not in the HER2ST data (other spot ids?)")
+    f[pos] = np.asarray(c.obsm[KEY], dtype=np.float32)
+    a.obsm[KEY] = f
+    return a
+
+
+def pm(x: pd.Series) -> str:
+    x = x.dropna()
+    if len(x) == 0:
+        return ""
+    return f"{x.mean():.3f} ± {x.std(ddof=0):.3f}" if len(x) > 1 else f"{x.mean():.3f}"
+
+
+def teacher_block(a: ad.AnnData, k: int, teacher, label: str) -> tuple[str, dict]:
+    """Fit the teacher on all 36 sections; diagnostics as markdown."""
+    from stdistill.metrics import nmi, niche_sizes
+    from stdistill.recipes.niches import TEACHER_KEY, markdown
+
+    t0 = time.perf_counter()
+    teacher.fit_predict(a, key_added=TEACHER_KEY)
+    secs = time.perf_counter() - t0
+    d = teacher.diagnostics(a, key=TEACHER_KEY)
+    img = np.isfinite(a.obsm[KEY][:, 0])
+    pats = a.obs["patient"].astype(str).to_numpy()
+    nt = a.obs[TEACHER_KEY].astype(str).to_numpy()
+    sizes = niche_sizes(nt[img], pats[img], categories=range(k))
+    frac = sizes.div(sizes.sum(1), axis=0)
+    sizes.insert(0, "patient", sizes.index)
+    sizes["one niche >= 95%?"] = ["YES" if v >= 0.95 else "no" for v in frac.max(1)]
+    info = {"nmi_all": d["nmi_patient"], "nmi_img": nmi(pats[img], nt[img]), "seconds": secs}
+    txt = (f"Teacher {label}, K={k}: NMI(niche, patient) = {info['nmi_all']:.3f} over all 36 sections "
+           f"(8 patients), {info['nmi_img']:.3f} over the imaged spots (A, B, C); fitted in {secs:.1f} s.\n"
+           f"Patients with >= 95% of spots in one niche (all 8): {d['single_niche_patients'] or 'none'}.\n\n"
+           f"Teacher niche sizes (spots) in each held-out patient:\n\n{markdown(sizes)}\n")
+    return txt, info
+
+
+def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwargs=None, candidates=None,
+             figures_seed=0) -> tuple[pd.DataFrame, list[str], dict, list[Path]]:
+    from stdistill.recipes import niches
+
+    rows, texts, infos, figs = [], [], {}, []
+    for k in ks:
+        txt, info = teacher_block(a, k, teacher_factory(k), label)
+        texts.append(txt)
+        infos[k] = info
+        for seed in seeds:
+            t0 = time.perf_counter()
+            df, f = niches.run(a, KEY, k, out_dir=out / f"K{k}_seed{seed}", seed=seed, reuse_teacher=True,
+                               student_kwargs=student_kwargs, student_candidates=candidates,
+                               figures=seed == figures_seed, verbose=False)
+            df.attrs = {}  # (DataFrames in attrs break pd.concat)
+            df["K"], df["seed"], df["run_s"] = k, seed, time.perf_counter() - t0
+            rows.append(df)
+            figs += f
+            s = niches.summary(df)
+            print(f"[{label}] K={k} seed={seed}: mean ARI student {s.loc['student', 'ari']:.3f} "
+                  f"kmeans {s.loc['kmeans', 'ari']:.3f} nbr {s.loc['kmeans_nbr', 'ari']:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return pd.concat(rows, ignore_index=True), texts, infos, figs
+
+
+def tables(res: pd.DataFrame) -> str:
+    """Per fold and mean over folds (mean ± sd over seeds), macro-F1 on A1, verdict per K."""
+    from stdistill.recipes.niches import markdown
+
+    out = []
+    m = res[res["method"].isin(METHODS)]
+    per_fold = (m.groupby(["K", "fold", "method"], sort=False)
+                .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm), seen_share=("seen_share", "first"),
+                     teacher_sizes=("teacher_sizes", "first"), one_niche=("single_niche", "first"))
+                .reset_index())
+    per_fold["note"] = ["A at ~3.2 um/px" if f == "A" else "" for f in per_fold["fold"]]
+    out.append("Per fold (held-out patient), mean ± sd over seeds:\n\n" + markdown(per_fold))
+    fm = m.groupby(["K", "seed", "method"], sort=False)[["ari", "nmi", "id_acc"]].mean().reset_index()
+    mean = (fm.groupby(["K", "method"], sort=False)
+            .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm)).reset_index())
+    out.append("Mean over the 3 held-out patients (mean ± sd over seeds):\n\n" + markdown(mean))
+    verdict = []
+    for k, g in fm.groupby("K"):
+        v = g.groupby("method")[["ari", "nmi", "id_acc"]].mean()
+        row = {"K": k}
+        for met in ("ari", "nmi", "id_acc"):
+            row[f"student > both baselines ({met})"] = (
+                "yes" if v.loc["student", met] > max(v.loc["kmeans", met], v.loc["kmeans_nbr", met]) else "NO")
+        folds_win = m[(m["K"] == k)].groupby(["fold", "method"])["ari"].mean().unstack()
+        row["folds where student ARI > both"] = ",".join(
+            f for f in folds_win.index if folds_win.loc[f, "student"] > folds_win.loc[f, ["kmeans", "kmeans_nbr"]].max()) or "none"
+        verdict.append(row)
+    out.append("Verdict (mean over folds and seeds):\n\n" + markdown(pd.DataFrame(verdict)))
+    f1 = res[(res["f1_section"] == "A1")]
+    if len(f1):
+        t = (f1.groupby(["K", "method"], sort=False)["macro_f1"].agg(pm).reset_index()
+             .rename(columns={"macro_f1": "macro-F1 on A1"}))
+        t["how mapped"] = [
+            "niche -> label: majority on teacher niches of the labelled non-A sections (B1, C1, D1, E1, F1, G2, H1)"
+            if mth in ("teacher", "student") else
+            ("cluster -> teacher niche (majority on training patients B, C) -> label (same map)" if mth in METHODS
+             else "most frequent label of the map's training labels, everywhere")
+            for mth in t["method"]]
+        out.append("Macro-F1 against the pathologist labels on A1 (student trained without patient A; "
+                   "'undetermined' spots left out):\n\n" + markdown(t))
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--features", type=Path, default=Path("/work/cache/her2st_effnet.h5ad"))
+    ap.add_argument("--root", default=None, help="HER2ST folder (default: $STDISTILL_DATA or the download cache)")
+    ap.add_argument("--out", type=Path, default=Path("results/niches_her2st"))
+    ap.add_argument("--ks", type=int, nargs="+", default=[4, 6, 8])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--no-investigation", action="store_true", help="skip the teacher/student variants at K=6")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from stdistill.recipes.niches import markdown
+    from stdistill.teachers import NicheTeacher
+
+    t_all = time.perf_counter()
+    root = args.root or os.environ.get("STDISTILL_SHARED_HER2ST") or (
+        "/work/shared/data/her2st" if Path("/work/shared/data/her2st").exists() else None)
+    a = load(args.features, root)
+    print(f"HER2ST: {a.n_obs} spots, {a.obs['section'].nunique()} sections, "
+          f"{int(np.isfinite(a.obsm[KEY][:, 0]).sum())} with image features", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/niches_her2st.py " + " ".join(sys.argv[1:])
+
+    def default_teacher(k):
+        return NicheTeacher(k, method="aggregate", seed=0)
+
+    res, ttxt, tinfo, figs = run_grid(a, args.ks, args.seeds, args.out / "main", default_teacher,
+                                      "aggregate (PCA of log-expression, per-section standardised)")
+    md = [f"# Niche distillation on HER2ST (leave-one-patient-out over A, B, C)\n",
+          f"Command: `{cmd.strip()}`  \nFeatures: `{KEY}` (ImageNet EfficientNet-Lite0, not a pathology model), "
+          f"112 um patches.  \nSeeds {args.seeds} (student and baselines; teacher seed 0).  \n{A_NOTE}.\n",
+          "## Teacher diagnostics\n", *ttxt,
+          "## Student vs baselines (teacher: aggregate, PCA of log-expression, per-section standardised)\n",
+          tables(res)]
+    res.to_csv(args.out / "main.csv", index=False)
+
+    if not args.no_investigation:
+        inv = []
+        k = 6 if 6 in args.ks else args.ks[0]
+        variants = [
+            ("teacher: aggregate on cell-type proportions (stereoscope), per-section standardised",
+             lambda k: NicheTeacher(k, use_rep="celltype_props", seed=0), None, None),
+            ("teacher: nolan (self-supervised global/local views), per-section standardised",
+             lambda k: NicheTeacher(k, method="nolan", seed=0), None, None),
+            ("student: radius chosen on the validation patient from {250, 450, 650} um",
+             default_teacher, None, [{"radius_um": 250.0}, {"radius_um": 450.0}, {"radius_um": 650.0}]),
+            ("student: temperature chosen on the validation patient from {1, 2, 4}",
+             default_teacher, None, [{"temperature": 1.0}, {"temperature": 2.0}, {"temperature": 4.0}]),
+            ("student: early stopping on niche-id error (not ARI)",
+             default_teacher, {"monitor": "val_err"}, None),
+            ("student: early stopping on the KD loss (not ARI)",
+             default_teacher, {"monitor": "val_loss"}, None),
+        ]
+        for label, tf, skw, cand in variants:
+            r, tt, ti, _ = run_grid(a, [k], [args.seeds[0]], args.out / "investigation" / label.split(":")[0],
+                                    tf, label, student_kwargs=skw, candidates=cand, figures_seed=-1)
+            m = r[r["method"].isin(METHODS)]
+            s = m.groupby("method", sort=False)[["ari", "nmi", "id_acc"]].mean()
+            per = m.pivot_table(index="method", columns="fold", values="ari", sort=False)
+            chosen = "; ".join(sorted(set(n.split("chose ")[-1] for n in r.loc[r["method"] == "student", "note"] if "chose" in n)))
+            inv.append({"variant": label, "teacher NMI(niche, patient)": ti[k]["nmi_all"],
+                        **{f"ARI {mth}": s.loc[mth, "ari"] for mth in METHODS},
+                        **{f"ID-acc {mth}": s.loc[mth, "id_acc"] for mth in METHODS},
+                        "student ARI per fold A/B/C": "/".join(f"{per.loc['student', f]:.2f}" for f in per.columns),
+                        "chosen per fold": chosen})
+            r.to_csv(args.out / f"investigation_{len(inv)}.csv", index=False)
+        md += [f"## Investigation (K={k}, seed {args.seeds[0]}; student settings chosen only on the validation "
+               "patient inside each training fold)\n", markdown(pd.DataFrame(inv))]
+
+    total = time.perf_counter() - t_all
+    md += ["## Figures\n", *[f"- `{p}`" for p in figs],
+           f"\nTotal run time: {total / 60:.1f} min on {os.cpu_count()} CPU cores (torch 1 thread).\n"]
+    (args.out / "table.md").write_text("\n".join(md))
+    print("\n".join(md))
+    print(f"\nwrote {args.out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()

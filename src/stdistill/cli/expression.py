@@ -1,0 +1,158 @@
+"""``stdistill expression bench|peka|predict``: HEST-protocol evaluation, PEKA training, prediction + maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _split(v: Optional[str]) -> list[str]:
+    return [x.strip() for x in v.split(",") if x.strip()] if v else []
+
+
+def register(app: typer.Typer) -> None:
+    sub = typer.Typer(help="Gene expression from H&E: HEST-Benchmark evaluation and PEKA distillation.", no_args_is_help=True)
+    app.add_typer(sub, name="expression")
+
+    @sub.command("bench")
+    def bench(
+        data: str = typer.Argument(..., help="An .h5ad file, a Visium/her2st folder, or a dataset name ('her2st')."),
+        features: str = typer.Option("X_effnet-lite0-imagenet", "--features", "-f", help="obsm key of patch features."),
+        encoder: Optional[str] = typer.Option(None, help="Extract features with this encoder first (stdistill encoders list)."),
+        folds: Optional[str] = typer.Option(None, help="HEST splits/ folder, or a number of patient folds (default: leave-one-patient-out)."),
+        genes: Optional[str] = typer.Option(None, help="Gene list (HEST var_50genes.json); default: 50 genes chosen on each fold's training sections."),
+        alpha: str = typer.Option("hest", help="'hest' (100/(d*n_genes)), 'cv' (inner patient CV) or a number."),
+        extra_genes: Optional[str] = typer.Option("ERBB2", help="Comma-separated genes reported beside the score."),
+        images_only: bool = typer.Option(True, help="Keep only sections with an image (the others have no features)."),
+        out: Path = typer.Option(Path("stdistill_out/expression_bench"), "--out", "-o", help="Output folder."),
+    ) -> None:
+        """HEST-Benchmark protocol: per-fold and per-gene Pearson, mean +- std over folds."""
+        from rich.console import Console
+
+        import stdistill as sd
+        from stdistill.io.summary import load_any
+
+        from .._errors import StdistillError
+        from .._utils import atomic_path
+
+        a = load_any(data)
+        if images_only:
+            a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
+        if features not in a.obsm:
+            if encoder is None:
+                raise StdistillError(f"no obsm[{features!r}]; pass --encoder to extract features first")
+            sd.features.extract(a, encoder, key_added=features)
+        fl = int(folds) if folds and folds.isdigit() else folds
+        al = alpha if alpha in ("hest", "cv") else float(alpha)
+        res = sd.bench.expression(a, features, folds=fl, genes=genes, alpha=al, extra_genes=_split(extra_genes))
+        out.mkdir(parents=True, exist_ok=True)
+        for name, df in (("per_fold.csv", res.per_fold), ("per_gene.csv", res.per_gene)):
+            with atomic_path(out / name) as tmp:
+                df.to_csv(tmp, index=name == "per_gene.csv")
+        with atomic_path(out / "summary.json") as tmp:
+            tmp.write_text(json.dumps({"pearson_mean": res.mean, "pearson_std": res.std, **res.params}, indent=2))
+        sd.pl.pearson_bars(res.per_gene, path=out / "pearson_bars.png")
+        c = Console()
+        c.print(res.per_fold.to_string(index=False))
+        c.print(f"[bold]{res.summary()}[/bold]  ({out})")
+
+    @sub.command("peka")
+    def peka(
+        data: str = typer.Argument(..., help="All sections (with and without images): .h5ad, her2st folder, or 'her2st'."),
+        test_patients: str = typer.Option(..., help="Comma-separated held-out patients (never used for training, genes or teacher)."),
+        val_patients: Optional[str] = typer.Option(None, help="Validation patients (among the others) for early stopping."),
+        out: Path = typer.Option(Path("stdistill_out/peka.safetensors"), "--out", "-o", help="Model file (safetensors)."),
+        encoder: str = typer.Option("effnet-lite0-imagenet", help="Encoder name (the default is an ImageNet model)."),
+        adapter: str = typer.Option("miss", help="'miss' (block-affine, peft MissConfig) or 'lora'."),
+        rank: Optional[int] = typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64)."),
+        lr: float = typer.Option(1e-4), epochs: int = typer.Option(4), w_kd: float = typer.Option(1.0),
+        w_sa: float = typer.Option(1.0), w_reg: float = typer.Option(1.0), seed: int = typer.Option(0),
+        train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
+        genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
+        accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
+    ) -> None:
+        """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections."""
+        from rich.console import Console
+
+        import stdistill as sd
+        from stdistill.io.summary import load_any
+        from stdistill.recipes.peka import PEKA, PekaConfig
+        from stdistill.teachers import ExpressionTeacher
+
+        from .._errors import StdistillError
+
+        a = load_any(data)
+        pats = a.obs["patient"].astype(str)
+        test, val = set(_split(test_patients)), set(_split(val_patients))
+        unknown = (test | val) - set(pats)
+        if unknown:
+            raise StdistillError(f"unknown patients {sorted(unknown)} (have {sorted(set(pats))})")
+        if test & val:
+            raise StdistillError(f"patients {sorted(test & val)} are both test and validation")
+        train_all = a[(~pats.isin(test | val)).to_numpy()].copy()
+        imaged = [s for s in sd.io.sections(train_all) if sd.io.has_image(train_all, s)]
+        if not imaged:
+            raise StdistillError("no training section has an image")
+        tr = sd.io.subset_sections(train_all, imaged)
+        va = None
+        if val:
+            va_all = a[pats.isin(val).to_numpy()].copy()
+            va = sd.io.subset_sections(va_all, [s for s in sd.io.sections(va_all) if sd.io.has_image(va_all, s)])
+        g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(tr, 50)
+        teacher = ExpressionTeacher("pca").fit(train_all)
+        cfg = PekaConfig(adapter=adapter, rank=rank, lr=lr, max_epochs=epochs, w_kd=w_kd, w_sa=w_sa, w_reg=w_reg,
+                         seed=seed, train_from=train_from)
+        dev = int(devices) if devices.isdigit() else devices
+        m = PEKA(encoder, cfg, accelerator=accelerator, devices=dev, strategy=strategy).fit(
+            tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va)
+        m.save(out)
+        c = Console()
+        c.print(m.report())
+        c.print(f"[bold]saved[/bold] {out} (trainable share {m.trainable_share:.2%}, best epoch {m.best_epoch_})")
+
+    @sub.command("predict")
+    def predict(
+        model: Path = typer.Argument(..., help="A PEKA model file (stdistill expression peka)."),
+        data: str = typer.Argument(..., help="Sections with images: .h5ad, her2st folder, or a dataset name."),
+        sections: Optional[str] = typer.Option(None, help="Comma-separated sections (default: all with an image)."),
+        out: Path = typer.Option(Path("stdistill_out/predictions.csv"), "--out", "-o", help="CSV of predicted log1p expression (spots x genes)."),
+        features_out: Optional[Path] = typer.Option(None, help="Also write adapted features + predictions to this .h5ad."),
+        map_gene: Optional[str] = typer.Option("ERBB2", help="Draw measured vs predicted maps of this gene (if measured and predicted)."),
+        encoder: Optional[str] = typer.Option(None, help="Encoder, when the saved one is not in the registry."),
+    ) -> None:
+        """Predict expression (and adapted features) from H&E alone with a trained PEKA model."""
+        import numpy as np
+        from rich.console import Console
+
+        import stdistill as sd
+        from stdistill.io.summary import load_any
+        from stdistill.recipes.peka import PEKA
+
+        from .._utils import atomic_path
+
+        m = PEKA.load(model, encoder=encoder)
+        a = load_any(data)
+        secs = _split(sections) or [s for s in sd.io.sections(a) if sd.io.has_image(a, s)]
+        a = sd.io.subset_sections(a, secs)
+        pred = m.predict(a)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            pred.to_csv(tmp)
+        if features_out is not None:
+            m.transform(a, key_added="X_peka")
+            a.obsm["peka_pred"] = pred.to_numpy(np.float32)
+            a.uns["peka_pred_genes"] = list(pred.columns)
+            with atomic_path(features_out) as tmp:
+                a.write_h5ad(tmp)
+        c = Console()
+        if map_gene and map_gene in pred.columns and map_gene in a.var_names:
+            for s in secs:
+                p = out.parent / f"{map_gene}_{s}.png"
+                sd.pl.expression_maps(a, map_gene, {"PEKA head": pred[map_gene]}, section=s, path=p)
+                c.print(f"map: {p}")
+        elif map_gene:
+            c.print(f"[yellow]no map: {map_gene} is not among the model's genes or not measured[/yellow]")
+        c.print(f"[bold]{pred.shape[0]} spots x {pred.shape[1]} genes[/bold] -> {out}")

@@ -1,0 +1,142 @@
+"""Expression figures: maps of measured vs predicted expression on the H&E, per-gene Pearson bars."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._errors import StdistillError
+from .._utils import atomic_path
+from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections
+
+__all__ = ["expression_maps", "pearson_bars"]
+
+
+def _save(fig, path):
+    if path is not None:
+        path = os.fspath(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")
+
+
+def _values(adata: ad.AnnData, v, name: str, mask: np.ndarray) -> np.ndarray:
+    """Per-spot values of the section's spots: a Series indexed by obs names, or an array over all obs."""
+    if isinstance(v, pd.Series):
+        out = v.reindex(adata.obs_names[mask]).to_numpy(dtype=float)
+        if np.isnan(out).all():
+            raise StdistillError(f"{name}: no values for the spots of this section (index must be obs names)")
+        return out
+    arr = np.asarray(v, dtype=float)
+    if arr.shape != (adata.n_obs,):
+        raise StdistillError(f"{name}: expected {adata.n_obs} values (one per spot), got shape {arr.shape}")
+    return arr[mask]
+
+
+def expression_maps(
+    adata: ad.AnnData,
+    gene: str,
+    predictions: Mapping[str, pd.Series | np.ndarray],
+    *,
+    section: str | None = None,
+    measured: pd.Series | np.ndarray | None = None,
+    path: str | os.PathLike | None = None,
+    spot_scale: float = 1.0,
+    cmap: str = "viridis",
+    title: str | None = None,
+):
+    """Measured vs predicted expression of ``gene`` on one section's H&E thumbnail.
+
+    Parameters
+    ----------
+    adata
+        Sections (raw counts, ``obsm["spatial"]`` in full-resolution px, a hires thumbnail in
+        ``uns["spatial"][section]["images"]["hires"]`` scaled by ``tissue_hires_scalef``).
+    gene
+        Gene symbol (measured: ``log1p`` of its raw counts unless ``measured`` is given).
+    predictions
+        Panel title -> predicted log1p values (a Series indexed by obs names, e.g. a column of
+        :attr:`ExpressionBenchResult.predictions`, or an array over all spots).
+    section
+        Section to draw (default: the only one).
+
+    Each panel's colour scale is its own (5th-95th percentile); titles carry Pearson r with the
+    measured values. Returns the Figure; writes ``path`` (PNG) when given.
+    """
+    import matplotlib
+
+    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+    import matplotlib.pyplot as plt
+
+    secs = sections(adata)
+    if section is None:
+        if len(secs) != 1:
+            raise StdistillError(f"adata has {len(secs)} sections; pass section= (one of {secs[:6]})")
+        section = secs[0]
+    if section not in secs:
+        raise StdistillError(f"section {section!r} is not in the data (have {secs[:6]})")
+    mask = (adata.obs[SECTION_KEY].astype(str) == section).to_numpy()
+    if measured is None:
+        if gene not in adata.var_names:
+            raise StdistillError(f"gene {gene!r} is not in the data; pass measured=")
+        x = adata[mask, gene].X
+        meas = np.log1p(np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=float).ravel())
+    else:
+        meas = _values(adata, measured, "measured", mask)
+    panels = [("measured", meas)] + [(k, _values(adata, v, k, mask)) for k, v in predictions.items()]
+    lib = library(adata, section)
+    img = lib.get("images", {}).get("hires")
+    sf = float(lib["scalefactors"].get("tissue_hires_scalef", 1.0))
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)[mask] * sf
+    d = float(lib["scalefactors"].get("spot_diameter_fullres", 20.0)) * sf * spot_scale
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    for ax, (name, v) in zip(axes[0], panels):
+        if img is not None:
+            ax.imshow(np.asarray(img))
+        ok = np.isfinite(v)
+        lo, hi = (np.percentile(v[ok], [5, 95]) if ok.any() else (0, 1))
+        size = (d * 72 / fig.dpi) ** 2 * 0.6
+        sc = ax.scatter(xy[ok, 0], xy[ok, 1], c=v[ok], s=size, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
+                        alpha=0.85, linewidths=0)
+        t = name
+        if name != "measured" and ok.sum() > 2 and np.std(v[ok]) > 0 and np.std(meas[ok]) > 0:
+            t += f"  (r = {np.corrcoef(meas[ok], v[ok])[0, 1]:.2f})"
+        ax.set_title(t, fontsize=10)
+        ax.set_axis_off()
+        if img is None:
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+        fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.01, label="log1p counts" if name == "measured" else "predicted log1p")
+    fig.suptitle(title or f"{gene} on {section}: measured vs predicted", fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def pearson_bars(per_gene: pd.DataFrame | pd.Series, *, top: int = 25, path: str | os.PathLike | None = None,
+                 highlight: Sequence[str] = ("ERBB2",), title: str = "Per-gene Pearson r (mean over folds)"):
+    """Horizontal bars of the ``top`` genes' Pearson r (``per_gene["mean"]`` of a bench result), with ``highlight`` genes marked."""
+    import matplotlib
+
+    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+    import matplotlib.pyplot as plt
+
+    s = per_gene["mean"] if isinstance(per_gene, pd.DataFrame) else per_gene
+    s = s.dropna().sort_values(ascending=False)
+    show = s.head(top)
+    extra = [g for g in highlight if g in s.index and g not in show.index]
+    show = pd.concat([show, s[extra]])
+    fig, ax = plt.subplots(figsize=(5, 0.22 * len(show) + 1))
+    colours = ["tab:red" if g in highlight else "tab:blue" for g in show.index]
+    ax.barh(range(len(show)), show.to_numpy(), color=colours)
+    ax.set_yticks(range(len(show)), show.index, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("Pearson r")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

@@ -1,0 +1,390 @@
+"""Niche distillation, end to end: transcriptomic teacher -> H&E student -> unsupervised histology
+baselines -> metrics -> niche maps, leave-one-patient-out over the patients with image features.
+
+Protocol (what :func:`run` does)
+--------------------------------
+1. **Teacher** (:class:`~stdistill.teachers.NicheTeacher`): fitted once on *all* sections of
+   ``adata``, including those without an image (expression only; it is the reference, frozen).
+   Diagnostics: NMI(niche, patient) and niche sizes per patient.
+2. **Folds**: leave-one-patient-out over the patients whose spots have features
+   (:func:`stdistill.pp.folds`). For each fold the student is fitted on the training patients
+   (early stopping on one of them, see :class:`~stdistill.students.NicheStudent`) and predicts
+   the held-out patient from H&E features alone.
+3. **Baselines** (histology only, unsupervised, same features and feature normalisation):
+   (a) ``kmeans``: k-means (K clusters) on the patch features; (b) ``kmeans_nbr``: the features
+   averaged over the student's neighbourhood (same ``radius_um``, spot included), then k-means.
+   k-means is fitted on every featured spot (training and held-out patients: no labels are
+   used, and it favours the baselines). For identity accuracy and macro-F1 each cluster is
+   mapped to the teacher niche most frequent among its *training-patient* spots.
+4. **Metrics** per fold on the held-out patient: ARI, NMI and niche-ID accuracy against the
+   teacher; share of test spots whose teacher niche occurs in the training patients; teacher
+   niche sizes in the test patient (flag: >= 95% in one niche makes ARI ~0 or 1 by
+   construction). **Macro-F1** on every labelled (``obs[label_key]``) featured section of the held-out
+   patient: niche -> label map learned from the teacher's niches on the labelled spots of the
+   other patients' sections (images not needed); applied to teacher, student and (mapped)
+   baseline niches; the trivial line predicts the most frequent training label everywhere.
+5. **Figures**: for each fold, the first held-out section with an image: teacher | student |
+   k-means | neighbourhood k-means, colours Hungarian-matched to the teacher.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._errors import StdistillError
+from .._utils import atomic_path, seed_everything
+from ..io._section import PATIENT_KEY, SECTION_KEY, has_image, sections, subset_sections
+from ..metrics import (
+    apply_map,
+    ari,
+    macro_f1,
+    majority_map,
+    niche_id_accuracy,
+    niche_sizes,
+    nmi,
+    seen_niche_share,
+    trivial_macro_f1,
+)
+
+TEACHER_KEY = "niche_teacher"
+STUDENT_KEY = "niche_student"
+BASELINES = {"kmeans": "k-means on patch features", "kmeans_nbr": "k-means on neighbourhood-averaged features"}
+IGNORE_LABELS = ("undetermined", "", "nan", "None")
+
+
+# ----------------------------------------------------------------------------- baselines
+def kmeans_niches(
+    adata: ad.AnnData,
+    feature_key: str,
+    n_niches: int,
+    *,
+    radius_um: float | None = None,
+    feature_norm: str = "section",
+    n_pcs: int | None = 50,
+    seed: int = 0,
+    key_added: str = "niche_kmeans",
+) -> np.ndarray:
+    """Unsupervised histology baseline: k-means with ``n_niches`` clusters on patch features.
+
+    ``radius_um=None``: baseline (a), the spot's own features. ``radius_um`` > 0: baseline (b),
+    features averaged over the spot and its neighbours within ``radius_um`` um (same section),
+    then k-means. Features are z-scored as the student's (``feature_norm``) and reduced to
+    ``n_pcs`` principal components. Writes ``obs[key_added]`` (categorical cluster ids; NaN for
+    spots without features) and returns the (n_obs,) cluster ids (-1 = no features).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    from ..pp.neighbors import aggregate_neighbors
+    from ..students.niche import normalise_features
+
+    if feature_key not in adata.obsm:
+        raise StdistillError(f'AnnData has no obsm["{feature_key}"] (patch features)')
+    f, ok = normalise_features(adata, np.asarray(adata.obsm[feature_key], dtype=np.float32), feature_norm)
+    if ok.sum() < n_niches:
+        raise StdistillError(f"{int(ok.sum())} spots with features cannot hold {n_niches} clusters")
+    f[~ok] = np.nan
+    if radius_um:
+        tmp = ad.AnnData(obs=adata.obs[[SECTION_KEY]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"]), "f": f},
+                         uns={"spatial": adata.uns["spatial"]})
+        aggregate_neighbors(tmp, "f", radius_um=radius_um, n_rings=1, mode="mean", key_added="f_nbr")
+        f = np.asarray(tmp.obsm["f_nbr"])
+    x = f[ok]
+    if n_pcs and x.shape[1] > n_pcs:
+        x = PCA(n_components=min(n_pcs, x.shape[0] - 1), random_state=seed).fit_transform(x)
+    lab = KMeans(n_niches, n_init=10, random_state=seed).fit_predict(x)
+    out = np.full(adata.n_obs, -1)
+    out[ok] = lab
+    adata.obs[key_added] = pd.Categorical.from_codes(out, categories=[str(i) for i in range(n_niches)])
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def _labels(adata: ad.AnnData, label_key: str | None) -> np.ndarray | None:
+    if not label_key or label_key not in adata.obs:
+        return None
+    lab = adata.obs[label_key].astype(str).to_numpy().astype(object)
+    lab[np.isin(lab, IGNORE_LABELS)] = None
+    return lab
+
+
+def _sizes_str(counts: pd.Series) -> str:
+    return "/".join(str(int(v)) for v in counts.to_numpy())
+
+
+def _feature_mask(adata: ad.AnnData, feature_key: str) -> np.ndarray:
+    if feature_key not in adata.obsm:
+        raise StdistillError(
+            f'AnnData has no obsm["{feature_key}"] (patch features); run stdistill.features.extract first'
+        )
+    f = np.asarray(adata.obsm[feature_key], dtype=np.float32)
+    return np.all(np.isfinite(f), axis=1)
+
+
+# ----------------------------------------------------------------------------- recipe
+def run(
+    adata: ad.AnnData,
+    feature_key: str,
+    n_niches: int = 6,
+    out_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    *,
+    teacher=None,
+    reuse_teacher: bool = False,
+    student_kwargs: dict | None = None,
+    student_candidates: list[dict] | None = None,
+    radius_um: float | None = None,
+    feature_norm: str = "section",
+    label_key: str | None = "pathology",
+    figures: bool = True,
+    verbose: bool = True,
+) -> tuple[pd.DataFrame, list[Path]]:
+    """Leave-one-patient-out niche distillation on any dataset in the stdistill layout.
+
+    Parameters
+    ----------
+    adata
+        All sections (obs section/patient, obsm spatial, raw counts in ``X``); patch features in
+        ``obsm[feature_key]`` for spots with an image (NaN rows or missing sections elsewhere).
+        Modified in place: ``obs["niche_teacher"]`` (+``obsm["niche_teacher_probs"]``),
+        ``obs["niche_student"]`` (+probs; held-out predictions, one per spot with features),
+        ``obs["niche_kmeans"]``, ``obs["niche_kmeans_nbr"]``.
+    feature_key
+        ``obsm`` key of patch features, e.g. ``"X_effnet-lite0-imagenet"``.
+    n_niches
+        K for teacher, student and baselines.
+    out_dir
+        Where ``metrics.csv``, ``teacher_sizes.csv`` and the niche-map PNGs go (None: nothing written).
+    teacher
+        ``None``: fit ``NicheTeacher(n_niches, seed=seed)``; a :class:`NicheTeacher` (fitted or not)
+        to use instead; ``reuse_teacher=True`` uses ``obsm["niche_teacher_probs"]`` already present.
+    student_kwargs
+        Passed to :class:`~stdistill.students.NicheStudent` (``feature_key``, ``seed`` set here).
+    student_candidates
+        Settings to choose from in each fold (e.g. ``[{"radius_um": 250}, {"radius_um": 650}]``),
+        scored on the validation patient inside the training patients (never the test fold);
+        see :meth:`NicheStudent.fit`. Baseline (b) always uses the default ``radius_um``.
+    radius_um
+        Neighbourhood (um) of the student and of baseline (b); ``None``: the student's automatic
+        radius (about 18 neighbours), computed on the spots with features.
+    label_key
+        ``obs`` column of pathologist labels for macro-F1 (``"undetermined"`` spots ignored).
+
+    Returns
+    -------
+    ``(metrics, figure_paths)``. ``metrics``: one row per (fold, method) with columns
+    ``fold, test_patient, method, ari, nmi, id_acc, seen_share, macro_f1, f1_section, n_test,
+    teacher_sizes, single_niche, seconds, note``; ``metrics.attrs`` holds ``teacher_nmi_patient``
+    and ``teacher_sizes`` (DataFrame patients x niches).
+    """
+    from ..pp.splits import folds as make_folds
+    from ..students.niche import NicheStudent
+    from ..teachers.niche import NicheTeacher, write_niches
+
+    t_start = time.perf_counter()
+    seed_everything(seed)
+    for k in (SECTION_KEY, PATIENT_KEY):
+        if k not in adata.obs:
+            raise StdistillError(f'AnnData has no obs["{k}"]')
+    has_f = _feature_mask(adata, feature_key)
+    sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
+    pat = adata.obs[PATIENT_KEY].astype(str).to_numpy()
+
+    # 1. teacher ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    pkey = f"{TEACHER_KEY}_probs"
+    if reuse_teacher:
+        if pkey not in adata.obsm or np.asarray(adata.obsm[pkey]).shape[1] != n_niches:
+            raise StdistillError(f'reuse_teacher=True needs obsm["{pkey}"] with {n_niches} columns')
+        write_niches(adata, np.asarray(adata.obsm[pkey]), TEACHER_KEY)
+        tobj = teacher
+    else:
+        tobj = teacher if teacher is not None else NicheTeacher(n_niches, seed=seed)
+        if tobj.n_niches != n_niches:
+            raise StdistillError(f"teacher has {tobj.n_niches} niches, run() was asked for {n_niches}")
+        if tobj.state_ is None:
+            tobj.fit_predict(adata, key_added=TEACHER_KEY)
+        else:
+            tobj.predict(adata, key_added=TEACHER_KEY)
+    t_teacher = time.perf_counter() - t0
+    teach = adata.obs[TEACHER_KEY].astype(str).to_numpy()
+    cats = [str(i) for i in range(n_niches)]
+    sizes_all = niche_sizes(teach, pat, categories=cats)
+    teacher_nmi = nmi(pat, teach)
+    if verbose:
+        print(f"teacher: K={n_niches}, NMI(niche, patient) = {teacher_nmi:.3f} ({t_teacher:.1f} s)")
+
+    # 2. folds over patients with features -------------------------------------------------
+    feat_secs = [s for s in sections(adata) if has_f[sec == s].any()]
+    sp_map = {s: pat[sec == s][0] for s in feat_secs}
+    if len(set(sp_map.values())) < 2:
+        raise StdistillError("leave-one-patient-out needs patch features for at least 2 patients")
+    folds = make_folds(pd.Series(sp_map))
+    skw = dict(student_kwargs or {})
+    if radius_um is not None:
+        skw["radius_um"] = radius_um
+    skw.setdefault("feature_norm", feature_norm)
+    r_nbr = skw.get("radius_um")
+    if r_nbr is None:  # the student's automatic radius, on the spots with features
+        from ..pp.neighbors import radius_for_neighbors
+
+        r_nbr = radius_for_neighbors(adata, skw.get("n_neighbors", NicheStudent().params["n_neighbors"]), mask=has_f)
+
+    # 3. baselines (unsupervised, all featured spots) --------------------------------------
+    fsub = subset_sections(adata, feat_secs)
+    fmask_sub = has_f[np.isin(sec, feat_secs)]
+    base_codes = {}
+    for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
+        codes = kmeans_niches(fsub, feature_key, n_niches, radius_um=rad, feature_norm=skw["feature_norm"], seed=seed,
+                              key_added=f"niche_{name}")
+        full = np.full(adata.n_obs, -1)
+        full[np.isin(sec, feat_secs)] = codes
+        base_codes[name] = full
+        adata.obs[f"niche_{name}"] = pd.Categorical.from_codes(full, categories=cats)
+
+    labels = _labels(adata, label_key)
+    student_probs = np.full((adata.n_obs, n_niches), np.nan, dtype=np.float32)
+    rows: list[dict] = []
+    figs: list[Path] = []
+
+    # 4. folds -----------------------------------------------------------------------------
+    for fold in folds:
+        tf = time.perf_counter()
+        test_p = fold.patients_of("test")
+        tr_mask = np.isin(sec, fold.train + fold.val) & has_f
+        te_mask = np.isin(sec, fold.test) & has_f
+        train = subset_sections(adata, list(fold.train + fold.val))
+        test = subset_sections(adata, list(fold.test))
+        student = NicheStudent(n_niches, feature_key=feature_key, seed=seed, **skw)
+        student.fit(train, probs_key=pkey, candidates=student_candidates)
+        probs = student.predict_proba(test, extract=False)
+        student_probs[np.isin(sec, fold.test)] = probs
+        t_fold = time.perf_counter() - tf
+        s_codes = np.full(adata.n_obs, -1)
+        s_codes[np.isin(sec, fold.test)] = np.where(np.all(np.isfinite(probs), 1), np.nan_to_num(probs).argmax(1), -1)
+
+        t_te = teach[te_mask]
+        sizes = pd.Series(t_te).value_counts().reindex(cats, fill_value=0)
+        single = bool(sizes.max() >= 0.95 * max(sizes.sum(), 1))
+        seen = seen_niche_share(t_te, teach[tr_mask])
+        preds = {"student": s_codes.astype(str)}
+        maps = {"student": None}
+        for name, codes in base_codes.items():
+            m = majority_map(codes[tr_mask], teach[tr_mask])
+            maps[name] = m
+            preds[name] = codes.astype(str)
+        chosen = student.info_.get("chosen") or {}
+        note = (f"val patient {','.join(student.info_.get('val_patients', [])) or '-'}, {student.info_.get('best_epoch')} epochs"
+                + (f", chose {chosen}" if student_candidates else ""))
+        base_row = dict(fold=fold.name, test_patient="+".join(test_p), n_test=int(te_mask.sum()),
+                        teacher_sizes=_sizes_str(sizes), single_niche=single, seen_share=seen)
+        for method, pr in preds.items():
+            raw = pr[te_mask]
+            mapped = raw if maps[method] is None else apply_map(raw, maps[method], default="-1").astype(str)
+            rows.append(dict(base_row, method=method, ari=ari(t_te, raw), nmi=nmi(t_te, raw),
+                             id_acc=niche_id_accuracy(t_te, mapped), macro_f1=np.nan, f1_section="",
+                             seconds=t_fold if method == "student" else np.nan,
+                             note=note if method == "student" else "clusters -> teacher niche: majority on training patients"))
+        rows.append(dict(base_row, method="teacher", ari=np.nan, nmi=np.nan, id_acc=np.nan, macro_f1=np.nan,
+                         f1_section="", seconds=np.nan, note=""))
+
+        # macro-F1 on labelled featured sections of the test patient
+        if labels is not None:
+            for s in fold.test:
+                ev = (sec == s) & has_f & (labels != None)  # noqa: E711 - object array
+                if ev.sum() == 0:
+                    continue
+                ref = (labels != None) & ~np.isin(pat, test_p)  # noqa: E711
+                if ref.sum() == 0:
+                    continue
+                n2l = majority_map(teach[ref], labels[ref])
+                y = labels[ev].astype(str)
+                default, triv = trivial_macro_f1(labels[ref].astype(str))
+                lab_classes = sorted(set(y))
+                triv_f1 = macro_f1(y, np.full(len(y), default), labels=lab_classes)
+
+                def f1_of(niche_ids):
+                    return macro_f1(y, apply_map(niche_ids, n2l, default=default).astype(str), labels=lab_classes)
+
+                cand = {"teacher": teach[ev], "student": preds["student"][ev]}
+                for name in base_codes:
+                    cand[name] = apply_map(preds[name][ev], maps[name], default="-1").astype(str)
+                for r in rows:
+                    if r["fold"] == fold.name and r["method"] in cand:
+                        r["macro_f1"] = f1_of(cand[r["method"]])
+                        r["f1_section"] = s
+                rows.append(dict(base_row, method=f"trivial (all '{default}')", ari=np.nan, nmi=np.nan, id_acc=np.nan,
+                                 macro_f1=triv_f1, f1_section=s, seconds=np.nan, note="majority label of the map's training labels"))
+                break  # one labelled section per fold
+
+        # figure
+        if figures and out_dir is not None:
+            img_secs = [s for s in fold.test if has_image(adata, s)]
+            if img_secs:
+                from ..pl.niches import niches as plot_niches
+
+                s = img_secs[0]
+                view = subset_sections(adata, [s])
+                view.obs[STUDENT_KEY] = pd.Categorical.from_codes(s_codes[sec == s], categories=cats)
+                p = Path(out_dir) / f"niches_K{n_niches}_{s}.png"
+                fig = plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
+                                  titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+                figs.append(p)
+        if verbose:
+            r = {q["method"]: q for q in rows if q["fold"] == fold.name}
+            print(f"fold {fold.name}: n={int(te_mask.sum())} teacher sizes {base_row['teacher_sizes']}"
+                  f"{' (ONE NICHE)' if single else ''} | ARI student {r['student']['ari']:.3f} "
+                  f"kmeans {r['kmeans']['ari']:.3f} nbr {r['kmeans_nbr']['ari']:.3f} ({t_fold:.1f} s)")
+
+    write_niches(adata, student_probs, STUDENT_KEY)
+    df = pd.DataFrame(rows)[["fold", "test_patient", "method", "ari", "nmi", "id_acc", "seen_share", "macro_f1",
+                             "f1_section", "n_test", "teacher_sizes", "single_niche", "seconds", "note"]]
+    df.attrs["teacher_nmi_patient"] = teacher_nmi
+    df.attrs["teacher_sizes"] = sizes_all
+    df.attrs["teacher_seconds"] = t_teacher
+    df.attrs["seconds"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        out = Path(out_dir)
+        with atomic_path(out / f"metrics_K{n_niches}.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        with atomic_path(out / f"teacher_sizes_K{n_niches}.csv") as tmp:
+            sizes_all.to_csv(tmp)
+    return df, figs
+
+
+run_niches = run
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean over folds of ARI/NMI/ID-accuracy per method (rows: student, kmeans, kmeans_nbr)."""
+    m = df[df["method"].isin(["student", *BASELINES])]
+    return m.groupby("method", sort=False)[["ari", "nmi", "id_acc"]].mean()
+
+
+def markdown(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """A pandas DataFrame as a GitHub markdown table (no extra dependency)."""
+    cols = [str(c) for c in df.columns]
+
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if pd.isna(v) else floatfmt.format(v)
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False, name=None)]
+    return "\n".join(lines)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Markdown table of a :func:`run` result (per fold and method)."""
+    cols = ["fold", "method", "ari", "nmi", "id_acc", "seen_share", "macro_f1", "teacher_sizes", "single_niche"]
+    return markdown(df[cols])

@@ -1,0 +1,589 @@
+"""The histology-only niche student: a small transformer over a spot's patch features and its
+neighbours' patch features within a radius (um), distilled from a niche teacher's soft labels.
+
+Tokens: the centre patch and its neighbours (up to ``max_neighbors``, nearest first), each
+``LayerNorm -> Linear`` of its patch feature plus a learned encoding of its offset from the
+centre (an MLP of (dx, dy) / radius, so any spot pitch or tile grid works) and, for the centre,
+a learned centre embedding. A transformer encoder mixes them; the centre token's output gives K
+logits. Loss: :func:`stdistill.losses.distillation_loss` (temperature-scaled KL x T^2, plus an
+optional hard cross-entropy share). Training augments with random rotations/flips of the offsets
+(tissue orientation is arbitrary) and neighbour-token dropout.
+
+Early stopping uses a validation patient taken from the training patients (never the test
+fold); with ``refit=True`` the model is then retrained on all training patients for the chosen
+number of epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._errors import StdistillError
+from .._utils import atomic_path, seed_everything
+from ..io._section import PATIENT_KEY, SECTION_KEY
+from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
+from ..teachers.niche import write_niches
+
+_FORMAT = "stdistill.NicheStudent/1"
+FEATURE_NORMS = ("section", "global")
+_ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
+
+
+def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float, summary_token: bool = True):
+    import torch
+    from torch import nn
+
+    class NicheTransformer(nn.Module):
+        """(B, T, F) features, (B, T, 2) offsets / radius, (B, T) mask -> (B, K) logits.
+
+        Token 0 is the centre spot. With ``summary_token`` a neighbourhood token (the mean of the
+        real tokens' features, with its own learned embedding) is added; the head reads the
+        centre's and the summary's outputs."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Sequential(nn.LayerNorm(d_feat), nn.Dropout(dropout), nn.Linear(d_feat, d_model))
+            self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+            self.centre = nn.Parameter(torch.zeros(d_model))
+            self.summary = nn.Parameter(torch.zeros(d_model)) if summary_token else None
+            layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout,
+                                               batch_first=True, norm_first=True, activation="gelu")
+            self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+            n_out = 2 if summary_token else 1
+            self.head = nn.Sequential(nn.LayerNorm(n_out * d_model), nn.Linear(n_out * d_model, n_niches))
+
+        def forward(self, x, off, mask):
+            h = self.inp(x) + self.pos(off)
+            h[:, 0] = h[:, 0] + self.centre
+            if self.summary is not None:
+                w = mask.unsqueeze(-1).to(x.dtype)
+                mean = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+                hs = (self.inp(mean) + self.summary).unsqueeze(1)
+                h = torch.cat([h[:, :1], hs, h[:, 1:]], 1)
+                mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], 1)
+            h = self.encoder(h, src_key_padding_mask=~mask)
+            return self.head(h[:, :2].flatten(1) if self.summary is not None else h[:, 0])
+
+    return NicheTransformer()
+
+
+def _lit_module(net, feats, index, offset, mask, probs, *, temperature, hard_weight, lr, weight_decay, token_drop, monitor="val_ari"):
+    import lightning as L
+    import torch
+
+    from ..losses import distillation_loss
+
+    class Distill(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("feats", torch.from_numpy(feats), persistent=False)
+            self.register_buffer("index", torch.from_numpy(index), persistent=False)
+            self.register_buffer("offset", torch.from_numpy(offset), persistent=False)
+            self.register_buffer("mask", torch.from_numpy(mask), persistent=False)
+            self.register_buffer("probs", torch.from_numpy(probs), persistent=False)
+            self.val_history: list[float] = []
+            self.best_state: dict | None = None
+            self._val_sum = 0.0
+            self._val_n = 0
+            self._val_hit = 0.0
+            self.val_err_history: list[float] = []
+            self.monitor_history: list[float] = []
+            self.val_ari_history: list[float] = []
+            self._val_pred: list = []
+            self._val_true: list = []
+
+        def _batch(self, i, train: bool):
+            idx = self.index[i]
+            m = self.mask[i].clone()
+            off = self.offset[i]
+            if train:
+                if token_drop > 0:
+                    keep = torch.rand(m.shape, device=m.device) >= token_drop
+                    keep[:, 0] = True
+                    m = m & keep
+                th = torch.rand(len(i), device=off.device) * 2 * torch.pi
+                c, s = th.cos(), th.sin()
+                flip = torch.where(torch.rand(len(i), device=off.device) < 0.5, -1.0, 1.0)
+                rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s * flip, c * flip], -1)], -2)
+                off = torch.einsum("bij,btj->bti", rot, off)
+            x = self.feats[idx.clamp_min(0)] * m.unsqueeze(-1)
+            return self.net(x, off, m), self.probs[i]
+
+        def training_step(self, batch, _):
+            logits, p = self._batch(batch[0], train=True)
+            loss = distillation_loss(logits, p, temperature, hard_weight)
+            self.log("train_loss", loss, prog_bar=False, batch_size=len(p))
+            return loss
+
+        def validation_step(self, batch, _):
+            logits, p = self._batch(batch[0], train=False)
+            loss = distillation_loss(logits, p, temperature, hard_weight)
+            self._val_sum += float(loss) * len(p)
+            self._val_n += len(p)
+            self._val_hit += float((logits.argmax(-1) == p.argmax(-1)).sum())
+            self._val_pred.append(logits.argmax(-1).cpu().numpy())
+            self._val_true.append(p.argmax(-1).cpu().numpy())
+            self.log("val_loss", loss, prog_bar=False, batch_size=len(p), on_epoch=True, on_step=False)
+
+        def on_validation_epoch_end(self):
+            if self.trainer.sanity_checking:
+                self._val_sum, self._val_n, self._val_hit = 0.0, 0, 0.0
+                return
+            from ..metrics import ari
+
+            v = self._val_sum / max(self._val_n, 1)
+            err = 1.0 - self._val_hit / max(self._val_n, 1)
+            r = ari(np.concatenate(self._val_true), np.concatenate(self._val_pred))
+            self._val_sum, self._val_n, self._val_hit, self._val_pred, self._val_true = 0.0, 0, 0.0, [], []
+            self.val_history.append(v)
+            self.val_err_history.append(err)
+            self.val_ari_history.append(r)
+            # error ties (coarse on small validation sets) are broken by the loss
+            score = {"val_err": err + 1e-4 * v / (1.0 + v), "val_loss": v, "val_ari": -r}[monitor]
+            self.log("val_err", score if monitor == "val_err" else err, prog_bar=False)
+            self.log("val_ari", -r, prog_bar=False)  # negated: early stopping minimises
+            if not self.monitor_history or score < min(self.monitor_history):
+                self.best_state = {k: t.detach().clone() for k, t in self.net.state_dict().items()}
+            self.monitor_history.append(score)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+
+    return Distill()
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Temporarily set torch's CPU thread count."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", mean=None, sd=None):
+    """Z-scored features and a (n_obs,) mask of rows with finite features (other rows are 0).
+
+    ``how="section"``: within each section (uses only that section's images, no labels);
+    ``"global"``: with the given ``mean``/``sd`` (training statistics), or this data's own.
+    """
+    f = np.asarray(f, dtype=np.float32)
+    ok = np.all(np.isfinite(f), axis=1)
+    out = np.zeros_like(f)
+    if how == "section":
+        sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
+        for s in pd.unique(sec):
+            m = (sec == s) & ok
+            if m.sum() < 2:
+                continue
+            mu, s_ = f[m].mean(0), f[m].std(0)
+            s_[s_ < 1e-6] = 1.0
+            out[m] = (f[m] - mu) / s_
+    elif how == "global":
+        if mean is None:
+            mean, sd = f[ok].mean(0), f[ok].std(0)
+            sd[sd < 1e-6] = 1.0
+        out[ok] = (f[ok] - mean) / sd
+    else:
+        raise StdistillError(f"feature normalisation must be one of {FEATURE_NORMS}, got {how!r}")
+    return np.clip(out, -10, 10).astype(np.float32), ok
+
+
+class NicheStudent:
+    """H&E-only niche model distilled from a teacher's soft labels (scikit-learn style).
+
+    Parameters
+    ----------
+    n_niches
+        K; ``None``: taken from the teacher probabilities at :meth:`fit`.
+    feature_key
+        ``obsm`` key of per-spot patch features (n_obs, F), e.g. ``"X_effnet-lite0-imagenet"``.
+    radius_um
+        Neighbourhood radius in um (0: the centre patch only). ``None`` (default): the radius
+        holding ``n_neighbors`` spots around the median training spot (18: about 400 um, the two
+        nearest rings, on a legacy ST array; about 200 um on Visium); it is then fixed in um and
+        reused at prediction (e.g. on a tile grid).
+    n_neighbors
+        Neighbour count defining the automatic radius.
+    max_neighbors
+        Token budget besides the centre; ``None``: the largest neighbour count seen in training
+        (at most 48).
+    temperature, hard_weight
+        KD temperature T (the KL is scaled by T^2) and the hard cross-entropy share.
+    feature_norm
+        ``"section"``: z-score features within each section (stain/scanner shifts; uses only the
+        section's own images, no labels); ``"global"``: z-score with the training mean/sd.
+    n_pcs
+        Project the normalised features on their first ``n_pcs`` principal components (fitted on
+        the training spots) before the transformer; ``None``: use them whole.
+    val_patients
+        Early-stopping patients drawn from the training data: ``"smallest"`` (default: the
+        training patient with the fewest spots), a list of patient ids, or ``None`` (no early
+        stopping: ``max_epochs``).
+    refit
+        After early stopping, retrain on all training patients for the chosen number of epochs
+        (at least ``min_epochs``).
+    monitor
+        Early-stopping (and ``candidates``) score on the validation patient: ``"val_ari"``
+        (default: ARI of the argmax against the teacher's; identity-free like the headline metric),
+        ``"val_err"`` (niche-id error, ties broken by the loss) or ``"val_loss"`` (the KD loss).
+        On HER2ST the KD loss is lowest for a barely trained, near-uniform model, and niche
+        identities of one patient transfer so badly to another that the error is worse than
+        chance on the inner validation pairs, while their ARI still peaks after several epochs.
+    num_threads
+        torch CPU threads while training (restored afterwards); 1 is fastest for this small
+        model on a busy 2-core machine. ``None``: leave torch's setting.
+    encoder, size_um, px
+        How the features were made (for :meth:`predict` on data without features; ``encoder``
+        defaults to ``feature_key`` without its ``"X_"``).
+    """
+
+    def __init__(
+        self,
+        n_niches: int | None = None,
+        *,
+        feature_key: str = "X_effnet-lite0-imagenet",
+        radius_um: float | None = None,
+        n_neighbors: int = 18,
+        max_neighbors: int | None = None,
+        d_model: int = 32,
+        n_layers: int = 2,
+        summary_token: bool = True,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+        token_drop: float = 0.1,
+        temperature: float = 2.0,
+        hard_weight: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        batch_size: int = 128,
+        max_epochs: int = 60,
+        min_epochs: int = 3,
+        patience: int = 8,
+        monitor: str = "val_ari",
+        feature_norm: str = "section",
+        n_pcs: int | None = 64,
+        val_patients: str | list[str] | None = "smallest",
+        refit: bool = True,
+        encoder: str | None = None,
+        size_um: float = 112.0,
+        px: int = 224,
+        seed: int = 0,
+        device: str = "cpu",
+        num_threads: int | None = 1,
+    ):
+        if feature_norm not in FEATURE_NORMS:
+            raise StdistillError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        if radius_um is not None and radius_um < 0:
+            raise StdistillError(f"radius_um must be >= 0 (micrometres), got {radius_um}")
+        if temperature <= 0:
+            raise StdistillError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= hard_weight <= 1:
+            raise StdistillError(f"hard_weight must be in [0, 1], got {hard_weight}")
+        if monitor not in ("val_err", "val_loss", "val_ari"):
+            raise StdistillError(f'monitor must be "val_err" (niche-id error), "val_ari" or "val_loss" (KD loss), got {monitor!r}')
+        if d_model % n_heads:
+            raise StdistillError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if encoder is None and feature_key.startswith("X_"):
+            encoder = feature_key[2:]
+        self.params = dict(
+            n_niches=n_niches, feature_key=feature_key, radius_um=None if radius_um is None else float(radius_um),
+            n_neighbors=int(n_neighbors), max_neighbors=max_neighbors,
+            d_model=int(d_model), n_layers=int(n_layers), summary_token=bool(summary_token), n_heads=int(n_heads), dropout=float(dropout),
+            token_drop=float(token_drop), temperature=float(temperature), hard_weight=float(hard_weight),
+            lr=float(lr), weight_decay=float(weight_decay), batch_size=int(batch_size), max_epochs=int(max_epochs),
+            min_epochs=int(min_epochs), monitor=monitor, patience=int(patience), feature_norm=feature_norm,
+            n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, refit=bool(refit),
+            encoder=encoder, size_um=float(size_um), px=int(px), seed=int(seed), device=device,
+            num_threads=num_threads,
+        )
+        self.net_ = None
+        self.info_: dict = {}
+
+    def __repr__(self) -> str:
+        p = self.params
+        return f"NicheStudent(n_niches={p['n_niches']}, feature_key={p['feature_key']!r}, radius_um={p['radius_um']})"
+
+    # ------------------------------------------------------------------ inputs
+    def _features(self, adata: ad.AnnData, extract: bool = False) -> np.ndarray:
+        key = self.params["feature_key"]
+        if key not in adata.obsm:
+            if extract and self.params["encoder"]:
+                from .. import features
+
+                features.extract(adata, encoder=self.params["encoder"], size_um=self.params["size_um"], px=self.params["px"])
+            if key not in adata.obsm:
+                raise StdistillError(
+                    f'AnnData has no obsm["{key}"] (patch features); run stdistill.features.extract(adata, '
+                    f'encoder="{self.params["encoder"]}") first'
+                )
+        f = adata.obsm[key]
+        f = np.asarray(f.to_numpy() if isinstance(f, pd.DataFrame) else f, dtype=np.float32)
+        if f.ndim != 2 or f.shape[0] != adata.n_obs:
+            raise StdistillError(f'obsm["{key}"] must be (n_obs, n_features), got {f.shape}')
+        if self.net_ is not None and f.shape[1] != self.info_["d_feat"]:
+            raise StdistillError(
+                f'obsm["{key}"] has {f.shape[1]} features but the student was trained on {self.info_["d_feat"]}: same encoder?'
+            )
+        return f
+
+    def _normalise(self, adata: ad.AnnData, f: np.ndarray, fit: bool):
+        """Normalised (and PCA-projected) features (n_obs, d) and the mask of rows with features."""
+        if self.params["feature_norm"] == "global" and fit:
+            ok = np.all(np.isfinite(f), axis=1)
+            self.info_["feat_mean"] = f[ok].mean(0)
+            sd = f[ok].std(0)
+            sd[sd < 1e-6] = 1.0
+            self.info_["feat_sd"] = sd
+        z, ok = normalise_features(adata, f, self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd"))
+        k = self.params["n_pcs"]
+        if fit:
+            self.info_.pop("pca_components", None)
+            if k is not None and k < z.shape[1] and ok.sum() > k:
+                from sklearn.decomposition import PCA
+
+                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z[ok])
+                self.info_["pca_mean"] = pca.mean_.astype(np.float32)
+                self.info_["pca_components"] = pca.components_.astype(np.float32)
+        if "pca_components" in self.info_:
+            z = ((z - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
+            z[~ok] = 0.0
+        return z, ok
+
+    def _tokens(self, adata: ad.AnnData, ok: np.ndarray, max_neighbors: int | None):
+        r = self.info_["radius_um"]
+        tok = neighbor_tokens(adata, r, max_neighbors=max_neighbors, valid=ok)
+        r = r or 1.0
+        return tok.index, (tok.offset_um / r).astype(np.float32), tok.mask
+
+    # ------------------------------------------------------------------ fit
+    def _prepare(self, adata: ad.AnnData, probs: np.ndarray):
+        """Inputs for training under the current params: features, tokens, soft labels, mask."""
+        p = self.params
+        f = self._features(adata)
+        self.info_ = {"d_feat": int(f.shape[1])}
+        f, ok = self._normalise(adata, f, fit=True)
+        ok &= np.all(np.isfinite(probs), axis=1)
+        if ok.sum() < 2:
+            raise StdistillError("fewer than 2 spots have both patch features and teacher probabilities")
+        probs = np.where(ok[:, None], probs, 1.0 / p["n_niches"])
+        probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+        r = p["radius_um"]
+        self.info_["radius_um"] = float(radius_for_neighbors(adata, p["n_neighbors"], mask=ok) if r is None else r)
+        r = self.info_["radius_um"]
+        mx = p["max_neighbors"]
+        if mx is None:
+            full = neighbor_tokens(adata, r, valid=ok) if r > 0 else None
+            mx = 0 if full is None else min(int(full.mask[ok].sum(1).max()) - 1, 48)
+        self.info_["max_neighbors"] = int(mx)
+        index, offset, mask = self._tokens(adata, ok, mx)
+        self.info_["d_in"] = int(f.shape[1])
+        return f, index, offset, mask, probs, ok
+
+    def _train(self, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int, seed: int):
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from .._lightning import make_trainer
+
+        p = self.params
+        f, index, offset, mask, probs, _ = arrays
+        warnings.filterwarnings("ignore", ".*val_dataloader.*")
+        seed_everything(seed)
+        net = _net(f.shape[1], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
+        mod = _lit_module(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
+                          lr=p["lr"], weight_decay=p["weight_decay"], token_drop=p["token_drop"], monitor=p["monitor"])
+        g = torch.Generator().manual_seed(seed)
+        bs = min(p["batch_size"], len(train_idx))
+        tr = DataLoader(TensorDataset(torch.from_numpy(train_idx)), batch_size=bs, shuffle=True, generator=g,
+                        drop_last=len(train_idx) > bs and len(train_idx) % bs == 1)
+        va = None if val_idx is None else DataLoader(TensorDataset(torch.from_numpy(val_idx)), batch_size=1024)
+        trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
+                               patience=p["patience"], accelerator=p["device"], devices=1,
+                               num_sanity_val_steps=0, enable_progress_bar=False)
+        with _threads(p["num_threads"]):
+            trainer.fit(mod, tr, va)
+        return mod
+
+    def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None) -> NicheStudent:
+        """Train on spots with features and teacher probabilities ``obsm[probs_key]`` (n_obs, K).
+
+        ``adata`` holds the training patients only (the caller splits by patient); the
+        validation patient for early stopping is taken from among them.
+
+        ``candidates``: optional list of parameter overrides (e.g. ``[{"radius_um": 300},
+        {"radius_um": 650}]``). Each is trained on the training patients minus the validation
+        patient and scored on the validation patient (best ``monitor`` value over epochs); the
+        best is kept (ties: the first) and refitted. Settings are thus chosen inside the training
+        patients only. The scores are in ``info_["selection"]``.
+        """
+        p = self.params
+        if probs_key not in adata.obsm:
+            raise StdistillError(f'AnnData has no obsm["{probs_key}"] (teacher soft labels); run NicheTeacher.predict first')
+        probs = np.asarray(adata.obsm[probs_key], dtype=np.float32)
+        if p["n_niches"] is None:
+            p["n_niches"] = int(probs.shape[1])
+        if probs.shape != (adata.n_obs, p["n_niches"]):
+            raise StdistillError(f'obsm["{probs_key}"] has shape {probs.shape}, expected ({adata.n_obs}, {p["n_niches"]})')
+        self.net_ = None
+        for c in candidates or []:
+            bad = set(c) - set(p) | ({"n_niches", "feature_key", "seed"} & set(c))
+            if bad:
+                raise StdistillError(f"candidate settings {sorted(bad)} cannot be chosen (not NicheStudent parameters)")
+
+        pats = adata.obs[PATIENT_KEY].astype(str).to_numpy()
+        f0 = self._features(adata)
+        has = np.all(np.isfinite(f0), axis=1) & np.all(np.isfinite(probs), axis=1)
+        train_pats = sorted(set(pats[has]))
+        vp = p["val_patients"]
+        if vp == "smallest":
+            vp = [] if len(train_pats) < 2 else [min(train_pats, key=lambda q: ((pats[has] == q).sum(), q))]
+        vp = [] if vp is None else [str(v) for v in vp]
+        missing = set(vp) - set(train_pats)
+        if missing:
+            raise StdistillError(f"validation patients {sorted(missing)} are not in the training data")
+        is_val = np.isin(pats, vp) & has
+        if (has & ~is_val).sum() < 2:
+            raise StdistillError("no training spots left after taking the validation patients out")
+        seed = p["seed"]
+        base = dict(p)
+        selection = []
+        if vp:
+            best = None
+            for c in (candidates or [{}]):
+                self.params = dict(base, **c)
+                arrays = self._prepare(adata, probs)
+                ok = arrays[-1]
+                mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val), self.params["max_epochs"], seed)
+                hist = mod.monitor_history
+                score = float(min(hist)) if hist else float("inf")
+                epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
+                selection.append(dict(c, val_score=score, best_epoch=epoch))
+                if best is None or score < best[0] - 1e-9:
+                    best = (score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history))
+            score, c, epoch, mod, arrays, info, vloss, verr = best
+            self.params = dict(base, **c)
+            self.info_ = info
+            self.info_.update(val_patients=vp, val_loss_history=[float(v) for v in vloss],
+                              val_err_history=[float(v) for v in verr], best_epoch=epoch, best_val=score,
+                              chosen=c, selection=selection)
+            if self.params["refit"]:
+                ok = arrays[-1]
+                mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1)
+            elif mod.best_state is not None:
+                mod.net.load_state_dict(mod.best_state)
+        else:
+            if candidates:
+                raise StdistillError("choosing among candidates needs a validation patient (>= 2 training patients)")
+            arrays = self._prepare(adata, probs)
+            mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed)
+            self.info_.update(val_patients=[], best_epoch=p["max_epochs"])
+        self.info_["train_patients"] = train_pats
+        self.info_["n_train_spots"] = int(arrays[-1].sum())
+        self.net_ = mod.net.eval()
+        return self
+
+    # ------------------------------------------------------------------ predict
+    def _check_fitted(self):
+        if self.net_ is None:
+            raise StdistillError("NicheStudent is not fitted: call .fit(adata) or NicheStudent.load(path)")
+
+    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024) -> np.ndarray:
+        """(n_obs, K) niche probabilities from H&E features alone (NaN rows: spots without features).
+
+        Works on spot data and on :func:`stdistill.pp.tile` output alike. Features missing from
+        ``obsm`` are extracted first when ``extract`` and the student knows its encoder.
+        """
+        import torch
+
+        self._check_fitted()
+        f = self._features(adata, extract=extract)
+        f, ok = self._normalise(adata, f, fit=False)
+        index, offset, mask = self._tokens(adata, ok, self.info_["max_neighbors"])
+        out = np.full((adata.n_obs, self.params["n_niches"]), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(ok)
+        ft, it, ot, mt = (torch.from_numpy(a) for a in (f, index, offset, mask))
+        with torch.inference_mode(), _threads(self.params.get("num_threads")):
+            for s in range(0, len(rows), batch_size):
+                r = torch.from_numpy(rows[s:s + batch_size])
+                m = mt[r]
+                x = ft[it[r].clamp_min(0)] * m.unsqueeze(-1)
+                out[rows[s:s + batch_size]] = torch.softmax(self.net_(x, ot[r], m), -1).numpy()
+        return out
+
+    def predict(self, adata: ad.AnnData, key_added: str = "niche", extract: bool = True) -> np.ndarray:
+        """Write ``obs[key_added]`` (categorical "0".."K-1") and ``obsm[f"{key_added}_probs"]`` (n_obs, K).
+
+        Returns the probabilities."""
+        probs = self.predict_proba(adata, extract=extract)
+        write_niches(adata, probs, key_added)
+        return probs
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/config.json`` + ``path/model.safetensors`` atomically. Returns ``path``."""
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.net_.state_dict().items()}
+        import torch
+
+        for k in _ARRAYS:
+            if k in self.info_:
+                tensors[f"_norm.{k}"] = torch.from_numpy(np.ascontiguousarray(self.info_[k], dtype=np.float32))
+        info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
+        cfg = {"format": _FORMAT, "params": self.params, "info": info}
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        with atomic_path(path / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> NicheStudent:
+        """Load a student written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+            tensors = load_file(str(path / "model.safetensors"), device=device)
+        except FileNotFoundError as e:
+            raise StdistillError(f"not a saved NicheStudent ({Path(e.filename).name} missing)", path) from None
+        except Exception as e:  # noqa: BLE001 - corrupt files
+            raise StdistillError(f"cannot read a saved NicheStudent: {e}", path) from None
+        if cfg.get("format") != _FORMAT:
+            raise StdistillError(f"not a saved NicheStudent (format {cfg.get('format')!r})", path)
+        params = dict(cfg["params"], device=device)
+        s = cls(**params)
+        s.info_ = dict(cfg["info"])
+        for k in _ARRAYS:
+            t = tensors.pop(f"_norm.{k}", None)
+            if t is not None:
+                s.info_[k] = t.numpy()
+        p = s.params
+        net = _net(s.info_["d_in"], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise StdistillError(f"weights do not match the config: {str(e).splitlines()[0]}", path) from None
+        s.net_ = net.eval()
+        return s

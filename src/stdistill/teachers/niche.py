@@ -1,0 +1,564 @@
+"""Transcriptomic niche teachers: soft niche labels from expression + coordinates (no image).
+
+Two methods, both on a per-spot expression embedding with section/patient effects removed first:
+
+- ``"aggregate"`` (CellCharter-like): concatenate the embedding averaged over rings 1..L of the
+  spatial graph (hops of ``radius_um``), fit a Gaussian mixture, posteriors = soft labels.
+- ``"nolan"`` (in the spirit of NOLAN, which has no installable release): a self-supervised model
+  over spatial neighbourhoods. Each spot's global view holds its neighbours within a radius
+  holding about ``n_neighbors`` spots, its local view those within 0.75 x that radius. A set
+  encoder with a learned relative-position encoding maps each view to a K-way prototype
+  assignment; the views predict each other's Sinkhorn-balanced assignments (SwAV-style swapped
+  prediction), which cannot collapse to one niche.
+
+Batch effects first: on HER2ST patient effects dominate the transcriptome, and a teacher on
+globally scaled expression finds one niche per patient. ``batch_correction="standardize"``
+(default) z-scores log-expression within each ``batch_key`` group before PCA; ``"scvi"`` uses
+scVI's latent space with ``batch_key`` as batch (``pip install stdistill[scvi]``); ``"harmony"``
+runs Harmony on the PCA (``pip install harmonypy``); ``None`` scales globally (the failure mode,
+kept for diagnostics). :meth:`NicheTeacher.diagnostics` reports NMI(niche, patient) and niche
+sizes per patient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._errors import StdistillError
+from .._utils import atomic_path, seed_everything
+from ..io._section import PATIENT_KEY, SECTION_KEY
+from ..pp.neighbors import aggregate_neighbors, neighbor_tokens, radius_for_neighbors
+
+METHODS = ("nolan", "aggregate")
+CORRECTIONS = ("standardize", "scvi", "harmony", None)
+_FORMAT = "stdistill.NicheTeacher/1"
+
+
+# ----------------------------------------------------------------------------- embedding
+def _log_norm(adata: ad.AnnData, genes: pd.Index | None = None) -> sp.csr_matrix:
+    """Sparse (n, len(genes)) log1p(CP10k) of raw counts (library size over all genes); genes
+    missing from ``adata`` are 0. ``genes=None``: all genes."""
+    X = adata.X
+    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+    lib = np.asarray(X.sum(1)).ravel().astype(np.float64)
+    lib[lib == 0] = 1.0
+    if genes is None:
+        sub = X.astype(np.float32)
+    else:
+        pos = adata.var_names.get_indexer(genes)
+        have = pos >= 0
+        sub = sp.csr_matrix((adata.n_obs, len(genes)), dtype=np.float32)
+        if have.any():
+            cols = X[:, pos[have]].tocsc().astype(np.float32)
+            # place the present genes' columns at their positions
+            sel = sp.csr_matrix((np.ones(have.sum(), np.float32), (np.arange(have.sum()), np.flatnonzero(have))),
+                                shape=(have.sum(), len(genes)))
+            sub = (cols @ sel).tocsr()
+    out = (sp.diags((1e4 / lib).astype(np.float32)) @ sub).tocsr()
+    out.data = np.log1p(out.data)
+    return out
+
+
+def _standardize_by(x: np.ndarray, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:
+    """Z-score each column within each group (constant columns -> 0), clipped to +-clip."""
+    out = np.empty_like(x, dtype=np.float32)
+    for g in pd.unique(groups):
+        m = groups == g
+        mu = x[m].mean(0)
+        sd = x[m].std(0)
+        sd[sd < 1e-8] = np.inf
+        out[m] = np.clip((x[m] - mu) / sd, -clip, clip)
+    return out
+
+
+def _select_genes(logx: sp.csr_matrix, genes: pd.Index, groups: np.ndarray, n_top: int, min_frac: float) -> pd.Index:
+    """Genes detected in >= ``min_frac`` of spots of every group, ranked by the *median* over
+    groups of their within-group variance of log-expression: genes that vary inside every
+    section (shared biology) rank above genes that vary in one patient only, and patient-level
+    shifts never choose genes. Returns the top ``n_top`` in their original order."""
+    ug = pd.unique(groups)
+    ok = np.ones(len(genes), dtype=bool)
+    var = np.zeros((len(ug), len(genes)))
+    for i, g in enumerate(ug):
+        m = groups == g
+        sub = logx[m]
+        n = sub.shape[0]
+        det = np.asarray((sub > 0).sum(0)).ravel() / n
+        ok &= det >= min_frac
+        mu = np.asarray(sub.mean(0)).ravel()
+        ex2 = np.asarray(sub.multiply(sub).mean(0)).ravel()
+        var[i] = ex2 - mu**2
+    score = np.median(var, axis=0)
+    if ok.sum() < 10:  # tiny or very sparse data: fall back to genes detected anywhere
+        ok = np.asarray((logx > 0).sum(0)).ravel() > 0
+    idx = np.flatnonzero(ok)
+    idx = idx[np.argsort(-score[idx], kind="stable")[:n_top]]
+    return genes[np.sort(idx)]
+
+
+# ----------------------------------------------------------------------------- nolan model
+def _nolan_module(d_in: int, n_niches: int, d_model: int, tau: float, lr: float, sinkhorn_eps: float,
+                  token_drop: float, noise: float):
+    import lightning as L
+    import torch
+    from torch import nn
+
+    class SetEncoder(nn.Module):
+        """Tokens (embedding + learned relative-position encoding) -> masked attention pooling."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Sequential(nn.Linear(d_in, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+            self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+            self.centre = nn.Parameter(torch.zeros(d_model))
+            self.att = nn.Linear(d_model, 1)
+            self.out = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+
+        def forward(self, x, off, mask):
+            h = self.inp(x) + self.pos(off)
+            h[:, 0] = h[:, 0] + self.centre
+            a = self.att(torch.tanh(h)).squeeze(-1).masked_fill(~mask, float("-inf"))
+            w = torch.softmax(a, dim=1).unsqueeze(-1)
+            return self.out((w * h).sum(1))
+
+    @torch.no_grad()
+    def sinkhorn(scores, eps=sinkhorn_eps, iters=3):
+        q = torch.exp((scores - scores.max()) / eps).T  # K x B
+        q /= q.sum()
+        k, b = q.shape
+        for _ in range(iters):
+            q /= q.sum(1, keepdim=True)
+            q /= k
+            q /= q.sum(0, keepdim=True)
+            q /= b
+        return (q * b).T
+
+    class NolanLike(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.enc = SetEncoder()
+            self.protos = nn.Linear(d_model, n_niches, bias=False)
+
+        def scores(self, x, off, mask):
+            z = nn.functional.normalize(self.enc(x, off, mask), dim=-1)
+            w = nn.functional.normalize(self.protos.weight, dim=-1)
+            return z @ w.T
+
+        def training_step(self, batch, _):
+            x, off, gmask, lmask = batch
+            if noise > 0:
+                x = x + noise * torch.randn_like(x)
+            keep = torch.rand(gmask.shape, device=gmask.device) >= token_drop
+            keep[:, 0] = True
+            # random rotation of offsets: tissue orientation is arbitrary
+            th = torch.rand(x.shape[0], device=x.device) * 2 * torch.pi
+            rot = torch.stack([torch.stack([th.cos(), -th.sin()], -1), torch.stack([th.sin(), th.cos()], -1)], -2)
+            off = torch.einsum("bij,btj->bti", rot, off)
+            s_g = self.scores(x, off, gmask & keep)
+            s_l = self.scores(x, off, lmask & keep)
+            q_g, q_l = sinkhorn(s_g.detach()), sinkhorn(s_l.detach())
+            lp_g = torch.log_softmax(s_g / tau, -1)
+            lp_l = torch.log_softmax(s_l / tau, -1)
+            loss = -0.5 * ((q_g * lp_l).sum(-1).mean() + (q_l * lp_g).sum(-1).mean())
+            self.log("train_loss", loss, prog_bar=False)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-4)
+
+    return NolanLike()
+
+
+# ----------------------------------------------------------------------------- teacher
+class NicheTeacher:
+    """Transcriptome-only niche teacher; frozen after :meth:`fit`, gives soft niche labels.
+
+    Parameters
+    ----------
+    n_niches
+        K, the number of niches.
+    method
+        ``"aggregate"`` (CellCharter-like ring aggregation + Gaussian mixture) or ``"nolan"``
+        (self-supervised global/local neighbourhood views with a K-way prototype head).
+    use_rep
+        ``obsm`` key of a per-spot expression embedding (e.g. ``"X_scVI"``); ``None``: PCA of
+        log-normalised counts (``n_top_genes`` genes, ``n_pcs`` components) computed here.
+    batch_key
+        ``obs`` column whose groups are corrected for (``"section"`` default; ``"patient"``).
+    batch_correction
+        ``"standardize"`` (per-group z-scores of log-expression, or of ``use_rep``),
+        ``"scvi"`` (scVI latent with ``batch_key``; needs the ``scvi`` extra), ``"harmony"``
+        (Harmony on the PCA; needs ``harmonypy``), or ``None`` (global scaling).
+    radius_um
+        ``"aggregate"``: one hop of the ring graph, um (``None``: 1.5 x the median
+        nearest-spot distance, i.e. the first ring on ST/Visium arrays).
+        ``"nolan"``: global-view radius, um (``None``: the radius holding ``n_neighbors``
+        spots for the median spot); the local view uses 0.75 x it.
+    n_rings
+        ``"aggregate"``: rings 1..L concatenated to the spot's own embedding.
+    covariance_type
+        ``"aggregate"``: Gaussian mixture covariances. ``"diag"`` by default: on HER2ST full
+        covariances fit patient-specific correlation structure (NMI(niche, patient) 0.65 vs 0.20).
+    n_steps, batch_size, d_model
+        ``"nolan"``: optimisation steps, spots per step, width of the set encoder.
+    """
+
+    def __init__(
+        self,
+        n_niches: int = 6,
+        method: str = "aggregate",
+        *,
+        use_rep: str | None = None,
+        batch_key: str | None = SECTION_KEY,
+        batch_correction: str | None = "standardize",
+        n_pcs: int = 10,
+        n_top_genes: int = 2000,
+        min_gene_frac: float = 0.05,
+        radius_um: float | None = None,
+        n_rings: int = 1,
+        n_neighbors: int = 18,
+        covariance_type: str = "diag",
+        n_steps: int = 300,
+        batch_size: int = 256,
+        d_model: int = 32,
+        seed: int = 0,
+    ):
+        if method not in METHODS:
+            raise StdistillError(f"method must be one of {METHODS}, got {method!r}")
+        if batch_correction not in CORRECTIONS:
+            raise StdistillError(f"batch_correction must be one of {CORRECTIONS}, got {batch_correction!r}")
+        if int(n_niches) < 2:
+            raise StdistillError(f"n_niches must be >= 2, got {n_niches}")
+        if batch_correction is not None and batch_key is None:
+            raise StdistillError("batch_correction needs batch_key= (e.g. 'section' or 'patient')")
+        self.params = dict(
+            n_niches=int(n_niches), method=method, use_rep=use_rep, batch_key=batch_key,
+            batch_correction=batch_correction, n_pcs=int(n_pcs), n_top_genes=int(n_top_genes),
+            min_gene_frac=float(min_gene_frac), radius_um=radius_um, n_rings=int(n_rings),
+            n_neighbors=int(n_neighbors), covariance_type=covariance_type, n_steps=int(n_steps),
+            batch_size=int(batch_size), d_model=int(d_model), seed=int(seed),
+        )
+        self.state_: dict | None = None
+
+    def __repr__(self) -> str:
+        p = self.params
+        return f"NicheTeacher(n_niches={p['n_niches']}, method={p['method']!r}, batch_correction={p['batch_correction']!r})"
+
+    @property
+    def n_niches(self) -> int:
+        return self.params["n_niches"]
+
+    # ------------------------------------------------------------------ embedding
+    def _groups(self, adata: ad.AnnData) -> np.ndarray | None:
+        bk = self.params["batch_key"]
+        if bk is None:
+            return None
+        if bk not in adata.obs:
+            raise StdistillError(f'AnnData has no obs["{bk}"] (batch_key); pass batch_key= of an existing column')
+        return adata.obs[bk].astype(str).to_numpy()
+
+    def _embed(self, adata: ad.AnnData, fit: bool) -> np.ndarray:
+        """(n_obs, d) batch-corrected expression embedding."""
+        p = self.params
+        groups = self._groups(adata)
+        corr = p["batch_correction"]
+        if p["use_rep"] is not None:
+            if p["use_rep"] not in adata.obsm:
+                raise StdistillError(f'AnnData has no obsm["{p["use_rep"]}"] (use_rep); compute it or pass use_rep=None')
+            e = np.asarray(adata.obsm[p["use_rep"]], dtype=np.float32)
+            if corr == "standardize":
+                e = _standardize_by(e, groups)
+            elif corr == "harmony":
+                e = self._harmony(e, adata)
+            elif corr == "scvi":
+                raise StdistillError("batch_correction='scvi' computes its own latent; pass use_rep=None")
+            else:
+                e = _standardize_by(e, np.zeros(len(e)))
+            return e
+        if corr == "scvi":
+            return self._scvi(adata, fit)
+        if adata.n_vars == 0:
+            raise StdistillError("AnnData has no genes: the niche teacher needs expression counts")
+        if fit:
+            genes = pd.Index(adata.var_names)
+            logx = _log_norm(adata)
+            sel_groups = groups if groups is not None else np.zeros(adata.n_obs)
+            self.state_["genes"] = list(_select_genes(logx, genes, sel_groups, p["n_top_genes"], p["min_gene_frac"]))
+            logx = logx[:, genes.get_indexer(self.state_["genes"])].toarray()
+        else:
+            logx = _log_norm(adata, pd.Index(self.state_["genes"])).toarray()
+        if corr in ("standardize",):
+            z = _standardize_by(logx, groups)
+        else:
+            if fit:
+                self.state_["gene_mean"] = logx.mean(0)
+                sd = logx.std(0)
+                sd[sd < 1e-8] = np.inf
+                self.state_["gene_sd"] = sd
+            z = np.clip((logx - self.state_["gene_mean"]) / self.state_["gene_sd"], -10, 10)
+        if fit:
+            from sklearn.decomposition import PCA
+
+            n_pcs = max(1, min(p["n_pcs"], z.shape[1], z.shape[0] - 1))
+            pca = PCA(n_components=n_pcs, random_state=p["seed"], svd_solver="randomized" if z.shape[1] > 500 else "full").fit(z)
+            self.state_["pca_components"] = pca.components_.astype(np.float32)
+            self.state_["pca_mean"] = pca.mean_.astype(np.float32)
+        e = (z - self.state_["pca_mean"]) @ self.state_["pca_components"].T
+        if corr == "harmony":
+            e = self._harmony(e, adata)
+        return e.astype(np.float32)
+
+    def _harmony(self, e: np.ndarray, adata: ad.AnnData) -> np.ndarray:
+        try:
+            import harmonypy
+        except ImportError:
+            raise StdistillError("batch_correction='harmony' needs harmonypy: pip install harmonypy") from None
+        meta = pd.DataFrame({"b": self._groups(adata)})
+        ho = harmonypy.run_harmony(e, meta, ["b"], random_state=self.params["seed"], verbose=False)
+        z = np.asarray(ho.Z_corr)
+        return (z.T if z.shape[0] != e.shape[0] else z).astype(np.float32)
+
+    def _scvi(self, adata: ad.AnnData, fit: bool) -> np.ndarray:
+        try:
+            import scvi
+        except ImportError:
+            raise StdistillError("batch_correction='scvi' needs scvi-tools: pip install 'stdistill[scvi]'") from None
+        if not fit:
+            raise StdistillError("an scVI teacher embeds only the data it was fitted on; refit on the new sections")
+        p = self.params
+        sub = ad.AnnData(X=sp.csr_matrix(adata.X), obs=pd.DataFrame({"b": self._groups(adata)}, index=adata.obs_names),
+                         var=pd.DataFrame(index=adata.var_names))
+        genes = _select_genes(_log_norm(sub), pd.Index(sub.var_names), sub.obs["b"].to_numpy(),
+                              p["n_top_genes"], p["min_gene_frac"])
+        sub = sub[:, genes].copy()
+        scvi.settings.seed = p["seed"]
+        scvi.model.SCVI.setup_anndata(sub, batch_key="b")
+        model = scvi.model.SCVI(sub, n_latent=min(p["n_pcs"], 30))
+        model.train(max_epochs=max(50, p["n_steps"] // 2), enable_progress_bar=False)
+        return _standardize_by(np.asarray(model.get_latent_representation(), dtype=np.float32), sub.obs["b"].to_numpy())
+
+    # ------------------------------------------------------------------ fit / predict
+    def _radius(self, adata: ad.AnnData) -> float:
+        p = self.params
+        if p["radius_um"] is not None:
+            return float(p["radius_um"])
+        if p["method"] == "aggregate":
+            return 1.5 * radius_for_neighbors(adata, 1)
+        return radius_for_neighbors(adata, p["n_neighbors"])
+
+    def fit(self, adata: ad.AnnData) -> NicheTeacher:
+        """Fit on ``adata`` (any number of sections; images not needed). Returns self."""
+        p = self.params
+        seed_everything(p["seed"])
+        if adata.n_obs < p["n_niches"]:
+            raise StdistillError(f"{adata.n_obs} spots cannot hold {p['n_niches']} niches")
+        self.state_ = {}
+        e = self._embed(adata, fit=True)
+        self.state_["radius_um"] = self._radius(adata)
+        if p["method"] == "aggregate":
+            from sklearn.mixture import GaussianMixture
+
+            f = self._aggregate(adata, e)
+            gmm = GaussianMixture(p["n_niches"], covariance_type=p["covariance_type"], random_state=p["seed"],
+                                  n_init=3, reg_covar=1e-3, max_iter=200).fit(f)
+            self.state_["gmm"] = gmm
+        else:
+            self._fit_nolan(adata, e)
+        self.fit_probs_ = self._probs(adata, e)
+        return self
+
+    def _aggregate(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:
+        tmp = ad.AnnData(obs=adata.obs[[SECTION_KEY]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"]), "e": e},
+                         uns={"spatial": adata.uns["spatial"]})
+        tmp.obs_names = adata.obs_names
+        aggregate_neighbors(tmp, "e", radius_um=self.state_["radius_um"], n_rings=self.params["n_rings"], key_added="agg")
+        return np.asarray(tmp.obsm["agg"], dtype=np.float64)
+
+    def _views(self, adata: ad.AnnData, e: np.ndarray):
+        r = self.state_["radius_um"]
+        tok = neighbor_tokens(adata, r, max_neighbors=int(round(self.params["n_neighbors"] * 1.5)))
+        d = np.linalg.norm(tok.offset_um, axis=-1)
+        lmask = tok.mask & (d <= 0.75 * r)
+        x = e[np.where(tok.mask, tok.index, 0)]
+        x[~tok.mask] = 0
+        return x.astype(np.float32), (tok.offset_um / r).astype(np.float32), tok.mask, lmask
+
+    def _fit_nolan(self, adata: ad.AnnData, e: np.ndarray) -> None:
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from .._lightning import make_trainer
+
+        p = self.params
+        x, off, gmask, lmask = self._views(adata, e)
+        ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(off), torch.from_numpy(gmask), torch.from_numpy(lmask))
+        g = torch.Generator().manual_seed(p["seed"])
+        bs = min(p["batch_size"], len(ds))
+        dl = DataLoader(ds, batch_size=bs, shuffle=True, generator=g, drop_last=len(ds) > bs)
+        seed_everything(p["seed"])
+        self._hp = dict(d_in=e.shape[1], n_niches=p["n_niches"], d_model=p["d_model"], tau=0.1, lr=2e-3,
+                        sinkhorn_eps=0.05, token_drop=0.2, noise=0.1)
+        model = _nolan_module(**self._hp)
+        trainer = make_trainer(max_epochs=-1, max_steps=p["n_steps"], monitor=None, accelerator="cpu", devices=1,
+                               enable_progress_bar=False)
+        from ..students.niche import _threads
+
+        with _threads(1):
+            trainer.fit(model, dl)
+        model.eval()
+        self.state_["nolan"] = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        self.state_["nolan_hp"] = self._hp
+        self._model = model
+
+    def _nolan_model(self):
+        import torch
+
+        if getattr(self, "_model", None) is None:
+            m = _nolan_module(**self.state_["nolan_hp"])
+            m.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.state_["nolan"].items()})
+            m.eval()
+            self._model = m
+        return self._model
+
+    def _probs(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:
+        if self.params["method"] == "aggregate":
+            return self.state_["gmm"].predict_proba(self._aggregate(adata, e)).astype(np.float32)
+        import torch
+
+        x, off, gmask, _ = self._views(adata, e)
+        m = self._nolan_model()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(x), 2048):
+                s = m.scores(torch.from_numpy(x[i:i + 2048]), torch.from_numpy(off[i:i + 2048]), torch.from_numpy(gmask[i:i + 2048]))
+                out.append(torch.softmax(s / self.state_["nolan_hp"]["tau"], -1).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def _check_fitted(self):
+        if self.state_ is None:
+            raise StdistillError("NicheTeacher is not fitted: call .fit(adata) first")
+
+    def predict_proba(self, adata: ad.AnnData) -> np.ndarray:
+        """(n_obs, K) soft niche probabilities (rows sum to 1)."""
+        self._check_fitted()
+        return self._probs(adata, self._embed(adata, fit=False))
+
+    def predict(self, adata: ad.AnnData, key_added: str = "niche") -> np.ndarray:
+        """Write ``obsm[f"{key_added}_probs"]`` (n_obs, K) and ``obs[key_added]`` (categorical
+        "0".."K-1", the argmax). Returns the probabilities."""
+        probs = self.predict_proba(adata)
+        write_niches(adata, probs, key_added)
+        return probs
+
+    def fit_predict(self, adata: ad.AnnData, key_added: str = "niche") -> np.ndarray:
+        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`)."""
+        self.fit(adata)
+        write_niches(adata, self.fit_probs_, key_added)
+        return self.fit_probs_
+
+    def diagnostics(self, adata: ad.AnnData, key: str = "niche", patient_key: str = PATIENT_KEY) -> dict:
+        """``{"nmi_patient": NMI(niche, patient), "sizes": DataFrame patients x niches (spots),
+        "single_niche_patients": patients whose spots are >= 95% one niche}``."""
+        from ..metrics import nmi, niche_sizes
+
+        if key not in adata.obs:
+            raise StdistillError(f'AnnData has no obs["{key}"]; run teacher.predict(adata, key_added="{key}") first')
+        niches = adata.obs[key].astype(str).to_numpy()
+        pats = adata.obs[patient_key].astype(str).to_numpy()
+        sizes = niche_sizes(niches, pats, categories=[str(i) for i in range(self.n_niches)])
+        frac = sizes.div(sizes.sum(1), axis=0)
+        return {"nmi_patient": nmi(pats, niches), "sizes": sizes,
+                "single_niche_patients": list(frac.index[frac.max(1) >= 0.95])}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/config.json`` and ``path/weights.safetensors`` (atomically). Returns ``path``."""
+        from safetensors.numpy import save_file
+
+        self._check_fitted()
+        if self.params["batch_correction"] == "scvi":
+            raise StdistillError("an scVI-based teacher cannot be saved; save its niches (obs/obsm) instead")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        for k in ("pca_components", "pca_mean", "gene_mean", "gene_sd"):
+            if k in self.state_:
+                arrays[k] = np.ascontiguousarray(self.state_[k], dtype=np.float32)
+        if "gmm" in self.state_:
+            g = self.state_["gmm"]
+            for k in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+                arrays[f"gmm.{k}"] = np.ascontiguousarray(getattr(g, k), dtype=np.float64)
+        for k, v in self.state_.get("nolan", {}).items():
+            arrays[f"nolan.{k}"] = np.ascontiguousarray(v)
+        cfg = {"format": _FORMAT, "params": self.params, "radius_um": self.state_["radius_um"],
+               "genes": self.state_.get("genes"), "nolan_hp": self.state_.get("nolan_hp")}
+        with atomic_path(path / "weights.safetensors") as tmp:
+            save_file(arrays, str(tmp))
+        with atomic_path(path / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NicheTeacher:
+        """Load a teacher written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+            arrays = load_file(str(path / "weights.safetensors"))
+        except FileNotFoundError as e:
+            raise StdistillError(f"not a saved NicheTeacher ({Path(e.filename).name} missing)", path) from None
+        except (json.JSONDecodeError, Exception) as e:  # noqa: BLE001 - corrupt files
+            raise StdistillError(f"cannot read a saved NicheTeacher: {e}", path) from None
+        if cfg.get("format") != _FORMAT:
+            raise StdistillError(f"not a saved NicheTeacher (format {cfg.get('format')!r})", path)
+        t = cls(**cfg["params"])
+        t.state_ = {"radius_um": cfg["radius_um"]}
+        if cfg.get("genes") is not None:
+            t.state_["genes"] = cfg["genes"]
+        for k in ("pca_components", "pca_mean", "gene_mean", "gene_sd"):
+            if k in arrays:
+                t.state_[k] = arrays[k]
+        if "gmm.weights_" in arrays:
+            from sklearn.mixture import GaussianMixture
+
+            g = GaussianMixture(t.params["n_niches"], covariance_type=t.params["covariance_type"])
+            for k in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+                setattr(g, k, arrays[f"gmm.{k}"])
+            t.state_["gmm"] = g
+        nol = {k[len("nolan."):]: v for k, v in arrays.items() if k.startswith("nolan.")}
+        if nol:
+            t.state_["nolan"] = nol
+            t.state_["nolan_hp"] = cfg["nolan_hp"]
+        return t
+
+
+def write_niches(adata: ad.AnnData, probs: np.ndarray, key_added: str = "niche") -> None:
+    """``obsm[f"{key_added}_probs"]`` = probs (n_obs, K); ``obs[key_added]`` = categorical argmax "0".."K-1".
+
+    Rows of ``probs`` that are not finite give a missing niche (NaN category)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    ok = np.all(np.isfinite(probs), axis=1)
+    codes = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
+    adata.obsm[f"{key_added}_probs"] = probs
+    adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=[str(i) for i in range(probs.shape[1])])
+
+
+def niche_codes(adata: ad.AnnData, key: str) -> np.ndarray:
+    """Integer niche ids (n_obs,) of ``obs[key]`` written by :func:`write_niches` (-1 = missing)."""
+    if key not in adata.obs:
+        raise StdistillError(f'AnnData has no obs["{key}"] (niches)')
+    c = adata.obs[key]
+    if isinstance(c.dtype, pd.CategoricalDtype):
+        cats = np.asarray(c.cat.categories).astype(int)
+        codes = c.cat.codes.to_numpy()
+        return np.where(codes >= 0, cats[np.maximum(codes, 0)], -1)
+    return pd.to_numeric(c, errors="coerce").fillna(-1).astype(int).to_numpy()

@@ -1,0 +1,162 @@
+"""HEST-Benchmark evaluator (stdistill.bench.expression) and HEST gene selection."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import stdistill as sd
+from stdistill import StdistillError
+from stdistill.bench.expression import HestRidge, hest_alpha
+from stdistill.io import concat, new_section
+from stdistill.pp import hest_genes, read_gene_list
+
+# A fixed tiny dataset: 2 patients x 1 section x 8 spots, 3 feature columns, 2 genes.
+F = np.array([[0.0, 0.3, -0.27], [-0.89, -0.45, -0.99], [0.06, 1.34, -0.49], [-0.62, 0.49, 0.36],
+              [0.11, -0.93, -0.03], [0.7, -1.34, -0.46], [-1.9, -1.29, -1.84], [-0.24, -1.27, 0.27],
+              [0.16, -0.19, -2.52], [-0.54, -0.05, 0.11], [-1.53, -0.48, -0.98], [-0.81, 1.06, -0.81],
+              [-0.03, 0.88, -0.58], [-0.11, 0.11, 0.06], [-1.23, 0.08, 1.36], [-1.55, 0.86, 0.12]])
+C = np.array([[3, 2], [6, 2], [4, 8], [2, 6], [0, 3], [2, 0], [0, 5], [3, 2], [5, 1], [4, 2], [3, 7],
+              [5, 10], [1, 4], [5, 3], [1, 8], [0, 3]])
+
+# Expected values, computed independently of stdistill with plain NumPy (not sklearn):
+#   for each fold (train on one patient, test on the other):
+#     Z = (X_tr - X_tr.mean(0)) / X_tr.std(0)            # StandardScaler (ddof=0)
+#     PCA to min(256, 8, 3) = 3 components is a rotation of Z; ridge is rotation invariant,
+#     so the no-intercept ridge on Z gives the same predictions:
+#     a = 100 / (d * n_genes) = 100 / (3 * 2)
+#     beta = np.linalg.lstsq(vstack([Z, sqrt(a) * I3]), vstack([log1p(C_tr), zeros((3, 2))]))
+#     P = ((X_te - mean) / std) @ beta
+#     r_j = np.corrcoef(log1p(C_te)[:, j], P[:, j])[0, 1]
+#   fold score = mean_j r_j; benchmark = mean +- np.std (ddof=0) over the two folds.
+EXPECTED_R_TEST_P1 = [-0.3007741140081584, 0.86669391658318]   # trained on P2, tested on P1
+EXPECTED_R_TEST_P2 = [-0.3316078456910966, 0.6193219441701237]  # trained on P1, tested on P2
+EXPECTED_MEAN, EXPECTED_STD = 0.21340847526351217, 0.06955142602399864
+
+
+def _section(counts, genes, section, patient, feats=None):
+    n = counts.shape[0]
+    a = new_section(counts, genes=genes, spots=[f"s{i}" for i in range(n)], xy_px=np.c_[np.arange(n), np.zeros(n)] * 10.0,
+                    section=section, patient=patient, microns_per_pixel=1.0, spot_diameter_um=100)
+    if feats is not None:
+        a.obsm["X_f"] = feats
+    return a
+
+
+@pytest.fixture
+def tiny():
+    a = _section(C[:8], ["g1", "g2"], "S1", "P1", F[:8])
+    b = _section(C[8:], ["g1", "g2"], "S2", "P2", F[8:])
+    return concat([a, b])
+
+
+def test_evaluator_reproduces_independent_numbers(tiny):
+    res = sd.bench.expression(tiny, "X_f", genes=["g1", "g2"])
+    pf = res.per_fold.set_index("test_patients")
+    assert list(pf["pca_dim"]) == [3, 3]
+    assert pf["alpha"].iloc[0] == pytest.approx(100 / 6)
+    np.testing.assert_allclose(res.per_gene.loc[["g1", "g2"], "P1"], EXPECTED_R_TEST_P1, atol=1e-6)
+    np.testing.assert_allclose(res.per_gene.loc[["g1", "g2"], "P2"], EXPECTED_R_TEST_P2, atol=1e-6)
+    assert res.mean == pytest.approx(EXPECTED_MEAN, abs=1e-6)
+    assert res.std == pytest.approx(EXPECTED_STD, abs=1e-6)
+    assert tiny.uns["bench_expression"]["pearson_mean"] == pytest.approx(EXPECTED_MEAN, abs=1e-6)
+    # predictions are held-out spots only, aligned to obs names
+    assert set(res.predictions["P1"].index) == set(tiny.obs_names[tiny.obs["patient"] == "P1"])
+
+
+def test_hest_alpha_uses_ridge_input_width():
+    assert hest_alpha(256, 50) == pytest.approx(100 / (256 * 50))
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(300, 40)), rng.normal(size=(300, 5))
+    assert HestRidge(latent_dim=16).fit(X, Y).alpha_ == pytest.approx(100 / (16 * 5))
+    assert HestRidge(latent_dim=None).fit(X, Y).alpha_ == pytest.approx(100 / (40 * 5))
+
+
+def test_probe_save_load_roundtrip(tmp_path):
+    rng = np.random.default_rng(1)
+    X, Y = rng.normal(size=(50, 12)), rng.normal(size=(50, 3))
+    p = HestRidge(latent_dim=8).fit(X, Y, genes=["a", "b", "c"])
+    p.save(tmp_path / "probe.npz")
+    q = HestRidge.load(tmp_path / "probe.npz")
+    np.testing.assert_allclose(q.predict(X), p.predict(X), rtol=1e-10)
+    assert q.genes_ == ["a", "b", "c"]
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(StdistillError, match="bad.npz"):
+        HestRidge.load(tmp_path / "bad.npz")
+
+
+def test_leaky_split_refused(tiny):
+    extra = _section(C[:8], ["g1", "g2"], "S1b", "P1", F[:8] + 0.1)
+    both = concat([tiny, extra])
+    with pytest.raises(StdistillError, match="share patients"):
+        sd.bench.expression(both, "X_f", genes=["g1", "g2"], folds=[(["S1", "S2"], ["S1b"])])
+
+
+def test_hest_split_csvs(tiny, tmp_path):
+    d = tmp_path / "splits"
+    d.mkdir()
+    pd.DataFrame({"sample_id": ["S2"], "patches_path": ["x"], "expr_path": ["y"]}).to_csv(d / "train_0.csv", index=False)
+    pd.DataFrame({"sample_id": ["S1"], "patches_path": ["x"], "expr_path": ["y"]}).to_csv(d / "test_0.csv", index=False)
+    res = sd.bench.expression(tiny, "X_f", genes=["g1", "g2"], folds=d)
+    assert res.mean == pytest.approx(np.mean(EXPECTED_R_TEST_P1), abs=1e-6)
+    pd.DataFrame({"sample_id": ["S9"]}).to_csv(d / "test_0.csv", index=False)
+    with pytest.raises(StdistillError, match="S9"):
+        sd.bench.expression(tiny, "X_f", genes=["g1", "g2"], folds=d)
+
+
+def test_gene_list_json(tiny, tmp_path):
+    f = tmp_path / "var_50genes.json"
+    f.write_text(json.dumps({"genes": ["g2", "g1"]}))
+    assert read_gene_list(f) == ["g2", "g1"]
+    res = sd.bench.expression(tiny, "X_f", genes=f)
+    assert res.mean == pytest.approx(EXPECTED_MEAN, abs=1e-6)
+    f.write_text(json.dumps({"genes": ["g1", "NOPE"]}))
+    with pytest.raises(StdistillError, match="NOPE"):
+        sd.bench.expression(tiny, "X_f", genes=f)
+
+
+def _cohort(n_patients=3, n=60, n_genes=80, seed=0):
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:03d}" for i in range(n_genes)]
+    W = rng.normal(size=(6, n_genes)) * 0.6
+    secs = []
+    for p in range(n_patients):
+        Fp = rng.normal(size=(n, 6))
+        lam = np.exp(0.5 + Fp @ W * 0.5)
+        counts = rng.poisson(lam)
+        counts[:, -1] = 0  # never detected
+        counts[: int(0.05 * n), -2] = 0
+        counts[int(0.05 * n):, -2] = 0 if p == 0 else counts[int(0.05 * n):, -2]  # < 10% in patient 0 only
+        secs.append(_section(counts, genes, f"S{p}", f"P{p}", np.c_[Fp, rng.normal(size=(n, 10))]))
+    return concat(secs)
+
+
+def test_hest_genes_filter_order_and_training_only():
+    a = _cohort()
+    g = hest_genes(a, 10, sections=["S0", "S1"])
+    assert len(g) == 10 and g == sorted(g)
+    assert "G079" not in g and "G078" not in g  # G078 is detected in < 10% of S0's spots
+    # genes are chosen on the given sections only: the test section cannot change them
+    b = a.copy()
+    X = b.X.toarray()
+    X[(b.obs["section"] == "S2").to_numpy()] = 0
+    b.X = X
+    assert hest_genes(b, 10, sections=["S0", "S1"]) == g
+    with pytest.raises(StdistillError, match="only"):
+        hest_genes(a, 79, sections=["S0", "S1"])
+
+
+def test_hvg_per_fold_and_alpha_cv():
+    a = _cohort()
+    res = sd.bench.expression(a, "X_f", n_genes=20)
+    assert len(res.per_fold) == 3 and res.per_fold["n_genes"].eq(20).all()
+    assert res.mean > 0.2  # features carry signal
+    cv = sd.bench.expression(a, "X_f", n_genes=20, alpha="cv", alphas=(0.01, 1.0, 1e5))
+    assert set(cv.per_fold["alpha"]) <= {0.01, 1.0, 1e5, 100 / (16 * 20)}
+    assert 1e5 not in set(cv.per_fold["alpha"])  # a penalty that large removes the signal
+    assert "ERR" not in cv.per_gene.index
+    with pytest.raises(StdistillError, match="gene"):
+        res.gene("ERR")
+    with pytest.raises(StdistillError, match="obsm"):
+        sd.bench.expression(a, "X_missing")

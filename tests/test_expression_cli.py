@@ -1,0 +1,91 @@
+"""`stdistill expression bench|peka|predict` and the expression figures."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+import stdistill as sd
+from stdistill.cli import app
+from stdistill.io import concat, new_section
+
+runner = CliRunner()
+
+
+def _imaged(n_patients=3, side=5, n_genes=12, seed=0):
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes - 1)] + ["ERBB2"]
+    W = rng.normal(size=(3, n_genes))
+    secs = []
+    for p in range(n_patients):
+        img = np.full((side * 40, side * 40, 3), 220, np.uint8)
+        c = (np.arange(side) + 0.5) * 40
+        xy = np.array([(x, y) for y in c for x in c])
+        col = rng.integers(30, 230, size=(len(xy), 3))
+        for (x, y), cc in zip(xy, col):
+            img[int(y) - 14:int(y) + 14, int(x) - 14:int(x) + 14] = cc
+        counts = rng.poisson(np.exp(1.0 + (col / 255.0 - 0.5) @ W))
+        a = new_section(counts, genes=genes, spots=[f"s{i}" for i in range(len(xy))], xy_px=xy, section=f"S{p}",
+                        patient=f"P{p}", microns_per_pixel=1.0, spot_diameter_um=28, image=img)
+        a.obsm["X_feat"] = np.c_[col / 255.0, rng.normal(size=(len(xy), 5))].astype(np.float32)
+        secs.append(a)
+    return concat(secs)
+
+
+def test_bench_cli_and_figures(tmp_path):
+    a = _imaged()
+    f = tmp_path / "d.h5ad"
+    a.write_h5ad(f)
+    out = tmp_path / "bench"
+    r = runner.invoke(app, ["expression", "bench", str(f), "-f", "X_feat", "--genes", str(_genes(tmp_path, a)), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    pf = pd.read_csv(out / "per_fold.csv")
+    assert len(pf) == 3 and "r_ERBB2" in pf.columns
+    s = json.loads((out / "summary.json").read_text())
+    assert s["pearson_mean"] == pytest.approx(pf["pearson_mean"].mean())
+    assert (out / "pearson_bars.png").stat().st_size > 1000
+    res = sd.bench.expression(a, "X_feat", genes=list(a.var_names[:11]), extra_genes=["ERBB2"], key_added=None)
+    fig = sd.pl.expression_maps(a, "ERBB2", {"ridge": res.predictions["P1"]["ERBB2"]}, section="S1", path=tmp_path / "m.png")
+    assert len(fig.axes) >= 2 and (tmp_path / "m.png").stat().st_size > 1000
+    assert "r = " in fig.axes[1].get_title()
+    r = runner.invoke(app, ["expression", "bench", str(f), "-f", "X_nope", "-o", str(out)])
+    assert r.exit_code != 0
+
+
+def _genes(tmp_path, a):
+    p = tmp_path / "var_genes.json"
+    p.write_text(json.dumps({"genes": list(a.var_names[:11])}))
+    return p
+
+
+def test_peka_and_predict_cli(tmp_path):
+    def make():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2)
+
+    sd.encoders.register_module("test-cli-vit", make, mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=192, overwrite=True)
+    try:
+        a = _imaged(seed=1)
+        f = tmp_path / "d.h5ad"
+        a.write_h5ad(f)
+        model = tmp_path / "peka.safetensors"
+        r = runner.invoke(app, ["expression", "peka", str(f), "--test-patients", "P2", "--val-patients", "P1",
+                                "--encoder", "test-cli-vit", "--adapter", "lora", "--rank", "4", "--epochs", "1",
+                                "--genes", str(_genes(tmp_path, a)), "-o", str(model)])
+        assert r.exit_code == 0, r.output
+        assert model.exists()
+        preds = tmp_path / "pred" / "p.csv"
+        r = runner.invoke(app, ["expression", "predict", str(model), str(f), "--sections", "S2", "-o", str(preds),
+                                "--map-gene", "G0"])
+        assert r.exit_code == 0, r.output
+        p = pd.read_csv(preds, index_col=0)
+        assert p.shape == (25, 11) and (tmp_path / "pred" / "G0_S2.png").exists()
+        r = runner.invoke(app, ["expression", "peka", str(f), "--test-patients", "P9"])
+        assert r.exit_code != 0
+    finally:
+        sd.encoders.unregister("test-cli-vit")

@@ -1,0 +1,168 @@
+"""PEKA recipe: adapters on the right modules, exact trunk/tail split, end-to-end training, save/load."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import stdistill as sd
+from stdistill import StdistillError
+from stdistill.io import concat, new_section
+from stdistill.recipes.peka import (
+    PEKA,
+    PekaConfig,
+    Pointwise,
+    _parse_cut,
+    _Tail,
+    _trunk,
+    add_adapter,
+    adapter_targets,
+    default_train_from,
+)
+
+EFF, VIT = "test-peka-effnet", "test-peka-vit"
+
+
+def _seeded(fn):
+    """A factory giving the same random weights on every load (as a real weights file would)."""
+
+    def make():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return fn()
+
+    return make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_encoders():
+    sd.encoders.register_module(EFF, _seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)),
+                                mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=1280, overwrite=True)
+    sd.encoders.register_module(VIT, _seeded(lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                                                       img_size=32, patch_size=8, depth=3)),
+                                mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=192, overwrite=True)
+    yield
+    for n in (EFF, VIT):
+        sd.encoders.unregister(n)
+
+
+def _data(n_patients=3, side=5, n_genes=12, seed=0):
+    """Sections whose spot colour drives expression (learnable from the patch)."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    W = rng.normal(size=(3, n_genes))
+    secs = []
+    for p in range(n_patients):
+        px = side * 40
+        img = np.full((px, px, 3), 220, np.uint8)
+        c = (np.arange(side) + 0.5) * 40
+        xy = np.array([(x, y) for y in c for x in c])
+        col = rng.integers(30, 230, size=(len(xy), 3))
+        for (x, y), cc in zip(xy, col):
+            img[int(y) - 14:int(y) + 14, int(x) - 14:int(x) + 14] = cc
+        counts = rng.poisson(np.exp(1.0 + (col / 255.0 - 0.5) @ W))
+        secs.append(new_section(counts, genes=genes, spots=[f"s{i}" for i in range(len(xy))], xy_px=xy,
+                                section=f"S{p}", patient=f"P{p}", microns_per_pixel=1.0, spot_diameter_um=28, image=img))
+    return concat(secs)
+
+
+def test_pointwise_is_exact():
+    conv = nn.Conv2d(8, 5, 1, bias=True)
+    x = torch.randn(2, 8, 3, 4)
+    torch.testing.assert_close(Pointwise(conv)(x), conv(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(StdistillError, match="1x1"):
+        Pointwise(nn.Conv2d(8, 5, 3))
+
+
+def test_miss_cannot_wrap_conv2d_so_convs_become_linear():
+    """peft's MiSS supports nn.Linear only; that is why PEKA rewrites 1x1 convolutions."""
+    import peft
+
+    m = nn.Sequential(nn.Conv2d(4, 4, 1))
+    with pytest.raises((TypeError, ValueError)):
+        peft.inject_adapter_in_model(peft.MissConfig(r=2, target_modules=["0"]), m)
+
+
+def test_targets_per_architecture():
+    eff = sd.encoders.load(EFF).backbone
+    assert default_train_from(eff) == "blocks.6.0.conv_pwl"
+    assert adapter_targets(eff) == ["blocks.6.0.conv_pwl", "conv_head"]
+    t5 = adapter_targets(eff, "blocks.5")
+    assert "blocks.5.0.conv_pw" in t5 and "blocks.6.0.conv_pwl" in t5 and "blocks.4.0.conv_pw" not in t5
+    vit = sd.encoders.load(VIT).backbone
+    assert default_train_from(vit) == "blocks.2"
+    assert adapter_targets(vit) == ["blocks.2.attn.qkv"]
+    assert adapter_targets(vit, "blocks.0") == [f"blocks.{i}.attn.qkv" for i in range(3)]
+    with pytest.raises(StdistillError, match="not a cut"):
+        adapter_targets(vit, "layer3")
+    with pytest.raises(StdistillError, match="skip"):
+        _parse_cut(eff, "blocks.5.1.conv_pwl")  # that block has a residual connection
+
+
+@pytest.mark.parametrize("enc_name,cut", [(EFF, None), (EFF, "blocks.5"), (EFF, "blocks.4.1"), (EFF, "input"), (VIT, None)])
+def test_trunk_then_tail_equals_encoder(enc_name, cut):
+    enc = sd.encoders.load(enc_name).eval()
+    x = torch.randint(0, 255, (3, 3, 40, 40), dtype=torch.uint8)
+    c = _parse_cut(enc.backbone, cut)
+    with torch.no_grad():
+        ref = enc(x)
+        out = _Tail(enc, c).eval()(_trunk(enc, c, x))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter,init", [("miss", True), ("miss", "bat"), ("lora", True)])
+def test_adapter_only_trainable_and_starts_at_identity(adapter, init):
+    import copy
+
+    frozen = sd.encoders.load(EFF).eval()
+    enc = copy.deepcopy(frozen)
+    cfg = PekaConfig(adapter=adapter, rank=32 if init == "bat" else 16, miss_init=init)
+    info = add_adapter(enc.backbone, cfg)
+    trainable = [n for n, p in enc.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(("miss_" in n) or ("lora_" in n) for n in trainable)
+    assert info["n_trainable"] == sum(p.numel() for p in enc.backbone.parameters() if p.requires_grad)
+    assert 0 < info["share"] < 0.1
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), frozen(x), rtol=1e-4, atol=1e-4)
+
+
+def test_peka_fit_predict_save_load(tmp_path):
+    a = _data()
+    genes = list(a.var_names[:8])
+    T = np.random.default_rng(0).normal(size=(a.n_obs, 6)).astype(np.float32)
+    a.obsm["X_teacher"] = T
+    train, val = ["S0", "S1"], ["S2"]
+    cfg = PekaConfig(adapter="miss", rank=16, lr=1e-3, max_epochs=2, batch_size=16, n_clusters=3, size_um=32, px=32,
+                     patience=5, val_metric="head", train_positions=None)
+    model = sd.recipes.peka(a, "X_teacher", genes, train_sections=train, val_sections=val, encoder=EFF, config=cfg,
+                            cache_dir=tmp_path / "trunk", key_added="X_peka")
+    assert a.obsm["X_peka"].shape == (a.n_obs, 1280)
+    assert [h["epoch"] for h in model.history_] == [0, 1, 2]  # epoch 0 = frozen encoder
+    assert 0 <= model.best_epoch_ <= 2
+    assert 0 < model.trainable_share < 0.2
+    pred = model.predict(sd.io.subset_sections(a, val))
+    assert list(pred.columns) == genes and pred.shape == (25, 8) and np.isfinite(pred.to_numpy()).all()
+    assert any(p.exists() for p in (tmp_path / "trunk").iterdir())  # trunk activations cached on disk
+    path = model.save(tmp_path / "peka.safetensors")
+    again = PEKA.load(path, cache_dir=tmp_path / "trunk")
+    np.testing.assert_allclose(again.transform(a, key_added=None), a.obsm["X_peka"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(again.predict(a).to_numpy(), model.predict(a).to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_peka_trains_the_adapter_and_refuses_leaks(tmp_path):
+    a = _data(seed=1)
+    genes = list(a.var_names[:6])
+    T = np.random.default_rng(1).normal(size=(a.n_obs, 4)).astype(np.float32)
+    tr = sd.io.subset_sections(a, ["S0", "S1"])
+    m = PEKA(VIT, adapter="lora", rank=4, lr=1e-2, max_epochs=2, batch_size=10, n_clusters=2, size_um=32, px=32,
+             cache_dir=False).fit(tr, T[:50], genes)
+    lora_b = [p for n, p in m.net_.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.detach().abs().sum()) > 0 for p in lora_b)  # the adapter moved (it starts at zero)
+    assert len(m.history_) == 2 and "train_kd" in m.history_[0] and "train_sa" in m.history_[0]
+    leaky = sd.io.subset_sections(a, ["S1"])
+    with pytest.raises(StdistillError, match="share patients"):
+        PEKA(VIT, max_epochs=1, size_um=32, px=32, cache_dir=False).fit(tr, T[:50], genes, val=leaky)
+    with pytest.raises(StdistillError, match="adapter"):
+        PekaConfig(adapter="bone")
