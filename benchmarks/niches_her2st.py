@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/niches_her2st"))
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 6, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--teachers", nargs="+", choices=["expression", "celltypes"], default=None,
+                    help="main teachers to run (default both)")
     ap.add_argument("--no-investigation", action="store_true", help="skip the teacher/student variants at K=6")
     args = ap.parse_args()
 
@@ -179,30 +181,33 @@ def main() -> None:
     def default_teacher(k):
         return NicheTeacher(k, method="aggregate", seed=0)
 
-    res, ttxt, tinfo, figs = run_grid(a, args.ks, args.seeds, args.out / "main", default_teacher,
-                                      "aggregate (PCA of log-expression, per-section standardised)")
-    md = [f"# Niche distillation on HER2ST (leave-one-patient-out over A, B, C)\n",
+    md = ["# Niche distillation on HER2ST (leave-one-patient-out over A, B, C)\n",
           f"Command: `{cmd.strip()}`  \nFeatures: `{KEY}` (ImageNet EfficientNet-Lite0, not a pathology model), "
-          f"112 um patches.  \nSeeds {args.seeds} (student and baselines; teacher seed 0).  \n{A_NOTE}.\n",
-          "## Teacher diagnostics\n", *ttxt,
-          "## Student vs baselines (teacher: aggregate, PCA of log-expression, per-section standardised)\n",
-          tables(res)]
-    res.to_csv(args.out / "main.csv", index=False)
+          f"112 um patches.  \nSeeds {args.seeds} (student and baselines; teacher seed 0).  \n{A_NOTE}.\n"]
+    figs = []
+    teachers = [
+        ("expression", "aggregate on PCA of log-expression, per-section standardised (the default)", default_teacher),
+        ("celltypes", "aggregate on stereoscope cell-type proportions (obsm['celltype_props']), per-section standardised",
+         lambda k: NicheTeacher(k, use_rep="celltype_props", seed=0)),
+    ]
+    if args.teachers:
+        teachers = [t for t in teachers if t[0] in args.teachers]
+    for i, (name, label, factory) in enumerate(teachers, 1):
+        res, ttxt, tinfo, f = run_grid(a, args.ks, args.seeds, args.out / name, factory, label)
+        figs += f
+        md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n", tables(res)]
+        res.to_csv(args.out / f"{name}.csv", index=False)
 
     if not args.no_investigation:
         inv = []
         k = 6 if 6 in args.ks else args.ks[0]
         variants = [
-            ("teacher: aggregate on cell-type proportions (stereoscope), per-section standardised",
-             lambda k: NicheTeacher(k, use_rep="celltype_props", seed=0), None, None),
             ("teacher: nolan (self-supervised global/local views), per-section standardised",
              lambda k: NicheTeacher(k, method="nolan", seed=0), None, None),
             ("student: radius chosen on the validation patient from {250, 450, 650} um",
              default_teacher, None, [{"radius_um": 250.0}, {"radius_um": 450.0}, {"radius_um": 650.0}]),
             ("student: temperature chosen on the validation patient from {1, 2, 4}",
              default_teacher, None, [{"temperature": 1.0}, {"temperature": 2.0}, {"temperature": 4.0}]),
-            ("student: early stopping on niche-id error (not ARI)",
-             default_teacher, {"monitor": "val_err"}, None),
             ("student: early stopping on the KD loss (not ARI)",
              default_teacher, {"monitor": "val_loss"}, None),
         ]
@@ -212,15 +217,16 @@ def main() -> None:
             m = r[r["method"].isin(METHODS)]
             s = m.groupby("method", sort=False)[["ari", "nmi", "id_acc"]].mean()
             per = m.pivot_table(index="method", columns="fold", values="ari", sort=False)
-            chosen = "; ".join(sorted(set(n.split("chose ")[-1] for n in r.loc[r["method"] == "student", "note"] if "chose" in n)))
+            st = r[r["method"] == "student"]
+            chosen = "; ".join(f"{f}: {n.split('chose ')[-1]}" for f, n in zip(st["fold"], st["note"]) if "chose" in n)
             inv.append({"variant": label, "teacher NMI(niche, patient)": ti[k]["nmi_all"],
                         **{f"ARI {mth}": s.loc[mth, "ari"] for mth in METHODS},
                         **{f"ID-acc {mth}": s.loc[mth, "id_acc"] for mth in METHODS},
                         "student ARI per fold A/B/C": "/".join(f"{per.loc['student', f]:.2f}" for f in per.columns),
                         "chosen per fold": chosen})
             r.to_csv(args.out / f"investigation_{len(inv)}.csv", index=False)
-        md += [f"## Investigation (K={k}, seed {args.seeds[0]}; student settings chosen only on the validation "
-               "patient inside each training fold)\n", markdown(pd.DataFrame(inv))]
+        md += [f"## Investigation (teacher: the default unless named; K={k}, seed {args.seeds[0]}; student settings "
+               "chosen only on the validation patient inside each training fold)\n", markdown(pd.DataFrame(inv))]
 
     total = time.perf_counter() - t_all
     md += ["## Figures\n", *[f"- `{p}`" for p in figs],

@@ -93,22 +93,30 @@ def expression_maps(
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)[mask] * sf
     d = float(lib["scalefactors"].get("spot_diameter_fullres", 20.0)) * sf * spot_scale
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    from matplotlib.collections import EllipseCollection
+
+    pad = 1.5 * d
+    x0, x1 = xy[:, 0].min() - pad, xy[:, 0].max() + pad
+    y0, y1 = xy[:, 1].min() - pad, xy[:, 1].max() + pad
     for ax, (name, v) in zip(axes[0], panels):
         if img is not None:
             ax.imshow(np.asarray(img))
         ok = np.isfinite(v)
         lo, hi = (np.percentile(v[ok], [5, 95]) if ok.any() else (0, 1))
-        size = (d * 72 / fig.dpi) ** 2 * 0.6
-        sc = ax.scatter(xy[ok, 0], xy[ok, 1], c=v[ok], s=size, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
-                        alpha=0.85, linewidths=0)
+        # spots as circles of their physical diameter, in image (data) units
+        sc = EllipseCollection(np.full(ok.sum(), d), np.full(ok.sum(), d), np.zeros(ok.sum()), units="xy",
+                               offsets=xy[ok], offset_transform=ax.transData, cmap=cmap, alpha=0.9, linewidths=0)
+        sc.set_array(v[ok])
+        sc.set_clim(lo, hi if hi > lo else lo + 1e-6)
+        ax.add_collection(sc)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y1, y0)
         t = name
         if name != "measured" and ok.sum() > 2 and np.std(v[ok]) > 0 and np.std(meas[ok]) > 0:
             t += f"  (r = {np.corrcoef(meas[ok], v[ok])[0, 1]:.2f})"
         ax.set_title(t, fontsize=10)
         ax.set_axis_off()
-        if img is None:
-            ax.invert_yaxis()
-            ax.set_aspect("equal")
+        ax.set_aspect("equal")
         fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.01, label="log1p counts" if name == "measured" else "predicted log1p")
     fig.suptitle(title or f"{gene} on {section}: measured vs predicted", fontsize=11)
     fig.tight_layout()

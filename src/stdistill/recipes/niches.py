@@ -238,7 +238,6 @@ def run(
 
     # 3. baselines (unsupervised, all featured spots) --------------------------------------
     fsub = subset_sections(adata, feat_secs)
-    fmask_sub = has_f[np.isin(sec, feat_secs)]
     base_codes = {}
     for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
         codes = kmeans_niches(fsub, feature_key, n_niches, radius_um=rad, feature_norm=skw["feature_norm"], seed=seed,

@@ -1,0 +1,66 @@
+"""How stable is the HEST probe on HER2ST? Same encoder, same folds, features that differ only by
+compute precision (fp32 vs bf16 autocast) or by a tiny perturbation; and HEST's alpha vs alpha by
+inner patient cross-validation. Differences between these rows are the noise floor against which
+an encoder's (or PEKA's) gain must be read.
+
+Usage::
+
+    python benchmarks/expression_her2st_probe_noise.py --root ../shared/data/her2st
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("STDISTILL_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import stdistill as sd  # noqa: E402
+from stdistill.recipes.peka import PekaConfig  # noqa: E402
+
+sys_path = Path(__file__).resolve().parent
+import sys  # noqa: E402
+
+sys.path.insert(0, str(sys_path))
+from expression_her2st import frozen_features  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
+    ap.add_argument("--gene", default="ERBB2")
+    args = ap.parse_args()
+    t0 = time.time()
+    full = sd.datasets.her2st(root=args.root, images_only=True)
+    full.obsm["X_fp32"] = frozen_features(full, PekaConfig())
+    sd.features.extract(full, "effnet-lite0-imagenet", key_added="X_bf16")  # precision "auto": bf16 on CPUs with native bf16
+    rng = np.random.default_rng(0)
+    for i in range(3):  # +- 0.1% of each feature's spread
+        full.obsm[f"X_fp32_jitter{i}"] = full.obsm["X_fp32"] + 1e-3 * full.obsm["X_fp32"].std(0) * rng.normal(size=full.obsm["X_fp32"].shape)
+    rows = []
+    for key in ["X_fp32", "X_bf16", "X_fp32_jitter0", "X_fp32_jitter1", "X_fp32_jitter2"]:
+        for alpha in ("hest", "cv"):
+            r = sd.bench.expression(full, key, alpha=alpha, extra_genes=[args.gene], svd_solver="covariance_eigh", key_added=None)
+            pf = r.per_fold.set_index("test_patients")
+            rows.append({"features": key, "alpha": alpha, **{f"r_{p}": pf.loc[p, "pearson_mean"] for p in pf.index},
+                         "mean": r.mean, "std": r.std, f"{args.gene}_mean": pf[f"r_{args.gene}"].mean(),
+                         **{f"alpha_{p}": pf.loc[p, "alpha"] for p in pf.index}})
+    df = pd.DataFrame(rows)
+    pd.set_option("display.width", 200)
+    print(df.round(4).to_string(index=False))
+    print(f"precision effect on the mean (hest alpha): "
+          f"{(df.iloc[2]['mean'] - df.iloc[0]['mean']) / df.iloc[0]['mean'] * 100:+.1f}% (bf16 vs fp32); "
+          f"jitter range {df[(df.alpha == 'hest') & df.features.str.contains('jitter')]['mean'].agg(['min', 'max']).round(4).tolist()}")
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Diagnostics behind the HER2ST niche benchmark's choices (docs/niches.md, "What was investigated").
+
+    python benchmarks/niches_her2st_diagnostics.py        # about 5 min on 2 CPU cores
+
+1. Teacher batch correction, judged on the label-free NMI(niche, patient) over all 36 sections
+   (no student result, no pathology label): global scaling, per-section standardisation with a
+   full or a diagonal mixture, Harmony by section / patient (needs harmonypy), cell-type
+   proportions.
+2. The student's validation curves on the inner pairs B -> C and C -> B (the training patients of
+   the A fold): per-epoch ARI and niche-id error against the teacher.
+3. Cross-patient transfer with a plain supervised model: logistic regression on
+   neighbourhood-averaged features, B -> C and C -> B, against k-means fitted on the target
+   patient's own spots.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("STDISTILL_PROGRESS", "0")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from niches_her2st import KEY, load  # noqa: E402
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    import stdistill.students.niche as sn
+    from stdistill import io
+    from stdistill.metrics import ari, niche_id_accuracy, nmi
+    from stdistill.pp import aggregate_neighbors
+    from stdistill.recipes.niches import kmeans_niches, markdown
+    from stdistill.students import NicheStudent
+    from stdistill.students.niche import normalise_features
+    from stdistill.teachers import NicheTeacher
+
+    t0 = time.perf_counter()
+    a = load(Path("/work/cache/her2st_effnet.h5ad"), "/work/shared/data/her2st" if Path("/work/shared/data/her2st").exists() else None)
+    pats = a.obs["patient"].astype(str).to_numpy()
+
+    # 1 ------------------------------------------------------------------------------------
+    variants = [
+        ("global scaling (batch_correction=None)", dict(batch_correction=None)),
+        ("per-section standardisation, full-covariance mixture", dict(covariance_type="full")),
+        ("per-section standardisation, diagonal mixture (default)", dict()),
+        ("cell-type proportions, per-section standardisation", dict(use_rep="celltype_props")),
+    ]
+    if importlib.util.find_spec("harmonypy") is not None:
+        variants += [("Harmony by section", dict(batch_correction="harmony")),
+                     ("Harmony by patient", dict(batch_correction="harmony", batch_key="patient"))]
+    else:
+        print("harmonypy not installed: Harmony rows skipped (pip install 'stdistill[harmony]')")
+    rows = []
+    for label, kw in variants:
+        row = {"teacher": label}
+        for k in (4, 6, 8):
+            NicheTeacher(k, seed=0, **kw).fit_predict(a, key_added="t")
+            row[f"NMI(niche, patient) K={k}"] = nmi(pats, a.obs["t"].astype(str))
+        rows.append(row)
+        print(row, flush=True)
+    print("\n1. Teacher batch correction (all 36 sections):\n\n" + markdown(pd.DataFrame(rows)))
+
+    # 2 ------------------------------------------------------------------------------------
+    orig, holder = sn._lit_module, {}
+
+    def capture(*args, **kw):
+        holder["m"] = orig(*args, **kw)
+        return holder["m"]
+
+    sn._lit_module = capture
+    curves = []
+    for k in (4, 6, 8):
+        NicheTeacher(k, seed=0).fit_predict(a, key_added="t")
+        bc = io.subset_sections(a, ["B4", "C2", "C3", "C4", "C5"])
+        for val in ("B", "C"):
+            NicheStudent(k, feature_key=KEY, refit=False, val_patients=[val], max_epochs=30, patience=100).fit(
+                bc, probs_key="t_probs")
+            m = holder["m"]
+            curves.append({"K": k, "train -> val": f"{'C' if val == 'B' else 'B'} -> {val}",
+                           "val ARI, epochs 1,4,..,28": " ".join(f"{v:.2f}" for v in m.val_ari_history[::3]),
+                           "val niche-id error, epochs 1,4,..,28": " ".join(f"{v:.2f}" for v in m.val_err_history[::3]),
+                           "epoch of best val KD loss": int(np.argmin(m.val_history)) + 1})
+    sn._lit_module = orig
+    print("\n2. Student validation curves on the inner pairs (default teacher):\n\n" + markdown(pd.DataFrame(curves)))
+
+    # 3 ------------------------------------------------------------------------------------
+    rows = []
+    for label, kw in (("default (expression PCA)", {}), ("cell-type proportions", {"use_rep": "celltype_props"})):
+        NicheTeacher(6, seed=0, **kw).fit_predict(a, key_added="t")
+        bc = io.subset_sections(a, ["B4", "C2", "C3", "C4", "C5"])
+        z, _ = normalise_features(bc, bc.obsm[KEY], "section")
+        bc.obsm["z"] = z
+        aggregate_neighbors(bc, "z", radius_um=400.4, mode="mean", key_added="zn")
+        y = bc.obs["t"].astype(str).to_numpy()
+        p = bc.obs["patient"].astype(str).to_numpy()
+        for src, dst in (("B", "C"), ("C", "B")):
+            s, d = p == src, p == dst
+            pca = PCA(32, random_state=0).fit(bc.obsm["zn"][s])
+            clf = LogisticRegression(C=0.05, max_iter=2000).fit(pca.transform(bc.obsm["zn"][s]), y[s])
+            pred = clf.predict(pca.transform(bc.obsm["zn"][d]))
+            tgt = io.subset_sections(bc, [x for x in io.sections(bc) if x.startswith(dst)])
+            km = kmeans_niches(tgt, KEY, 6, radius_um=400.4, seed=0, key_added="km")
+            rows.append({"teacher (K=6)": label, "train -> test": f"{src} -> {dst}",
+                         "logistic regression ARI": ari(y[d], pred), "logistic regression ID-acc": niche_id_accuracy(y[d], pred),
+                         "k-means on the test patient's own nbr-averaged features, ARI": ari(tgt.obs["t"].astype(str), km)})
+    print("\n3. Cross-patient transfer of a supervised linear model:\n\n" + markdown(pd.DataFrame(rows)))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
