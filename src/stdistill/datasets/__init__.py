@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import attach
 
 # public name -> submodule that defines it (imported on first use, so importing the
 # package stays light). Add an entry when you add a public object.
@@ -12,13 +12,4 @@ _LAZY: dict[str, str] = {
     "simulated": "simulated",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        obj = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = obj  # importing the submodule of the same name set it here: the function wins
-        return obj
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __all__ = attach(__name__, _LAZY)

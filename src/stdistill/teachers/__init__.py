@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import attach
 
 # public name -> submodule that defines it (imported on first use, so importing the
 # package stays light). Add an entry when you add a public object.
@@ -13,11 +13,4 @@ _LAZY: dict[str, str] = {
     "register_embedder": "expression",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __all__ = attach(__name__, _LAZY)
