@@ -75,7 +75,7 @@ def test_peka_and_predict_cli(tmp_path):
         a.write_h5ad(f)
         model = tmp_path / "peka.safetensors"
         r = runner.invoke(app, ["expression", "peka", str(f), "--test-patients", "P2", "--val-patients", "P1",
-                                "--encoder", "test-cli-vit", "--adapter", "lora", "--rank", "4", "--epochs", "1",
+                                "--encoder", "test-cli-vit", "--adapter", "lora", "--rank", "4", "--epochs", "1", "--n-clusters", "4",
                                 "--genes", str(_genes(tmp_path, a)), "-o", str(model)])
         assert r.exit_code == 0, r.output
         assert model.exists()

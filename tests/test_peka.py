@@ -166,3 +166,17 @@ def test_peka_trains_the_adapter_and_refuses_leaks(tmp_path):
         PEKA(VIT, max_epochs=1, size_um=32, px=32, cache_dir=False).fit(tr, T[:50], genes, val=leaky)
     with pytest.raises(StdistillError, match="adapter"):
         PekaConfig(adapter="bone")
+
+
+def test_select_peka_on_inner_patients(tmp_path):
+    from stdistill.recipes.peka import select_peka
+
+    a = _data(n_patients=2, seed=2)
+    genes = list(a.var_names[:6])
+    T = np.random.default_rng(2).normal(size=(a.n_obs, 4)).astype(np.float32)
+    base = PekaConfig(adapter="lora", rank=4, max_epochs=1, batch_size=10, n_clusters=2, size_um=32, px=32, val_metric="head")
+    cfg, table = select_peka(a, T, genes, [{"lr": 1e-3}, {"lr": 1e-2}], base=base, encoder=VIT, cache_dir=tmp_path)
+    assert len(table) == 4 and set(table["val_patient"]) == {"P0", "P1"}  # each patient validates once per candidate
+    assert cfg.lr in (1e-3, 1e-2) and 1 <= cfg.max_epochs <= 1
+    with pytest.raises(StdistillError, match="at least 2"):
+        select_peka(sd.io.subset_sections(a, ["S0"]), T[:25], genes, [{}], base=base, encoder=VIT)

@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         rank: Optional[int] = typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64)."),
         lr: float = typer.Option(1e-4), epochs: int = typer.Option(4), w_kd: float = typer.Option(1.0),
         w_sa: float = typer.Option(1.0), w_reg: float = typer.Option(1.0), seed: int = typer.Option(0),
+        n_clusters: int = typer.Option(16, help="Teacher k-means groups for KD."),
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(tr, 50)
         teacher = ExpressionTeacher("pca").fit(train_all)
         cfg = PekaConfig(adapter=adapter, rank=rank, lr=lr, max_epochs=epochs, w_kd=w_kd, w_sa=w_sa, w_reg=w_reg,
-                         seed=seed, train_from=train_from)
+                         seed=seed, train_from=train_from, n_clusters=n_clusters)
         dev = int(devices) if devices.isdigit() else devices
         m = PEKA(encoder, cfg, accelerator=accelerator, devices=dev, strategy=strategy).fit(
             tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va)
