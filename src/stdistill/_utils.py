@@ -93,3 +93,35 @@ def array_digest(arr: np.ndarray) -> str:
 
 
 _DIGESTS: dict[tuple, str] = {}
+
+
+def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write ``arrays`` plus JSON ``meta`` to an .npz atomically (no pickle); returns the path."""
+    import json
+
+    path = Path(path)
+    arrays = {**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return path
+
+
+def load_npz(path: str | os.PathLike, fmt: str, what: str):
+    """Read an .npz written by :func:`save_npz` (``allow_pickle=False``); returns ``(arrays, meta)``.
+
+    Raises StdistillError naming ``path`` when it is not a ``what`` file or not of format ``fmt``.
+    """
+    import json
+
+    from ._errors import StdistillError
+
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(bytes(z["meta"]).decode())
+    except (OSError, ValueError, KeyError) as e:
+        raise StdistillError(f"not a stdistill {what} file ({e})", path) from None
+    if meta.get("format") != fmt:
+        raise StdistillError(f"unknown format {meta.get('format')!r}; expected {fmt}", path)
+    return z, meta

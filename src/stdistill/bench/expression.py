@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import atomic_path
+from .._utils import load_npz, save_npz
 from ..io._section import PATIENT_KEY, SECTION_KEY, sections as _sections
 from ..metrics import pearson_per_gene
 from ..pp.genes import hest_genes, log1p_targets, read_gene_list
@@ -125,11 +125,7 @@ class HestRidge:
             arrays.update(pca_mean=self.pca_.mean_, pca_components=self.pca_.components_)
         meta = {"format": _FORMAT, "latent_dim": self.latent_dim, "alpha": self.alpha_, "seed": self.seed,
                 "genes": self.genes_}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return path
+        return save_npz(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HestRidge:
@@ -137,14 +133,7 @@ class HestRidge:
         from sklearn.linear_model import Ridge
         from sklearn.preprocessing import StandardScaler
 
-        path = Path(path)
-        try:
-            z = np.load(path, allow_pickle=False)
-            meta = json.loads(bytes(z["meta"]).decode())
-        except (OSError, ValueError, KeyError) as e:
-            raise StdistillError(f"not a stdistill HestRidge file ({e})", path) from None
-        if meta.get("format") != _FORMAT:
-            raise StdistillError(f"unknown format {meta.get('format')!r}; expected {_FORMAT}", path)
+        z, meta = load_npz(path, _FORMAT, "HestRidge")
         self = cls(latent_dim=meta["latent_dim"], alpha=meta["alpha"], seed=meta["seed"])
         self.scaler_ = StandardScaler()
         self.scaler_.mean_, self.scaler_.scale_ = z["scaler_mean"], z["scaler_scale"]

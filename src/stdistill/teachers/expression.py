@@ -39,7 +39,6 @@ Fit the teacher on **training patients only**; it may use their sections without
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
-from .._utils import atomic_path, seed_everything
+from .._utils import load_npz, save_npz, seed_everything
 from ..io._section import SECTION_KEY
 
 __all__ = ["CountEmbedder", "ExpressionTeacher", "register_embedder", "embedders", "teacher_targets"]
@@ -316,27 +315,16 @@ class ExpressionTeacher:
         path = Path(path)
         meta = {"format": _FORMAT, "genes": self.genes_, "standardize": self.standardize, "batch_key": self.batch_key,
                 "target_sum": self.target_sum, "n_components": self.n_components, "seed": self.seed}
-        arrays = {"components": self.pca_.components_, "pca_mean": self.pca_.mean_,
-                  "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        arrays = {"components": self.pca_.components_, "pca_mean": self.pca_.mean_}
         if self.standardize == "global":
             arrays.update(mean=self.mean_, scale=self.scale_)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return path
+        return save_npz(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExpressionTeacher:
         from sklearn.decomposition import PCA
 
-        path = Path(path)
-        try:
-            z = np.load(path, allow_pickle=False)
-            meta = json.loads(bytes(z["meta"]).decode())
-        except (OSError, ValueError, KeyError) as e:
-            raise StdistillError(f"not a stdistill ExpressionTeacher file ({e})", path) from None
-        if meta.get("format") != _FORMAT:
-            raise StdistillError(f"unknown format {meta.get('format')!r}", path)
+        z, meta = load_npz(path, _FORMAT, "ExpressionTeacher")
         t = cls("pca", n_components=meta["n_components"], standardize=meta["standardize"], batch_key=meta["batch_key"],
                 target_sum=meta["target_sum"], seed=meta["seed"])
         t.genes_ = meta["genes"]
