@@ -9,14 +9,16 @@ default ``effnet-lite0-imagenet`` (an ImageNet model, not a pathology model). Pe
 2. teacher: :class:`ExpressionTeacher` (PCA of log-normalised counts, per-section standardised)
    fitted on **all** HER2ST sections of the training patients (with or without image);
 3. baseline: frozen encoder features -> HEST probe (StandardScaler -> PCA(256) -> ridge);
-4. PEKA (and ablations): learning rate, KD weight and epochs chosen on validation patients
-   inside the training patients (each training patient in turn validates a model trained on the
-   other, with its own inner genes and inner teacher; the HEST probe's Pearson r on the
+4. PEKA (and ablations): learning rate, KD weight, adapter rank and epochs chosen on validation
+   patients inside the training patients (each training patient in turn validates a model trained
+   on the other, with its own inner genes and inner teacher; the HEST probe's Pearson r on the
    validation patient after each epoch, epoch 0 = frozen, averaged over the two inner splits, is
-   the criterion). MiSS chooses (lr, w_kd, epochs); LoRA reuses MiSS's w_kd and chooses its own lr
-   and epochs; the no-KD / no-SA ablations reuse MiSS's settings with one loss removed. Then each
-   is trained on all training patients for the chosen number of epochs, for each seed; adapted
-   features -> the same HEST probe -> Pearson on the test patient.
+   the criterion). MiSS chooses (lr, w_kd, rank, epochs) over the whole grid (``peka_miss``; w_kd = 0
+   is in the grid) and over its KD-on part (``peka_miss_kd``: PEKA as published); the no-KD / no-SA
+   ablations take ``peka_miss_kd``'s settings with one loss removed; LoRA chooses (lr, rank,
+   epochs) with ``peka_miss_kd``'s w_kd. Then each is trained on all training patients for the
+   chosen number of epochs, for each seed; adapted features -> the same HEST probe (and the
+   alpha-by-inner-CV probe) -> Pearson on the test patient. Identical settings are trained once.
 
 Speed-ups (2-core CPU): the frozen part of the encoder up to the last block's depthwise
 convolution runs once per patch and is cached (``trunk_activations``); training samples 16 of
@@ -48,16 +50,17 @@ os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-import stdistill as sd  # noqa: E402
-from stdistill.recipes.peka import PEKA, PekaConfig, trunk_activations  # noqa: E402
-from stdistill.teachers import ExpressionTeacher  # noqa: E402
-from stdistill.teachers.expression import teacher_targets  # noqa: E402
+import stdistill as sd
+from stdistill.recipes.peka import PEKA, PekaConfig, trunk_activations
+from stdistill.teachers import ExpressionTeacher
+from stdistill.teachers.expression import teacher_targets
 
-VARIANTS = {
-    "peka_miss": dict(adapter="miss"),
-    "no_kd": dict(adapter="miss", w_kd=0.0),
-    "no_sa": dict(adapter="miss", w_sa=0.0),
-    "peka_lora": dict(adapter="lora"),
+VARIANTS = {  # "from": whose chosen settings (lr, w_kd, rank, epochs) the variant uses
+    "peka_miss": {"adapter": "miss", "from": "miss"},
+    "peka_miss_kd": {"adapter": "miss", "from": "miss_kd"},
+    "no_kd": {"adapter": "miss", "w_kd": 0.0, "from": "miss_kd"},
+    "no_sa": {"adapter": "miss", "w_sa": 0.0, "from": "miss_kd"},
+    "peka_lora": {"adapter": "lora", "from": "lora"},
 }
 RES_NOTE = {"A": "A1/A2 at ~3.2 um/px (2000 px app copies): resolution shift + patient shift"}
 
@@ -85,14 +88,13 @@ def main() -> None:
     ap.add_argument("--out", default="results/expression_her2st")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--lr-miss", type=float, nargs="+", default=[1e-4],
-                    help="MiSS learning rates tried (a first run with 3e-5 1e-4 chose 1e-4 on 2 of 3 folds' inner validation)")
-    ap.add_argument("--lr-lora", type=float, nargs="+", default=[1e-3],
-                    help="LoRA learning rates tried (a first run with 3e-4 1e-3 chose 1e-3 on 2 of 3 folds' inner validation)")
-    ap.add_argument("--w-kd", type=float, nargs="+", default=[0.1, 1.0],
-                    help="KD loss weights tried in the MiSS selection (the chosen one is reused by LoRA and no_sa)")
+    ap.add_argument("--lr-miss", type=float, nargs="+", default=[3e-5, 1e-4], help="MiSS learning rates tried")
+    ap.add_argument("--lr-lora", type=float, nargs="+", default=[3e-4, 1e-3], help="LoRA learning rates tried")
+    ap.add_argument("--w-kd", type=float, nargs="+", default=[0.0, 0.1, 1.0],
+                    help="KD loss weights tried in the MiSS selection (the best KD-on one is reused by LoRA)")
+    ap.add_argument("--rank-miss", type=int, nargs="+", default=[32, 128], help="MiSS ranks tried (128: ~6%% trainable)")
+    ap.add_argument("--rank-lora", type=int, nargs="+", default=[16, 64], help="LoRA ranks tried (64: ~6%% trainable)")
     ap.add_argument("--max-epochs", type=int, default=4, help="upper bound for early stopping on the inner validation patient")
-    ap.add_argument("--rank", type=int, default=None, help="adapter rank (default MiSS 128 / LoRA 64, about 6%% of the encoder)")
     ap.add_argument("--train-positions", type=int, default=16)
     ap.add_argument("--head-ridge", type=float, default=10.0)
     ap.add_argument("--n-components", type=int, default=32, help="teacher embedding width")
@@ -111,7 +113,7 @@ def main() -> None:
     log(f"HER2ST: {full.n_obs} spots in {len(sd.io.sections(full))} sections; imaged {img_secs} ({img.n_obs} spots)", t0)
 
     base_cfg = PekaConfig(max_epochs=args.max_epochs, patience=2, train_positions=args.train_positions,
-                          head_ridge=args.head_ridge, rank=args.rank)
+                          head_ridge=args.head_ridge)
     t_trunk = time.time()
     img.obsm["X_frozen"] = frozen_features(img, base_cfg)
     log(f"trunk cache + frozen features: {time.time() - t_trunk:.1f}s", t0)
@@ -165,45 +167,66 @@ def main() -> None:
             teacher_in = ExpressionTeacher("pca", n_components=args.n_components).fit(full_in)
             kd_in = teacher_targets(teacher_in.transform(full_in), n_clusters=base_cfg.n_clusters, seed=0)[:2]
             inner.append((val_p, inner_tr, inner_va, teacher_in.transform(inner_tr), sd.pp.hest_genes(inner_tr, 50), kd_in))
+        # grid per family: MiSS chooses (lr, w_kd, rank, epochs); LoRA (lr, rank, epochs) with MiSS's
+        # w_kd among the KD-on settings. "peka_miss_kd" is the best MiSS setting with KD switched on
+        # (PEKA as published), "peka_miss" the best over the whole grid (w_kd = 0 included).
+        grids = {"miss": [{"lr": lr, "w_kd": w, "rank": r} for lr in args.lr_miss for w in args.w_kd for r in args.rank_miss],
+                 "lora": [{"lr": lr, "rank": r} for lr in args.lr_lora for r in args.rank_lora]}
+        curves = {}  # (family, lr, w_kd, rank) -> mean validation curve over the inner splits
         chosen = {}
-        for family, lrs in (("miss", args.lr_miss), ("lora", args.lr_lora)):
+        for family in ("miss", "lora"):
             if not any(VARIANTS[v]["adapter"] == family for v in args.variants):
                 continue
-            curves = {}
-            kds = args.w_kd if family == "miss" or "miss" not in chosen else [chosen["miss"]["w_kd"]]
-            for lr, w_kd in [(lr, w) for lr in lrs for w in kds]:
-                cfg = replace(base_cfg, adapter=family, lr=lr, w_kd=w_kd, seed=0, patience=args.max_epochs + 1)
+            for g in grids[family]:
+                g = {"w_kd": chosen.get("miss_kd", {}).get("w_kd", 1.0), **g}
+                cfg = replace(base_cfg, adapter=family, seed=0, patience=args.max_epochs + 1, **g)
                 cs = []
                 for val_p, inner_tr, inner_va, T_in, g_in, kd_in in inner:
                     m = PEKA("effnet-lite0-imagenet", cfg).fit(inner_tr, T_in, g_in, kd_classifier=kd_in, val=inner_va)
                     c = [h["val_ridge_pearson"] for h in m.history_]
                     cs.append(c)
-                    sel_rows.append({"fold": test_p, "adapter": family, "lr": lr, "w_kd": w_kd, "val": val_p,
+                    sel_rows.append({"fold": test_p, "adapter": family, **g, "val": val_p,
                                      "curve": " ".join(f"{x:.4f}" for x in c), "seconds": round(m.fit_seconds_, 1)})
-                    log(f"  select {family} lr={lr:g} w_kd={w_kd:g} val {val_p}: " + " ".join(f"{x:.4f}" for x in c)
-                        + f" [{m.fit_seconds_:.0f}s]", t0)
-                curves[(lr, w_kd)] = np.mean([c[: min(map(len, cs))] for c in cs], axis=0)
-            k, ep = max(((k, int(np.argmax(c))) for k, c in curves.items()), key=lambda t: curves[t[0]][t[1]])
-            chosen[family] = {"lr": k[0], "w_kd": k[1], "epochs": ep}
-            log(f"  chosen {family}: lr={k[0]:g}, w_kd={k[1]:g}, epochs={ep} (mean val r {curves[k][ep]:.4f}; "
-                f"frozen {curves[k][0]:.4f})", t0)
-        # ---- final models
+                    log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {val_p}: "
+                        + " ".join(f"{x:.4f}" for x in c) + f" [{m.fit_seconds_:.0f}s]", t0)
+                curves[(family, g["lr"], g["w_kd"], g["rank"])] = np.mean([c[: min(map(len, cs))] for c in cs], axis=0)
+            for name, keep in ((family, lambda k: True), (f"{family}_kd", lambda k: k[2] > 0)):
+                cand = [(k, ep) for k, c in curves.items() if k[0] == family and keep(k) for ep in range(len(c))]
+                if family == "lora" and name == "lora_kd" or not cand:
+                    continue
+                k, ep = max(cand, key=lambda t: curves[t[0]][t[1]])
+                chosen[name] = {"lr": k[1], "w_kd": k[2], "rank": k[3], "epochs": ep}
+                log(f"  chosen {name}: lr={k[1]:g}, w_kd={k[2]:g}, rank={k[3]}, epochs={ep} "
+                    f"(mean val r {curves[k][ep]:.4f}; frozen {curves[k][0]:.4f})", t0)
+                sel_rows.append({"fold": test_p, "adapter": name, **chosen[name], "val": "chosen",
+                                 "curve": f"{curves[k][ep]:.4f}", "seconds": 0.0})
+        # ---- final models (identical settings are trained once and their rows reused)
+        done = {}
         for v in args.variants:
-            upd = VARIANTS[v]
-            ch = chosen[upd["adapter"]]
+            upd = dict(VARIANTS[v])
+            ch = chosen[upd.pop("from")]
             for seed in args.seeds:
-                cfg = replace(base_cfg, **{"w_kd": ch["w_kd"], **upd}, lr=ch["lr"], max_epochs=ch["epochs"], seed=seed)
+                cfg = replace(base_cfg, **{"w_kd": ch["w_kd"], **upd}, lr=ch["lr"], rank=ch["rank"],
+                              max_epochs=ch["epochs"], seed=seed)
+                key, cfg_id = f"X_{v}_s{seed}", repr(cfg)
+                if cfg_id in done:
+                    rows.append({**done[cfg_id], "method": v})
+                    per_gene_tables[(f"{v}_s{seed}", test_p)] = per_gene_tables[done[cfg_id]["_pg"]]
+                    log(f"  {v} seed {seed}: same settings as {done[cfg_id]['method']}, reused", t0)
+                    continue
                 m = PEKA("effnet-lite0-imagenet", cfg).fit(tr, T, genes, kd_classifier=kd[seed])
-                key = f"X_{v}_s{seed}"
                 m.transform(img, key_added=key)
                 r = bench(key)
                 r_cv = bench(key, alpha="cv")
                 rows.append({"fold": test_p, "method": v, "seed": seed, "pearson": r.mean, "pearson_alpha_cv": r_cv.mean,
                              "r_ERBB2": float(r.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": m.trainable_share,
-                             "epochs": ch["epochs"], "seconds": round(m.fit_seconds_, 1), "lr": ch["lr"], "w_kd": cfg.w_kd})
+                             "epochs": ch["epochs"], "seconds": round(m.fit_seconds_, 1), "lr": ch["lr"], "w_kd": cfg.w_kd,
+                             "w_sa": cfg.w_sa, "rank": cfg.r, "_pg": (f"{v}_s{seed}", test_p)})
+                done[cfg_id] = rows[-1]
                 per_gene_tables[(f"{v}_s{seed}", test_p)] = r.per_gene[test_p]
                 log(f"  {v} seed {seed}: {r.mean:.4f} (alpha cv {r_cv.mean:.4f}) ERBB2 r={rows[-1]['r_ERBB2']:.3f} "
-                    f"(lr {ch['lr']:g}, w_kd {cfg.w_kd:g}, {ch['epochs']} ep, share {m.trainable_share:.2%}, {m.fit_seconds_:.0f}s)", t0)
+                    f"(lr {ch['lr']:g}, w_kd {cfg.w_kd:g}, w_sa {cfg.w_sa:g}, rank {cfg.r}, {ch['epochs']} ep, "
+                    f"share {m.trainable_share:.2%}, {m.fit_seconds_:.0f}s)", t0)
                 if v == "peka_miss" and seed == args.seeds[0] and not map_done and test_p == "B":
                     sec = fold.test[0]
                     sd.pl.expression_maps(
@@ -214,19 +237,20 @@ def main() -> None:
                     map_done = True
                 img.obsm.pop(key)
 
-    res = pd.DataFrame(rows)
+    res = pd.DataFrame(rows).drop(columns="_pg", errors="ignore")
     res.to_csv(out / "results.csv", index=False)
     pd.DataFrame(sel_rows).to_csv(out / "selection.csv", index=False)
     pd.DataFrame({f"{k[0]}|{k[1]}": v for k, v in per_gene_tables.items()}).to_csv(out / "per_gene.csv")
-    table = summarise(res)
+    table = summarise(res, pd.DataFrame(sel_rows))
     (out / "table.md").write_text(table)
     print(table)
     print(pd.DataFrame(sel_rows).to_string(index=False))
     log(f"total {time.time() - t0:.0f}s; outputs in {out}", t0)
 
 
-def summarise(res: pd.DataFrame) -> str:
-    """Markdown: per fold (mean +- std over seeds), mean +- std over folds, gain over the baseline."""
+def summarise(res: pd.DataFrame, sel: pd.DataFrame | None = None) -> str:
+    """Markdown: per fold (mean +- std over seeds), mean +- std over folds, gain over the baseline;
+    then the settings chosen on the inner validation patients (from ``sel``)."""
     methods = list(dict.fromkeys(res["method"]))
     folds = list(dict.fromkeys(res["fold"]))
     base = res[res["method"] == "frozen_ridge"].set_index("fold")["pearson"]
@@ -258,6 +282,12 @@ def summarise(res: pd.DataFrame) -> str:
     lines.append("")
     lines.append("Pearson r: mean over the 50 genes on the held-out patient (HEST probe, exact PCA); per fold mean +- std over "
                  "seeds. " + " ".join(f"* {k}: {v}." for k, v in RES_NOTE.items()))
+    if sel is not None and len(sel):
+        ch = sel[sel["val"] == "chosen"]
+        lines += ["", "Settings chosen on the inner validation patients (mean validation r at the chosen epoch):", "",
+                  "| fold | setting | lr | w_kd | rank | epochs | val r |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.fold} | {r.adapter} | {r.lr:g} | {r.w_kd:g} | {int(r['rank'])} | {int(r.epochs)} | {r.curve} |"
+                  for _, r in ch.iterrows()]
     return "\n".join(lines) + "\n"
 
 

@@ -144,3 +144,16 @@ def test_cli_info_on_a_bad_file_prints_one_error_line(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.h5ad" in lines[0]
     assert "Traceback" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("reader", ["h5ad", "hest"])
+def test_counts_file_not_h5ad(tmp_path, reader):
+    if reader == "h5ad":
+        bad = tmp_path / "x.h5ad"
+        bad.write_text("not hdf5")
+        _refused(r"\.h5ad file is unreadable", read_h5ad, bad, names=bad)
+    else:
+        root = hest_folder(tmp_path)
+        bad = root / "st" / "TENX1.h5ad"
+        bad.write_text("not hdf5")
+        _refused("HEST counts file is unreadable", read_hest, "TENX1", root, names=bad)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .._errors import StdistillError
 from ..io._section import concat, new_section
+from ..io.h5ad import _open_h5ad
 from ..io.legacy_st import ST_SPOT_DIAMETER_UM
 
 FOLDER = "mob-st-stahl2016-spacest"
@@ -63,12 +64,7 @@ def mob(root: str | os.PathLike | None = None, patient_per_replicate: bool = Fal
     parts = []
     for rep in REPLICATES:
         path = base / "derived" / f"{rep}_MOB_counts_spots.h5ad"
-        if not path.is_file():
-            raise StdistillError("MOB counts file does not exist", path)
-        try:
-            src = ad.read_h5ad(path)
-        except Exception as e:
-            raise StdistillError(f"MOB counts file is unreadable ({type(e).__name__}: {e})", path) from None
+        src = _open_h5ad(path, "MOB counts file")
         mpp = src.uns.get("um_per_px")
         img = src.uns.get("image")
         image = base / str(img) if img is not None else base / "inst" / "extdata" / f"HE_{rep}.jpg"
