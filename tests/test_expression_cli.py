@@ -52,6 +52,10 @@ def test_bench_cli_and_figures(tmp_path):
     fig = sd.pl.expression_maps(a, "ERBB2", {"ridge": res.predictions["P1"]["ERBB2"]}, section="S1", path=tmp_path / "m.png")
     assert len(fig.axes) >= 2 and (tmp_path / "m.png").stat().st_size > 1000
     assert "r = " in fig.axes[1].get_title()
+    with pytest.raises(sd.StdistillError, match="holds 3 sections: pass section="):
+        sd.pl.expression_maps(a, "ERBB2", {"ridge": res.predictions["P1"]["ERBB2"]})
+    with pytest.raises(sd.StdistillError, match="'S9' is not in the AnnData"):
+        sd.pl.niches(a, ["section"], section="S9")
     r = runner.invoke(app, ["expression", "bench", str(f), "-f", "X_nope", "-o", str(out)])
     assert r.exit_code != 0
 

@@ -11,7 +11,8 @@ import pandas as pd
 
 from .._errors import StdistillError
 from .._utils import atomic_path
-from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections
+from ..io._section import SPATIAL_KEY, library
+from ._common import _one_section
 
 __all__ = ["expression_maps", "pearson_bars"]
 
@@ -71,14 +72,7 @@ def expression_maps(
     matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
     import matplotlib.pyplot as plt
 
-    secs = sections(adata)
-    if section is None:
-        if len(secs) != 1:
-            raise StdistillError(f"adata has {len(secs)} sections; pass section= (one of {secs[:6]})")
-        section = secs[0]
-    if section not in secs:
-        raise StdistillError(f"section {section!r} is not in the data (have {secs[:6]})")
-    mask = (adata.obs[SECTION_KEY].astype(str) == section).to_numpy()
+    section, mask = _one_section(adata, section)
     if measured is None:
         if gene not in adata.var_names:
             raise StdistillError(f"gene {gene!r} is not in the data; pass measured=")

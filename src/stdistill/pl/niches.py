@@ -13,7 +13,8 @@ import pandas as pd
 
 from .._errors import StdistillError
 from .._utils import atomic_path
-from ..io._section import SECTION_KEY, SPATIAL_KEY, sections
+from ..io._section import SECTION_KEY, SPATIAL_KEY
+from ._common import _one_section
 
 
 def _palette(n: int) -> list:
@@ -97,14 +98,7 @@ def niches(
     for k in keys:
         if k not in adata.obs:
             raise StdistillError(f'AnnData has no obs["{k}"] to plot')
-    secs = sections(adata)
-    if section is None:
-        if len(secs) != 1:
-            raise StdistillError(f"AnnData holds {len(secs)} sections: pass section= (one of {secs[:5]})")
-        section = secs[0]
-    if section not in secs:
-        raise StdistillError(f"section {section!r} is not in the AnnData (has {secs[:5]})")
-    m = adata.obs[SECTION_KEY].astype(str).to_numpy() == section
+    section, m = _one_section(adata, section)
     lib = adata.uns.get(SPATIAL_KEY, {}).get(section, {})
     sf = lib.get("scalefactors", {})
     img = lib.get("images", {}).get("hires")
