@@ -243,3 +243,12 @@ def test_unchanged_loaded_encoder_shares_the_cache_with_its_name(tmp_path):
     rep = sd.features.run_extraction(make_sections(1, n_spots=2), enc, size_um=24, px=32, cache_dir=tmp_path,
                                      device="cpu")
     assert [s.status for s in rep.sections] == ["computed"]
+
+
+def test_run_extraction_takes_extracts_arguments(tmp_path):
+    a = make_sections(1, n_spots=2)
+    rep = sd.features.run_extraction(a, "effnet-lite0-imagenet", size_um=24, px=32, cache_dir=False, device="cpu",
+                                     key_added="X_e")
+    assert rep.key_added == "X_e" and a.obsm["X_e"].shape == (2, 1280) and rep.patches_computed == 2
+    with pytest.raises(StdistillError, match="run_extraction: .*size_mu"):
+        sd.features.run_extraction(a, size_mu=24)

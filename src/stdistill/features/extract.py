@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import queue
@@ -271,33 +272,24 @@ def extract(
     the patch reached beyond its image and was padded white), and
     ``uns["features"][key_added]`` (encoder, size_um, px, precision, weights digest).
     """
-    run_extraction(
-        adata, encoder, size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
-        num_workers=num_workers, cache_dir=cache_dir, key_added=key_added, weights=weights,
-        skip_missing=skip_missing, strategy=strategy, devices=devices, num_nodes=num_nodes,
-    )
+    _run(**locals())  # first statement: locals() holds exactly the arguments
     return adata
 
 
-def run_extraction(
-    adata: ad.AnnData,
-    encoder: Any = DEFAULT_ENCODER,
-    *,
-    size_um: float = 112.0,
-    px: int = 224,
-    batch_size: int = 64,
-    device: str = "auto",
-    precision: str = "auto",
-    num_workers: int = 0,
-    cache_dir: str | os.PathLike | bool | None = None,
-    key_added: str | None = None,
-    weights: str | os.PathLike | None = None,
-    skip_missing: bool = False,
-    strategy: str | None = None,
-    devices: int | None = None,
-    num_nodes: int = 1,
-) -> ExtractionReport:
-    """:func:`extract`, returning an :class:`ExtractionReport` (cache hits, timings) instead of ``adata``."""
+def run_extraction(adata: ad.AnnData, encoder: Any = DEFAULT_ENCODER, **kwargs: Any) -> ExtractionReport:
+    """:func:`extract` (same arguments), returning an :class:`ExtractionReport` (cache hits,
+    timings) instead of ``adata``."""
+    try:
+        bound = inspect.signature(extract).bind(adata, encoder, **kwargs)
+    except TypeError as e:
+        raise StdistillError(f"run_extraction: {e}") from None
+    bound.apply_defaults()
+    return _run(**bound.arguments)
+
+
+def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_workers, cache_dir, key_added, weights,
+         skip_missing, strategy, devices, num_nodes) -> ExtractionReport:
+    """The work of :func:`extract` (its arguments and defaults are documented there)."""
     from ..pp.patches import PatchDataset
 
     t0 = time.perf_counter()
