@@ -51,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import stdistill as sd
-from stdistill.recipes.peka import PEKA, PekaConfig, trunk_activations
+from stdistill.recipes.peka import PEKA, PekaConfig, choose_peka, select_peka, trunk_activations
 from stdistill.teachers import ExpressionTeacher
 from stdistill.teachers.expression import teacher_targets
 
@@ -153,61 +153,60 @@ def main() -> None:
             log(f"  {name}: {bb.mean:.4f} (alpha cv: {cv.mean:.4f}), ERBB2 r={rows[-1]['r_ERBB2']:.3f}", t0)
         per_gene_tables[("frozen_ridge", test_p)] = b.per_gene[test_p]
 
-        # ---- choose lr and epochs on validation patients inside the training patients: each training
-        # patient in turn validates a model trained on the other(s); validation curves (HEST-probe
-        # Pearson per epoch, epoch 0 = frozen) are averaged over the inner splits and the best
-        # (lr, epoch) wins. Inner genes and the inner teacher never see the validation patient.
-        inner = []
-        for val_p in tr_pats:
-            it_secs = [s for s in train_secs if fold.patients[s] != val_p]
-            iv_secs = [s for s in train_secs if fold.patients[s] == val_p]
-            inner_tr, inner_va = sd.io.subset_sections(tr, it_secs), sd.io.subset_sections(tr, iv_secs)
-            full_in = full[(full.obs["patient"].astype(str) != val_p).to_numpy()
-                           & full.obs["patient"].astype(str).isin(tr_pats).to_numpy()].copy()
-            teacher_in = ExpressionTeacher("pca", n_components=args.n_components).fit(full_in)
-            kd_in = teacher_targets(teacher_in.transform(full_in), n_clusters=base_cfg.n_clusters, seed=0)[:2]
-            inner.append((val_p, inner_tr, inner_va, teacher_in.transform(inner_tr), sd.pp.hest_genes(inner_tr, 50), kd_in))
-        # grid per family: MiSS chooses (lr, w_kd, rank, epochs); LoRA (lr, rank, epochs) with MiSS's
-        # w_kd among the KD-on settings. "peka_miss_kd" is the best MiSS setting with KD switched on
-        # (PEKA as published), "peka_miss" the best over the whole grid (w_kd = 0 included).
+        # ---- choose settings on validation patients inside the training patients (select_peka): each
+        # training patient in turn validates a model trained on the other(s); validation curves
+        # (HEST-probe Pearson per epoch, epoch 0 = frozen) are averaged over the inner splits and the
+        # best (setting, epoch) wins. Inner genes and the inner teacher never see the validation patient.
+        inner_cache = {}
+
+        def inner_parts(inner_tr, val_p):
+            if val_p not in inner_cache:
+                keep = full.obs["patient"].astype(str)
+                full_in = full[((keep != val_p) & keep.isin(tr_pats)).to_numpy()].copy()
+                teacher_in = ExpressionTeacher("pca", n_components=args.n_components).fit(full_in)
+                kd_in = teacher_targets(teacher_in.transform(full_in), n_clusters=base_cfg.n_clusters, seed=0)[:2]
+                inner_cache[val_p] = {"teacher": teacher_in.transform(inner_tr), "genes": sd.pp.hest_genes(inner_tr, 50),
+                                      "kd_classifier": kd_in}
+            return inner_cache[val_p]
+
+        # MiSS chooses (lr, w_kd, rank, epochs); LoRA (lr, rank, epochs) with the KD-on MiSS choice's
+        # w_kd. "miss_kd" is the best MiSS setting with KD switched on (PEKA as published), "miss" the
+        # best over the whole grid (w_kd = 0 included).
         grids = {"miss": [{"lr": lr, "w_kd": w, "rank": r} for lr in args.lr_miss for w in args.w_kd for r in args.rank_miss],
                  "lora": [{"lr": lr, "rank": r} for lr in args.lr_lora for r in args.rank_lora]}
-        curves = {}  # (family, lr, w_kd, rank) -> mean validation curve over the inner splits
+        sel_base = replace(base_cfg, seed=0)
         chosen = {}
         for family in ("miss", "lora"):
             if not any(VARIANTS[v]["adapter"] == family for v in args.variants):
                 continue
-            for g in grids[family]:
-                g = {"w_kd": chosen.get("miss_kd", {}).get("w_kd", 1.0), **g}
-                cfg = replace(base_cfg, adapter=family, seed=0, patience=args.max_epochs + 1, **g)
-                cs = []
-                for val_p, inner_tr, inner_va, T_in, g_in, kd_in in inner:
-                    m = PEKA("effnet-lite0-imagenet", cfg).fit(inner_tr, T_in, g_in, kd_classifier=kd_in, val=inner_va)
-                    c = [h["val_ridge_pearson"] for h in m.history_]
-                    cs.append(c)
-                    sel_rows.append({"fold": test_p, "adapter": family, **g, "val": val_p,
-                                     "curve": " ".join(f"{x:.4f}" for x in c), "seconds": round(m.fit_seconds_, 1)})
-                    log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {val_p}: "
-                        + " ".join(f"{x:.4f}" for x in c) + f" [{m.fit_seconds_:.0f}s]", t0)
-                curves[(family, g["lr"], g["w_kd"], g["rank"])] = np.mean([c[: min(map(len, cs))] for c in cs], axis=0)
-            for name, keep in ((family, lambda k: True), (f"{family}_kd", lambda k: k[2] > 0)):
-                cand = [(k, ep) for k, c in curves.items() if k[0] == family and keep(k) for ep in range(len(c))]
-                if family == "lora" and name == "lora_kd" or not cand:
+            w_kd = chosen["miss_kd"].w_kd if "miss_kd" in chosen else 1.0
+            grid = [{"adapter": family, "w_kd": w_kd, **g} for g in grids[family]]
+            _, table = select_peka(tr, T, genes, grid, base=sel_base, inner=inner_parts)
+            for r in table.itertuples():
+                g = grid[r.candidate]
+                sel_rows.append({"fold": test_p, "adapter": family, "lr": g["lr"], "w_kd": g["w_kd"], "rank": g["rank"],
+                                 "val": r.val_patient, "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
+                log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {r.val_patient}: "
+                    f"{sel_rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
+            for name, where in ((family, None), (f"{family}_kd", lambda g: g["w_kd"] > 0)):
+                if name == "lora_kd" or (where and not any(map(where, grid))):
                     continue
-                k, ep = max(cand, key=lambda t: curves[t[0]][t[1]])
-                chosen[name] = {"lr": k[1], "w_kd": k[2], "rank": k[3], "epochs": ep}
-                log(f"  chosen {name}: lr={k[1]:g}, w_kd={k[2]:g}, rank={k[3]}, epochs={ep} "
-                    f"(mean val r {curves[k][ep]:.4f}; frozen {curves[k][0]:.4f})", t0)
-                sel_rows.append({"fold": test_p, "adapter": name, **chosen[name], "val": "chosen",
-                                 "curve": f"{curves[k][ep]:.4f}", "seconds": 0.0})
+                c = choose_peka(table, grid, sel_base, where=where)
+                ci = grid.index({k: getattr(c, k) for k in grid[0]})
+                curves = list(table.loc[table["candidate"] == ci, "curve"])
+                val_r = float(np.mean([x[c.max_epochs] for x in curves]))
+                chosen[name] = c
+                log(f"  chosen {name}: lr={c.lr:g}, w_kd={c.w_kd:g}, rank={c.r}, epochs={c.max_epochs} "
+                    f"(mean val r {val_r:.4f}; frozen {np.mean([x[0] for x in curves]):.4f})", t0)
+                sel_rows.append({"fold": test_p, "adapter": name, "lr": c.lr, "w_kd": c.w_kd, "rank": c.r, "val": "chosen",
+                                 "curve": f"{val_r:.4f}", "seconds": 0.0, "epochs": c.max_epochs})
         # ---- final models (identical settings are trained once and their rows reused)
         done = {}
         for v in args.variants:
             upd = dict(VARIANTS[v])
             ch = chosen[upd.pop("from")]
             for seed in args.seeds:
-                cfg = replace(base_cfg, **{"w_kd": ch["w_kd"], **upd}, lr=ch["lr"], rank=ch["rank"],
-                              max_epochs=ch["epochs"], seed=seed)
+                cfg = replace(ch, **upd, patience=base_cfg.patience, seed=seed)
                 key, cfg_id = f"X_{v}_s{seed}", repr(cfg)
                 if cfg_id in done:
                     rows.append({**done[cfg_id], "method": v})
@@ -220,12 +219,12 @@ def main() -> None:
                 r_cv = bench(key, alpha="cv")
                 rows.append({"fold": test_p, "method": v, "seed": seed, "pearson": r.mean, "pearson_alpha_cv": r_cv.mean,
                              "r_ERBB2": float(r.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": m.trainable_share,
-                             "epochs": ch["epochs"], "seconds": round(m.fit_seconds_, 1), "lr": ch["lr"], "w_kd": cfg.w_kd,
+                             "epochs": cfg.max_epochs, "seconds": round(m.fit_seconds_, 1), "lr": cfg.lr, "w_kd": cfg.w_kd,
                              "w_sa": cfg.w_sa, "rank": cfg.r, "_pg": (f"{v}_s{seed}", test_p)})
                 done[cfg_id] = rows[-1]
                 per_gene_tables[(f"{v}_s{seed}", test_p)] = r.per_gene[test_p]
                 log(f"  {v} seed {seed}: {r.mean:.4f} (alpha cv {r_cv.mean:.4f}) ERBB2 r={rows[-1]['r_ERBB2']:.3f} "
-                    f"(lr {ch['lr']:g}, w_kd {cfg.w_kd:g}, w_sa {cfg.w_sa:g}, rank {cfg.r}, {ch['epochs']} ep, "
+                    f"(lr {cfg.lr:g}, w_kd {cfg.w_kd:g}, w_sa {cfg.w_sa:g}, rank {cfg.r}, {cfg.max_epochs} ep, "
                     f"share {m.trainable_share:.2%}, {m.fit_seconds_:.0f}s)", t0)
                 if v == "peka_miss" and seed == args.seeds[0] and not map_done and test_p == "B":
                     sec = fold.test[0]

@@ -1,6 +1,7 @@
 """PEKA recipe: adapters on the right modules, exact trunk/tail split, end-to-end training, save/load."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -177,6 +178,29 @@ def test_select_peka_on_inner_patients(tmp_path):
     base = PekaConfig(adapter="lora", rank=4, max_epochs=1, batch_size=10, n_clusters=2, size_um=32, px=32, val_metric="head")
     cfg, table = select_peka(a, T, genes, [{"lr": 1e-3}, {"lr": 1e-2}], base=base, encoder=VIT, cache_dir=tmp_path)
     assert len(table) == 4 and set(table["val_patient"]) == {"P0", "P1"}  # each patient validates once per candidate
-    assert cfg.lr in (1e-3, 1e-2) and 1 <= cfg.max_epochs <= 1
+    assert all(len(c) == 2 for c in table["curve"])  # epoch 0 (frozen) and epoch 1
+    assert cfg.lr in (1e-3, 1e-2) and 0 <= cfg.max_epochs <= 1
+    seen = []
+    cfg2, _ = select_peka(a, T, genes, [{"lr": 1e-3}], base=base, encoder=VIT, cache_dir=tmp_path,
+                          inner=lambda tr, vp: seen.append((vp, tr.n_obs)) or {"genes": genes[:3]})
+    assert seen == [("P0", 25), ("P1", 25)]  # inner parts re-derived once per split, without its patient
     with pytest.raises(StdistillError, match="at least 2"):
         select_peka(sd.io.subset_sections(a, ["S0"]), T[:25], genes, [{}], base=base, encoder=VIT)
+
+
+def test_choose_peka_takes_best_mean_curve_and_epoch():
+    from stdistill.recipes.peka import choose_peka
+
+    grid = [{"lr": 1e-3, "w_kd": 0.0}, {"lr": 1e-4, "w_kd": 1.0}]
+    table = pd.DataFrame({"candidate": [0, 0, 1, 1], "val_patient": ["A", "B", "A", "B"],
+                          "curve": [[0.1, 0.3, 0.2], [0.1, 0.1, 0.2], [0.1, 0.2, 0.25], [0.1, 0.15, 0.2]]})
+    base = PekaConfig(max_epochs=2)
+    best = choose_peka(table, grid, base)  # means: [0.1, 0.2, 0.2] and [0.1, 0.175, 0.225]
+    assert (best.lr, best.w_kd, best.max_epochs) == (1e-4, 1.0, 2)
+    kd_off = choose_peka(table, grid, base, where=lambda g: g["w_kd"] == 0)
+    assert (kd_off.lr, kd_off.max_epochs) == (1e-3, 1)  # first epoch reaching the best mean
+    worse = pd.DataFrame({"candidate": [0], "val_patient": ["A"], "curve": [[0.3, 0.2, 0.1]]})
+    assert choose_peka(worse, grid[:1], base).max_epochs == 0  # nothing beats the frozen encoder
+    assert choose_peka(worse.assign(curve=[[0.3, 0.2, 0.1]]), grid[:1], PekaConfig(val_metric="mse")).max_epochs == 2
+    with pytest.raises(StdistillError, match="no candidate"):
+        choose_peka(table, grid, base, where=lambda g: g["lr"] > 1)

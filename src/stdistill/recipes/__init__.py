@@ -12,6 +12,7 @@ _LAZY: dict[str, str] = {
     "PEKA": "peka",
     "PekaConfig": "peka",
     "select_peka": "peka",
+    "choose_peka": "peka",
 
 }
 

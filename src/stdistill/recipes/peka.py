@@ -38,7 +38,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -53,7 +53,7 @@ from .._errors import StdistillError
 from .._utils import array_digest, atomic_path, file_digest, seed_everything
 from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections as _sections
 
-__all__ = ["PekaConfig", "PEKA", "Pointwise", "peka", "select_peka", "adapter_targets", "default_train_from"]
+__all__ = ["PEKA", "PekaConfig", "Pointwise", "adapter_targets", "choose_peka", "default_train_from", "peka", "select_peka"]
 
 _FORMAT = "stdistill.PEKA/1"
 _ADAPTER_KEYS = ("miss_", "lora_")
@@ -862,6 +862,9 @@ def peka(
     return model
 
 
+_VAL_KEYS = {"ridge": "val_ridge_pearson", "head": "val_head_pearson", "mse": "val_mse"}
+
+
 def select_peka(
     adata: ad.AnnData,
     teacher: np.ndarray,
@@ -870,16 +873,33 @@ def select_peka(
     *,
     base: PekaConfig | None = None,
     kd_reference: np.ndarray | None = None,
+    inner: Callable[[ad.AnnData, str], dict] | None = None,
     encoder="effnet-lite0-imagenet",
     **kw,
 ) -> tuple[PekaConfig, pd.DataFrame]:
-    """Choose settings by leave-one-patient-out **inside** ``adata`` (the training patients of a fold).
+    """Choose settings and epochs by leave-one-patient-out **inside** ``adata`` (a fold's training patients).
 
-    For each candidate (``base`` updated with one ``grid`` dict) and each inner split (one
-    training patient held out as validation), fit with early stopping and record the best
-    validation score and epoch. The candidate with the best mean score wins; its epoch count
-    is the rounded mean of the best epochs. Returns (chosen config with ``max_epochs`` set,
-    table of every run).
+    Each candidate (``base`` updated with one ``grid`` dict) is trained for ``base.max_epochs``
+    epochs on every inner split (one training patient held out for validation), recording the
+    validation curve: the ``base.val_metric`` score after each epoch, epoch 0 being the frozen
+    encoder. Curves are averaged over the inner splits and the best (candidate, epoch) wins
+    (:func:`choose_peka`); epoch 0 wins when no adaptation beats the frozen encoder.
+
+    Parameters
+    ----------
+    teacher
+        (n_obs, D_t) teacher embeddings of ``adata``'s spots.
+    inner
+        Optional ``inner(inner_train, val_patient) -> dict`` re-deriving, without the validation
+        patient, any of ``"teacher"`` (embeddings of ``inner_train``'s spots), ``"genes"`` and
+        ``"kd_classifier"`` (the strict way: then nothing about the validation patient reaches
+        training). Default: ``teacher`` rows and ``genes`` as given.
+
+    Returns
+    -------
+    The chosen config (``max_epochs`` = chosen epochs) and a table with one row per candidate x
+    validation patient (``candidate``, the grid keys, ``val_patient``, ``curve``: list of
+    scores for epochs 0..max_epochs, ``seconds``).
     """
     from ..io._section import PATIENT_KEY, subset_sections
 
@@ -889,22 +909,52 @@ def select_peka(
     uniq = sorted(set(pats))
     if len(uniq) < 2:
         raise StdistillError(f"choosing settings needs at least 2 training patients (one for validation), got {uniq}")
+    if base.max_epochs < 1:
+        raise StdistillError(f"choosing settings needs base.max_epochs >= 1, got {base.max_epochs}")
+    splits = []
+    for vp in uniq:
+        tr = subset_sections(adata, sorted(set(secs[pats != vp])))
+        parts = {"teacher": np.asarray(teacher)[pats != vp], "genes": list(genes), "kd_classifier": None,
+                 **(inner(tr, vp) if inner is not None else {})}
+        splits.append((vp, tr, subset_sections(adata, sorted(set(secs[pats == vp]))), parts))
     rows = []
     for ci, upd in enumerate(grid):
-        cfg = replace(base, **upd)
-        for vp in uniq:
-            trs = sorted(set(secs[pats != vp]))
-            vas = sorted(set(secs[pats == vp]))
-            m = pats != vp
-            model = PEKA(encoder, cfg, **kw).fit(subset_sections(adata, trs), teacher[m], genes,
-                                                 kd_reference=kd_reference, val=subset_sections(adata, vas))
-            rows.append({"candidate": ci, **upd, "val_patient": vp, "best_epoch": model.best_epoch_,
-                         "val_score": model.best_val_score_, "seconds": round(model.fit_seconds_, 1)})
+        cfg = replace(base, **upd, patience=base.max_epochs + 1)  # full curves: no early stopping
+        for vp, tr, va, parts in splits:
+            model = PEKA(encoder, cfg, **kw).fit(tr, parts["teacher"], parts["genes"], kd_reference=kd_reference,
+                                                 kd_classifier=parts["kd_classifier"], val=va)
+            rows.append({"candidate": ci, **upd, "val_patient": vp,
+                         "curve": [h[_VAL_KEYS[cfg.val_metric]] for h in model.history_],
+                         "seconds": round(model.fit_seconds_, 1)})
     table = pd.DataFrame(rows)
-    means = table.groupby("candidate")["val_score"].mean()
-    best = int(means.idxmax()) if base.val_metric != "mse" else int(means.idxmin())
-    epochs = int(max(1, round(table.loc[table["candidate"] == best, "best_epoch"].mean())))
-    return replace(base, **grid[best], max_epochs=epochs), table
+    return choose_peka(table, grid, base), table
+
+
+def choose_peka(table: pd.DataFrame, grid: Sequence[dict], base: PekaConfig | None = None,
+                where: Callable[[dict], bool] | None = None) -> PekaConfig:
+    """The best (candidate, epoch) of :func:`select_peka`'s table: validation curves averaged over
+    the inner splits, among the candidates whose grid dict passes ``where`` (default: all).
+
+    Returns ``base`` updated with the winner and ``max_epochs`` = its epoch (0: the frozen encoder).
+    """
+    base = base or PekaConfig()
+    best = None
+    for ci, upd in enumerate(grid):
+        if where is not None and not where(upd):
+            continue
+        curves = list(table.loc[table["candidate"] == ci, "curve"])
+        if not curves:
+            continue
+        n = min(map(len, curves))
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        sign = 1.0 if base.val_metric == "mse" else -1.0
+        ep = int(np.argmin(sign * mean))
+        if best is None or sign * mean[ep] < sign * best[2]:
+            best = (ci, ep, float(mean[ep]))
+    if best is None:
+        raise StdistillError("no candidate of the grid passes `where` (or the table is empty)")
+    ci, ep, _ = best
+    return replace(base, **grid[ci], max_epochs=ep)
 
 
 class _CallableModule(__import__("types").ModuleType):
