@@ -91,5 +91,12 @@ def test_peka_and_predict_cli(tmp_path):
         assert p.shape == (25, 11) and (tmp_path / "pred" / "G0_S2.png").exists()
         r = runner.invoke(app, ["expression", "peka", str(f), "--test-patients", "P9"])
         assert r.exit_code != 0
+        grid = ["expression", "peka", str(f), "--test-patients", "P2", "--encoder", "test-cli-vit", "--adapter", "lora",
+                "--rank", "4", "--epochs", "1", "--n-clusters", "4", "--genes", str(_genes(tmp_path, a)), "-o", str(model)]
+        r = runner.invoke(app, [*grid, "--lr", "1e-3,1e-2"])  # a grid: chosen on P0 <-> P1, then trained on both
+        assert r.exit_code == 0, r.output
+        assert "chosen: lr=" in r.output and r.output.count("P0") >= 2
+        r = runner.invoke(app, [*grid, "--lr", "1e-3,fast"])
+        assert isinstance(r.exception, sd.StdistillError) and "--lr must be a number or a comma list" in str(r.exception)
     finally:
         sd.encoders.unregister("test-cli-vit")

@@ -13,6 +13,19 @@ def _split(v: Optional[str]) -> list[str]:
     return [x.strip() for x in v.split(",") if x.strip()] if v else []
 
 
+def _numbers(v: str, kind: type, option: str) -> list:
+    """``"3e-5,1e-4"`` -> ``[3e-05, 0.0001]``; one line naming the option on bad input."""
+    try:
+        out = [kind(x) for x in _split(v)]
+    except ValueError:
+        out = []
+    if not out:
+        from .._errors import StdistillError
+
+        raise StdistillError(f"{option} must be a number or a comma list of numbers, got {v!r}")
+    return out
+
+
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(help="Gene expression from H&E: HEST-Benchmark evaluation and PEKA distillation.", no_args_is_help=True)
     app.add_typer(sub, name="expression")
@@ -67,20 +80,27 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("stdistill_out/peka.safetensors"), "--out", "-o", help="Model file (safetensors)."),
         encoder: str = typer.Option("effnet-lite0-imagenet", help="Encoder name (the default is an ImageNet model)."),
         adapter: str = typer.Option("miss", help="'miss' (block-affine, peft MissConfig) or 'lora'."),
-        rank: Optional[int] = typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64)."),
-        lr: float = typer.Option(1e-4), epochs: int = typer.Option(4), w_kd: float = typer.Option(1.0),
+        rank: Optional[str] = typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64); a comma list is a grid."),
+        lr: str = typer.Option("1e-4", help="Learning rate; a comma list (e.g. 3e-5,1e-4) is a grid."),
+        epochs: int = typer.Option(4, help="Epochs (with a grid: the most tried; the best epoch is chosen)."),
+        w_kd: str = typer.Option("1.0", help="KD loss weight; a comma list (e.g. 0,0.1,1) is a grid."),
         w_sa: float = typer.Option(1.0), w_reg: float = typer.Option(1.0), seed: int = typer.Option(0),
         n_clusters: int = typer.Option(16, help="Teacher k-means groups for KD."),
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
     ) -> None:
-        """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections."""
+        """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections.
+
+        Comma lists in --lr, --w-kd or --rank form a grid: settings and epochs are then chosen by
+        leave-one-patient-out among the training patients (select_peka; each validation patient's
+        genes and teacher are left out), and the winner is trained on all training patients.
+        """
         from rich.console import Console
 
         import stdistill as sd
         from stdistill.io.summary import load_any
-        from stdistill.recipes.peka import PEKA, PekaConfig
+        from stdistill.recipes.peka import PEKA, PekaConfig, select_peka
         from stdistill.teachers import ExpressionTeacher
 
         from .._errors import StdistillError
@@ -104,13 +124,27 @@ def register(app: typer.Typer) -> None:
             va = sd.io.subset_sections(va_all, [s for s in sd.io.sections(va_all) if sd.io.has_image(va_all, s)])
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(tr, 50)
         teacher = ExpressionTeacher("pca").fit(train_all)
-        cfg = PekaConfig(adapter=adapter, rank=rank, lr=lr, max_epochs=epochs, w_kd=w_kd, w_sa=w_sa, w_reg=w_reg,
-                         seed=seed, train_from=train_from, n_clusters=n_clusters)
+        grid = [{"lr": x, "w_kd": y, "rank": z} for x in _numbers(lr, float, "--lr") for y in _numbers(w_kd, float, "--w-kd")
+                for z in (_numbers(rank, int, "--rank") if rank else [None])]
+        cfg = PekaConfig(adapter=adapter, max_epochs=epochs, w_sa=w_sa, w_reg=w_reg, seed=seed, train_from=train_from,
+                         n_clusters=n_clusters, **grid[0])
         dev = int(devices) if devices.isdigit() else devices
-        m = PEKA(encoder, cfg, accelerator=accelerator, devices=dev, strategy=strategy).fit(
-            tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va)
-        m.save(out)
+        kw = {"accelerator": accelerator, "devices": dev, "strategy": strategy}
         c = Console()
+        if len(grid) > 1:
+            if va is not None:
+                raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
+
+            def inner(inner_tr, val_p):  # genes and teacher without the validation patient
+                rest = train_all[(train_all.obs["patient"].astype(str) != val_p).to_numpy()].copy()
+                t = ExpressionTeacher("pca").fit(rest)
+                return {"teacher": t.transform(inner_tr), "genes": g if genes else sd.pp.hest_genes(inner_tr, 50)}
+
+            cfg, table = select_peka(tr, teacher.transform(tr), g, grid, base=cfg, inner=inner, encoder=encoder, **kw)
+            c.print(table.assign(curve=[" ".join(f"{x:.4f}" for x in v) for v in table["curve"]]).to_string(index=False))
+            c.print(f"chosen: lr={cfg.lr:g}, w_kd={cfg.w_kd:g}, rank={cfg.r}, epochs={cfg.max_epochs}")
+        m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va)
+        m.save(out)
         c.print(m.report())
         c.print(f"[bold]saved[/bold] {out} (trainable share {m.trainable_share:.2%}, best epoch {m.best_epoch_})")
 
