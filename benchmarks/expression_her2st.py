@@ -106,8 +106,17 @@ def main() -> None:
     ap.add_argument("--dataset", choices=["her2st", "simulated"], default="her2st",
                     help="simulated: the positive control (6 sections, 3 patients, known shared cause)")
     ap.add_argument("--data-seed", type=int, default=0, help="simulated data seed")
+    ap.add_argument("--from-csv", action="store_true",
+                    help="only re-print the tables from --out's results.csv and selection.csv (no training)")
     args = ap.parse_args()
     t0 = time.time()
+    if args.from_csv:
+        res, sel = pd.read_csv(Path(args.out) / "results.csv"), pd.read_csv(Path(args.out) / "selection.csv")
+        if args.dataset != "her2st":
+            RES_NOTE.clear()
+        gene = args.map_gene or ("ERBB2" if args.dataset == "her2st" else "the map gene")
+        print(summarise(res.rename(columns={"r_ERBB2": "r_map"}), sel, gene) + "\n" + grid_summary(sel))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -255,11 +264,34 @@ def main() -> None:
     res.to_csv(out / "results.csv", index=False)
     pd.DataFrame(sel_rows).to_csv(out / "selection.csv", index=False)
     pd.DataFrame({f"{k[0]}|{k[1]}": v for k, v in per_gene_tables.items()}).to_csv(out / "per_gene.csv")
-    table = summarise(res, pd.DataFrame(sel_rows), args.map_gene)
+    table = summarise(res, pd.DataFrame(sel_rows), args.map_gene) + "\n" + grid_summary(pd.DataFrame(sel_rows))
     (out / "table.md").write_text(table)
     print(table)
     print(pd.DataFrame(sel_rows).to_string(index=False))
     log(f"total {time.time() - t0:.0f}s; outputs in {out}", t0)
+
+
+def grid_summary(sel: pd.DataFrame) -> str:
+    """Markdown: per fold, the MiSS grid's best mean validation r (over the inner splits, best epoch)
+    by KD weight, by rank and by learning rate, next to the frozen encoder's (epoch 0)."""
+    d = sel[(sel["adapter"] == "miss") & (sel["val"] != "chosen")].copy()
+    if d.empty:
+        return ""
+    d["curve"] = d["curve"].map(lambda c: np.array([float(x) for x in str(c).split()]))
+    lines = ["Inner validation, MiSS grid: best mean validation r (mean over the inner splits, best epoch) "
+             "for each value of one setting, the others free; `frozen` = epoch 0:", "",
+             "| fold | frozen | " + " | ".join(
+                 [f"w_kd={w:g}" for w in sorted(d["w_kd"].unique())] + [f"rank={r}" for r in sorted(d["rank"].unique())]
+                 + [f"lr={lr:g}" for lr in sorted(d["lr"].unique())]) + " |"]
+    lines.append("|---" * (2 + d["w_kd"].nunique() + d["rank"].nunique() + d["lr"].nunique()) + "|")
+    for fold, f in d.groupby("fold", sort=False):
+        mean = f.groupby(["lr", "w_kd", "rank"])["curve"].apply(lambda cs: np.mean(np.stack([c[: min(map(len, cs))] for c in cs]), 0))
+        best = mean.map(np.max)
+        frozen = float(mean.iloc[0][0])
+        cells = [f"{best[best.index.get_level_values(k) == v].max():.4f}"
+                 for k in ("w_kd", "rank", "lr") for v in sorted(d[k].unique())]
+        lines.append(f"| {fold} | {frozen:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(res: pd.DataFrame, sel: pd.DataFrame | None = None, map_gene: str = "ERBB2") -> str:
