@@ -86,6 +86,24 @@ def test_probe_save_load_roundtrip(tmp_path):
         HestRidge.load(tmp_path / "bad.npz")
 
 
+def test_clip_guards_against_a_feature_constant_on_training_spots(tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 6))
+    Y = X[:, :2] @ rng.normal(size=(2, 3)) + 0.1 * rng.normal(size=(60, 3))
+    X[:, 5] = 1e-9 * rng.normal(size=60)  # (nearly) dead channel on the training spots
+    Xt = rng.uniform(-1, 1, size=(20, 6))  # inside the training range
+    Yt = Xt[:, :2] @ np.linalg.lstsq(X[:, :2], Y, rcond=None)[0]
+    Xt[:, 5] = 0.0
+    Xt[0, 5] = 1.0  # alive on one new spot
+    plain = HestRidge(latent_dim=None, alpha=1e-3).fit(X, Y)
+    clipped = HestRidge(latent_dim=None, alpha=1e-3, clip=True).fit(X, Y)
+    assert np.abs(plain.predict(Xt)[0]).max() > 1e3  # the one spot's prediction explodes
+    np.testing.assert_allclose(clipped.predict(Xt[1:]), plain.predict(Xt[1:]), rtol=1e-6, atol=1e-6)
+    assert np.abs(clipped.predict(Xt)[0]).max() < 20
+    clipped.save(tmp_path / "c.npz")
+    np.testing.assert_allclose(HestRidge.load(tmp_path / "c.npz").predict(Xt), clipped.predict(Xt), rtol=1e-10)
+
+
 def test_leaky_split_refused(tiny):
     extra = _section(C[:8], ["g1", "g2"], "S1b", "P1", F[:8] + 0.1)
     both = concat([tiny, extra])

@@ -63,18 +63,24 @@ class HestRidge:
     svd_solver
         PCA solver: ``"auto"`` as HEST (randomized SVD for large inputs); ``"covariance_eigh"`` or
         ``"full"`` are exact and faster for a few thousand spots (used for validation inside PEKA).
+    clip
+        Clip every feature of new spots to its range on the training spots before scaling (not
+        in HEST; off by default). A feature (nearly) constant on the training spots gets a tiny
+        scale, so one new spot where it is not constant can get a huge standardised value and a
+        wild prediction that wrecks that gene's Pearson r.
     """
 
     def __init__(self, latent_dim: int | None = 256, alpha: float | str = "hest", seed: int = 1, max_iter: int = 1000,
-                 svd_solver: str = "auto"):
+                 svd_solver: str = "auto", clip: bool = False):
         self.latent_dim, self.alpha, self.seed, self.max_iter = latent_dim, alpha, seed, max_iter
-        self.svd_solver = svd_solver
+        self.svd_solver, self.clip = svd_solver, clip
 
     def _reduce_fit(self, X: np.ndarray) -> np.ndarray:
         from sklearn.decomposition import PCA
         from sklearn.preprocessing import StandardScaler
 
         self.scaler_ = StandardScaler().fit(X)
+        self.lo_, self.hi_ = X.min(0), X.max(0)
         Z = self.scaler_.transform(X)
         self.pca_ = None
         if self.latent_dim is not None:
@@ -84,8 +90,9 @@ class HestRidge:
         return Z
 
     def reduce(self, X: np.ndarray) -> np.ndarray:
-        """Features after the fitted scaler and PCA, (n, d)."""
-        Z = self.scaler_.transform(np.asarray(X, dtype=np.float64))
+        """Features after the fitted scaler and PCA, (n, d) (clipped to the training range first with ``clip``)."""
+        X = np.asarray(X, dtype=np.float64)
+        Z = self.scaler_.transform(np.clip(X, self.lo_, self.hi_) if self.clip else X)
         return self.pca_.transform(Z) if self.pca_ is not None else Z
 
     def fit(self, X: np.ndarray, Y: np.ndarray, genes: Sequence[str] | None = None) -> HestRidge:
@@ -120,11 +127,12 @@ class HestRidge:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted probe to ``path`` (.npz, read back with :meth:`load`; no pickle)."""
         path = Path(path)
-        arrays = {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_, "coef": self.ridge_.coef_}
+        arrays = {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_, "coef": self.ridge_.coef_,
+                  "lo": self.lo_, "hi": self.hi_}
         if self.pca_ is not None:
             arrays.update(pca_mean=self.pca_.mean_, pca_components=self.pca_.components_)
         meta = {"format": _FORMAT, "latent_dim": self.latent_dim, "alpha": self.alpha_, "seed": self.seed,
-                "genes": self.genes_}
+                "genes": self.genes_, "clip": bool(self.clip)}
         return save_npz(path, arrays, meta)
 
     @classmethod
@@ -134,7 +142,9 @@ class HestRidge:
         from sklearn.preprocessing import StandardScaler
 
         z, meta = load_npz(path, _FORMAT, "HestRidge")
-        self = cls(latent_dim=meta["latent_dim"], alpha=meta["alpha"], seed=meta["seed"])
+        self = cls(latent_dim=meta["latent_dim"], alpha=meta["alpha"], seed=meta["seed"], clip=meta.get("clip", False))
+        self.lo_ = z["lo"] if "lo" in z else np.full(len(z["scaler_mean"]), -np.inf)
+        self.hi_ = z["hi"] if "hi" in z else np.full(len(z["scaler_mean"]), np.inf)
         self.scaler_ = StandardScaler()
         self.scaler_.mean_, self.scaler_.scale_ = z["scaler_mean"], z["scaler_scale"]
         self.scaler_.var_ = self.scaler_.scale_ ** 2
@@ -273,7 +283,8 @@ def _fold_scores(Y_true: np.ndarray, Y_pred: np.ndarray, genes: Sequence[str]) -
 
 
 def choose_alpha_cv(
-    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: Sequence[float], latent_dim: int | None = 256, seed: int = 1
+    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: Sequence[float], latent_dim: int | None = 256, seed: int = 1,
+    clip: bool = False,
 ) -> tuple[float, pd.Series]:
     """Alpha with the best mean Pearson over leave-one-group-out splits of (X, Y) (groups = patients).
 
@@ -289,7 +300,7 @@ def choose_alpha_cv(
     scores = {a: [] for a in alphas}
     for g in uniq:
         tr, va = groups != g, groups == g
-        probe = HestRidge(latent_dim=latent_dim, seed=seed)
+        probe = HestRidge(latent_dim=latent_dim, seed=seed, clip=clip)
         Ztr = probe._reduce_fit(X[tr])
         Zva = probe.reduce(X[va])
         for a in alphas:
@@ -312,6 +323,7 @@ def expression(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     seed: int = 1,
     svd_solver: str = "auto",
+    clip: bool = False,
     extra_genes: Sequence[str] = (),
     layer: str | None = None,
     key_added: str | None = "bench_expression",
@@ -339,6 +351,9 @@ def expression(
         ``random_state`` of PCA and ridge (HEST's default: 1).
     svd_solver
         PCA solver (``"auto"``: as HEST).
+    clip
+        Clip test features to their training range before scaling (:class:`HestRidge`; not in
+        HEST, off by default): guards the score against a few spots with wild predictions.
     extra_genes
         Genes also predicted and reported in ``per_gene`` (e.g. ``["ERBB2"]`` when it is not one
         of the 50 chosen) by a separate probe with the same settings, but **not** counted in the
@@ -390,10 +405,10 @@ def expression(
         if alpha == "cv":
             d = min(latent_dim or F.shape[1], F.shape[1])
             grid = sorted(set(alphas) | {hest_alpha(d, len(g))})
-            a, cv_scores = choose_alpha_cv(F[tr], Ytr, pat_of[tr], grid, latent_dim=latent_dim, seed=seed)
+            a, cv_scores = choose_alpha_cv(F[tr], Ytr, pat_of[tr], grid, latent_dim=latent_dim, seed=seed, clip=clip)
         else:
             a = alpha
-        probe = HestRidge(latent_dim=latent_dim, alpha=a, seed=seed, svd_solver=svd_solver).fit(F[tr], Ytr, genes=g)
+        probe = HestRidge(latent_dim=latent_dim, alpha=a, seed=seed, svd_solver=svd_solver, clip=clip).fit(F[tr], Ytr, genes=g)
         P = probe.predict(F[te])
         r, m, n_nan = _fold_scores(Yte, P, g)
         extra = [x for x in extra_genes if x not in g]
@@ -403,7 +418,8 @@ def expression(
             Ete = log1p_targets(adata[te], extra, layer=layer)
             # ridge is separable over targets: the 50-gene alpha on the same PCA gives what the
             # extra genes would get inside the 50-gene fit, without changing the 50 genes' alpha
-            pe = HestRidge(latent_dim=latent_dim, alpha=probe.alpha_, seed=seed, svd_solver=svd_solver).fit(F[tr], Etr, genes=extra)
+            pe = HestRidge(latent_dim=latent_dim, alpha=probe.alpha_, seed=seed, svd_solver=svd_solver, clip=clip).fit(
+                F[tr], Etr, genes=extra)
             Pe = pe.predict(F[te])
             r_extra = _fold_scores(Ete, Pe, extra)[0]
         rows.append({
@@ -440,7 +456,7 @@ def expression(
         per_fold=per_fold, per_gene=pg, predictions=preds, targets=targets, genes=chosen,
         params={"feature_key": feature_key, "latent_dim": latent_dim if latent_dim is not None else "none",
                 "alpha": alpha if isinstance(alpha, str) else float(alpha), "seed": seed, "n_genes": n_genes,
-                "min_frac": min_frac, "genes": "given" if fixed_genes is not None else "hest_train_folds"},
+                "min_frac": min_frac, "clip": bool(clip), "genes": "given" if fixed_genes is not None else "hest_train_folds"},
     )
     if key_added:
         adata.uns[key_added] = res.to_uns()

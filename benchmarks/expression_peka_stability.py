@@ -1,0 +1,75 @@
+"""Diagnostic: PEKA's held-out Pearson after every epoch, per seed, for one fold and one setting.
+
+Not a way to choose anything (it looks at the test patient on purpose): it shows *when* a run that
+``expression_her2st.py`` reported as unstable goes wrong. For each seed it trains on the fold's
+training patients for ``--max-epochs`` epochs (no early stopping) and prints, after each epoch,
+the HEST probe's Pearson on the held-out patient (epoch 0 = frozen encoder) and the mean training
+loss terms (regression, KD, structure alignment).
+
+Usage (the simulated fold whose seed 0 collapsed in ``results/expression_simulated``)::
+
+    python benchmarks/expression_peka_stability.py --dataset simulated --test simP2 --lr 1e-4 --w-kd 1 --rank 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+os.environ.setdefault("STDISTILL_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import stdistill as sd  # noqa: E402
+from stdistill.recipes.peka import PEKA, PekaConfig  # noqa: E402
+from stdistill.teachers import ExpressionTeacher  # noqa: E402
+from stdistill.teachers.expression import teacher_targets  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=["her2st", "simulated"], default="simulated")
+    ap.add_argument("--root", default=str(Path(__file__).resolve().parents[2] / "shared/data/her2st"))
+    ap.add_argument("--test", required=True, help="held-out patient")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--w-kd", type=float, default=1.0)
+    ap.add_argument("--w-sa", type=float, nargs="+", default=[1.0, 0.0])
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--max-epochs", type=int, default=6)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+
+    full = sd.datasets.her2st(root=args.root) if args.dataset == "her2st" else sd.datasets.simulated(6, 3, seed=0)
+    img = sd.io.subset_sections(full, [s for s in sd.io.sections(full) if sd.io.has_image(full, s)])
+    pats = img.obs["patient"].astype(str)
+    tr_secs = sorted(set(img.obs.loc[(pats != args.test).to_numpy(), "section"].astype(str)))
+    te_secs = sorted(set(img.obs.loc[(pats == args.test).to_numpy(), "section"].astype(str)))
+    tr, te = sd.io.subset_sections(img, tr_secs), sd.io.subset_sections(img, te_secs)
+    full_tr = full[(full.obs["patient"].astype(str) != args.test).to_numpy()].copy()
+    genes = sd.pp.hest_genes(tr, 50)
+    teacher = ExpressionTeacher("pca", n_components=32).fit(full_tr)
+    ref, T = teacher.transform(full_tr), teacher.transform(tr)
+    rows = []
+    for w_sa in args.w_sa:
+        for seed in args.seeds:
+            cfg = PekaConfig(adapter="miss", lr=args.lr, w_kd=args.w_kd, w_sa=w_sa, rank=args.rank, seed=seed,
+                             max_epochs=args.max_epochs, patience=args.max_epochs + 1, train_positions=16, head_ridge=10.0)
+            m = PEKA("effnet-lite0-imagenet", cfg).fit(tr, T, genes, kd_classifier=teacher_targets(ref, 16, seed=seed)[:2], val=te)
+            for h in m.history_:
+                rows.append({"w_sa": w_sa, "seed": seed, "epoch": h["epoch"], "test_r": h["val_ridge_pearson"],
+                             **{k[6:]: h[k] for k in ("train_reg", "train_kd", "train_sa") if k in h}})
+    d = pd.DataFrame(rows)
+    print(f"{args.dataset}, test {args.test}: {tr.n_obs} training spots ({len(tr_secs)} sections), lr {args.lr:g}, "
+          f"w_kd {args.w_kd:g}, rank {args.rank}; test_r = HEST probe Pearson on the held-out patient")
+    print(d.pivot_table(index=["w_sa", "seed"], columns="epoch", values="test_r").round(4).to_string())
+    print("\nmean training loss terms per epoch (seed x w_sa rows):")
+    cols = [c for c in ("reg", "kd", "sa") if c in d]
+    print(d[d["epoch"] > 0].pivot_table(index=["w_sa", "seed"], columns="epoch", values=cols).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
