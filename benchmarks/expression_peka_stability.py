@@ -8,7 +8,7 @@ loss terms (regression, KD, structure alignment).
 
 Usage (the simulated fold whose seed 0 collapsed in ``results/expression_simulated``)::
 
-    python benchmarks/expression_peka_stability.py --dataset simulated --test simP2 --lr 1e-4 --w-kd 1 --rank 32
+    python benchmarks/expression_peka_stability.py --dataset simulated --test simP2 --lr 1e-4 --w-kd 1 --rank 32 --inspect 0 1 2
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--max-epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--inspect", type=int, nargs=3, metavar=("SEED", "W_SA", "EPOCHS"), default=None,
+                    help="also retrain one run and look at its held-out predictions: Pearson vs Spearman, "
+                         "without the 5 most extreme spots, and with the clipped probe")
     args = ap.parse_args()
 
     full = sd.datasets.her2st(root=args.root) if args.dataset == "her2st" else sd.datasets.simulated(6, 3, seed=0)
@@ -69,6 +73,36 @@ def main() -> None:
     print("\nmean training loss terms per epoch (seed x w_sa rows):")
     cols = [c for c in ("reg", "kd", "sa") if c in d]
     print(d[d["epoch"] > 0].pivot_table(index=["w_sa", "seed"], columns="epoch", values=cols).round(3).to_string())
+    if args.inspect:
+        inspect(args, tr, te, T, ref, genes)
+
+
+def inspect(args, tr, te, T, ref, genes) -> None:
+    """Why one run's held-out Pearson collapses: a few spots with wild predictions, or all of them?"""
+    from scipy.stats import spearmanr
+
+    from stdistill.bench.expression import HestRidge
+    from stdistill.pp.genes import log1p_targets
+
+    seed, w_sa, epochs = args.inspect
+    cfg = PekaConfig(adapter="miss", lr=args.lr, w_kd=args.w_kd, w_sa=float(w_sa), rank=args.rank, seed=seed,
+                     max_epochs=epochs, train_positions=16, head_ridge=10.0)
+    m = PEKA("effnet-lite0-imagenet", cfg).fit(tr, T, genes, kd_classifier=teacher_targets(ref, 16, seed=seed)[:2])
+    Ftr, Fte = m.transform(tr, key_added=None), m.transform(te, key_added=None)
+    Ytr, Yte = log1p_targets(tr, genes), log1p_targets(te, genes)
+    sd_tr = Ftr.std(0)
+    z = np.abs(Fte - Ftr.mean(0)) / np.maximum(sd_tr, 1e-12)
+    print(f"\nseed {seed}, w_sa {w_sa}, {epochs} epochs: {int((sd_tr < 1e-6).sum())} of {Ftr.shape[1]} features have "
+          f"training sd < 1e-6; largest standardised held-out value {z.max():.3g}")
+    for clip in (False, True):
+        P = HestRidge(latent_dim=256, seed=1, svd_solver="covariance_eigh", clip=clip).fit(Ftr, Ytr).predict(Fte)
+        dev = np.abs(P - np.median(P, 0)).max(1)
+        keep = np.argsort(dev)[:-5]
+        r = np.nanmean([np.corrcoef(P[:, j], Yte[:, j])[0, 1] for j in range(len(genes))])
+        rho = np.nanmean([spearmanr(P[:, j], Yte[:, j])[0] for j in range(len(genes))])
+        r5 = np.nanmean([np.corrcoef(P[keep, j], Yte[keep, j])[0, 1] for j in range(len(genes))])
+        print(f"  {'clipped' if clip else 'HEST   '} probe: Pearson {r:.4f}, Spearman {rho:.4f}, Pearson without the 5 most "
+              f"extreme spots {r5:.4f}; largest |prediction - median| {dev.max():.3g} (median spot {np.median(dev):.3g})")
 
 
 if __name__ == "__main__":
