@@ -34,7 +34,7 @@ Writes ``results.csv`` (one row per fold x method x seed), ``table.md`` (the doc
 ``selection.csv``, ``per_gene.csv`` and the ERBB2 map (``erbb2_<section>.png``).
 
 ``--dataset simulated`` runs the same protocol on ``stdistill.datasets.simulated`` (6 sections,
-3 patients), a positive control where image and expression share a known cause.
+3 patients), a control where image and expression share a known cause.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--map-gene", default=None, help="gene reported beside the score and mapped (default: ERBB2; "
                     "simulated: the first tumour_A marker)")
     ap.add_argument("--dataset", choices=["her2st", "simulated"], default="her2st",
-                    help="simulated: the positive control (6 sections, 3 patients, known shared cause)")
+                    help="simulated: a control where image and expression share a known cause (6 sections, 3 patients)")
     ap.add_argument("--data-seed", type=int, default=0, help="simulated data seed")
     ap.add_argument("--from-csv", action="store_true",
                     help="only re-print the tables from --out's results.csv and selection.csv (no training)")
@@ -125,7 +125,7 @@ def main() -> None:
 
     if args.dataset == "her2st":
         full = sd.datasets.her2st(root=args.root)
-    else:  # the positive control: image and expression share a known cause (simulated cell-type mixtures)
+    else:  # the simulated control: image and expression share a known cause (cell-type mixtures)
         full = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed)
         RES_NOTE.clear()
     if args.map_gene is None:
