@@ -125,3 +125,50 @@ def load_npz(path: str | os.PathLike, fmt: str, what: str):
     if meta.get("format") != fmt:
         raise StdistillError(f"unknown format {meta.get('format')!r}; expected {fmt}", path)
     return z, meta
+
+
+def save_safetensors_dir(path: str | os.PathLike, weights: str, tensors: dict, config: dict, framework: str = "pt") -> Path:
+    """Write ``path/<weights>`` (safetensors; ``framework`` "pt" for torch tensors, "numpy" for
+    arrays) and ``path/config.json``, each atomically; returns ``path``."""
+    import json
+
+    if framework == "pt":
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / weights) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(path / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def load_safetensors_dir(path: str | os.PathLike, weights: str, fmt: str, what: str, framework: str = "pt",
+                         device: str = "cpu") -> tuple[dict, dict]:
+    """Read a folder written by :func:`save_safetensors_dir` (nothing is unpickled); returns
+    ``(config, tensors)``. Raises StdistillError naming ``path`` when a file is missing or
+    unreadable, or the config's format is not ``fmt`` (``what`` names the object in messages)."""
+    import json
+
+    from ._errors import StdistillError
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        if framework == "pt":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path / weights), device=device)
+        else:
+            from safetensors.numpy import load_file
+
+            tensors = load_file(str(path / weights))
+    except FileNotFoundError as e:
+        raise StdistillError(f"not a saved {what} ({Path(e.filename).name} missing)", path) from None
+    except Exception as e:  # noqa: BLE001 - corrupt files
+        raise StdistillError(f"cannot read a saved {what}: {e}", path) from None
+    if config.get("format") != fmt:
+        raise StdistillError(f"not a saved {what} (format {config.get('format')!r})", path)
+    return config, tensors

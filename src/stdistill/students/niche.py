@@ -17,7 +17,6 @@ number of epochs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import atomic_path, seed_everything
+from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
@@ -538,11 +537,7 @@ class NicheStudent:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` + ``path/model.safetensors`` atomically. Returns ``path``."""
-        from safetensors.torch import save_file
-
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.net_.state_dict().items()}
         import torch
 
@@ -551,27 +546,13 @@ class NicheStudent:
                 tensors[f"_norm.{k}"] = torch.from_numpy(np.ascontiguousarray(self.info_[k], dtype=np.float32))
         info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
         cfg = {"format": _FORMAT, "params": self.params, "info": info}
-        with atomic_path(path / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        with atomic_path(path / "config.json") as tmp:
-            tmp.write_text(json.dumps(cfg, indent=1))
-        return path
+        return save_safetensors_dir(path, "model.safetensors", tensors, cfg)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> NicheStudent:
         """Load a student written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-            tensors = load_file(str(path / "model.safetensors"), device=device)
-        except FileNotFoundError as e:
-            raise StdistillError(f"not a saved NicheStudent ({Path(e.filename).name} missing)", path) from None
-        except Exception as e:  # noqa: BLE001 - corrupt files
-            raise StdistillError(f"cannot read a saved NicheStudent: {e}", path) from None
-        if cfg.get("format") != _FORMAT:
-            raise StdistillError(f"not a saved NicheStudent (format {cfg.get('format')!r})", path)
+        cfg, tensors = load_safetensors_dir(path, "model.safetensors", _FORMAT, "NicheStudent", device=device)
         params = dict(cfg["params"], device=device)
         s = cls(**params)
         s.info_ = dict(cfg["info"])

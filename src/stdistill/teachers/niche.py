@@ -22,7 +22,6 @@ sizes per patient.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
-from .._utils import atomic_path, seed_everything
+from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import aggregate_neighbors, neighbor_tokens, radius_for_neighbors
 
@@ -480,13 +479,9 @@ class NicheTeacher:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` and ``path/weights.safetensors`` (atomically). Returns ``path``."""
-        from safetensors.numpy import save_file
-
         self._check_fitted()
         if self.params["batch_correction"] == "scvi":
             raise StdistillError("an scVI-based teacher cannot be saved; save its niches (obs/obsm) instead")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
         for k in ("pca_components", "pca_mean", "gene_mean", "gene_sd"):
             if k in self.state_:
@@ -499,27 +494,12 @@ class NicheTeacher:
             arrays[f"nolan.{k}"] = np.ascontiguousarray(v)
         cfg = {"format": _FORMAT, "params": self.params, "radius_um": self.state_["radius_um"],
                "genes": self.state_.get("genes"), "nolan_hp": self.state_.get("nolan_hp")}
-        with atomic_path(path / "weights.safetensors") as tmp:
-            save_file(arrays, str(tmp))
-        with atomic_path(path / "config.json") as tmp:
-            tmp.write_text(json.dumps(cfg, indent=1))
-        return path
+        return save_safetensors_dir(path, "weights.safetensors", arrays, cfg, framework="numpy")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NicheTeacher:
         """Load a teacher written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
-        from safetensors.numpy import load_file
-
-        path = Path(path)
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-            arrays = load_file(str(path / "weights.safetensors"))
-        except FileNotFoundError as e:
-            raise StdistillError(f"not a saved NicheTeacher ({Path(e.filename).name} missing)", path) from None
-        except (json.JSONDecodeError, Exception) as e:  # noqa: BLE001 - corrupt files
-            raise StdistillError(f"cannot read a saved NicheTeacher: {e}", path) from None
-        if cfg.get("format") != _FORMAT:
-            raise StdistillError(f"not a saved NicheTeacher (format {cfg.get('format')!r})", path)
+        cfg, arrays = load_safetensors_dir(path, "weights.safetensors", _FORMAT, "NicheTeacher", framework="numpy")
         t = cls(**cfg["params"])
         t.state_ = {"radius_um": cfg["radius_um"]}
         if cfg.get("genes") is not None:
