@@ -284,3 +284,21 @@ def test_plot_matches_colours(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000 and len(fig.axes) == 2
     with pytest.raises(StdistillError, match="obs"):
         pl.niches(a, ["missing"])
+
+
+def test_saved_folder_errors_name_the_folder(tmp_path):
+    import torch
+
+    from stdistill._utils import load_safetensors_dir, save_safetensors_dir
+
+    d = save_safetensors_dir(tmp_path / "m", "model.safetensors", {"w": torch.ones(2)}, {"format": "x/1"})
+    cfg, t = load_safetensors_dir(d, "model.safetensors", "x/1", "Thing")
+    assert cfg == {"format": "x/1"} and torch.equal(t["w"], torch.ones(2))
+    with pytest.raises(StdistillError, match=r"not a saved Thing \(format 'x/1'\)"):
+        load_safetensors_dir(d, "model.safetensors", "y/1", "Thing")
+    (d / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(StdistillError, match="cannot read a saved Thing") as e:
+        load_safetensors_dir(d, "model.safetensors", "x/1", "Thing")
+    assert str(d) in str(e.value)
+    with pytest.raises(StdistillError, match=r"not a saved Thing \(weights.safetensors missing\)"):
+        load_safetensors_dir(d, "weights.safetensors", "x/1", "Thing", framework="numpy")

@@ -155,6 +155,9 @@ def load_safetensors_dir(path: str | os.PathLike, weights: str, fmt: str, what: 
     from ._errors import StdistillError
 
     path = Path(path)
+    for name in ("config.json", weights):
+        if not (path / name).is_file():
+            raise StdistillError(f"not a saved {what} ({name} missing)", path)
     try:
         config = json.loads((path / "config.json").read_text())
         if framework == "pt":
@@ -165,8 +168,6 @@ def load_safetensors_dir(path: str | os.PathLike, weights: str, fmt: str, what: 
             from safetensors.numpy import load_file
 
             tensors = load_file(str(path / weights))
-    except FileNotFoundError as e:
-        raise StdistillError(f"not a saved {what} ({Path(e.filename).name} missing)", path) from None
     except Exception as e:  # noqa: BLE001 - corrupt files
         raise StdistillError(f"cannot read a saved {what}: {e}", path) from None
     if config.get("format") != fmt:
