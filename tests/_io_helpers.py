@@ -1,4 +1,4 @@
-"""Tiny hand-made inputs for the reader tests (legacy ST layout, HEST layout)."""
+"""Tiny hand-made inputs for the tests (legacy ST layout, HEST layout, colour-driven imaged sections)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,29 @@ def hest_folder(root: Path, sample: str = "TENX1", meta: dict | None = None, wsi
         m = meta
     (root / "metadata" / f"{sample}.json").write_text(json.dumps(m))
     return root
+
+
+def colour_sections(n_patients: int = 3, side: int = 5, genes=None, seed: int = 0, features_key: str | None = None):
+    """One imaged section per patient (``S<p>``/``P<p>``): ``side`` x ``side`` spots on a 40 px grid,
+    each a 28 px square whose colour drives its expression (learnable from the patch). Genes
+    default to G0..G11. With ``features_key``, ``obsm[features_key]`` = colour + 5 noise columns."""
+    from stdistill.io import concat, new_section
+
+    rng = np.random.default_rng(seed)
+    genes = list(genes) if genes is not None else [f"G{i}" for i in range(12)]
+    W = rng.normal(size=(3, len(genes)))
+    secs = []
+    for p in range(n_patients):
+        img = np.full((side * 40, side * 40, 3), 220, np.uint8)
+        c = (np.arange(side) + 0.5) * 40
+        xy = np.array([(x, y) for y in c for x in c])
+        col = rng.integers(30, 230, size=(len(xy), 3))
+        for (x, y), cc in zip(xy, col):
+            img[int(y) - 14:int(y) + 14, int(x) - 14:int(x) + 14] = cc
+        counts = rng.poisson(np.exp(1.0 + (col / 255.0 - 0.5) @ W))
+        a = new_section(counts, genes=genes, spots=[f"s{i}" for i in range(len(xy))], xy_px=xy, section=f"S{p}",
+                        patient=f"P{p}", microns_per_pixel=1.0, spot_diameter_um=28, image=img)
+        if features_key:
+            a.obsm[features_key] = np.c_[col / 255.0, rng.normal(size=(len(xy), 5))].astype(np.float32)
+        secs.append(a)
+    return concat(secs)

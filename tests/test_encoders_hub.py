@@ -98,7 +98,7 @@ def test_uni_loads_through_timm_hub_path_from_local_cache(hub_cache):
 
 
 def test_cls_mean_patch_pooling_and_weights_path(hub_cache, tmp_path):
-    spec = sd.encoders.register(EncoderSpec(
+    sd.encoders.register(EncoderSpec(
         name="test-tiny-virchow", source="hf-hub", model_id="hf-hub:test-org/tiny-virchow", arch="vit_base_patch16_224",
         kwargs=TINY_VIRCHOW_KW, input_px=32, pooling="cls+mean_patch", dim=64, licence="test",
     ), overwrite=True)

@@ -2,38 +2,22 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import timm
 import torch
+from _io_helpers import colour_sections
 from typer.testing import CliRunner
 
 import stdistill as sd
 from stdistill.cli import app
-from stdistill.io import concat, new_section
 
 runner = CliRunner()
 
 
 def _imaged(n_patients=3, side=5, n_genes=12, seed=0):
-    rng = np.random.default_rng(seed)
     genes = [f"G{i}" for i in range(n_genes - 1)] + ["ERBB2"]
-    W = rng.normal(size=(3, n_genes))
-    secs = []
-    for p in range(n_patients):
-        img = np.full((side * 40, side * 40, 3), 220, np.uint8)
-        c = (np.arange(side) + 0.5) * 40
-        xy = np.array([(x, y) for y in c for x in c])
-        col = rng.integers(30, 230, size=(len(xy), 3))
-        for (x, y), cc in zip(xy, col):
-            img[int(y) - 14:int(y) + 14, int(x) - 14:int(x) + 14] = cc
-        counts = rng.poisson(np.exp(1.0 + (col / 255.0 - 0.5) @ W))
-        a = new_section(counts, genes=genes, spots=[f"s{i}" for i in range(len(xy))], xy_px=xy, section=f"S{p}",
-                        patient=f"P{p}", microns_per_pixel=1.0, spot_diameter_um=28, image=img)
-        a.obsm["X_feat"] = np.c_[col / 255.0, rng.normal(size=(len(xy), 5))].astype(np.float32)
-        secs.append(a)
-    return concat(secs)
+    return colour_sections(n_patients, side, genes, seed, features_key="X_feat")
 
 
 def test_bench_cli_and_figures(tmp_path):

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from _io_helpers import colour_sections
 from torch import nn
 
 import stdistill as sd
 from stdistill import StdistillError
-from stdistill.io import concat, new_section
 from stdistill.recipes.peka import (
     PEKA,
     PekaConfig,
@@ -50,22 +50,7 @@ def tiny_encoders():
 
 def _data(n_patients=3, side=5, n_genes=12, seed=0):
     """Sections whose spot colour drives expression (learnable from the patch)."""
-    rng = np.random.default_rng(seed)
-    genes = [f"G{i}" for i in range(n_genes)]
-    W = rng.normal(size=(3, n_genes))
-    secs = []
-    for p in range(n_patients):
-        px = side * 40
-        img = np.full((px, px, 3), 220, np.uint8)
-        c = (np.arange(side) + 0.5) * 40
-        xy = np.array([(x, y) for y in c for x in c])
-        col = rng.integers(30, 230, size=(len(xy), 3))
-        for (x, y), cc in zip(xy, col):
-            img[int(y) - 14:int(y) + 14, int(x) - 14:int(x) + 14] = cc
-        counts = rng.poisson(np.exp(1.0 + (col / 255.0 - 0.5) @ W))
-        secs.append(new_section(counts, genes=genes, spots=[f"s{i}" for i in range(len(xy))], xy_px=xy,
-                                section=f"S{p}", patient=f"P{p}", microns_per_pixel=1.0, spot_diameter_um=28, image=img))
-    return concat(secs)
+    return colour_sections(n_patients, side, [f"G{i}" for i in range(n_genes)], seed)
 
 
 def test_pointwise_is_exact():
