@@ -7,5 +7,5 @@ from .genes import hest_genes, log1p_targets, read_gene_list
 from .neighbors import NeighborTokens, aggregate_neighbors, neighbor_tokens, radius_for_neighbors, spatial_neighbors
 
 __all__ = ["PatchDataset", "patches", "Fold", "check_patient_disjoint", "check_split", "folds",
-           "NeighborTokens", "aggregate_neighbors", "neighbor_tokens", "spatial_neighbors",
+           "NeighborTokens", "aggregate_neighbors", "neighbor_tokens", "radius_for_neighbors", "spatial_neighbors",
            "hest_genes", "log1p_targets", "read_gene_list", "tile", "tissue_mask"]
