@@ -938,7 +938,8 @@ def choose_peka(table: pd.DataFrame, grid: Sequence[dict], base: PekaConfig | No
     Returns ``base`` updated with the winner and ``max_epochs`` = its epoch (0: the frozen encoder).
     """
     base = base or PekaConfig()
-    best = None
+    sign = 1.0 if base.val_metric == "mse" else -1.0  # lower is better after the sign
+    best = None  # (signed mean score, candidate, epoch)
     for ci, upd in enumerate(grid):
         if where is not None and not where(upd):
             continue
@@ -946,14 +947,13 @@ def choose_peka(table: pd.DataFrame, grid: Sequence[dict], base: PekaConfig | No
         if not curves:
             continue
         n = min(map(len, curves))
-        mean = np.mean([c[:n] for c in curves], axis=0)
-        sign = 1.0 if base.val_metric == "mse" else -1.0
-        ep = int(np.argmin(sign * mean))
-        if best is None or sign * mean[ep] < sign * best[2]:
-            best = (ci, ep, float(mean[ep]))
+        loss = sign * np.mean([c[:n] for c in curves], axis=0)
+        ep = int(np.argmin(loss))
+        if best is None or loss[ep] < best[0]:
+            best = (loss[ep], ci, ep)
     if best is None:
         raise StdistillError("no candidate of the grid passes `where` (or the table is empty)")
-    ci, ep, _ = best
+    _, ci, ep = best
     return replace(base, **grid[ci], max_epochs=ep)
 
 
