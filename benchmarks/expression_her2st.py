@@ -54,7 +54,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import stdistill as sd
-from stdistill.recipes.peka import PEKA, PekaConfig, choose_peka, select_peka, trunk_activations
+from stdistill.adapters import Tail, parse_cut, trunk_activations
+from stdistill.recipes import PEKA, PekaConfig, choose_peka, select_peka
 from stdistill.teachers import ExpressionTeacher
 from stdistill.teachers.expression import teacher_targets
 
@@ -76,11 +77,9 @@ def frozen_features(adata, cfg: PekaConfig) -> np.ndarray:
     """Frozen encoder features through the same cached trunk + tail as PEKA (fp32 tail)."""
     import torch
 
-    from stdistill.recipes.peka import _parse_cut, _Tail
-
     enc = sd.encoders.load("effnet-lite0-imagenet")
     H = trunk_activations(enc, adata, cfg)
-    tail = _Tail(enc, _parse_cut(enc.backbone, cfg.train_from)).eval()
+    tail = Tail(enc, parse_cut(enc.backbone, cfg.train_from)).eval()
     with torch.no_grad():
         return torch.cat([tail(H[i:i + 256, 0].float()) for i in range(0, len(H), 256)]).numpy()
 

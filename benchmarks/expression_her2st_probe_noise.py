@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import stdistill as sd  # noqa: E402
-from stdistill.recipes.peka import PekaConfig  # noqa: E402
+from stdistill.recipes import PekaConfig  # noqa: E402
 
 sys_path = Path(__file__).resolve().parent
 import sys  # noqa: E402

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import stdistill as sd  # noqa: E402
-from stdistill.recipes.peka import PEKA, PekaConfig  # noqa: E402
+from stdistill.recipes import PEKA, PekaConfig  # noqa: E402
 from stdistill.teachers import ExpressionTeacher  # noqa: E402
 from stdistill.teachers.expression import teacher_targets  # noqa: E402
 

@@ -31,3 +31,35 @@ def visium_dir() -> Path:
 @pytest.fixture
 def mob_root() -> Path:
     return _shared("mob-st-stahl2016-spacest")
+
+
+# tiny random-weight encoders (same weights on every load, as a real weights file would give)
+TINY_EFF, TINY_VIT = "test-tiny-effnet", "test-tiny-vit"
+
+
+def _seeded(fn):
+    def make():
+        import torch
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return fn()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders():
+    """Register ``TINY_EFF`` (tf_efficientnet_lite0, 1280-d) and ``TINY_VIT`` (3-block ViT, 192-d), 32 px input."""
+    import timm
+
+    import stdistill as sd
+
+    sd.encoders.register_module(TINY_EFF, _seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)),
+                                mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=1280, overwrite=True)
+    sd.encoders.register_module(TINY_VIT, _seeded(lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                                                            img_size=32, patch_size=8, depth=3)),
+                                mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=192, overwrite=True)
+    yield
+    for n in (TINY_EFF, TINY_VIT):
+        sd.encoders.unregister(n)

@@ -1,6 +1,7 @@
 """HEST-Benchmark evaluator (stdistill.bench.expression) and HEST gene selection."""
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,7 @@ import pytest
 
 import stdistill as sd
 from stdistill import StdistillError
-from stdistill.bench.expression import HestRidge, hest_alpha
+from stdistill.bench.expression import DEFAULT_ALPHAS, HestRidge, choose_alpha_cv, hest_alpha
 from stdistill.io import concat, new_section
 from stdistill.pp import hest_genes, read_gene_list
 
@@ -177,3 +178,102 @@ def test_hvg_per_fold_and_alpha_cv():
         res.gene("ERR")
     with pytest.raises(StdistillError, match="obsm"):
         sd.bench.expression(a, "X_missing")
+
+
+def _wide_cohort(n_patients=3, n=300, d=400, n_genes=6, seed=0):
+    """Patients with more training spots (2 x 300) than feature columns (400) and a flat spectrum:
+    sklearn's PCA(256, svd_solver="auto") picks the randomized solver (256 < 0.8 * min(600, 400),
+    600 < 10 * 400, max(600, 400) > 500), whose fit_transform differs from fit().transform()."""
+    rng = np.random.default_rng(seed)
+    genes = [f"W{i}" for i in range(n_genes)]
+    W = rng.normal(size=(d, n_genes)) / np.sqrt(d)
+    secs = []
+    for p in range(n_patients):
+        Fp = rng.normal(size=(n, d)) + 0.3 * rng.normal(size=d)
+        secs.append(_section(rng.poisson(np.exp(1.0 + 0.8 * Fp @ W)), genes, f"S{p}", f"P{p}", Fp))
+    return concat(secs), genes
+
+
+def _hest_pipeline(X_tr, Y_tr, X_te, seed=1, fit_then_transform=False):
+    """HEST's probe step by step with plain sklearn (hest/bench: Pipeline(StandardScaler, PCA(256)).fit_transform,
+    then train_test_reg's Ridge); returns test predictions and the PCA solver sklearn used."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X_tr)
+    pca = PCA(n_components=256, random_state=seed)
+    Z_tr = scaler.transform(X_tr)
+    Z_tr = pca.fit(Z_tr).transform(Z_tr) if fit_then_transform else pca.fit_transform(Z_tr)
+    Z_te = pca.transform(scaler.transform(X_te))
+    ridge = Ridge(solver="lsqr", alpha=100 / (Z_tr.shape[1] * Y_tr.shape[1]), fit_intercept=False,
+                  random_state=seed, max_iter=1000).fit(Z_tr, Y_tr)
+    return ridge.predict(Z_te), pca._fit_svd_solver
+
+
+def test_evaluator_matches_hest_pipeline_with_randomized_pca():
+    from threadpoolctl import threadpool_limits
+
+    a, genes = _wide_cohort()
+    X = np.asarray(a.obsm["X_f"])
+    Y = np.log1p(a[:, genes].X.toarray().astype(np.float32))
+    with threadpool_limits(1):  # randomized SVD at this size: ~0.1 s on one BLAS thread, seconds on a busy many
+        res = sd.bench.expression(a, "X_f", genes=genes, key_added=None)  # HEST defaults: svd_solver="auto", seed 1
+        for p in ["P0", "P1", "P2"]:
+            te = (a.obs["patient"] == p).to_numpy()
+            P, solver = _hest_pipeline(X[~te], Y[~te], X[te])
+            assert solver == "randomized"  # the case where fit_transform and fit().transform() differ
+            r = [np.corrcoef(Y[te][:, j], P[:, j])[0, 1] for j in range(len(genes))]
+            np.testing.assert_allclose(res.per_gene.loc[genes, p], r, atol=1e-5)
+            # the test can tell: transforming the training spots after fitting is off by far more
+            P_old, _ = _hest_pipeline(X[~te], Y[~te], X[te], fit_then_transform=True)
+            r_old = [np.corrcoef(Y[te][:, j], P_old[:, j])[0, 1] for j in range(len(genes))]
+            assert np.abs(np.subtract(r_old, r)).max() > 1e-4
+    assert list(res.per_fold["pca_dim"]) == [256] * 3
+
+
+def test_alpha_cv_flags_a_choice_on_the_edge_of_its_grid():
+    a = _cohort()  # HEST's alpha here: 100 / (16 * 20) = 0.3125; the best alpha lies near 10
+    for alphas, end in [((1e5, 1e6), "smallest"), ((1e-3, 1e-2), "largest")]:
+        with pytest.warns(UserWarning) as rec:
+            res = sd.bench.expression(a, "X_f", n_genes=20, alpha="cv", alphas=alphas, key_added=None)
+        assert [str(w.message).split(", the")[0] for w in rec] == [f"fold P{i}: alpha='cv' chose 0.3125" for i in range(3)]
+        assert all(f"the {end} value of its grid" in str(w.message) for w in rec)
+        assert res.per_fold["alpha_on_edge"].all() and res.per_fold["alpha"].eq(0.3125).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an interior choice is not warned about
+        mid = sd.bench.expression(a, "X_f", n_genes=20, alpha="cv", key_added=None)  # DEFAULT_ALPHAS
+    assert not mid.per_fold["alpha_on_edge"].any()
+    assert mid.per_fold["alpha"].between(min(DEFAULT_ALPHAS), max(DEFAULT_ALPHAS), inclusive="neither").all()
+    assert "alpha_on_edge" not in sd.bench.expression(a, "X_f", n_genes=20, key_added=None).per_fold
+
+
+def test_alpha_cv_inner_fits_use_the_given_svd_solver(monkeypatch):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(90, 40))
+    Y = X[:, :3] @ rng.normal(size=(3, 4)) + rng.normal(size=(90, 4))
+    groups = np.repeat(["A", "B", "C"], 30)
+    alphas = (0.1, 10.0, 1e3)
+    scores = {s: choose_alpha_cv(X, Y, groups, alphas, latent_dim=8, svd_solver=s)[1]
+              for s in ("full", "covariance_eigh", "randomized")}
+    np.testing.assert_allclose(scores["covariance_eigh"], scores["full"], atol=1e-8)  # both exact
+    assert np.abs(scores["randomized"] - scores["full"]).max() > 1e-6  # approximate: the solver was used
+    seen = []
+    orig = HestRidge._reduce_fit
+
+    def spy(self, X):
+        seen.append(self.svd_solver)
+        return orig(self, X)
+
+    monkeypatch.setattr(HestRidge, "_reduce_fit", spy)
+    sd.bench.expression(_cohort(), "X_f", n_genes=20, alpha="cv", alphas=(1.0, 10.0, 100.0),
+                        svd_solver="covariance_eigh", key_added=None)
+    assert seen == ["covariance_eigh"] * 9  # per fold: 2 inner fits and the probe
+
+
+def test_missing_extra_gene_warns_and_is_left_out(tiny):
+    with pytest.warns(UserWarning, match=r"extra_genes not in the data.*NOPE"):
+        res = sd.bench.expression(tiny, "X_f", genes=["g1"], extra_genes=["g2", "NOPE"], key_added=None)
+    assert "r_g2" in res.per_fold and "r_NOPE" not in res.per_fold
+    assert "NOPE" not in res.per_gene.index and "g2" in res.per_gene.index
+    assert res.mean == pytest.approx(sd.bench.expression(tiny, "X_f", genes=["g1"], key_added=None).mean)

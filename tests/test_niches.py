@@ -273,7 +273,7 @@ def test_kmeans_baselines():
 
 def test_plot_matches_colours(tmp_path):
     from stdistill import pl
-    from stdistill.pl.niches import _matched_colours
+    from stdistill.pl._niches import _matched_colours
 
     a = toy(n_patients=1, image=True)
     a.obs["ref"] = a.obs["niche_true"]

@@ -1,117 +1,22 @@
-"""PEKA recipe: adapters on the right modules, exact trunk/tail split, end-to-end training, save/load."""
+"""PEKA recipe: end-to-end training, save/load, selection on inner patients (adapters: test_adapters.py)."""
 
 import numpy as np
 import pandas as pd
 import pytest
-import timm
-import torch
 from _io_helpers import colour_sections
-from torch import nn
 
 import stdistill as sd
 from stdistill import StdistillError
-from stdistill.recipes.peka import (
-    PEKA,
-    PekaConfig,
-    Pointwise,
-    _parse_cut,
-    _Tail,
-    _trunk,
-    add_adapter,
-    adapter_targets,
-    default_train_from,
-)
+from stdistill.recipes import PEKA, PekaConfig, choose_peka, select_peka
 
-EFF, VIT = "test-peka-effnet", "test-peka-vit"
+from conftest import TINY_EFF as EFF, TINY_VIT as VIT
 
-
-def _seeded(fn):
-    """A factory giving the same random weights on every load (as a real weights file would)."""
-
-    def make():
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return fn()
-
-    return make
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_encoders():
-    sd.encoders.register_module(EFF, _seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)),
-                                mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=1280, overwrite=True)
-    sd.encoders.register_module(VIT, _seeded(lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                                                                       img_size=32, patch_size=8, depth=3)),
-                                mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=192, overwrite=True)
-    yield
-    for n in (EFF, VIT):
-        sd.encoders.unregister(n)
+pytestmark = pytest.mark.usefixtures("tiny_encoders")
 
 
 def _data(n_patients=3, side=5, n_genes=12, seed=0):
     """Sections whose spot colour drives expression (learnable from the patch)."""
     return colour_sections(n_patients, side, [f"G{i}" for i in range(n_genes)], seed)
-
-
-def test_pointwise_is_exact():
-    conv = nn.Conv2d(8, 5, 1, bias=True)
-    x = torch.randn(2, 8, 3, 4)
-    torch.testing.assert_close(Pointwise(conv)(x), conv(x), rtol=1e-5, atol=1e-6)
-    with pytest.raises(StdistillError, match="1x1"):
-        Pointwise(nn.Conv2d(8, 5, 3))
-
-
-def test_miss_cannot_wrap_conv2d_so_convs_become_linear():
-    """peft's MiSS supports nn.Linear only; that is why PEKA rewrites 1x1 convolutions."""
-    import peft
-
-    m = nn.Sequential(nn.Conv2d(4, 4, 1))
-    with pytest.raises((TypeError, ValueError)):
-        peft.inject_adapter_in_model(peft.MissConfig(r=2, target_modules=["0"]), m)
-
-
-def test_targets_per_architecture():
-    eff = sd.encoders.load(EFF).backbone
-    assert default_train_from(eff) == "blocks.6.0.conv_pwl"
-    assert adapter_targets(eff) == ["blocks.6.0.conv_pwl", "conv_head"]
-    t5 = adapter_targets(eff, "blocks.5")
-    assert "blocks.5.0.conv_pw" in t5 and "blocks.6.0.conv_pwl" in t5 and "blocks.4.0.conv_pw" not in t5
-    vit = sd.encoders.load(VIT).backbone
-    assert default_train_from(vit) == "blocks.2"
-    assert adapter_targets(vit) == ["blocks.2.attn.qkv"]
-    assert adapter_targets(vit, "blocks.0") == [f"blocks.{i}.attn.qkv" for i in range(3)]
-    with pytest.raises(StdistillError, match="not a cut"):
-        adapter_targets(vit, "layer3")
-    with pytest.raises(StdistillError, match="skip"):
-        _parse_cut(eff, "blocks.5.1.conv_pwl")  # that block has a residual connection
-
-
-@pytest.mark.parametrize("enc_name,cut", [(EFF, None), (EFF, "blocks.5"), (EFF, "blocks.4.1"), (EFF, "input"), (VIT, None)])
-def test_trunk_then_tail_equals_encoder(enc_name, cut):
-    enc = sd.encoders.load(enc_name).eval()
-    x = torch.randint(0, 255, (3, 3, 40, 40), dtype=torch.uint8)
-    c = _parse_cut(enc.backbone, cut)
-    with torch.no_grad():
-        ref = enc(x)
-        out = _Tail(enc, c).eval()(_trunk(enc, c, x))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("adapter,init", [("miss", True), ("miss", "bat"), ("lora", True)])
-def test_adapter_only_trainable_and_starts_at_identity(adapter, init):
-    import copy
-
-    frozen = sd.encoders.load(EFF).eval()
-    enc = copy.deepcopy(frozen)
-    cfg = PekaConfig(adapter=adapter, rank=32 if init == "bat" else 16, miss_init=init)
-    info = add_adapter(enc.backbone, cfg)
-    trainable = [n for n, p in enc.backbone.named_parameters() if p.requires_grad]
-    assert trainable and all(("miss_" in n) or ("lora_" in n) for n in trainable)
-    assert info["n_trainable"] == sum(p.numel() for p in enc.backbone.parameters() if p.requires_grad)
-    assert 0 < info["share"] < 0.1
-    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        torch.testing.assert_close(enc(x), frozen(x), rtol=1e-4, atol=1e-4)
 
 
 def test_peka_fit_predict_save_load(tmp_path):
@@ -155,8 +60,6 @@ def test_peka_trains_the_adapter_and_refuses_leaks(tmp_path):
 
 
 def test_select_peka_on_inner_patients(tmp_path):
-    from stdistill.recipes.peka import select_peka
-
     a = _data(n_patients=2, seed=2)
     genes = list(a.var_names[:6])
     T = np.random.default_rng(2).normal(size=(a.n_obs, 4)).astype(np.float32)
@@ -174,8 +77,6 @@ def test_select_peka_on_inner_patients(tmp_path):
 
 
 def test_choose_peka_takes_best_mean_curve_and_epoch():
-    from stdistill.recipes.peka import choose_peka
-
     grid = [{"lr": 1e-3, "w_kd": 0.0}, {"lr": 1e-4, "w_kd": 1.0}]
     table = pd.DataFrame({"candidate": [0, 0, 1, 1], "val_patient": ["A", "B", "A", "B"],
                           "curve": [[0.1, 0.3, 0.2], [0.1, 0.1, 0.2], [0.1, 0.2, 0.25], [0.1, 0.15, 0.2]]})

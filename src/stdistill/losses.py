@@ -57,3 +57,18 @@ def structure_alignment(student_emb: torch.Tensor, teacher_emb: torch.Tensor) ->
         return student_emb.sum() * 0.0
     off = ~torch.eye(b, dtype=torch.bool, device=sim_s.device)
     return F.mse_loss(sim_s[off], sim_t[off])
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's loss) between two (B, D) embeddings of the same B spots.
+
+    Row i of ``a`` and row i of ``b`` are the positive pair; every other row of the batch is a
+    negative. Both are L2-normalised; similarities are multiplied by ``exp(logit_scale)`` (the
+    inverse temperature, clamped at 100 as CLIP does). Mean of the a->b and b->a cross-entropies.
+    """
+    a = F.normalize(a, dim=-1)
+    b = F.normalize(b, dim=-1)
+    scale = torch.as_tensor(logit_scale, dtype=a.dtype, device=a.device).exp().clamp(max=100.0)
+    logits = scale * a @ b.T
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

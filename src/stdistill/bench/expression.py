@@ -11,16 +11,17 @@ Per fold (patient-level; train and test never share a patient):
 
 The benchmark's score is the mean +- standard deviation (``np.std``, ddof=0, as HEST) of the
 fold scores. ``alpha="cv"`` instead chooses alpha by leave-one-patient-out cross-validation on the
-fold's training patients. Deviations from HEST, all for small data: PCA's width is capped at
-``min(256, n_train, n_features)`` (HEST would stop with an error), and a gene constant in a test
-split gets a NaN Pearson r that is left out of the mean (HEST's mean would be NaN); both are
-recorded in the per-fold table.
+fold's training patients (a choice on an edge of the grid is flagged and warned about). Deviations
+from HEST, all for small data: PCA's width is capped at ``min(256, n_train, n_features)`` (HEST
+would stop with an error), and a gene constant in a test split gets a NaN Pearson r that is left
+out of the mean (HEST's mean would be NaN); both are recorded in the per-fold table.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,9 @@ from ..pp.splits import Fold, check_split, folds as _make_folds
 
 __all__ = ["HestRidge", "ExpressionBenchResult", "expression", "hest_alpha", "choose_alpha_cv", "read_hest_splits", "DEFAULT_ALPHAS"]
 
-#: alpha grid searched by ``alpha="cv"`` (HEST's own alpha is added for every fold)
-DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+#: alpha grid searched by ``alpha="cv"``, one value per decade (HEST's own alpha is added for
+#: every fold). It reaches 1e7 because on HER2ST the inner CV chose 1e4, the old top, in every fold.
+DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 _FORMAT = "stdistill.HestRidge/1"
 
 
@@ -76,6 +78,12 @@ class HestRidge:
         self.svd_solver, self.clip = svd_solver, clip
 
     def _reduce_fit(self, X: np.ndarray) -> np.ndarray:
+        """Fit scaler and PCA on the training features; return those features reduced, as HEST does.
+
+        The training features are ``PCA.fit_transform`` (HEST's ``Pipeline.fit_transform``), not
+        ``fit().transform()``: with the randomized solver (``"auto"`` on wide inputs) the first is
+        U * S of the approximate SVD and the two differ. New data goes through :meth:`reduce`.
+        """
         from sklearn.decomposition import PCA
         from sklearn.preprocessing import StandardScaler
 
@@ -85,8 +93,8 @@ class HestRidge:
         self.pca_ = None
         if self.latent_dim is not None:
             k = int(min(self.latent_dim, X.shape[0], X.shape[1]))
-            self.pca_ = PCA(n_components=k, random_state=self.seed, svd_solver=self.svd_solver).fit(Z)
-            Z = self.pca_.transform(Z)
+            self.pca_ = PCA(n_components=k, random_state=self.seed, svd_solver=self.svd_solver)
+            Z = self.pca_.fit_transform(Z)
         return Z
 
     def reduce(self, X: np.ndarray) -> np.ndarray:
@@ -284,11 +292,13 @@ def _fold_scores(Y_true: np.ndarray, Y_pred: np.ndarray, genes: Sequence[str]) -
 
 def choose_alpha_cv(
     X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: Sequence[float], latent_dim: int | None = 256, seed: int = 1,
-    clip: bool = False,
+    clip: bool = False, svd_solver: str = "auto",
 ) -> tuple[float, pd.Series]:
     """Alpha with the best mean Pearson over leave-one-group-out splits of (X, Y) (groups = patients).
 
-    Scaler and PCA are refitted inside every inner split. Returns (alpha, score per alpha).
+    Scaler and PCA (``latent_dim``, ``seed``, ``svd_solver``, ``clip`` as in :class:`HestRidge`)
+    are refitted inside every inner split. Returns (alpha, score per alpha); a tie goes to the
+    first of ``alphas``.
     """
     from sklearn.linear_model import Ridge
 
@@ -300,7 +310,7 @@ def choose_alpha_cv(
     scores = {a: [] for a in alphas}
     for g in uniq:
         tr, va = groups != g, groups == g
-        probe = HestRidge(latent_dim=latent_dim, seed=seed, clip=clip)
+        probe = HestRidge(latent_dim=latent_dim, seed=seed, svd_solver=svd_solver, clip=clip)
         Ztr = probe._reduce_fit(X[tr])
         Zva = probe.reduce(X[va])
         for a in alphas:
@@ -308,6 +318,115 @@ def choose_alpha_cv(
             scores[a].append(_fold_scores(Y[va], reg.predict(Zva), range(Y.shape[1]))[1])
     s = pd.Series({a: float(np.nanmean(v)) for a, v in scores.items()}, name="inner_pearson")
     return float(s.idxmax()), s
+
+
+@dataclass
+class _Setup:
+    """What every fold of :func:`expression` shares."""
+
+    F: np.ndarray  # (n_spots, D) features
+    sec_of: np.ndarray  # section of each spot
+    pat_of: np.ndarray  # patient of each spot
+    known: set  # sections present in the data
+    fixed_genes: list[str] | None  # None: chosen on each fold's training sections
+    extra: list[str]  # report-only genes present in the data
+    n_genes: int  # genes chosen per fold when fixed_genes is None
+    min_frac: float
+    layer: str | None  # raw counts: a layer or X
+    alpha: float | str
+    alphas: Sequence[float]
+    probe: dict  # latent_dim, seed, svd_solver, clip of every probe
+
+
+def _features(adata: ad.AnnData, feature_key: str) -> np.ndarray:
+    """``obsm[feature_key]`` as a finite (n_spots, D) float64 array, or a one-line error."""
+    if feature_key not in adata.obsm:
+        raise StdistillError(
+            f"no obsm[{feature_key!r}]; extract features first (stdistill.features.extract) "
+            f"(have: {list(adata.obsm.keys())})"
+        )
+    F = np.asarray(adata.obsm[feature_key], dtype=np.float64)
+    if F.ndim != 2 or len(F) != adata.n_obs:
+        raise StdistillError(f"obsm[{feature_key!r}] must be (n_spots, D), got {F.shape}")
+    if not np.isfinite(F).all():
+        bad = adata.obs[SECTION_KEY].astype(str)[~np.isfinite(F).all(1)].unique().tolist()
+        raise StdistillError(f"obsm[{feature_key!r}] has NaN/inf rows (sections {bad[:5]}); subset to sections with features")
+    return F
+
+
+def _present_extra_genes(adata: ad.AnnData, extra_genes: Sequence[str]) -> list[str]:
+    """``extra_genes`` that are in the data; the others are left out with a warning (they are report-only)."""
+    missing = [x for x in extra_genes if x not in adata.var_names]
+    if missing:
+        warnings.warn(f"extra_genes not in the data, left out of the report: {missing}", stacklevel=3)
+    return [x for x in extra_genes if x in adata.var_names]
+
+
+def _given_genes(genes: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
+    """``genes=`` of :func:`expression` as a list (read from a file for a path); None stays None."""
+    if isinstance(genes, (str, os.PathLike)):
+        return read_gene_list(genes)
+    return list(genes) if genes is not None else None
+
+
+def _per_gene_table(per_gene: dict[str, pd.Series]) -> pd.DataFrame:
+    """Genes x folds Pearson r with ``mean``/``std`` (ddof=0)/``n_folds`` columns, best mean first."""
+    pg = pd.DataFrame(per_gene)
+    names = list(per_gene)
+    pg["mean"] = pg[names].mean(1)
+    pg["std"] = pg[names].std(1, ddof=0)
+    pg["n_folds"] = pg[names].notna().sum(1)
+    return pg.sort_values("mean", ascending=False)
+
+
+def _cv_alpha(s: _Setup, fold: str, tr: np.ndarray, Ytr: np.ndarray) -> tuple[float, dict]:
+    """``alpha="cv"`` for one fold: (alpha, per-fold columns); warns when alpha is an end of its grid."""
+    d = min(s.probe["latent_dim"] or s.F.shape[1], s.F.shape[1])
+    grid = sorted(set(s.alphas) | {hest_alpha(d, Ytr.shape[1])})
+    a, scores = choose_alpha_cv(s.F[tr], Ytr, s.pat_of[tr], grid, **s.probe)
+    on_edge = a in (grid[0], grid[-1])
+    if on_edge:
+        end = "smallest" if a == grid[0] else "largest"
+        warnings.warn(f"fold {fold}: alpha='cv' chose {a:g}, the {end} value of its grid ({grid[0]:g} .. {grid[-1]:g}); "
+                      "the best alpha may lie beyond it (widen `alphas`)", stacklevel=4)
+    return a, {"cv_best_inner_pearson": float(scores.max()), "alpha_on_edge": bool(on_edge)}
+
+
+def _run_fold(adata: ad.AnnData, s: _Setup, f: Fold) -> tuple[dict, pd.Series, pd.DataFrame, pd.DataFrame, list[str]]:
+    """One fold: (per-fold row, per-gene r, test predictions, test targets, target genes)."""
+    train_secs = [x for x in f.train + f.val if x in s.known]
+    test_secs = [x for x in f.test if x in s.known]
+    if not train_secs or not test_secs:
+        raise StdistillError(f"fold {f.name}: no training or no test sections in the data")
+    tr, te = np.isin(s.sec_of, train_secs), np.isin(s.sec_of, test_secs)
+    layer = s.layer
+    g = s.fixed_genes if s.fixed_genes is not None else hest_genes(
+        adata, s.n_genes, sections=train_secs, min_frac=s.min_frac, layer=layer)
+    Ytr = log1p_targets(adata[tr], g, layer=layer)
+    Yte = log1p_targets(adata[te], g, layer=layer)
+    a, cv_cols = _cv_alpha(s, f.name, tr, Ytr) if s.alpha == "cv" else (s.alpha, {})
+    probe = HestRidge(alpha=a, **s.probe).fit(s.F[tr], Ytr, genes=g)
+    Pte = probe.predict(s.F[te])
+    r, m, n_nan = _fold_scores(Yte, Pte, g)
+    obs = adata.obs_names[te]
+    P = pd.DataFrame(Pte.astype(np.float32), index=obs, columns=g)
+    Y = pd.DataFrame(Yte, index=obs, columns=g)
+    row = {"fold": f.name, "test_patients": "+".join(sorted(set(s.pat_of[te]))), "test_sections": "+".join(test_secs),
+           "n_train": int(tr.sum()), "n_test": int(te.sum()), "n_genes": len(g), "pca_dim": probe.n_components_,
+           "alpha": probe.alpha_, "pearson_mean": m, "n_genes_undefined": n_nan, **cv_cols}
+    extra = [x for x in s.extra if x not in g]
+    if extra:  # reported, not scored: a probe on the extra genes alone, same settings as the 50
+        Etr = log1p_targets(adata[tr], extra, layer=layer)
+        Ete = log1p_targets(adata[te], extra, layer=layer)
+        # ridge is separable over targets: the 50-gene alpha on the same PCA gives what the
+        # extra genes would get inside the 50-gene fit, without changing the 50 genes' alpha
+        pe = HestRidge(alpha=probe.alpha_, **s.probe).fit(s.F[tr], Etr, genes=extra)
+        Pe = pe.predict(s.F[te])
+        r = pd.concat([r, _fold_scores(Ete, Pe, extra)[0]])
+        P[extra] = Pe.astype(np.float32)
+        Y[extra] = Ete
+    row.update({f"r_{x}": float(r[x]) for x in s.extra})
+    return row, r, P, Y, list(g)
 
 
 def expression(
@@ -346,7 +465,9 @@ def expression(
         PCA width (256; ``None`` for no PCA).
     alpha
         ``"hest"`` (``100 / (d * n_genes)``), a number, or ``"cv"`` (chosen among ``alphas`` and
-        HEST's value by leave-one-patient-out CV on the fold's training patients).
+        HEST's value by leave-one-patient-out CV on the fold's training patients, with the same
+        PCA settings; ``per_fold`` gets ``cv_best_inner_pearson`` and ``alpha_on_edge``, and a
+        choice at either end of the grid is also warned about).
     seed
         ``random_state`` of PCA and ridge (HEST's default: 1).
     svd_solver
@@ -358,7 +479,7 @@ def expression(
         Genes also predicted and reported in ``per_gene`` (e.g. ``["ERBB2"]`` when it is not one
         of the 50 chosen) by a separate probe with the same settings, but **not** counted in the
         fold's ``pearson_mean`` (the protocol's score). Their per-fold r is in ``per_fold``
-        (``r_<gene>``).
+        (``r_<gene>``). Genes absent from the data are left out with a warning.
     key_added
         Writes ``adata.uns[key_added]`` (summary, per-fold table, parameters); ``None``: nothing.
 
@@ -366,94 +487,21 @@ def expression(
     -------
     :class:`ExpressionBenchResult` (per-fold table, per-gene table, test predictions).
     """
-    if feature_key not in adata.obsm:
-        raise StdistillError(
-            f"no obsm[{feature_key!r}]; extract features first (stdistill.features.extract) "
-            f"(have: {list(adata.obsm.keys())})"
-        )
-    F = np.asarray(adata.obsm[feature_key], dtype=np.float64)
-    if F.ndim != 2 or len(F) != adata.n_obs:
-        raise StdistillError(f"obsm[{feature_key!r}] must be (n_spots, D), got {F.shape}")
-    if not np.isfinite(F).all():
-        bad = adata.obs[SECTION_KEY].astype(str)[~np.isfinite(F).all(1)].unique().tolist()
-        raise StdistillError(f"obsm[{feature_key!r}] has NaN/inf rows (sections {bad[:5]}); subset to sections with features")
+    F = _features(adata, feature_key)
     if alpha not in ("hest", "cv") and not isinstance(alpha, (int, float)):
         raise StdistillError(f"alpha must be 'hest', 'cv' or a number, got {alpha!r}")
-    fixed_genes = None
-    if isinstance(genes, (str, os.PathLike)):
-        fixed_genes = read_gene_list(genes)
-    elif genes is not None:
-        fixed_genes = list(genes)
+    fixed_genes = _given_genes(genes)
     fold_list = _resolve_folds(adata, folds)
-    sec_of = adata.obs[SECTION_KEY].astype(str).to_numpy()
-    pat_of = adata.obs[PATIENT_KEY].astype(str).to_numpy()
-    known = set(_sections(adata))
-
+    s = _Setup(F=F, sec_of=adata.obs[SECTION_KEY].astype(str).to_numpy(), pat_of=adata.obs[PATIENT_KEY].astype(str).to_numpy(),
+               known=set(_sections(adata)), fixed_genes=fixed_genes, extra=_present_extra_genes(adata, extra_genes),
+               n_genes=n_genes, min_frac=min_frac, layer=layer, alpha=alpha, alphas=alphas,
+               probe={"latent_dim": latent_dim, "seed": seed, "svd_solver": svd_solver, "clip": clip})
     rows, per_gene, preds, targets, chosen = [], {}, {}, {}, {}
     for f in fold_list:
-        train_secs = [s for s in f.train + f.val if s in known]
-        test_secs = [s for s in f.test if s in known]
-        if not train_secs or not test_secs:
-            raise StdistillError(f"fold {f.name}: no training or no test sections in the data")
-        tr = np.isin(sec_of, train_secs)
-        te = np.isin(sec_of, test_secs)
-        g = fixed_genes if fixed_genes is not None else hest_genes(
-            adata, n_genes, sections=train_secs, min_frac=min_frac, layer=layer)
-        Ytr = log1p_targets(adata[tr], g, layer=layer)
-        Yte = log1p_targets(adata[te], g, layer=layer)
-        cv_scores = None
-        if alpha == "cv":
-            d = min(latent_dim or F.shape[1], F.shape[1])
-            grid = sorted(set(alphas) | {hest_alpha(d, len(g))})
-            a, cv_scores = choose_alpha_cv(F[tr], Ytr, pat_of[tr], grid, latent_dim=latent_dim, seed=seed, clip=clip)
-        else:
-            a = alpha
-        probe = HestRidge(latent_dim=latent_dim, alpha=a, seed=seed, svd_solver=svd_solver, clip=clip).fit(F[tr], Ytr, genes=g)
-        P = probe.predict(F[te])
-        r, m, n_nan = _fold_scores(Yte, P, g)
-        extra = [x for x in extra_genes if x not in g]
-        r_extra = None
-        if extra:  # reported, not scored: a probe on the extra genes alone, same settings as the 50
-            Etr = log1p_targets(adata[tr], extra, layer=layer)
-            Ete = log1p_targets(adata[te], extra, layer=layer)
-            # ridge is separable over targets: the 50-gene alpha on the same PCA gives what the
-            # extra genes would get inside the 50-gene fit, without changing the 50 genes' alpha
-            pe = HestRidge(latent_dim=latent_dim, alpha=probe.alpha_, seed=seed, svd_solver=svd_solver, clip=clip).fit(
-                F[tr], Etr, genes=extra)
-            Pe = pe.predict(F[te])
-            r_extra = _fold_scores(Ete, Pe, extra)[0]
-        rows.append({
-            "fold": f.name,
-            "test_patients": "+".join(sorted(set(pat_of[te]))),
-            "test_sections": "+".join(test_secs),
-            "n_train": int(tr.sum()),
-            "n_test": int(te.sum()),
-            "n_genes": len(g),
-            "pca_dim": probe.n_components_,
-            "alpha": probe.alpha_,
-            "pearson_mean": m,
-            "n_genes_undefined": n_nan,
-        })
-        if cv_scores is not None:
-            rows[-1]["cv_best_inner_pearson"] = float(cv_scores.max())
-        for x in extra_genes:
-            rows[-1][f"r_{x}"] = float(r[x]) if x in g else float(r_extra[x])
-        per_gene[f.name] = r if r_extra is None else pd.concat([r, r_extra])
-        obs = adata.obs_names[te]
-        preds[f.name] = pd.DataFrame(P.astype(np.float32), index=obs, columns=g)
-        targets[f.name] = pd.DataFrame(Yte, index=obs, columns=g)
-        if r_extra is not None:
-            preds[f.name][extra] = Pe.astype(np.float32)
-            targets[f.name][extra] = Ete
-        chosen[f.name] = list(g)
-    per_fold = pd.DataFrame(rows)
-    pg = pd.DataFrame(per_gene)
-    pg["mean"] = pg[[f.name for f in fold_list]].mean(1)
-    pg["std"] = pg[[f.name for f in fold_list]].std(1, ddof=0)
-    pg["n_folds"] = pg[[f.name for f in fold_list]].notna().sum(1)
-    pg = pg.sort_values("mean", ascending=False)
+        row, per_gene[f.name], preds[f.name], targets[f.name], chosen[f.name] = _run_fold(adata, s, f)
+        rows.append(row)
     res = ExpressionBenchResult(
-        per_fold=per_fold, per_gene=pg, predictions=preds, targets=targets, genes=chosen,
+        per_fold=pd.DataFrame(rows), per_gene=_per_gene_table(per_gene), predictions=preds, targets=targets, genes=chosen,
         params={"feature_key": feature_key, "latent_dim": latent_dim if latent_dim is not None else "none",
                 "alpha": alpha if isinstance(alpha, str) else float(alpha), "seed": seed, "n_genes": n_genes,
                 "min_frac": min_frac, "clip": bool(clip), "genes": "given" if fixed_genes is not None else "hest_train_folds"},

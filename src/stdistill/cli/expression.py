@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
         import stdistill as sd
         from stdistill.io.summary import load_any
-        from stdistill.recipes.peka import PEKA, PekaConfig, select_peka
+        from stdistill.recipes import PEKA, PekaConfig, select_peka
         from stdistill.teachers import ExpressionTeacher
 
         from .._errors import StdistillError
@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
 
         import stdistill as sd
         from stdistill.io.summary import load_any
-        from stdistill.recipes.peka import PEKA
+        from stdistill.recipes import PEKA
 
         from .._utils import atomic_path
 

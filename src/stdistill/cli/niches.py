@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
         counts = adata.obs[key_added].value_counts().sort_index()
         typer.echo("spots per niche: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         if plot:
-            from ..pl.niches import niches as plot_niches
+            from ..pl import niches as plot_niches
 
             sec = sections(adata)[0]
             from ..io._section import subset_sections

@@ -7,9 +7,10 @@ from .._lazy import attach
 # public name -> submodule that defines it (imported on first use, so importing the
 # package stays light). Add an entry when you add a public object.
 _LAZY: dict[str, str] = {
-    "niches": "niches",
-    "expression_maps": "expression",
-    "pearson_bars": "expression",
+    "niches": "_niches",
+    "niche_panels_table": "_niches",
+    "expression_maps": "_expression",
+    "pearson_bars": "_expression",
 
 }
 

@@ -133,3 +133,21 @@ def folds(
         train = tuple(s for s in sp.index if sp[s] not in g and sp[s] not in val_p)
         out.append(Fold(name=f"{prefix}{'+'.join(g)}", train=train, test=test, val=val, patients=sp.to_dict()))
     return out
+
+
+def train_val_sections(
+    adata: ad.AnnData, train_sections: Sequence[str] | None, val_sections: Sequence[str] | None,
+) -> tuple[ad.AnnData, ad.AnnData | None, np.ndarray]:
+    """``(train AnnData, validation AnnData or None, (n_obs,) bool mask of the training rows)``.
+
+    ``train_sections=None``: every section not in ``val_sections``. Train and validation must not
+    share a patient (:func:`check_split`).
+    """
+    from ..io._section import sections, subset_sections
+
+    val = list(val_sections or [])
+    train = list(train_sections or [s for s in sections(adata) if s not in set(val)])
+    if val:
+        check_split(train, val, dict(zip(adata.obs[SECTION_KEY].astype(str), adata.obs[PATIENT_KEY].astype(str))))
+    mask = adata.obs[SECTION_KEY].astype(str).isin(train).to_numpy()
+    return subset_sections(adata, train), subset_sections(adata, val) if val else None, mask

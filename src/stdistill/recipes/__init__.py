@@ -8,11 +8,15 @@ from .._lazy import attach
 # package stays light). Add an entry when you add a public object.
 _LAZY: dict[str, str] = {
     "run_niches": "niches",
-    "peka": "peka",
-    "PEKA": "peka",
-    "PekaConfig": "peka",
-    "select_peka": "peka",
-    "choose_peka": "peka",
+    "peka": "_peka",
+    "PEKA": "_peka",
+    "PekaConfig": "_peka",
+    "select_peka": "_peka",
+    "choose_peka": "_peka",
+    "stamp": "_stamp",
+    "STAMP": "_stamp",
+    "StampConfig": "_stamp",
+    "select_stamp": "_stamp",
 
 }
 

@@ -326,7 +326,7 @@ def run(
         if figures and out_dir is not None:
             img_secs = [s for s in fold.test if has_image(adata, s)]
             if img_secs:
-                from ..pl.niches import niches as plot_niches
+                from ..pl import niches as plot_niches
 
                 s = img_secs[0]
                 view = subset_sections(adata, [s])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Sequence
 
 import anndata as ad
@@ -154,15 +152,3 @@ def niche_panels_table(adata: ad.AnnData, keys: Sequence[str], section: str) -> 
     """Spots per label of each key on ``section`` (a text companion to :func:`niches`)."""
     m = adata.obs[SECTION_KEY].astype(str) == section
     return pd.concat({k: adata.obs.loc[m, k].astype(str).value_counts() for k in keys}, axis=1).fillna(0).astype(int)
-
-
-class _CallableModule(types.ModuleType):
-    """``stdistill.pl.niches`` is both this submodule and its main function: importing the
-    submodule (``from stdistill.pl.niches import ...``) binds the module on the package, so the
-    module forwards calls to :func:`niches`."""
-
-    def __call__(self, *args, **kwargs):
-        return niches(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

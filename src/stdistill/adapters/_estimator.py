@@ -1,0 +1,232 @@
+"""The estimator shared by recipes that adapt an image encoder: build, train, run, save, load.
+
+A recipe subclasses :class:`AdaptedEncoder`, sets its config class, file format, head prefixes and
+LightningModule, and writes ``fit`` (its targets and heads) and ``_net_from_state`` (rebuilding
+its net on load) from the steps here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .._errors import StdistillError
+from .._utils import atomic_path
+from ._config import AdapterConfig
+from ._cut import parse_cut
+from ._module import TailModule, trainable_key
+from ._peft import add_adapter
+from ._trunk import Tail, trunk_activations
+
+
+def as_input(h: torch.Tensor) -> torch.Tensor:
+    """Cached activations as the tail's input: float32, or uint8 patches as they are."""
+    return h if h.dtype == torch.uint8 else h.float()
+
+
+class AdaptedEncoder:
+    """Base estimator: an encoder with a peft adapter after a cut, trained on cached trunk activations.
+
+    Parameters
+    ----------
+    encoder
+        Encoder name (``stdistill.encoders``) or a loaded :class:`~stdistill.encoders.Encoder`
+        (copied; the original is not modified). The offline default is an ImageNet model.
+    config
+        The recipe's config (an :class:`AdapterConfig`); keyword ``overrides`` replace its fields.
+    device, accelerator, devices, strategy
+        Trunk caching device and Lightning's settings (several GPUs: ``devices=4, strategy="ddp"``).
+    cache_dir
+        Trunk-activation cache (see :func:`stdistill.adapters.trunk_activations`).
+    """
+
+    config_class: type[AdapterConfig] = AdapterConfig
+    module_class: type[TailModule] = TailModule
+    file_format: str = ""
+    heads: tuple[str, ...] = ()  # state-dict prefixes of the heads
+    targets_key: str = "targets"  # regression targets' names: fitted attribute ``<targets_key>_`` and metadata key
+    buffers: tuple[str, ...] = ("feat_mu", "feat_sd")  # non-trainable net state saved with the model
+
+    def __init__(self, encoder="effnet-lite0-imagenet", config: AdapterConfig | None = None, *, device: str = "cpu",
+                 accelerator: str = "cpu", devices="auto", strategy: str = "auto",
+                 cache_dir: str | os.PathLike | bool | None = None, **overrides):
+        self.config = replace(config or self.config_class(), **overrides)
+        self.encoder_arg = encoder
+        self.device, self.accelerator, self.devices, self.strategy = device, accelerator, devices, strategy
+        self.cache_dir = cache_dir
+
+    # -------------------------------------------------------------- building
+    def _load_encoder(self):
+        from .. import encoders
+
+        if isinstance(self.encoder_arg, str):
+            return encoders.load(self.encoder_arg, device="cpu")
+        return copy.deepcopy(self.encoder_arg).cpu()
+
+    def _frozen_encoder(self):
+        if not hasattr(self, "_frozen"):
+            self._frozen = self._load_encoder().eval()
+        return self._frozen
+
+    def _activations(self, adata: ad.AnnData) -> torch.Tensor:
+        return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir, device=self.device)
+
+    def _adapted_tail(self) -> Tail:
+        """A copy of the frozen encoder with the adapter inserted, as the tail after the cut."""
+        frozen = self._frozen_encoder()
+        enc = copy.deepcopy(frozen)  # the adapted copy shares the frozen trunk's weights exactly
+        self.adapter_info_ = add_adapter(enc.backbone, self.config)
+        return Tail(enc, parse_cut(frozen.backbone, self.config.train_from))
+
+    def _standardize_targets(self, Y: np.ndarray) -> np.ndarray:
+        """Store the targets' mean and sd (``y_mean_``, ``y_std_``) and return them z-scored."""
+        self.y_mean_, self.y_std_ = Y.mean(0), Y.std(0)
+        self.y_std_[self.y_std_ == 0] = 1.0
+        return (Y - self.y_mean_) / self.y_std_
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_scaling(net: nn.Module, H: torch.Tensor) -> torch.Tensor:
+        """Set ``net.feat_mu``/``feat_sd`` from the frozen features of ``H``; return them standardised."""
+        net.eval()
+        F0 = torch.cat([net.tail(as_input(H[i:i + 256, 0])) for i in range(0, len(H), 256)]).float()
+        net.feat_mu.copy_(F0.mean(0))
+        net.feat_sd.copy_(F0.std(0).clamp_min(1e-6))
+        return (F0 - net.feat_mu) / net.feat_sd
+
+    # -------------------------------------------------------------- training
+    def _train(self, net: nn.Module, data: dict, val: dict | None, t0: float) -> None:
+        """Fit ``module_class(net, data, config, val)`` with Lightning; keep the best validation epoch."""
+        from .._lightning import make_trainer
+
+        cfg = self.config
+        module = self.module_class(net, data, cfg, val)
+        n = len(data["h"])
+        g = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=cfg.batch_size,
+                                             shuffle=True, generator=g, drop_last=n > cfg.batch_size)
+        trainer = make_trainer(
+            max_epochs=cfg.max_epochs, accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
+            monitor="val_score" if val is not None else None, patience=cfg.patience, enable_progress_bar=False,
+            num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+        )
+        denormal = torch.set_flush_denormal(True)  # tiny adapter updates otherwise hit slow denormal floats on CPUs
+        try:
+            with warnings.catch_warnings():  # the frozen encoder stays in eval mode on purpose
+                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+                if any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0:
+                    trainer.fit(module, train_dataloaders=loader)
+        finally:
+            torch.set_flush_denormal(False) if denormal else None
+        if module.best_state is not None:  # restore the best validation epoch
+            net.load_state_dict(module.best_state, strict=False)
+        self.history_ = module.history
+        self.best_epoch_ = module.best_epoch + 1 if module.best_state is not None else len(self.history_)
+        self.best_val_score_ = -module.best_score if val is not None and cfg.maximize else module.best_score
+        self.net_ = net.eval()
+        self.fit_seconds_ = time.time() - t0
+
+    # -------------------------------------------------------------- inference
+    def _check(self):
+        if not hasattr(self, "net_"):
+            raise StdistillError(f"{type(self).__name__} is not fitted; call fit() first (or {type(self).__name__}.load(path))")
+
+    @torch.no_grad()
+    def _outputs(self, adata: ad.AnnData, keys: tuple[str, ...] = ("features", "pred")) -> list[np.ndarray]:
+        """The fitted net's outputs ``keys`` for every spot of ``adata`` (float32 arrays)."""
+        self._check()
+        H = self._activations(adata)
+        self.net_.eval()
+        got = {k: [] for k in keys}
+        for i in range(0, len(H), 256):
+            out = self.net_(as_input(H[i:i + 256, 0]))
+            for k in keys:
+                got[k].append(out[k].float())
+        return [torch.cat(got[k]).numpy().astype(np.float32) for k in keys]
+
+    def transform(self, adata: ad.AnnData, key_added: str | None = None) -> np.ndarray:
+        """(n_spots, dim) float32 adapted-encoder features; writes ``obsm[key_added]`` unless None."""
+        (f,) = self._outputs(adata, ("features",))
+        if key_added:
+            adata.obsm[key_added] = f
+        return f
+
+    def _predict_frame(self, adata: ad.AnnData) -> pd.DataFrame:
+        """(n_spots x targets) regression-head predictions on the training targets' scale."""
+        (p,) = self._outputs(adata, ("pred",))
+        return pd.DataFrame(p * self.y_std_ + self.y_mean_, index=adata.obs_names, columns=getattr(self, f"{self.targets_key}_"))
+
+    @property
+    def trainable_share(self) -> float:
+        """Adapter parameters / encoder parameters (heads not counted)."""
+        self._check()
+        return float(self.adapter_info_["share"])
+
+    def report(self) -> dict:
+        self._check()
+        heads = sum(p.numel() for n, p in self.net_.named_parameters() if n.startswith(self.heads))
+        return {**{k: v for k, v in self.adapter_info_.items() if k != "targets"}, "n_targets": len(self.adapter_info_["targets"]),
+                "n_head_params": heads, "best_epoch": self.best_epoch_, "fit_seconds": round(self.fit_seconds_, 1)}
+
+    # -------------------------------------------------------------- persistence
+    def _encoder_name(self) -> str:
+        return self.encoder_arg if isinstance(self.encoder_arg, str) else self._frozen_encoder().spec.name
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Adapter + heads + target scaling as safetensors; settings and target names as JSON
+        metadata (no pickle). Read back with ``load``."""
+        from safetensors.torch import save_file
+
+        self._check()
+        path = Path(path)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()
+                 if trainable_key(k, self.heads) or k in self.buffers}
+        state["y_mean"] = torch.from_numpy(self.y_mean_.astype(np.float32))
+        state["y_std"] = torch.from_numpy(self.y_std_.astype(np.float32))
+        meta = {"format": self.file_format, "encoder": self._encoder_name(), "config": json.dumps(asdict(self.config)),
+                self.targets_key: json.dumps(getattr(self, f"{self.targets_key}_")), "adapter_info": json.dumps(self.adapter_info_)}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
+        return path
+
+    def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The recipe's net around ``tail``, shaped to fit a saved state (a recipe hook)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder=None, **kw):
+        """Rebuild a saved model. ``encoder``: a name or Encoder when the saved one is not in the
+        registry; ``kw``: constructor arguments (``cache_dir``, ``device``, ...)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as e:
+            raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
+        if meta.get("format") != cls.file_format:
+            raise StdistillError(f"not a stdistill {cls.__name__} model (format {meta.get('format')!r})", path)
+        self = cls(encoder or meta["encoder"], cls.config_class(**json.loads(meta["config"])), **kw)
+        setattr(self, f"{cls.targets_key}_", json.loads(meta[cls.targets_key]))
+        net = self._net_from_state(self._adapted_tail(), state)
+        self.y_mean_, self.y_std_ = state.pop("y_mean").numpy(), state.pop("y_std").numpy()
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        bad = [k for k in missing if trainable_key(k, self.heads)]
+        if bad or unexpected:
+            raise StdistillError(f"saved weights do not fit the encoder ({(bad + unexpected)[:3]})", path)
+        self.net_ = net.eval()
+        self.best_epoch_, self.fit_seconds_, self.history_ = -1, 0.0, []
+        return self

@@ -1,0 +1,219 @@
+"""The frozen trunk (run once per patch, cached) and the trainable tail of a cut encoder.
+
+The trunk uses timm's ``forward_intermediates`` at block / stage boundaries; the two cuts timm
+does not expose (ViT before block 0, EfficientNet inside a stage or inside a block) are finished
+in :func:`_finish_trunk`, one arch-keyed function. ``tests/test_adapters.py`` checks trunk + tail
+against the whole encoder for every kind of cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+from torch import nn
+
+from .._utils import array_digest, atomic_path, file_digest
+from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections as _sections
+from ._config import AdapterConfig
+from ._cut import Cut, parse_cut, tail_blocks
+
+
+def _vit_trunk(bb: nn.Module, cut: Cut, h: torch.Tensor) -> torch.Tensor:
+    if cut.stage == 0:  # not exposed by forward_intermediates: the embedded tokens before block 0
+        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(h))))
+    (out,) = bb.forward_intermediates(h, indices=[cut.stage - 1], stop_early=True, intermediates_only=True,
+                                      output_fmt="NLC", return_prefix_tokens=True)
+    return torch.cat([out[1], out[0]], dim=1) if isinstance(out, tuple) else out
+
+
+def _effnet_trunk(bb: nn.Module, cut: Cut, h: torch.Tensor) -> torch.Tensor:
+    # stage boundary from timm (index 0 = stem, index S = after stage S-1), then the part of stage S
+    (h,) = bb.forward_intermediates(h, indices=[cut.stage], stop_early=True, intermediates_only=True, extra_blocks=True)
+    for b in range(cut.block):
+        h = bb.blocks[cut.stage][b](h)
+    if cut.inner:  # inside the block: up to (and including) squeeze-excitation, before conv_pwl
+        blk = bb.blocks[cut.stage][cut.block]
+        h = blk.se(blk.aa(blk.bn2(blk.conv_dw(blk.bn1(blk.conv_pw(h))))))
+    return h.contiguous()
+
+
+@torch.inference_mode()
+def trunk(encoder, cut: Cut, x: torch.Tensor) -> torch.Tensor:
+    """Frozen activations at ``cut`` for uint8 patches (B, 3, px, px); ``"input"`` returns ``x``."""
+    if cut.input:
+        return x
+    h = encoder.preprocess(x)
+    return (_vit_trunk if cut.arch == "vit" else _effnet_trunk)(encoder.backbone, cut, h)
+
+
+class Tail(nn.Module):
+    """Runs the encoder from the cut to its pooled (B, dim) features. Frozen layers stay in eval mode."""
+
+    def __init__(self, encoder, cut: Cut):
+        super().__init__()
+        self.encoder = encoder
+        self.cut = cut
+
+    def train(self, mode: bool = True):  # BatchNorm statistics and dropout of the frozen encoder stay fixed
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def _vit(self, h: torch.Tensor) -> torch.Tensor:
+        enc, bb = self.encoder, self.encoder.backbone
+        for i in range(self.cut.stage, len(bb.blocks)):
+            h = bb.blocks[i](h)
+        h = bb.norm(h)
+        if enc.spec.pooling == "cls+mean_patch":
+            n_prefix = int(getattr(bb, "num_prefix_tokens", 1))
+            return torch.cat([h[:, 0], h[:, n_prefix:].mean(dim=1)], dim=-1)
+        return bb.forward_head(h, pre_logits=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        enc, cut = self.encoder, self.cut
+        bb = enc.backbone
+        if cut.input:
+            return enc.features(enc.preprocess(h))
+        if cut.arch == "vit":
+            return self._vit(h)
+        if cut.inner:
+            blk = bb.blocks[cut.stage][cut.block]
+            h = blk.bn3(blk.conv_pwl(h))
+        for _, blk in tail_blocks(bb, cut):
+            h = blk(h)
+        h = bb.bn2(bb.conv_head(h))
+        return bb.forward_head(h, pre_logits=True) if hasattr(bb, "forward_head") else bb.global_pool(h).flatten(1)
+
+
+def dihedral(x: torch.Tensor, v: int) -> torch.Tensor:
+    """The v-th of the 8 dihedral transforms of (B, 3, H, W) patches (0 = identity)."""
+    if v >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, v % 4, dims=(-2, -1))
+
+
+# ================================================================================ the cache
+class _LRU:
+    """Per-section trunk activations kept in memory, least recently used dropped past ``budget`` bytes."""
+
+    def __init__(self):
+        self._d: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def budget() -> int:
+        return int(float(os.environ.get("STDISTILL_TRUNK_MEMORY_GB", "4")) * 2**30)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self._d.get(key)
+        if t is not None:
+            self._d.move_to_end(key)
+        return t
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        self._d[key] = t
+        self._d.move_to_end(key)
+        budget = self.budget()
+        while len(self._d) > 1 and self.nbytes > budget:
+            self._d.popitem(last=False)
+        if self.nbytes > budget:  # a single section larger than the budget is not kept
+            self._d.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._d.values())
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+_MEMORY = _LRU()
+
+
+def clear_trunk_cache() -> None:
+    """Empty the in-memory trunk cache (the disk cache is kept)."""
+    _MEMORY.clear()
+
+
+def _default_cache_root() -> Path:
+    env = os.environ.get("STDISTILL_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "stdistill") / "peka_trunk"
+
+
+def _section_image_digest(adata: ad.AnnData, s: str) -> str:
+    lib = library(adata, s)
+    if "fullres" in lib.get("images", {}):
+        return array_digest(np.asarray(lib["images"]["fullres"]))
+    return file_digest(lib["metadata"]["source_image_path"])
+
+
+def _section_key(encoder, adata: ad.AnnData, s: str, m: np.ndarray, cut: Cut, cfg: AdapterConfig) -> str:
+    return array_digest(np.frombuffer(json.dumps({
+        "enc": encoder.spec.name, "w": encoder.weights_digest, "cut": str(cut), "size_um": cfg.size_um, "px": cfg.px,
+        "views": cfg.views, "img": _section_image_digest(adata, s),
+        "xy": array_digest(np.asarray(adata.obsm[SPATIAL_KEY][m], dtype=np.float64)),
+        "mpp": library(adata, s)["scalefactors"].get("microns_per_pixel"),
+    }, sort_keys=True).encode(), dtype=np.uint8))
+
+
+def _read_disk(path: Path | None, n: int) -> torch.Tensor | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        t = torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError):
+        return None
+    return t if t.shape[0] == n else None
+
+
+def _compute(encoder, sub: ad.AnnData, cut: Cut, cfg: AdapterConfig, batch_size: int, device: str) -> torch.Tensor:
+    from ..pp.patches import PatchDataset
+
+    ds = PatchDataset(sub, size_um=cfg.size_um, px=cfg.px)
+    outs = []
+    encoder.to(device)
+    for xb, _ in ds.loader(batch_size=batch_size):
+        vs = torch.stack([trunk(encoder, cut, dihedral(xb, v).to(device)).cpu() for v in range(cfg.views)], 1)
+        outs.append(vs if cut.input else vs.to(torch.float16))
+    return torch.cat(outs)
+
+
+def trunk_activations(
+    encoder, adata: ad.AnnData, cfg: AdapterConfig, *, cache_dir: str | os.PathLike | bool | None = None,
+    batch_size: int = 64, device: str = "cpu",
+) -> torch.Tensor:
+    """(n_spots, views, *shape) float16 frozen activations at ``cfg.train_from`` (uint8 patches for ``"input"``).
+
+    Computed once per section and kept on disk (``cache_dir``; ``None``:
+    ``$STDISTILL_CACHE/peka_trunk`` or ``~/.cache/stdistill/peka_trunk``; ``False``: no disk) and in
+    a bounded in-memory cache (least recently used sections dropped past
+    ``$STDISTILL_TRUNK_MEMORY_GB``, default 4), keyed by the encoder's weights digest, the cut, the
+    patch geometry, the image's and the spot coordinates' digests.
+    """
+    cut = parse_cut(encoder.backbone, cfg.train_from)
+    root = None if cache_dir is False else (Path(cache_dir) if cache_dir not in (None, True) else _default_cache_root())
+    sec_of = adata.obs[SECTION_KEY].astype(str).to_numpy()
+    parts = []
+    for s in _sections(adata):
+        m = np.flatnonzero(sec_of == s)
+        key = _section_key(encoder, adata, s, m, cut, cfg)
+        path = root / f"{key}.npy" if root is not None else None
+        t = _MEMORY.get(key)
+        if t is None:
+            t = _read_disk(path, len(m))
+        if t is None:
+            t = _compute(encoder, adata[m], cut, cfg, batch_size, device)
+            if path is not None:
+                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, t.numpy(), allow_pickle=False)
+        _MEMORY.put(key, t)
+        parts.append((m, t))
+    out = torch.empty((adata.n_obs, *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+    for m, t in parts:
+        out[torch.from_numpy(m)] = t
+    return out
