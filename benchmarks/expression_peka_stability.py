@@ -81,7 +81,7 @@ def inspect(args, tr, te, T, ref, genes) -> None:
     """Why one run's held-out Pearson collapses: a few spots with wild predictions, or all of them?"""
     from scipy.stats import spearmanr
 
-    from stdistill.bench.expression import HestRidge
+    from stdistill.bench import HestRidge
     from stdistill.pp.genes import log1p_targets
 
     seed, w_sa, epochs = args.inspect

@@ -9,7 +9,7 @@ import pytest
 
 import stdistill as sd
 from stdistill import StdistillError
-from stdistill.bench.expression import DEFAULT_ALPHAS, HestRidge, choose_alpha_cv, hest_alpha
+from stdistill.bench import DEFAULT_ALPHAS, HestRidge, choose_alpha_cv, hest_alpha
 from stdistill.io import concat, new_section
 from stdistill.pp import hest_genes, read_gene_list
 

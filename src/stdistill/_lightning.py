@@ -6,10 +6,34 @@ a laptop CPU or on several GPUs by changing ``accelerator``/``devices``/``strate
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
+
+_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's info logs and its small-data warnings inside the block only (levels and
+    warning filters are restored afterwards: no process-wide side effect)."""
+    loggers = [logging.getLogger(n) for n in _LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            warnings.filterwarnings("ignore", ".*val_dataloader.*")
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
 
 
 def make_trainer(
@@ -28,16 +52,13 @@ def make_trainer(
     """A quiet, deterministic ``lightning.Trainer`` with early stopping on ``monitor``.
 
     ``precision=None`` chooses ``"bf16-mixed"`` on a GPU and ``"32-true"`` on the CPU.
-    No checkpoints or logs are written unless asked (``kwargs`` pass through).
+    No checkpoints or logs are written unless asked (``kwargs`` pass through). Run ``fit`` inside
+    :func:`quiet` to keep Lightning's info messages and small-data warnings out of the output.
     """
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     if precision is None:
         precision = "bf16-mixed" if (accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "32-true"
     if enable_progress_bar is None:
@@ -45,17 +66,18 @@ def make_trainer(
     callbacks = list(kwargs.pop("callbacks", []))
     if monitor:
         callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode="min"))
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
-        callbacks=callbacks,
-        deterministic=deterministic,
-        logger=kwargs.pop("logger", False),
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        enable_model_summary=False,
-        enable_progress_bar=enable_progress_bar,
-        **kwargs,
-    )
+    with quiet():  # the Trainer's constructor logs the devices it found
+        return L.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            precision=precision,
+            callbacks=callbacks,
+            deterministic=deterministic,
+            logger=kwargs.pop("logger", False),
+            enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+            enable_model_summary=False,
+            enable_progress_bar=enable_progress_bar,
+            **kwargs,
+        )

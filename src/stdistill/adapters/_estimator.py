@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -108,7 +107,7 @@ class AdaptedEncoder:
     # -------------------------------------------------------------- training
     def _train(self, net: nn.Module, data: dict, val: dict | None, t0: float) -> None:
         """Fit ``module_class(net, data, config, val)`` with Lightning; keep the best validation epoch."""
-        from .._lightning import make_trainer
+        from .._lightning import make_trainer, quiet
 
         cfg = self.config
         module = self.module_class(net, data, cfg, val)
@@ -123,8 +122,7 @@ class AdaptedEncoder:
         )
         denormal = torch.set_flush_denormal(True)  # tiny adapter updates otherwise hit slow denormal floats on CPUs
         try:
-            with warnings.catch_warnings():  # the frozen encoder stays in eval mode on purpose
-                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+            with quiet():  # (the frozen encoder stays in eval mode on purpose)
                 if any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0:
                     trainer.fit(module, train_dataloaders=loader)
         finally:

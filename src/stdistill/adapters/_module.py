@@ -175,7 +175,7 @@ class TailModule(L.LightningModule):
         rec["val_mse"] = float(np.mean((pv - yv) ** 2))
         rec["val_head_pearson"] = mean_pearson(yv, pv)
         if self.cfg.val_metric == "ridge":
-            from ..bench.expression import HestRidge
+            from ..bench import HestRidge
 
             ft, _ = self.outputs(self.data)
             probe = HestRidge(latent_dim=256, seed=1, svd_solver="covariance_eigh").fit(ft, self.data["y"].numpy())

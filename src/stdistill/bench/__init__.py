@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .expression import DEFAULT_ALPHAS, ExpressionBenchResult, HestRidge, choose_alpha_cv, hest_alpha, read_hest_splits
-from .expression import expression
+from ._expression import DEFAULT_ALPHAS, ExpressionBenchResult, HestRidge, choose_alpha_cv, expression, hest_alpha, read_hest_splits
 
 __all__ = ["DEFAULT_ALPHAS", "ExpressionBenchResult", "HestRidge", "choose_alpha_cv", "expression", "hest_alpha",
            "read_hest_splits"]

@@ -8,22 +8,7 @@ from typing import Optional
 
 import typer
 
-
-def _split(v: Optional[str]) -> list[str]:
-    return [x.strip() for x in v.split(",") if x.strip()] if v else []
-
-
-def _numbers(v: str, kind: type, option: str) -> list:
-    """``"3e-5,1e-4"`` -> ``[3e-05, 0.0001]``; one line naming the option on bad input."""
-    try:
-        out = [kind(x) for x in _split(v)]
-    except ValueError:
-        out = []
-    if not out:
-        from .._errors import StdistillError
-
-        raise StdistillError(f"{option} must be a number or a comma list of numbers, got {v!r}")
-    return out
+from ._common import _numbers, _split, patient_split
 
 
 def register(app: typer.Typer) -> None:
@@ -105,23 +90,8 @@ def register(app: typer.Typer) -> None:
 
         from .._errors import StdistillError
 
-        a = load_any(data)
-        pats = a.obs["patient"].astype(str)
-        test, val = set(_split(test_patients)), set(_split(val_patients))
-        unknown = (test | val) - set(pats)
-        if unknown:
-            raise StdistillError(f"unknown patients {sorted(unknown)} (have {sorted(set(pats))})")
-        if test & val:
-            raise StdistillError(f"patients {sorted(test & val)} are both test and validation")
-        train_all = a[(~pats.isin(test | val)).to_numpy()].copy()
-        imaged = [s for s in sd.io.sections(train_all) if sd.io.has_image(train_all, s)]
-        if not imaged:
-            raise StdistillError("no training section has an image")
-        tr = sd.io.subset_sections(train_all, imaged)
-        va = None
-        if val:
-            va_all = a[pats.isin(val).to_numpy()].copy()
-            va = sd.io.subset_sections(va_all, [s for s in sd.io.sections(va_all) if sd.io.has_image(va_all, s)])
+        split = patient_split(load_any(data), test_patients, val_patients)
+        train_all, tr, va = split["train_all"], split["train"], split["val"]
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(tr, 50)
         teacher = ExpressionTeacher("pca").fit(train_all)
         grid = [{"lr": x, "w_kd": y, "rank": z} for x in _numbers(lr, float, "--lr") for y in _numbers(w_kd, float, "--w-kd")

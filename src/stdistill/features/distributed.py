@@ -112,7 +112,7 @@ def _assemble(shard_dir: Path, world: int, cache: FeatureCache, encoder_name: st
 def predict_distributed(ds, rows_todo, todo, enc, feats, *, cache, precision, device, batch_size, num_workers,
                         strategy, devices, num_nodes=1) -> None:
     """Fill ``feats[rows_todo]`` through ``Trainer.predict`` on ``devices`` ranks, via the cache."""
-    from .._lightning import make_trainer
+    from .._lightning import make_trainer, quiet
 
     if devices < 1:
         raise StdistillError(f"devices must be >= 1, got {devices}")
@@ -133,7 +133,8 @@ def predict_distributed(ds, rows_todo, todo, enc, feats, *, cache, precision, de
     was_training = enc.training
     try:
         # Lightning places the module on each rank's device; spawned workers get a CPU copy
-        trainer.predict(_EncodePatches(enc.eval().cpu(), precision), dataloaders=loader, return_predictions=False)
+        with quiet():
+            trainer.predict(_EncodePatches(enc.eval().cpu(), precision), dataloaders=loader, return_predictions=False)
         if trainer.global_rank == 0:
             shutil.rmtree(shard_dir, ignore_errors=True)
         for t in todo:

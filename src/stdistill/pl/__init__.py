@@ -11,6 +11,8 @@ _LAZY: dict[str, str] = {
     "niche_panels_table": "_niches",
     "expression_maps": "_expression",
     "pearson_bars": "_expression",
+    "pathways": "_pathways",
+    "pathway_bars": "_pathways",
 
 }
 

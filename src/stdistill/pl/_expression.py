@@ -11,8 +11,7 @@ import pandas as pd
 
 from .._errors import StdistillError
 from .._utils import atomic_path
-from ..io._section import SPATIAL_KEY, library
-from ._common import _one_section
+from ._common import _clim, _one_section, _spots, _thumbnail
 
 __all__ = ["expression_maps", "pearson_bars"]
 
@@ -81,36 +80,15 @@ def expression_maps(
     else:
         meas = _values(adata, measured, "measured", mask)
     panels = [("measured", meas)] + [(k, _values(adata, v, k, mask)) for k, v in predictions.items()]
-    lib = library(adata, section)
-    img = lib.get("images", {}).get("hires")
-    sf = float(lib["scalefactors"].get("tissue_hires_scalef", 1.0))
-    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)[mask] * sf
-    d = float(lib["scalefactors"].get("spot_diameter_fullres", 20.0)) * sf * spot_scale
+    img, xy, d = _thumbnail(adata, section, mask, spot_scale)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
-    from matplotlib.collections import EllipseCollection
-
-    pad = 1.5 * d
-    x0, x1 = xy[:, 0].min() - pad, xy[:, 0].max() + pad
-    y0, y1 = xy[:, 1].min() - pad, xy[:, 1].max() + pad
     for ax, (name, v) in zip(axes[0], panels):
-        if img is not None:
-            ax.imshow(np.asarray(img))
+        sc = _spots(ax, img, xy, d, v, _clim(v), cmap)
         ok = np.isfinite(v)
-        lo, hi = (np.percentile(v[ok], [5, 95]) if ok.any() else (0, 1))
-        # spots as circles of their physical diameter, in image (data) units
-        sc = EllipseCollection(np.full(ok.sum(), d), np.full(ok.sum(), d), np.zeros(ok.sum()), units="xy",
-                               offsets=xy[ok], offset_transform=ax.transData, cmap=cmap, alpha=0.9, linewidths=0)
-        sc.set_array(v[ok])
-        sc.set_clim(lo, hi if hi > lo else lo + 1e-6)
-        ax.add_collection(sc)
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y1, y0)
         t = name
         if name != "measured" and ok.sum() > 2 and np.std(v[ok]) > 0 and np.std(meas[ok]) > 0:
             t += f"  (r = {np.corrcoef(meas[ok], v[ok])[0, 1]:.2f})"
         ax.set_title(t, fontsize=10)
-        ax.set_axis_off()
-        ax.set_aspect("equal")
         fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.01, label="log1p counts" if name == "measured" else "predicted log1p")
     fig.suptitle(title or f"{gene} on {section}: measured vs predicted", fontsize=11)
     fig.tight_layout()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -399,11 +398,10 @@ class NicheStudent:
         import torch
         from torch.utils.data import DataLoader, TensorDataset
 
-        from .._lightning import make_trainer
+        from .._lightning import make_trainer, quiet
 
         p = self.params
         f, index, offset, mask, probs, _ = arrays
-        warnings.filterwarnings("ignore", ".*val_dataloader.*")
         seed_everything(seed)
         net = _net(f.shape[1], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
         mod = _lit_module(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
@@ -416,7 +414,7 @@ class NicheStudent:
         trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
                                patience=p["patience"], accelerator=p["device"], devices=1,
                                num_sanity_val_steps=0, enable_progress_bar=False)
-        with _threads(p["num_threads"]):
+        with _threads(p["num_threads"]), quiet():
             trainer.fit(mod, tr, va)
         return mod
 

@@ -393,7 +393,7 @@ class NicheTeacher:
         import torch
         from torch.utils.data import DataLoader, TensorDataset
 
-        from .._lightning import make_trainer
+        from .._lightning import make_trainer, quiet
 
         p = self.params
         x, off, gmask, lmask = self._views(adata, e)
@@ -409,7 +409,7 @@ class NicheTeacher:
                                enable_progress_bar=False)
         from ..students.niche import _threads
 
-        with _threads(1):
+        with _threads(1), quiet():
             trainer.fit(model, dl)
         model.eval()
         self.state_["nolan"] = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -509,13 +509,3 @@ def expression(
     if key_added:
         adata.uns[key_added] = res.to_uns()
     return res
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``stdistill.bench.expression`` is both this module and the function: calling the module calls it."""
-
-    def __call__(self, *args, **kwargs):
-        return expression(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
