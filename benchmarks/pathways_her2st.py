@@ -336,6 +336,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, nargs="+", default=[32, 128], help="MiSS ranks tried")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (default: all cores)")
     ap.add_argument("--from-csv", action="store_true", help="re-print the tables from --out's CSVs (no training)")
     args = ap.parse_args()
     out, t0 = Path(args.out), time.time()
@@ -343,9 +344,10 @@ def main() -> None:
     if not args.from_csv:
         import torch
 
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(max(1, args.threads))
         warnings.filterwarnings("ignore", category=UserWarning)
-        print(f"precision: fp32 (trunk cached in fp16, as PEKA); encoder {ENCODER}; seeds {args.seeds}; torch {torch.__version__}")
+        print(f"precision: fp32 (trunk cached in fp16, as PEKA); encoder {ENCODER}; seeds {args.seeds}; grid w_con {args.w_con} x "
+              f"rank {args.rank}, lr {args.lr:g}, epochs <= {args.max_epochs}; torch {torch.__version__}, {args.threads} threads")
         for d in datasets:
             run_dataset(args, d, out / d, t0)
     text = report(out, ["her2st", "simulated"] if args.from_csv else datasets)
