@@ -17,6 +17,7 @@ _LAZY: dict[str, str] = {
     "STAMP": "_stamp",
     "StampConfig": "_stamp",
     "select_stamp": "_stamp",
+    "GenST": "_genst", "GenstConfig": "_genst", "select_genst": "_genst", "codebook_stats": "_genst",
 
 }
 

@@ -1,0 +1,122 @@
+"""VQ-VAE building blocks (GenST): an MLP encoder, a quantiser from vector-quantize-pytorch
+(``VectorQuantize`` or ``FSQ``), an MLP decoder, and the likelihoods.
+
+Shapes: B = batch, D = input width, d = latent width, K = codebook size, G = genes.
+vector-quantize-pytorch is an optional dependency (``pip install 'stdistill[genst]'``); it is
+imported when a quantiser is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._errors import StdistillError
+
+__all__ = ["Quantizer", "VQVAE", "mlp", "nb_nll", "import_vq"]
+
+
+def import_vq():
+    """The ``vector_quantize_pytorch`` module, or a one-line install hint."""
+    try:
+        import vector_quantize_pytorch
+    except ImportError:
+        raise StdistillError("GenST needs vector-quantize-pytorch: pip install 'stdistill[genst]' "
+                             "(or pip install 'vector-quantize-pytorch>=1.20,<2')") from None
+    return vector_quantize_pytorch
+
+
+def mlp(d_in: int, hidden: Sequence[int], d_out: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> LayerNorm -> GELU (-> Dropout) per hidden width, then a last Linear to ``d_out``."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), nn.LayerNorm(h), nn.GELU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d_in = h
+    layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+class Quantizer(nn.Module):
+    """One codebook over (B, d) latents: ``kind="vq"`` (``VectorQuantize``: EMA codebook, k-means
+    init, dead codes replaced) or ``"fsq"`` (``FSQ``: an implicit grid of ``prod(levels)`` codes).
+
+    ``forward(z)`` -> ``(z_q (B, d), idx (B,) long, loss scalar)``; :meth:`codes` maps (n,) indices
+    to their (n, d) vectors.
+    """
+
+    def __init__(self, kind: str, dim: int, codebook_size: int, levels: Sequence[int] | None = None,
+                 commitment_weight: float = 0.25, decay: float = 0.9, dead_code_threshold: float = 1.0):
+        super().__init__()
+        vqp = import_vq()
+        self.kind = kind
+        if kind == "vq":
+            self.q = vqp.VectorQuantize(dim=dim, codebook_size=codebook_size, decay=decay, kmeans_init=True,
+                                        kmeans_iters=10, commitment_weight=commitment_weight,
+                                        threshold_ema_dead_code=dead_code_threshold)
+            self.codebook_size = int(codebook_size)
+        elif kind == "fsq":
+            if not levels:
+                raise StdistillError("quantizer 'fsq' needs levels, e.g. (8, 5, 5, 5)")
+            self.q = vqp.FSQ(levels=list(levels), dim=dim)
+            self.codebook_size = int(math.prod(levels))
+        else:
+            raise StdistillError(f"quantizer must be 'vq' or 'fsq', got {kind!r}")
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.kind == "vq":
+            zq, idx, loss = self.q(z)
+            return zq, idx.long(), loss.sum()
+        zq, idx = self.q(z.unsqueeze(1))
+        return zq.squeeze(1), idx.squeeze(1).long(), z.new_zeros(())
+
+    def codes(self, idx: torch.Tensor) -> torch.Tensor:
+        """(n,) code indices -> (n, d) quantised latents (what the decoder reads)."""
+        if self.kind == "vq":
+            return self.q.get_output_from_indices(idx)
+        return self.q.indices_to_codes(idx.unsqueeze(1)).squeeze(1)
+
+
+class VQVAE(nn.Module):
+    """MLP encoder -> :class:`Quantizer` -> MLP decoder.
+
+    ``forward(x)`` with x (B, D) -> dict ``z`` (B, d) continuous latent, ``zq`` (B, d) quantised,
+    ``idx`` (B,) code, ``vq_loss`` scalar, ``out`` (B, d_out) decoder output. The decoder reads only
+    the quantised latent, so its output for code k is one row of :meth:`code_table`.
+    """
+
+    def __init__(self, d_in: int, d_out: int, latent_dim: int, hidden: Sequence[int], quantizer: Quantizer,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.encoder = mlp(d_in, hidden, latent_dim, dropout)
+        self.quantizer = quantizer
+        self.decoder = mlp(latent_dim, list(hidden)[::-1], d_out)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encoder(x)
+        zq, idx, vq_loss = self.quantizer(z)
+        return {"z": z, "zq": zq, "idx": idx, "vq_loss": vq_loss, "out": self.decoder(zq)}
+
+    def code_table(self) -> torch.Tensor:
+        """(K, d_out): the decoder's output for every code."""
+        idx = torch.arange(self.codebook_size, device=next(self.parameters()).device)
+        return self.decoder(self.quantizer.codes(idx))
+
+
+def nb_nll(counts: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """Mean negative-binomial negative log-likelihood of (B, G) counts with (B, G) log means and
+    (G,) log inverse dispersions (variance = mu + mu^2 / theta)."""
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)
+    ll = (torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1)
+          + theta * (log_theta - log_theta_mu) + counts * (log_mu - log_theta_mu))
+    return -ll.mean()
+
