@@ -117,3 +117,78 @@ def hungarian_match(reference, labels) -> dict:
     for v in tab.index:
         out.setdefault(str(v), f"+{v}")
     return out
+
+
+# --------------------------------------------------------------------------- survival
+# Risk scores: higher = earlier event. ``time`` (n,) >= 0, ``event`` (n,) 0/1. torchsurv does the
+# work (optional extra: pip install 'stdistill[survival]').
+
+
+def _surv_tensors(time, event, risk):
+    import warnings
+
+    try:
+        import torch
+
+        with warnings.catch_warnings():  # torchsurv's import calls the deprecated torch.jit.script
+            warnings.simplefilter("ignore", FutureWarning)
+            import torchsurv  # noqa: F401
+    except ImportError:
+        from ._errors import StdistillError
+
+        raise StdistillError("survival metrics need torchsurv: pip install 'stdistill[survival]'") from None
+    t, e, r = (np.asarray(x, dtype=np.float64).ravel() for x in (time, event, risk))
+    if not (len(t) == len(e) == len(r)):
+        raise ValueError(f"lengths differ: time {len(t)}, event {len(e)}, risk {len(r)}")
+    return torch.from_numpy(t), torch.from_numpy(e).bool(), torch.from_numpy(r)
+
+
+def cindex(time, event, risk) -> float:
+    """Harrell's C-index (torchsurv): share of comparable pairs (the earlier time is an event)
+    ordered by the risk, ties in risk counting 1/2. NaN without events or comparable pairs."""
+    t, e, r = _surv_tensors(time, event, risk)
+    if not bool(e.any()) or len(t) < 2:
+        return float("nan")
+    from torchsurv.metrics.cindex import ConcordanceIndex
+
+    return float(ConcordanceIndex()(r, e, t))
+
+
+def _ipcw(e, t, e_ref, t_ref):
+    """Inverse probability of censoring weights at ``t``, the censoring distribution estimated by
+    Kaplan-Meier on ``(e_ref, t_ref)`` (the training data)."""
+    from torchsurv.stats.ipcw import get_ipcw
+
+    return get_ipcw(e_ref, t_ref, t).to(t.dtype)
+
+
+def cindex_uno(time, event, risk, train_time=None, train_event=None) -> float:
+    """Uno's C-index (torchsurv): Harrell's with inverse-probability-of-censoring weights, the
+    censoring distribution estimated on ``train_time``/``train_event`` (default: the data itself)
+    and evaluated at ``time``. NaN without events."""
+    t, e, r = _surv_tensors(time, event, risk)
+    if not bool(e.any()) or len(t) < 2:
+        return float("nan")
+    from torchsurv.metrics.cindex import ConcordanceIndex
+
+    tt, te, _ = _surv_tensors(train_time, train_event, train_time) if train_time is not None else (t, e, None)
+    w = _ipcw(e, t, te, tt)
+    if not bool((w[e] > 0).any()):
+        return float("nan")
+    return float(ConcordanceIndex()(r, e, t, weight=w))
+
+
+def time_auc(time, event, risk, at: float, train_time=None, train_event=None) -> float:
+    """Cumulative/dynamic AUC at time ``at`` (torchsurv; IPCW from the training data): how well the
+    risk separates patients with an event by ``at`` from those still event-free. NaN when ``at`` is
+    outside the follow-up or no patient is on either side."""
+    t, e, r = _surv_tensors(time, event, risk)
+    if not (bool((e & (t <= at)).any()) and bool((t > at).any())):
+        return float("nan")
+    import torch
+    from torchsurv.metrics.auc import Auc
+
+    tt, te, _ = _surv_tensors(train_time, train_event, train_time) if train_time is not None else (t, e, None)
+    w = _ipcw(e, t, te, tt)
+    at_t = torch.tensor([float(at)], dtype=t.dtype)
+    return float(Auc()(r, e, t, weight=w, new_time=at_t, weight_new_time=_ipcw(e, at_t, te, tt)).reshape(-1)[0])

@@ -26,7 +26,7 @@ def _root() -> None:
 def _register() -> None:
     import importlib
 
-    for mod in ("data", "demo", "encoders", "niches", "expression", "pathways", "genst"):
+    for mod in ("data", "demo", "encoders", "niches", "expression", "pathways", "genst", "survival"):
         try:
             importlib.import_module(f".{mod}", __name__).register(app)
         except ModuleNotFoundError as e:  # a sub-app not written yet

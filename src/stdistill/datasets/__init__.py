@@ -10,6 +10,7 @@ _LAZY: dict[str, str] = {
     "her2st": "her2st",
     "mob": "mob",
     "simulated": "simulated",
+    "her2st_survival": "her2st_survival", "simulated_survival": "her2st_survival",
 }
 
 __getattr__, __all__ = attach(__name__, _LAZY)

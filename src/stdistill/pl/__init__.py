@@ -13,6 +13,9 @@ _LAZY: dict[str, str] = {
     "pearson_bars": "_expression",
     "pathways": "_pathways",
     "pathway_bars": "_pathways",
+    "km_risk_groups": "_survival",
+    "survival_attention": "_survival",
+    "cindex_bars": "_survival",
 
 }
 
