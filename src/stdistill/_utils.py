@@ -38,6 +38,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically with plain file I/O; raises ``OSError`` on failure.
+
+    Free space is checked first (``ENOSPC`` before anything is written). A write that still
+    fails (quota, file-size limit) raises ``OSError`` and leaves neither ``path`` nor a temporary file.
+    """
+    import errno
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = memoryview(data).nbytes
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"no space left on device: needs {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return path
+
+
+def write_hdf5(path: str | os.PathLike, fill) -> Path:
+    """Build an HDF5 file in memory with ``fill(h5py.File)``, then :func:`write_bytes` it to ``path``.
+
+    HDF5 never touches the disk, so a full disk or a file-size limit gives a plain ``OSError``
+    instead of the crash h5py hits when closing a file whose writes failed (h5py issues 914,
+    2160). Costs one copy of the (compressed) file in memory.
+    """
+    import io
+
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    return write_bytes(path, buf.getbuffer())
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
     random.seed(seed)
