@@ -53,9 +53,8 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     free = shutil.disk_usage(path.parent).free
     if need > free:
         raise OSError(errno.ENOSPC, f"no space left on device: needs {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
     return path
 
 
@@ -139,9 +138,8 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict)
 
     path = Path(path)
     arrays = {**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
     return path
 
 

@@ -11,8 +11,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError, require_file
-from .._utils import atomic_path
-from ._section import PATIENT_KEY, SECTION_KEY, SPATIAL_KEY, _check_counts, _check_finite_xy
+from ._section import (
+    PATIENT_KEY,
+    SECTION_KEY,
+    SPATIAL_KEY,
+    _check_counts,
+    _check_finite_xy,
+)
 
 
 def _image_size(lib: dict, read_header: bool = True) -> tuple[int, int] | None:
