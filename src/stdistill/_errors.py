@@ -6,7 +6,7 @@ from os import PathLike
 from pathlib import Path
 
 #: Longest problem text kept in a message (characters); longer text is cut with "...".
-MAX_MESSAGE = 300
+MAX_MESSAGE = 600
 
 
 def _one_line(text: str, limit: int = MAX_MESSAGE) -> str:

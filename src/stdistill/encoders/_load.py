@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import StdistillError, require_file
-from .._utils import file_digest
+from .._utils import check_state, file_digest
 from .registry import EncoderSpec, get_spec
 
 
@@ -160,6 +160,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source, ignore_pre
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own and not k.startswith(ignore_prefixes)]
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    check_state(own, {k: sd[k] for k in own if k in sd and k not in bad}, source, "encoder", strict=False)
     if missing or unexpected or bad:
         parts = []
         if missing:

@@ -25,7 +25,12 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
+from .._utils import (
+    load_safetensors_dir,
+    load_state,
+    save_safetensors_dir,
+    seed_everything,
+)
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
@@ -552,17 +557,18 @@ class NicheStudent:
         path = Path(path)
         cfg, tensors = load_safetensors_dir(path, "model.safetensors", _FORMAT, "NicheStudent", device=device)
         params = dict(cfg["params"], device=device)
-        s = cls(**params)
+        try:
+            s = cls(**params)
+        except TypeError as e:
+            raise StdistillError(f"config.json has parameters this version does not know ({e})", path) from None
+        d_in = int(cfg["info"]["d_in"])
         s.info_ = dict(cfg["info"])
         for k in _ARRAYS:
             t = tensors.pop(f"_norm.{k}", None)
             if t is not None:
                 s.info_[k] = t.numpy()
         p = s.params
-        net = _net(s.info_["d_in"], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise StdistillError(f"weights do not match the config: {str(e).splitlines()[0]}", path) from None
+        net = _net(d_in, p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
+        load_state(net, tensors, path, "NicheStudent")
         s.net_ = net.eval()
         return s
