@@ -220,7 +220,8 @@ def test_precision_resolution():
     from stdistill.features.extract import cpu_has_native_bf16, resolve_precision
 
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16-mixed", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", "cpu") == "fp32"  # the same numbers on every CPU, native bf16 or not
+    assert isinstance(cpu_has_native_bf16(), bool)
 
 
 def test_worker_processes_give_the_same_features(counting):
