@@ -89,6 +89,7 @@ def register(app: typer.Typer) -> None:
         val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none')."),
         max_epochs: int = typer.Option(60, help="Most training epochs."),
         seed: int = typer.Option(0),
+        run_dir: str = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
     ) -> None:
         """Train the H&E-only student on the teacher's soft labels (patients listed, or all)."""
         from ..io._section import PATIENT_KEY, SECTION_KEY, subset_sections
@@ -105,7 +106,9 @@ def register(app: typer.Typer) -> None:
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
         s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
                          val_patients=vp, max_epochs=max_epochs, seed=seed)
-        s.fit(adata, probs_key=f"{teacher_key}_probs")
+        s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir)
+        if s.info_.get("resumed"):
+            typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
                    f"early stopping on {s.info_['val_patients'] or 'none'} at epoch {s.info_['best_epoch']}; saved to {model}")
