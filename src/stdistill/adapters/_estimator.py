@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import StdistillError
-from .._utils import atomic_path
+from .._utils import Record, atomic_path, check_state
 from ._config import AdapterConfig
 from ._cut import parse_cut
 from ._module import TailModule, trainable_key
@@ -211,8 +211,8 @@ class AdaptedEncoder:
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
+                meta = Record(fh.metadata() or {}, path, cls.__name__)
+                state = Record({k: fh.get_tensor(k) for k in fh.keys()}, path, cls.__name__)
         except Exception as e:
             raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
         if meta.get("format") != cls.file_format:
@@ -220,7 +220,9 @@ class AdaptedEncoder:
         self = cls(encoder or meta["encoder"], cls.config_class(**json.loads(meta["config"])), **kw)
         setattr(self, f"{cls.targets_key}_", json.loads(meta[cls.targets_key]))
         net = self._net_from_state(self._adapted_tail(), state)
-        self.y_mean_, self.y_std_ = state.pop("y_mean").numpy(), state.pop("y_std").numpy()
+        self.y_mean_, self.y_std_ = state["y_mean"].numpy(), state["y_std"].numpy()
+        del state["y_mean"], state["y_std"]
+        check_state(net.state_dict(), state, path, cls.__name__, strict=False)
         missing, unexpected = net.load_state_dict(state, strict=False)
         bad = [k for k in missing if trainable_key(k, self.heads)]
         if bad or unexpected:

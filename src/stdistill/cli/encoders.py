@@ -8,45 +8,22 @@ import typer
 
 
 def _load_data(data: str):
-    """An .h5ad file or a dataset name; her2st is read with its imaged sections only."""
+    """Validated sections (:func:`stdistill.io.load_any`); her2st is read with its imaged sections only."""
     if data.lower() == "her2st" and not Path(data).exists():
         from ..datasets import her2st
 
         return her2st(images_only=True)
-    try:
-        from ..io.summary import load_any
-    except ImportError:  # pragma: no cover - older trees without io.summary
-        load_any = None
-    if load_any is not None:
-        return load_any(data)
-    import importlib
+    from ..io import load_any
 
-    from .._errors import StdistillError
-
-    if data.endswith(".h5ad"):
-        import anndata as ad
-
-        return ad.read_h5ad(data)
-    if data.lower() in ("simulated",):
-        return importlib.import_module("..datasets", __package__).simulated()
-    raise StdistillError("expected an .h5ad file or a dataset name ('her2st', 'simulated')", data)
+    return load_any(data)
 
 
 def _write(adata, out: Path) -> None:
-    try:
-        from ..io import write_h5ad
-    except ImportError:  # pragma: no cover
-        write_h5ad = None
-    if write_h5ad is not None:
-        write_h5ad(adata, out)
-        from ..features.cache import _share
+    from ..features.cache import _share
+    from ..io import write_h5ad
 
-        _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
-        return
-    from .._utils import atomic_path
-
-    with atomic_path(out) as tmp:  # pragma: no cover
-        adata.write_h5ad(tmp)
+    write_h5ad(adata, out)
+    _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
 
 
 def register(app: typer.Typer) -> None:

@@ -150,8 +150,7 @@ def register(app: typer.Typer) -> None:
             m.transform(a, key_added="X_peka")
             a.obsm["peka_pred"] = pred.to_numpy(np.float32)
             a.uns["peka_pred_genes"] = list(pred.columns)
-            with atomic_path(features_out) as tmp:
-                a.write_h5ad(tmp)
+            sd.io.write_h5ad(a, features_out)
         c = Console()
         if map_gene and map_gene in pred.columns and map_gene in a.var_names:
             for s in secs:

@@ -1,7 +1,8 @@
 """``stdistill niches teacher|distill|predict|evaluate``: the niche distillation recipe from the shell.
 
-Data go in and out as .h5ad files in the stdistill layout (or a dataset name: ``her2st``,
-``simulated``). Models are folders with ``config.json`` + safetensors weights.
+Data go in as anything :func:`stdistill.io.load_any` reads (validated: an .h5ad in the
+stdistill layout, a Visium or her2st folder, or a dataset name ``her2st``, ``mob``,
+``simulated``) and out as validated .h5ad files. Models are folders with ``config.json`` + safetensors weights.
 """
 
 from __future__ import annotations
@@ -15,35 +16,27 @@ from .._errors import StdistillError
 FEATURES_DEFAULT = "X_effnet-lite0-imagenet"
 
 
-def _load(path: str):
-    """An .h5ad file or a dataset name."""
-    import anndata as ad
+def _load(data: str, obsm: tuple[str, ...] = ()):
+    """Sections from an .h5ad, a Visium/her2st folder or a dataset name, validated by
+    :func:`stdistill.io.load_any`; ``obsm`` keys that must be present are checked naming the file."""
+    from ..io import load_any
 
-    if path in ("her2st", "simulated"):
-        from .. import datasets
-
-        return getattr(datasets, path)()
-    p = Path(path)
-    if not p.exists():
-        raise StdistillError("no such file (expected an .h5ad in the stdistill layout, or 'her2st'/'simulated')", p)
-    if p.suffix != ".h5ad":
-        raise StdistillError("expected an .h5ad file", p)
-    try:
-        return ad.read_h5ad(p)
-    except Exception as e:  # noqa: BLE001 - unreadable file
-        raise StdistillError(f"cannot read as AnnData: {e}", p) from None
+    adata = load_any(data)
+    missing = [k for k in obsm if k not in adata.obsm]
+    if missing:
+        have = ", ".join(sorted(adata.obsm)) or "none"
+        raise StdistillError(f"obsm lacks {missing} (has: {have})", data)
+    return adata
 
 
 def _write(adata, path: str) -> Path:
-    from .._utils import atomic_path
+    """Validate and write atomically (in-memory HDF5 first: a full disk is one error line)."""
+    from ..io import write_h5ad
 
     p = Path(path)
     if p.suffix != ".h5ad":
         raise StdistillError("output must end in .h5ad", p)
-    # images held as paths stay paths; in-memory images are kept (small, simulated)
-    with atomic_path(p) as tmp:
-        adata.write_h5ad(tmp)
-    return p
+    return write_h5ad(adata, p)
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +45,7 @@ def register(app: typer.Typer) -> None:
 
     @niches.command("teacher")
     def teacher(
-        data: str = typer.Argument(..., help=".h5ad with raw counts (any sections, images not needed) or 'her2st'."),
+        data: str = typer.Argument(..., help=".h5ad with raw counts (any sections, images not needed), a Visium/her2st folder, or a dataset name: 'her2st', 'mob', 'simulated'."),
         out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche'] and obsm['niche_probs']."),
         n_niches: int = typer.Option(6, "--n-niches", "-k", help="Number of niches K."),
         method: str = typer.Option("aggregate", help="'aggregate' (CellCharter-like) or 'nolan' (self-supervised)."),
@@ -96,12 +89,13 @@ def register(app: typer.Typer) -> None:
         val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none')."),
         max_epochs: int = typer.Option(60, help="Most training epochs."),
         seed: int = typer.Option(0),
+        run_dir: str = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
     ) -> None:
         """Train the H&E-only student on the teacher's soft labels (patients listed, or all)."""
         from ..io._section import PATIENT_KEY, SECTION_KEY, subset_sections
         from ..students.niche import NicheStudent
 
-        adata = _load(data)
+        adata = _load(data, obsm=(features, f"{teacher_key}_probs"))
         if train_patients:
             keep = [p.strip() for p in train_patients.split(",") if p.strip()]
             unknown = set(keep) - set(adata.obs[PATIENT_KEY].astype(str))
@@ -112,7 +106,9 @@ def register(app: typer.Typer) -> None:
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
         s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
                          val_patients=vp, max_epochs=max_epochs, seed=seed)
-        s.fit(adata, probs_key=f"{teacher_key}_probs")
+        s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir)
+        if s.info_.get("resumed"):
+            typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
                    f"early stopping on {s.info_['val_patients'] or 'none'} at epoch {s.info_['best_epoch']}; saved to {model}")
@@ -146,7 +142,7 @@ def register(app: typer.Typer) -> None:
 
     @niches.command("evaluate")
     def evaluate(
-        data: str = typer.Argument(..., help=".h5ad with counts and patch features, or 'her2st'/'simulated'."),
+        data: str = typer.Argument(..., help=".h5ad with counts and patch features, or a dataset name: 'her2st', 'mob', 'simulated'."),
         out_dir: str = typer.Option("niches_out", "--out-dir", "-o", help="Folder for metrics CSVs and niche maps."),
         features: str = typer.Option(FEATURES_DEFAULT, help="obsm key of the patch features."),
         n_niches: int = typer.Option(6, "--n-niches", "-k"),

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import StdistillError
-from .._utils import atomic_path
+from .._utils import write_hdf5
 
 FORMAT = 1
 ENV = "STDISTILL_CACHE"
@@ -124,27 +124,27 @@ class FeatureCache:
 
     def put(self, encoder: str, key: str, feats: np.ndarray, *, section: str = "", key_parts: dict | None = None) -> Path:
         """Write an entry atomically; returns its path."""
-        import h5py
-
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         if feats.ndim != 2:
             raise StdistillError(f"cache entries hold (n, dim) features, got shape {feats.shape}")
         if not np.all(np.isfinite(feats)):
             raise StdistillError(f"encoder {encoder!r} produced non-finite features for section {section!r}; not caching them")
         p = self.path(encoder, key)
+
+        def fill(f) -> None:
+            f.create_dataset("features", data=feats, fletcher32=True,
+                             chunks=(min(len(feats), 1024) or 1, feats.shape[1] or 1))
+            f.attrs["checksum"] = features_checksum(feats)
+            f.attrs["format"] = FORMAT
+            f.attrs["section"] = str(section)
+            f.attrs["encoder"] = str(encoder)
+            f.attrs["n"] = feats.shape[0]
+            f.attrs["dim"] = feats.shape[1]
+            f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
+
         try:
-            with atomic_path(p) as tmp:
-                with h5py.File(tmp, "w") as f:
-                    f.create_dataset("features", data=feats, fletcher32=True,
-                                     chunks=(min(len(feats), 1024) or 1, feats.shape[1] or 1))
-                    f.attrs["checksum"] = features_checksum(feats)
-                    f.attrs["format"] = FORMAT
-                    f.attrs["section"] = str(section)
-                    f.attrs["encoder"] = str(encoder)
-                    f.attrs["n"] = feats.shape[0]
-                    f.attrs["dim"] = feats.shape[1]
-                    f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
-                _share(tmp)
+            write_hdf5(p, fill)  # built in memory: a full disk is an OSError, not an h5py crash
+            _share(p)
         except OSError as e:
             raise StdistillError(f"cannot write the feature cache ({e}); pass cache_dir= or set {ENV}", p) from None
         return p

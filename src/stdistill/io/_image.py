@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .._errors import StdistillError
+from .._errors import StdistillError, require_file
 from .._utils import array_digest, file_digest
 
 PAD_VALUE = 255  # white, like glass background
@@ -205,8 +205,7 @@ def open_image(path: str | os.PathLike) -> ImageReader:
     Raises :class:`StdistillError` naming the file when it is missing or unreadable.
     """
     p = Path(path)
-    if not p.is_file():
-        raise StdistillError("image file does not exist", p)
+    require_file(p, "image file")
     if p.suffix.lower() in _WSI_SUFFIXES:
         try:
             import tiffslide  # noqa: F401

@@ -81,7 +81,7 @@ def kmeans_niches(
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
-    from ..pp.neighbors import aggregate_neighbors
+    from ..pp.neighbors import aggregate, radius_graph
     from ..students.niche import normalise_features
 
     if feature_key not in adata.obsm:
@@ -91,10 +91,7 @@ def kmeans_niches(
         raise StdistillError(f"{int(ok.sum())} spots with features cannot hold {n_niches} clusters")
     f[~ok] = np.nan
     if radius_um:
-        tmp = ad.AnnData(obs=adata.obs[[SECTION_KEY]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"]), "f": f},
-                         uns={"spatial": adata.uns["spatial"]})
-        aggregate_neighbors(tmp, "f", radius_um=radius_um, n_rings=1, mode="mean", key_added="f_nbr")
-        f = np.asarray(tmp.obsm["f_nbr"])
+        f = aggregate(radius_graph(adata, radius_um), f, n_rings=1, mode="mean")
     x = f[ok]
     if n_pcs and x.shape[1] > n_pcs:
         x = PCA(n_components=min(n_pcs, x.shape[0] - 1), random_state=seed).fit_transform(x)

@@ -25,7 +25,12 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
+from .._utils import (
+    load_safetensors_dir,
+    load_state,
+    save_safetensors_dir,
+    seed_everything,
+)
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
@@ -36,127 +41,39 @@ _ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
 
 
 def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float, summary_token: bool = True):
-    import torch
-    from torch import nn
+    from ._niche_modules import NicheTransformer
 
-    class NicheTransformer(nn.Module):
-        """(B, T, F) features, (B, T, 2) offsets / radius, (B, T) mask -> (B, K) logits.
-
-        Token 0 is the centre spot. With ``summary_token`` a neighbourhood token (the mean of the
-        real tokens' features, with its own learned embedding) is added; the head reads the
-        centre's and the summary's outputs."""
-
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Sequential(nn.LayerNorm(d_feat), nn.Dropout(dropout), nn.Linear(d_feat, d_model))
-            self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-            self.centre = nn.Parameter(torch.zeros(d_model))
-            self.summary = nn.Parameter(torch.zeros(d_model)) if summary_token else None
-            layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout,
-                                               batch_first=True, norm_first=True, activation="gelu")
-            self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-            n_out = 2 if summary_token else 1
-            self.head = nn.Sequential(nn.LayerNorm(n_out * d_model), nn.Linear(n_out * d_model, n_niches))
-
-        def forward(self, x, off, mask):
-            h = self.inp(x) + self.pos(off)
-            h[:, 0] = h[:, 0] + self.centre
-            if self.summary is not None:
-                w = mask.unsqueeze(-1).to(x.dtype)
-                mean = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
-                hs = (self.inp(mean) + self.summary).unsqueeze(1)
-                h = torch.cat([h[:, :1], hs, h[:, 1:]], 1)
-                mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], 1)
-            h = self.encoder(h, src_key_padding_mask=~mask)
-            return self.head(h[:, :2].flatten(1) if self.summary is not None else h[:, 0])
-
-    return NicheTransformer()
+    return NicheTransformer(d_feat, n_niches, d_model, n_layers, n_heads, dropout, summary_token)
 
 
-def _lit_module(net, feats, index, offset, mask, probs, *, temperature, hard_weight, lr, weight_decay, token_drop, monitor="val_ari"):
-    import lightning as L
+def _read_ckpt(path: Path) -> dict | None:
+    """A Lightning checkpoint read with ``weights_only=True``; None (and the file removed) when it
+    is unreadable, e.g. cut short by a kill while being written."""
     import torch
 
-    from ..losses import distillation_loss
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a torn file: start this stage again
+        path.unlink(missing_ok=True)
+        return None
 
-    class Distill(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer("feats", torch.from_numpy(feats), persistent=False)
-            self.register_buffer("index", torch.from_numpy(index), persistent=False)
-            self.register_buffer("offset", torch.from_numpy(offset), persistent=False)
-            self.register_buffer("mask", torch.from_numpy(mask), persistent=False)
-            self.register_buffer("probs", torch.from_numpy(probs), persistent=False)
-            self.val_history: list[float] = []
-            self.best_state: dict | None = None
-            self._val_sum = 0.0
-            self._val_n = 0
-            self._val_hit = 0.0
-            self.val_err_history: list[float] = []
-            self.monitor_history: list[float] = []
-            self.val_ari_history: list[float] = []
-            self._val_pred: list = []
-            self._val_true: list = []
 
-        def _batch(self, i, train: bool):
-            idx = self.index[i]
-            m = self.mask[i].clone()
-            off = self.offset[i]
-            if train:
-                if token_drop > 0:
-                    keep = torch.rand(m.shape, device=m.device) >= token_drop
-                    keep[:, 0] = True
-                    m = m & keep
-                th = torch.rand(len(i), device=off.device) * 2 * torch.pi
-                c, s = th.cos(), th.sin()
-                flip = torch.where(torch.rand(len(i), device=off.device) < 0.5, -1.0, 1.0)
-                rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s * flip, c * flip], -1)], -2)
-                off = torch.einsum("bij,btj->bti", rot, off)
-            x = self.feats[idx.clamp_min(0)] * m.unsqueeze(-1)
-            return self.net(x, off, m), self.probs[i]
+def _stage_dir(run_dir: str | os.PathLike, stage: str, params: dict, seed: int, epochs: int, arrays, *idx) -> Path:
+    """``run_dir/<stage>-<fingerprint>``: the fingerprint covers the settings, seed, epochs and
+    every input array, so a rerun resumes only the identical training."""
+    import hashlib
+    import json
 
-        def training_step(self, batch, _):
-            logits, p = self._batch(batch[0], train=True)
-            loss = distillation_loss(logits, p, temperature, hard_weight)
-            self.log("train_loss", loss, prog_bar=False, batch_size=len(p))
-            return loss
+    from .._utils import array_digest
 
-        def validation_step(self, batch, _):
-            logits, p = self._batch(batch[0], train=False)
-            loss = distillation_loss(logits, p, temperature, hard_weight)
-            self._val_sum += float(loss) * len(p)
-            self._val_n += len(p)
-            self._val_hit += float((logits.argmax(-1) == p.argmax(-1)).sum())
-            self._val_pred.append(logits.argmax(-1).cpu().numpy())
-            self._val_true.append(p.argmax(-1).cpu().numpy())
-            self.log("val_loss", loss, prog_bar=False, batch_size=len(p), on_epoch=True, on_step=False)
-
-        def on_validation_epoch_end(self):
-            if self.trainer.sanity_checking:
-                self._val_sum, self._val_n, self._val_hit = 0.0, 0, 0.0
-                return
-            from ..metrics import ari
-
-            v = self._val_sum / max(self._val_n, 1)
-            err = 1.0 - self._val_hit / max(self._val_n, 1)
-            r = ari(np.concatenate(self._val_true), np.concatenate(self._val_pred))
-            self._val_sum, self._val_n, self._val_hit, self._val_pred, self._val_true = 0.0, 0, 0.0, [], []
-            self.val_history.append(v)
-            self.val_err_history.append(err)
-            self.val_ari_history.append(r)
-            # error ties (coarse on small validation sets) are broken by the loss
-            score = {"val_err": err + 1e-4 * v / (1.0 + v), "val_loss": v, "val_ari": -r}[monitor]
-            self.log("val_err", score if monitor == "val_err" else err, prog_bar=False)
-            self.log("val_ari", -r, prog_bar=False)  # negated: early stopping minimises
-            if not self.monitor_history or score < min(self.monitor_history):
-                self.best_state = {k: t.detach().clone() for k, t in self.net.state_dict().items()}
-            self.monitor_history.append(score)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay)
-
-    return Distill()
+    keep = {k: v for k, v in params.items() if k not in ("device", "num_threads")}
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps([keep, seed, epochs], sort_keys=True, default=str).encode())
+    for arr in (*arrays[:5], *(i for i in idx if i is not None)):
+        h.update(array_digest(np.asarray(arr)).encode())
+    return Path(run_dir) / f"{stage}-{h.hexdigest()}"
 
 
 @contextlib.contextmanager
@@ -394,31 +311,61 @@ class NicheStudent:
         self.info_["d_in"] = int(f.shape[1])
         return f, index, offset, mask, probs, ok
 
-    def _train(self, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int, seed: int):
+    def _train(self, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int, seed: int,
+               run_dir: str | os.PathLike | None = None, stage: str = "fit"):
+        """Train one net; with ``run_dir``, checkpoint every epoch and resume from the last one.
+
+        Returns the LightningModule (histories, ``best_state``). A stage that finished is read
+        back from ``done.ckpt`` instead of being trained again.
+        """
         import torch
         from torch.utils.data import DataLoader, TensorDataset
 
         from .._lightning import make_trainer, quiet
+        from ._niche_modules import NicheDistill
 
         p = self.params
         f, index, offset, mask, probs, _ = arrays
         seed_everything(seed)
         net = _net(f.shape[1], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
-        mod = _lit_module(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
-                          lr=p["lr"], weight_decay=p["weight_decay"], token_drop=p["token_drop"], monitor=p["monitor"])
         g = torch.Generator().manual_seed(seed)
+        mod = NicheDistill(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
+                           lr=p["lr"], weight_decay=p["weight_decay"], token_drop=p["token_drop"], monitor=p["monitor"],
+                           loader_generator=g)
         bs = min(p["batch_size"], len(train_idx))
         tr = DataLoader(TensorDataset(torch.from_numpy(train_idx)), batch_size=bs, shuffle=True, generator=g,
                         drop_last=len(train_idx) > bs and len(train_idx) % bs == 1)
         va = None if val_idx is None else DataLoader(TensorDataset(torch.from_numpy(val_idx)), batch_size=1024)
+        ckpt_dir, callbacks, resume = None, [], None
+        if run_dir is not None:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            ckpt_dir = _stage_dir(run_dir, stage, p, seed, epochs, arrays, train_idx, val_idx)
+            done = _read_ckpt(ckpt_dir / "done.ckpt")
+            if done is not None:
+                mod.load_state_dict(done["state_dict"])
+                mod.on_load_checkpoint(done)
+                self._resumed.append(f"{stage} (finished)")
+                return mod
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,  # one file, each epoch
+                                             save_on_train_epoch_end=True, enable_version_counter=False))
+            if _read_ckpt(ckpt_dir / "last.ckpt") is not None:
+                resume = ckpt_dir / "last.ckpt"
+                self._resumed.append(stage)
         trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
                                patience=p["patience"], accelerator=p["device"], devices=1,
-                               num_sanity_val_steps=0, enable_progress_bar=False)
+                               num_sanity_val_steps=0, enable_progress_bar=False, callbacks=callbacks,
+                               enable_checkpointing=bool(callbacks))
         with _threads(p["num_threads"]), quiet():
-            trainer.fit(mod, tr, va)
+            trainer.fit(mod, tr, va, ckpt_path=resume, weights_only=True)
+        if ckpt_dir is not None:
+            tmp = ckpt_dir / ".done.ckpt.tmp"
+            trainer.save_checkpoint(tmp, weights_only=True)  # net weights + histories; no optimizer
+            os.replace(tmp, ckpt_dir / "done.ckpt")
         return mod
 
-    def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None) -> NicheStudent:
+    def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None,
+            run_dir: str | os.PathLike | None = None) -> NicheStudent:
         """Train on spots with features and teacher probabilities ``obsm[probs_key]`` (n_obs, K).
 
         ``adata`` holds the training patients only (the caller splits by patient); the
@@ -429,7 +376,14 @@ class NicheStudent:
         patient and scored on the validation patient (best ``monitor`` value over epochs); the
         best is kept (ties: the first) and refitted. Settings are thus chosen inside the training
         patients only. The scores are in ``info_["selection"]``.
+
+        ``run_dir``: a folder for Lightning checkpoints (one sub-folder per training stage,
+        ``last.ckpt`` every epoch, ``done.ckpt`` when the stage ends). Rerunning the same call
+        after a kill resumes where it stopped and ends with the same weights as an uninterrupted
+        run; stages of other settings or data get other sub-folders. ``info_["resumed"]`` lists
+        the stages that were resumed or read back.
         """
+        self._resumed: list[str] = []
         p = self.params
         if probs_key not in adata.obsm:
             raise StdistillError(f'AnnData has no obsm["{probs_key}"] (teacher soft labels); run NicheTeacher.predict first')
@@ -467,7 +421,8 @@ class NicheStudent:
                 self.params = dict(base, **c)
                 arrays = self._prepare(adata, probs)
                 ok = arrays[-1]
-                mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val), self.params["max_epochs"], seed)
+                mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val),
+                                  self.params["max_epochs"], seed, run_dir, f"candidate{len(selection)}")
                 hist = mod.monitor_history
                 score = float(min(hist)) if hist else float("inf")
                 epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
@@ -482,15 +437,17 @@ class NicheStudent:
                               chosen=c, selection=selection)
             if self.params["refit"]:
                 ok = arrays[-1]
-                mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1)
+                mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1,
+                                  run_dir, "refit")
             elif mod.best_state is not None:
                 mod.net.load_state_dict(mod.best_state)
         else:
             if candidates:
                 raise StdistillError("choosing among candidates needs a validation patient (>= 2 training patients)")
             arrays = self._prepare(adata, probs)
-            mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed)
+            mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed, run_dir, "fit")
             self.info_.update(val_patients=[], best_epoch=p["max_epochs"])
+        self.info_["resumed"] = list(self._resumed)
         self.info_["train_patients"] = train_pats
         self.info_["n_train_spots"] = int(arrays[-1].sum())
         self.net_ = mod.net.eval()
@@ -552,17 +509,18 @@ class NicheStudent:
         path = Path(path)
         cfg, tensors = load_safetensors_dir(path, "model.safetensors", _FORMAT, "NicheStudent", device=device)
         params = dict(cfg["params"], device=device)
-        s = cls(**params)
+        try:
+            s = cls(**params)
+        except TypeError as e:
+            raise StdistillError(f"config.json has parameters this version does not know ({e})", path) from None
+        d_in = int(cfg["info"]["d_in"])
         s.info_ = dict(cfg["info"])
         for k in _ARRAYS:
             t = tensors.pop(f"_norm.{k}", None)
             if t is not None:
                 s.info_[k] = t.numpy()
         p = s.params
-        net = _net(s.info_["d_in"], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise StdistillError(f"weights do not match the config: {str(e).splitlines()[0]}", path) from None
+        net = _net(d_in, p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
+        load_state(net, tensors, path, "NicheStudent")
         s.net_ = net.eval()
         return s

@@ -33,7 +33,12 @@ import scipy.sparse as sp
 from .._errors import StdistillError
 from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
-from ..pp.neighbors import aggregate_neighbors, neighbor_tokens, radius_for_neighbors
+from ..pp.neighbors import (
+    aggregate,
+    neighbor_tokens,
+    radius_for_neighbors,
+    radius_graph,
+)
 
 METHODS = ("nolan", "aggregate")
 CORRECTIONS = ("standardize", "scvi", "harmony", None)
@@ -374,11 +379,7 @@ class NicheTeacher:
         return self
 
     def _aggregate(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:
-        tmp = ad.AnnData(obs=adata.obs[[SECTION_KEY]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"]), "e": e},
-                         uns={"spatial": adata.uns["spatial"]})
-        tmp.obs_names = adata.obs_names
-        aggregate_neighbors(tmp, "e", radius_um=self.state_["radius_um"], n_rings=self.params["n_rings"], key_added="agg")
-        return np.asarray(tmp.obsm["agg"], dtype=np.float64)
+        return aggregate(radius_graph(adata, self.state_["radius_um"]), e, self.params["n_rings"]).astype(np.float64)
 
     def _views(self, adata: ad.AnnData, e: np.ndarray):
         r = self.state_["radius_um"]
@@ -465,7 +466,7 @@ class NicheTeacher:
     def diagnostics(self, adata: ad.AnnData, key: str = "niche", patient_key: str = PATIENT_KEY) -> dict:
         """``{"nmi_patient": NMI(niche, patient), "sizes": DataFrame patients x niches (spots),
         "single_niche_patients": patients whose spots are >= 95% one niche}``."""
-        from ..metrics import nmi, niche_sizes
+        from ..metrics import niche_sizes, nmi
 
         if key not in adata.obs:
             raise StdistillError(f'AnnData has no obs["{key}"]; run teacher.predict(adata, key_added="{key}") first')
