@@ -175,11 +175,11 @@ class SlideImage:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         try:
-            import tiffslide as backend
+            from tiffslide import TiffSlide as _Open
         except ImportError:  # pragma: no cover - optional
-            import openslide as backend  # type: ignore[no-redef]
+            from openslide import OpenSlide as _Open  # type: ignore[no-redef]
         try:
-            self._slide = backend.OpenSlide(self.path)
+            self._slide = _Open(self.path)
         except Exception as e:
             raise StdistillError(f"slide is unreadable ({type(e).__name__}: {e})", path) from None
         self.size = tuple(int(v) for v in self._slide.dimensions)
