@@ -30,15 +30,9 @@ def he_image(w: int = 768, h: int = 576, seed: int = 0, smear: bool = True, pen:
 
 def write_pyramid(path: Path, img: np.ndarray, mpp: float = 1.0, levels: int = 3) -> Path:
     """A tiled pyramidal TIFF (level 0 + sub-resolutions) recording ``mpp`` um/px."""
-    import tifffile
+    from stdistill.io import write_pyramid_tiff
 
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(img, tile=(128, 128), subifds=levels - 1, photometric="rgb", compression="zlib",
-                 resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-        for k in range(1, levels):
-            tw.write(np.ascontiguousarray(img[:: 2**k, :: 2**k]), tile=(128, 128), subfiletype=1,
-                     photometric="rgb", compression="zlib")
-    return path
+    return write_pyramid_tiff(path, img, mpp, levels=levels)
 
 
 def niche_bundle(path: Path, encoder: str, seed: int = 0) -> Path:
