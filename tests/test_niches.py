@@ -239,7 +239,7 @@ def test_student_predicts_on_tiles_without_genes(data):
                        obsm={"spatial": te.obsm["spatial"], "X_toy": te.obsm["X_toy"]}, uns={"spatial": te.uns["spatial"]})
     tiles.obsm["X_toy"][:2] = np.nan  # tiles without features get no niche
     s.predict(tiles)
-    assert tiles.obs["niche"].isna().sum() == 2 and np.isnan(tiles.obsm["niche_probs"][:2]).all()
+    assert tiles.obs["niche_pred"].isna().sum() == 2 and np.isnan(tiles.obsm["niche_pred_probs"][:2]).all()
     del tiles.obsm["X_toy"]
     with pytest.raises(StdistillError, match="patch features"):
         s.predict(tiles, extract=False)

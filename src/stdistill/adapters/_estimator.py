@@ -181,21 +181,48 @@ class AdaptedEncoder:
     def _encoder_name(self) -> str:
         return self.encoder_arg if isinstance(self.encoder_arg, str) else self._frozen_encoder().spec.name
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Adapter + heads + target scaling as safetensors; settings and target names as JSON
-        metadata (no pickle). Read back with ``load``."""
-        from safetensors.torch import save_file
+    def bundle_record(self) -> dict:
+        """The ``"bundle"`` entry of the saved config (see :mod:`stdistill.bundle`)."""
+        from ..bundle import bundle_record
 
         self._check()
-        path = Path(path)
+        enc = self._frozen_encoder()
+        targets = getattr(self, f"{self.targets_key}_")
+        return bundle_record(
+            type(self).__name__.lower(), encoder=enc.spec.name, weights_digest=enc.weights_digest,
+            size_um=self.config.size_um, px=self.config.px, precision="fp32", feature_norm="heads (training mean/sd)",
+            licence=enc.spec.licence, outputs={self.targets_key: list(targets)},
+            training={"best_epoch": self.best_epoch_, "fit_seconds": round(self.fit_seconds_, 1),
+                      "trainable_share": self.adapter_info_.get("share"),
+                      **getattr(self, "training_summary_", {})},
+        )
+
+    def _state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()
                  if trainable_key(k, self.heads) or k in self.buffers}
         state["y_mean"] = torch.from_numpy(self.y_mean_.astype(np.float32))
         state["y_std"] = torch.from_numpy(self.y_std_.astype(np.float32))
+        return state
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a bundle folder (``config.json`` + ``model.safetensors``; see :mod:`stdistill.bundle`),
+        or, for a path ending in ``.safetensors``, the older single file with JSON metadata.
+        Adapter + heads + target scaling as safetensors, nothing pickled. Read back with ``load``."""
+        from safetensors.torch import save_file
+
+        from .._utils import save_safetensors_dir
+
+        self._check()
+        path = Path(path)
+        targets = getattr(self, f"{self.targets_key}_")
+        if path.suffix != ".safetensors":
+            cfg = {"format": self.file_format, "bundle": self.bundle_record(), "config": asdict(self.config),
+                   self.targets_key: list(targets), "adapter_info": self.adapter_info_}
+            return save_safetensors_dir(path, "model.safetensors", self._state(), cfg)
         meta = {"format": self.file_format, "encoder": self._encoder_name(), "config": json.dumps(asdict(self.config)),
-                self.targets_key: json.dumps(getattr(self, f"{self.targets_key}_")), "adapter_info": json.dumps(self.adapter_info_)}
+                self.targets_key: json.dumps(targets), "adapter_info": json.dumps(self.adapter_info_)}
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=meta)
+            save_file(self._state(), str(tmp), metadata=meta)
         return path
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -203,12 +230,15 @@ class AdaptedEncoder:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path: str | os.PathLike, encoder=None, **kw):
-        """Rebuild a saved model. ``encoder``: a name or Encoder when the saved one is not in the
-        registry; ``kw``: constructor arguments (``cache_dir``, ``device``, ...)."""
+    def _read_saved(cls, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(metadata, state) of a bundle folder or an older single ``.safetensors`` file."""
         from safetensors import safe_open
 
-        path = Path(path)
+        from .._utils import load_safetensors_dir
+
+        if path.is_dir():
+            cfg, state = load_safetensors_dir(path, "model.safetensors", cls.file_format, cls.__name__)
+            return {**cfg, "encoder": cfg["bundle"]["encoder"]["name"]}, state
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = Record(fh.metadata() or {}, path, cls.__name__)
@@ -217,8 +247,22 @@ class AdaptedEncoder:
             raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
         if meta.get("format") != cls.file_format:
             raise StdistillError(f"not a stdistill {cls.__name__} model (format {meta.get('format')!r})", path)
-        self = cls(encoder or meta["encoder"], cls.config_class(**json.loads(meta["config"])), **kw)
-        setattr(self, f"{cls.targets_key}_", json.loads(meta[cls.targets_key]))
+        return {k: json.loads(v) if k in ("config", cls.targets_key, "adapter_info") else v for k, v in meta.items()}, state
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder=None, **kw):
+        """Rebuild a saved model (bundle folder or older ``.safetensors`` file). ``encoder``: a name
+        or Encoder when the saved one is not in the registry (a bundle refuses one whose weights
+        digest differs from the recorded one); ``kw``: constructor arguments (``cache_dir``, ``device``, ...)."""
+        path = Path(path)
+        meta, state = cls._read_saved(path)
+        self = cls(encoder or meta["encoder"], cls.config_class(**meta["config"]), **kw)
+        want = meta.get("bundle", {}).get("encoder", {}).get("weights_digest")
+        have = self._frozen_encoder().weights_digest
+        if want and have and want != have:
+            raise StdistillError(f"the encoder given has other weights ({have[:12]}) than the model was trained on "
+                                 f"({meta['encoder']}, {want[:12]})", path)
+        setattr(self, f"{cls.targets_key}_", list(meta[cls.targets_key]))
         net = self._net_from_state(self._adapted_tail(), state)
         self.y_mean_, self.y_std_ = state["y_mean"].numpy(), state["y_std"].numpy()
         del state["y_mean"], state["y_std"]
@@ -228,5 +272,6 @@ class AdaptedEncoder:
         if bad or unexpected:
             raise StdistillError(f"saved weights do not fit the encoder ({(bad + unexpected)[:3]})", path)
         self.net_ = net.eval()
-        self.best_epoch_, self.fit_seconds_, self.history_ = -1, 0.0, []
+        training = meta.get("bundle", {}).get("training", {})
+        self.best_epoch_, self.fit_seconds_, self.history_ = training.get("best_epoch", -1), training.get("fit_seconds", 0.0), []
         return self

@@ -167,6 +167,28 @@ def step_niches(run: DemoRun) -> None:
     run.outputs["niche metrics table"] = out / f"metrics_K{k}.csv"
 
 
+def step_bundle(run: DemoRun) -> None:
+    """Inputs of ``stdistill predict``: a niche student trained on every simulated patient (saved
+    as a bundle) and the last section's H&E as a pyramidal TIFF."""
+    from .. import io
+    from ..bundle import save_bundle
+    from ..students import NicheStudent
+    from ..teachers import NicheTeacher
+
+    a, k = run.adata, run.adata.obs["niche_true"].nunique()
+    NicheTeacher(k, seed=run.seed).fit_predict(a, key_added="niche_all")
+    s = NicheStudent(feature_key=run.info["feature_key"], size_um=112.0, px=run.patch_px, seed=run.seed,
+                     max_epochs=3 if run.quick else 20).fit(a, probs_key="niche_all_probs")
+    bundle = save_bundle(s, run.out / "niche_bundle")
+    sec = io.sections(a)[-1]
+    img = io.image(a, sec)
+    slide = io.write_pyramid_tiff(run.out / "simulated_slide.tif", img.read_region(0, 0, *img.size),
+                                  io.microns_per_pixel(a, sec))
+    run.outputs["niche student bundle (all patients)"] = bundle
+    run.outputs["simulated H&E slide (pyramidal TIFF)"] = slide
+    run.console.print(f"  next: stdistill predict {slide} --model {bundle} --out {run.out / 'predict'}")
+
+
 STEPS: list[Step] = [
     Step("simulate", "simulate paired ST + H&E", step_simulate),
     Step("patches", "cut patches at a physical size", step_patches),
@@ -174,6 +196,7 @@ STEPS: list[Step] = [
     Step("figure", "draw the sections", step_figure),
     Step("features", f"extract patch features ({ENCODER})", step_features),
     Step("niches", "distil ST niches into an H&E-only student", step_niches),
+    Step("bundle", "save a student bundle and a slide for stdistill predict", step_bundle),
 ]
 
 

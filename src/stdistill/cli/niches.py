@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
     @niches.command("distill")
     def distill(
         data: str = typer.Argument(..., help=".h5ad with teacher niches (obsm[<key>_probs]) and patch features."),
-        model: str = typer.Option(..., "--model", "-m", help="Folder to write the student to."),
+        model: str = typer.Option(..., "--model", "-m", help="Bundle folder to write the student to (for 'stdistill predict')."),
         features: str = typer.Option(FEATURES_DEFAULT, help="obsm key of the patch features."),
         teacher_key: str = typer.Option("niche", help="Teacher key: uses obsm['<key>_probs']."),
         train_patients: str = typer.Option(None, help="Comma-separated patients to train on (default: all)."),
@@ -117,8 +117,8 @@ def register(app: typer.Typer) -> None:
     def predict(
         data: str = typer.Argument(..., help=".h5ad of spots or of pp.tile output (H&E only; features extracted if missing)."),
         model: str = typer.Option(..., "--model", "-m", help="Student folder written by 'niches distill'."),
-        out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche'], obsm['niche_probs']."),
-        key_added: str = typer.Option("niche"),
+        out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche_pred'], obsm['niche_pred_probs']."),
+        key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
         plot: str = typer.Option(None, help="Also write a niche map PNG of the first section here."),
     ) -> None:
         """Map niches from H&E alone."""

@@ -1,6 +1,6 @@
 """Readers and writers, and the section data model (see :mod:`stdistill.io._section`)."""
 
-from ._image import ImageReader, open_image
+from ._image import ImageReader, open_image, write_pyramid_tiff
 from ._section import (
     PATIENT_KEY,
     SECTION_KEY,
@@ -33,6 +33,7 @@ __all__ = [
     "microns_per_pixel",
     "new_section",
     "open_image",
+    "write_pyramid_tiff",
     "read_h5ad",
     "read_hest",
     "read_legacy_st",

@@ -175,11 +175,11 @@ class SlideImage:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         try:
-            import tiffslide as backend
+            from tiffslide import TiffSlide as _Open
         except ImportError:  # pragma: no cover - optional
-            import openslide as backend  # type: ignore[no-redef]
+            from openslide import OpenSlide as _Open  # type: ignore[no-redef]
         try:
-            self._slide = backend.OpenSlide(self.path)
+            self._slide = _Open(self.path)
         except Exception as e:
             raise StdistillError(f"slide is unreadable ({type(e).__name__}: {e})", path) from None
         self.size = tuple(int(v) for v in self._slide.dimensions)
@@ -233,3 +233,25 @@ def _tifffile_image(p: Path) -> ArrayImage:
     if arr.dtype != np.uint8:
         raise StdistillError(f"expected an 8-bit RGB image, got dtype {arr.dtype}", p)
     return ArrayImage(arr, path=str(p))
+
+
+def write_pyramid_tiff(path: str | os.PathLike, image: np.ndarray, microns_per_pixel: float, levels: int = 3,
+                       tile: int = 128) -> Path:
+    """Write an RGB uint8 array (height, width, 3) as a tiled pyramidal TIFF (level 0 plus
+    ``levels - 1`` halvings as SubIFDs) recording ``microns_per_pixel`` (um/px), atomically.
+    tiffslide reads it as a whole-slide image with ``tiffslide.mpp-x`` set."""
+    import tifffile
+
+    from .._utils import atomic_path
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise StdistillError(f"expected an RGB uint8 (height, width, 3) array, got {image.dtype} {image.shape}", path)
+    path = Path(path)
+    res = (1e4 / microns_per_pixel, 1e4 / microns_per_pixel)  # pixels per centimetre
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
+        tw.write(image, tile=(tile, tile), subifds=levels - 1, photometric="rgb", compression="zlib",
+                 resolution=res, resolutionunit="CENTIMETER")
+        for k in range(1, levels):
+            tw.write(np.ascontiguousarray(image[:: 2**k, :: 2**k]), tile=(tile, tile), subfiletype=1,
+                     photometric="rgb", compression="zlib")
+    return path

@@ -31,6 +31,7 @@ from .._utils import (
     save_safetensors_dir,
     seed_everything,
 )
+from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
@@ -252,21 +253,29 @@ class NicheStudent:
         f = np.asarray(f.to_numpy() if isinstance(f, pd.DataFrame) else f, dtype=np.float32)
         if f.ndim != 2 or f.shape[0] != adata.n_obs:
             raise StdistillError(f'obsm["{key}"] must be (n_obs, n_features), got {f.shape}')
+        if self.net_ is not None and self.info_.get("features"):
+            check_record(self.bundle_record(), adata.uns.get("features", {}).get(key), f'obsm["{key}"]')
         if self.net_ is not None and f.shape[1] != self.info_["d_feat"]:
             raise StdistillError(
                 f'obsm["{key}"] has {f.shape[1]} features but the student was trained on {self.info_["d_feat"]}: same encoder?'
             )
         return f
 
-    def _normalise(self, adata: ad.AnnData, f: np.ndarray, fit: bool):
-        """Normalised (and PCA-projected) features (n_obs, d) and the mask of rows with features."""
+    def _normalise(self, adata: ad.AnnData, f: np.ndarray, fit: bool, stats=None):
+        """Normalised (and PCA-projected) features (n_obs, d) and the mask of rows with features.
+
+        ``stats``: (mean, sd) of the section the rows come from, for "section" normalisation of a
+        part of a section (a chunk of a slide); ignored with "global" normalisation."""
         if self.params["feature_norm"] == "global" and fit:
             ok = np.all(np.isfinite(f), axis=1)
             self.info_["feat_mean"] = f[ok].mean(0)
             sd = f[ok].std(0)
             sd[sd < 1e-6] = 1.0
             self.info_["feat_sd"] = sd
-        z, ok = normalise_features(adata, f, self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd"))
+        if stats is not None and self.params["feature_norm"] == "section" and not fit:
+            z, ok = normalise_features(adata, f, "global", *stats)
+        else:
+            z, ok = normalise_features(adata, f, self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd"))
         k = self.params["n_pcs"]
         if fit:
             self.info_.pop("pca_components", None)
@@ -450,6 +459,11 @@ class NicheStudent:
         self.info_["resumed"] = list(self._resumed)
         self.info_["train_patients"] = train_pats
         self.info_["n_train_spots"] = int(arrays[-1].sum())
+        self.info_["train_sections"] = sorted(set(adata.obs[SECTION_KEY].astype(str)[arrays[-1]]))
+        self.info_["features"] = _jsonable(dict(adata.uns.get("features", {}).get(p["feature_key"], {})))
+        names = niche_names(adata, probs_key[: -len("_probs")]) if probs_key.endswith("_probs") else None
+        if names is not None and len(names) == self.params["n_niches"]:
+            self.info_["niche_names"] = names
         self.net_ = mod.net.eval()
         return self
 
@@ -458,17 +472,19 @@ class NicheStudent:
         if self.net_ is None:
             raise StdistillError("NicheStudent is not fitted: call .fit(adata) or NicheStudent.load(path)")
 
-    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024) -> np.ndarray:
+    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024, stats=None) -> np.ndarray:
         """(n_obs, K) niche probabilities from H&E features alone (NaN rows: spots without features).
 
         Works on spot data and on :func:`stdistill.pp.tile` output alike. Features missing from
-        ``obsm`` are extracted first when ``extract`` and the student knows its encoder.
+        ``obsm`` are extracted first when ``extract`` and the student knows its encoder. Features
+        whose ``uns["features"]`` record names another encoder or patch size are refused.
+        ``stats``: the whole section's feature (mean, sd) when ``adata`` holds only part of it.
         """
         import torch
 
         self._check_fitted()
         f = self._features(adata, extract=extract)
-        f, ok = self._normalise(adata, f, fit=False)
+        f, ok = self._normalise(adata, f, fit=False, stats=stats)
         index, offset, mask = self._tokens(adata, ok, self.info_["max_neighbors"])
         out = np.full((adata.n_obs, self.params["n_niches"]), np.nan, dtype=np.float32)
         rows = np.flatnonzero(ok)
@@ -481,15 +497,30 @@ class NicheStudent:
                 out[rows[s:s + batch_size]] = torch.softmax(self.net_(x, ot[r], m), -1).numpy()
         return out
 
-    def predict(self, adata: ad.AnnData, key_added: str = "niche", extract: bool = True) -> np.ndarray:
+    def predict(self, adata: ad.AnnData, key_added: str = "niche_pred", extract: bool = True) -> np.ndarray:
         """Write ``obs[key_added]`` (categorical "0".."K-1") and ``obsm[f"{key_added}_probs"]`` (n_obs, K).
 
-        Returns the probabilities."""
+        The default key differs from the teacher's ``"niche"``, so predicting on the teacher's
+        file never overwrites its labels. Returns the probabilities."""
         probs = self.predict_proba(adata, extract=extract)
         write_niches(adata, probs, key_added)
         return probs
 
     # ------------------------------------------------------------------ persistence
+    def bundle_record(self) -> dict:
+        """The ``"bundle"`` entry of the saved config (see :mod:`stdistill.bundle`)."""
+        self._check_fitted()
+        p, made = self.params, self.info_.get("features") or {}
+        k = p["n_niches"]
+        return bundle_record(
+            "niches", encoder=made.get("encoder", p["encoder"]), weights_digest=made.get("weights_digest"),
+            size_um=made.get("size_um", p["size_um"]), px=made.get("px", p["px"]), precision=made.get("precision"),
+            feature_norm=p["feature_norm"], licence=made.get("licence"),
+            outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(k)]},
+            training={key: self.info_.get(key) for key in ("train_patients", "train_sections", "n_train_spots",
+                                                           "val_patients", "best_epoch", "radius_um")},
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` + ``path/model.safetensors`` atomically. Returns ``path``."""
         self._check_fitted()
@@ -500,7 +531,7 @@ class NicheStudent:
             if k in self.info_:
                 tensors[f"_norm.{k}"] = torch.from_numpy(np.ascontiguousarray(self.info_[k], dtype=np.float32))
         info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
-        cfg = {"format": _FORMAT, "params": self.params, "info": info}
+        cfg = {"format": _FORMAT, "bundle": self.bundle_record(), "params": self.params, "info": info}
         return save_safetensors_dir(path, "model.safetensors", tensors, cfg)
 
     @classmethod
