@@ -146,7 +146,7 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict)
 class Record(dict):
     """A dict read from a model file: a missing key is a StdistillError naming the file, not a KeyError."""
 
-    def __init__(self, data: dict, source, what: str):
+    def __init__(self, data=(), source="", what: str = "model"):  # defaults: dataclasses.asdict rebuilds it from pairs
         super().__init__(data)
         self.source, self.what = str(source), what
 
