@@ -57,7 +57,7 @@ def montage(patches: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> torch.
         patches = [patches]
     ts = []
     for p in patches:
-        t = torch.as_tensor(np.asarray(p))
+        t = p if isinstance(p, torch.Tensor) else torch.from_numpy(np.array(p, copy=True))
         if t.ndim != 3 or 3 not in (t.shape[0], t.shape[-1]):
             raise StdistillError(f"a patch must be RGB (H, W, 3) or (3, H, W), got shape {tuple(t.shape)}")
         ts.append(t if t.shape[0] == 3 else t.permute(2, 0, 1))
