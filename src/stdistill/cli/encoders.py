@@ -73,6 +73,13 @@ def register(app: typer.Typer) -> None:
         weights: Path | None = typer.Option(None, "--weights", help="Local weights (safetensors or a state dict)."),
         devices: int = typer.Option(1, "--devices", help="Processes/GPUs per node; > 1 uses Lightning DDP."),
         strategy: str = typer.Option("ddp_spawn", "--strategy", help="Lightning strategy when --devices > 1 (ddp, ddp_spawn)."),
+        stain_norm: str | None = typer.Option(None, "--stain-norm", help="Normalise stains first: macenko or reinhard (needs stdistill[stain])."),
+        stain_reference: str | None = typer.Option(
+            None, "--stain-reference",
+            help="Reference stain: a section name here (default: the first imaged section), or a features .h5ad "
+                 "of the training sections (its stored reference: new slides normalised as the training ones)."),
+        views: int = typer.Option(0, "--views", help="Also encode this many augmented views per patch (obsm['<key>_views'])."),
+        view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
     ) -> None:
         """Encode a patch around every spot and write the sections with their features to --out."""
         import time
@@ -100,7 +107,8 @@ def register(app: typer.Typer) -> None:
         report = run_extraction(
             adata, encoder, size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
             num_workers=num_workers, cache_dir=False if no_cache else cache_dir, weights=weights,
-            strategy=strategy if devices > 1 else None, devices=devices,
+            strategy=strategy if devices > 1 else None, devices=devices, stain_norm=stain_norm,
+            stain_reference=_stain_reference(stain_reference, encoder), views=views, view_seed=view_seed,
         )
         t1 = time.perf_counter()
         _write(adata, out)
@@ -117,3 +125,24 @@ def register(app: typer.Typer) -> None:
             f"{report.patches_computed} patches computed); load {t_load:.1f} s, extract {report.seconds:.1f} s, "
             f"write {t_write:.1f} s; wall {time.perf_counter() - t0:.1f} s -> {out}"
         )
+        if views:
+            console.print(f"augmented views: {report.views} views x {adata.n_obs} spots in {report.seconds_views:.1f} s "
+                          f"({report.seconds_views / report.views:.1f} s per view; clean pass {report.seconds_clean:.1f} s)")
+
+
+def _stain_reference(value: str | None, encoder: str):
+    """``--stain-reference``: None, a section name, or the stored reference of a features .h5ad."""
+    if value is None or not value.endswith(".h5ad"):
+        return value
+    import anndata as ad
+
+    from .._errors import StdistillError
+
+    p = Path(value)
+    if not p.is_file():
+        raise StdistillError("no such features file for --stain-reference", p)
+    stored = ad.read_h5ad(p).uns.get("features", {})
+    rec = [v["stain"] for k, v in stored.items() if isinstance(v, dict) and "stain" in v and v.get("encoder") == encoder]
+    if not rec:
+        raise StdistillError(f"holds no stain reference for encoder {encoder!r} (extract it with --stain-norm first)", p)
+    return dict(rec[0])

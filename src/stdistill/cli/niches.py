@@ -88,6 +88,10 @@ def register(app: typer.Typer) -> None:
         hard_weight: float = typer.Option(0.0, help="Share of hard-label cross-entropy."),
         val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none')."),
         max_epochs: int = typer.Option(60, help="Most training epochs."),
+        val_block: float = typer.Option(0.2, help="With one training patient: share of each section held out as a "
+                                                  "spatial block for early stopping (0: none)."),
+        views: bool = typer.Option(False, help="Sample augmented views (obsm['<features>_views'], from "
+                                               "'stdistill features --views K') each epoch."),
         seed: int = typer.Option(0),
         run_dir: str = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
     ) -> None:
@@ -105,13 +109,13 @@ def register(app: typer.Typer) -> None:
             adata = subset_sections(adata, list(secs))
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
         s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
-                         val_patients=vp, max_epochs=max_epochs, seed=seed)
+                         val_patients=vp, val_block=val_block, views=views, max_epochs=max_epochs, seed=seed)
         s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir)
         if s.info_.get("resumed"):
             typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
-                   f"early stopping on {s.info_['val_patients'] or 'none'} at epoch {s.info_['best_epoch']}; saved to {model}")
+                   f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; saved to {model}")
 
     @niches.command("predict")
     def predict(
@@ -120,6 +124,8 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche_pred'], obsm['niche_pred_probs']."),
         key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
         plot: str = typer.Option(None, help="Also write a niche map PNG of the first section here."),
+        refine: str = typer.Option("none", help="Test-time refinement with the section's own structure (label-free): "
+                                                "none, propagate, gmm or both; written as '<key>_refined' beside the raw."),
     ) -> None:
         """Map niches from H&E alone."""
         from ..io._section import sections
@@ -127,9 +133,11 @@ def register(app: typer.Typer) -> None:
 
         s = NicheStudent.load(model)
         adata = _load(data)
-        s.predict(adata, key_added=key_added)
-        counts = adata.obs[key_added].value_counts().sort_index()
-        typer.echo("spots per niche: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        s.predict(adata, key_added=key_added, refine=None if refine == "none" else refine)
+        for k in (key_added, f"{key_added}_refined"):
+            if k in adata.obs:
+                counts = adata.obs[k].value_counts().sort_index()
+                typer.echo(f"spots per niche ({k}): " + ", ".join(f"{c}: {v}" for c, v in counts.items()))
         if plot:
             from ..pl import niches as plot_niches
 
@@ -167,3 +175,12 @@ def register(app: typer.Typer) -> None:
         for p in figs:
             typer.echo(f"figure: {p}")
         typer.echo(f"metrics: {Path(out_dir) / f'metrics_K{n_niches}.csv'}")
+
+
+def _val_desc(info: dict) -> str:
+    """Where early stopping looked: the validation patients, a spatial block, or nowhere."""
+    if info.get("val_patients"):
+        return str(info["val_patients"])
+    if info.get("val_block_spots"):
+        return f"a spatial block of {info['val_block_spots']} spots (one training patient)"
+    return "none"

@@ -10,14 +10,18 @@ optional hard cross-entropy share). Training augments with random rotations/flip
 (tissue orientation is arbitrary) and neighbour-token dropout.
 
 Early stopping uses a validation patient taken from the training patients (never the test
-fold); with ``refit=True`` the model is then retrained on all training patients for the chosen
-number of epochs.
+fold); with a single training patient it warns and holds out a contiguous spatial block of each
+training section instead. With ``refit=True`` the model is then retrained on all training spots
+for the chosen number of epochs. With ``views=True`` each training epoch draws every spot's
+feature from its clean and augmented views (``obsm[feature_key + "_views"]``, from
+``features.extract(views=K)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -93,6 +97,18 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def section_moments(adata: ad.AnnData, f: np.ndarray, ok: np.ndarray):
+    """Per section with >= 2 rows in ``ok``: (row mask, mean (F,), sd (F,), tiny sds set to 1) of ``f``."""
+    sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
+    for s in pd.unique(sec):
+        m = (sec == s) & ok
+        if m.sum() < 2:
+            continue
+        mu, s_ = f[m].mean(0), f[m].std(0)
+        s_[s_ < 1e-6] = 1.0
+        yield m, mu, s_
+
+
 def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", mean=None, sd=None):
     """Z-scored features and a (n_obs,) mask of rows with finite features (other rows are 0).
 
@@ -103,13 +119,7 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
     ok = np.all(np.isfinite(f), axis=1)
     out = np.zeros_like(f)
     if how == "section":
-        sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
-        for s in pd.unique(sec):
-            m = (sec == s) & ok
-            if m.sum() < 2:
-                continue
-            mu, s_ = f[m].mean(0), f[m].std(0)
-            s_[s_ < 1e-6] = 1.0
+        for m, mu, s_ in section_moments(adata, f, ok):
             out[m] = (f[m] - mu) / s_
     elif how == "global":
         if mean is None:
@@ -150,8 +160,16 @@ class NicheStudent:
         the training spots) before the transformer; ``None``: use them whole.
     val_patients
         Early-stopping patients drawn from the training data: ``"smallest"`` (default: the
-        training patient with the fewest spots), a list of patient ids, or ``None`` (no early
-        stopping: ``max_epochs``).
+        training patient with the fewest spots; with one training patient a spatial block, see
+        ``val_block``), a list of patient ids, or ``None`` (no early stopping: ``max_epochs``).
+    val_block
+        With ``val_patients="smallest"`` and a single training patient: the share of each
+        training section's spots held out for early stopping, as one contiguous band along the
+        section's longer axis (a warning says so). 0: no early stopping (also warned).
+    views
+        Train on augmented feature views: each epoch every spot's feature is drawn from its
+        clean feature and ``obsm[feature_key + "_views"]`` (n_obs, V, F), seeded by (seed, epoch).
+        Validation and prediction use the clean features.
     refit
         After early stopping, retrain on all training patients for the chosen number of epochs
         (at least ``min_epochs``).
@@ -196,6 +214,8 @@ class NicheStudent:
         feature_norm: str = "section",
         n_pcs: int | None = 64,
         val_patients: str | list[str] | None = "smallest",
+        val_block: float = 0.2,
+        views: bool = False,
         refit: bool = True,
         encoder: str | None = None,
         size_um: float = 112.0,
@@ -225,7 +245,8 @@ class NicheStudent:
             token_drop=float(token_drop), temperature=float(temperature), hard_weight=float(hard_weight),
             lr=float(lr), weight_decay=float(weight_decay), batch_size=int(batch_size), max_epochs=int(max_epochs),
             min_epochs=int(min_epochs), monitor=monitor, patience=int(patience), feature_norm=feature_norm,
-            n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, refit=bool(refit),
+            n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, val_block=float(val_block),
+            views=bool(views), refit=bool(refit),
             encoder=encoder, size_um=float(size_um), px=int(px), seed=int(seed), device=device,
             num_threads=num_threads,
         )
@@ -318,7 +339,22 @@ class NicheStudent:
         self.info_["max_neighbors"] = int(mx)
         index, offset, mask = self._tokens(adata, ok, mx)
         self.info_["d_in"] = int(f.shape[1])
+        self._views_z = self._view_features(adata, ok) if p["views"] else None
         return f, index, offset, mask, probs, ok
+
+    def _view_features(self, adata: ad.AnnData, ok: np.ndarray) -> np.ndarray:
+        """(n_obs, V, d) augmented views normalised (and projected) like the clean features."""
+        from ._views import normalise_views
+
+        key = f'{self.params["feature_key"]}_views'
+        if key not in adata.obsm:
+            raise StdistillError(f'views=True needs obsm["{key}"]; run stdistill.features.extract(adata, ..., views=K) first')
+        v = normalise_views(adata, self._features(adata), adata.obsm[key], self.params["feature_norm"],
+                            self.info_.get("feat_mean"), self.info_.get("feat_sd"))
+        if "pca_components" in self.info_:
+            v = ((v - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
+        v[~ok] = 0.0
+        return v
 
     def _train(self, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int, seed: int,
                run_dir: str | os.PathLike | None = None, stage: str = "fit"):
@@ -346,6 +382,10 @@ class NicheStudent:
                         drop_last=len(train_idx) > bs and len(train_idx) % bs == 1)
         va = None if val_idx is None else DataLoader(TensorDataset(torch.from_numpy(val_idx)), batch_size=1024)
         ckpt_dir, callbacks, resume = None, [], None
+        if getattr(self, "_views_z", None) is not None:
+            from ._views import ViewSampler
+
+            callbacks.append(ViewSampler(f, self._views_z, seed))
         if run_dir is not None:
             from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -364,7 +404,7 @@ class NicheStudent:
         trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
                                patience=p["patience"], accelerator=p["device"], devices=1,
                                num_sanity_val_steps=0, enable_progress_bar=False, callbacks=callbacks,
-                               enable_checkpointing=bool(callbacks))
+                               enable_checkpointing=ckpt_dir is not None)
         with _threads(p["num_threads"]), quiet():
             trainer.fit(mod, tr, va, ckpt_path=resume, weights_only=True)
         if ckpt_dir is not None:
@@ -412,19 +452,22 @@ class NicheStudent:
         has = np.all(np.isfinite(f0), axis=1) & np.all(np.isfinite(probs), axis=1)
         train_pats = sorted(set(pats[has]))
         vp = p["val_patients"]
+        block = vp == "smallest" and len(train_pats) < 2
         if vp == "smallest":
-            vp = [] if len(train_pats) < 2 else [min(train_pats, key=lambda q: ((pats[has] == q).sum(), q))]
+            vp = [] if block else [min(train_pats, key=lambda q: ((pats[has] == q).sum(), q))]
         vp = [] if vp is None else [str(v) for v in vp]
         missing = set(vp) - set(train_pats)
         if missing:
             raise StdistillError(f"validation patients {sorted(missing)} are not in the training data")
         is_val = np.isin(pats, vp) & has
+        if block:
+            is_val = self._one_patient_block(adata, has, train_pats)
         if (has & ~is_val).sum() < 2:
             raise StdistillError("no training spots left after taking the validation patients out")
         seed = p["seed"]
         base = dict(p)
         selection = []
-        if vp:
+        if is_val.any():
             best = None
             for c in (candidates or [{}]):
                 self.params = dict(base, **c)
@@ -441,7 +484,7 @@ class NicheStudent:
             score, c, epoch, mod, arrays, info, vloss, verr = best
             self.params = dict(base, **c)
             self.info_ = info
-            self.info_.update(val_patients=vp, val_loss_history=[float(v) for v in vloss],
+            self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
                               val_err_history=[float(v) for v in verr], best_epoch=epoch, best_val=score,
                               chosen=c, selection=selection)
             if self.params["refit"]:
@@ -452,7 +495,8 @@ class NicheStudent:
                 mod.net.load_state_dict(mod.best_state)
         else:
             if candidates:
-                raise StdistillError("choosing among candidates needs a validation patient (>= 2 training patients)")
+                raise StdistillError("choosing among candidates needs a validation patient (>= 2 training patients) "
+                                     "or, with one patient, val_block > 0")
             arrays = self._prepare(adata, probs)
             mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed, run_dir, "fit")
             self.info_.update(val_patients=[], best_epoch=p["max_epochs"])
@@ -466,6 +510,21 @@ class NicheStudent:
             self.info_["niche_names"] = names
         self.net_ = mod.net.eval()
         return self
+
+    def _one_patient_block(self, adata: ad.AnnData, has: np.ndarray, train_pats: list[str]) -> np.ndarray:
+        """The spatial validation block used when only one patient trains (warned)."""
+        from ._views import spatial_block
+
+        frac = self.params["val_block"]
+        if frac <= 0:
+            warnings.warn(f"NicheStudent: one training patient ({train_pats[0]}) and val_block=0: no early stopping, "
+                          f"training all {self.params['max_epochs']} epochs", UserWarning, stacklevel=3)
+            return np.zeros(adata.n_obs, dtype=bool)
+        is_val = spatial_block(adata, has, frac)
+        warnings.warn(f"NicheStudent: one training patient ({train_pats[0]}), so no validation patient: early stopping on "
+                      f"a spatial block instead ({int(is_val.sum())} spots, {frac:.0%} of each section along its longer axis)",
+                      UserWarning, stacklevel=3)
+        return is_val
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self):
@@ -497,13 +556,23 @@ class NicheStudent:
                 out[rows[s:s + batch_size]] = torch.softmax(self.net_(x, ot[r], m), -1).numpy()
         return out
 
-    def predict(self, adata: ad.AnnData, key_added: str = "niche_pred", extract: bool = True) -> np.ndarray:
+    def predict(self, adata: ad.AnnData, key_added: str = "niche_pred", extract: bool = True, refine: str | None = None,
+                refine_kwargs: dict | None = None) -> np.ndarray:
         """Write ``obs[key_added]`` (categorical "0".."K-1") and ``obsm[f"{key_added}_probs"]`` (n_obs, K).
 
         The default key differs from the teacher's ``"niche"``, so predicting on the teacher's
-        file never overwrites its labels. Returns the probabilities."""
+        file never overwrites its labels. ``refine`` (``"propagate"``, ``"gmm"`` or ``"both"``):
+        also refine them with each section's own structure (:func:`stdistill.students.refine_niches`,
+        label-free, H&E only) into ``obs[key_added + "_refined"]`` /
+        ``obsm[key_added + "_refined_probs"]``; the raw ones stay. Returns the raw probabilities."""
         probs = self.predict_proba(adata, extract=extract)
         write_niches(adata, probs, key_added)
+        if refine:
+            from ._refine import refine_niches
+
+            kw = {"feature_key": self.params["feature_key"], "radius_um": self.info_.get("radius_um") or None,
+                  "seed": self.params["seed"], **(refine_kwargs or {})}
+            refine_niches(adata, f"{key_added}_probs", method=refine, key_added=f"{key_added}_refined", **kw)
         return probs
 
     # ------------------------------------------------------------------ persistence
