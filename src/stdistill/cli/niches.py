@@ -153,6 +153,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("aggregate", help="Teacher method: 'aggregate' or 'nolan'."),
         max_epochs: int = typer.Option(60, help="Most student training epochs."),
         seed: int = typer.Option(0),
+        skip_missing: bool = typer.Option(False, "--skip-missing", help="Sections without an H&E image get NaN features instead of an error (her2st has 29)."),
     ) -> None:
         """Leave-one-patient-out: teacher -> student -> baselines -> ARI/NMI/ID-accuracy/macro-F1 -> figures."""
         from ..recipes.niches import format_table, run, summary
@@ -162,7 +163,7 @@ def register(app: typer.Typer) -> None:
         if features not in adata.obsm:
             from .. import features as feat
 
-            feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features)
+            feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features, skip_missing=skip_missing)
         df, figs = run(adata, features, n_niches, out_dir=out_dir, seed=seed, teacher=NicheTeacher(n_niches, method=method, seed=seed),
                       student_kwargs={"max_epochs": max_epochs})
         typer.echo(format_table(df))
