@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "io", "pp", "datasets", "encoders", "features", "teachers", "students",
-    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide",
+    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report",
 }
 
 

@@ -272,3 +272,24 @@ def load_state(net, state: dict, source, what: str) -> None:
     """``net.load_state_dict(state)`` (strict) after :func:`check_state`."""
     check_state(net.state_dict(), state, source, what)
     net.load_state_dict(state, strict=True)
+
+
+#: Packages whose versions :func:`versions` records (a missing one is left out).
+VERSIONED = ("stdistill", "torch", "timm", "anndata", "scanpy", "numpy", "peft", "lightning")
+
+
+def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+    """Installed versions of ``packages`` plus Python's, read from package metadata (no imports)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    from . import __version__
+
+    out["stdistill"] = __version__  # the source tree in use, not whatever is installed
+    return out

@@ -36,7 +36,7 @@ def _root(
 def _register() -> None:
     import importlib
 
-    for mod in ("data", "demo", "encoders", "niches", "expression", "pathways", "genst", "survival", "predict"):
+    for mod in ("data", "demo", "encoders", "niches", "expression", "pathways", "genst", "survival", "predict", "report"):
         try:
             importlib.import_module(f".{mod}", __name__).register(app)
         except ModuleNotFoundError as e:  # a sub-app not written yet

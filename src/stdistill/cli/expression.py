@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         n_clusters: int = typer.Option(16, help="Teacher k-means groups for KD."),
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
+        extra_genes: Optional[str] = typer.Option(None, "--extra-genes", help="Comma-separated genes learnt besides those (e.g. ERBB2), so they can be mapped."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
     ) -> None:
         """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections.
@@ -113,7 +114,8 @@ def register(app: typer.Typer) -> None:
             cfg, table = select_peka(tr, teacher.transform(tr), g, grid, base=cfg, inner=inner, encoder=encoder, **kw)
             c.print(table.assign(curve=[" ".join(f"{x:.4f}" for x in v) for v in table["curve"]]).to_string(index=False))
             c.print(f"chosen: lr={cfg.lr:g}, w_kd={cfg.w_kd:g}, rank={cfg.r}, epochs={cfg.max_epochs}")
-        m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va)
+        m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va,
+                                         extra_genes=_split(extra_genes))
         m.save(out)
         c.print(m.report())
         c.print(f"[bold]saved[/bold] {out} (trainable share {m.trainable_share:.2%}, best epoch {m.best_epoch_})")

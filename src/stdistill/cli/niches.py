@@ -11,9 +11,13 @@ from pathlib import Path
 
 import typer
 
+from .._defaults import N_NEIGHBORS
 from .._errors import StdistillError
 
 FEATURES_DEFAULT = "X_effnet-lite0-imagenet"
+#: The same default as the Python API (``radius_um=None``): derived from the spot pitch.
+RADIUS_HELP = (f"Neighbourhood radius in micrometres (default: the radius holding {N_NEIGHBORS} neighbouring spots, "
+               "from the spot pitch, as in Python).")
 
 
 def _load(data: str, obsm: tuple[str, ...] = ()):
@@ -52,7 +56,7 @@ def register(app: typer.Typer) -> None:
         batch_key: str = typer.Option("section", help="obs column whose effects are removed ('section' or 'patient')."),
         batch_correction: str = typer.Option("standardize", help="'standardize', 'harmony', 'scvi' or 'none'."),
         use_rep: str = typer.Option(None, help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
-        radius_um: float = typer.Option(None, help="Neighbourhood radius in micrometres (default: from the spot pitch)."),
+        radius_um: float = typer.Option(None, help=RADIUS_HELP),
         key_added: str = typer.Option("niche", help="obs/obsm key prefix to write."),
         model: str = typer.Option(None, help="Also save the fitted teacher to this folder."),
         seed: int = typer.Option(0),
@@ -83,7 +87,7 @@ def register(app: typer.Typer) -> None:
         features: str = typer.Option(FEATURES_DEFAULT, help="obsm key of the patch features."),
         teacher_key: str = typer.Option("niche", help="Teacher key: uses obsm['<key>_probs']."),
         train_patients: str = typer.Option(None, help="Comma-separated patients to train on (default: all)."),
-        radius_um: float = typer.Option(450.0, help="Neighbourhood radius in micrometres."),
+        radius_um: float = typer.Option(None, help=RADIUS_HELP),
         temperature: float = typer.Option(2.0, help="KD temperature T (KL scaled by T^2)."),
         hard_weight: float = typer.Option(0.0, help="Share of hard-label cross-entropy."),
         val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none')."),
@@ -157,6 +161,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("aggregate", help="Teacher method: 'aggregate' or 'nolan'."),
         max_epochs: int = typer.Option(60, help="Most student training epochs."),
         seed: int = typer.Option(0),
+        skip_missing: bool = typer.Option(False, "--skip-missing", help="Sections without an H&E image get NaN features instead of an error (her2st has 29)."),
     ) -> None:
         """Leave-one-patient-out: teacher -> student -> baselines -> ARI/NMI/ID-accuracy/macro-F1 -> figures."""
         from ..recipes.niches import format_table, run, summary
@@ -166,7 +171,7 @@ def register(app: typer.Typer) -> None:
         if features not in adata.obsm:
             from .. import features as feat
 
-            feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features)
+            feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features, skip_missing=skip_missing)
         df, figs = run(adata, features, n_niches, out_dir=out_dir, seed=seed, teacher=NicheTeacher(n_niches, method=method, seed=seed),
                       student_kwargs={"max_epochs": max_epochs})
         typer.echo(format_table(df))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import _split
+from ._common import _split, command_line
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
         from ..slide import predict_slide
 
         r = predict_slide(slide, model, out, mpp=mpp, chunk_tiles=chunk_tiles, batch_size=batch_size, device=device,
-                          min_tissue=min_tissue, map_genes=_split(genes) or None, quiet=quiet, overwrite=overwrite)
+                          min_tissue=min_tissue, map_genes=_split(genes) or None, quiet=quiet, overwrite=overwrite,
+                          command=command_line())
         if not quiet:
             done = f" ({r.chunks_reused} finished chunks reused)" if r.chunks_reused else ""
             typer.echo(f"{r.n_tiles} tiles in {r.seconds:.1f} s{done}")

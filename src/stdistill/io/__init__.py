@@ -14,6 +14,7 @@ from ._section import (
     spatial_um,
     subset_sections,
 )
+from ._spots import read_spots
 from .h5ad import read_h5ad, validate, write_h5ad
 from .hest import read_hest
 from .legacy_st import read_legacy_st
@@ -37,6 +38,7 @@ __all__ = [
     "read_h5ad",
     "read_hest",
     "read_legacy_st",
+    "read_spots",
     "read_visium",
     "sections",
     "spatial_um",

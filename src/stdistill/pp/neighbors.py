@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
+from .._defaults import N_NEIGHBORS  # noqa: F401  (re-exported: pp.neighbors.N_NEIGHBORS)
 from .._errors import StdistillError
 from ..io._section import SECTION_KEY, SPATIAL_KEY, sections, spatial_um
 

@@ -20,7 +20,7 @@ import anndata as ad
 import numpy as np
 
 from .._errors import StdistillError
-from .._utils import atomic_path, file_digest, load_npz, save_npz
+from .._utils import atomic_path, file_digest, load_npz, save_npz, versions
 
 _CHUNK_FMT = "stdistill.slide-chunk/1"
 #: seconds to pause after each chunk (only for tests of resuming a killed run)
@@ -80,8 +80,9 @@ def _open_slide(slide: str | os.PathLike, mpp: float | None):
     return reader, float(um)
 
 
-def _manifest(out: Path, want: dict, overwrite: bool) -> None:
-    """Write ``run.json``; refuse to resume a run made with other inputs unless ``overwrite``."""
+def _manifest(out: Path, want: dict, overwrite: bool, about: dict | None = None) -> None:
+    """Write ``run.json``; refuse to resume a run made with other inputs unless ``overwrite``.
+    ``about`` (command, versions) is recorded under ``"about"`` but never compared."""
     import shutil
 
     path = out / "run.json"
@@ -95,7 +96,14 @@ def _manifest(out: Path, want: dict, overwrite: bool) -> None:
             shutil.rmtree(out / "chunks", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(want, indent=1))
+        tmp.write_text(json.dumps({**want, "about": about or {}}, indent=1))
+
+
+def _chunk_paths(out: Path, stage: str):
+    """``i -> out/chunks/<stage>_<i>.npz``."""
+    def path(i: int) -> Path:
+        return out / "chunks" / f"{stage}_{i:05d}.npz"
+    return path
 
 
 def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
@@ -170,8 +178,7 @@ def _niche_chunk(tiles, chunks, feat_path, a: int, b: int, model, stats, made: d
 
 def _predict_niches(tiles, bundle, out: Path, chunks, enc, *, batch_size, device, bar, pause) -> tuple[dict, int]:
     model = bundle.model
-    feat_path = lambda i: out / "chunks" / f"features_{i:05d}.npz"
-    pred_path = lambda i: out / "chunks" / f"niches_{i:05d}.npz"
+    feat_path, pred_path = _chunk_paths(out, "features"), _chunk_paths(out, "niches")
     reused = _stage("features", tiles, chunks, feat_path,
                     lambda a, b: {"features": _extract_chunk(tiles, np.arange(a, b), enc, bundle, batch_size=batch_size,
                                                              device=device)}, bar, pause)
@@ -187,7 +194,7 @@ def _predict_niches(tiles, bundle, out: Path, chunks, enc, *, batch_size, device
 def _predict_adapted(tiles, bundle, out: Path, chunks, *, bar, pause) -> tuple[dict, int]:
     """Adapted-encoder students (PEKA, STAMP) predict from the tile patches directly."""
     model = bundle.model
-    path = lambda i: out / "chunks" / f"pred_{i:05d}.npz"
+    path = _chunk_paths(out, "pred")
 
     def compute(a, b):
         frame = model.predict(tiles[np.arange(a, b)].copy())
@@ -211,6 +218,7 @@ def predict_slide(
     map_genes: list[str] | None = None,
     quiet: bool = False,
     overwrite: bool = False,
+    command: str | None = None,
 ) -> SlideRun:
     """Predict a student's outputs on every tissue tile of an H&E slide and write maps.
 
@@ -236,6 +244,8 @@ def predict_slide(
         No progress bars.
     overwrite
         Start afresh when ``out_dir`` holds a run made with other inputs.
+    command
+        The command line recorded in ``run.json`` (default: this Python call), for ``stdistill report``.
     """
     from ..bundle import Bundle, load_bundle
     from ..pp.tile import tile
@@ -254,7 +264,10 @@ def predict_slide(
                     "bundle": str(b.path.resolve()), "bundle_config_digest": file_digest(b.path / "config.json")
                     if b.path.is_dir() else file_digest(b.path),
                     "mpp": um, "min_tissue": float(min_tissue), "chunk_tiles": int(chunk_tiles),
-                    "n_tiles": int(tiles.n_obs), "recipe": b.recipe}, overwrite)
+                    "n_tiles": int(tiles.n_obs), "recipe": b.recipe}, overwrite,
+              about={"command": command or f"stdistill.slide.predict_slide({str(slide)!r}, {str(b.path)!r}, "
+                                           f"{str(out_dir)!r}, chunk_tiles={chunk_tiles})",
+                     "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
     with _bar(quiet) as bar:
         if b.recipe == "niches":

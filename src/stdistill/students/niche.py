@@ -37,7 +37,7 @@ from .._utils import (
 )
 from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
 from ..io._section import PATIENT_KEY, SECTION_KEY
-from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
+from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
 
 _FORMAT = "stdistill.NicheStudent/1"
@@ -194,7 +194,7 @@ class NicheStudent:
         *,
         feature_key: str = "X_effnet-lite0-imagenet",
         radius_um: float | None = None,
-        n_neighbors: int = 18,
+        n_neighbors: int = N_NEIGHBORS,
         max_neighbors: int | None = None,
         d_model: int = 32,
         n_layers: int = 2,

@@ -34,6 +34,7 @@ from .._errors import StdistillError
 from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import (
+    N_NEIGHBORS,
     aggregate,
     neighbor_tokens,
     radius_for_neighbors,
@@ -227,7 +228,7 @@ class NicheTeacher:
         min_gene_frac: float = 0.05,
         radius_um: float | None = None,
         n_rings: int = 1,
-        n_neighbors: int = 18,
+        n_neighbors: int = N_NEIGHBORS,
         covariance_type: str = "diag",
         n_steps: int = 300,
         batch_size: int = 256,
