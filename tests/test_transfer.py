@@ -126,6 +126,7 @@ def test_cli_one_patient_block_and_refine(tmp_path, taught):
     res = r.invoke(app, ["niches", "predict", str(src), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "p.h5ad"),
                          "--refine", "propagate"])
     assert res.exit_code == 0, res.output
-    assert "spots per niche (niche_refined)" in res.output
+    assert "spots per niche (niche_pred_refined)" in res.output
     out = ad.read_h5ad(tmp_path / "p.h5ad")
-    assert out.obsm["niche_refined_probs"].shape == out.obsm["niche_probs"].shape
+    assert out.obsm["niche_pred_refined_probs"].shape == out.obsm["niche_pred_probs"].shape
+    np.testing.assert_array_equal(out.obsm["niche_probs"], taught.obsm["niche_probs"])  # the teacher's labels stay
