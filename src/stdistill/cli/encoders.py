@@ -26,6 +26,36 @@ def _write(adata, out: Path) -> None:
     _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
 
 
+def _manifest(console, manifest: str, out: Path, encoder: str, kwargs: dict) -> None:
+    """``stdistill features MANIFEST -o DIR``: one output per entry; exit 1 when any entry failed."""
+    import time
+
+    from rich.table import Table
+
+    from .._errors import StdistillError
+    from ..features import extract_manifest
+
+    if out.suffix == ".h5ad":
+        raise StdistillError("a manifest writes one file per entry: --out must be a folder, not an .h5ad file", out)
+    t0 = time.perf_counter()
+    report = extract_manifest(manifest, out, encoder, **kwargs)
+    table = Table(title=f"{encoder}: {len(report.entries)} manifest entries -> {out}")
+    for col in ("entry", "spots", "status", "seconds"):
+        table.add_column(col)
+    for e in report.entries:
+        table.add_row(e.name, str(e.n_spots or ""), e.status, f"{e.seconds:.1f}")
+    console.print(table)
+    counts: dict[str, int] = {}
+    for e in report.entries:
+        counts[e.status] = counts.get(e.status, 0) + 1
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; wall {time.perf_counter() - t0:.1f} s")
+    if report.failed:
+        typer.secho(f"{len(report.failed)} entr{'y' if len(report.failed) == 1 else 'ies'} failed:", fg="red", err=True)
+        for e in report.failed:
+            typer.secho(f"  {e.name}: {e.message}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     enc_app = typer.Typer(help="Patch encoders: the registry of names.", no_args_is_help=True)
 
@@ -59,8 +89,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("features")
     def features_cmd(
-        data: str = typer.Argument(..., help="An .h5ad file, or a dataset name: 'her2st' (imaged sections), 'simulated'."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_<encoder>'] (written atomically)."),
+        data: str = typer.Argument(..., help="An .h5ad file, a dataset name ('her2st': imaged sections, 'simulated'), or a "
+                                   "manifest of many slides (.tsv/.csv with a 'path' column; see docs/encoders.md)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_<encoder>'] (written atomically); "
+                                 "for a manifest, a folder receiving <name>.h5ad per entry."),
         encoder: str = typer.Option("effnet-lite0-imagenet", "--encoder", "-e", help="Registry name (stdistill encoders list)."),
         size_um: float = typer.Option(112.0, "--size-um", help="Patch side in micrometres."),
         px: int = typer.Option(224, "--px", help="Patch side in pixels."),
@@ -93,6 +125,13 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         t0 = time.perf_counter()
+        if Path(data).suffix.lower() in (".tsv", ".csv"):
+            if devices > 1:
+                raise StdistillError("--devices > 1 is not supported with a manifest; split the manifest across jobs instead")
+            _manifest(console, data, out, encoder, dict(
+                size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
+                num_workers=num_workers, cache_dir=False if no_cache else cache_dir, weights=weights))
+            return
         if out.suffix != ".h5ad":
             raise StdistillError("output must end in .h5ad", out)
         adata = _load_data(data)

@@ -43,6 +43,13 @@ def _write(adata, path: str) -> Path:
     return write_h5ad(adata, p)
 
 
+def _not_rank_zero() -> bool:
+    """True in a DDP worker other than global rank 0 (nothing to write there)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 def register(app: typer.Typer) -> None:
     niches = typer.Typer(help="Niche distillation: ST teacher -> H&E student -> niche maps.", no_args_is_help=True)
     app.add_typer(niches, name="niches")
@@ -98,6 +105,10 @@ def register(app: typer.Typer) -> None:
                                                "'stdistill features --views K') each epoch."),
         seed: int = typer.Option(0),
         run_dir: str = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
+        devices: int = typer.Option(1, "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP."),
+        strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy (auto; ddp with --devices > 1)."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (start one process per device with torchrun or srun)."),
+        accelerator: str = typer.Option(None, "--accelerator", help="cpu, gpu, auto (default: the student's --device)."),
     ) -> None:
         """Train the H&E-only student on the teacher's soft labels (patients listed, or all)."""
         from ..io._section import PATIENT_KEY, SECTION_KEY, subset_sections
@@ -114,7 +125,11 @@ def register(app: typer.Typer) -> None:
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
         s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
                          val_patients=vp, val_block=val_block, views=views, max_epochs=max_epochs, seed=seed)
-        s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir)
+        s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir, devices=devices,
+              strategy="ddp" if devices * num_nodes > 1 and strategy == "auto" else strategy,
+              num_nodes=num_nodes, accelerator=accelerator)
+        if _not_rank_zero():  # DDP: every process holds the same weights; one writes the bundle
+            return
         if s.info_.get("resumed"):
             typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)

@@ -121,9 +121,16 @@ class NicheDistill(L.LightningModule):
             return
         from ..metrics import ari
 
-        v = self._val_sum / max(self._val_n, 1)
-        err = 1.0 - self._val_hit / max(self._val_n, 1)
-        r = float(ari(np.concatenate(self._val_true), np.concatenate(self._val_pred)))
+        sums = (self._val_sum, self._val_n, self._val_hit)
+        true, pred = np.concatenate(self._val_true), np.concatenate(self._val_pred)
+        if self.trainer.world_size > 1:  # DDP: every rank scores the whole validation set
+            parts = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, (sums, true, pred))
+            sums = tuple(sum(q[0][j] for q in parts) for j in range(3))
+            true, pred = np.concatenate([q[1] for q in parts]), np.concatenate([q[2] for q in parts])
+        v = sums[0] / max(sums[1], 1)
+        err = 1.0 - sums[2] / max(sums[1], 1)
+        r = float(ari(true, pred))
         self._reset_val()
         self.val_history.append(float(v))
         self.val_err_history.append(float(err))

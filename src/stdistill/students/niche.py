@@ -377,7 +377,9 @@ class NicheStudent:
         mod = NicheDistill(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
                            lr=p["lr"], weight_decay=p["weight_decay"], token_drop=p["token_drop"], monitor=p["monitor"],
                            loader_generator=g)
-        bs = min(p["batch_size"], len(train_idx))
+        ro = getattr(self, "_run_opts", None) or dict(devices=1, strategy="auto", num_nodes=1, accelerator=p["device"])
+        world = (ro["devices"] if isinstance(ro["devices"], int) else 1) * ro["num_nodes"]
+        bs = min(-(-p["batch_size"] // world), len(train_idx))
         tr = DataLoader(TensorDataset(torch.from_numpy(train_idx)), batch_size=bs, shuffle=True, generator=g,
                         drop_last=len(train_idx) > bs and len(train_idx) % bs == 1)
         va = None if val_idx is None else DataLoader(TensorDataset(torch.from_numpy(val_idx)), batch_size=1024)
@@ -402,7 +404,8 @@ class NicheStudent:
                 resume = ckpt_dir / "last.ckpt"
                 self._resumed.append(stage)
         trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
-                               patience=p["patience"], accelerator=p["device"], devices=1,
+                               patience=p["patience"], accelerator=ro["accelerator"], devices=ro["devices"],
+                               strategy=ro["strategy"], num_nodes=ro["num_nodes"],
                                num_sanity_val_steps=0, enable_progress_bar=False, callbacks=callbacks,
                                enable_checkpointing=ckpt_dir is not None)
         with _threads(p["num_threads"]), quiet():
@@ -414,7 +417,8 @@ class NicheStudent:
         return mod
 
     def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None,
-            run_dir: str | os.PathLike | None = None) -> NicheStudent:
+            run_dir: str | os.PathLike | None = None, *, devices: int | str = 1, strategy: str = "auto",
+            num_nodes: int = 1, accelerator: str | None = None) -> NicheStudent:
         """Train on spots with features and teacher probabilities ``obsm[probs_key]`` (n_obs, K).
 
         ``adata`` holds the training patients only (the caller splits by patient); the
@@ -431,8 +435,19 @@ class NicheStudent:
         after a kill resumes where it stopped and ends with the same weights as an uninterrupted
         run; stages of other settings or data get other sub-folders. ``info_["resumed"]`` lists
         the stages that were resumed or read back.
+
+        ``devices``, ``strategy``, ``num_nodes``, ``accelerator``: how Lightning runs training
+        (engineering only; the model and its numbers do not depend on them beyond float
+        rounding). ``strategy="ddp", devices=2, accelerator="cpu"`` trains on 2 processes (gloo);
+        on GPUs ``accelerator="gpu", devices=4``; on a cluster start one process per device with
+        ``torchrun``/``srun`` and pass the same values. Each process takes ``batch_size / world
+        size`` spots per step, so the effective batch is the same as on one process. Lightning
+        starts the other processes by re-running the script: keep the call under
+        ``if __name__ == "__main__":``. ``accelerator=None``: the ``device`` parameter.
         """
         self._resumed: list[str] = []
+        self._run_opts = dict(devices=devices, strategy=strategy, num_nodes=int(num_nodes),
+                              accelerator=accelerator or self.params["device"])
         p = self.params
         if probs_key not in adata.obsm:
             raise StdistillError(f'AnnData has no obsm["{probs_key}"] (teacher soft labels); run NicheTeacher.predict first')
