@@ -46,13 +46,15 @@ def make_trainer(
     monitor: str | None = "val_loss",
     patience: int = 5,
     enable_progress_bar: bool | None = None,
+    epoch_bar: str | None = None,
     deterministic: bool = True,
     **kwargs: Any,
 ):
     """A quiet, deterministic ``lightning.Trainer`` with early stopping on ``monitor``.
 
     ``precision=None`` chooses ``"bf16-mixed"`` on a GPU and ``"32-true"`` on the CPU.
-    No checkpoints or logs are written unless asked (``kwargs`` pass through). Run ``fit`` inside
+    ``epoch_bar`` (a description) adds a rich bar over epochs with an ETA on stderr (rank 0 only;
+    off with ``STDISTILL_PROGRESS=0``). No checkpoints or logs are written unless asked (``kwargs`` pass through). Run ``fit`` inside
     :func:`quiet` to keep Lightning's info messages and small-data warnings out of the output.
     """
     import lightning as L
@@ -64,6 +66,11 @@ def make_trainer(
     if enable_progress_bar is None:
         enable_progress_bar = os.environ.get("STDISTILL_PROGRESS", "1") != "0"
     callbacks = list(kwargs.pop("callbacks", []))
+    if epoch_bar:
+        from ._utils import progress_enabled
+
+        if progress_enabled():
+            callbacks.append(_epoch_bar_callback(epoch_bar))
     if monitor:
         callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode="min"))
     with quiet():  # the Trainer's constructor logs the devices it found
@@ -81,3 +88,36 @@ def make_trainer(
             enable_progress_bar=enable_progress_bar,
             **kwargs,
         )
+
+
+def _epoch_bar_callback(description: str):
+    """A Lightning callback drawing one rich bar over training epochs (done/most, elapsed, ETA)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochBar(Callback):
+        def __init__(self) -> None:
+            self._stack: contextlib.ExitStack | None = None
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if not trainer.is_global_zero:
+                return
+            from ._utils import progress_display
+
+            self._stack = contextlib.ExitStack()
+            self._bar = self._stack.enter_context(progress_display())
+            self._task = self._bar.add_task(description, total=max(trainer.max_epochs or 1, 1),
+                                            completed=trainer.current_epoch)
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if self._stack is not None:
+                self._bar.advance(self._task)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.teardown(trainer, pl_module, "fit")
+
+        def teardown(self, trainer, pl_module, stage) -> None:
+            if self._stack is not None:
+                self._stack.close()
+                self._stack = None
+
+    return EpochBar()

@@ -96,15 +96,62 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool | None = None) -> Iterable[T]:
-    """A rich progress bar over ``iterable``; silent when not attached to a terminal or disabled."""
-    if disable is None:
-        disable = os.environ.get("STDISTILL_PROGRESS", "1") == "0"
-    if disable:
-        return iterable
-    from rich.progress import track
+PROGRESS_ENV = "STDISTILL_PROGRESS"  #: "0" turns every progress display off (``stdistill --quiet`` sets it)
 
-    return track(iterable, total=total, description=desc or "working", transient=True)
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """False when ``quiet`` or ``STDISTILL_PROGRESS=0``; progress goes to stderr otherwise."""
+    return not quiet and os.environ.get(PROGRESS_ENV, "1") != "0"
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool | None = None) -> Iterable[T]:
+    """A rich progress bar (count, elapsed time, ETA) over ``iterable``, on stderr; silent when
+    ``disable`` or ``STDISTILL_PROGRESS=0``."""
+    if disable is None:
+        disable = not progress_enabled()
+    if disable:
+        yield from iterable
+        return
+    with progress_display() as p:
+        yield from p.track(iterable, total=total, description=desc or "working")
+
+
+@contextlib.contextmanager
+def progress_display(quiet: bool = False) -> Iterator:
+    """A rich ``Progress`` (description, bar, done/total, elapsed, ETA) on stderr, removed when
+    done; a no-op object with ``add_task``/``advance``/``update``/``track`` when progress is off."""
+    if not progress_enabled(quiet):
+        yield _NullProgress()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as p:
+        yield p
+
+
+class _NullProgress:
+    """Stands in for rich's ``Progress`` when progress is off."""
+
+    def add_task(self, *a, **k) -> int:
+        return 0
+
+    def advance(self, *a, **k) -> None:
+        pass
+
+    def update(self, *a, **k) -> None:
+        pass
+
+    def track(self, iterable, *a, **k):
+        return iterable
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

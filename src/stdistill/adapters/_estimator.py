@@ -118,6 +118,7 @@ class AdaptedEncoder:
         trainer = make_trainer(
             max_epochs=cfg.max_epochs, accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
             monitor="val_score" if val is not None else None, patience=cfg.patience, enable_progress_bar=False,
+            epoch_bar=f"{type(self).__name__}: epochs",
             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         )
         denormal = torch.set_flush_denormal(True)  # tiny adapter updates otherwise hit slow denormal floats on CPUs

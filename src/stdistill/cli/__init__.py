@@ -28,9 +28,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (same as STDISTILL_PROGRESS=0)."),
 ) -> None:
     """Distil spatial transcriptomics into H&E-only models (run a subcommand with --help)."""
+    if quiet:  # for this command only (and the worker processes it starts); restored when it ends
+        import os
+
+        from .._utils import PROGRESS_ENV
+
+        before = os.environ.get(PROGRESS_ENV)
+        os.environ[PROGRESS_ENV] = "0"
+        ctx.call_on_close(lambda: os.environ.pop(PROGRESS_ENV) if before is None else os.environ.update({PROGRESS_ENV: before}))
 
 
 def _register() -> None:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import atomic_path, seed_everything
+from .._utils import atomic_path, progress, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY, has_image, sections, subset_sections
 from ..metrics import (
     apply_map,
@@ -250,7 +250,7 @@ def run(
     figs: list[Path] = []
 
     # 4. folds -----------------------------------------------------------------------------
-    for fold in folds:
+    for fold in progress(folds, desc="niches: held-out folds"):
         tf = time.perf_counter()
         test_p = fold.patients_of("test")
         tr_mask = np.isin(sec, fold.train + fold.val) & has_f

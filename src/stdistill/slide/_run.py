@@ -8,11 +8,9 @@ a neighbourhood halo) is in memory at a time, so peak memory does not grow with 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +18,14 @@ import anndata as ad
 import numpy as np
 
 from .._errors import StdistillError
-from .._utils import atomic_path, file_digest, load_npz, save_npz, versions
+from .._utils import (
+    atomic_path,
+    file_digest,
+    load_npz,
+    progress_display,
+    save_npz,
+    versions,
+)
 
 _CHUNK_FMT = "stdistill.slide-chunk/1"
 #: seconds to pause after each chunk (only for tests of resuming a killed run)
@@ -38,34 +43,6 @@ class SlideRun:
     maps: list[Path] = field(default_factory=list)
     chunks_reused: int = 0
     seconds: float = 0.0
-
-
-@contextlib.contextmanager
-def _bar(quiet: bool) -> Iterator:
-    """A rich progress display with bar, counts, elapsed time and ETA (a no-op when ``quiet``)."""
-    if quiet or os.environ.get("STDISTILL_PROGRESS", "1") == "0":
-        class _Null:
-            def add_task(self, *a, **k):
-                return 0
-
-            def advance(self, *a, **k):
-                pass
-
-        yield _Null()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True)) as p:
-        yield p
 
 
 def _open_slide(slide: str | os.PathLike, mpp: float | None):
@@ -269,7 +246,7 @@ def predict_slide(
                                            f"{str(out_dir)!r}, chunk_tiles={chunk_tiles})",
                      "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
-    with _bar(quiet) as bar:
+    with progress_display(quiet) as bar:
         if b.recipe == "niches":
             from ..encoders import load as load_encoder
 

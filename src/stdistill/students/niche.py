@@ -407,6 +407,7 @@ class NicheStudent:
                                patience=p["patience"], accelerator=ro["accelerator"], devices=ro["devices"],
                                strategy=ro["strategy"], num_nodes=ro["num_nodes"],
                                num_sanity_val_steps=0, enable_progress_bar=False, callbacks=callbacks,
+                               epoch_bar=f"niche student ({stage}): epochs",
                                enable_checkpointing=ckpt_dir is not None)
         with _threads(p["num_threads"]), quiet():
             trainer.fit(mod, tr, va, ckpt_path=resume, weights_only=True)
