@@ -1,8 +1,9 @@
 """Lazy readers of full-resolution H&E images.
 
 A reader never holds a whole slide unless the file format forces it (plain JPEG/PNG are
-decoded once, on the first region read). Pyramidal TIFF/SVS/NDPI go through tiffslide or
-openslide when installed (``pip install stdistill[wsi]``); plain TIFF through tifffile.
+decoded once, on the first region read). Pyramidal TIFF/SVS/NDPI go through tiffslide
+(``pip install stdistill[wsi]``), and what tiffslide cannot open (MRXS, ...) through openslide
+(``stdistill[openslide]``); plain TIFF through tifffile when neither is installed.
 Coordinates are full-resolution pixels, (x, y) = (column, row).
 """
 
@@ -169,17 +170,32 @@ def _decode_jpeg(path: str) -> np.ndarray | None:
     return arr
 
 
-class SlideImage:
-    """Pyramidal whole-slide image through tiffslide (or openslide); reads only the regions asked."""
+def _tiffslide():
+    from tiffslide import TiffSlide
 
-    def __init__(self, path: str | os.PathLike):
+    return TiffSlide
+
+
+def _openslide():
+    from openslide import OpenSlide
+
+    return OpenSlide
+
+
+#: whole-slide readers tried in order: (name, extra that installs it, loader of its slide class)
+SLIDE_READERS: list[tuple[str, str, object]] = [("tiffslide", "wsi", _tiffslide), ("openslide", "openslide", _openslide)]
+
+
+class SlideImage:
+    """Pyramidal whole-slide image through tiffslide or openslide (``opener``: the slide class,
+    default the first installed); reads only the regions asked."""
+
+    def __init__(self, path: str | os.PathLike, opener=None):
         self.path = str(path)
+        if opener is None:
+            opener = _first_installed_reader()
         try:
-            from tiffslide import TiffSlide as _Open
-        except ImportError:  # pragma: no cover - optional
-            from openslide import OpenSlide as _Open  # type: ignore[no-redef]
-        try:
-            self._slide = _Open(self.path)
+            self._slide = opener(self.path)
         except Exception as e:
             raise StdistillError(f"slide is unreadable ({type(e).__name__}: {e})", path) from None
         self.size = tuple(int(v) for v in self._slide.dimensions)
@@ -207,18 +223,40 @@ def open_image(path: str | os.PathLike) -> ImageReader:
     p = Path(path)
     require_file(p, "image file")
     if p.suffix.lower() in _WSI_SUFFIXES:
-        try:
-            import tiffslide  # noqa: F401
-
-            return SlideImage(p)
-        except ImportError:
-            pass
-        if p.suffix.lower() in {".tif", ".tiff"}:
-            return _tifffile_image(p)
-        raise StdistillError(
-            f"reading {p.suffix} slides needs tiffslide or openslide: pip install 'stdistill[wsi]'", p
-        )
+        return _open_slide(p)
     return PILImage(p)
+
+
+def _first_installed_reader():
+    """The slide class of the first installed reader in :data:`SLIDE_READERS`."""
+    for _, _, load in SLIDE_READERS:
+        try:
+            return load()
+        except ImportError:
+            continue
+    raise StdistillError("reading whole slides needs tiffslide or openslide: pip install 'stdistill[wsi]'")
+
+
+def _open_slide(p: Path) -> ImageReader:
+    """tiffslide, then openslide for what tiffslide cannot open (MRXS, some NDPI, ...), then
+    tifffile for plain TIFFs; one line naming the file and the extra to install when none can."""
+    tried, installed = [], []
+    for name, _, load in SLIDE_READERS:
+        try:
+            cls = load()
+        except ImportError:
+            continue
+        installed.append(name)
+        try:
+            return SlideImage(p, opener=cls)
+        except StdistillError as e:
+            tried.append(f"{name}: {str(e).removeprefix(f'{e.path}: ')}")
+    if p.suffix.lower() in {".tif", ".tiff"} and not tried:
+        return _tifffile_image(p)
+    missing = [(n, x) for n, x, _ in SLIDE_READERS if n not in installed]
+    hint = f"; install {missing[-1][0]}: pip install 'stdistill[{missing[-1][1]}]'" if missing else ""
+    what = "; ".join(tried) if tried else "no slide reader is installed"
+    raise StdistillError(f"cannot open this {p.suffix} slide ({what}){hint}", p)
 
 
 def _tifffile_image(p: Path) -> ArrayImage:
