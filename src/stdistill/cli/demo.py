@@ -204,11 +204,9 @@ STEPS: list[Step] = [
 
 
 def _palette(levels) -> dict:
-    import matplotlib
+    from ..pl._common import niche_colours
 
-    tab = matplotlib.colormaps["tab10"].colors
-    cols = [tab[i] for i in (0, 1, 2, 3, 8, 9, 7, 5)]  # no purple/pink: they vanish on H&E
-    return {v: cols[i % len(cols)] for i, v in enumerate(levels)}
+    return dict(zip(levels, niche_colours(len(levels))))
 
 
 def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int = 500) -> None:

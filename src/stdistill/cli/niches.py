@@ -142,12 +142,11 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", "-m", help="Student folder written by 'niches distill'."),
         out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche_pred'], obsm['niche_pred_probs']."),
         key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
-        plot: str = typer.Option(None, help="Also write a niche map PNG of the first section here."),
+        plot: str = typer.Option(None, help="Also write niche maps (PNG) here: this file with one section, else one <name>_<section>.png per section."),
         refine: str = typer.Option("none", help="Test-time refinement with the section's own structure (label-free): "
                                                 "none, propagate, gmm or both; written as '<key>_refined' beside the raw."),
     ) -> None:
         """Map niches from H&E alone."""
-        from ..io._section import sections
         from ..students.niche import NicheStudent
 
         s = NicheStudent.load(model)
@@ -158,13 +157,10 @@ def register(app: typer.Typer) -> None:
                 counts = adata.obs[k].value_counts().sort_index()
                 typer.echo(f"spots per niche ({k}): " + ", ".join(f"{c}: {v}" for c, v in counts.items()))
         if plot:
-            from ..pl import niches as plot_niches
+            from ..pl import niche_maps_per_section
 
-            sec = sections(adata)[0]
-            from ..io._section import subset_sections
-
-            plot_niches(subset_sections(adata, [sec]), [key_added], section=sec, path=plot)
-            typer.echo(f"wrote {plot}")
+            for p in niche_maps_per_section(adata, [key_added], plot):
+                typer.echo(f"wrote {p}")
         typer.echo(f"wrote {_write(adata, out)}")
 
     @niches.command("evaluate")

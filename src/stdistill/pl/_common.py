@@ -8,6 +8,16 @@ import numpy as np
 from .._errors import StdistillError
 from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections
 
+#: Label colours that stay visible on H&E (no pinks or purples: those vanish into eosin and
+#: haematoxylin). Shared by every niche map: ``pl.niches``, slide maps, GeoJSON classes, the demo.
+NICHE_PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#000000", "#17BECF",
+                 "#8C510A", "#BCBD22", "#7F7F7F", "#00441B")
+
+
+def niche_colours(n: int) -> list[str]:
+    """``n`` colours from :data:`NICHE_PALETTE` (repeating after 12)."""
+    return [NICHE_PALETTE[i % len(NICHE_PALETTE)] for i in range(n)]
+
 
 def _one_section(adata: ad.AnnData, section: str | None) -> tuple[str, np.ndarray]:
     """The section to draw (``None``: the only one) and its boolean spot mask (n_obs,)."""

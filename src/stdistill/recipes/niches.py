@@ -322,18 +322,14 @@ def run(
         # figure
         if figures and out_dir is not None:
             img_secs = [s for s in fold.test if has_image(adata, s)]
-            if img_secs:
+            for s in img_secs:  # every imaged test section of the fold
                 from ..pl import niches as plot_niches
 
-                s = img_secs[0]
                 view = subset_sections(adata, [s])
                 view.obs[STUDENT_KEY] = pd.Categorical.from_codes(s_codes[sec == s], categories=cats)
                 p = Path(out_dir) / f"niches_K{n_niches}_{s}.png"
-                fig = plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
-                                  titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
+                plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
+                            titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
                 figs.append(p)
         if verbose:
             r = {q["method"]: q for q in rows if q["fold"] == fold.name}

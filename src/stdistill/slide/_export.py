@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 
 from .._utils import atomic_path
+from ..pl._common import NICHE_PALETTE as PALETTE
+from ..pl._common import niche_colours
 
-#: niche colours that stay visible on H&E (no pinks or purples: those vanish into eosin/haematoxylin)
-PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#000000", "#17BECF",
-           "#8C510A", "#BCBD22", "#7F7F7F", "#00441B")
 NICHE_KEY = "niche_pred"
 
 
@@ -136,7 +135,7 @@ def niche_map(a: ad.AnnData, path: str | Path, title: str = "") -> Path:
     codes[codes < 0] = np.nan
     grid, extent, thumb = _grid(a, codes)
     fig, ax = _figure(thumb)
-    colours = [PALETTE[i % len(PALETTE)] for i in range(len(labels))]
+    colours = niche_colours(len(labels))
     ax.imshow(np.ma.masked_invalid(grid), cmap=ListedColormap(colours), vmin=-0.5, vmax=len(labels) - 0.5,
               extent=extent, interpolation="nearest", alpha=0.55)
     share = np.bincount(names.cat.codes.to_numpy()[names.cat.codes.to_numpy() >= 0], minlength=len(labels))
