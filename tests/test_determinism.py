@@ -102,3 +102,37 @@ def test_genst_is_deterministic():
     (p1, s1), (p2, s2) = _twice(run)
     np.testing.assert_array_equal(p1, p2)
     np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+
+
+class _TinyModule(__import__("lightning").LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = __import__("torch").nn.Linear(2, 1)
+        self.seen_deterministic = None
+
+    def training_step(self, batch, _i):
+        import torch
+
+        self.seen_deterministic = torch.are_deterministic_algorithms_enabled()
+        return self.w(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_trainer_is_deterministic_while_fitting_and_leaves_no_process_wide_flag():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stdistill._lightning import make_trainer, quiet
+
+    before = torch.are_deterministic_algorithms_enabled()
+    trainer = make_trainer(max_epochs=1, monitor=None, accelerator="cpu", devices=1, enable_progress_bar=False)
+    assert torch.are_deterministic_algorithms_enabled() == before  # the constructor's flag is undone
+    mod = _TinyModule()
+    with quiet():
+        trainer.fit(mod, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+    assert mod.seen_deterministic is True  # on while fitting
+    assert torch.are_deterministic_algorithms_enabled() == before  # and restored afterwards

@@ -52,6 +52,10 @@ def make_trainer(
 ):
     """A quiet, deterministic ``lightning.Trainer`` with early stopping on ``monitor``.
 
+    Deterministic algorithms are switched on for the duration of ``fit``/``validate``/``predict``
+    only and the caller's torch settings are restored afterwards (Lightning's constructor would
+    set them for the whole process).
+
     ``precision=None`` chooses ``"bf16-mixed"`` on a GPU and ``"32-true"`` on the CPU.
     ``epoch_bar`` (a description) adds a rich bar over epochs with an ETA on stderr (rank 0 only;
     off with ``STDISTILL_PROGRESS=0``). No checkpoints or logs are written unless asked (``kwargs`` pass through). Run ``fit`` inside
@@ -65,16 +69,21 @@ def make_trainer(
         precision = "bf16-mixed" if (accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "32-true"
     if enable_progress_bar is None:
         enable_progress_bar = os.environ.get("STDISTILL_PROGRESS", "1") != "0"
+    from ._trainer_callbacks import EpochBar, ScopedDeterminism
+
     callbacks = list(kwargs.pop("callbacks", []))
     if epoch_bar:
         from ._utils import progress_enabled
 
         if progress_enabled():
-            callbacks.append(_epoch_bar_callback(epoch_bar))
+            callbacks.append(EpochBar(epoch_bar))
+    if deterministic:  # on while fitting only: the Trainer's constructor sets it for the whole process
+        callbacks.append(ScopedDeterminism())
     if monitor:
         callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode="min"))
+    before = ScopedDeterminism.state()
     with quiet():  # the Trainer's constructor logs the devices it found
-        return L.Trainer(
+        trainer = L.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -88,36 +97,5 @@ def make_trainer(
             enable_progress_bar=enable_progress_bar,
             **kwargs,
         )
-
-
-def _epoch_bar_callback(description: str):
-    """A Lightning callback drawing one rich bar over training epochs (done/most, elapsed, ETA)."""
-    from lightning.pytorch.callbacks import Callback
-
-    class EpochBar(Callback):
-        def __init__(self) -> None:
-            self._stack: contextlib.ExitStack | None = None
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            if not trainer.is_global_zero:
-                return
-            from ._utils import progress_display
-
-            self._stack = contextlib.ExitStack()
-            self._bar = self._stack.enter_context(progress_display())
-            self._task = self._bar.add_task(description, total=max(trainer.max_epochs or 1, 1),
-                                            completed=trainer.current_epoch)
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if self._stack is not None:
-                self._bar.advance(self._task)
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            self.teardown(trainer, pl_module, "fit")
-
-        def teardown(self, trainer, pl_module, stage) -> None:
-            if self._stack is not None:
-                self._stack.close()
-                self._stack = None
-
-    return EpochBar()
+    ScopedDeterminism.restore(before)  # undo the constructor's process-wide torch flags
+    return trainer

@@ -211,10 +211,7 @@ def _palette(levels) -> dict:
 
 def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int = 500) -> None:
     """One panel per section: its H&E thumbnail with spots coloured by ``obs[key]``; PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     from .._utils import atomic_path
@@ -225,7 +222,8 @@ def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int =
     pal = _palette(levels)
     ncol = min(3, len(secs))
     nrow = int(np.ceil(len(secs) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.6 * nrow + 0.7), squeeze=False)
+    fig = Figure(figsize=(3.6 * ncol, 3.6 * nrow + 0.7))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     sec = adata.obs["section"].astype(str).to_numpy()
     for ax in axes.ravel():
         ax.axis("off")
@@ -245,22 +243,19 @@ def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int =
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def _plot_patches(run: DemoRun, path: Path, per_niche: int = 6) -> None:
     """Rows = true niches, columns = example patches (the same spots every run for a seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from .._utils import atomic_path
 
     a = run.adata
     levels = list(a.obs["niche_true"].cat.categories)
     rng = np.random.default_rng(run.seed)
-    fig, axes = plt.subplots(len(levels), per_niche, figsize=(1.3 * per_niche, 1.4 * len(levels)), squeeze=False)
+    fig = Figure(figsize=(1.3 * per_niche, 1.4 * len(levels)))
+    axes = fig.subplots(len(levels), per_niche, squeeze=False)
     for r, v in enumerate(levels):
         idx = np.flatnonzero((a.obs["niche_true"] == v).to_numpy() & ~run.patches.padded)
         pick = rng.choice(idx, size=min(per_niche, len(idx)), replace=False) if len(idx) else []
@@ -274,7 +269,6 @@ def _plot_patches(run: DemoRun, path: Path, per_niche: int = 6) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 # -- driver --------------------------------------------------------------------------------------

@@ -68,3 +68,12 @@ def _clim(*values: np.ndarray) -> tuple[float, float]:
     v = np.concatenate([x[np.isfinite(x)] for x in values])
     lo, hi = np.percentile(v, [5, 95]) if v.size else (0.0, 1.0)
     return float(lo), float(hi if hi > lo else lo + 1e-6)
+
+
+def _subplots(*args, figsize: tuple[float, float], layout: str | None = "constrained", **kw):
+    """``(Figure, axes)`` like ``pyplot.subplots``, without pyplot: no global figure registry and no
+    backend switch, so plotting never changes the caller's matplotlib state."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*args, **kw)
