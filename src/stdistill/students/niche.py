@@ -96,10 +96,13 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
     """
     f = np.asarray(f, dtype=np.float32)
     ok = np.all(np.isfinite(f), axis=1)
-    out = np.zeros_like(f)
+    out = np.zeros_like(f)  # the one (n_obs, F) float32 result; each section's rows are z-scored in place
     if how == "section":
         for m, mu, s_ in section_moments(adata, f, ok):
-            out[m] = (f[m] - mu) / s_
+            x = f[m]
+            x -= mu
+            x /= s_
+            out[m] = x
     elif how == "global":
         if mean is None:
             mean, sd = f[ok].mean(0), f[ok].std(0)
@@ -107,7 +110,7 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
         out[ok] = (f[ok] - mean) / sd
     else:
         raise StdistillError(f"feature normalisation must be one of {FEATURE_NORMS}, got {how!r}")
-    return np.clip(out, -10, 10).astype(np.float32), ok
+    return np.clip(out, -10, 10, out=out), ok
 
 
 class NicheStudent:
@@ -282,11 +285,12 @@ class NicheStudent:
             if k is not None and k < z.shape[1] and ok.sum() > k:
                 from sklearn.decomposition import PCA
 
-                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z[ok])
+                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z if ok.all() else z[ok])
                 self.info_["pca_mean"] = pca.mean_.astype(np.float32)
                 self.info_["pca_components"] = pca.components_.astype(np.float32)
         if "pca_components" in self.info_:
-            z = ((z - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
+            z -= self.info_["pca_mean"]  # in place: z is not needed afterwards
+            z = (z @ self.info_["pca_components"].T).astype(np.float32, copy=False)
             z[~ok] = 0.0
         return z, ok
 
