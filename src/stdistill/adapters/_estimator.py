@@ -105,27 +105,54 @@ class AdaptedEncoder:
         return (F0 - net.feat_mu) / net.feat_sd
 
     # -------------------------------------------------------------- training
-    def _train(self, net: nn.Module, data: dict, val: dict | None, t0: float) -> None:
-        """Fit ``module_class(net, data, config, val)`` with Lightning; keep the best validation epoch."""
+    def _stage(self, run_dir: str | os.PathLike, data: dict, val: dict | None) -> Path:
+        """The checkpoint folder of this training (:func:`stdistill._resume.stage_dir`): its
+        fingerprint covers the recipe, config, encoder weights and every input tensor."""
+        from .._resume import stage_dir
+
+        enc = self._frozen_encoder()
+        settings = [type(self).__name__, asdict(self.config), enc.spec.name, enc.weights_digest]
+        tensors = [data[k] for k in sorted(data)] + ([val[k] for k in sorted(val)] if val is not None else [])
+        return stage_dir(run_dir, "fit", settings, tensors)
+
+    def _train(self, net: nn.Module, data: dict, val: dict | None, t0: float,
+               run_dir: str | os.PathLike | None = None) -> None:
+        """Fit ``module_class(net, data, config, val)`` with Lightning; keep the best validation epoch.
+
+        ``run_dir``: checkpoint every epoch under it and resume from the last checkpoint (a
+        finished training is read back from ``done.ckpt``); ``resumed_`` says which happened."""
         from .._lightning import make_trainer, quiet
+        from .._resume import checkpoint_callback, last_ckpt, read_done, save_done
 
         cfg = self.config
-        module = self.module_class(net, data, cfg, val)
         n = len(data["h"])
         g = torch.Generator().manual_seed(cfg.seed)
+        module = self.module_class(net, data, cfg, val, loader_generator=g)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=cfg.batch_size,
                                              shuffle=True, generator=g, drop_last=n > cfg.batch_size)
+        ckpt_dir = None if run_dir is None else self._stage(run_dir, data, val)
+        self.resumed_ = None
+        train = any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0
+        if ckpt_dir is not None and read_done(module, ckpt_dir):
+            self.resumed_, train = "finished", False
+        resume = None if ckpt_dir is None or not train else last_ckpt(ckpt_dir)
+        if resume is not None:
+            self.resumed_ = "resumed"
         trainer = make_trainer(
             max_epochs=cfg.max_epochs, accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
             monitor="val_score" if val is not None else None, patience=cfg.patience, enable_progress_bar=False,
             epoch_bar=f"{type(self).__name__}: epochs",
             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+            callbacks=[checkpoint_callback(ckpt_dir)] if ckpt_dir is not None else [],
+            enable_checkpointing=ckpt_dir is not None,
         )
         denormal = torch.set_flush_denormal(True)  # tiny adapter updates otherwise hit slow denormal floats on CPUs
         try:
             with quiet():  # (the frozen encoder stays in eval mode on purpose)
-                if any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0:
-                    trainer.fit(module, train_dataloaders=loader)
+                if train:
+                    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+                    if ckpt_dir is not None:
+                        save_done(trainer, ckpt_dir)
         finally:
             torch.set_flush_denormal(False) if denormal else None
         if module.best_state is not None:  # restore the best validation epoch

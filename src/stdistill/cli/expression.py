@@ -74,6 +74,7 @@ def register(app: typer.Typer) -> None:
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
         extra_genes: Optional[str] = typer.Option(None, "--extra-genes", help="Comma-separated genes learnt besides those (e.g. ERBB2), so they can be mapped."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
     ) -> None:
         """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections.
@@ -115,7 +116,9 @@ def register(app: typer.Typer) -> None:
             c.print(table.assign(curve=[" ".join(f"{x:.4f}" for x in v) for v in table["curve"]]).to_string(index=False))
             c.print(f"chosen: lr={cfg.lr:g}, w_kd={cfg.w_kd:g}, rank={cfg.r}, epochs={cfg.max_epochs}")
         m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va,
-                                         extra_genes=_split(extra_genes))
+                                         extra_genes=_split(extra_genes), run_dir=run_dir)
+        if m.resumed_:
+            c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)
         c.print(_peka_summary(m.report(), len(m.genes_)))
         c.print(f"[bold]saved[/bold] {out}")

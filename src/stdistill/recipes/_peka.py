@@ -29,6 +29,7 @@ code runs on several GPUs by changing ``accelerator``/``devices``/``strategy``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class PEKA(AdaptedEncoder):
         kd_classifier: tuple[np.ndarray, np.ndarray] | None = None,
         val: ad.AnnData | None = None,
         extra_genes: Sequence[str] = (),
+        run_dir: str | os.PathLike | None = None,
     ) -> PEKA:
         """Train on ``adata``'s spots (each section with an image).
 
@@ -189,6 +191,10 @@ class PEKA(AdaptedEncoder):
         extra_genes
             Genes learnt besides ``genes`` (e.g. ``["ERBB2"]`` when the variance-based choice
             left it out), appended in the order given; each must be in ``adata.var_names``.
+        run_dir
+            Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
+            after a kill resumes there and ends with the same weights as an uninterrupted run
+            (``resumed_``: ``"resumed"``, ``"finished"`` or None).
         """
         cfg = self.config
         t0 = time.time()
@@ -218,7 +224,7 @@ class PEKA(AdaptedEncoder):
         if val is not None:
             Yv = (self._targets(val, self.genes_) - self.y_mean_) / self.y_std_
             vdata = {"h": self._activations(val), "y": torch.from_numpy(Yv.astype(np.float32))}
-        self._train(net, data, vdata, t0)
+        self._train(net, data, vdata, t0, run_dir)
         return self
 
     # -------------------------------------------------------------- inference
@@ -247,20 +253,21 @@ def peka(
     config: PekaConfig | None = None,
     key_added: str | None = "X_peka",
     extra_genes: Sequence[str] = (),
+    run_dir: str | os.PathLike | None = None,
     **kw,
 ) -> PEKA:
     """Fit PEKA on ``train_sections`` (early stopping on ``val_sections``, which must be other
     patients), then write adapted features of **every** spot to ``obsm[key_added]``.
 
     ``teacher``: an ``obsm`` key or (n_obs, D_t) array (rows of non-training spots are ignored).
-    ``extra_genes``: genes learnt besides ``genes`` (see :meth:`PEKA.fit`). Returns the fitted :class:`PEKA`.
+    ``extra_genes``, ``run_dir``: see :meth:`PEKA.fit`. Returns the fitted :class:`PEKA`.
     """
     from ..pp.splits import train_val_sections
 
     tr, va, mtr = train_val_sections(adata, train_sections, val_sections)
     T = np.asarray(adata.obsm[teacher] if isinstance(teacher, str) else teacher, dtype=np.float32)
     model = PEKA(encoder, config, **kw).fit(tr, T[mtr], genes, kd_reference=kd_reference, val=va,
-                                                  extra_genes=extra_genes)
+                                                  extra_genes=extra_genes, run_dir=run_dir)
     if key_added:
         model.transform(adata, key_added=key_added)
     return model

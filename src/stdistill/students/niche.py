@@ -51,34 +51,13 @@ def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, 
     return NicheTransformer(d_feat, n_niches, d_model, n_layers, n_heads, dropout, summary_token)
 
 
-def _read_ckpt(path: Path) -> dict | None:
-    """A Lightning checkpoint read with ``weights_only=True``; None (and the file removed) when it
-    is unreadable, e.g. cut short by a kill while being written."""
-    import torch
-
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a torn file: start this stage again
-        path.unlink(missing_ok=True)
-        return None
-
-
 def _stage_dir(run_dir: str | os.PathLike, stage: str, params: dict, seed: int, epochs: int, arrays, *idx) -> Path:
-    """``run_dir/<stage>-<fingerprint>``: the fingerprint covers the settings, seed, epochs and
-    every input array, so a rerun resumes only the identical training."""
-    import hashlib
-    import json
-
-    from .._utils import array_digest
+    """The checkpoint folder of one training stage (:func:`stdistill._resume.stage_dir`): the
+    fingerprint covers the settings, seed, epochs, inputs and the training/validation rows."""
+    from .._resume import stage_dir
 
     keep = {k: v for k, v in params.items() if k not in ("device", "num_threads")}
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps([keep, seed, epochs], sort_keys=True, default=str).encode())
-    for arr in (*arrays[:5], *(i for i in idx if i is not None)):
-        h.update(array_digest(np.asarray(arr)).encode())
-    return Path(run_dir) / f"{stage}-{h.hexdigest()}"
+    return stage_dir(run_dir, stage, [keep, seed, epochs], (*arrays[:5], *idx))
 
 
 @contextlib.contextmanager
@@ -117,10 +96,13 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
     """
     f = np.asarray(f, dtype=np.float32)
     ok = np.all(np.isfinite(f), axis=1)
-    out = np.zeros_like(f)
+    out = np.zeros_like(f)  # the one (n_obs, F) float32 result; each section's rows are z-scored in place
     if how == "section":
         for m, mu, s_ in section_moments(adata, f, ok):
-            out[m] = (f[m] - mu) / s_
+            x = f[m]
+            x -= mu
+            x /= s_
+            out[m] = x
     elif how == "global":
         if mean is None:
             mean, sd = f[ok].mean(0), f[ok].std(0)
@@ -128,7 +110,7 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
         out[ok] = (f[ok] - mean) / sd
     else:
         raise StdistillError(f"feature normalisation must be one of {FEATURE_NORMS}, got {how!r}")
-    return np.clip(out, -10, 10).astype(np.float32), ok
+    return np.clip(out, -10, 10, out=out), ok
 
 
 class NicheStudent:
@@ -303,11 +285,12 @@ class NicheStudent:
             if k is not None and k < z.shape[1] and ok.sum() > k:
                 from sklearn.decomposition import PCA
 
-                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z[ok])
+                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z if ok.all() else z[ok])
                 self.info_["pca_mean"] = pca.mean_.astype(np.float32)
                 self.info_["pca_components"] = pca.components_.astype(np.float32)
         if "pca_components" in self.info_:
-            z = ((z - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
+            z -= self.info_["pca_mean"]  # in place: z is not needed afterwards
+            z = (z @ self.info_["pca_components"].T).astype(np.float32, copy=False)
             z[~ok] = 0.0
         return z, ok
 
@@ -389,19 +372,15 @@ class NicheStudent:
 
             callbacks.append(ViewSampler(f, self._views_z, seed))
         if run_dir is not None:
-            from lightning.pytorch.callbacks import ModelCheckpoint
+            from .._resume import checkpoint_callback, last_ckpt, read_done
 
             ckpt_dir = _stage_dir(run_dir, stage, p, seed, epochs, arrays, train_idx, val_idx)
-            done = _read_ckpt(ckpt_dir / "done.ckpt")
-            if done is not None:
-                mod.load_state_dict(done["state_dict"])
-                mod.on_load_checkpoint(done)
+            if read_done(mod, ckpt_dir):
                 self._resumed.append(f"{stage} (finished)")
                 return mod
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,  # one file, each epoch
-                                             save_on_train_epoch_end=True, enable_version_counter=False))
-            if _read_ckpt(ckpt_dir / "last.ckpt") is not None:
-                resume = ckpt_dir / "last.ckpt"
+            callbacks.append(checkpoint_callback(ckpt_dir))
+            resume = last_ckpt(ckpt_dir)
+            if resume is not None:
                 self._resumed.append(stage)
         trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
                                patience=p["patience"], accelerator=ro["accelerator"], devices=ro["devices"],
@@ -412,9 +391,9 @@ class NicheStudent:
         with _threads(p["num_threads"]), quiet():
             trainer.fit(mod, tr, va, ckpt_path=resume, weights_only=True)
         if ckpt_dir is not None:
-            tmp = ckpt_dir / ".done.ckpt.tmp"
-            trainer.save_checkpoint(tmp, weights_only=True)  # net weights + histories; no optimizer
-            os.replace(tmp, ckpt_dir / "done.ckpt")
+            from .._resume import save_done
+
+            save_done(trainer, ckpt_dir)
         return mod
 
     def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None,

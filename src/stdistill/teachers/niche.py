@@ -71,15 +71,22 @@ def _log_norm(adata: ad.AnnData, genes: pd.Index | None = None) -> sp.csr_matrix
     return out
 
 
-def _standardize_by(x: np.ndarray, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:
-    """Z-score each column within each group (constant columns -> 0), clipped to +-clip."""
-    out = np.empty_like(x, dtype=np.float32)
+def _standardize_by(x: np.ndarray | sp.spmatrix, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:
+    """(n, d) float32: each column z-scored within each group (constant columns -> 0), clipped to
+    +-clip. A sparse ``x`` is made dense one group at a time (no dense copy of the whole input)."""
+    out = np.empty(x.shape, dtype=np.float32)
     for g in pd.unique(groups):
         m = groups == g
-        mu = x[m].mean(0)
-        sd = x[m].std(0)
+        xm = x[m].toarray() if sp.issparse(x) else x[m]  # a copy of the group's rows either way
+        mu = xm.mean(0)
+        sd = xm.std(0)
         sd[sd < 1e-8] = np.inf
-        out[m] = np.clip((x[m] - mu) / sd, -clip, clip)
+        if xm.dtype == np.float32:  # in place: the same float32 numbers, no temporaries
+            xm -= mu
+            xm /= sd
+            out[m] = np.clip(xm, -clip, clip, out=xm)
+        else:
+            out[m] = np.clip((xm - mu) / sd, -clip, clip)
     return out
 
 
@@ -296,12 +303,13 @@ class NicheTeacher:
             logx = _log_norm(adata)
             sel_groups = groups if groups is not None else np.zeros(adata.n_obs)
             self.state_["genes"] = list(_select_genes(logx, genes, sel_groups, p["n_top_genes"], p["min_gene_frac"]))
-            logx = logx[:, genes.get_indexer(self.state_["genes"])].toarray()
+            logx = logx[:, genes.get_indexer(self.state_["genes"])]
         else:
-            logx = _log_norm(adata, pd.Index(self.state_["genes"])).toarray()
+            logx = _log_norm(adata, pd.Index(self.state_["genes"]))
         if corr in ("standardize",):
-            z = _standardize_by(logx, groups)
+            z = _standardize_by(logx, groups)  # sparse in, dense one section at a time
         else:
+            logx = logx.toarray()
             if fit:
                 self.state_["gene_mean"] = logx.mean(0)
                 sd = logx.std(0)
@@ -315,10 +323,12 @@ class NicheTeacher:
             pca = PCA(n_components=n_pcs, random_state=p["seed"], svd_solver="randomized" if z.shape[1] > 500 else "full").fit(z)
             self.state_["pca_components"] = pca.components_.astype(np.float32)
             self.state_["pca_mean"] = pca.mean_.astype(np.float32)
-        e = (z - self.state_["pca_mean"]) @ self.state_["pca_components"].T
+        z -= self.state_["pca_mean"]  # in place: z is not needed afterwards
+        e = z @ self.state_["pca_components"].T
+        del z
         if corr == "harmony":
             e = self._harmony(e, adata)
-        return e.astype(np.float32)
+        return e.astype(np.float32, copy=False)
 
     def _harmony(self, e: np.ndarray, adata: ad.AnnData) -> np.ndarray:
         try:
