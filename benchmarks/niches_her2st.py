@@ -9,9 +9,10 @@ the pathologist labels, and niche maps of held-out sections.
     python benchmarks/niches_her2st.py                       # the full run (K 4/6/8 x seeds 0/1/2)
     python benchmarks/niches_her2st.py --ks 6 --seeds 0      # one cell of the grid
 
-Features: the offline encoder's cached file (``--features``, default /work/cache/her2st_effnet.h5ad,
-made by ``stdistill.features.extract(adata, "effnet-lite0-imagenet")``, an ImageNet model, not a
-pathology model). Writes ``<out>/table.md`` (every number below is printed there), per-run CSVs
+Features: computed here with ``stdistill.features.extract(adata, "effnet-lite0-imagenet",
+precision="fp32")`` (an ImageNet model, not a pathology model; fp32 on every machine, printed),
+cached in the feature cache under ``$STDISTILL_CACHE`` or ``~/.cache/stdistill``; or an .h5ad
+given with ``--features``. Writes ``<out>/table.md`` (every number below is printed there), per-run CSVs
 and PNGs. Patient A's images are the 2000 px app copies (about 3.2 um/px): the A fold tests a
 resolution shift as much as a patient shift.
 """
@@ -36,19 +37,46 @@ METHODS = ["student", "kmeans", "kmeans_nbr"]
 A_NOTE = "A: images about 3.2 um/px (2000 px copies) vs 0.69 um/px for B/C: resolution shift + patient shift"
 
 
-def load(features: Path, root: str | None) -> ad.AnnData:
+#: Feature extraction precision: fixed (not "auto"), so every machine computes the same features.
+PRECISION = "fp32"
+
+
+def default_root() -> str | None:
+    """$STDISTILL_SHARED_HER2ST, else ``../shared/data/her2st`` beside the clone when present,
+    else None (``stdistill.datasets.her2st`` then uses $STDISTILL_DATA or its download cache)."""
+    env = os.environ.get("STDISTILL_SHARED_HER2ST")
+    if env:
+        return env
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
+    return str(beside) if beside.is_dir() else None
+
+
+def load(features: Path | None, root: str | None, precision: str = PRECISION) -> ad.AnnData:
+    """All 36 sections, with ``obsm[KEY]`` on the imaged spots (NaN elsewhere).
+
+    Without ``features`` the features are computed here (``stdistill.features.extract`` at
+    ``precision``; its cache under ``$STDISTILL_CACHE`` or ``~/.cache/stdistill`` makes reruns
+    fast), so a clean clone needs nothing else. With ``features``, an .h5ad holding ``obsm[KEY]``
+    for (some of) the HER2ST spots is used instead.
+    """
     import stdistill
 
     a = stdistill.datasets.her2st(root=root)
-    c = ad.read_h5ad(features)
-    if KEY not in c.obsm:
-        sys.exit(f"error: {features} has no obsm['{KEY}']")
+    if features is None:
+        c = stdistill.io.subset_sections(a, [s for s in stdistill.io.sections(a) if stdistill.io.has_image(a, s)])
+        stdistill.features.extract(c, "effnet-lite0-imagenet", precision=precision, key_added=KEY)
+    else:
+        c = stdistill.io.load_any(features)
+        if KEY not in c.obsm:
+            sys.exit(f"error: {features} has no obsm['{KEY}']")
+    print(f"features: {KEY}, precision {c.uns.get('features', {}).get(KEY, {}).get('precision', 'unknown')}", flush=True)
     f = np.full((a.n_obs, c.obsm[KEY].shape[1]), np.nan, np.float32)
     pos = a.obs_names.get_indexer(c.obs_names)
     if (pos < 0).any():
         sys.exit(f"error: {features}: {(pos < 0).sum()} spots are not in the HER2ST data (other spot ids?)")
     f[pos] = np.asarray(c.obsm[KEY], dtype=np.float32)
     a.obsm[KEY] = f
+    a.uns["features"] = c.uns.get("features", {})
     return a
 
 
@@ -153,7 +181,8 @@ def tables(res: pd.DataFrame) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--features", type=Path, default=Path("/work/cache/her2st_effnet.h5ad"))
+    ap.add_argument("--features", type=Path, default=None,
+                    help=f"an .h5ad with obsm['{KEY}'] (default: computed here at fp32, cached under the user cache)")
     ap.add_argument("--root", default=None, help="HER2ST folder (default: $STDISTILL_DATA or the download cache)")
     ap.add_argument("--out", type=Path, default=Path("results/niches_her2st"))
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 6, 8])
@@ -170,8 +199,7 @@ def main() -> None:
     from stdistill.teachers import NicheTeacher
 
     t_all = time.perf_counter()
-    root = args.root or os.environ.get("STDISTILL_SHARED_HER2ST") or (
-        "/work/shared/data/her2st" if Path("/work/shared/data/her2st").exists() else None)
+    root = args.root or default_root()
     a = load(args.features, root)
     print(f"HER2ST: {a.n_obs} spots, {a.obs['section'].nunique()} sections, "
           f"{int(np.isfinite(a.obsm[KEY][:, 0]).sum())} with image features", flush=True)
@@ -183,7 +211,7 @@ def main() -> None:
 
     md = ["# Niche distillation on HER2ST (leave-one-patient-out over A, B, C)\n",
           f"Command: `{cmd.strip()}`  \nFeatures: `{KEY}` (ImageNet EfficientNet-Lite0, not a pathology model), "
-          f"112 um patches.  \nSeeds {args.seeds} (student and baselines; teacher seed 0).  \n{A_NOTE}.\n"]
+          f"112 um patches, precision {a.uns['features'].get(KEY, {}).get('precision', 'unknown')}.  \nSeeds {args.seeds} (student and baselines; teacher seed 0).  \n{A_NOTE}.\n"]
     figs = []
     teachers = [
         ("expression", "aggregate on PCA of log-expression, per-section standardised (the default)", default_teacher),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from niches_her2st import KEY, load  # noqa: E402
+from niches_her2st import KEY, default_root, load  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     from stdistill.teachers import NicheTeacher
 
     t0 = time.perf_counter()
-    a = load(Path("/work/cache/her2st_effnet.h5ad"), "/work/shared/data/her2st" if Path("/work/shared/data/her2st").exists() else None)
+    a = load(None, default_root())  # features computed at fp32 (cached under the user cache)
     pats = a.obs["patient"].astype(str).to_numpy()
 
     # 1 ------------------------------------------------------------------------------------

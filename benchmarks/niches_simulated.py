@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="niches (default: the number of simulated niches)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/niches_simulated"))
+    ap.add_argument("--precision", default="fp32", help="feature extraction precision (fixed, so numbers reproduce)")
     args = ap.parse_args()
 
     import torch
@@ -35,7 +36,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     a = sd.datasets.simulated()
-    sd.features.extract(a, "effnet-lite0-imagenet")
+    sd.features.extract(a, "effnet-lite0-imagenet", precision=args.precision)
+    print(f"features: effnet-lite0-imagenet, precision {args.precision}", flush=True)
     t_feat = time.perf_counter() - t0
     k = args.k or a.obs["niche_true"].nunique()
     t1 = time.perf_counter()

@@ -48,8 +48,7 @@ def _seeded(fn):
     return make
 
 
-@pytest.fixture(scope="session")
-def tiny_encoders():
+def register_tiny_encoders() -> None:
     """Register ``TINY_EFF`` (tf_efficientnet_lite0, 1280-d) and ``TINY_VIT`` (3-block ViT, 192-d), 32 px input."""
     import timm
 
@@ -60,6 +59,14 @@ def tiny_encoders():
     sd.encoders.register_module(TINY_VIT, _seeded(lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
                                                                             img_size=32, patch_size=8, depth=3)),
                                 mean=(0.5,) * 3, std=(0.5,) * 3, input_px=32, dim=192, overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders():
+    """The tiny encoders of :func:`register_tiny_encoders`, for the session."""
+    import stdistill as sd
+
+    register_tiny_encoders()
     yield
     for n in (TINY_EFF, TINY_VIT):
         sd.encoders.unregister(n)

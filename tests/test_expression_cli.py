@@ -36,6 +36,10 @@ def test_bench_cli_and_figures(tmp_path):
     fig = sd.pl.expression_maps(a, "ERBB2", {"ridge": res.predictions["P1"]["ERBB2"]}, section="S1", path=tmp_path / "m.png")
     assert len(fig.axes) >= 2 and (tmp_path / "m.png").stat().st_size > 1000
     assert "r = " in fig.axes[1].get_title()
+    pred = res.predictions["P1"]["ERBB2"] - 1.0  # undershooting head; not measured in the data below
+    fig = sd.pl.expression_maps(a[:, ["G0"]].copy(), "ERBB2", {"ridge": pred}, section="S1")
+    assert [ax.get_title() for ax in fig.axes][0] == "ridge" and "not measured" in fig._suptitle.get_text()
+    assert fig.axes[0].collections[0].get_array().min() >= 0  # drawn clipped at 0
     with pytest.raises(sd.StdistillError, match="holds 3 sections: pass section="):
         sd.pl.expression_maps(a, "ERBB2", {"ridge": res.predictions["P1"]["ERBB2"]})
     with pytest.raises(sd.StdistillError, match="'S9' is not in the AnnData"):
@@ -66,13 +70,20 @@ def test_peka_and_predict_cli(tmp_path):
                                 "--encoder", "test-cli-vit", "--adapter", "lora", "--rank", "4", "--epochs", "1", "--n-clusters", "4",
                                 "--genes", str(_genes(tmp_path, a)), "-o", str(model)])
         assert r.exit_code == 0, r.output
-        assert model.exists()
+        assert model.exists() and "PEKA: 11 genes; adapter lora rank 4" in r.output and "{" not in r.output
         preds = tmp_path / "pred" / "p.csv"
         r = runner.invoke(app, ["expression", "predict", str(model), str(f), "--sections", "S2", "-o", str(preds),
                                 "--map-gene", "G0"])
         assert r.exit_code == 0, r.output
         p = pd.read_csv(preds, index_col=0)
         assert p.shape == (25, 11) and (tmp_path / "pred" / "G0_S2.png").exists()
+        assert (p.to_numpy() >= 0).all()  # log1p predictions are clipped at 0
+        he = tmp_path / "he_only.h5ad"  # H&E-only data: G0 not measured -> the prediction alone
+        a[:, ["G5"]].copy().write_h5ad(he)
+        r = runner.invoke(app, ["expression", "predict", str(model), str(he), "--sections", "S2", "-o",
+                                str(tmp_path / "he" / "p.csv"), "--map-gene", "G0,NOPE"])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "he" / "G0_S2.png").exists() and "no map for NOPE" in r.output
         r = runner.invoke(app, ["expression", "peka", str(f), "--test-patients", "P9"])
         assert r.exit_code != 0
         grid = ["expression", "peka", str(f), "--test-patients", "P2", "--encoder", "test-cli-vit", "--adapter", "lora",

@@ -152,7 +152,7 @@ def test_cache_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(h5py.Group, "create_dataset", boom)
     with pytest.raises(StdistillError, match="cannot write the feature cache"):
         cache.put("enc", "k" * 32, feats, section="s")
-    assert list(tmp_path.rglob("*")) == [tmp_path / "enc"]  # nothing half-written, no temp file left
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing half-written, no temp file left
     monkeypatch.undo()
     p = cache.put("enc", "k" * 32, feats, section="s")
     np.testing.assert_array_equal(cache.get("enc", "k" * 32, n=3, dim=4), feats)
@@ -220,7 +220,8 @@ def test_precision_resolution():
     from stdistill.features.extract import cpu_has_native_bf16, resolve_precision
 
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16-mixed", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", "cpu") == "fp32"  # the same numbers on every CPU, native bf16 or not
+    assert isinstance(cpu_has_native_bf16(), bool)
 
 
 def test_worker_processes_give_the_same_features(counting):

@@ -6,6 +6,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from _io_helpers import hest_folder, legacy_st
 
@@ -117,16 +118,14 @@ def test_h5ad_with_negative_counts(tmp_path):
 
 
 def test_write_h5ad_leaves_no_file_when_writing_fails(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
     a = _read(legacy_st(tmp_path))
     target = tmp_path / "out.h5ad"
-
-    def broken(self, filename, **kwargs):
-        with open(filename, "wb") as fh:
-            fh.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ad.AnnData, "write_h5ad", broken)
-    _refused("could not write .*disk full", write_h5ad, a, target, names=target)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 90, 10))
+    _refused("could not write .*no space left on device: needs", write_h5ad, a, target, names=target)
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir() if "out.h5ad" in p.name] == []
 
@@ -157,3 +156,109 @@ def test_counts_file_not_h5ad(tmp_path, reader):
         bad = root / "st" / "TENX1.h5ad"
         bad.write_text("not hdf5")
         _refused("HEST counts file is unreadable", read_hest, "TENX1", root, names=bad)
+
+
+# --- classes from issue 13 -------------------------------------------------------------------
+
+
+def test_duplicate_gene_names_are_made_unique_with_a_warning_naming_them(tmp_path):
+    from stdistill.io._section import DuplicateGenesWarning
+
+    f = legacy_st(tmp_path)
+    df = pd.read_csv(f["counts"], sep="\t", index_col=0)
+    df.columns = ["GENEA", "GENEB", "GENEA"]
+    df.to_csv(f["counts"], sep="\t")
+    with pytest.warns(DuplicateGenesWarning, match=r"1 gene names occur more than once \(GENEA\)"):
+        a = _read(f)
+    assert list(a.var_names) == ["GENEA", "GENEB", "GENEA-1"]  # not pandas' silent "GENEA.1"
+
+
+def test_comma_separated_counts_say_expected_tab_separated_in_one_short_line(tmp_path):
+    f = legacy_st(tmp_path)
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame(rng.integers(0, 9, (4, 5000)), index=["1x1", "2x1", "1x2", "2x2"],
+                        columns=[f"GENE{i}" for i in range(5000)])
+    wide.to_csv(f["counts"], sep=",")
+    msg = _refused("expected tab-separated counts .* comma-separated", _read, f, names=f["counts"])
+    assert len(msg) < 500
+
+
+def test_every_message_is_one_capped_line():
+    from stdistill._errors import MAX_MESSAGE
+
+    e = StdistillError("x" * 100_000 + "\nsecond line", "/some/file.tsv")
+    assert "\n" not in str(e) and len(str(e)) <= MAX_MESSAGE + len("/some/file.tsv: ")
+    assert str(e).endswith("...")
+
+
+def test_nan_spot_coordinates_are_named_as_such(tmp_path):
+    pos = {"x": [1, 2, 1, 2], "y": [1, 1, 2, 2], "pixel_x": [15.0, np.nan, 15.0, 25.0],
+           "pixel_y": [13.0, 13.0, 23.0, 23.0], "selected": [1, 1, 1, 1]}
+    f = legacy_st(tmp_path, positions=pos)
+    msg = _refused("1 spots have NaN, empty or non-numeric pixel coordinates", _read, f,
+                   microns_per_pixel="pitch", names=f["spots"])
+    assert "pitch" not in msg.split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("mpp", [0.0, -0.5])
+def test_non_positive_microns_per_pixel_is_not_called_missing(tmp_path, mpp):
+    f = legacy_st(tmp_path)
+    msg = _refused(r"microns per pixel is -?0\.\d+; it must be a positive number", _read, f, microns_per_pixel=mpp)
+    assert "missing" not in msg and "--mpp" not in msg
+
+
+def test_missing_microns_per_pixel_points_at_no_nonexistent_flag(tmp_path):
+    from stdistill.io import new_section
+
+    msg = _refused("microns per pixel of the full-resolution image is missing", new_section, np.ones((1, 1)),
+                   genes=["G"], spots=["s"], xy_px=np.zeros((1, 2)), section="S", patient="P",
+                   microns_per_pixel=None, spot_diameter_um=55.0)
+    assert "--mpp" not in msg
+
+
+@pytest.mark.parametrize("which", ["counts", "spots", "h5ad"])
+def test_directory_given_for_a_file_is_called_a_directory(tmp_path, which):
+    f = legacy_st(tmp_path)
+    d = tmp_path / "adir.h5ad"
+    d.mkdir()
+    if which == "h5ad":
+        _refused("expected, but this is a directory", read_h5ad, d, names=d)
+    else:
+        f[which] = d
+        _refused("expected, but this is a directory", _read, f, names=d)
+
+
+@pytest.mark.parametrize("value", [0, -3.0, "abc"])
+def test_visium_spot_diameter_of_zero_is_not_called_absent(visium_dir, tmp_path, value):
+    import json
+    import shutil
+
+    from stdistill.io import read_visium
+
+    outs = tmp_path / "outs"
+    shutil.copytree(visium_dir, outs)
+    sf = outs / "spatial" / "scalefactors_json.json"
+    j = json.loads(sf.read_text())
+    j["spot_diameter_fullres"] = value
+    sf.write_text(json.dumps(j))
+    msg = _refused("spot_diameter_fullres is .*not a positive number of pixels", read_visium, outs, names=sf)
+    assert "missing" not in msg
+
+
+def test_image_without_recorded_size_still_refuses_spots_outside_it(tmp_path):
+    a = _read(legacy_st(tmp_path))
+    path = write_h5ad(a, tmp_path / "ok.h5ad")
+    b = ad.read_h5ad(path)
+    del b.uns["spatial"]["S"]["metadata"]["image_size"]
+    b.obsm["spatial"] = b.obsm["spatial"] + 20_000.0
+    b.write_h5ad(tmp_path / "far.h5ad")
+    _refused("4 spot centres of section 'S' lie outside its 64x48 px image", read_h5ad, tmp_path / "far.h5ad")
+
+
+def test_info_reads_the_image_size_from_the_header_when_not_recorded(tmp_path):
+    from stdistill.io.summary import section_table
+
+    a = _read(legacy_st(tmp_path))
+    del a.uns["spatial"]["S"]["metadata"]["image_size"]
+    row = section_table(a).iloc[0]
+    assert row["image_px"] == "64 x 48" and row["spots_inside"] == 4

@@ -239,7 +239,7 @@ def test_student_predicts_on_tiles_without_genes(data):
                        obsm={"spatial": te.obsm["spatial"], "X_toy": te.obsm["X_toy"]}, uns={"spatial": te.uns["spatial"]})
     tiles.obsm["X_toy"][:2] = np.nan  # tiles without features get no niche
     s.predict(tiles)
-    assert tiles.obs["niche"].isna().sum() == 2 and np.isnan(tiles.obsm["niche_probs"][:2]).all()
+    assert tiles.obs["niche_pred"].isna().sum() == 2 and np.isnan(tiles.obsm["niche_pred_probs"][:2]).all()
     del tiles.obsm["X_toy"]
     with pytest.raises(StdistillError, match="patch features"):
         s.predict(tiles, extract=False)
@@ -302,3 +302,23 @@ def test_saved_folder_errors_name_the_folder(tmp_path):
     assert str(d) in str(e.value)
     with pytest.raises(StdistillError, match=r"not a saved Thing \(weights.safetensors missing\)"):
         load_safetensors_dir(d, "weights.safetensors", "x/1", "Thing", framework="numpy")
+
+
+def test_aggregate_neighbors_reuses_the_graph_in_obsp(monkeypatch):
+    import stdistill.pp.neighbors as nb
+
+    a = toy(n_patients=1, grid=5)
+    pp.spatial_neighbors(a, radius_um=210)
+    want = nb.aggregate(a.obsp["spatial_connectivities"], a.obsm["X_toy"], n_rings=2)
+    built = []
+    real = nb.radius_graph
+    monkeypatch.setattr(nb, "radius_graph", lambda *args, **kw: built.append(1) or real(*args, **kw))
+    pp.aggregate_neighbors(a, "X_toy", n_rings=2)  # no radius: the stored graph
+    pp.aggregate_neighbors(a, "X_toy", radius_um=210, n_rings=2, key_added="same")  # same radius: reused
+    assert built == []
+    np.testing.assert_array_equal(a.obsm["X_toy_agg"], want)
+    np.testing.assert_array_equal(a.obsm["same"], want)
+    pp.aggregate_neighbors(a, "X_toy", radius_um=450, key_added="wider")  # another radius: built
+    assert built == [1]
+    with pytest.raises(StdistillError, match="run pp.spatial_neighbors first"):
+        pp.aggregate_neighbors(toy(n_patients=1, grid=3), "X_toy")

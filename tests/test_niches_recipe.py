@@ -78,7 +78,9 @@ def test_cli_teacher_distill_predict_evaluate(tmp_path, labelled):
                          "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0, res.output
     out = ad.read_h5ad(tmp_path / "p.h5ad")
-    assert out.obsm["niche_probs"].shape == (labelled.n_obs, 3) and (tmp_path / "p.png").exists()
+    assert out.obsm["niche_pred_probs"].shape == (labelled.n_obs, 3)  # beside the teacher's keys
+    n_sec = labelled.obs["section"].nunique()  # --plot draws every section
+    assert len(list(tmp_path.glob("p*.png"))) == n_sec and res.output.count(".png") == n_sec
     res = r.invoke(app, ["niches", "evaluate", str(src), "-o", str(tmp_path / "ev"), "--features", "X_toy", "-k", "3",
                          "--max-epochs", "6"])
     assert res.exit_code == 0, res.output

@@ -2,7 +2,8 @@
 
 Submodules follow scverse conventions: ``io`` (readers), ``datasets``, ``pp`` (patches,
 tiling, neighbours, splits), ``encoders`` (registry), ``features`` (extraction + cache),
-``teachers``, ``students``, ``losses``, ``metrics``, ``bench``, ``recipes``, ``pl``.
+``teachers``, ``students``, ``losses``, ``metrics``, ``bench``, ``recipes``, ``pl``,
+``bundle`` (saved students) and ``slide`` (whole-slide prediction).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "io", "pp", "datasets", "encoders", "features", "teachers", "students",
-    "losses", "metrics", "bench", "recipes", "pl",
+    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report",
 }
 
 

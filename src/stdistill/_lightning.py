@@ -46,13 +46,19 @@ def make_trainer(
     monitor: str | None = "val_loss",
     patience: int = 5,
     enable_progress_bar: bool | None = None,
+    epoch_bar: str | None = None,
     deterministic: bool = True,
     **kwargs: Any,
 ):
     """A quiet, deterministic ``lightning.Trainer`` with early stopping on ``monitor``.
 
+    Deterministic algorithms are switched on for the duration of ``fit``/``validate``/``predict``
+    only and the caller's torch settings are restored afterwards (Lightning's constructor would
+    set them for the whole process).
+
     ``precision=None`` chooses ``"bf16-mixed"`` on a GPU and ``"32-true"`` on the CPU.
-    No checkpoints or logs are written unless asked (``kwargs`` pass through). Run ``fit`` inside
+    ``epoch_bar`` (a description) adds a rich bar over epochs with an ETA on stderr (rank 0 only;
+    off with ``STDISTILL_PROGRESS=0``). No checkpoints or logs are written unless asked (``kwargs`` pass through). Run ``fit`` inside
     :func:`quiet` to keep Lightning's info messages and small-data warnings out of the output.
     """
     import lightning as L
@@ -63,11 +69,21 @@ def make_trainer(
         precision = "bf16-mixed" if (accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "32-true"
     if enable_progress_bar is None:
         enable_progress_bar = os.environ.get("STDISTILL_PROGRESS", "1") != "0"
+    from ._trainer_callbacks import EpochBar, ScopedDeterminism
+
     callbacks = list(kwargs.pop("callbacks", []))
+    if epoch_bar:
+        from ._utils import progress_enabled
+
+        if progress_enabled():
+            callbacks.append(EpochBar(epoch_bar))
+    if deterministic:  # on while fitting only: the Trainer's constructor sets it for the whole process
+        callbacks.append(ScopedDeterminism())
     if monitor:
         callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode="min"))
+    before = ScopedDeterminism.state()
     with quiet():  # the Trainer's constructor logs the devices it found
-        return L.Trainer(
+        trainer = L.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -81,3 +97,5 @@ def make_trainer(
             enable_progress_bar=enable_progress_bar,
             **kwargs,
         )
+    ScopedDeterminism.restore(before)  # undo the constructor's process-wide torch flags
+    return trainer

@@ -38,6 +38,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically with plain file I/O; raises ``OSError`` on failure.
+
+    Free space is checked first (``ENOSPC`` before anything is written). A write that still
+    fails (quota, file-size limit) raises ``OSError`` and leaves neither ``path`` nor a temporary file.
+    """
+    import errno
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = memoryview(data).nbytes
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"no space left on device: needs {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def write_hdf5(path: str | os.PathLike, fill) -> Path:
+    """Build an HDF5 file in memory with ``fill(h5py.File)``, then :func:`write_bytes` it to ``path``.
+
+    HDF5 never touches the disk, so a full disk or a file-size limit gives a plain ``OSError``
+    instead of the crash h5py hits when closing a file whose writes failed (h5py issues 914,
+    2160). Costs one copy of the (compressed) file in memory.
+    """
+    import io
+
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    return write_bytes(path, buf.getbuffer())
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
     random.seed(seed)
@@ -59,15 +96,62 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool | None = None) -> Iterable[T]:
-    """A rich progress bar over ``iterable``; silent when not attached to a terminal or disabled."""
-    if disable is None:
-        disable = os.environ.get("STDISTILL_PROGRESS", "1") == "0"
-    if disable:
-        return iterable
-    from rich.progress import track
+PROGRESS_ENV = "STDISTILL_PROGRESS"  #: "0" turns every progress display off (``stdistill --quiet`` sets it)
 
-    return track(iterable, total=total, description=desc or "working", transient=True)
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """False when ``quiet`` or ``STDISTILL_PROGRESS=0``; progress goes to stderr otherwise."""
+    return not quiet and os.environ.get(PROGRESS_ENV, "1") != "0"
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool | None = None) -> Iterable[T]:
+    """A rich progress bar (count, elapsed time, ETA) over ``iterable``, on stderr; silent when
+    ``disable`` or ``STDISTILL_PROGRESS=0``."""
+    if disable is None:
+        disable = not progress_enabled()
+    if disable:
+        yield from iterable
+        return
+    with progress_display() as p:
+        yield from p.track(iterable, total=total, description=desc or "working")
+
+
+@contextlib.contextmanager
+def progress_display(quiet: bool = False) -> Iterator:
+    """A rich ``Progress`` (description, bar, done/total, elapsed, ETA) on stderr, removed when
+    done; a no-op object with ``add_task``/``advance``/``update``/``track`` when progress is off."""
+    if not progress_enabled(quiet):
+        yield _NullProgress()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as p:
+        yield p
+
+
+class _NullProgress:
+    """Stands in for rich's ``Progress`` when progress is off."""
+
+    def add_task(self, *a, **k) -> int:
+        return 0
+
+    def advance(self, *a, **k) -> None:
+        pass
+
+    def update(self, *a, **k) -> None:
+        pass
+
+    def track(self, iterable, *a, **k):
+        return iterable
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -101,30 +185,54 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict)
 
     path = Path(path)
     arrays = {**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
     return path
 
 
-def load_npz(path: str | os.PathLike, fmt: str, what: str):
+class Record(dict):
+    """A dict read from a model file: a missing key is a StdistillError naming the file, not a KeyError."""
+
+    def __init__(self, data=(), source="", what: str = "model"):  # defaults: dataclasses.asdict rebuilds it from pairs
+        super().__init__(data)
+        self.source, self.what = str(source), what
+
+    def __missing__(self, key):
+        from ._errors import StdistillError
+
+        raise StdistillError(f"this saved {self.what} lacks {key!r} (written by another version, or edited?)",
+                             self.source)
+
+
+def _record(obj, source, what: str):
+    """``obj`` with every nested dict turned into a :class:`Record`."""
+    if isinstance(obj, dict):
+        return Record({k: _record(v, source, what) for k, v in obj.items()}, source, what)
+    return obj
+
+
+def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[Record, Record]:
     """Read an .npz written by :func:`save_npz` (``allow_pickle=False``); returns ``(arrays, meta)``.
 
-    Raises StdistillError naming ``path`` when it is not a ``what`` file or not of format ``fmt``.
+    Every array is read here, so a truncated or corrupt file is one StdistillError naming
+    ``path`` (not ``BadZipFile`` later); so is a missing file, a file that is not a ``what``
+    file or not of format ``fmt``, and (through :class:`Record`) a missing key.
     """
     import json
 
-    from ._errors import StdistillError
+    from ._errors import StdistillError, require_file
 
-    path = Path(path)
+    path = require_file(path, f"{what} file")
     try:
-        z = np.load(path, allow_pickle=False)
-        meta = json.loads(bytes(z["meta"]).decode())
-    except (OSError, ValueError, KeyError) as e:
-        raise StdistillError(f"not a stdistill {what} file ({e})", path) from None
-    if meta.get("format") != fmt:
-        raise StdistillError(f"unknown format {meta.get('format')!r}; expected {fmt}", path)
-    return z, meta
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(arrays.pop("meta")).decode())
+    except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, ValueError, KeyError ...
+        raise StdistillError(f"not a readable stdistill {what} file ({type(e).__name__}: {e})", path) from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise StdistillError(f"unknown format {got!r}; expected {fmt}", path)
+    return Record(arrays, path, what), _record(meta, path, what)
 
 
 def save_safetensors_dir(path: str | os.PathLike, weights: str, tensors: dict, config: dict, framework: str = "pt") -> Path:
@@ -146,10 +254,11 @@ def save_safetensors_dir(path: str | os.PathLike, weights: str, tensors: dict, c
 
 
 def load_safetensors_dir(path: str | os.PathLike, weights: str, fmt: str, what: str, framework: str = "pt",
-                         device: str = "cpu") -> tuple[dict, dict]:
+                         device: str = "cpu") -> tuple[Record, Record]:
     """Read a folder written by :func:`save_safetensors_dir` (nothing is unpickled); returns
     ``(config, tensors)``. Raises StdistillError naming ``path`` when a file is missing or
-    unreadable, or the config's format is not ``fmt`` (``what`` names the object in messages)."""
+    unreadable, the config's format is not ``fmt``, or (``framework="numpy"``) an array is not
+    floating point; a key missing from either is a StdistillError too (``what`` names the object)."""
     import json
 
     from ._errors import StdistillError
@@ -170,6 +279,64 @@ def load_safetensors_dir(path: str | os.PathLike, weights: str, fmt: str, what: 
             tensors = load_file(str(path / weights))
     except Exception as e:  # noqa: BLE001 - corrupt files
         raise StdistillError(f"cannot read a saved {what}: {e}", path) from None
-    if config.get("format") != fmt:
-        raise StdistillError(f"not a saved {what} (format {config.get('format')!r})", path)
-    return config, tensors
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        got = config.get("format") if isinstance(config, dict) else None
+        raise StdistillError(f"not a saved {what} (format {got!r})", path)
+    if framework != "pt":
+        bad = [k for k, v in tensors.items() if v.dtype.kind != "f"]
+        if bad:
+            raise StdistillError(f"{weights}: tensor {bad[0]!r} is {tensors[bad[0]].dtype}, expected floating point",
+                                 path)
+    return _record(config, path, what), Record(tensors, path, what)
+
+
+def check_state(own: dict, state: dict, source, what: str, strict: bool = True) -> None:
+    """Check a state dict read from a file against a module's own (``net.state_dict()``): with
+    ``strict``, the same names; always, equal shapes, and floating-point tensors where the module
+    has them (integer weights are refused, not cast silently). Raises one StdistillError naming
+    ``source``, the tensor and both shapes (or dtypes)."""
+    from ._errors import StdistillError
+
+    missing = [k for k in own if k not in state] if strict else []
+    unexpected = [k for k in state if k not in own] if strict else []
+    if missing or unexpected:
+        parts = ([f"{len(missing)} tensors missing (e.g. {missing[0]!r})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else [])
+        raise StdistillError(f"{what} weights do not match its config: " + "; ".join(parts), source)
+    for k, got in state.items():
+        want = own.get(k)
+        if want is None:
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            raise StdistillError(f"{what} weights do not match its config: tensor {k!r} has shape "
+                                 f"{tuple(got.shape)} in the file, the model expects {tuple(want.shape)}", source)
+        if want.is_floating_point() and not got.is_floating_point():
+            raise StdistillError(f"{what} weights: tensor {k!r} is {str(got.dtype).replace('torch.', '')}, "
+                                 f"expected floating point ({str(want.dtype).replace('torch.', '')})", source)
+
+
+def load_state(net, state: dict, source, what: str) -> None:
+    """``net.load_state_dict(state)`` (strict) after :func:`check_state`."""
+    check_state(net.state_dict(), state, source, what)
+    net.load_state_dict(state, strict=True)
+
+
+#: Packages whose versions :func:`versions` records (a missing one is left out).
+VERSIONED = ("stdistill", "torch", "timm", "anndata", "scanpy", "numpy", "peft", "lightning")
+
+
+def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+    """Installed versions of ``packages`` plus Python's, read from package metadata (no imports)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    from . import __version__
+
+    out["stdistill"] = __version__  # the source tree in use, not whatever is installed
+    return out

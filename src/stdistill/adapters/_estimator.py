@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import StdistillError
-from .._utils import atomic_path
+from .._utils import Record, atomic_path, check_state
 from ._config import AdapterConfig
 from ._cut import parse_cut
 from ._module import TailModule, trainable_key
@@ -105,26 +105,54 @@ class AdaptedEncoder:
         return (F0 - net.feat_mu) / net.feat_sd
 
     # -------------------------------------------------------------- training
-    def _train(self, net: nn.Module, data: dict, val: dict | None, t0: float) -> None:
-        """Fit ``module_class(net, data, config, val)`` with Lightning; keep the best validation epoch."""
+    def _stage(self, run_dir: str | os.PathLike, data: dict, val: dict | None) -> Path:
+        """The checkpoint folder of this training (:func:`stdistill._resume.stage_dir`): its
+        fingerprint covers the recipe, config, encoder weights and every input tensor."""
+        from .._resume import stage_dir
+
+        enc = self._frozen_encoder()
+        settings = [type(self).__name__, asdict(self.config), enc.spec.name, enc.weights_digest]
+        tensors = [data[k] for k in sorted(data)] + ([val[k] for k in sorted(val)] if val is not None else [])
+        return stage_dir(run_dir, "fit", settings, tensors)
+
+    def _train(self, net: nn.Module, data: dict, val: dict | None, t0: float,
+               run_dir: str | os.PathLike | None = None) -> None:
+        """Fit ``module_class(net, data, config, val)`` with Lightning; keep the best validation epoch.
+
+        ``run_dir``: checkpoint every epoch under it and resume from the last checkpoint (a
+        finished training is read back from ``done.ckpt``); ``resumed_`` says which happened."""
         from .._lightning import make_trainer, quiet
+        from .._resume import checkpoint_callback, last_ckpt, read_done, save_done
 
         cfg = self.config
-        module = self.module_class(net, data, cfg, val)
         n = len(data["h"])
         g = torch.Generator().manual_seed(cfg.seed)
+        module = self.module_class(net, data, cfg, val, loader_generator=g)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=cfg.batch_size,
                                              shuffle=True, generator=g, drop_last=n > cfg.batch_size)
+        ckpt_dir = None if run_dir is None else self._stage(run_dir, data, val)
+        self.resumed_ = None
+        train = any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0
+        if ckpt_dir is not None and read_done(module, ckpt_dir):
+            self.resumed_, train = "finished", False
+        resume = None if ckpt_dir is None or not train else last_ckpt(ckpt_dir)
+        if resume is not None:
+            self.resumed_ = "resumed"
         trainer = make_trainer(
             max_epochs=cfg.max_epochs, accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
             monitor="val_score" if val is not None else None, patience=cfg.patience, enable_progress_bar=False,
+            epoch_bar=f"{type(self).__name__}: epochs",
             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+            callbacks=[checkpoint_callback(ckpt_dir)] if ckpt_dir is not None else [],
+            enable_checkpointing=ckpt_dir is not None,
         )
         denormal = torch.set_flush_denormal(True)  # tiny adapter updates otherwise hit slow denormal floats on CPUs
         try:
             with quiet():  # (the frozen encoder stays in eval mode on purpose)
-                if any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0:
-                    trainer.fit(module, train_dataloaders=loader)
+                if train:
+                    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+                    if ckpt_dir is not None:
+                        save_done(trainer, ckpt_dir)
         finally:
             torch.set_flush_denormal(False) if denormal else None
         if module.best_state is not None:  # restore the best validation epoch
@@ -181,21 +209,48 @@ class AdaptedEncoder:
     def _encoder_name(self) -> str:
         return self.encoder_arg if isinstance(self.encoder_arg, str) else self._frozen_encoder().spec.name
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Adapter + heads + target scaling as safetensors; settings and target names as JSON
-        metadata (no pickle). Read back with ``load``."""
-        from safetensors.torch import save_file
+    def bundle_record(self) -> dict:
+        """The ``"bundle"`` entry of the saved config (see :mod:`stdistill.bundle`)."""
+        from ..bundle import bundle_record
 
         self._check()
-        path = Path(path)
+        enc = self._frozen_encoder()
+        targets = getattr(self, f"{self.targets_key}_")
+        return bundle_record(
+            type(self).__name__.lower(), encoder=enc.spec.name, weights_digest=enc.weights_digest,
+            size_um=self.config.size_um, px=self.config.px, precision="fp32", feature_norm="heads (training mean/sd)",
+            licence=enc.spec.licence, outputs={self.targets_key: list(targets)},
+            training={"best_epoch": self.best_epoch_, "fit_seconds": round(self.fit_seconds_, 1),
+                      "trainable_share": self.adapter_info_.get("share"),
+                      **getattr(self, "training_summary_", {})},
+        )
+
+    def _state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()
                  if trainable_key(k, self.heads) or k in self.buffers}
         state["y_mean"] = torch.from_numpy(self.y_mean_.astype(np.float32))
         state["y_std"] = torch.from_numpy(self.y_std_.astype(np.float32))
+        return state
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a bundle folder (``config.json`` + ``model.safetensors``; see :mod:`stdistill.bundle`),
+        or, for a path ending in ``.safetensors``, the older single file with JSON metadata.
+        Adapter + heads + target scaling as safetensors, nothing pickled. Read back with ``load``."""
+        from safetensors.torch import save_file
+
+        from .._utils import save_safetensors_dir
+
+        self._check()
+        path = Path(path)
+        targets = getattr(self, f"{self.targets_key}_")
+        if path.suffix != ".safetensors":
+            cfg = {"format": self.file_format, "bundle": self.bundle_record(), "config": asdict(self.config),
+                   self.targets_key: list(targets), "adapter_info": self.adapter_info_}
+            return save_safetensors_dir(path, "model.safetensors", self._state(), cfg)
         meta = {"format": self.file_format, "encoder": self._encoder_name(), "config": json.dumps(asdict(self.config)),
-                self.targets_key: json.dumps(getattr(self, f"{self.targets_key}_")), "adapter_info": json.dumps(self.adapter_info_)}
+                self.targets_key: json.dumps(targets), "adapter_info": json.dumps(self.adapter_info_)}
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=meta)
+            save_file(self._state(), str(tmp), metadata=meta)
         return path
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -203,28 +258,48 @@ class AdaptedEncoder:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path: str | os.PathLike, encoder=None, **kw):
-        """Rebuild a saved model. ``encoder``: a name or Encoder when the saved one is not in the
-        registry; ``kw``: constructor arguments (``cache_dir``, ``device``, ...)."""
+    def _read_saved(cls, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(metadata, state) of a bundle folder or an older single ``.safetensors`` file."""
         from safetensors import safe_open
 
-        path = Path(path)
+        from .._utils import load_safetensors_dir
+
+        if path.is_dir():
+            cfg, state = load_safetensors_dir(path, "model.safetensors", cls.file_format, cls.__name__)
+            return {**cfg, "encoder": cfg["bundle"]["encoder"]["name"]}, state
         try:
             with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
+                meta = Record(fh.metadata() or {}, path, cls.__name__)
+                state = Record({k: fh.get_tensor(k) for k in fh.keys()}, path, cls.__name__)
         except Exception as e:
             raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
         if meta.get("format") != cls.file_format:
             raise StdistillError(f"not a stdistill {cls.__name__} model (format {meta.get('format')!r})", path)
-        self = cls(encoder or meta["encoder"], cls.config_class(**json.loads(meta["config"])), **kw)
-        setattr(self, f"{cls.targets_key}_", json.loads(meta[cls.targets_key]))
+        return {k: json.loads(v) if k in ("config", cls.targets_key, "adapter_info") else v for k, v in meta.items()}, state
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder=None, **kw):
+        """Rebuild a saved model (bundle folder or older ``.safetensors`` file). ``encoder``: a name
+        or Encoder when the saved one is not in the registry (a bundle refuses one whose weights
+        digest differs from the recorded one); ``kw``: constructor arguments (``cache_dir``, ``device``, ...)."""
+        path = Path(path)
+        meta, state = cls._read_saved(path)
+        self = cls(encoder or meta["encoder"], cls.config_class(**meta["config"]), **kw)
+        want = meta.get("bundle", {}).get("encoder", {}).get("weights_digest")
+        have = self._frozen_encoder().weights_digest
+        if want and have and want != have:
+            raise StdistillError(f"the encoder given has other weights ({have[:12]}) than the model was trained on "
+                                 f"({meta['encoder']}, {want[:12]})", path)
+        setattr(self, f"{cls.targets_key}_", list(meta[cls.targets_key]))
         net = self._net_from_state(self._adapted_tail(), state)
-        self.y_mean_, self.y_std_ = state.pop("y_mean").numpy(), state.pop("y_std").numpy()
+        self.y_mean_, self.y_std_ = state["y_mean"].numpy(), state["y_std"].numpy()
+        del state["y_mean"], state["y_std"]
+        check_state(net.state_dict(), state, path, cls.__name__, strict=False)
         missing, unexpected = net.load_state_dict(state, strict=False)
         bad = [k for k in missing if trainable_key(k, self.heads)]
         if bad or unexpected:
             raise StdistillError(f"saved weights do not fit the encoder ({(bad + unexpected)[:3]})", path)
         self.net_ = net.eval()
-        self.best_epoch_, self.fit_seconds_, self.history_ = -1, 0.0, []
+        training = meta.get("bundle", {}).get("training", {})
+        self.best_epoch_, self.fit_seconds_, self.history_ = training.get("best_epoch", -1), training.get("fit_seconds", 0.0), []
         return self

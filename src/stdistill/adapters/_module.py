@@ -75,18 +75,23 @@ class TailModule(L.LightningModule):
 
     ``history`` gets one dict per epoch (``epoch``, ``train_<term>``, ``val_mse``,
     ``val_head_pearson``, ``val_ridge_pearson``); the best validation epoch's trainable state is in
-    ``best_state``.
+    ``best_state``. ``loader_generator``: the training DataLoader's shuffling generator; it is
+    checkpointed with these and the RNG states, so a run resumed from a checkpoint
+    (:mod:`stdistill._resume`) draws the same batches and views as an uninterrupted one.
     """
 
     heads: tuple[str, ...] = ()  # state-dict prefixes of the trainable heads
 
-    def __init__(self, net: nn.Module, data: dict, cfg: AdapterConfig, val: dict | None = None):
+    def __init__(self, net: nn.Module, data: dict, cfg: AdapterConfig, val: dict | None = None, *,
+                 loader_generator: torch.Generator | None = None):
         super().__init__()
         self.net, self.data, self.cfg, self.val_data = net, data, cfg, val
+        self.loader_generator = loader_generator
         self.history: list[dict] = []
         self.best_score = float("inf")
         self.best_state = None
         self.best_epoch = -1
+        self._restored_gen = None  # the view generator's state read from a checkpoint
 
     # -------------------------------------------------------------- the recipe's science
     def loss_terms(self, out: dict, idx: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
@@ -117,6 +122,9 @@ class TailModule(L.LightningModule):
 
     def on_fit_start(self):
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
+        if self._restored_gen is not None:  # resumed: the history and best state came from the checkpoint
+            self._gen.set_state(self._restored_gen)
+            return
         if self.val_data is not None:  # epoch 0 = the frozen encoder with ridge-initialised heads
             rec = {"epoch": 0}
             self.net.eval()
@@ -184,6 +192,28 @@ class TailModule(L.LightningModule):
         if self.cfg.val_metric == "head":
             return -rec["val_head_pearson"]
         return rec["val_mse"]
+
+    # -------------------------------------------------------------- checkpoints (resume)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """History, best epoch and weights, RNG states (plain values and tensors: loadable with weights_only)."""
+        checkpoint["stdistill"] = {
+            "history": [dict(h) for h in self.history], "best_score": float(self.best_score),
+            "best_epoch": int(self.best_epoch), "best_state": self.best_state,
+            "torch_rng": torch.get_rng_state(),
+            "view_rng": self._gen.get_state() if hasattr(self, "_gen") else None,
+            "loader_rng": None if self.loader_generator is None else self.loader_generator.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        s = checkpoint.get("stdistill", {})
+        self.history = [dict(h) for h in s.get("history", [])]
+        self.best_score, self.best_epoch = float(s.get("best_score", float("inf"))), int(s.get("best_epoch", -1))
+        self.best_state = s.get("best_state")
+        self._restored_gen = s.get("view_rng")
+        if s.get("torch_rng") is not None:
+            torch.set_rng_state(s["torch_rng"])
+        if s.get("loader_rng") is not None and self.loader_generator is not None:
+            self.loader_generator.set_state(s["loader_rng"])
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]

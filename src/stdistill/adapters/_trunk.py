@@ -175,12 +175,16 @@ def _compute(encoder, sub: ad.AnnData, cut: Cut, cfg: AdapterConfig, batch_size:
     from ..pp.patches import PatchDataset
 
     ds = PatchDataset(sub, size_um=cfg.size_um, px=cfg.px)
-    outs = []
+    out, i = None, 0  # written batch by batch into one preallocated tensor (no concatenated copy)
     encoder.to(device)
     for xb, _ in ds.loader(batch_size=batch_size):
         vs = torch.stack([trunk(encoder, cut, dihedral(xb, v).to(device)).cpu() for v in range(cfg.views)], 1)
-        outs.append(vs if cut.input else vs.to(torch.float16))
-    return torch.cat(outs)
+        vs = vs if cut.input else vs.to(torch.float16)
+        if out is None:
+            out = torch.empty((sub.n_obs, *vs.shape[1:]), dtype=vs.dtype)
+        out[i:i + len(vs)] = vs
+        i += len(vs)
+    return out
 
 
 def trunk_activations(
@@ -198,7 +202,7 @@ def trunk_activations(
     cut = parse_cut(encoder.backbone, cfg.train_from)
     root = None if cache_dir is False else (Path(cache_dir) if cache_dir not in (None, True) else _default_cache_root())
     sec_of = adata.obs[SECTION_KEY].astype(str).to_numpy()
-    parts = []
+    out = None  # each section is written into the output as soon as it is read or computed
     for s in _sections(adata):
         m = np.flatnonzero(sec_of == s)
         key = _section_key(encoder, adata, s, m, cut, cfg)
@@ -212,8 +216,8 @@ def trunk_activations(
                 with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, t.numpy(), allow_pickle=False)
         _MEMORY.put(key, t)
-        parts.append((m, t))
-    out = torch.empty((adata.n_obs, *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
-    for m, t in parts:
+        if out is None:
+            out = torch.empty((adata.n_obs, *t.shape[1:]), dtype=t.dtype)
         out[torch.from_numpy(m)] = t
+        del t  # past the memory budget the section is freed now, not at the end
     return out

@@ -11,6 +11,14 @@ def _split(v: Optional[str]) -> list[str]:
     return [x.strip() for x in v.split(",") if x.strip()] if v else []
 
 
+def command_line() -> str:
+    """The command as typed (``stdistill`` plus its arguments, shell-quoted), for run records."""
+    import shlex
+    import sys
+
+    return shlex.join(["stdistill", *sys.argv[1:]])
+
+
 def _numbers(v: str, kind: type, option: str) -> list:
     """``"3e-5,1e-4"`` -> ``[3e-05, 0.0001]``; one line naming the option on bad input."""
     try:

@@ -167,6 +167,28 @@ def step_niches(run: DemoRun) -> None:
     run.outputs["niche metrics table"] = out / f"metrics_K{k}.csv"
 
 
+def step_bundle(run: DemoRun) -> None:
+    """Inputs of ``stdistill predict``: a niche student trained on every simulated patient (saved
+    as a bundle) and the last section's H&E as a pyramidal TIFF."""
+    from .. import io
+    from ..bundle import save_bundle
+    from ..students import NicheStudent
+    from ..teachers import NicheTeacher
+
+    a, k = run.adata, run.adata.obs["niche_true"].nunique()
+    NicheTeacher(k, seed=run.seed).fit_predict(a, key_added="niche_all")
+    s = NicheStudent(feature_key=run.info["feature_key"], size_um=112.0, px=run.patch_px, seed=run.seed,
+                     max_epochs=3 if run.quick else 20).fit(a, probs_key="niche_all_probs")
+    bundle = save_bundle(s, run.out / "niche_bundle")
+    sec = io.sections(a)[-1]
+    img = io.image(a, sec)
+    slide = io.write_pyramid_tiff(run.out / "simulated_slide.tif", img.read_region(0, 0, *img.size),
+                                  io.microns_per_pixel(a, sec))
+    run.outputs["niche student bundle (all patients)"] = bundle
+    run.outputs["simulated H&E slide (pyramidal TIFF)"] = slide
+    run.console.print(f"  next: stdistill predict {slide} --model {bundle} --out {run.out / 'predict'}")
+
+
 STEPS: list[Step] = [
     Step("simulate", "simulate paired ST + H&E", step_simulate),
     Step("patches", "cut patches at a physical size", step_patches),
@@ -174,6 +196,7 @@ STEPS: list[Step] = [
     Step("figure", "draw the sections", step_figure),
     Step("features", f"extract patch features ({ENCODER})", step_features),
     Step("niches", "distil ST niches into an H&E-only student", step_niches),
+    Step("bundle", "save a student bundle and a slide for stdistill predict", step_bundle),
 ]
 
 
@@ -181,19 +204,14 @@ STEPS: list[Step] = [
 
 
 def _palette(levels) -> dict:
-    import matplotlib
+    from ..pl._common import niche_colours
 
-    tab = matplotlib.colormaps["tab10"].colors
-    cols = [tab[i] for i in (0, 1, 2, 3, 8, 9, 7, 5)]  # no purple/pink: they vanish on H&E
-    return {v: cols[i % len(cols)] for i, v in enumerate(levels)}
+    return dict(zip(levels, niche_colours(len(levels))))
 
 
 def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int = 500) -> None:
     """One panel per section: its H&E thumbnail with spots coloured by ``obs[key]``; PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     from .._utils import atomic_path
@@ -204,7 +222,8 @@ def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int =
     pal = _palette(levels)
     ncol = min(3, len(secs))
     nrow = int(np.ceil(len(secs) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.6 * nrow + 0.7), squeeze=False)
+    fig = Figure(figsize=(3.6 * ncol, 3.6 * nrow + 0.7))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     sec = adata.obs["section"].astype(str).to_numpy()
     for ax in axes.ravel():
         ax.axis("off")
@@ -224,22 +243,19 @@ def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int =
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def _plot_patches(run: DemoRun, path: Path, per_niche: int = 6) -> None:
     """Rows = true niches, columns = example patches (the same spots every run for a seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from .._utils import atomic_path
 
     a = run.adata
     levels = list(a.obs["niche_true"].cat.categories)
     rng = np.random.default_rng(run.seed)
-    fig, axes = plt.subplots(len(levels), per_niche, figsize=(1.3 * per_niche, 1.4 * len(levels)), squeeze=False)
+    fig = Figure(figsize=(1.3 * per_niche, 1.4 * len(levels)))
+    axes = fig.subplots(len(levels), per_niche, squeeze=False)
     for r, v in enumerate(levels):
         idx = np.flatnonzero((a.obs["niche_true"] == v).to_numpy() & ~run.patches.padded)
         pick = rng.choice(idx, size=min(per_niche, len(idx)), replace=False) if len(idx) else []
@@ -253,7 +269,6 @@ def _plot_patches(run: DemoRun, path: Path, per_niche: int = 6) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 # -- driver --------------------------------------------------------------------------------------

@@ -8,45 +8,52 @@ import typer
 
 
 def _load_data(data: str):
-    """An .h5ad file or a dataset name; her2st is read with its imaged sections only."""
+    """Validated sections (:func:`stdistill.io.load_any`); her2st is read with its imaged sections only."""
     if data.lower() == "her2st" and not Path(data).exists():
         from ..datasets import her2st
 
         return her2st(images_only=True)
-    try:
-        from ..io.summary import load_any
-    except ImportError:  # pragma: no cover - older trees without io.summary
-        load_any = None
-    if load_any is not None:
-        return load_any(data)
-    import importlib
+    from ..io import load_any
 
-    from .._errors import StdistillError
-
-    if data.endswith(".h5ad"):
-        import anndata as ad
-
-        return ad.read_h5ad(data)
-    if data.lower() in ("simulated",):
-        return importlib.import_module("..datasets", __package__).simulated()
-    raise StdistillError("expected an .h5ad file or a dataset name ('her2st', 'simulated')", data)
+    return load_any(data)
 
 
 def _write(adata, out: Path) -> None:
-    try:
-        from ..io import write_h5ad
-    except ImportError:  # pragma: no cover
-        write_h5ad = None
-    if write_h5ad is not None:
-        write_h5ad(adata, out)
-        from ..features.cache import _share
+    from ..features.cache import _share
+    from ..io import write_h5ad
 
-        _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
-        return
-    from .._utils import atomic_path
+    write_h5ad(adata, out)
+    _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
 
-    with atomic_path(out) as tmp:  # pragma: no cover
-        adata.write_h5ad(tmp)
+
+def _manifest(console, manifest: str, out: Path, encoder: str, kwargs: dict) -> None:
+    """``stdistill features MANIFEST -o DIR``: one output per entry; exit 1 when any entry failed."""
+    import time
+
+    from rich.table import Table
+
+    from .._errors import StdistillError
+    from ..features import extract_manifest
+
+    if out.suffix == ".h5ad":
+        raise StdistillError("a manifest writes one file per entry: --out must be a folder, not an .h5ad file", out)
+    t0 = time.perf_counter()
+    report = extract_manifest(manifest, out, encoder, **kwargs)
+    table = Table(title=f"{encoder}: {len(report.entries)} manifest entries -> {out}")
+    for col in ("entry", "spots", "status", "seconds"):
+        table.add_column(col)
+    for e in report.entries:
+        table.add_row(e.name, str(e.n_spots or ""), e.status, f"{e.seconds:.1f}")
+    console.print(table)
+    counts: dict[str, int] = {}
+    for e in report.entries:
+        counts[e.status] = counts.get(e.status, 0) + 1
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; wall {time.perf_counter() - t0:.1f} s")
+    if report.failed:
+        typer.secho(f"{len(report.failed)} entr{'y' if len(report.failed) == 1 else 'ies'} failed:", fg="red", err=True)
+        for e in report.failed:
+            typer.secho(f"  {e.name}: {e.message}", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
@@ -82,8 +89,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("features")
     def features_cmd(
-        data: str = typer.Argument(..., help="An .h5ad file, or a dataset name: 'her2st' (imaged sections), 'simulated'."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_<encoder>'] (written atomically)."),
+        data: str = typer.Argument(..., help="An .h5ad file, a dataset name ('her2st': imaged sections, 'simulated'), or a "
+                                   "manifest of many slides (.tsv/.csv with a 'path' column; see docs/encoders.md)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_<encoder>'] (written atomically); "
+                                 "for a manifest, a folder receiving <name>.h5ad per entry."),
         encoder: str = typer.Option("effnet-lite0-imagenet", "--encoder", "-e", help="Registry name (stdistill encoders list)."),
         size_um: float = typer.Option(112.0, "--size-um", help="Patch side in micrometres."),
         px: int = typer.Option(224, "--px", help="Patch side in pixels."),
@@ -96,6 +105,13 @@ def register(app: typer.Typer) -> None:
         weights: Path | None = typer.Option(None, "--weights", help="Local weights (safetensors or a state dict)."),
         devices: int = typer.Option(1, "--devices", help="Processes/GPUs per node; > 1 uses Lightning DDP."),
         strategy: str = typer.Option("ddp_spawn", "--strategy", help="Lightning strategy when --devices > 1 (ddp, ddp_spawn)."),
+        stain_norm: str | None = typer.Option(None, "--stain-norm", help="Normalise stains first: macenko or reinhard (needs stdistill[stain])."),
+        stain_reference: str | None = typer.Option(
+            None, "--stain-reference",
+            help="Reference stain: a section name here (default: the first imaged section), or a features .h5ad "
+                 "of the training sections (its stored reference: new slides normalised as the training ones)."),
+        views: int = typer.Option(0, "--views", help="Also encode this many augmented views per patch (obsm['<key>_views'])."),
+        view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
     ) -> None:
         """Encode a patch around every spot and write the sections with their features to --out."""
         import time
@@ -109,6 +125,13 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         t0 = time.perf_counter()
+        if Path(data).suffix.lower() in (".tsv", ".csv"):
+            if devices > 1:
+                raise StdistillError("--devices > 1 is not supported with a manifest; split the manifest across jobs instead")
+            _manifest(console, data, out, encoder, dict(
+                size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
+                num_workers=num_workers, cache_dir=False if no_cache else cache_dir, weights=weights))
+            return
         if out.suffix != ".h5ad":
             raise StdistillError("output must end in .h5ad", out)
         adata = _load_data(data)
@@ -123,7 +146,8 @@ def register(app: typer.Typer) -> None:
         report = run_extraction(
             adata, encoder, size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
             num_workers=num_workers, cache_dir=False if no_cache else cache_dir, weights=weights,
-            strategy=strategy if devices > 1 else None, devices=devices,
+            strategy=strategy if devices > 1 else None, devices=devices, stain_norm=stain_norm,
+            stain_reference=_stain_reference(stain_reference, encoder), views=views, view_seed=view_seed,
         )
         t1 = time.perf_counter()
         _write(adata, out)
@@ -140,3 +164,24 @@ def register(app: typer.Typer) -> None:
             f"{report.patches_computed} patches computed); load {t_load:.1f} s, extract {report.seconds:.1f} s, "
             f"write {t_write:.1f} s; wall {time.perf_counter() - t0:.1f} s -> {out}"
         )
+        if views:
+            console.print(f"augmented views: {report.views} views x {adata.n_obs} spots in {report.seconds_views:.1f} s "
+                          f"({report.seconds_views / report.views:.1f} s per view; clean pass {report.seconds_clean:.1f} s)")
+
+
+def _stain_reference(value: str | None, encoder: str):
+    """``--stain-reference``: None, a section name, or the stored reference of a features .h5ad."""
+    if value is None or not value.endswith(".h5ad"):
+        return value
+    import anndata as ad
+
+    from .._errors import StdistillError
+
+    p = Path(value)
+    if not p.is_file():
+        raise StdistillError("no such features file for --stain-reference", p)
+    stored = ad.read_h5ad(p).uns.get("features", {})
+    rec = [v["stain"] for k, v in stored.items() if isinstance(v, dict) and "stain" in v and v.get("encoder") == encoder]
+    if not rec:
+        raise StdistillError(f"holds no stain reference for encoder {encoder!r} (extract it with --stain-norm first)", p)
+    return dict(rec[0])

@@ -73,6 +73,8 @@ def register(app: typer.Typer) -> None:
         n_clusters: int = typer.Option(16, help="Teacher k-means groups for KD."),
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
+        extra_genes: Optional[str] = typer.Option(None, "--extra-genes", help="Comma-separated genes learnt besides those (e.g. ERBB2), so they can be mapped."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
     ) -> None:
         """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections.
@@ -113,19 +115,22 @@ def register(app: typer.Typer) -> None:
             cfg, table = select_peka(tr, teacher.transform(tr), g, grid, base=cfg, inner=inner, encoder=encoder, **kw)
             c.print(table.assign(curve=[" ".join(f"{x:.4f}" for x in v) for v in table["curve"]]).to_string(index=False))
             c.print(f"chosen: lr={cfg.lr:g}, w_kd={cfg.w_kd:g}, rank={cfg.r}, epochs={cfg.max_epochs}")
-        m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va)
+        m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va,
+                                         extra_genes=_split(extra_genes), run_dir=run_dir)
+        if m.resumed_:
+            c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)
-        c.print(m.report())
-        c.print(f"[bold]saved[/bold] {out} (trainable share {m.trainable_share:.2%}, best epoch {m.best_epoch_})")
+        c.print(_peka_summary(m.report(), len(m.genes_)))
+        c.print(f"[bold]saved[/bold] {out}")
 
     @sub.command("predict")
     def predict(
         model: Path = typer.Argument(..., help="A PEKA model file (stdistill expression peka)."),
         data: str = typer.Argument(..., help="Sections with images: .h5ad, her2st folder, or a dataset name."),
         sections: Optional[str] = typer.Option(None, help="Comma-separated sections (default: all with an image)."),
-        out: Path = typer.Option(Path("stdistill_out/predictions.csv"), "--out", "-o", help="CSV of predicted log1p expression (spots x genes)."),
+        out: Path = typer.Option(Path("stdistill_out/predictions.csv"), "--out", "-o", help="CSV of predicted log1p expression (spots x genes; clipped at 0)."),
         features_out: Optional[Path] = typer.Option(None, help="Also write adapted features + predictions to this .h5ad."),
-        map_gene: Optional[str] = typer.Option("ERBB2", help="Draw measured vs predicted maps of this gene (if measured and predicted)."),
+        map_gene: Optional[str] = typer.Option("ERBB2", help="Comma-separated genes to map (any the model predicts; measured drawn beside when the data have it)."),
         encoder: Optional[str] = typer.Option(None, help="Encoder, when the saved one is not in the registry."),
     ) -> None:
         """Predict expression (and adapted features) from H&E alone with a trained PEKA model."""
@@ -142,7 +147,7 @@ def register(app: typer.Typer) -> None:
         a = load_any(data)
         secs = _split(sections) or [s for s in sd.io.sections(a) if sd.io.has_image(a, s)]
         a = sd.io.subset_sections(a, secs)
-        pred = m.predict(a)
+        pred = m.predict(a).clip(lower=0.0)  # log1p expression is never negative; heads can undershoot
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             pred.to_csv(tmp)
@@ -150,14 +155,35 @@ def register(app: typer.Typer) -> None:
             m.transform(a, key_added="X_peka")
             a.obsm["peka_pred"] = pred.to_numpy(np.float32)
             a.uns["peka_pred_genes"] = list(pred.columns)
-            with atomic_path(features_out) as tmp:
-                a.write_h5ad(tmp)
+            sd.io.write_h5ad(a, features_out)
         c = Console()
-        if map_gene and map_gene in pred.columns and map_gene in a.var_names:
-            for s in secs:
-                p = out.parent / f"{map_gene}_{s}.png"
-                sd.pl.expression_maps(a, map_gene, {"PEKA head": pred[map_gene]}, section=s, path=p)
-                c.print(f"map: {p}")
-        elif map_gene:
-            c.print(f"[yellow]no map: {map_gene} is not among the model's genes or not measured[/yellow]")
+        for p in _gene_maps(a, pred, _split(map_gene), secs, out.parent, c):
+            c.print(f"map: {p}")
         c.print(f"[bold]{pred.shape[0]} spots x {pred.shape[1]} genes[/bold] -> {out}")
+
+
+def _peka_summary(r: dict, n_genes: int) -> str:
+    """One readable line from :meth:`PEKA.report` (adapter, trainable share, heads, best epoch, time)."""
+    rank = f" rank {r['rank']}" if r.get("rank") is not None else ""
+    return (f"PEKA: {n_genes} genes; adapter {r.get('adapter', '?')}{rank} on {r.get('n_targets', 0)} layers, "
+            f"{r.get('n_trainable', 0):,} trainable parameters ({float(r.get('share', 0.0)):.2%} of the encoder), "
+            f"{r.get('n_head_params', 0):,} in the heads; best epoch {r.get('best_epoch')}, {r.get('fit_seconds')} s")
+
+
+def _gene_maps(a, pred, genes: list[str], secs: list[str], folder: Path, console) -> list[Path]:
+    """``folder/<gene>_<section>.png`` for each requested gene the model predicts: the prediction,
+    with the measured values beside it only where the data have the gene."""
+    import stdistill as sd
+
+    missing = [g for g in genes if g not in pred.columns]
+    if missing:
+        console.print(f"[yellow]no map for {', '.join(missing)}: not among the model's {pred.shape[1]} genes "
+                      f"({', '.join(map(str, pred.columns[:8]))}{', ...' if pred.shape[1] > 8 else ''}); "
+                      "train with --extra-genes to add them[/yellow]")
+    out = []
+    for g in (g for g in genes if g in pred.columns):
+        for s in secs:
+            p = folder / f"{g}_{s}.png"
+            sd.pl.expression_maps(a, g, {"PEKA head": pred[g]}, section=s, path=p)
+            out.append(p)
+    return out

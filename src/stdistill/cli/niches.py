@@ -1,7 +1,8 @@
 """``stdistill niches teacher|distill|predict|evaluate``: the niche distillation recipe from the shell.
 
-Data go in and out as .h5ad files in the stdistill layout (or a dataset name: ``her2st``,
-``simulated``). Models are folders with ``config.json`` + safetensors weights.
+Data go in as anything :func:`stdistill.io.load_any` reads (validated: an .h5ad in the
+stdistill layout, a Visium or her2st folder, or a dataset name ``her2st``, ``mob``,
+``simulated``) and out as validated .h5ad files. Models are folders with ``config.json`` + safetensors weights.
 """
 
 from __future__ import annotations
@@ -10,40 +11,43 @@ from pathlib import Path
 
 import typer
 
+from .._defaults import N_NEIGHBORS
 from .._errors import StdistillError
 
 FEATURES_DEFAULT = "X_effnet-lite0-imagenet"
+#: The same default as the Python API (``radius_um=None``): derived from the spot pitch.
+RADIUS_HELP = (f"Neighbourhood radius in micrometres (default: the radius holding {N_NEIGHBORS} neighbouring spots, "
+               "from the spot pitch, as in Python).")
 
 
-def _load(path: str):
-    """An .h5ad file or a dataset name."""
-    import anndata as ad
+def _load(data: str, obsm: tuple[str, ...] = ()):
+    """Sections from an .h5ad, a Visium/her2st folder or a dataset name, validated by
+    :func:`stdistill.io.load_any`; ``obsm`` keys that must be present are checked naming the file."""
+    from ..io import load_any
 
-    if path in ("her2st", "simulated"):
-        from .. import datasets
-
-        return getattr(datasets, path)()
-    p = Path(path)
-    if not p.exists():
-        raise StdistillError("no such file (expected an .h5ad in the stdistill layout, or 'her2st'/'simulated')", p)
-    if p.suffix != ".h5ad":
-        raise StdistillError("expected an .h5ad file", p)
-    try:
-        return ad.read_h5ad(p)
-    except Exception as e:  # noqa: BLE001 - unreadable file
-        raise StdistillError(f"cannot read as AnnData: {e}", p) from None
+    adata = load_any(data)
+    missing = [k for k in obsm if k not in adata.obsm]
+    if missing:
+        have = ", ".join(sorted(adata.obsm)) or "none"
+        raise StdistillError(f"obsm lacks {missing} (has: {have})", data)
+    return adata
 
 
 def _write(adata, path: str) -> Path:
-    from .._utils import atomic_path
+    """Validate and write atomically (in-memory HDF5 first: a full disk is one error line)."""
+    from ..io import write_h5ad
 
     p = Path(path)
     if p.suffix != ".h5ad":
         raise StdistillError("output must end in .h5ad", p)
-    # images held as paths stay paths; in-memory images are kept (small, simulated)
-    with atomic_path(p) as tmp:
-        adata.write_h5ad(tmp)
-    return p
+    return write_h5ad(adata, p)
+
+
+def _not_rank_zero() -> bool:
+    """True in a DDP worker other than global rank 0 (nothing to write there)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def register(app: typer.Typer) -> None:
@@ -52,14 +56,14 @@ def register(app: typer.Typer) -> None:
 
     @niches.command("teacher")
     def teacher(
-        data: str = typer.Argument(..., help=".h5ad with raw counts (any sections, images not needed) or 'her2st'."),
+        data: str = typer.Argument(..., help=".h5ad with raw counts (any sections, images not needed), a Visium/her2st folder, or a dataset name: 'her2st', 'mob', 'simulated'."),
         out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche'] and obsm['niche_probs']."),
         n_niches: int = typer.Option(6, "--n-niches", "-k", help="Number of niches K."),
         method: str = typer.Option("aggregate", help="'aggregate' (CellCharter-like) or 'nolan' (self-supervised)."),
         batch_key: str = typer.Option("section", help="obs column whose effects are removed ('section' or 'patient')."),
         batch_correction: str = typer.Option("standardize", help="'standardize', 'harmony', 'scvi' or 'none'."),
         use_rep: str = typer.Option(None, help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
-        radius_um: float = typer.Option(None, help="Neighbourhood radius in micrometres (default: from the spot pitch)."),
+        radius_um: float = typer.Option(None, help=RADIUS_HELP),
         key_added: str = typer.Option("niche", help="obs/obsm key prefix to write."),
         model: str = typer.Option(None, help="Also save the fitted teacher to this folder."),
         seed: int = typer.Option(0),
@@ -86,22 +90,31 @@ def register(app: typer.Typer) -> None:
     @niches.command("distill")
     def distill(
         data: str = typer.Argument(..., help=".h5ad with teacher niches (obsm[<key>_probs]) and patch features."),
-        model: str = typer.Option(..., "--model", "-m", help="Folder to write the student to."),
+        model: str = typer.Option(..., "--model", "-m", help="Bundle folder to write the student to (for 'stdistill predict')."),
         features: str = typer.Option(FEATURES_DEFAULT, help="obsm key of the patch features."),
         teacher_key: str = typer.Option("niche", help="Teacher key: uses obsm['<key>_probs']."),
         train_patients: str = typer.Option(None, help="Comma-separated patients to train on (default: all)."),
-        radius_um: float = typer.Option(450.0, help="Neighbourhood radius in micrometres."),
+        radius_um: float = typer.Option(None, help=RADIUS_HELP),
         temperature: float = typer.Option(2.0, help="KD temperature T (KL scaled by T^2)."),
         hard_weight: float = typer.Option(0.0, help="Share of hard-label cross-entropy."),
         val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none')."),
         max_epochs: int = typer.Option(60, help="Most training epochs."),
+        val_block: float = typer.Option(0.2, help="With one training patient: share of each section held out as a "
+                                                  "spatial block for early stopping (0: none)."),
+        views: bool = typer.Option(False, help="Sample augmented views (obsm['<features>_views'], from "
+                                               "'stdistill features --views K') each epoch."),
         seed: int = typer.Option(0),
+        run_dir: str = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
+        devices: int = typer.Option(1, "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP."),
+        strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy (auto; ddp with --devices > 1)."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (start one process per device with torchrun or srun)."),
+        accelerator: str = typer.Option(None, "--accelerator", help="cpu, gpu, auto (default: the student's --device)."),
     ) -> None:
         """Train the H&E-only student on the teacher's soft labels (patients listed, or all)."""
         from ..io._section import PATIENT_KEY, SECTION_KEY, subset_sections
         from ..students.niche import NicheStudent
 
-        adata = _load(data)
+        adata = _load(data, obsm=(features, f"{teacher_key}_probs"))
         if train_patients:
             keep = [p.strip() for p in train_patients.split(",") if p.strip()]
             unknown = set(keep) - set(adata.obs[PATIENT_KEY].astype(str))
@@ -111,48 +124,55 @@ def register(app: typer.Typer) -> None:
             adata = subset_sections(adata, list(secs))
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
         s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
-                         val_patients=vp, max_epochs=max_epochs, seed=seed)
-        s.fit(adata, probs_key=f"{teacher_key}_probs")
+                         val_patients=vp, val_block=val_block, views=views, max_epochs=max_epochs, seed=seed)
+        s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir, devices=devices,
+              strategy="ddp" if devices * num_nodes > 1 and strategy == "auto" else strategy,
+              num_nodes=num_nodes, accelerator=accelerator)
+        if _not_rank_zero():  # DDP: every process holds the same weights; one writes the bundle
+            return
+        if s.info_.get("resumed"):
+            typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
-                   f"early stopping on {s.info_['val_patients'] or 'none'} at epoch {s.info_['best_epoch']}; saved to {model}")
+                   f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; saved to {model}")
 
     @niches.command("predict")
     def predict(
         data: str = typer.Argument(..., help=".h5ad of spots or of pp.tile output (H&E only; features extracted if missing)."),
         model: str = typer.Option(..., "--model", "-m", help="Student folder written by 'niches distill'."),
-        out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche'], obsm['niche_probs']."),
-        key_added: str = typer.Option("niche"),
-        plot: str = typer.Option(None, help="Also write a niche map PNG of the first section here."),
+        out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche_pred'], obsm['niche_pred_probs']."),
+        key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
+        plot: str = typer.Option(None, help="Also write niche maps (PNG) here: this file with one section, else one <name>_<section>.png per section."),
+        refine: str = typer.Option("none", help="Test-time refinement with the section's own structure (label-free): "
+                                                "none, propagate, gmm or both; written as '<key>_refined' beside the raw."),
     ) -> None:
         """Map niches from H&E alone."""
-        from ..io._section import sections
         from ..students.niche import NicheStudent
 
         s = NicheStudent.load(model)
         adata = _load(data)
-        s.predict(adata, key_added=key_added)
-        counts = adata.obs[key_added].value_counts().sort_index()
-        typer.echo("spots per niche: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        s.predict(adata, key_added=key_added, refine=None if refine == "none" else refine)
+        for k in (key_added, f"{key_added}_refined"):
+            if k in adata.obs:
+                counts = adata.obs[k].value_counts().sort_index()
+                typer.echo(f"spots per niche ({k}): " + ", ".join(f"{c}: {v}" for c, v in counts.items()))
         if plot:
-            from ..pl import niches as plot_niches
+            from ..pl import niche_maps_per_section
 
-            sec = sections(adata)[0]
-            from ..io._section import subset_sections
-
-            plot_niches(subset_sections(adata, [sec]), [key_added], section=sec, path=plot)
-            typer.echo(f"wrote {plot}")
+            for p in niche_maps_per_section(adata, [key_added], plot):
+                typer.echo(f"wrote {p}")
         typer.echo(f"wrote {_write(adata, out)}")
 
     @niches.command("evaluate")
     def evaluate(
-        data: str = typer.Argument(..., help=".h5ad with counts and patch features, or 'her2st'/'simulated'."),
+        data: str = typer.Argument(..., help=".h5ad with counts and patch features, or a dataset name: 'her2st', 'mob', 'simulated'."),
         out_dir: str = typer.Option("niches_out", "--out-dir", "-o", help="Folder for metrics CSVs and niche maps."),
         features: str = typer.Option(FEATURES_DEFAULT, help="obsm key of the patch features."),
         n_niches: int = typer.Option(6, "--n-niches", "-k"),
         method: str = typer.Option("aggregate", help="Teacher method: 'aggregate' or 'nolan'."),
         max_epochs: int = typer.Option(60, help="Most student training epochs."),
         seed: int = typer.Option(0),
+        skip_missing: bool = typer.Option(False, "--skip-missing", help="Sections without an H&E image get NaN features instead of an error (her2st has 29)."),
     ) -> None:
         """Leave-one-patient-out: teacher -> student -> baselines -> ARI/NMI/ID-accuracy/macro-F1 -> figures."""
         from ..recipes.niches import format_table, run, summary
@@ -162,7 +182,7 @@ def register(app: typer.Typer) -> None:
         if features not in adata.obsm:
             from .. import features as feat
 
-            feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features)
+            feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features, skip_missing=skip_missing)
         df, figs = run(adata, features, n_niches, out_dir=out_dir, seed=seed, teacher=NicheTeacher(n_niches, method=method, seed=seed),
                       student_kwargs={"max_epochs": max_epochs})
         typer.echo(format_table(df))
@@ -171,3 +191,12 @@ def register(app: typer.Typer) -> None:
         for p in figs:
             typer.echo(f"figure: {p}")
         typer.echo(f"metrics: {Path(out_dir) / f'metrics_K{n_niches}.csv'}")
+
+
+def _val_desc(info: dict) -> str:
+    """Where early stopping looked: the validation patients, a spatial block, or nowhere."""
+    if info.get("val_patients"):
+        return str(info["val_patients"])
+    if info.get("val_block_spots"):
+        return f"a spatial block of {info['val_block_spots']} spots (one training patient)"
+    return "none"

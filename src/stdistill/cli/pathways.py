@@ -205,6 +205,7 @@ def register(app: typer.Typer) -> None:
         px: int = typer.Option(224, help="Patch side in pixels (the encoder's input)."),
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         seed: int = typer.Option(0),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
     ) -> None:
         """Train STAMP on the imaged sections of the non-test patients; report held-out Pearson per pathway.
@@ -257,7 +258,9 @@ def register(app: typer.Typer) -> None:
             how = "grid, leave one training patient out"
         elif va is not None:
             how = f"early stopping on {', '.join(_split(val_patients))}"
-        m = STAMP(encoder, cfg, **kw).fit(tr, KEY, val=va)
+        m = STAMP(encoder, cfg, **kw).fit(tr, KEY, val=va, run_dir=run_dir)
+        if m.resumed_:
+            c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)
         chosen = {k: v for k, v in asdict(cfg).items() if k in ("adapter", "lr", "w_reg", "w_con", "temperature", "val_metric")}
         _print_settings(c, {"encoder": encoder, "chosen by": how, **chosen, "rank": cfg.r, "epochs": cfg.max_epochs,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._utils import progress
 from ..io._section import concat
 from ..io.legacy_st import fit_affine, read_legacy_st
 from . import _download
@@ -202,7 +203,7 @@ def her2st(
     zf = zipfile.ZipFile(zpath) if zpath.is_file() else None
     parts = []
     try:
-        for s in wanted:
+        for s in progress(wanted, desc="her2st: reading sections"):  # ~1 min on first run (parsing)
             img, scale, affine, what = images[s]
             a = read_legacy_st(
                 base / _counts(s),

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import StdistillError
-from .._utils import file_digest
+from .._errors import StdistillError, require_file
+from .._utils import check_state, file_digest
 from .registry import EncoderSpec, get_spec
 
 
@@ -128,8 +128,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``{"model": ...}`` is unwrapped.
     """
     p = Path(path)
-    if not p.is_file():
-        raise StdistillError("weights file does not exist", p)
+    require_file(p, "weights file")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -161,6 +160,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source, ignore_pre
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own and not k.startswith(ignore_prefixes)]
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    check_state(own, {k: sd[k] for k in own if k in sd and k not in bad}, source, "encoder", strict=False)
     if missing or unexpected or bad:
         parts = []
         if missing:
@@ -325,8 +325,7 @@ def weights_digest(spec: EncoderSpec, weights: str | os.PathLike | None = None) 
     factory); callers then load the model and use ``Encoder.weights_digest``.
     """
     if weights is not None:
-        if not Path(weights).is_file():
-            raise StdistillError("weights file does not exist", weights)
+        require_file(weights, "weights file")
         return file_digest(weights)
     if spec.source == "package":
         return file_digest(effnet_lite0_weights_path())

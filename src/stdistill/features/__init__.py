@@ -4,8 +4,10 @@
 >>> sd.features.extract(adata)               # obsm["X_effnet-lite0-imagenet"], (n_spots, 1280)
 >>> sd.features.extract(adata, "uni", device="cuda")        # a hub model (gated: log in first)
 >>> sd.features.extract(adata, strategy="ddp", devices=4)   # sharded over 4 GPUs (Lightning)
+>>> sd.features.extract_manifest("slides.tsv", "features/")  # many slides: failures isolated, resumable
 """
 
+from ._manifest import ManifestReport, extract_manifest, read_manifest
 from .cache import FeatureCache, default_cache_dir
 from .extract import DEFAULT_ENCODER, ExtractionReport, extract, resolve_precision, run_extraction
 
@@ -22,9 +24,12 @@ __all__ = [
     "DEFAULT_ENCODER",
     "ExtractionReport",
     "FeatureCache",
+    "ManifestReport",
     "default_cache_dir",
     "extract",
     "extract_distributed",
+    "extract_manifest",
+    "read_manifest",
     "resolve_precision",
     "run_extraction",
 ]

@@ -6,6 +6,11 @@ fingerprint and weights digest, and the compute precision. Entries are written a
 (temporary file + rename) and carry a BLAKE2b checksum of their features plus HDF5's
 Fletcher-32 filter: a corrupt or truncated entry is detected on read, removed and recomputed.
 
+Several processes may share a cache (cohort jobs on one file system): a reader only ever sees a
+whole entry (rename is atomic), a writer leaves an existing entry with the same checksum alone
+(content check), and a corrupt entry is removed only if it is still the very file that was read
+(same inode and mtime), so a good entry renamed into place meanwhile by another process survives.
+
 Location: ``cache_dir`` argument, else ``$STDISTILL_CACHE/features`` (``STDISTILL_CACHE`` is the root
 of all stdistill caches, as for dataset downloads), else ``~/.cache/stdistill/features``.
 Layout: ``<root>/<encoder>/<key>.h5`` with dataset ``features`` (n_spots, dim) float32 and
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import StdistillError
-from .._utils import atomic_path
+from .._utils import write_hdf5
 
 FORMAT = 1
 ENV = "STDISTILL_CACHE"
@@ -82,6 +87,7 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self._read_stat: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.root)!r})"
@@ -94,8 +100,11 @@ class FeatureCache:
         import h5py
 
         p = self.path(encoder, key)
-        if not p.is_file():
+        try:
+            st = p.stat()
+        except OSError:
             return None
+        self._read_stat = (st.st_ino, st.st_mtime_ns)
         try:
             with h5py.File(p, "r") as f:
                 feats = f["features"][()]
@@ -117,34 +126,50 @@ class FeatureCache:
     def _corrupt(self, p: Path, why: str) -> None:
         warnings.warn(f"feature cache entry {p} is corrupt ({why}); recomputing it", CacheWarning, stacklevel=3)
         try:
-            p.unlink()
+            st = p.stat()
+            if (st.st_ino, st.st_mtime_ns) == self._read_stat:  # not replaced by another writer meanwhile
+                p.unlink()
         except OSError:
             pass
         return None
 
-    def put(self, encoder: str, key: str, feats: np.ndarray, *, section: str = "", key_parts: dict | None = None) -> Path:
-        """Write an entry atomically; returns its path."""
+    def _holds(self, p: Path, checksum: str) -> bool:
+        """``p`` is an entry whose recorded checksum is ``checksum`` (a cheap content check)."""
         import h5py
 
+        try:
+            with h5py.File(p, "r") as f:
+                got = f.attrs["checksum"]
+        except Exception:
+            return False
+        return (got.decode() if isinstance(got, bytes) else str(got)) == checksum
+
+    def put(self, encoder: str, key: str, feats: np.ndarray, *, section: str = "", key_parts: dict | None = None) -> Path:
+        """Write an entry atomically; returns its path."""
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         if feats.ndim != 2:
             raise StdistillError(f"cache entries hold (n, dim) features, got shape {feats.shape}")
         if not np.all(np.isfinite(feats)):
             raise StdistillError(f"encoder {encoder!r} produced non-finite features for section {section!r}; not caching them")
         p = self.path(encoder, key)
+        checksum = features_checksum(feats)
+        if p.is_file() and self._holds(p, checksum):  # another process wrote the same features
+            return p
+
+        def fill(f) -> None:
+            f.create_dataset("features", data=feats, fletcher32=True,
+                             chunks=(min(len(feats), 1024) or 1, feats.shape[1] or 1))
+            f.attrs["checksum"] = checksum
+            f.attrs["format"] = FORMAT
+            f.attrs["section"] = str(section)
+            f.attrs["encoder"] = str(encoder)
+            f.attrs["n"] = feats.shape[0]
+            f.attrs["dim"] = feats.shape[1]
+            f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
+
         try:
-            with atomic_path(p) as tmp:
-                with h5py.File(tmp, "w") as f:
-                    f.create_dataset("features", data=feats, fletcher32=True,
-                                     chunks=(min(len(feats), 1024) or 1, feats.shape[1] or 1))
-                    f.attrs["checksum"] = features_checksum(feats)
-                    f.attrs["format"] = FORMAT
-                    f.attrs["section"] = str(section)
-                    f.attrs["encoder"] = str(encoder)
-                    f.attrs["n"] = feats.shape[0]
-                    f.attrs["dim"] = feats.shape[1]
-                    f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
-                _share(tmp)
+            write_hdf5(p, fill)  # built in memory: a full disk is an OSError, not an h5py crash
+            _share(p)
         except OSError as e:
             raise StdistillError(f"cannot write the feature cache ({e}); pass cache_dir= or set {ENV}", p) from None
         return p

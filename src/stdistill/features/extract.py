@@ -62,15 +62,19 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``"auto"`` -> ``"bf16"`` on a GPU that supports it (else ``"fp16"``), ``"bf16"`` on a CPU
-    with native bf16, else ``"fp32"``. Other values: ``"fp32"``, ``"bf16"``, ``"fp16"`` (aliases
-    like ``"bf16-mixed"`` are accepted)."""
+    """``"auto"`` -> ``"bf16"`` on a GPU that supports it (else ``"fp16"``), ``"fp32"`` on a CPU.
+
+    On a CPU "auto" is always fp32, so features (and every number computed from them) are the
+    same on every processor: bf16 moves HEST scores by about 10% and is only faster on CPUs with
+    native bf16 (:func:`cpu_has_native_bf16`); pass ``"bf16"`` explicitly for that speed. Other
+    values: ``"fp32"``, ``"bf16"``, ``"fp16"`` (aliases like ``"bf16-mixed"`` are accepted).
+    """
     import torch
 
     if precision == "auto":
         if str(device).startswith("cuda"):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if (str(device) == "cpu" and cpu_has_native_bf16()) else "fp32"
+        return "fp32"
     try:
         return _PRECISIONS[str(precision).lower()]
     except KeyError:
@@ -163,6 +167,10 @@ class ExtractionReport:
     seconds: float = 0.0
     patches_computed: int = 0
     sections: list[SectionStatus] = field(default_factory=list)
+    #: seconds of the clean pass (stain estimates included), and of the ``views`` augmented passes
+    seconds_clean: float = 0.0
+    views: int = 0
+    seconds_views: float = 0.0
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([s.__dict__ for s in self.sections]).set_index("section")
@@ -221,6 +229,11 @@ def extract(
     strategy: str | None = None,
     devices: int | None = None,
     num_nodes: int = 1,
+    stain_norm: str | None = None,
+    stain_reference: Any = None,
+    views: int = 0,
+    view_seed: int = 0,
+    augment: Any = None,
 ) -> ad.AnnData:
     """Encode a patch around every spot: writes ``obsm["X_<encoder>"]`` (float32, n_spots x dim).
 
@@ -265,12 +278,30 @@ def extract(
         devices=4`` (Lightning re-runs your script once per device; or launch with torchrun),
         or ``"ddp_spawn"`` (spawns workers from this process: notebooks, tests). Patches are
         sharded across ranks and gathered into the cache; the result equals a single-process run.
+    stain_norm
+        ``"macenko"`` or ``"reinhard"``: normalise every patch's stain onto a reference before
+        encoding (:mod:`stdistill.pp` ``StainNormalizer``; needs the ``stain`` extra). Each
+        section's stain is estimated from up to 64 of its patches; the method, the reference and
+        the section's estimate are part of the cache key. None: no normalisation.
+    stain_reference
+        The reference stain: None (the first imaged section of ``adata``), a section name, a
+        stored state (``uns["features"][key]["stain"]`` of the training data, so a new slide is
+        normalised exactly as the training slides) or a fitted ``StainNormalizer``.
+    views, view_seed, augment
+        ``views`` > 0 also encodes that many augmented views of every patch (HED jitter,
+        brightness/contrast, dihedral flip, scale jitter; ``augment``: a
+        :class:`~stdistill.pp.PatchAugment` or its settings as a dict), each seeded by
+        (``view_seed``, spot name, view index), cached like the clean features, and written to
+        ``obsm[key_added + "_views"]`` (float32, n_spots x views x dim). Costs ``views`` times
+        the clean extraction.
 
     Returns
     -------
     ``adata``, modified in place: ``obsm[key_added]`` (float32), ``obs["patch_padded"]`` (bool:
     the patch reached beyond its image and was padded white), and
-    ``uns["features"][key_added]`` (encoder, size_um, px, precision, weights digest).
+    ``uns["features"][key_added]`` (encoder, size_um, px, precision, weights digest; with
+    ``stain_norm`` also ``"stain"``: method, reference and the per-section estimates; with
+    ``views`` also ``"views"``: count, seed, augmentation settings).
     """
     _run(**locals())  # first statement: locals() holds exactly the arguments
     return adata
@@ -287,16 +318,35 @@ def run_extraction(adata: ad.AnnData, encoder: Any = DEFAULT_ENCODER, **kwargs: 
     return _run(**bound.arguments)
 
 
-def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_workers, cache_dir, key_added, weights,
-         skip_missing, strategy, devices, num_nodes) -> ExtractionReport:
-    """The work of :func:`extract` (its arguments and defaults are documented there)."""
+@dataclass
+class _Job:
+    """What one extraction needs after its arguments are checked and resolved."""
+
+    spec: Any
+    enc: Any
+    wdigest: str
+    dev: str
+    prec: str
+    cache: FeatureCache | None
+    light: ad.AnnData
+    ds: Any
+    sec: np.ndarray
+    rows: np.ndarray
+    digests: dict
+    kwargs: dict
+
+
+def _setup(adata, encoder, *, size_um, px, batch_size, device, precision, num_workers, cache_dir, weights,
+           skip_missing, views, **kwargs) -> tuple[_Job, list[str], list[str]]:
+    """Check the arguments, resolve device/precision/encoder/cache, build the patch dataset."""
     from ..pp.patches import PatchDataset
 
-    t0 = time.perf_counter()
     if batch_size < 1:
         raise StdistillError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise StdistillError(f"num_workers must be >= 0, got {num_workers}")
+    if views < 0:
+        raise StdistillError(f"views must be >= 0, got {views}")
     secs = sections(adata)
     no_image = [s for s in secs if not has_image(adata, s)]
     if no_image and not skip_missing:
@@ -310,77 +360,166 @@ def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_work
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     spec, enc, wdigest = _resolve_encoder(encoder, weights)
-    key_added = key_added or f"X_{spec.name}"
     if wdigest is None:  # hub weights not cached yet, or a module factory: build it to know
         from ..encoders import load
 
         enc = load(spec, weights=weights, device=dev)
         wdigest = enc.weights_digest
     cache = None if cache_dir is False else FeatureCache(None if cache_dir in (None, True) else cache_dir)
-    report = ExtractionReport(encoder=spec.name, key_added=key_added, precision=prec, device=dev)
-
-    light, rows_in_adata = _light(adata, imaged)
+    light, rows = _light(adata, imaged)
     ds = PatchDataset(light, size_um=size_um, px=px)
-    light_sec = light.obs[SECTION_KEY].astype(str).to_numpy()
-    n_light, dim = light.n_obs, spec.dim
-    feats_light = np.full((n_light, dim), np.nan, dtype=np.float32)
+    job = _Job(spec, enc, wdigest, dev, prec, cache, light, ds, light.obs[SECTION_KEY].astype(str).to_numpy(), rows,
+               {s: image(adata, s).digest() for s in imaged}, dict(batch_size=batch_size, num_workers=num_workers, weights=weights, **kwargs))
+    return job, imaged, no_image
 
+
+def _stain(job: _Job, imaged: list[str], method: str | None, reference: Any, n_sample: int = 64):
+    """(patch transform, uns record, per-section cache-key part); all None without ``method``."""
+    from ..pp._stain import SectionStainTransform, StainNormalizer, check_method
+
+    if method is None:
+        if reference is not None:
+            raise StdistillError("stain_reference is set but stain_norm is None; pass stain_norm='macenko' or 'reinhard'")
+        return None, None, {}
+    method = check_method(method)
+    ref_section = ""
+    if isinstance(reference, StainNormalizer):
+        norm = reference
+    elif isinstance(reference, dict):
+        norm = StainNormalizer.from_state(reference)
+    elif reference is None or isinstance(reference, str):
+        ref_section = imaged[0] if reference is None else reference
+        if ref_section not in imaged:
+            raise StdistillError(f"stain_reference {ref_section!r} is not an imaged section here ({imaged}); "
+                                 "pass a section name or a stored state (uns['features'][key]['stain'])")
+        norm = StainNormalizer(method)
+    else:
+        raise StdistillError(f"stain_reference must be None, a section name, a stored state or a StainNormalizer, "
+                             f"got {type(reference).__name__}")
+    if norm.method != method:
+        raise StdistillError(f"stain_reference was fitted with {norm.method!r}, but stain_norm is {method!r}")
+    sources = {}
+    for s in imaged:
+        rows = np.flatnonzero(job.sec == s)
+        clean = rows[~job.ds.padded[rows]]
+        rows = clean if len(clean) else rows
+        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(n_sample, len(rows))).round().astype(int))]
+        try:
+            sources[s] = norm.estimate([job.ds.read(int(i)) for i in pick])
+        except StdistillError as e:
+            raise StdistillError(f"section {s!r}: {e}") from None
+    if ref_section:
+        norm.reference = sources[ref_section]
+    record = {**norm.state(), "reference_section": ref_section, "sections": sources}
+    parts = {s: {"method": method, "reference": norm.reference, "source": sources[s], "n_sample": n_sample} for s in imaged}
+    return SectionStainTransform(norm, sources, job.sec), record, parts
+
+
+def _encode_pass(job: _Job, imaged: list[str], extra: dict[str, dict], transform, label: str):
+    """Features (n_light, dim) of one pass over every imaged patch (clean or one augmented view):
+    cache hits read, the rest encoded and cached. Returns (features, statuses, patches computed)."""
+    spec = job.spec
+    feats = np.full((job.light.n_obs, spec.dim), np.nan, dtype=np.float32)
     todo: list[dict] = []
     status: dict[str, SectionStatus] = {}
     for s in imaged:
-        rows = np.flatnonzero(light_sec == s)
+        rows = np.flatnonzero(job.sec == s)
         parts = {
-            "image": image(adata, s).digest(),
-            "coords": array_digest(np.ascontiguousarray(light.obsm[SPATIAL_KEY][rows])),
-            "mpp": float(light.uns[SPATIAL_KEY][s]["scalefactors"]["microns_per_pixel"]),
-            "size_um": float(size_um), "px": int(px),
-            "encoder": spec.name, "spec": spec.fingerprint(), "weights": wdigest, "precision": prec,
-            "pipeline": PIPELINE_VERSION,
+            "image": job.digests[s],
+            "coords": array_digest(np.ascontiguousarray(job.light.obsm[SPATIAL_KEY][rows])),
+            "mpp": float(job.light.uns[SPATIAL_KEY][s]["scalefactors"]["microns_per_pixel"]),
+            "size_um": job.ds.size_um, "px": job.ds.px,
+            "encoder": spec.name, "spec": spec.fingerprint(), "weights": job.wdigest, "precision": job.prec,
+            "pipeline": PIPELINE_VERSION, **extra.get(s, {}),
         }
         key = entry_key(**parts)
-        hit = cache.get(spec.name, key, n=len(rows), dim=dim) if cache is not None else None
+        where = str(job.cache.path(spec.name, key)) if job.cache is not None else None
+        hit = job.cache.get(spec.name, key, n=len(rows), dim=spec.dim) if job.cache is not None else None
         if hit is not None:
-            feats_light[rows] = hit
-            status[s] = SectionStatus(s, len(rows), "cache hit", str(cache.path(spec.name, key)))
+            feats[rows] = hit
+            status[s] = SectionStatus(s, len(rows), f"cache hit{label}", where)
         else:
             todo.append({"section": s, "key": key, "rows": rows, "parts": parts})
-            status[s] = SectionStatus(s, len(rows), "computed",
-                                      str(cache.path(spec.name, key)) if cache is not None else None)
+            status[s] = SectionStatus(s, len(rows), f"computed{label}", where)
+    if not todo:
+        return feats, status, 0
+    if job.enc is None:
+        from ..encoders import load
 
-    if todo:
-        if enc is None:
-            from ..encoders import load
-
-            enc = load(spec, weights=weights, device=dev)
-        rows_todo = np.concatenate([t["rows"] for t in todo])
-        if strategy:
+        job.enc = load(spec, weights=job.kwargs["weights"], device=job.dev)
+    rows_todo = np.concatenate([t["rows"] for t in todo])
+    job.ds.transform = transform
+    kw = dict(cache=job.cache, precision=job.prec, device=job.dev, batch_size=job.kwargs["batch_size"],
+              num_workers=job.kwargs["num_workers"])
+    try:
+        if job.kwargs["strategy"]:
             from .distributed import predict_distributed
 
-            predict_distributed(
-                ds, rows_todo, todo, enc, feats_light, cache=cache, precision=prec, device=dev,
-                batch_size=batch_size, num_workers=num_workers, strategy=strategy,
-                devices=devices or 1, num_nodes=num_nodes,
-            )
+            predict_distributed(job.ds, rows_todo, todo, job.enc, feats, strategy=job.kwargs["strategy"],
+                                devices=job.kwargs["devices"] or 1, num_nodes=job.kwargs["num_nodes"], **kw)
         else:
-            _predict_local(ds, rows_todo, todo, enc, feats_light, cache=cache, precision=prec, device=dev,
-                           batch_size=batch_size, num_workers=num_workers)
-        report.patches_computed = int(len(rows_todo))
+            _predict_local(job.ds, rows_todo, todo, job.enc, feats, **kw)
+    finally:
+        job.ds.transform = None
+    return feats, status, int(len(rows_todo))
 
-    out = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)
+
+def _views(job: _Job, imaged, n_views: int, seed: int, augment, stain_tf, stain_parts) -> tuple[np.ndarray, dict, int]:
+    """(n_light, n_views, dim) features of augmented views, their settings and patches computed."""
+    from ..pp._augment import PatchAugment, ViewTransform
+
+    aug = augment if isinstance(augment, PatchAugment) else PatchAugment(**(augment or {}))
+    out = np.full((job.light.n_obs, n_views, job.spec.dim), np.nan, dtype=np.float32)
+    computed = 0
+    names = job.light.obs_names.to_numpy()
+    for k in range(n_views):
+        tf = ViewTransform(aug, seed, names, k, before=stain_tf)
+        extra = {s: {**stain_parts.get(s, {}), "view": k, "view_seed": int(seed), "augment": aug.params()} for s in imaged}
+        out[:, k], _, n = _encode_pass(job, imaged, extra, tf, f" (view {k})")
+        computed += n
+    return out, {"n": int(n_views), "seed": int(seed), "augment": aug.params()}, computed
+
+
+def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_workers, cache_dir, key_added, weights,
+         skip_missing, strategy, devices, num_nodes, stain_norm, stain_reference, views, view_seed, augment) -> ExtractionReport:
+    """The work of :func:`extract` (its arguments and defaults are documented there)."""
+    t0 = time.perf_counter()
+    job, imaged, no_image = _setup(
+        adata, encoder, size_um=size_um, px=px, batch_size=batch_size, device=device, precision=precision,
+        num_workers=num_workers, cache_dir=cache_dir, weights=weights, skip_missing=skip_missing, views=views,
+        strategy=strategy, devices=devices, num_nodes=num_nodes)
+    spec = job.spec
+    key_added = key_added or f"X_{spec.name}"
+    report = ExtractionReport(encoder=spec.name, key_added=key_added, precision=job.prec, device=job.dev)
+    stain_tf, stain_record, stain_parts = _stain(job, imaged, stain_norm, stain_reference)
+    feats_light, status, report.patches_computed = _encode_pass(job, imaged, stain_parts, stain_tf, "")
+    report.seconds_clean = time.perf_counter() - t0
+    rows_in_adata = job.rows
+    params = {
+        "encoder": spec.name, "dim": int(spec.dim), "size_um": float(size_um), "px": int(px),
+        "precision": job.prec, "weights_digest": job.wdigest, "licence": spec.licence,
+    }
+    if stain_record is not None:
+        params["stain"] = stain_record
+    if views:
+        t1 = time.perf_counter()
+        v, params["views"], n = _views(job, imaged, views, view_seed, augment, stain_tf, stain_parts)
+        report.patches_computed += n
+        report.views, report.seconds_views = int(views), time.perf_counter() - t1
+        out_v = np.full((adata.n_obs, views, spec.dim), np.nan, dtype=np.float32)
+        out_v[rows_in_adata] = v
+        adata.obsm[f"{key_added}_views"] = out_v
+    out = np.full((adata.n_obs, spec.dim), np.nan, dtype=np.float32)
     out[rows_in_adata] = feats_light
     padded = np.zeros(adata.n_obs, dtype=bool)
-    padded[rows_in_adata] = ds.padded
+    padded[rows_in_adata] = job.ds.padded
     adata.obsm[key_added] = out
     adata.obs[PADDED_KEY] = padded
-    params = {
-        "encoder": spec.name, "dim": int(dim), "size_um": float(size_um), "px": int(px),
-        "precision": prec, "weights_digest": wdigest, "licence": spec.licence,
-    }
     adata.uns.setdefault(UNS_KEY, {})
     adata.uns[UNS_KEY][key_added] = params
     for s in no_image:
         status[s] = SectionStatus(s, int((adata.obs[SECTION_KEY].astype(str) == s).sum()), "skipped (no image)")
-    report.sections = [status[s] for s in secs]
+    report.sections = [status[s] for s in sections(adata)]
     report.seconds = time.perf_counter() - t0
     log.info("extracted %s: %s", key_added, ", ".join(f"{s.section} {s.status}" for s in report.sections))
     return report

@@ -1,6 +1,6 @@
 """Readers and writers, and the section data model (see :mod:`stdistill.io._section`)."""
 
-from ._image import ImageReader, open_image
+from ._image import ImageReader, open_image, write_pyramid_tiff
 from ._section import (
     PATIENT_KEY,
     SECTION_KEY,
@@ -14,6 +14,7 @@ from ._section import (
     spatial_um,
     subset_sections,
 )
+from ._spots import read_spots
 from .h5ad import read_h5ad, validate, write_h5ad
 from .hest import read_hest
 from .legacy_st import read_legacy_st
@@ -33,9 +34,11 @@ __all__ = [
     "microns_per_pixel",
     "new_section",
     "open_image",
+    "write_pyramid_tiff",
     "read_h5ad",
     "read_hest",
     "read_legacy_st",
+    "read_spots",
     "read_visium",
     "sections",
     "spatial_um",

@@ -1,8 +1,9 @@
 """Lazy readers of full-resolution H&E images.
 
 A reader never holds a whole slide unless the file format forces it (plain JPEG/PNG are
-decoded once, on the first region read). Pyramidal TIFF/SVS/NDPI go through tiffslide or
-openslide when installed (``pip install stdistill[wsi]``); plain TIFF through tifffile.
+decoded once, on the first region read). Pyramidal TIFF/SVS/NDPI go through tiffslide
+(``pip install stdistill[wsi]``), and what tiffslide cannot open (MRXS, ...) through openslide
+(``stdistill[openslide]``); plain TIFF through tifffile when neither is installed.
 Coordinates are full-resolution pixels, (x, y) = (column, row).
 """
 
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .._errors import StdistillError
+from .._errors import StdistillError, require_file
 from .._utils import array_digest, file_digest
 
 PAD_VALUE = 255  # white, like glass background
@@ -169,17 +170,32 @@ def _decode_jpeg(path: str) -> np.ndarray | None:
     return arr
 
 
-class SlideImage:
-    """Pyramidal whole-slide image through tiffslide (or openslide); reads only the regions asked."""
+def _tiffslide():
+    from tiffslide import TiffSlide
 
-    def __init__(self, path: str | os.PathLike):
+    return TiffSlide
+
+
+def _openslide():
+    from openslide import OpenSlide
+
+    return OpenSlide
+
+
+#: whole-slide readers tried in order: (name, extra that installs it, loader of its slide class)
+SLIDE_READERS: list[tuple[str, str, object]] = [("tiffslide", "wsi", _tiffslide), ("openslide", "openslide", _openslide)]
+
+
+class SlideImage:
+    """Pyramidal whole-slide image through tiffslide or openslide (``opener``: the slide class,
+    default the first installed); reads only the regions asked."""
+
+    def __init__(self, path: str | os.PathLike, opener=None):
         self.path = str(path)
+        if opener is None:
+            opener = _first_installed_reader()
         try:
-            import tiffslide as backend
-        except ImportError:  # pragma: no cover - optional
-            import openslide as backend  # type: ignore[no-redef]
-        try:
-            self._slide = backend.OpenSlide(self.path)
+            self._slide = opener(self.path)
         except Exception as e:
             raise StdistillError(f"slide is unreadable ({type(e).__name__}: {e})", path) from None
         self.size = tuple(int(v) for v in self._slide.dimensions)
@@ -205,21 +221,42 @@ def open_image(path: str | os.PathLike) -> ImageReader:
     Raises :class:`StdistillError` naming the file when it is missing or unreadable.
     """
     p = Path(path)
-    if not p.is_file():
-        raise StdistillError("image file does not exist", p)
+    require_file(p, "image file")
     if p.suffix.lower() in _WSI_SUFFIXES:
-        try:
-            import tiffslide  # noqa: F401
-
-            return SlideImage(p)
-        except ImportError:
-            pass
-        if p.suffix.lower() in {".tif", ".tiff"}:
-            return _tifffile_image(p)
-        raise StdistillError(
-            f"reading {p.suffix} slides needs tiffslide or openslide: pip install 'stdistill[wsi]'", p
-        )
+        return _open_slide(p)
     return PILImage(p)
+
+
+def _first_installed_reader():
+    """The slide class of the first installed reader in :data:`SLIDE_READERS`."""
+    for _, _, load in SLIDE_READERS:
+        try:
+            return load()
+        except ImportError:
+            continue
+    raise StdistillError("reading whole slides needs tiffslide or openslide: pip install 'stdistill[wsi]'")
+
+
+def _open_slide(p: Path) -> ImageReader:
+    """tiffslide, then openslide for what tiffslide cannot open (MRXS, some NDPI, ...), then
+    tifffile for plain TIFFs; one line naming the file and the extra to install when none can."""
+    tried, installed = [], []
+    for name, _, load in SLIDE_READERS:
+        try:
+            cls = load()
+        except ImportError:
+            continue
+        installed.append(name)
+        try:
+            return SlideImage(p, opener=cls)
+        except StdistillError as e:
+            tried.append(f"{name}: {str(e).removeprefix(f'{e.path}: ')}")
+    if p.suffix.lower() in {".tif", ".tiff"} and not tried:
+        return _tifffile_image(p)
+    missing = [(n, x) for n, x, _ in SLIDE_READERS if n not in installed]
+    hint = f"; install {missing[-1][0]}: pip install 'stdistill[{missing[-1][1]}]'" if missing else ""
+    what = "; ".join(tried) if tried else "no slide reader is installed"
+    raise StdistillError(f"cannot open this {p.suffix} slide ({what}){hint}", p)
 
 
 def _tifffile_image(p: Path) -> ArrayImage:
@@ -234,3 +271,25 @@ def _tifffile_image(p: Path) -> ArrayImage:
     if arr.dtype != np.uint8:
         raise StdistillError(f"expected an 8-bit RGB image, got dtype {arr.dtype}", p)
     return ArrayImage(arr, path=str(p))
+
+
+def write_pyramid_tiff(path: str | os.PathLike, image: np.ndarray, microns_per_pixel: float, levels: int = 3,
+                       tile: int = 128) -> Path:
+    """Write an RGB uint8 array (height, width, 3) as a tiled pyramidal TIFF (level 0 plus
+    ``levels - 1`` halvings as SubIFDs) recording ``microns_per_pixel`` (um/px), atomically.
+    tiffslide reads it as a whole-slide image with ``tiffslide.mpp-x`` set."""
+    import tifffile
+
+    from .._utils import atomic_path
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise StdistillError(f"expected an RGB uint8 (height, width, 3) array, got {image.dtype} {image.shape}", path)
+    path = Path(path)
+    res = (1e4 / microns_per_pixel, 1e4 / microns_per_pixel)  # pixels per centimetre
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
+        tw.write(image, tile=(tile, tile), subifds=levels - 1, photometric="rgb", compression="zlib",
+                 resolution=res, resolutionunit="CENTIMETER")
+        for k in range(1, levels):
+            tw.write(np.ascontiguousarray(image[:: 2**k, :: 2**k]), tile=(tile, tile), subfiletype=1,
+                     photometric="rgb", compression="zlib")
+    return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,10 @@ SECTION_KEY = "section"
 PATIENT_KEY = "patient"
 SPATIAL_KEY = "spatial"
 HIRES_MAX = 2000
+
+
+class DuplicateGenesWarning(UserWarning):
+    """Gene names repeated in a counts table; they were made unique (``X``, ``X-1``, ...)."""
 
 
 def _check_counts(X, source) -> sp.csr_matrix:
@@ -57,6 +62,14 @@ def _check_counts(X, source) -> sp.csr_matrix:
     X = X.astype(dtype)
     X.eliminate_zeros()
     return X
+
+
+def _check_finite_xy(xy: np.ndarray, spots: Sequence[str], source, what: str = "pixel coordinates") -> None:
+    """Refuse NaN or infinite spot coordinates, naming how many and one spot."""
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise StdistillError(f"{int(bad.sum())} spots have NaN or infinite {what} (e.g. spot {spots[i]!r})", source)
 
 
 def join_positions(count_ids: Sequence[str], position_ids: Sequence[str], source) -> None:
@@ -129,20 +142,35 @@ def new_section(
             raise StdistillError(f"counts shape {counts.shape} does not match {n} spots x {len(genes)} genes", source)
         if len(genes) == 0:
             raise StdistillError("section has no genes", source)
-    if xy.shape != (n, 2) or not np.all(np.isfinite(xy)):
-        raise StdistillError("spot positions must be (n_spots, 2) finite pixel coordinates", source)
+    if xy.shape != (n, 2):
+        raise StdistillError(f"spot positions must be (n_spots, 2) pixel coordinates, got shape {xy.shape}", source)
+    _check_finite_xy(xy, spots, source)
     spots_idx = pd.Index(spots, dtype=str)
     if spots_idx.has_duplicates:
         raise StdistillError(f"duplicate spot ids: {list(spots_idx[spots_idx.duplicated()][:3])}", source)
-    if microns_per_pixel is None or not np.isfinite(microns_per_pixel) or microns_per_pixel <= 0:
+    if microns_per_pixel is None:
         raise StdistillError(
-            "microns per pixel of the full-resolution image is missing; pass microns_per_pixel= "
-            "(Python) or --mpp (CLI), e.g. 0.5 for a 20x scan",
+            "microns per pixel of the full-resolution image is missing; pass microns_per_pixel=<um/px>, "
+            "e.g. 0.5 for a 20x scan",
+            source,
+        )
+    if not (np.isfinite(microns_per_pixel) and microns_per_pixel > 0):
+        raise StdistillError(
+            f"microns per pixel is {microns_per_pixel!r}; it must be a positive number of um/px "
+            "(e.g. 0.5 for a 20x scan)",
             source,
         )
     X = _check_counts(counts, source)
     var = pd.DataFrame(index=pd.Index(genes, dtype=str))
     if var.index.has_duplicates:
+        dup = list(pd.unique(var.index[var.index.duplicated()]))
+        shown = ", ".join(dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        warnings.warn(
+            f"{source}: {len(dup)} gene names occur more than once ({shown}); made unique by appending "
+            "-1, -2, ... (as anndata's var_names_make_unique does)",
+            DuplicateGenesWarning,
+            stacklevel=3,
+        )
         var.index = pd.Index(ad.utils.make_index_unique(var.index.to_series().astype(str)))
     obs_df = pd.DataFrame(index=spots_idx) if obs is None else obs.copy()
     obs_df.index = spots_idx

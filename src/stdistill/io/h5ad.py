@@ -10,12 +10,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._errors import StdistillError
-from .._utils import atomic_path
-from ._section import PATIENT_KEY, SECTION_KEY, SPATIAL_KEY, _check_counts
+from .._errors import StdistillError, require_file
+from ._section import (
+    PATIENT_KEY,
+    SECTION_KEY,
+    SPATIAL_KEY,
+    _check_counts,
+    _check_finite_xy,
+)
 
 
-def _image_size(lib: dict) -> tuple[int, int] | None:
+def _image_size(lib: dict, read_header: bool = True) -> tuple[int, int] | None:
+    """(width, height) px of a section's image: the recorded ``image_size``, the in-memory
+    ``fullres`` array, or (``read_header``) the header of ``source_image_path``; None without an image."""
     meta, images = lib.get("metadata", {}), lib.get("images", {})
     if "image_size" in meta:
         w, h = (int(v) for v in np.asarray(meta["image_size"]).ravel()[:2])
@@ -23,6 +30,12 @@ def _image_size(lib: dict) -> tuple[int, int] | None:
     if "fullres" in images:
         arr = np.asarray(images["fullres"])
         return int(arr.shape[1]), int(arr.shape[0])
+    path = meta.get("source_image_path")
+    if read_header and path is not None:
+        from ._image import open_image
+
+        w, h = open_image(path).size  # reads the header only (PNG, JPEG, TIFF pyramids)
+        return int(w), int(h)
     return None
 
 
@@ -32,7 +45,8 @@ def validate(adata: ad.AnnData, source: str | os.PathLike | None = None, check_i
     Checks: raw counts in ``X`` (finite, non-negative integers; H&E-only tiles have 0 genes),
     unique spot ids, ``obs["section"]`` and ``obs["patient"]``, ``obsm["spatial"]`` (n, 2) finite, a ``uns["spatial"]`` entry with
     microns per pixel for every section, and (with ``check_images``) that an attached image file
-    exists and every spot centre lies inside the image.
+    exists and every spot centre lies inside the image (its size read from the file's header
+    when the layout does not record it).
     """
     src = source if source is not None else "AnnData"
     if adata.n_obs == 0:
@@ -51,8 +65,9 @@ def validate(adata: ad.AnnData, source: str | os.PathLike | None = None, check_i
     if SPATIAL_KEY not in adata.obsm:
         raise StdistillError(f'obsm["{SPATIAL_KEY}"] (spot centres in image pixels) is missing', src)
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] < 2 or not np.all(np.isfinite(xy[:, :2])):
-        raise StdistillError(f'obsm["{SPATIAL_KEY}"] must be (n_spots, 2) finite pixel coordinates', src)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise StdistillError(f'obsm["{SPATIAL_KEY}"] must be (n_spots, 2) pixel coordinates, got shape {xy.shape}', src)
+    _check_finite_xy(xy[:, :2], adata.obs_names, src, what=f'coordinates in obsm["{SPATIAL_KEY}"]')
     libs = adata.uns.get(SPATIAL_KEY, {})
     sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
     for s in pd.unique(sec):
@@ -60,12 +75,11 @@ def validate(adata: ad.AnnData, source: str | os.PathLike | None = None, check_i
         if lib is None:
             raise StdistillError(f'section {s!r} has no uns["spatial"][{s!r}] entry', src)
         mpp = lib.get("scalefactors", {}).get("microns_per_pixel")
-        if mpp is None or not np.isfinite(float(mpp)) or float(mpp) <= 0:
-            raise StdistillError(
-                f"section {s!r} has no microns per pixel; set "
-                f'adata.uns["spatial"][{s!r}]["scalefactors"]["microns_per_pixel"] = <um/px>',
-                src,
-            )
+        where = f'adata.uns["spatial"][{s!r}]["scalefactors"]["microns_per_pixel"]'
+        if mpp is None:
+            raise StdistillError(f"section {s!r} has no microns per pixel; set {where} = <um/px>", src)
+        if not (np.isfinite(float(mpp)) and float(mpp) > 0):
+            raise StdistillError(f"section {s!r} has microns per pixel {mpp!r}; {where} must be > 0", src)
         if not check_images:
             continue
         path = lib.get("metadata", {}).get("source_image_path")
@@ -90,8 +104,7 @@ def validate(adata: ad.AnnData, source: str | os.PathLike | None = None, check_i
 def _open_h5ad(path: str | os.PathLike, what: str = ".h5ad file") -> ad.AnnData:
     """``anndata.read_h5ad`` with one-line errors naming ``path`` (``what`` names the file's role)."""
     path = Path(path)
-    if not path.is_file():
-        raise StdistillError(f"{what} does not exist", path)
+    require_file(path, what)
     try:
         return ad.read_h5ad(path)
     except Exception as e:
@@ -135,15 +148,24 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     """Validate and write ``adata`` to ``path`` atomically (nothing is left behind when writing fails).
 
     ``uns`` is made storable first: dict keys become strings, tuples become arrays, ``None``
-    values are dropped; the caller's object is not changed.
+    values are dropped; the caller's object is not changed. The file is built in memory and then
+    copied to disk (:func:`stdistill._utils.write_hdf5`), so a full disk raises
+    :class:`StdistillError` and the process lives on.
     """
+    from anndata.io import write_elem
+
+    from .._utils import write_hdf5
+
     path = Path(path)
+    if path.is_dir():
+        raise StdistillError("is a directory; expected an .h5ad file path", path)
     validate(adata, path, check_images=False)
     out = adata.copy()
     out.uns = _storable(dict(adata.uns), "uns")
+    out.strings_to_categoricals()
+    kwargs = {"compression": compression} if compression else {}
     try:
-        with atomic_path(path) as tmp:
-            out.write_h5ad(tmp, compression=compression)
+        write_hdf5(path, lambda f: write_elem(f, "/", out, dataset_kwargs=kwargs))
     except StdistillError:
         raise
     except Exception as e:

@@ -16,7 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .._errors import StdistillError
+from .._errors import StdistillError, require_file
 from ._section import new_section
 from .h5ad import _open_h5ad
 
@@ -41,8 +41,7 @@ def read_hest(
     st_path = root / "st" / f"{sample_id}.h5ad"
     wsi_path = root / "wsis" / f"{sample_id}.tif"
     meta_path = root / "metadata" / f"{sample_id}.json"
-    if not st_path.is_file():
-        raise StdistillError("HEST counts file does not exist", st_path)
+    require_file(st_path, "HEST counts file")
     meta: dict = {}
     if meta_path.is_file():
         try:
@@ -62,8 +61,7 @@ def read_hest(
             f"{meta_path.name}); pass read_hest(..., microns_per_pixel=<um/px>)",
             meta_path,
         )
-    if not wsi_path.is_file():
-        raise StdistillError("HEST whole-slide image does not exist", wsi_path)
+    require_file(wsi_path, "HEST whole-slide image")
     st = _open_h5ad(st_path, "HEST counts file")
     if "in_tissue" in st.obs:
         st = st[st.obs["in_tissue"].astype(int).to_numpy() == 1]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._errors import StdistillError
+from .._errors import StdistillError, require_file
 from .._utils import atomic_path, file_digest
 from ._section import _check_counts, join_positions, new_section
 
@@ -36,6 +36,25 @@ def _spot_id(x: np.ndarray, y: np.ndarray) -> list[str]:
     return [f"{fmt(a)}x{fmt(b)}" for a, b in zip(x, y)]
 
 
+def _header_fields(path: Path) -> list[str]:
+    """Tab-separated fields of the first line (gzip read transparently); refuses other separators."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            line = fh.readline().rstrip("\r\n")
+    except (OSError, EOFError) as e:
+        raise StdistillError(f"counts file is unreadable ({type(e).__name__}: {e})", path) from None
+    if not line:
+        raise StdistillError("counts file is empty", path)
+    if "\t" not in line:
+        sep = next((c for c in ",; " if c in line), None)
+        found = f"{'comma' if sep == ',' else 'semicolon' if sep == ';' else 'space'}-separated" if sep else "one column"
+        raise StdistillError(f"expected tab-separated counts (spots x genes), but the header is {found}", path)
+    return line.split("\t")
+
+
 def read_counts_table(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
     """Read a spots x genes counts TSV(.gz): returns (CSR counts, spot ids, gene names).
 
@@ -43,8 +62,7 @@ def read_counts_table(path: str | os.PathLike, cache_dir: str | os.PathLike | No
     table is kept as a ``.npz`` keyed by the file's content digest, so a second read is fast.
     """
     path = Path(path)
-    if not path.is_file():
-        raise StdistillError("counts file does not exist", path)
+    require_file(path, "counts file")
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"{path.name}.{file_digest(path)}.npz"
@@ -55,12 +73,15 @@ def read_counts_table(path: str | os.PathLike, cache_dir: str | os.PathLike | No
                     return X, z["spots"].tolist(), z["genes"].tolist()
             except Exception:  # a broken cache entry is re-parsed and overwritten
                 pass
+    header = _header_fields(path)
     try:
         df = pd.read_csv(path, sep="\t", index_col=0, engine="c")
     except pd.errors.EmptyDataError:
         raise StdistillError("counts file is empty", path) from None
     except Exception as e:
         raise StdistillError(f"counts file is unreadable ({type(e).__name__}: {e})", path) from None
+    if len(header) == len(df.columns) + 1:  # pandas renames repeated names (X, X.1): keep the file's
+        df.columns = header[1:]
     if len(df) == 0:
         raise StdistillError("section is empty (no spots in the counts)", path)
     bad = [c for c, t in df.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
@@ -94,8 +115,7 @@ def read_counts_table(path: str | os.PathLike, cache_dir: str | os.PathLike | No
 def read_spot_file(path: str | os.PathLike) -> pd.DataFrame:
     """Read an ST spot file; keep rows with ``selected == 1`` when that column exists."""
     path = Path(path)
-    if not path.is_file():
-        raise StdistillError("spot file does not exist", path)
+    require_file(path, "spot file")
     try:
         df = pd.read_csv(path, sep="\t")
     except pd.errors.EmptyDataError:
@@ -106,8 +126,17 @@ def read_spot_file(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise StdistillError(f"spot file lacks column(s) {missing}; expected x, y, pixel_x, pixel_y[, selected]", path)
     if "selected" in df.columns:
-        df = df[df["selected"].astype(float) == 1]
+        df = df[pd.to_numeric(df["selected"], errors="coerce") == 1]
     df = df.copy()
+    for cols, what in ((["x", "y"], "array coordinates (x, y)"), (["pixel_x", "pixel_y"], "pixel coordinates")):
+        vals = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(vals).all(axis=1)
+        if bad.any():
+            raise StdistillError(
+                f"{int(bad.sum())} spots have NaN, empty or non-numeric {what} (e.g. row {int(np.flatnonzero(bad)[0]) + 2})",
+                path,
+            )
+        df[cols] = vals
     df.index = pd.Index(_spot_id(df["x"].to_numpy(), df["y"].to_numpy()))
     return df
 

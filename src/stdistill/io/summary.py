@@ -20,7 +20,11 @@ LABEL_OBSM = ("celltype_props", "niche_probs")
 
 
 def load_any(path_or_name: str | os.PathLike) -> ad.AnnData:
-    """Load an ``.h5ad`` file, a Space Ranger ``outs/`` folder, a her2st copy, or a dataset name.
+    """Load and validate an ``.h5ad`` file, a Space Ranger ``outs/`` folder, a her2st copy, or a dataset name.
+
+    The one loader of every command: whatever it returns passed :func:`stdistill.io.validate`
+    (raw integer counts, finite coordinates, ``obs["section"]``/``obs["patient"]``, microns per
+    pixel, spots inside their image), and every refusal is one StdistillError naming the input.
 
     Names: ``"her2st"`` (:func:`stdistill.datasets.her2st`), ``"simulated"``
     (:func:`stdistill.datasets.simulated`, default arguments), ``"mob"``
@@ -34,7 +38,10 @@ def load_any(path_or_name: str | os.PathLike) -> ad.AnnData:
                 from .h5ad import read_h5ad
 
                 return read_h5ad(p)
-            raise StdistillError("not an .h5ad file (info reads .h5ad files, Visium folders and dataset names)", p)
+            raise StdistillError("not an .h5ad file (stdistill reads .h5ad files, Visium outs/ or her2st folders, "
+                                 f"and the dataset names {', '.join(DATASETS)})", p)
+        if p.suffix.lower() == ".h5ad":
+            raise StdistillError(".h5ad file expected, but this is a directory", p)
         if (p / "outs" / "spatial").is_dir():
             p = p / "outs"
         if (p / "spatial").is_dir():
@@ -68,15 +75,13 @@ def _inside(xy: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def _size(lib: dict) -> tuple[int, int] | None:
-    """Image size from the layout (never decodes the image)."""
+    """Image size from the layout, or from the image file's header (never decodes the image)."""
+    from .h5ad import _image_size
+
     meta, images = lib.get("metadata", {}), lib.get("images", {})
-    if "fullres" in images:
-        arr = images["fullres"]
-        return int(arr.shape[1]), int(arr.shape[0])
-    if "source_image_path" in meta and "image_size" in meta:
-        w, h = (int(v) for v in np.asarray(meta["image_size"]).ravel()[:2])
-        return w, h
-    return None
+    if "fullres" not in images and "source_image_path" not in meta:
+        return None
+    return _image_size(lib)
 
 
 def section_table(adata: ad.AnnData) -> pd.DataFrame:

@@ -89,6 +89,8 @@ def read_visium(
         (Visium spots are 55 um across).
     """
     root = Path(path)
+    if root.is_file():
+        raise StdistillError("Visium folder expected, but this is a file", root)
     if not root.is_dir():
         raise StdistillError("Visium folder does not exist", root)
     h5 = root / count_file
@@ -129,11 +131,21 @@ def read_visium(
     mpp_full = microns_per_pixel
     if mpp_full is None:
         d = scalef.get("spot_diameter_fullres")
-        if not d:
+        if d is None:
             raise StdistillError(
                 "microns per pixel is missing (no spot_diameter_fullres); pass microns_per_pixel=", sf_path
             )
-        mpp_full = VISIUM_SPOT_DIAMETER_UM / float(d)
+        try:
+            d = float(d)
+        except (TypeError, ValueError):
+            d = float("nan")
+        if not (np.isfinite(d) and d > 0):
+            raise StdistillError(
+                f"spot_diameter_fullres is {scalef['spot_diameter_fullres']!r}, not a positive number of pixels; "
+                "fix it or pass microns_per_pixel=",
+                sf_path,
+            )
+        mpp_full = VISIUM_SPOT_DIAMETER_UM / d
 
     xy_full = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     if source_image_path is not None:

@@ -9,6 +9,8 @@ from .._lazy import attach
 _LAZY: dict[str, str] = {
     "niches": "_niches",
     "niche_panels_table": "_niches",
+    "niche_maps_per_section": "_niches",
+    "NICHE_PALETTE": "_common",
     "expression_maps": "_expression",
     "pearson_bars": "_expression",
     "pathways": "_pathways",

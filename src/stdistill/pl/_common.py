@@ -8,6 +8,16 @@ import numpy as np
 from .._errors import StdistillError
 from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections
 
+#: Label colours that stay visible on H&E (no pinks or purples: those vanish into eosin and
+#: haematoxylin). Shared by every niche map: ``pl.niches``, slide maps, GeoJSON classes, the demo.
+NICHE_PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#000000", "#17BECF",
+                 "#8C510A", "#BCBD22", "#7F7F7F", "#00441B")
+
+
+def niche_colours(n: int) -> list[str]:
+    """``n`` colours from :data:`NICHE_PALETTE` (repeating after 12)."""
+    return [NICHE_PALETTE[i % len(NICHE_PALETTE)] for i in range(n)]
+
 
 def _one_section(adata: ad.AnnData, section: str | None) -> tuple[str, np.ndarray]:
     """The section to draw (``None``: the only one) and its boolean spot mask (n_obs,)."""
@@ -58,3 +68,12 @@ def _clim(*values: np.ndarray) -> tuple[float, float]:
     v = np.concatenate([x[np.isfinite(x)] for x in values])
     lo, hi = np.percentile(v, [5, 95]) if v.size else (0.0, 1.0)
     return float(lo), float(hi if hi > lo else lo + 1e-6)
+
+
+def _subplots(*args, figsize: tuple[float, float], layout: str | None = "constrained", **kw):
+    """``(Figure, axes)`` like ``pyplot.subplots``, without pyplot: no global figure registry and no
+    backend switch, so plotting never changes the caller's matplotlib state."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*args, **kw)

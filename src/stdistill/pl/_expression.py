@@ -48,68 +48,83 @@ def expression_maps(
     cmap: str = "viridis",
     title: str | None = None,
 ):
-    """Measured vs predicted expression of ``gene`` on one section's H&E thumbnail.
+    """Predicted (and, where measured, measured) expression of ``gene`` on one section's H&E thumbnail.
 
     Parameters
     ----------
     adata
-        Sections (raw counts, ``obsm["spatial"]`` in full-resolution px, a hires thumbnail in
-        ``uns["spatial"][section]["images"]["hires"]`` scaled by ``tissue_hires_scalef``).
+        Sections (``obsm["spatial"]`` in full-resolution px, a hires thumbnail in
+        ``uns["spatial"][section]["images"]["hires"]`` scaled by ``tissue_hires_scalef``); raw
+        counts only needed for the measured panel.
     gene
-        Gene symbol (measured: ``log1p`` of its raw counts unless ``measured`` is given).
+        Gene symbol. Measured: ``log1p`` of its raw counts unless ``measured`` is given; when the
+        gene is not in ``var_names`` (H&E-only data) only the predictions are drawn.
     predictions
         Panel title -> predicted log1p values (a Series indexed by obs names, e.g. a column of
-        :attr:`ExpressionBenchResult.predictions`, or an array over all spots).
+        :attr:`ExpressionBenchResult.predictions`, or an array over all spots). Drawn clipped at
+        0 (log1p counts are never negative; regression heads can undershoot).
     section
         Section to draw (default: the only one).
 
-    Each panel's colour scale is its own (5th-95th percentile); titles carry Pearson r with the
-    measured values. Returns the Figure; writes ``path`` (PNG) when given.
+    Each panel's colour scale is its own (5th-95th percentile); with a measured panel, titles
+    carry Pearson r with the measured values (of the unclipped predictions). Returns the Figure;
+    writes ``path`` (PNG) when given.
     """
-    import matplotlib
-
-    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     section, mask = _one_section(adata, section)
-    if measured is None:
-        if gene not in adata.var_names:
-            raise StdistillError(f"gene {gene!r} is not in the data; pass measured=")
-        x = adata[mask, gene].X
-        meas = np.log1p(np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=float).ravel())
-    else:
-        meas = _values(adata, measured, "measured", mask)
-    panels = [("measured", meas)] + [(k, _values(adata, v, k, mask)) for k, v in predictions.items()]
+    meas = _measured(adata, gene, measured, mask)
+    preds = [(k, _values(adata, v, k, mask)) for k, v in predictions.items()]
+    panels = ([("measured", meas)] if meas is not None else []) + [(k, np.maximum(v, 0.0)) for k, v in preds]
+    if not panels:
+        raise StdistillError(f"nothing to draw for {gene!r}: no predictions and not measured")
     img, xy, d = _thumbnail(adata, section, mask, spot_scale)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 4.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    raw = dict(preds)
     for ax, (name, v) in zip(axes[0], panels):
         sc = _spots(ax, img, xy, d, v, _clim(v), cmap)
-        ok = np.isfinite(v)
-        t = name
-        if name != "measured" and ok.sum() > 2 and np.std(v[ok]) > 0 and np.std(meas[ok]) > 0:
-            t += f"  (r = {np.corrcoef(meas[ok], v[ok])[0, 1]:.2f})"
-        ax.set_title(t, fontsize=10)
+        ax.set_title(name + _pearson_note(meas, raw.get(name)), fontsize=10)
         fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.01, label="log1p counts" if name == "measured" else "predicted log1p")
-    fig.suptitle(title or f"{gene} on {section}: measured vs predicted", fontsize=11)
+    what = "measured vs predicted" if meas is not None else "predicted (not measured here)"
+    fig.suptitle(title or f"{gene} on {section}: {what}", fontsize=11)
     fig.tight_layout()
     _save(fig, path)
     return fig
 
 
+def _measured(adata: ad.AnnData, gene: str, measured, mask: np.ndarray) -> np.ndarray | None:
+    """log1p counts of ``gene`` on the section (or ``measured``); None when the gene was not measured."""
+    if measured is not None:
+        return _values(adata, measured, "measured", mask)
+    if gene not in adata.var_names:
+        return None
+    x = adata[mask, gene].X
+    return np.log1p(np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=float).ravel())
+
+
+def _pearson_note(meas: np.ndarray | None, v: np.ndarray | None) -> str:
+    """``"  (r = 0.42)"`` between measured and predicted values, or "" when not computable."""
+    if meas is None or v is None:
+        return ""
+    ok = np.isfinite(v) & np.isfinite(meas)
+    if ok.sum() <= 2 or np.std(v[ok]) == 0 or np.std(meas[ok]) == 0:
+        return ""
+    return f"  (r = {np.corrcoef(meas[ok], v[ok])[0, 1]:.2f})"
+
+
 def pearson_bars(per_gene: pd.DataFrame | pd.Series, *, top: int = 25, path: str | os.PathLike | None = None,
                  highlight: Sequence[str] = ("ERBB2",), title: str = "Per-gene Pearson r (mean over folds)"):
     """Horizontal bars of the ``top`` genes' Pearson r (``per_gene["mean"]`` of a bench result), with ``highlight`` genes marked."""
-    import matplotlib
-
-    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     s = per_gene["mean"] if isinstance(per_gene, pd.DataFrame) else per_gene
     s = s.dropna().sort_values(ascending=False)
     show = s.head(top)
     extra = [g for g in highlight if g in s.index and g not in show.index]
     show = pd.concat([show, s[extra]])
-    fig, ax = plt.subplots(figsize=(5, 0.22 * len(show) + 1))
+    fig = Figure(figsize=(5, 0.22 * len(show) + 1))
+    ax = fig.subplots()
     colours = ["tab:red" if g in highlight else "tab:blue" for g in show.index]
     ax.barh(range(len(show)), show.to_numpy(), color=colours)
     ax.set_yticks(range(len(show)), show.index, fontsize=7)

@@ -10,19 +10,11 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from ._common import _clim, _one_section, _spots, _thumbnail
+from ._common import _clim, _one_section, _spots, _subplots, _thumbnail
 from ._expression import _save
 
 __all__ = ["pathways", "pathway_bars"]
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _frame(adata: ad.AnnData, key: str | None, what: str, required: bool) -> pd.DataFrame | None:
@@ -92,8 +84,7 @@ def pathways(
     section, mask = _one_section(adata, section)
     img, xy, diam = _thumbnail(adata, section, mask, spot_scale)
     cols = ["measured", "predicted"] if meas is not None else ["predicted"]
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(names), len(cols), figsize=(3.8 * len(cols) + 1.0, 3.8 * len(names)),
+    fig, axes = _subplots(len(names), len(cols), figsize=(3.8 * len(cols) + 1.0, 3.8 * len(names)),
                              squeeze=False, layout="constrained")
     for row, name in zip(axes, names):
         p = pred[name].to_numpy(dtype=float)[mask]
@@ -136,8 +127,7 @@ def pathway_bars(per_pathway: pd.DataFrame | pd.Series, *, top: int = 25, path: 
     mean = folds.mean(axis=1, skipna=True).dropna().sort_values(ascending=False)
     show = mean.head(top).index
     sd = folds.loc[show].std(axis=1, ddof=1) if folds.shape[1] > 1 else None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 0.24 * len(show) + 1.2), layout="constrained")
+    fig, ax = _subplots(figsize=(5.5, 0.24 * len(show) + 1.2), layout="constrained")
     ypos = np.arange(len(show))
     ax.barh(ypos, mean[show].to_numpy(), xerr=None if sd is None else sd.fillna(0).to_numpy(), color="tab:blue",
             alpha=0.8, error_kw={"lw": 0.8, "capsize": 2})

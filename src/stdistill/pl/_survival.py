@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from ._common import _one_section, _spots, _thumbnail
+from ._common import _one_section, _spots, _subplots, _thumbnail
 from ._expression import _save
-from ._pathways import _pyplot
 
 __all__ = ["cindex_bars", "km_risk_groups", "survival_attention"]
 
@@ -52,8 +51,7 @@ def km_risk_groups(time, event, risk, *, groups=None, n_groups: int = 2, path: s
     if len(order) < 2:
         raise StdistillError("Kaplan-Meier by risk needs at least two non-empty groups")
     p = float(multivariate_logrank_test(t, labels, e).p_value)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
+    fig, ax = _subplots(figsize=(5, 3.6), layout="constrained")
     for name in order:
         m = labels == name
         lifelines.KaplanMeierFitter(label=f"{name} (n={int(m.sum())}, {int(e[m].sum())} events)").fit(
@@ -92,8 +90,7 @@ def survival_attention(adata: ad.AnnData, attention: pd.Series | np.ndarray, *, 
     rel = np.full_like(v, np.nan)
     rel[ok] = np.log2(np.clip(v[ok] * ok.sum() / max(v[ok].sum(), 1e-12), 1e-3, None))
     img, xy, diam = _thumbnail(adata, section, mask, spot_scale)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+    fig, ax = _subplots(figsize=(5, 5), layout="constrained")
     lim = float(max(np.abs(rel[ok]).max(), 0.5))
     ec = _spots(ax, img, xy, diam, rel, (-lim, lim), cmap)
     fig.colorbar(ec, ax=ax, shrink=0.7, label="log2 attention / uniform")
@@ -113,8 +110,7 @@ def cindex_bars(table: pd.DataFrame, *, metric: str = "cindex", path: str | os.P
     oracle = table[col].get("oracle") if "oracle" in table.index else None
     df = table.drop(index="oracle", errors="ignore")
     sd = df.get(f"{metric}_sd", pd.Series(0.0, index=df.index)).fillna(0.0)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 0.32 * len(df) + 1.2), layout="constrained")
+    fig, ax = _subplots(figsize=(5.5, 0.32 * len(df) + 1.2), layout="constrained")
     y = np.arange(len(df))
     colours = ["tab:orange" if str(i).startswith(("amkd", "logit")) else "tab:blue" for i in df.index]
     ax.barh(y, df[col].to_numpy(), xerr=sd.to_numpy(), color=colours, alpha=0.85, error_kw={"lw": 0.8, "capsize": 2})

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._errors import StdistillError
+from .._errors import StdistillError, require_file
 
 __all__ = ["read_gmt", "genesets", "pathway_scores", "SHIPPED_GENESETS", "PATHWAY_METHODS"]
 
@@ -50,8 +50,7 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
         3 fields (name, description, at least one gene), an empty name, or a set name twice.
     """
     p = Path(path)
-    if not p.is_file():
-        raise StdistillError("GMT file does not exist", p)
+    require_file(p, "GMT file")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

@@ -18,7 +18,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from .._errors import StdistillError
+from .._errors import StdistillError, require_file
 from ..io._section import SECTION_KEY, sections as _sections
 
 __all__ = ["hest_genes", "read_gene_list", "log1p_targets"]
@@ -98,8 +98,7 @@ def hest_genes(
 def read_gene_list(path: str | os.PathLike) -> list[str]:
     """Genes from HEST's ``var_50genes.json`` (``{"genes": [...]}``), a JSON list, or a text file (one per line)."""
     p = Path(path)
-    if not p.is_file():
-        raise StdistillError("gene list file does not exist", p)
+    require_file(p, "gene list file")
     text = p.read_text()
     if p.suffix.lower() == ".json":
         try:

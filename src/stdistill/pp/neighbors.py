@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
+from .._defaults import N_NEIGHBORS  # noqa: F401  (re-exported: pp.neighbors.N_NEIGHBORS)
 from .._errors import StdistillError
 from ..io._section import SECTION_KEY, SPATIAL_KEY, sections, spatial_um
 
@@ -166,11 +167,13 @@ def neighbor_tokens(
     return NeighborTokens(index=index, offset_um=offset, mask=mask)
 
 
-def _ring_masks(adata: ad.AnnData, radius_um: float, n_rings: int) -> list[sp.csr_matrix]:
-    """Binary (n, n) matrices of spots exactly l hops away (l = 1..n_rings) on the radius graph."""
-    a = radius_graph(adata, radius_um)
+def _ring_masks(adj: sp.spmatrix, n_rings: int) -> list[sp.csr_matrix]:
+    """Binary (n, n) matrices of spots exactly l hops away (l = 1..n_rings) on graph ``adj``."""
+    a = sp.csr_matrix(adj, dtype=np.float64, copy=True)
+    a.setdiag(0)
+    a.eliminate_zeros()
     a.data[:] = 1.0
-    eye = sp.identity(adata.n_obs, format="csr")
+    eye = sp.identity(a.shape[0], format="csr")
     reach = eye.copy()  # within l-1 hops
     step = (a + eye).tocsr()
     rings = []
@@ -185,40 +188,18 @@ def _ring_masks(adata: ad.AnnData, radius_um: float, n_rings: int) -> list[sp.cs
     return rings
 
 
-def aggregate_neighbors(
-    adata: ad.AnnData,
-    use_rep: str,
-    *,
-    radius_um: float,
-    n_rings: int = 1,
-    mode: str = "concat",
-    key_added: str | None = None,
-    copy: bool = False,
-) -> ad.AnnData | None:
-    """Neighbourhood-aggregated embeddings (CellCharter-like), within each section.
-
-    The radius graph (``radius_um``, um) defines one hop; ring ``l`` holds spots exactly ``l``
-    hops away.
-
-    ``mode="concat"``: ``[x, mean(ring 1), ..., mean(ring L)]`` -> (n_obs, d * (1 + n_rings));
-    a spot with an empty ring gets its own embedding for that ring.
-    ``mode="mean"``: mean of ``x`` over the spot and every spot within ``n_rings`` hops
-    -> (n_obs, d) (the "averaged features" baseline).
-
-    Writes ``obsm[key_added]`` (default ``f"{use_rep}_agg"``). Rows of ``obsm[use_rep]`` that
-    are not finite (e.g. spots without an image) are neither used nor filled (stay NaN).
-    """
-    adata = adata.copy() if copy else adata
-    if use_rep not in adata.obsm:
-        raise StdistillError(f'AnnData has no obsm["{use_rep}"]; compute the embedding first')
+def aggregate(adj: sp.spmatrix, x: np.ndarray, n_rings: int = 1, mode: str = "concat") -> np.ndarray:
+    """Neighbourhood aggregation on arrays: ``adj`` (n, n) graph (any non-zero is an edge),
+    ``x`` (n, d) embedding with non-finite rows for missing spots; returns float32 (see
+    :func:`aggregate_neighbors` for ``mode``). Missing rows are neither used nor filled."""
     if mode not in ("concat", "mean"):
         raise StdistillError(f'mode must be "concat" or "mean", got {mode!r}')
     if n_rings < 1:
         raise StdistillError(f"n_rings must be >= 1, got {n_rings}")
-    x = np.asarray(adata.obsm[use_rep].to_numpy() if isinstance(adata.obsm[use_rep], pd.DataFrame) else adata.obsm[use_rep], dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
     ok = np.all(np.isfinite(x), axis=1)
     x0 = np.where(ok[:, None], x, 0.0)
-    rings = _ring_masks(adata, radius_um, n_rings)
+    rings = _ring_masks(adj, n_rings)
     okv = ok.astype(np.float64)
     if mode == "concat":
         parts = [x0]
@@ -231,14 +212,66 @@ def aggregate_neighbors(
             parts.append(m)
         out = np.hstack(parts)
     else:
-        r = sp.identity(adata.n_obs, format="csr")
+        r = sp.identity(len(x), format="csr")
         for ring in rings:
             r = r + ring
         cnt = r @ okv
         with np.errstate(invalid="ignore", divide="ignore"):
             out = (r @ x0) / cnt[:, None]
     out[~ok] = np.nan
-    adata.obsm[key_added or f"{use_rep}_agg"] = out.astype(np.float32)
+    return out.astype(np.float32)
+
+
+def _graph(adata: ad.AnnData, radius_um: float | None, neighbors_key: str) -> sp.csr_matrix:
+    """The graph stored by :func:`spatial_neighbors` under ``neighbors_key`` when its radius
+    matches (or ``radius_um`` is None); otherwise a new radius graph."""
+    info = adata.uns.get(f"{neighbors_key}_neighbors")
+    if info is not None:
+        stored = info.get("params", {}).get("radius_um")
+        key = info.get("connectivities_key", f"{neighbors_key}_connectivities")
+        if key in adata.obsp and (radius_um is None or (stored is not None and float(stored) == float(radius_um))):
+            return adata.obsp[key]
+    if radius_um is None:
+        raise StdistillError(f'no graph in obsp (uns["{neighbors_key}_neighbors"]); run pp.spatial_neighbors first '
+                             "or pass radius_um=")
+    return radius_graph(adata, radius_um)
+
+
+def aggregate_neighbors(
+    adata: ad.AnnData,
+    use_rep: str,
+    *,
+    radius_um: float | None = None,
+    n_rings: int = 1,
+    mode: str = "concat",
+    neighbors_key: str = "spatial",
+    key_added: str | None = None,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Neighbourhood-aggregated embeddings (CellCharter-like), within each section.
+
+    The graph defines one hop: the one :func:`spatial_neighbors` stored under
+    ``neighbors_key`` (``obsp["spatial_connectivities"]``) when ``radius_um`` is None or equals
+    its radius, else a radius graph of ``radius_um`` um built here. Ring ``l`` holds spots
+    exactly ``l`` hops away.
+
+    ``mode="concat"``: ``[x, mean(ring 1), ..., mean(ring L)]`` -> (n_obs, d * (1 + n_rings));
+    a spot with an empty ring gets its own embedding for that ring.
+    ``mode="mean"``: mean of ``x`` over the spot and every spot within ``n_rings`` hops
+    -> (n_obs, d) (the "averaged features" baseline). Array core: :func:`aggregate`.
+
+    Writes ``obsm[key_added]`` (default ``f"{use_rep}_agg"``). Rows of ``obsm[use_rep]`` that
+    are not finite (e.g. spots without an image) are neither used nor filled (stay NaN).
+    """
+    adata = adata.copy() if copy else adata
+    if use_rep not in adata.obsm:
+        raise StdistillError(f'AnnData has no obsm["{use_rep}"]; compute the embedding first')
+    v = adata.obsm[use_rep]
+    x = v.to_numpy() if isinstance(v, pd.DataFrame) else v
+    if radius_um is not None:
+        _check_radius(radius_um)
+    out = aggregate(_graph(adata, radius_um, neighbors_key), x, n_rings, mode)
+    adata.obsm[key_added or f"{use_rep}_agg"] = out
     return adata if copy else None
 
 

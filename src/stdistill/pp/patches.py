@@ -33,12 +33,16 @@ class PatchDataset(Dataset):
         Patch side in micrometres (HEST: 112 um = 224 px at 0.5 um/px).
     px
         Patch side in output pixels.
+    transform
+        Optional ``transform(patch, i) -> patch`` on the uint8 (3, px, px) tensor of item ``i``
+        (e.g. stain normalisation, augmentation); picklable when DataLoader workers are used.
     """
 
-    def __init__(self, adata: ad.AnnData, size_um: float = 112.0, px: int = 224):
+    def __init__(self, adata: ad.AnnData, size_um: float = 112.0, px: int = 224, transform=None):
         if size_um <= 0 or px <= 0:
             raise StdistillError(f"patch size must be positive, got size_um={size_um}, px={px}")
         self.size_um, self.px = float(size_um), int(px)
+        self.transform = transform
         secs = sections(adata)
         missing = [s for s in secs if not has_image(adata, s)]
         if missing:
@@ -75,7 +79,8 @@ class PatchDataset(Dataset):
         return region
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.ascontiguousarray(self.read(i).transpose(2, 0, 1))), i
+        x = torch.from_numpy(np.ascontiguousarray(self.read(i).transpose(2, 0, 1)))
+        return (x if self.transform is None else self.transform(x, i)), i
 
     def loader(self, batch_size: int = 64, num_workers: int = 0, indices=None) -> DataLoader:
         """A DataLoader over all patches (or ``indices``), in order."""

@@ -1,7 +1,11 @@
-"""Patient-level splits. Train and test never share a patient; entry points check it."""
+"""Patient-level splits. Train and test never share a patient; entry points check it.
+
+``folds(adata, by="spatial")`` is the one exception, for a user with a single section: contiguous
+spatial blocks with a margin, a weaker check than held-out patients (it warns so)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -88,6 +92,84 @@ def check_patient_disjoint(train: ad.AnnData, test: ad.AnnData) -> None:
         )
 
 
+class WeakSplitWarning(UserWarning):
+    """A split whose train and test share a patient (spatial blocks of one section)."""
+
+
+@dataclass(frozen=True)
+class SpotFold:
+    """One spatial split of a single section, as spot ids (``obs_names``).
+
+    ``dropped``: spots outside the test block but within ``margin_um`` of a test spot, removed
+    from training so no training neighbourhood overlaps a test spot."""
+
+    name: str
+    section: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    dropped: tuple[str, ...]
+    margin_um: float
+
+
+#: Spatial blocks when ``folds(by="spatial")`` gets no ``n_splits``.
+SPATIAL_BLOCKS = 4
+
+
+def spatial_folds(adata: ad.AnnData, n_splits: int | None = None, radius_um: float | None = None,
+                  prefix: str = "") -> list[SpotFold]:
+    """Contiguous spatial blocks of one section as folds, with a margin of one neighbourhood radius.
+
+    The section is cut into ``n_splits`` strips of equal spot counts along its longer axis; each
+    strip is a test block once. Training spots within ``radius_um`` of any test spot are dropped.
+    Train and test still share the patient, the tissue and the slide's staining: this is a weaker
+    check than patient-level folds and warns (:class:`WeakSplitWarning`).
+
+    Parameters
+    ----------
+    radius_um
+        Margin in um (default: the neighbourhood radius the niche models use,
+        :func:`stdistill.pp.neighbors.radius_for_neighbors` with ``N_NEIGHBORS`` spots).
+    """
+    from .._defaults import N_NEIGHBORS
+    from ..io._section import spatial_um
+    from .neighbors import radius_for_neighbors
+
+    secs = adata.obs[SECTION_KEY].astype(str).unique() if SECTION_KEY in adata.obs else []
+    if len(secs) != 1:
+        raise StdistillError(f'by="spatial" splits one section, got {len(secs)}; subset to one '
+                             '(io.subset_sections) or split by="patient"')
+    k = SPATIAL_BLOCKS if n_splits is None else int(n_splits)
+    if not 2 <= k <= adata.n_obs // 2:
+        raise StdistillError(f"n_splits={k} spatial blocks must be between 2 and half the spots ({adata.n_obs // 2})")
+    margin = float(radius_for_neighbors(adata, N_NEIGHBORS) if radius_um is None else radius_um)
+    if not (np.isfinite(margin) and margin >= 0):
+        raise StdistillError(f"radius_um must be >= 0 (micrometres), got {radius_um}")
+    xy = spatial_um(adata)
+    axis = int(np.argmax(np.ptp(xy, axis=0)))
+    blocks = np.array_split(np.argsort(xy[:, axis], kind="stable"), k)
+    names = adata.obs_names.astype(str)
+    out = []
+    for i, test in enumerate(blocks):
+        rest = np.setdiff1d(np.arange(adata.n_obs), test)
+        near = _within(xy[rest], xy[test], margin)
+        if near.all():
+            raise StdistillError(f"a margin of {margin:.0f} um leaves no training spots for block {i}; "
+                                 "use fewer blocks or a smaller radius_um")
+        out.append(SpotFold(name=f"{prefix}{secs[0]}/block{i}", section=str(secs[0]), train=tuple(names[rest[~near]]),
+                            test=tuple(names[np.sort(test)]), dropped=tuple(names[rest[near]]), margin_um=margin))
+    warnings.warn(f"folds(by='spatial'): {k} blocks of section {secs[0]!r} share its patient; a weaker check than "
+                  f"patient-level folds (margin {margin:.0f} um dropped from training)", WeakSplitWarning, stacklevel=3)
+    return out
+
+
+def _within(a: np.ndarray, b: np.ndarray, r: float) -> np.ndarray:
+    """(len(a),) bool: the point of ``a`` lies within ``r`` of some point of ``b``."""
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(b).query(a, k=1)
+    return d <= r
+
+
 def folds(
     data,
     by: str = "patient",
@@ -95,23 +177,33 @@ def folds(
     n_val_patients: int = 0,
     seed: int = 0,
     prefix: str = "",
-) -> list[Fold]:
-    """Patient-level folds over sections.
+    radius_um: float | None = None,
+) -> list[Fold] | list[SpotFold]:
+    """Patient-level folds over sections (or, ``by="spatial"``, spatial blocks of one section).
 
     Parameters
     ----------
     data
         AnnData (``obs["section"]``, ``obs["patient"]``), a list of them, or section -> patient.
     by
-        Only ``"patient"`` is allowed; section-level splits leak patient identity.
+        ``"patient"``; or ``"spatial"`` for one section only: :func:`spatial_folds` (contiguous
+        blocks, a margin of ``radius_um`` dropped from training; the weaker check, and it warns).
+        Section-level splits are refused: they leak patient identity.
     n_splits
         ``None``: leave-one-patient-out. Otherwise k folds of whole patients (seeded shuffle).
     n_val_patients
         Patients taken from each fold's training patients into ``val`` (0: none; use
         :meth:`Fold.inner` for nested leave-one-patient-out).
+    radius_um
+        ``by="spatial"`` only: the margin in um (default: the niche models' neighbourhood radius).
     """
+    if by == "spatial":
+        if not isinstance(data, ad.AnnData) or n_val_patients:
+            raise StdistillError('by="spatial" takes one section\'s AnnData and no n_val_patients')
+        return spatial_folds(data, n_splits=n_splits, radius_um=radius_um, prefix=prefix)
     if by != "patient":
-        raise StdistillError(f"folds must be by patient, got by={by!r}: other splits leak between train and test")
+        raise StdistillError(f"folds must be by patient (or by='spatial' within one section), got by={by!r}: "
+                             "other splits leak between train and test")
     sp = _section_patients(data)
     pats = np.array(sorted(set(sp.values)))
     if len(pats) < 2:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import StdistillError
-from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
+from .._utils import load_safetensors_dir, load_state, save_safetensors_dir, seed_everything
 from ..metrics import pearson_per_gene
 from ..students.niche import _threads
 from ..students._vqvae import VQVAE, Quantizer, mlp, nb_nll
@@ -626,9 +626,9 @@ class GenST:
             self.features_meta_ = dict(meta.get("features") or {})
             self.prep_ = {k: tensors.pop(f"_prep.{k}").numpy() for k in _PREP}
             net = GenstNet(len(self.genes_), self.n_features_, cfg)
-            net.load_state_dict(tensors)
-        except (KeyError, TypeError, RuntimeError) as e:
+        except (KeyError, TypeError) as e:
             raise StdistillError(f"GenST model does not match its config: {str(e).splitlines()[0]}", path) from None
+        load_state(net, tensors, path, "GenST model")
         self.net_ = net.eval()
         self.curve_ = list(meta.get("curve", []))
         self.table_ = self._code_table()

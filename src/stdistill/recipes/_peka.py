@@ -29,6 +29,7 @@ code runs on several GPUs by changing ``accelerator``/``devices``/``strategy``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,15 @@ from torch import nn
 
 from .._errors import StdistillError
 from .._utils import seed_everything
-from ..adapters import AdaptedEncoder, AdaptedNet, AdapterConfig, Tail, TailModule, ridge_init, val_curve
+from ..adapters import (
+    AdaptedEncoder,
+    AdaptedNet,
+    AdapterConfig,
+    Tail,
+    TailModule,
+    ridge_init,
+    val_curve,
+)
 
 __all__ = ["PEKA", "PekaConfig", "PekaModule", "PekaNet", "choose_peka", "peka", "select_peka"]
 
@@ -103,6 +112,15 @@ class PekaModule(TailModule):
         return terms
 
 
+def _with_extra(genes: Sequence[str], extra: Sequence[str], var_names) -> list[str]:
+    """``genes`` then the ``extra`` genes not among them; refuses extra genes that were not measured."""
+    out = list(genes)
+    missing = [g for g in extra if g not in set(var_names)]
+    if missing:
+        raise StdistillError(f"extra genes {missing} are not among the measured genes (adata.var_names)")
+    return out + [g for g in dict.fromkeys(extra) if g not in set(out)]
+
+
 # ================================================================================ the estimator
 class PEKA(AdaptedEncoder):
     """PEKA as an estimator: ``fit`` on training spots (patches + targets + teacher embeddings),
@@ -148,6 +166,8 @@ class PEKA(AdaptedEncoder):
         kd_reference: np.ndarray | None = None,
         kd_classifier: tuple[np.ndarray, np.ndarray] | None = None,
         val: ad.AnnData | None = None,
+        extra_genes: Sequence[str] = (),
+        run_dir: str | os.PathLike | None = None,
     ) -> PEKA:
         """Train on ``adata``'s spots (each section with an image).
 
@@ -168,6 +188,13 @@ class PEKA(AdaptedEncoder):
         val
             Validation spots (a validation patient inside the training folds) for early
             stopping and for choosing settings; ``None``: train ``max_epochs`` epochs.
+        extra_genes
+            Genes learnt besides ``genes`` (e.g. ``["ERBB2"]`` when the variance-based choice
+            left it out), appended in the order given; each must be in ``adata.var_names``.
+        run_dir
+            Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
+            after a kill resumes there and ends with the same weights as an uninterrupted run
+            (``resumed_``: ``"resumed"``, ``"finished"`` or None).
         """
         cfg = self.config
         t0 = time.time()
@@ -179,7 +206,10 @@ class PEKA(AdaptedEncoder):
             from ..pp.splits import check_patient_disjoint
 
             check_patient_disjoint(adata, val)
-        self.genes_ = list(genes)
+        self.genes_ = _with_extra(genes, extra_genes, adata.var_names)
+        self.training_summary_ = {"n_train_spots": int(adata.n_obs),
+                                  "train_sections": sorted(set(adata.obs["section"].astype(str))),
+                                  "train_patients": sorted(set(adata.obs["patient"].astype(str)))}
         Yz = self._standardize_targets(self._targets(adata, self.genes_))
         W, b, P = self._kd_targets(T, kd_reference, kd_classifier)
         H = self._activations(adata)
@@ -194,7 +224,7 @@ class PEKA(AdaptedEncoder):
         if val is not None:
             Yv = (self._targets(val, self.genes_) - self.y_mean_) / self.y_std_
             vdata = {"h": self._activations(val), "y": torch.from_numpy(Yv.astype(np.float32))}
-        self._train(net, data, vdata, t0)
+        self._train(net, data, vdata, t0, run_dir)
         return self
 
     # -------------------------------------------------------------- inference
@@ -222,19 +252,22 @@ def peka(
     encoder="effnet-lite0-imagenet",
     config: PekaConfig | None = None,
     key_added: str | None = "X_peka",
+    extra_genes: Sequence[str] = (),
+    run_dir: str | os.PathLike | None = None,
     **kw,
 ) -> PEKA:
     """Fit PEKA on ``train_sections`` (early stopping on ``val_sections``, which must be other
     patients), then write adapted features of **every** spot to ``obsm[key_added]``.
 
     ``teacher``: an ``obsm`` key or (n_obs, D_t) array (rows of non-training spots are ignored).
-    Returns the fitted :class:`PEKA`.
+    ``extra_genes``, ``run_dir``: see :meth:`PEKA.fit`. Returns the fitted :class:`PEKA`.
     """
     from ..pp.splits import train_val_sections
 
     tr, va, mtr = train_val_sections(adata, train_sections, val_sections)
     T = np.asarray(adata.obsm[teacher] if isinstance(teacher, str) else teacher, dtype=np.float32)
-    model = PEKA(encoder, config, **kw).fit(tr, T[mtr], genes, kd_reference=kd_reference, val=va)
+    model = PEKA(encoder, config, **kw).fit(tr, T[mtr], genes, kd_reference=kd_reference, val=va,
+                                                  extra_genes=extra_genes, run_dir=run_dir)
     if key_added:
         model.transform(adata, key_added=key_added)
     return model

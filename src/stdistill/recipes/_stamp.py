@@ -20,6 +20,7 @@ Weights, rank and epochs are chosen on validation patients inside the training f
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,7 +134,8 @@ class STAMP(AdaptedEncoder):
     targets_key = "pathways"
 
     def fit(self, adata: ad.AnnData, pathways: str | pd.DataFrame | np.ndarray = "pathway_scores", *,
-            names: Sequence[str] | None = None, val: ad.AnnData | None = None) -> STAMP:
+            names: Sequence[str] | None = None, val: ad.AnnData | None = None,
+            run_dir: str | os.PathLike | None = None) -> STAMP:
         """Train on ``adata``'s spots (training patients only, each section with an image).
 
         Parameters
@@ -144,6 +146,10 @@ class STAMP(AdaptedEncoder):
         val
             Validation spots (another patient inside the training folds) for early stopping and
             choosing settings; ``None``: train ``max_epochs`` epochs.
+        run_dir
+            Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
+            after a kill resumes there and ends with the same weights as an uninterrupted run
+            (``resumed_``: ``"resumed"``, ``"finished"`` or None).
         """
         cfg, t0 = self.config, time.time()
         seed_everything(cfg.seed)
@@ -165,7 +171,7 @@ class STAMP(AdaptedEncoder):
         if val is not None:
             Yv = (pathway_targets(val, pathways, self.pathways_)[0] - self.y_mean_) / self.y_std_
             vdata = {"h": self._activations(val), "y": torch.from_numpy(Yv.astype(np.float32))}
-        self._train(net, data, vdata, t0)
+        self._train(net, data, vdata, t0, run_dir)
         return self
 
     def transform(self, adata: ad.AnnData, key_added: str | None = "X_stamp") -> np.ndarray:
@@ -195,18 +201,20 @@ def stamp(
     config: StampConfig | None = None,
     key_added: str | None = "X_stamp",
     pred_key: str | None = "pathway_pred",
+    run_dir: str | os.PathLike | None = None,
     **kw,
 ) -> STAMP:
     """Fit STAMP on ``train_sections`` (early stopping on ``val_sections``, other patients) against
     ``obsm[pathways]``, then write for **every** spot the aligned features ``obsm[key_added]``
     (n, dim) and the predicted activities ``obsm[pred_key]`` (a DataFrame, n x pathways).
 
+    ``run_dir``: checkpoint folder to resume from after a kill (see :meth:`STAMP.fit`).
     Returns the fitted :class:`STAMP`.
     """
     from ..pp.splits import train_val_sections
 
     tr, va, _ = train_val_sections(adata, train_sections, val_sections)
-    model = STAMP(encoder, config, **kw).fit(tr, pathways, val=va)
+    model = STAMP(encoder, config, **kw).fit(tr, pathways, val=va, run_dir=run_dir)
     if key_added:
         model.transform(adata, key_added=key_added)
     if pred_key:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import atomic_path, seed_everything
+from .._utils import atomic_path, progress, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY, has_image, sections, subset_sections
 from ..metrics import (
     apply_map,
@@ -81,7 +81,7 @@ def kmeans_niches(
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
-    from ..pp.neighbors import aggregate_neighbors
+    from ..pp.neighbors import aggregate, radius_graph
     from ..students.niche import normalise_features
 
     if feature_key not in adata.obsm:
@@ -91,10 +91,7 @@ def kmeans_niches(
         raise StdistillError(f"{int(ok.sum())} spots with features cannot hold {n_niches} clusters")
     f[~ok] = np.nan
     if radius_um:
-        tmp = ad.AnnData(obs=adata.obs[[SECTION_KEY]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"]), "f": f},
-                         uns={"spatial": adata.uns["spatial"]})
-        aggregate_neighbors(tmp, "f", radius_um=radius_um, n_rings=1, mode="mean", key_added="f_nbr")
-        f = np.asarray(tmp.obsm["f_nbr"])
+        f = aggregate(radius_graph(adata, radius_um), f, n_rings=1, mode="mean")
     x = f[ok]
     if n_pcs and x.shape[1] > n_pcs:
         x = PCA(n_components=min(n_pcs, x.shape[0] - 1), random_state=seed).fit_transform(x)
@@ -253,7 +250,7 @@ def run(
     figs: list[Path] = []
 
     # 4. folds -----------------------------------------------------------------------------
-    for fold in folds:
+    for fold in progress(folds, desc="niches: held-out folds"):
         tf = time.perf_counter()
         test_p = fold.patients_of("test")
         tr_mask = np.isin(sec, fold.train + fold.val) & has_f
@@ -325,18 +322,14 @@ def run(
         # figure
         if figures and out_dir is not None:
             img_secs = [s for s in fold.test if has_image(adata, s)]
-            if img_secs:
+            for s in img_secs:  # every imaged test section of the fold
                 from ..pl import niches as plot_niches
 
-                s = img_secs[0]
                 view = subset_sections(adata, [s])
                 view.obs[STUDENT_KEY] = pd.Categorical.from_codes(s_codes[sec == s], categories=cats)
                 p = Path(out_dir) / f"niches_K{n_niches}_{s}.png"
-                fig = plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
-                                  titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
+                plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
+                            titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
                 figs.append(p)
         if verbose:
             r = {q["method"]: q for q in rows if q["fold"] == fold.name}

@@ -10,14 +10,18 @@ optional hard cross-entropy share). Training augments with random rotations/flip
 (tissue orientation is arbitrary) and neighbour-token dropout.
 
 Early stopping uses a validation patient taken from the training patients (never the test
-fold); with ``refit=True`` the model is then retrained on all training patients for the chosen
-number of epochs.
+fold); with a single training patient it warns and holds out a contiguous spatial block of each
+training section instead. With ``refit=True`` the model is then retrained on all training spots
+for the chosen number of epochs. With ``views=True`` each training epoch draws every spot's
+feature from its clean and augmented views (``obsm[feature_key + "_views"]``, from
+``features.extract(views=K)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -25,9 +29,15 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
+from .._utils import (
+    load_safetensors_dir,
+    load_state,
+    save_safetensors_dir,
+    seed_everything,
+)
+from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
 from ..io._section import PATIENT_KEY, SECTION_KEY
-from ..pp.neighbors import neighbor_tokens, radius_for_neighbors
+from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
 
 _FORMAT = "stdistill.NicheStudent/1"
@@ -36,127 +46,18 @@ _ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
 
 
 def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float, summary_token: bool = True):
-    import torch
-    from torch import nn
+    from ._niche_modules import NicheTransformer
 
-    class NicheTransformer(nn.Module):
-        """(B, T, F) features, (B, T, 2) offsets / radius, (B, T) mask -> (B, K) logits.
-
-        Token 0 is the centre spot. With ``summary_token`` a neighbourhood token (the mean of the
-        real tokens' features, with its own learned embedding) is added; the head reads the
-        centre's and the summary's outputs."""
-
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Sequential(nn.LayerNorm(d_feat), nn.Dropout(dropout), nn.Linear(d_feat, d_model))
-            self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-            self.centre = nn.Parameter(torch.zeros(d_model))
-            self.summary = nn.Parameter(torch.zeros(d_model)) if summary_token else None
-            layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout,
-                                               batch_first=True, norm_first=True, activation="gelu")
-            self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-            n_out = 2 if summary_token else 1
-            self.head = nn.Sequential(nn.LayerNorm(n_out * d_model), nn.Linear(n_out * d_model, n_niches))
-
-        def forward(self, x, off, mask):
-            h = self.inp(x) + self.pos(off)
-            h[:, 0] = h[:, 0] + self.centre
-            if self.summary is not None:
-                w = mask.unsqueeze(-1).to(x.dtype)
-                mean = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
-                hs = (self.inp(mean) + self.summary).unsqueeze(1)
-                h = torch.cat([h[:, :1], hs, h[:, 1:]], 1)
-                mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], 1)
-            h = self.encoder(h, src_key_padding_mask=~mask)
-            return self.head(h[:, :2].flatten(1) if self.summary is not None else h[:, 0])
-
-    return NicheTransformer()
+    return NicheTransformer(d_feat, n_niches, d_model, n_layers, n_heads, dropout, summary_token)
 
 
-def _lit_module(net, feats, index, offset, mask, probs, *, temperature, hard_weight, lr, weight_decay, token_drop, monitor="val_ari"):
-    import lightning as L
-    import torch
+def _stage_dir(run_dir: str | os.PathLike, stage: str, params: dict, seed: int, epochs: int, arrays, *idx) -> Path:
+    """The checkpoint folder of one training stage (:func:`stdistill._resume.stage_dir`): the
+    fingerprint covers the settings, seed, epochs, inputs and the training/validation rows."""
+    from .._resume import stage_dir
 
-    from ..losses import distillation_loss
-
-    class Distill(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer("feats", torch.from_numpy(feats), persistent=False)
-            self.register_buffer("index", torch.from_numpy(index), persistent=False)
-            self.register_buffer("offset", torch.from_numpy(offset), persistent=False)
-            self.register_buffer("mask", torch.from_numpy(mask), persistent=False)
-            self.register_buffer("probs", torch.from_numpy(probs), persistent=False)
-            self.val_history: list[float] = []
-            self.best_state: dict | None = None
-            self._val_sum = 0.0
-            self._val_n = 0
-            self._val_hit = 0.0
-            self.val_err_history: list[float] = []
-            self.monitor_history: list[float] = []
-            self.val_ari_history: list[float] = []
-            self._val_pred: list = []
-            self._val_true: list = []
-
-        def _batch(self, i, train: bool):
-            idx = self.index[i]
-            m = self.mask[i].clone()
-            off = self.offset[i]
-            if train:
-                if token_drop > 0:
-                    keep = torch.rand(m.shape, device=m.device) >= token_drop
-                    keep[:, 0] = True
-                    m = m & keep
-                th = torch.rand(len(i), device=off.device) * 2 * torch.pi
-                c, s = th.cos(), th.sin()
-                flip = torch.where(torch.rand(len(i), device=off.device) < 0.5, -1.0, 1.0)
-                rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s * flip, c * flip], -1)], -2)
-                off = torch.einsum("bij,btj->bti", rot, off)
-            x = self.feats[idx.clamp_min(0)] * m.unsqueeze(-1)
-            return self.net(x, off, m), self.probs[i]
-
-        def training_step(self, batch, _):
-            logits, p = self._batch(batch[0], train=True)
-            loss = distillation_loss(logits, p, temperature, hard_weight)
-            self.log("train_loss", loss, prog_bar=False, batch_size=len(p))
-            return loss
-
-        def validation_step(self, batch, _):
-            logits, p = self._batch(batch[0], train=False)
-            loss = distillation_loss(logits, p, temperature, hard_weight)
-            self._val_sum += float(loss) * len(p)
-            self._val_n += len(p)
-            self._val_hit += float((logits.argmax(-1) == p.argmax(-1)).sum())
-            self._val_pred.append(logits.argmax(-1).cpu().numpy())
-            self._val_true.append(p.argmax(-1).cpu().numpy())
-            self.log("val_loss", loss, prog_bar=False, batch_size=len(p), on_epoch=True, on_step=False)
-
-        def on_validation_epoch_end(self):
-            if self.trainer.sanity_checking:
-                self._val_sum, self._val_n, self._val_hit = 0.0, 0, 0.0
-                return
-            from ..metrics import ari
-
-            v = self._val_sum / max(self._val_n, 1)
-            err = 1.0 - self._val_hit / max(self._val_n, 1)
-            r = ari(np.concatenate(self._val_true), np.concatenate(self._val_pred))
-            self._val_sum, self._val_n, self._val_hit, self._val_pred, self._val_true = 0.0, 0, 0.0, [], []
-            self.val_history.append(v)
-            self.val_err_history.append(err)
-            self.val_ari_history.append(r)
-            # error ties (coarse on small validation sets) are broken by the loss
-            score = {"val_err": err + 1e-4 * v / (1.0 + v), "val_loss": v, "val_ari": -r}[monitor]
-            self.log("val_err", score if monitor == "val_err" else err, prog_bar=False)
-            self.log("val_ari", -r, prog_bar=False)  # negated: early stopping minimises
-            if not self.monitor_history or score < min(self.monitor_history):
-                self.best_state = {k: t.detach().clone() for k, t in self.net.state_dict().items()}
-            self.monitor_history.append(score)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay)
-
-    return Distill()
+    keep = {k: v for k, v in params.items() if k not in ("device", "num_threads")}
+    return stage_dir(run_dir, stage, [keep, seed, epochs], (*arrays[:5], *idx))
 
 
 @contextlib.contextmanager
@@ -175,6 +76,18 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def section_moments(adata: ad.AnnData, f: np.ndarray, ok: np.ndarray):
+    """Per section with >= 2 rows in ``ok``: (row mask, mean (F,), sd (F,), tiny sds set to 1) of ``f``."""
+    sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
+    for s in pd.unique(sec):
+        m = (sec == s) & ok
+        if m.sum() < 2:
+            continue
+        mu, s_ = f[m].mean(0), f[m].std(0)
+        s_[s_ < 1e-6] = 1.0
+        yield m, mu, s_
+
+
 def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", mean=None, sd=None):
     """Z-scored features and a (n_obs,) mask of rows with finite features (other rows are 0).
 
@@ -183,16 +96,13 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
     """
     f = np.asarray(f, dtype=np.float32)
     ok = np.all(np.isfinite(f), axis=1)
-    out = np.zeros_like(f)
+    out = np.zeros_like(f)  # the one (n_obs, F) float32 result; each section's rows are z-scored in place
     if how == "section":
-        sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
-        for s in pd.unique(sec):
-            m = (sec == s) & ok
-            if m.sum() < 2:
-                continue
-            mu, s_ = f[m].mean(0), f[m].std(0)
-            s_[s_ < 1e-6] = 1.0
-            out[m] = (f[m] - mu) / s_
+        for m, mu, s_ in section_moments(adata, f, ok):
+            x = f[m]
+            x -= mu
+            x /= s_
+            out[m] = x
     elif how == "global":
         if mean is None:
             mean, sd = f[ok].mean(0), f[ok].std(0)
@@ -200,7 +110,7 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
         out[ok] = (f[ok] - mean) / sd
     else:
         raise StdistillError(f"feature normalisation must be one of {FEATURE_NORMS}, got {how!r}")
-    return np.clip(out, -10, 10).astype(np.float32), ok
+    return np.clip(out, -10, 10, out=out), ok
 
 
 class NicheStudent:
@@ -232,8 +142,16 @@ class NicheStudent:
         the training spots) before the transformer; ``None``: use them whole.
     val_patients
         Early-stopping patients drawn from the training data: ``"smallest"`` (default: the
-        training patient with the fewest spots), a list of patient ids, or ``None`` (no early
-        stopping: ``max_epochs``).
+        training patient with the fewest spots; with one training patient a spatial block, see
+        ``val_block``), a list of patient ids, or ``None`` (no early stopping: ``max_epochs``).
+    val_block
+        With ``val_patients="smallest"`` and a single training patient: the share of each
+        training section's spots held out for early stopping, as one contiguous band along the
+        section's longer axis (a warning says so). 0: no early stopping (also warned).
+    views
+        Train on augmented feature views: each epoch every spot's feature is drawn from its
+        clean feature and ``obsm[feature_key + "_views"]`` (n_obs, V, F), seeded by (seed, epoch).
+        Validation and prediction use the clean features.
     refit
         After early stopping, retrain on all training patients for the chosen number of epochs
         (at least ``min_epochs``).
@@ -258,7 +176,7 @@ class NicheStudent:
         *,
         feature_key: str = "X_effnet-lite0-imagenet",
         radius_um: float | None = None,
-        n_neighbors: int = 18,
+        n_neighbors: int = N_NEIGHBORS,
         max_neighbors: int | None = None,
         d_model: int = 32,
         n_layers: int = 2,
@@ -278,6 +196,8 @@ class NicheStudent:
         feature_norm: str = "section",
         n_pcs: int | None = 64,
         val_patients: str | list[str] | None = "smallest",
+        val_block: float = 0.2,
+        views: bool = False,
         refit: bool = True,
         encoder: str | None = None,
         size_um: float = 112.0,
@@ -307,7 +227,8 @@ class NicheStudent:
             token_drop=float(token_drop), temperature=float(temperature), hard_weight=float(hard_weight),
             lr=float(lr), weight_decay=float(weight_decay), batch_size=int(batch_size), max_epochs=int(max_epochs),
             min_epochs=int(min_epochs), monitor=monitor, patience=int(patience), feature_norm=feature_norm,
-            n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, refit=bool(refit),
+            n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, val_block=float(val_block),
+            views=bool(views), refit=bool(refit),
             encoder=encoder, size_um=float(size_um), px=int(px), seed=int(seed), device=device,
             num_threads=num_threads,
         )
@@ -335,32 +256,41 @@ class NicheStudent:
         f = np.asarray(f.to_numpy() if isinstance(f, pd.DataFrame) else f, dtype=np.float32)
         if f.ndim != 2 or f.shape[0] != adata.n_obs:
             raise StdistillError(f'obsm["{key}"] must be (n_obs, n_features), got {f.shape}')
+        if self.net_ is not None and self.info_.get("features"):
+            check_record(self.bundle_record(), adata.uns.get("features", {}).get(key), f'obsm["{key}"]')
         if self.net_ is not None and f.shape[1] != self.info_["d_feat"]:
             raise StdistillError(
                 f'obsm["{key}"] has {f.shape[1]} features but the student was trained on {self.info_["d_feat"]}: same encoder?'
             )
         return f
 
-    def _normalise(self, adata: ad.AnnData, f: np.ndarray, fit: bool):
-        """Normalised (and PCA-projected) features (n_obs, d) and the mask of rows with features."""
+    def _normalise(self, adata: ad.AnnData, f: np.ndarray, fit: bool, stats=None):
+        """Normalised (and PCA-projected) features (n_obs, d) and the mask of rows with features.
+
+        ``stats``: (mean, sd) of the section the rows come from, for "section" normalisation of a
+        part of a section (a chunk of a slide); ignored with "global" normalisation."""
         if self.params["feature_norm"] == "global" and fit:
             ok = np.all(np.isfinite(f), axis=1)
             self.info_["feat_mean"] = f[ok].mean(0)
             sd = f[ok].std(0)
             sd[sd < 1e-6] = 1.0
             self.info_["feat_sd"] = sd
-        z, ok = normalise_features(adata, f, self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd"))
+        if stats is not None and self.params["feature_norm"] == "section" and not fit:
+            z, ok = normalise_features(adata, f, "global", *stats)
+        else:
+            z, ok = normalise_features(adata, f, self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd"))
         k = self.params["n_pcs"]
         if fit:
             self.info_.pop("pca_components", None)
             if k is not None and k < z.shape[1] and ok.sum() > k:
                 from sklearn.decomposition import PCA
 
-                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z[ok])
+                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z if ok.all() else z[ok])
                 self.info_["pca_mean"] = pca.mean_.astype(np.float32)
                 self.info_["pca_components"] = pca.components_.astype(np.float32)
         if "pca_components" in self.info_:
-            z = ((z - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
+            z -= self.info_["pca_mean"]  # in place: z is not needed afterwards
+            z = (z @ self.info_["pca_components"].T).astype(np.float32, copy=False)
             z[~ok] = 0.0
         return z, ok
 
@@ -392,33 +322,83 @@ class NicheStudent:
         self.info_["max_neighbors"] = int(mx)
         index, offset, mask = self._tokens(adata, ok, mx)
         self.info_["d_in"] = int(f.shape[1])
+        self._views_z = self._view_features(adata, ok) if p["views"] else None
         return f, index, offset, mask, probs, ok
 
-    def _train(self, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int, seed: int):
+    def _view_features(self, adata: ad.AnnData, ok: np.ndarray) -> np.ndarray:
+        """(n_obs, V, d) augmented views normalised (and projected) like the clean features."""
+        from ._views import normalise_views
+
+        key = f'{self.params["feature_key"]}_views'
+        if key not in adata.obsm:
+            raise StdistillError(f'views=True needs obsm["{key}"]; run stdistill.features.extract(adata, ..., views=K) first')
+        v = normalise_views(adata, self._features(adata), adata.obsm[key], self.params["feature_norm"],
+                            self.info_.get("feat_mean"), self.info_.get("feat_sd"))
+        if "pca_components" in self.info_:
+            v = ((v - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
+        v[~ok] = 0.0
+        return v
+
+    def _train(self, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int, seed: int,
+               run_dir: str | os.PathLike | None = None, stage: str = "fit"):
+        """Train one net; with ``run_dir``, checkpoint every epoch and resume from the last one.
+
+        Returns the LightningModule (histories, ``best_state``). A stage that finished is read
+        back from ``done.ckpt`` instead of being trained again.
+        """
         import torch
         from torch.utils.data import DataLoader, TensorDataset
 
         from .._lightning import make_trainer, quiet
+        from ._niche_modules import NicheDistill
 
         p = self.params
         f, index, offset, mask, probs, _ = arrays
         seed_everything(seed)
         net = _net(f.shape[1], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
-        mod = _lit_module(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
-                          lr=p["lr"], weight_decay=p["weight_decay"], token_drop=p["token_drop"], monitor=p["monitor"])
         g = torch.Generator().manual_seed(seed)
-        bs = min(p["batch_size"], len(train_idx))
+        mod = NicheDistill(net, f, index, offset, mask, probs, temperature=p["temperature"], hard_weight=p["hard_weight"],
+                           lr=p["lr"], weight_decay=p["weight_decay"], token_drop=p["token_drop"], monitor=p["monitor"],
+                           loader_generator=g)
+        ro = getattr(self, "_run_opts", None) or dict(devices=1, strategy="auto", num_nodes=1, accelerator=p["device"])
+        world = (ro["devices"] if isinstance(ro["devices"], int) else 1) * ro["num_nodes"]
+        bs = min(-(-p["batch_size"] // world), len(train_idx))
         tr = DataLoader(TensorDataset(torch.from_numpy(train_idx)), batch_size=bs, shuffle=True, generator=g,
                         drop_last=len(train_idx) > bs and len(train_idx) % bs == 1)
         va = None if val_idx is None else DataLoader(TensorDataset(torch.from_numpy(val_idx)), batch_size=1024)
+        ckpt_dir, callbacks, resume = None, [], None
+        if getattr(self, "_views_z", None) is not None:
+            from ._views import ViewSampler
+
+            callbacks.append(ViewSampler(f, self._views_z, seed))
+        if run_dir is not None:
+            from .._resume import checkpoint_callback, last_ckpt, read_done
+
+            ckpt_dir = _stage_dir(run_dir, stage, p, seed, epochs, arrays, train_idx, val_idx)
+            if read_done(mod, ckpt_dir):
+                self._resumed.append(f"{stage} (finished)")
+                return mod
+            callbacks.append(checkpoint_callback(ckpt_dir))
+            resume = last_ckpt(ckpt_dir)
+            if resume is not None:
+                self._resumed.append(stage)
         trainer = make_trainer(max_epochs=epochs, monitor=p["monitor"] if va is not None else None,
-                               patience=p["patience"], accelerator=p["device"], devices=1,
-                               num_sanity_val_steps=0, enable_progress_bar=False)
+                               patience=p["patience"], accelerator=ro["accelerator"], devices=ro["devices"],
+                               strategy=ro["strategy"], num_nodes=ro["num_nodes"],
+                               num_sanity_val_steps=0, enable_progress_bar=False, callbacks=callbacks,
+                               epoch_bar=f"niche student ({stage}): epochs",
+                               enable_checkpointing=ckpt_dir is not None)
         with _threads(p["num_threads"]), quiet():
-            trainer.fit(mod, tr, va)
+            trainer.fit(mod, tr, va, ckpt_path=resume, weights_only=True)
+        if ckpt_dir is not None:
+            from .._resume import save_done
+
+            save_done(trainer, ckpt_dir)
         return mod
 
-    def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None) -> NicheStudent:
+    def fit(self, adata: ad.AnnData, probs_key: str = "niche_probs", candidates: list[dict] | None = None,
+            run_dir: str | os.PathLike | None = None, *, devices: int | str = 1, strategy: str = "auto",
+            num_nodes: int = 1, accelerator: str | None = None) -> NicheStudent:
         """Train on spots with features and teacher probabilities ``obsm[probs_key]`` (n_obs, K).
 
         ``adata`` holds the training patients only (the caller splits by patient); the
@@ -429,7 +409,25 @@ class NicheStudent:
         patient and scored on the validation patient (best ``monitor`` value over epochs); the
         best is kept (ties: the first) and refitted. Settings are thus chosen inside the training
         patients only. The scores are in ``info_["selection"]``.
+
+        ``run_dir``: a folder for Lightning checkpoints (one sub-folder per training stage,
+        ``last.ckpt`` every epoch, ``done.ckpt`` when the stage ends). Rerunning the same call
+        after a kill resumes where it stopped and ends with the same weights as an uninterrupted
+        run; stages of other settings or data get other sub-folders. ``info_["resumed"]`` lists
+        the stages that were resumed or read back.
+
+        ``devices``, ``strategy``, ``num_nodes``, ``accelerator``: how Lightning runs training
+        (engineering only; the model and its numbers do not depend on them beyond float
+        rounding). ``strategy="ddp", devices=2, accelerator="cpu"`` trains on 2 processes (gloo);
+        on GPUs ``accelerator="gpu", devices=4``; on a cluster start one process per device with
+        ``torchrun``/``srun`` and pass the same values. Each process takes ``batch_size / world
+        size`` spots per step, so the effective batch is the same as on one process. Lightning
+        starts the other processes by re-running the script: keep the call under
+        ``if __name__ == "__main__":``. ``accelerator=None``: the ``device`` parameter.
         """
+        self._resumed: list[str] = []
+        self._run_opts = dict(devices=devices, strategy=strategy, num_nodes=int(num_nodes),
+                              accelerator=accelerator or self.params["device"])
         p = self.params
         if probs_key not in adata.obsm:
             raise StdistillError(f'AnnData has no obsm["{probs_key}"] (teacher soft labels); run NicheTeacher.predict first')
@@ -449,25 +447,29 @@ class NicheStudent:
         has = np.all(np.isfinite(f0), axis=1) & np.all(np.isfinite(probs), axis=1)
         train_pats = sorted(set(pats[has]))
         vp = p["val_patients"]
+        block = vp == "smallest" and len(train_pats) < 2
         if vp == "smallest":
-            vp = [] if len(train_pats) < 2 else [min(train_pats, key=lambda q: ((pats[has] == q).sum(), q))]
+            vp = [] if block else [min(train_pats, key=lambda q: ((pats[has] == q).sum(), q))]
         vp = [] if vp is None else [str(v) for v in vp]
         missing = set(vp) - set(train_pats)
         if missing:
             raise StdistillError(f"validation patients {sorted(missing)} are not in the training data")
         is_val = np.isin(pats, vp) & has
+        if block:
+            is_val = self._one_patient_block(adata, has, train_pats)
         if (has & ~is_val).sum() < 2:
             raise StdistillError("no training spots left after taking the validation patients out")
         seed = p["seed"]
         base = dict(p)
         selection = []
-        if vp:
+        if is_val.any():
             best = None
             for c in (candidates or [{}]):
                 self.params = dict(base, **c)
                 arrays = self._prepare(adata, probs)
                 ok = arrays[-1]
-                mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val), self.params["max_epochs"], seed)
+                mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val),
+                                  self.params["max_epochs"], seed, run_dir, f"candidate{len(selection)}")
                 hist = mod.monitor_history
                 score = float(min(hist)) if hist else float("inf")
                 epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
@@ -477,41 +479,66 @@ class NicheStudent:
             score, c, epoch, mod, arrays, info, vloss, verr = best
             self.params = dict(base, **c)
             self.info_ = info
-            self.info_.update(val_patients=vp, val_loss_history=[float(v) for v in vloss],
+            self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
                               val_err_history=[float(v) for v in verr], best_epoch=epoch, best_val=score,
                               chosen=c, selection=selection)
             if self.params["refit"]:
                 ok = arrays[-1]
-                mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1)
+                mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1,
+                                  run_dir, "refit")
             elif mod.best_state is not None:
                 mod.net.load_state_dict(mod.best_state)
         else:
             if candidates:
-                raise StdistillError("choosing among candidates needs a validation patient (>= 2 training patients)")
+                raise StdistillError("choosing among candidates needs a validation patient (>= 2 training patients) "
+                                     "or, with one patient, val_block > 0")
             arrays = self._prepare(adata, probs)
-            mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed)
+            mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed, run_dir, "fit")
             self.info_.update(val_patients=[], best_epoch=p["max_epochs"])
+        self.info_["resumed"] = list(self._resumed)
         self.info_["train_patients"] = train_pats
         self.info_["n_train_spots"] = int(arrays[-1].sum())
+        self.info_["train_sections"] = sorted(set(adata.obs[SECTION_KEY].astype(str)[arrays[-1]]))
+        self.info_["features"] = _jsonable(dict(adata.uns.get("features", {}).get(p["feature_key"], {})))
+        names = niche_names(adata, probs_key[: -len("_probs")]) if probs_key.endswith("_probs") else None
+        if names is not None and len(names) == self.params["n_niches"]:
+            self.info_["niche_names"] = names
         self.net_ = mod.net.eval()
         return self
+
+    def _one_patient_block(self, adata: ad.AnnData, has: np.ndarray, train_pats: list[str]) -> np.ndarray:
+        """The spatial validation block used when only one patient trains (warned)."""
+        from ._views import spatial_block
+
+        frac = self.params["val_block"]
+        if frac <= 0:
+            warnings.warn(f"NicheStudent: one training patient ({train_pats[0]}) and val_block=0: no early stopping, "
+                          f"training all {self.params['max_epochs']} epochs", UserWarning, stacklevel=3)
+            return np.zeros(adata.n_obs, dtype=bool)
+        is_val = spatial_block(adata, has, frac)
+        warnings.warn(f"NicheStudent: one training patient ({train_pats[0]}), so no validation patient: early stopping on "
+                      f"a spatial block instead ({int(is_val.sum())} spots, {frac:.0%} of each section along its longer axis)",
+                      UserWarning, stacklevel=3)
+        return is_val
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self):
         if self.net_ is None:
             raise StdistillError("NicheStudent is not fitted: call .fit(adata) or NicheStudent.load(path)")
 
-    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024) -> np.ndarray:
+    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024, stats=None) -> np.ndarray:
         """(n_obs, K) niche probabilities from H&E features alone (NaN rows: spots without features).
 
         Works on spot data and on :func:`stdistill.pp.tile` output alike. Features missing from
-        ``obsm`` are extracted first when ``extract`` and the student knows its encoder.
+        ``obsm`` are extracted first when ``extract`` and the student knows its encoder. Features
+        whose ``uns["features"]`` record names another encoder or patch size are refused.
+        ``stats``: the whole section's feature (mean, sd) when ``adata`` holds only part of it.
         """
         import torch
 
         self._check_fitted()
         f = self._features(adata, extract=extract)
-        f, ok = self._normalise(adata, f, fit=False)
+        f, ok = self._normalise(adata, f, fit=False, stats=stats)
         index, offset, mask = self._tokens(adata, ok, self.info_["max_neighbors"])
         out = np.full((adata.n_obs, self.params["n_niches"]), np.nan, dtype=np.float32)
         rows = np.flatnonzero(ok)
@@ -524,15 +551,40 @@ class NicheStudent:
                 out[rows[s:s + batch_size]] = torch.softmax(self.net_(x, ot[r], m), -1).numpy()
         return out
 
-    def predict(self, adata: ad.AnnData, key_added: str = "niche", extract: bool = True) -> np.ndarray:
+    def predict(self, adata: ad.AnnData, key_added: str = "niche_pred", extract: bool = True, refine: str | None = None,
+                refine_kwargs: dict | None = None) -> np.ndarray:
         """Write ``obs[key_added]`` (categorical "0".."K-1") and ``obsm[f"{key_added}_probs"]`` (n_obs, K).
 
-        Returns the probabilities."""
+        The default key differs from the teacher's ``"niche"``, so predicting on the teacher's
+        file never overwrites its labels. ``refine`` (``"propagate"``, ``"gmm"`` or ``"both"``):
+        also refine them with each section's own structure (:func:`stdistill.students.refine_niches`,
+        label-free, H&E only) into ``obs[key_added + "_refined"]`` /
+        ``obsm[key_added + "_refined_probs"]``; the raw ones stay. Returns the raw probabilities."""
         probs = self.predict_proba(adata, extract=extract)
         write_niches(adata, probs, key_added)
+        if refine:
+            from ._refine import refine_niches
+
+            kw = {"feature_key": self.params["feature_key"], "radius_um": self.info_.get("radius_um") or None,
+                  "seed": self.params["seed"], **(refine_kwargs or {})}
+            refine_niches(adata, f"{key_added}_probs", method=refine, key_added=f"{key_added}_refined", **kw)
         return probs
 
     # ------------------------------------------------------------------ persistence
+    def bundle_record(self) -> dict:
+        """The ``"bundle"`` entry of the saved config (see :mod:`stdistill.bundle`)."""
+        self._check_fitted()
+        p, made = self.params, self.info_.get("features") or {}
+        k = p["n_niches"]
+        return bundle_record(
+            "niches", encoder=made.get("encoder", p["encoder"]), weights_digest=made.get("weights_digest"),
+            size_um=made.get("size_um", p["size_um"]), px=made.get("px", p["px"]), precision=made.get("precision"),
+            feature_norm=p["feature_norm"], licence=made.get("licence"),
+            outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(k)]},
+            training={key: self.info_.get(key) for key in ("train_patients", "train_sections", "n_train_spots",
+                                                           "val_patients", "best_epoch", "radius_um")},
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` + ``path/model.safetensors`` atomically. Returns ``path``."""
         self._check_fitted()
@@ -543,7 +595,7 @@ class NicheStudent:
             if k in self.info_:
                 tensors[f"_norm.{k}"] = torch.from_numpy(np.ascontiguousarray(self.info_[k], dtype=np.float32))
         info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
-        cfg = {"format": _FORMAT, "params": self.params, "info": info}
+        cfg = {"format": _FORMAT, "bundle": self.bundle_record(), "params": self.params, "info": info}
         return save_safetensors_dir(path, "model.safetensors", tensors, cfg)
 
     @classmethod
@@ -552,17 +604,18 @@ class NicheStudent:
         path = Path(path)
         cfg, tensors = load_safetensors_dir(path, "model.safetensors", _FORMAT, "NicheStudent", device=device)
         params = dict(cfg["params"], device=device)
-        s = cls(**params)
+        try:
+            s = cls(**params)
+        except TypeError as e:
+            raise StdistillError(f"config.json has parameters this version does not know ({e})", path) from None
+        d_in = int(cfg["info"]["d_in"])
         s.info_ = dict(cfg["info"])
         for k in _ARRAYS:
             t = tensors.pop(f"_norm.{k}", None)
             if t is not None:
                 s.info_[k] = t.numpy()
         p = s.params
-        net = _net(s.info_["d_in"], p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise StdistillError(f"weights do not match the config: {str(e).splitlines()[0]}", path) from None
+        net = _net(d_in, p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
+        load_state(net, tensors, path, "NicheStudent")
         s.net_ = net.eval()
         return s

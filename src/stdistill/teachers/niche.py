@@ -33,7 +33,13 @@ import scipy.sparse as sp
 from .._errors import StdistillError
 from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
-from ..pp.neighbors import aggregate_neighbors, neighbor_tokens, radius_for_neighbors
+from ..pp.neighbors import (
+    N_NEIGHBORS,
+    aggregate,
+    neighbor_tokens,
+    radius_for_neighbors,
+    radius_graph,
+)
 
 METHODS = ("nolan", "aggregate")
 CORRECTIONS = ("standardize", "scvi", "harmony", None)
@@ -65,15 +71,22 @@ def _log_norm(adata: ad.AnnData, genes: pd.Index | None = None) -> sp.csr_matrix
     return out
 
 
-def _standardize_by(x: np.ndarray, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:
-    """Z-score each column within each group (constant columns -> 0), clipped to +-clip."""
-    out = np.empty_like(x, dtype=np.float32)
+def _standardize_by(x: np.ndarray | sp.spmatrix, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:
+    """(n, d) float32: each column z-scored within each group (constant columns -> 0), clipped to
+    +-clip. A sparse ``x`` is made dense one group at a time (no dense copy of the whole input)."""
+    out = np.empty(x.shape, dtype=np.float32)
     for g in pd.unique(groups):
         m = groups == g
-        mu = x[m].mean(0)
-        sd = x[m].std(0)
+        xm = x[m].toarray() if sp.issparse(x) else x[m]  # a copy of the group's rows either way
+        mu = xm.mean(0)
+        sd = xm.std(0)
         sd[sd < 1e-8] = np.inf
-        out[m] = np.clip((x[m] - mu) / sd, -clip, clip)
+        if xm.dtype == np.float32:  # in place: the same float32 numbers, no temporaries
+            xm -= mu
+            xm /= sd
+            out[m] = np.clip(xm, -clip, clip, out=xm)
+        else:
+            out[m] = np.clip((xm - mu) / sd, -clip, clip)
     return out
 
 
@@ -222,7 +235,7 @@ class NicheTeacher:
         min_gene_frac: float = 0.05,
         radius_um: float | None = None,
         n_rings: int = 1,
-        n_neighbors: int = 18,
+        n_neighbors: int = N_NEIGHBORS,
         covariance_type: str = "diag",
         n_steps: int = 300,
         batch_size: int = 256,
@@ -290,12 +303,13 @@ class NicheTeacher:
             logx = _log_norm(adata)
             sel_groups = groups if groups is not None else np.zeros(adata.n_obs)
             self.state_["genes"] = list(_select_genes(logx, genes, sel_groups, p["n_top_genes"], p["min_gene_frac"]))
-            logx = logx[:, genes.get_indexer(self.state_["genes"])].toarray()
+            logx = logx[:, genes.get_indexer(self.state_["genes"])]
         else:
-            logx = _log_norm(adata, pd.Index(self.state_["genes"])).toarray()
+            logx = _log_norm(adata, pd.Index(self.state_["genes"]))
         if corr in ("standardize",):
-            z = _standardize_by(logx, groups)
+            z = _standardize_by(logx, groups)  # sparse in, dense one section at a time
         else:
+            logx = logx.toarray()
             if fit:
                 self.state_["gene_mean"] = logx.mean(0)
                 sd = logx.std(0)
@@ -309,10 +323,12 @@ class NicheTeacher:
             pca = PCA(n_components=n_pcs, random_state=p["seed"], svd_solver="randomized" if z.shape[1] > 500 else "full").fit(z)
             self.state_["pca_components"] = pca.components_.astype(np.float32)
             self.state_["pca_mean"] = pca.mean_.astype(np.float32)
-        e = (z - self.state_["pca_mean"]) @ self.state_["pca_components"].T
+        z -= self.state_["pca_mean"]  # in place: z is not needed afterwards
+        e = z @ self.state_["pca_components"].T
+        del z
         if corr == "harmony":
             e = self._harmony(e, adata)
-        return e.astype(np.float32)
+        return e.astype(np.float32, copy=False)
 
     def _harmony(self, e: np.ndarray, adata: ad.AnnData) -> np.ndarray:
         try:
@@ -374,11 +390,7 @@ class NicheTeacher:
         return self
 
     def _aggregate(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:
-        tmp = ad.AnnData(obs=adata.obs[[SECTION_KEY]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"]), "e": e},
-                         uns={"spatial": adata.uns["spatial"]})
-        tmp.obs_names = adata.obs_names
-        aggregate_neighbors(tmp, "e", radius_um=self.state_["radius_um"], n_rings=self.params["n_rings"], key_added="agg")
-        return np.asarray(tmp.obsm["agg"], dtype=np.float64)
+        return aggregate(radius_graph(adata, self.state_["radius_um"]), e, self.params["n_rings"]).astype(np.float64)
 
     def _views(self, adata: ad.AnnData, e: np.ndarray):
         r = self.state_["radius_um"]
@@ -465,7 +477,7 @@ class NicheTeacher:
     def diagnostics(self, adata: ad.AnnData, key: str = "niche", patient_key: str = PATIENT_KEY) -> dict:
         """``{"nmi_patient": NMI(niche, patient), "sizes": DataFrame patients x niches (spots),
         "single_niche_patients": patients whose spots are >= 95% one niche}``."""
-        from ..metrics import nmi, niche_sizes
+        from ..metrics import niche_sizes, nmi
 
         if key not in adata.obs:
             raise StdistillError(f'AnnData has no obs["{key}"]; run teacher.predict(adata, key_added="{key}") first')
