@@ -221,3 +221,22 @@ def test_usage_errors_print_one_line_and_exit_2(args, expect):
 def test_version():
     r = _cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"stdistill {sd.__version__}"
+
+
+def test_predict_writes_a_spatialdata_store(bundle, slide, tmp_path, monkeypatch):
+    import importlib.util
+
+    path, _ = slide
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "spatialdata" else real(n, *a))
+    with pytest.raises(StdistillError, match=r"stdistill\[spatialdata\]"):  # refused before any work
+        sd.slide.predict_slide(path, bundle, tmp_path / "no", zarr=True, quiet=True)
+    assert not (tmp_path / "no").exists()
+    monkeypatch.undo()
+    spatialdata = pytest.importorskip("spatialdata")
+    r = sd.slide.predict_slide(path, bundle, tmp_path / "out", chunk_tiles=80, zarr=True, quiet=True)
+    assert r.zarr == tmp_path / "out" / f"{path.stem}.zarr" and not list((tmp_path / "out").glob(".*.tmp"))
+    sdata = spatialdata.read_zarr(r.zarr)
+    table = sdata.tables["table"]
+    assert table.n_obs == r.n_tiles and "niche_pred" in table.obs and "niche_pred_probs" in table.obsm
+    assert set(sdata.shapes) == {f"{path.stem}_spots"}

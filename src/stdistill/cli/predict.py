@@ -24,15 +24,16 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="'cpu', 'cuda', 'cuda:1' ..."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh when OUT holds a run with other inputs."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        zarr: bool = typer.Option(False, "--zarr", help="Also write <slide>.zarr, a SpatialData store (extra [spatialdata])."),
     ) -> None:
         """Tissue detection, tiling at the model's patch size, features, prediction, maps; resumable."""
         from ..slide import predict_slide
 
         r = predict_slide(slide, model, out, mpp=mpp, chunk_tiles=chunk_tiles, batch_size=batch_size, device=device,
                           min_tissue=min_tissue, map_genes=_split(genes) or None, quiet=quiet, overwrite=overwrite,
-                          command=command_line())
+                          command=command_line(), zarr=zarr)
         if not quiet:
             done = f" ({r.chunks_reused} finished chunks reused)" if r.chunks_reused else ""
             typer.echo(f"{r.n_tiles} tiles in {r.seconds:.1f} s{done}")
-            for p in (r.h5ad, r.geojson, *r.maps):
+            for p in (r.h5ad, r.geojson, *r.maps, *([r.zarr] if r.zarr else [])):
                 typer.echo(f"wrote {p}")

@@ -1,4 +1,5 @@
-"""Outputs of a slide run: AnnData (.h5ad), GeoJSON that QuPath opens, PNG maps on the thumbnail."""
+"""Outputs of a slide run: AnnData (.h5ad), GeoJSON that QuPath opens, PNG maps on the thumbnail,
+optionally a SpatialData zarr store."""
 
 from __future__ import annotations
 
@@ -52,6 +53,29 @@ def _annotate(tiles: ad.AnnData, bundle, outputs: dict) -> ad.AnnData:
 def _write_h5ad(a: ad.AnnData, path: Path) -> Path:
     with atomic_path(path) as tmp:
         a.write_h5ad(tmp)
+    return path
+
+
+def write_zarr(a: ad.AnnData, path: Path) -> Path:
+    """The annotated tiles as a SpatialData zarr store (:func:`stdistill.io.to_spatialdata`: tiles as
+    shapes in full-resolution pixels, the thumbnail, the table), built beside ``path`` and renamed
+    into place, so a failed write leaves no half store. Needs ``pip install 'stdistill[spatialdata]'``."""
+    import shutil
+    import warnings
+
+    from ..io import to_spatialdata
+
+    sdata = to_spatialdata(a)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
+            sdata.write(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -160,8 +184,9 @@ def value_map(a: ad.AnnData, values: np.ndarray, path: str | Path, title: str, l
 
 
 def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str,
-                  map_genes: list[str] | None = None) -> dict:
-    """Write ``<name>.h5ad``, ``<name>.geojson`` and ``maps/*.png``; returns their paths."""
+                  map_genes: list[str] | None = None, zarr: bool = False) -> dict:
+    """Write ``<name>.h5ad``, ``<name>.geojson``, ``maps/*.png`` (and ``<name>.zarr`` with ``zarr``);
+    returns their paths."""
     a = _annotate(tiles, bundle, outputs)
     maps = []
     if "niches" in outputs:
@@ -177,4 +202,5 @@ def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str
         unit = "log1p expression" if kind == "genes" else "score"
         for g in chosen:
             maps.append(value_map(a, frame[g].to_numpy(), out / "maps" / f"{g}.png", f"{name}: predicted {g}", unit))
-    return {"h5ad": _write_h5ad(a, out / f"{name}.h5ad"), "geojson": write_geojson(a, out / f"{name}.geojson"), "maps": maps}
+    return {"h5ad": _write_h5ad(a, out / f"{name}.h5ad"), "geojson": write_geojson(a, out / f"{name}.geojson"), "maps": maps,
+            "zarr": write_zarr(a, out / f"{name}.zarr") if zarr else None}

@@ -8,6 +8,7 @@ a neighbourhood halo) is in memory at a time, so peak memory does not grow with 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -41,6 +42,7 @@ class SlideRun:
     h5ad: Path
     geojson: Path
     maps: list[Path] = field(default_factory=list)
+    zarr: Path | None = None
     chunks_reused: int = 0
     seconds: float = 0.0
 
@@ -196,6 +198,7 @@ def predict_slide(
     quiet: bool = False,
     overwrite: bool = False,
     command: str | None = None,
+    zarr: bool = False,
 ) -> SlideRun:
     """Predict a student's outputs on every tissue tile of an H&E slide and write maps.
 
@@ -221,6 +224,8 @@ def predict_slide(
         No progress bars.
     overwrite
         Start afresh when ``out_dir`` holds a run made with other inputs.
+    zarr
+        Also write ``<slide>.zarr``, a SpatialData store (``pip install 'stdistill[spatialdata]'``).
     command
         The command line recorded in ``run.json`` (default: this Python call), for ``stdistill report``.
     """
@@ -231,6 +236,8 @@ def predict_slide(
     t0 = time.perf_counter()
     if chunk_tiles < 1:
         raise StdistillError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
+    if zarr and importlib.util.find_spec("spatialdata") is None:  # say so before hours of work, not after
+        raise StdistillError("zarr output needs the optional spatialdata package: pip install 'stdistill[spatialdata]'")
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
     reader, um = _open_slide(slide, mpp)
     out = Path(out_dir)
@@ -256,9 +263,9 @@ def predict_slide(
                                               bar=bar, pause=pause)
         else:
             outputs, reused = _predict_adapted(tiles, b, out, chunks, bar=bar, pause=pause)
-        paths = write_outputs(tiles, b, outputs, out, name, map_genes=map_genes)
+        paths = write_outputs(tiles, b, outputs, out, name, map_genes=map_genes, zarr=zarr)
     return SlideRun(out_dir=out, n_tiles=int(tiles.n_obs), h5ad=paths["h5ad"], geojson=paths["geojson"],
-                    maps=paths["maps"], chunks_reused=reused, seconds=time.perf_counter() - t0)
+                    maps=paths["maps"], zarr=paths["zarr"], chunks_reused=reused, seconds=time.perf_counter() - t0)
 
 
 def _made_by(enc, b) -> ad.AnnData:
