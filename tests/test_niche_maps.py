@@ -43,3 +43,11 @@ def test_maps_for_every_section(tmp_path):
     assert all((tmp_path / f"n_{s}.png").exists() for s in ("S0", "S1"))
     one = sd.pl.niche_maps_per_section(sd.io.subset_sections(a, ["S1"]), ["niche"], tmp_path / "one.png")
     assert one == [str(tmp_path / "one.png")]
+
+
+def test_legend_names_niches_by_their_marker_genes():
+    a = _labelled()
+    names = ["0: KRT19/ERBB2", "1: CD3E/CD2", "2: COL1A1/DCN", "3: MKI67/TOP2A"]
+    fig = sd.pl.niches(a, ["niche"], section="S0", names=names)
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert texts == [f"niche {n}" for n in names]

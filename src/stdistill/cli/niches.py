@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
         if plot:
             from ..pl import niche_maps_per_section
 
-            for p in niche_maps_per_section(adata, [key_added], plot):
+            for p in niche_maps_per_section(adata, [key_added], plot, names=s.info_.get("niche_names")):
                 typer.echo(f"wrote {p}")
         typer.echo(f"wrote {_write(adata, out)}")
 

@@ -53,6 +53,7 @@ def niches(
     alpha: float = 0.75,
     panel_size: float = 4.0,
     dpi: int = 110,
+    names: Sequence[str] | None = None,
 ):
     """Spots coloured by niche on the section's H&E thumbnail, one panel per ``obs`` key.
 
@@ -69,6 +70,9 @@ def niches(
         a section without image is drawn on white.
     path
         Write a PNG here (atomically; cropped to its content, so the legend is never clipped).
+    names
+        Legend labels of the reference's niches "0", "1", ..., e.g. a student's
+        ``info_["niche_names"]`` (``"0: ERBB2/KRT19/..."``, the teacher's top marker genes).
 
     Colours come from :data:`stdistill.pl.NICHE_PALETTE` (visible on H&E; the slide maps use the
     same). The legend sits outside the panels, on the right, with the reference's niches.
@@ -98,7 +102,7 @@ def niches(
     for j, (ax, lab, cm) in enumerate(zip(axes[0], labs, maps)):
         _draw_panel(ax, img, xy, diam, [pal[cm[v]] if v != "nan" else None for v in lab], alpha)
         ax.set_title(titles[j] if titles is not None else keys[j], fontsize=10)
-    handles = [Patch(color=pal[i], label=v if v.startswith("niche") else f"niche {v}") for i, v in enumerate(ref_levels)]
+    handles = [Patch(color=pal[i], label=_legend_label(v, names)) for i, v in enumerate(ref_levels)]
     axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
                        title=titles[0] if titles else keys[0], title_fontsize=8)
     matched = " (colours matched to the first, Hungarian)" if n > 1 else ""
@@ -108,6 +112,14 @@ def niches(
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     return fig
+
+
+def _legend_label(level: str, names: Sequence[str] | None) -> str:
+    """``"niche 3: ERBB2/KRT19"`` from level ``"3"`` and its name; the number alone without names."""
+    if names is not None and level.isdigit() and int(level) < len(names):
+        n = str(names[int(level)])
+        return n if n.startswith("niche") else f"niche {n}"
+    return level if level.startswith("niche") else f"niche {level}"
 
 
 def _spot_layout(adata: ad.AnnData, section: str, m: np.ndarray, spot_scale: float):
