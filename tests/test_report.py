@@ -103,6 +103,13 @@ def test_benchmark_report_summarises_results(folders):
     assert html.count("data:image/png;base64,") == 1
 
 
+def test_report_shows_any_run_folders_tables(tmp_path):
+    pd.DataFrame({"K": [4, 6], "student_ari": [0.41, 0.38], "kmeans_ari": [0.30, 0.33]}).to_csv(
+        tmp_path / "metrics.csv", index=False)  # e.g. a niches evaluate --out-dir
+    html = sd.report.write_report(tmp_path).read_text()
+    assert "metrics" in html and "student_ari" in html and "0.41" in html
+
+
 def test_report_refuses_in_one_line(tmp_path):
     with pytest.raises(StdistillError, match="nothing to report") as e:
         sd.report.write_report(tmp_path)

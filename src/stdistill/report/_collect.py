@@ -155,7 +155,8 @@ def _markdown_tables(text: str) -> list[pd.DataFrame]:
 
 
 def collect_benchmark(folder: Path) -> dict:
-    """A benchmark folder: ``results.csv`` summarised per method, ``table.md`` tables, PNG figures."""
+    """A benchmark or other run folder: ``results.csv`` summarised per method, other ``*.csv``
+    tables, ``table.md`` tables, PNG figures."""
     about = _about(folder)
     tables, notes, encoders = [], [], []
     res_path = folder / "results.csv"
@@ -171,13 +172,22 @@ def collect_benchmark(folder: Path) -> dict:
             tables.append(_table("Metrics (mean +- sd)", summary, f"from results.csv; spread over {over}"))
         if "encoder" in res.columns:
             encoders = sorted(res["encoder"].dropna().astype(str).unique())
+    for extra in sorted(folder.glob("*.csv"))[:8]:  # other runs' tables (e.g. niches evaluate --out-dir)
+        if extra.name == "results.csv":
+            continue
+        try:
+            t = pd.read_csv(extra)
+        except Exception:  # noqa: BLE001 - a CSV we cannot parse is left out, not fatal
+            notes.append(f"{extra.name} could not be read as a table and is not shown.")
+            continue
+        tables.append(_table(extra.stem, t, f"from {extra.name}"))
     md = folder / "table.md"
     if md.is_file():
         for t in _markdown_tables(md.read_text()):
             tables.append(_table(t.attrs.get("title") or "table.md", t, "from table.md"))
     figures = _figures(folder)
     if not tables and not figures:
-        raise StdistillError("nothing to report: no run.json with an .h5ad (stdistill predict), results.csv, "
+        raise StdistillError("nothing to report: no run.json with an .h5ad (stdistill predict), CSV tables, "
                              "table.md or PNG figures", folder)
     encoders = [*encoders, *([about["encoder"]] if isinstance(about.get("encoder"), str) else [])]
     if not encoders:
