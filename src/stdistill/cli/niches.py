@@ -134,7 +134,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
-                   f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; saved to {model}")
+                   f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; "
+                   f"refinement chosen there: {s.info_.get('refine')}; saved to {model}")
 
     @niches.command("predict")
     def predict(
@@ -144,7 +145,8 @@ def register(app: typer.Typer) -> None:
         key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
         plot: str = typer.Option(None, help="Also write a niche map PNG of the first section here."),
         refine: str = typer.Option("none", help="Test-time refinement with the section's own structure (label-free): "
-                                                "none, propagate, gmm or both; written as '<key>_refined' beside the raw."),
+                                                "auto (the one chosen on the validation patient at distill), none, "
+                                                "propagate, gmm or both; written as '<key>_refined' beside the raw."),
     ) -> None:
         """Map niches from H&E alone."""
         from ..io._section import sections

@@ -39,6 +39,7 @@ from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
+from ._refine import DEFAULT_REFINE_GRID
 
 _FORMAT = "stdistill.NicheStudent/1"
 FEATURE_NORMS = ("section", "global")
@@ -170,6 +171,14 @@ class NicheStudent:
         Train on augmented feature views: each epoch every spot's feature is drawn from its
         clean feature and ``obsm[feature_key + "_views"]`` (n_obs, V, F), seeded by (seed, epoch).
         Validation and prediction use the clean features.
+    refine_grid
+        Test-time refinements (:func:`stdistill.students.refine_niches` settings, e.g.
+        ``{"method": "gmm", "weight": 1.0}``; ``{"method": "none"}``: none) tried on the
+        validation patient (or block) after early stopping, with the model that did not train on
+        it; the best by ARI against the teacher (ties: the earlier) is kept in
+        ``info_["refine"]`` (scores: ``info_["refine_selection"]``) and used by
+        ``predict(refine="auto")``. ``None``: ``DEFAULT_REFINE_GRID`` ("none" first); ``[]``: no
+        choice (``"auto"`` then means no refinement). Never chosen on the test patient.
     refit
         After early stopping, retrain on all training patients for the chosen number of epochs
         (at least ``min_epochs``).
@@ -216,6 +225,7 @@ class NicheStudent:
         val_patients: str | list[str] | None = "smallest",
         val_block: float = 0.2,
         views: bool = False,
+        refine_grid: list[dict] | None = None,
         refit: bool = True,
         encoder: str | None = None,
         size_um: float = 112.0,
@@ -247,6 +257,7 @@ class NicheStudent:
             min_epochs=int(min_epochs), monitor=monitor, patience=int(patience), feature_norm=feature_norm,
             n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, val_block=float(val_block),
             views=bool(views), refit=bool(refit),
+            refine_grid=[dict(g) for g in (DEFAULT_REFINE_GRID if refine_grid is None else refine_grid)],
             encoder=encoder, size_um=float(size_um), px=int(px), seed=int(seed), device=device,
             num_threads=num_threads,
         )
@@ -502,6 +513,7 @@ class NicheStudent:
             self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
                               val_err_history=[float(v) for v in verr], best_epoch=epoch, best_val=score,
                               chosen=c, selection=selection)
+            self._choose_refine(adata, probs, is_val, mod)
             if self.params["refit"]:
                 ok = arrays[-1]
                 mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1,
@@ -514,7 +526,8 @@ class NicheStudent:
                                      "or, with one patient, val_block > 0")
             arrays = self._prepare(adata, probs)
             mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed, run_dir, "fit")
-            self.info_.update(val_patients=[], best_epoch=p["max_epochs"])
+            self.info_.update(val_patients=[], best_epoch=p["max_epochs"], refine={"method": "none"},
+                              refine_selection=[])
         self.info_["resumed"] = list(self._resumed)
         self.info_["train_patients"] = train_pats
         self.info_["n_train_spots"] = int(arrays[-1].sum())
@@ -525,6 +538,29 @@ class NicheStudent:
             self.info_["niche_names"] = names
         self.net_ = mod.net.eval()
         return self
+
+    def _choose_refine(self, adata: ad.AnnData, probs: np.ndarray, is_val: np.ndarray, mod) -> None:
+        """Pick the refinement of ``refine_grid`` on the validation spots with the pre-refit model."""
+        from ._refine import choose_refinement
+
+        grid = self.params["refine_grid"]
+        if not grid:
+            self.info_.update(refine={"method": "none"}, refine_selection=[])
+            return
+        import copy
+
+        net = copy.deepcopy(mod.net)
+        if mod.best_state is not None:
+            net.load_state_dict(mod.best_state)
+        self.net_ = net.eval()
+        try:
+            pred = self.predict_proba(adata, extract=False)
+        finally:
+            self.net_ = None
+        teacher = np.where(np.all(np.isfinite(probs), axis=1), np.nan_to_num(probs).argmax(1), -1)
+        chosen, table = choose_refinement(adata, pred, teacher, is_val & (teacher >= 0), grid,
+                                          feature_key=self.params["feature_key"], seed=self.params["seed"])
+        self.info_.update(refine=chosen, refine_selection=table)
 
     def _one_patient_block(self, adata: ad.AnnData, has: np.ndarray, train_pats: list[str]) -> np.ndarray:
         """The spatial validation block used when only one patient trains (warned)."""
@@ -576,8 +612,9 @@ class NicheStudent:
         """Write ``obs[key_added]`` (categorical "0".."K-1") and ``obsm[f"{key_added}_probs"]`` (n_obs, K).
 
         The default key differs from the teacher's ``"niche"``, so predicting on the teacher's
-        file never overwrites its labels. ``refine`` (``"propagate"``, ``"gmm"`` or ``"both"``):
-        also refine them with each section's own structure (:func:`stdistill.students.refine_niches`,
+        file never overwrites its labels. ``refine`` (``"auto"``: the refinement chosen on the
+        validation patient at fit, ``info_["refine"]``; or ``"none"``, ``"propagate"``, ``"gmm"``,
+        ``"both"`` with ``refine_kwargs``): also refine them with each section's own structure (:func:`stdistill.students.refine_niches`,
         label-free, H&E only) into ``obs[key_added + "_refined"]`` /
         ``obsm[key_added + "_refined_probs"]``; the raw ones stay. Returns the raw probabilities."""
         probs = self.predict_proba(adata, extract=extract)
@@ -585,9 +622,13 @@ class NicheStudent:
         if refine:
             from ._refine import refine_niches
 
-            kw = {"feature_key": self.params["feature_key"], "radius_um": self.info_.get("radius_um") or None,
-                  "seed": self.params["seed"], **(refine_kwargs or {})}
-            refine_niches(adata, f"{key_added}_probs", method=refine, key_added=f"{key_added}_refined", **kw)
+            kw = {"feature_key": self.params["feature_key"], "seed": self.params["seed"]}
+            if refine == "auto":
+                kw.update(self.info_.get("refine") or {"method": "none"})
+            else:
+                kw["method"] = refine
+            kw.update(refine_kwargs or {})
+            refine_niches(adata, f"{key_added}_probs", key_added=f"{key_added}_refined", **kw)
         return probs
 
     # ------------------------------------------------------------------ persistence
@@ -602,7 +643,7 @@ class NicheStudent:
             feature_norm=p["feature_norm"], licence=made.get("licence"),
             outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(k)]},
             training={key: self.info_.get(key) for key in ("train_patients", "train_sections", "n_train_spots",
-                                                           "val_patients", "best_epoch", "radius_um")},
+                                                           "val_patients", "best_epoch", "radius_um", "refine")},
         )
 
     def save(self, path: str | os.PathLike) -> Path:
