@@ -172,3 +172,19 @@ def test_refinement_is_chosen_on_the_validation_patient_not_the_test(taught, tmp
     assert off.info_["refine"] == {"method": "none"}
     off.predict(te, key_added="q", refine="auto")
     np.testing.assert_allclose(te.obsm["q_refined_probs"], te.obsm["q_probs"], atol=1e-6)
+
+
+def test_student_context_token(taught, tmp_path):
+    tr, te = _split(taught)
+    rng = np.random.default_rng(1)
+    for a in (tr, te):  # a "larger field of view": the patch feature plus noise
+        a.obsm["X_ctx"] = (a.obsm["X_toy"] + rng.normal(0, 0.5, a.obsm["X_toy"].shape)).astype(np.float32)
+    kw = dict(feature_key="X_toy", radius_um=450, max_epochs=3, patience=2, seed=0, refine_grid=[])
+    s = NicheStudent(context_key="X_ctx", **kw).fit(tr)
+    p = s.predict_proba(te)
+    assert p.shape == (te.n_obs, 3) and np.allclose(p.sum(1), 1, atol=1e-5) and "ctx_feat_mean" not in s.info_
+    assert not np.allclose(p, NicheStudent(**kw).fit(tr).predict_proba(te), atol=1e-4)
+    np.testing.assert_allclose(NicheStudent.load(s.save(tmp_path / "c")).predict_proba(te), p, atol=1e-5)
+    del te.obsm["X_ctx"]
+    with pytest.raises(StdistillError, match="X_ctx"):
+        s.predict_proba(te)

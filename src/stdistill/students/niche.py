@@ -43,7 +43,8 @@ from ._refine import DEFAULT_REFINE_GRID
 
 _FORMAT = "stdistill.NicheStudent/1"
 FEATURE_NORMS = ("section", "global")
-_ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
+_ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components", "ctx_feat_mean", "ctx_feat_sd", "ctx_pca_mean",
+           "ctx_pca_components")
 
 
 def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float, summary_token: bool = True):
@@ -171,6 +172,12 @@ class NicheStudent:
         Train on augmented feature views: each epoch every spot's feature is drawn from its
         clean feature and ``obsm[feature_key + "_views"]`` (n_obs, V, F), seeded by (seed, epoch).
         Validation and prediction use the clean features.
+    context_key
+        ``obsm`` key of features of a larger field of view around each spot (n_obs, F), e.g.
+        ``features.extract(adata, size_um=224, key_added="X_<enc>_ctx224")`` (2x the patch, resized
+        to the encoder's input; cached like any features). Normalised and projected like the
+        patch features (own statistics and PCA) and given to the transformer as one extra token
+        per spot (offset 0, without the centre embedding). ``None``: no context token.
     refine_grid
         Test-time refinements (:func:`stdistill.students.refine_niches` settings, e.g.
         ``{"method": "gmm", "weight": 1.0}``; ``{"method": "none"}``: none) tried on the
@@ -225,6 +232,7 @@ class NicheStudent:
         val_patients: str | list[str] | None = "smallest",
         val_block: float = 0.2,
         views: bool = False,
+        context_key: str | None = None,
         refine_grid: list[dict] | None = None,
         refit: bool = True,
         encoder: str | None = None,
@@ -256,7 +264,7 @@ class NicheStudent:
             lr=float(lr), weight_decay=float(weight_decay), batch_size=int(batch_size), max_epochs=int(max_epochs),
             min_epochs=int(min_epochs), monitor=monitor, patience=int(patience), feature_norm=feature_norm,
             n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, val_block=float(val_block),
-            views=bool(views), refit=bool(refit),
+            views=bool(views), refit=bool(refit), context_key=context_key,
             refine_grid=[dict(g) for g in (DEFAULT_REFINE_GRID if refine_grid is None else refine_grid)],
             encoder=encoder, size_um=float(size_um), px=int(px), seed=int(seed), device=device,
             num_threads=num_threads,
@@ -349,9 +357,46 @@ class NicheStudent:
             mx = 0 if full is None else min(int(full.mask[ok].sum(1).max()) - 1, 48)
         self.info_["max_neighbors"] = int(mx)
         index, offset, mask = self._tokens(adata, ok, mx)
+        f, index, offset, mask = self._with_context(adata, f, ok, index, offset, mask, fit=True)
         self.info_["d_in"] = int(f.shape[1])
         self._views_z = self._view_features(adata, ok) if p["views"] else None
         return f, index, offset, mask, probs, ok
+
+    def _with_context(self, adata: ad.AnnData, f: np.ndarray, ok: np.ndarray, index, offset, mask, fit: bool,
+                      stats=None):
+        """Append the context token: rows n..2n-1 of the features hold each spot's context feature
+        (normalised and projected with their own statistics, ``ctx_*``), one more token column
+        points at them (offset 0; padded where the spot or its context has no feature)."""
+        key = self.params.get("context_key")
+        if not key:
+            return f, index, offset, mask
+        if stats is not None:
+            raise StdistillError("the context token is not supported for prediction on parts of a section (stats=) yet")
+        if key not in adata.obsm:
+            raise StdistillError(f'AnnData has no obsm["{key}"] (context features); run stdistill.features.extract('
+                                 f'adata, size_um=..., key_added="{key}") first')
+        c = np.asarray(adata.obsm[key], dtype=np.float32)
+        if c.shape[0] != adata.n_obs:
+            raise StdistillError(f'obsm["{key}"] must be (n_obs, n_features), got {c.shape}')
+        keys = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
+        main = {k: self.info_.pop(k) for k in keys if k in self.info_}  # reuse _normalise with ctx_* stats
+        self.info_.update({k: self.info_.pop(f"ctx_{k}") for k in keys if f"ctx_{k}" in self.info_})
+        try:
+            z, okc = self._normalise(adata, c, fit=fit)
+        finally:
+            ctx = {f"ctx_{k}": self.info_.pop(k) for k in keys if k in self.info_}
+            self.info_.update(main)
+            self.info_.update(ctx)
+        if z.shape[1] != f.shape[1]:
+            raise StdistillError(f'obsm["{key}"] gives {z.shape[1]} dimensions after projection but the patch features '
+                                 f"{f.shape[1]}: use the same encoder (and n_pcs)")
+        n = adata.n_obs
+        has = ok & okc
+        col = np.where(has, np.arange(n) + n, -1)[:, None]
+        index = np.concatenate([index, col.astype(index.dtype)], 1)
+        offset = np.concatenate([offset, np.zeros((n, 1, offset.shape[2]), offset.dtype)], 1)
+        mask = np.concatenate([mask, has[:, None]], 1)
+        return np.concatenate([f, z.astype(f.dtype)]), index, offset, mask
 
     def _view_features(self, adata: ad.AnnData, ok: np.ndarray) -> np.ndarray:
         """(n_obs, V, d) augmented views normalised (and projected) like the clean features."""
@@ -596,6 +641,7 @@ class NicheStudent:
         f = self._features(adata, extract=extract)
         f, ok = self._normalise(adata, f, fit=False, stats=stats)
         index, offset, mask = self._tokens(adata, ok, self.info_["max_neighbors"])
+        f, index, offset, mask = self._with_context(adata, f, ok, index, offset, mask, fit=False, stats=stats)
         out = np.full((adata.n_obs, self.params["n_niches"]), np.nan, dtype=np.float32)
         rows = np.flatnonzero(ok)
         ft, it, ot, mt = (torch.from_numpy(a) for a in (f, index, offset, mask))
