@@ -17,7 +17,10 @@ images are 3.2 um/px copies: a resolution shift as much as a patient shift), plu
 rows apart. Also: the extraction cost and NMI(feature clusters, patient) with and without stain
 normalisation, and which refinement was chosen how often.
 
-Not done here (see docs/transfer.md): the expression probe / PEKA arms, multi-scale context.
+``+context``: the student gets one extra token per spot, the features of a 224 um field of view
+(2x the patch) around it; the baseline keeps the patch features.
+
+Not done here (see docs/transfer.md): the expression probe / PEKA arms.
 """
 
 from __future__ import annotations
@@ -31,15 +34,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 ENCODER = "effnet-lite0-imagenet"
 KEY = f"X_{ENCODER}"
-CONFIGS = {  # student configuration: (stain normalised features, augmented views)
-    "none": (False, False),
-    "+stain": (True, False),
-    "+views": (False, True),
-    "+stain+views": (True, True),
+CONFIGS = {  # student configuration: (stain normalised features, augmented views, context token)
+    "none": (False, False, False),
+    "+stain": (True, False, False),
+    "+views": (False, True, False),
+    "+stain+views": (True, True, False),
+    "+context": (False, False, True),
 }
+CONTEXT_UM = 224.0  # context field of view: 2x the 112 um patch, resized to the encoder's 224 px
 # each configuration is scored raw and refined: arm = config (+ " +refine"); "all" = +stain+views +refine
-ARMS = ["none", "+stain", "+views", "+stain+views", "none +refine", "+stain +refine", "+views +refine",
-        "+stain+views +refine"]
+ARMS = ["none", "+stain", "+views", "+stain+views", "+context", "none +refine", "+stain +refine", "+views +refine",
+        "+stain+views +refine", "+context +refine"]
 APART = "A"  # HER2ST patient whose images are 3.2 um/px copies: reported apart
 
 
@@ -59,6 +64,9 @@ def features(a, args):
     kw = dict(precision=args.precision, views=args.views, view_seed=0)
     plain = sd.features.run_extraction(a, ENCODER, key_added=KEY, **kw)
     norm = sd.features.run_extraction(a, ENCODER, key_added=KEY + "_macenko", stain_norm="macenko", **kw)
+    if "+context" in args.configs:
+        ctx = sd.features.run_extraction(a, ENCODER, key_added=KEY + "_ctx", size_um=CONTEXT_UM, precision=args.precision)
+        print(f"extraction context ({CONTEXT_UM:.0f} um): {ctx.seconds_clean:.1f} s ({ctx.patches_computed} patches computed)")
     for name, r in (("plain", plain), ("macenko", norm)):
         print(f"extraction {name}: clean pass {r.seconds_clean:.1f} s, {r.views} views {r.seconds_views:.1f} s "
               f"({r.patches_computed} patches computed, {r.precision}, {os.cpu_count()} CPU cores)")
@@ -87,13 +95,14 @@ def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list
     from stdistill.recipes.niches import kmeans_niches
     from stdistill.students import NicheStudent
 
-    stain, views = CONFIGS[config]
+    stain, views, context = CONFIGS[config]
     key = KEY + ("_macenko" if stain else "")
     secs = sd.io.sections(a)
     pats = a.obs.groupby("section", observed=True)["patient"].first().astype(str)
     tr = sd.io.subset_sections(a, [s for s in secs if pats[s] != test_patient])
     te = sd.io.subset_sections(a, [s for s in secs if pats[s] == test_patient])
-    st = NicheStudent(k, feature_key=key, views=views, max_epochs=args.max_epochs, seed=seed)
+    st = NicheStudent(k, feature_key=key, views=views, context_key=KEY + "_ctx" if context else None,
+                      max_epochs=args.max_epochs, seed=seed)
     st.fit(tr, probs_key="niche_teacher_probs")
     st.predict(te, key_added="student", refine="auto")
     base = kmeans_niches(a, key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
@@ -154,6 +163,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--views", type=int, default=4, help="augmented views per patch (0: no view arms)")
     ap.add_argument("--max-epochs", type=int, default=60)
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="student configurations (view ones need --views > 0)")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -173,7 +184,7 @@ def main() -> None:
           flush=True)
     rows = []
     patients = sorted(a.obs["patient"].astype(str).unique())
-    configs = [c for c, (_, views) in CONFIGS.items() if args.views > 0 or not views]
+    configs = [c for c in args.configs if args.views > 0 or not CONFIGS[c][1]]
     for k in args.k:
         NicheTeacher(k, seed=0).fit_predict(a, key_added="niche_teacher")
         for config in configs:
