@@ -123,6 +123,7 @@ def test_cli_one_patient_block_and_refine(tmp_path, taught):
                              "--train-patients", "P1", "--max-epochs", "3"])
     assert res.exit_code == 0, res.output
     assert "early stopping on a spatial block of" in res.output
+    res_distill = res.output
     res = r.invoke(app, ["niches", "predict", str(src), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "p.h5ad"),
                          "--refine", "propagate"])
     assert res.exit_code == 0, res.output
@@ -130,6 +131,12 @@ def test_cli_one_patient_block_and_refine(tmp_path, taught):
     out = ad.read_h5ad(tmp_path / "p.h5ad")
     assert out.obsm["niche_pred_refined_probs"].shape == out.obsm["niche_pred_probs"].shape
     np.testing.assert_array_equal(out.obsm["niche_probs"], taught.obsm["niche_probs"])  # the teacher's labels stay
+    assert "refinement chosen there: {'method'" in res_distill
+    res = r.invoke(app, ["niches", "predict", str(src), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "q.h5ad"),
+                         "--refine", "auto"])
+    assert res.exit_code == 0, res.output
+    chosen = NicheStudent.load(tmp_path / "s").info_["refine"]["method"]
+    assert ad.read_h5ad(tmp_path / "q.h5ad").uns["niche_pred_refined"]["params"]["method"] == chosen
 
 
 def test_gmm_refinement_keeps_the_student_as_prior():
