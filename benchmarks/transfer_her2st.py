@@ -110,7 +110,8 @@ def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list
     b = base[a.obs["patient"].astype(str).to_numpy() == test_patient]
     common = {"k": k, "seed": seed, "patient": test_patient, "kmeans_nbr_ari": ari(teach, b),
               "kmeans_nbr_nmi": nmi(teach, b), "refine_chosen": _refine_name(st.info_["refine"])}
-    return [dict(common, arm=config + suffix, student_ari=ari(teach, te.obs[col]), student_nmi=nmi(teach, te.obs[col]))
+    raw = {"raw_ari": ari(teach, te.obs["student"]), "raw_nmi": nmi(teach, te.obs["student"])}
+    return [dict(common, **raw, arm=config + suffix, student_ari=ari(teach, te.obs[col]), student_nmi=nmi(teach, te.obs[col]))
             for suffix, col in (("", "student"), (" +refine", "student_refined"))]
 
 
@@ -149,6 +150,11 @@ def report(rows, patients: list[str]) -> None:
         print(f"== held-out patient {APART} alone ==")
         print(table(rows, [APART]).to_string())
     df = pd.DataFrame(rows)
+    ref = df[df["arm"].str.endswith("+refine")].groupby(["arm", "k", "seed"]).mean(numeric_only=True)
+    eff = pd.DataFrame({"ari": ref["student_ari"] - ref["raw_ari"], "nmi": ref["student_nmi"] - ref["raw_nmi"]})
+    g = eff.groupby(["arm", "k"])
+    print(f"refined - raw student, mean over held-out patients {patients}, mean and sd over seeds:")
+    print(pd.concat({"mean": g.mean(), "sd": g.std(ddof=1)}, axis=1).round(3).to_string())
     raw = df[~df["arm"].str.endswith("+refine")]
     print("refinement chosen on the validation patient (folds x seeds):")
     print(raw.groupby(["arm", "k"])["refine_chosen"].value_counts().unstack(fill_value=0).to_string())
