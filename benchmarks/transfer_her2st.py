@@ -1,19 +1,26 @@
 """Patient-shift ablation of the niche student: none / +stain norm / +views / +refinement / all.
 
     python benchmarks/transfer_her2st.py --quick            # small simulated data, 1 seed, K=3 (minutes on 2 CPUs)
+    python benchmarks/transfer_her2st.py --root ../shared/data/her2st --k 4 6 8 --seeds 0 1 2 --views 0
     python benchmarks/transfer_her2st.py --data her2st --k 4 6 8 --seeds 0 1 2 3 4   # the full run (hours)
 
-For every arm, leave-one-patient-out over the patients with images: the niche teacher (fitted
-once on all sections, section-standardised) gives soft labels; the student is trained on the
-other patients and predicts the held-out one; neighbourhood k-means (same features, same
-radius) is the baseline. Prints per arm and K the mean over held-out patients of ARI and NMI
-against the teacher for the student and the baseline, and the paired student - baseline
-difference as mean +- sd over seeds. Also: the extraction cost (clean pass, stain-normalised
-pass, augmented views) and NMI(feature clusters, patient) with and without stain
-normalisation (how much patient identity the features carry).
+For every student configuration (plain or stain-normalised features, with or without augmented
+views), leave-one-patient-out over the patients with images: the niche teacher (fitted once on
+all sections, section-standardised) gives soft labels; the student is trained on the other
+patients and predicts the held-out one, raw and refined (``refine="auto"``: the test-time
+refinement chosen at fit on the student's validation patient, inside the training patients; the
+test patient is never used to choose it). Neighbourhood k-means (same features, same radius) is
+the baseline. Prints per arm and K the mean over held-out patients of ARI and NMI against the
+teacher for the student and the baseline and the paired student - baseline difference as mean
+and sd over seeds, once over all held-out patients and once without patient A (on HER2ST its
+images are 3.2 um/px copies: a resolution shift as much as a patient shift), plus the fold-A
+rows apart. Also: the extraction cost and NMI(feature clusters, patient) with and without stain
+normalisation, and which refinement was chosen how often.
 
-Not done here (see docs/transfer.md): the expression probe / PEKA arms, multi-scale context,
-fold A reported apart on HER2ST.
+``+context``: the student gets one extra token per spot, the features of a 224 um field of view
+(2x the patch) around it; the baseline keeps the patch features.
+
+Not done here (see docs/transfer.md): the expression probe / PEKA arms.
 """
 
 from __future__ import annotations
@@ -27,13 +34,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 ENCODER = "effnet-lite0-imagenet"
 KEY = f"X_{ENCODER}"
-ARMS = {  # name: (stain normalised features, augmented views, test-time refinement)
-    "none": (False, False, None),
-    "+stain": (True, False, None),
-    "+views": (False, True, None),
-    "+refine": (False, False, "both"),
-    "all": (True, True, "both"),
+CONFIGS = {  # student configuration: (stain normalised features, augmented views, context token)
+    "none": (False, False, False),
+    "+stain": (True, False, False),
+    "+views": (False, True, False),
+    "+stain+views": (True, True, False),
+    "+context": (False, False, True),
 }
+CONTEXT_UM = 224.0  # context field of view: 2x the 112 um patch, resized to the encoder's 224 px
+# each configuration is scored raw and refined: arm = config (+ " +refine"); "all" = +stain+views +refine
+ARMS = ["none", "+stain", "+views", "+stain+views", "+context", "none +refine", "+stain +refine", "+views +refine",
+        "+stain+views +refine", "+context +refine"]
+APART = "A"  # HER2ST patient whose images are 3.2 um/px copies: reported apart
 
 
 def load(args):
@@ -41,7 +53,7 @@ def load(args):
 
     if args.quick or args.data == "simulated":
         return sd.datasets.simulated(n_sections=3, n_patients=3, spots_per_section=120, seed=0)
-    a = sd.datasets.her2st()
+    a = sd.datasets.her2st(root=args.root)
     return sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
 
 
@@ -52,6 +64,9 @@ def features(a, args):
     kw = dict(precision=args.precision, views=args.views, view_seed=0)
     plain = sd.features.run_extraction(a, ENCODER, key_added=KEY, **kw)
     norm = sd.features.run_extraction(a, ENCODER, key_added=KEY + "_macenko", stain_norm="macenko", **kw)
+    if "+context" in args.configs:
+        ctx = sd.features.run_extraction(a, ENCODER, key_added=KEY + "_ctx", size_um=CONTEXT_UM, precision=args.precision)
+        print(f"extraction context ({CONTEXT_UM:.0f} um): {ctx.seconds_clean:.1f} s ({ctx.patches_computed} patches computed)")
     for name, r in (("plain", plain), ("macenko", norm)):
         print(f"extraction {name}: clean pass {r.seconds_clean:.1f} s, {r.views} views {r.seconds_views:.1f} s "
               f"({r.patches_computed} patches computed, {r.precision}, {os.cpu_count()} CPU cores)")
@@ -73,35 +88,44 @@ def patient_nmi(a, key: str) -> float:
     return float(nmi(pats, lab))
 
 
-def one_fold(a, test_patient: str, k: int, arm: str, seed: int, args) -> dict:
-    """Student and neighbourhood k-means on one held-out patient for one arm."""
+def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list[dict]:
+    """Student (raw and refined) and neighbourhood k-means on one held-out patient."""
     import stdistill as sd
     from stdistill.metrics import ari, nmi
     from stdistill.recipes.niches import kmeans_niches
     from stdistill.students import NicheStudent
 
-    stain, views, refine = ARMS[arm]
+    stain, views, context = CONFIGS[config]
     key = KEY + ("_macenko" if stain else "")
     secs = sd.io.sections(a)
     pats = a.obs.groupby("section", observed=True)["patient"].first().astype(str)
     tr = sd.io.subset_sections(a, [s for s in secs if pats[s] != test_patient])
     te = sd.io.subset_sections(a, [s for s in secs if pats[s] == test_patient])
-    st = NicheStudent(k, feature_key=key, views=views, max_epochs=args.max_epochs, seed=seed)
+    st = NicheStudent(k, feature_key=key, views=views, context_key=KEY + "_ctx" if context else None,
+                      max_epochs=args.max_epochs, seed=seed)
     st.fit(tr, probs_key="niche_teacher_probs")
-    st.predict(te, key_added="student", refine=refine)
-    pred = te.obs["student_refined" if refine else "student"]
+    st.predict(te, key_added="student", refine="auto")
     base = kmeans_niches(a, key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
     teach = te.obs["niche_teacher"]
     b = base[a.obs["patient"].astype(str).to_numpy() == test_patient]
-    return {"arm": arm, "k": k, "seed": seed, "patient": test_patient,
-            "student_ari": ari(teach, pred), "student_nmi": nmi(teach, pred),
-            "kmeans_nbr_ari": ari(teach, b), "kmeans_nbr_nmi": nmi(teach, b)}
+    common = {"k": k, "seed": seed, "patient": test_patient, "kmeans_nbr_ari": ari(teach, b),
+              "kmeans_nbr_nmi": nmi(teach, b), "refine_chosen": _refine_name(st.info_["refine"])}
+    raw = {"raw_ari": ari(teach, te.obs["student"]), "raw_nmi": nmi(teach, te.obs["student"])}
+    return [dict(common, **raw, arm=config + suffix, student_ari=ari(teach, te.obs[col]), student_nmi=nmi(teach, te.obs[col]))
+            for suffix, col in (("", "student"), (" +refine", "student_refined"))]
 
 
-def table(rows):
+def _refine_name(r: dict) -> str:
+    return " ".join(f"{v}" if k == "method" else f"{k}={v}" for k, v in r.items())
+
+
+def table(rows, patients: list[str] | None = None):
+    """Per arm and K: means over the held-out ``patients`` (all: None), paired differences over seeds."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
+    if patients is not None:
+        df = df[df["patient"].isin(patients)]
     per_seed = df.groupby(["arm", "k", "seed"]).mean(numeric_only=True)
     per_seed["d_ari"] = per_seed["student_ari"] - per_seed["kmeans_nbr_ari"]
     per_seed["d_nmi"] = per_seed["student_nmi"] - per_seed["kmeans_nbr_nmi"]
@@ -110,17 +134,43 @@ def table(rows):
     for d in ("d_ari", "d_nmi"):
         out[f"{d} mean"] = g[d].mean().round(3)
         out[f"{d} sd"] = g[d].std(ddof=1).round(3) if g.size().min() > 1 else float("nan")
-    return out.reindex(list(ARMS), level=0)
+    return out.reindex([a for a in ARMS if a in set(df["arm"])], level=0)
+
+
+def report(rows, patients: list[str]) -> None:
+    """The tables: all held-out patients, without patient A, and A alone (when A is held out)."""
+    import pandas as pd
+
+    print(f"== mean over held-out patients {patients} ==")
+    print(table(rows).to_string())
+    if APART in patients and len(patients) > 1:
+        rest = [p for p in patients if p != APART]
+        print(f"== mean over held-out patients {rest} (fold {APART} apart: its images are 3.2 um/px copies) ==")
+        print(table(rows, rest).to_string())
+        print(f"== held-out patient {APART} alone ==")
+        print(table(rows, [APART]).to_string())
+    df = pd.DataFrame(rows)
+    ref = df[df["arm"].str.endswith("+refine")].groupby(["arm", "k", "seed"]).mean(numeric_only=True)
+    eff = pd.DataFrame({"ari": ref["student_ari"] - ref["raw_ari"], "nmi": ref["student_nmi"] - ref["raw_nmi"]})
+    g = eff.groupby(["arm", "k"])
+    print(f"refined - raw student, mean over held-out patients {patients}, mean and sd over seeds:")
+    print(pd.concat({"mean": g.mean(), "sd": g.std(ddof=1)}, axis=1).round(3).to_string())
+    raw = df[~df["arm"].str.endswith("+refine")]
+    print("refinement chosen on the validation patient (folds x seeds):")
+    print(raw.groupby(["arm", "k"])["refine_chosen"].value_counts().unstack(fill_value=0).to_string())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small simulated data, 1 seed, K=3, 2 views, 15 epochs")
     ap.add_argument("--data", choices=["her2st", "simulated"], default="her2st")
+    ap.add_argument("--root", default=None, help="local HER2ST copy (default: $STDISTILL_DATA/her2st or the cache)")
     ap.add_argument("--k", type=int, nargs="+", default=[4, 6, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--views", type=int, default=4, help="augmented views per patch (0: no view arms)")
     ap.add_argument("--max-epochs", type=int, default=60)
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="student configurations (view ones need --views > 0)")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -133,18 +183,22 @@ def main() -> None:
     from stdistill.teachers import NicheTeacher
 
     t0 = time.perf_counter()
+    print(f"seeds {args.seeds}, K {args.k}, views {args.views}, max_epochs {args.max_epochs}, {args.precision}", flush=True)
     a = load(args)
     features(a, args)
-    print(f"NMI(feature clusters, patient): plain {patient_nmi(a, KEY):.3f}, macenko {patient_nmi(a, KEY + '_macenko'):.3f}")
+    print(f"NMI(feature clusters, patient): plain {patient_nmi(a, KEY):.3f}, macenko {patient_nmi(a, KEY + '_macenko'):.3f}",
+          flush=True)
     rows = []
     patients = sorted(a.obs["patient"].astype(str).unique())
+    configs = [c for c in args.configs if args.views > 0 or not CONFIGS[c][1]]
     for k in args.k:
         NicheTeacher(k, seed=0).fit_predict(a, key_added="niche_teacher")
-        for arm in ARMS:
+        for config in configs:
             for seed in args.seeds:
                 for p in patients:
-                    rows.append(one_fold(a, p, k, arm, seed, args))
-    print(table(rows).to_string())
+                    rows += one_fold(a, p, k, config, seed, args)
+            print(f"K={k} {config} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    report(rows, patients)
     print(f"{len(patients)} held-out patients, seeds {args.seeds}, wall {time.perf_counter() - t0:.0f} s "
           f"({os.cpu_count()} CPU cores, {args.threads} torch thread(s))")
 

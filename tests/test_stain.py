@@ -171,3 +171,19 @@ def test_features_cli_stain_and_views(tmp_path, tiny_encoders):
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o2.h5ad"), "--stain-reference", str(out)], terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "2 cache hits, 0 patches computed" in res.output
+
+
+def test_features_cli_context_key(tmp_path, tiny_encoders):
+    from typer.testing import CliRunner
+
+    from stdistill.cli import app
+
+    src = tmp_path / "in.h5ad"
+    sd.io.write_h5ad(he_sections(6), src)
+    out = tmp_path / "ctx.h5ad"
+    res = CliRunner().invoke(app, ["features", str(src), "--encoder", TINY_VIT, "--px", "32", "--size-um", "64",
+                                   "--device", "cpu", "--precision", "fp32", "--cache-dir", str(tmp_path / "c"),
+                                   "--key-added", "X_ctx", "--out", str(out)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    a = sd.io.read_h5ad(out)
+    assert a.obsm["X_ctx"].shape == (12, 192) and a.uns["features"]["X_ctx"]["size_um"] == 64.0

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from test_niches import _split, toy
 
 from stdistill import StdistillError
-from stdistill.students import NicheStudent, propagate_labels, refine_niches
+from stdistill.students import NicheStudent, gmm_refine, propagate_labels, refine_niches
 from stdistill.students._views import spatial_block
 from stdistill.teachers import NicheTeacher
 
@@ -123,6 +123,7 @@ def test_cli_one_patient_block_and_refine(tmp_path, taught):
                              "--train-patients", "P1", "--max-epochs", "3"])
     assert res.exit_code == 0, res.output
     assert "early stopping on a spatial block of" in res.output
+    res_distill = res.output
     res = r.invoke(app, ["niches", "predict", str(src), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "p.h5ad"),
                          "--refine", "propagate"])
     assert res.exit_code == 0, res.output
@@ -130,3 +131,67 @@ def test_cli_one_patient_block_and_refine(tmp_path, taught):
     out = ad.read_h5ad(tmp_path / "p.h5ad")
     assert out.obsm["niche_pred_refined_probs"].shape == out.obsm["niche_pred_probs"].shape
     np.testing.assert_array_equal(out.obsm["niche_probs"], taught.obsm["niche_probs"])  # the teacher's labels stay
+    assert "refinement chosen there: {'method'" in res_distill
+    res = r.invoke(app, ["niches", "predict", str(src), "-m", str(tmp_path / "s"), "-o", str(tmp_path / "q.h5ad"),
+                         "--refine", "auto"])
+    assert res.exit_code == 0, res.output
+    chosen = NicheStudent.load(tmp_path / "s").info_["refine"]["method"]
+    assert ad.read_h5ad(tmp_path / "q.h5ad").uns["niche_pred_refined"]["params"]["method"] == chosen
+
+
+def test_gmm_refinement_keeps_the_student_as_prior():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (50, 4)), rng.normal(4, 1, (50, 4))])
+    p = np.full((100, 2), 0.5)
+    p[:50] = [0.7, 0.3]
+    np.testing.assert_allclose(gmm_refine(x, p, weight=0.0), p)  # weight 0: the student unchanged
+    q = gmm_refine(x, p, n_iter=3, weight=4.0)
+    assert (q[:50, 0] > 0.7).mean() > 0.9 and (q[50:, 1] > 0.5).mean() > 0.9  # the features re-weight
+    p[:, 1] = 1e-12
+    p[:, 0] = 1.0
+    assert np.all(gmm_refine(x, p, n_iter=20, weight=4.0)[:, 0] > 0.999)  # a niche the student rules out stays out
+    with pytest.raises(StdistillError, match="weight"):
+        gmm_refine(x, p, weight=-1)
+
+
+def test_refinement_is_chosen_on_the_validation_patient_not_the_test(taught, tmp_path, monkeypatch):
+    import stdistill.students._refine as rf
+
+    seen = []
+    orig = rf.choose_refinement
+
+    def spy(adata, probs, teacher, rows, *a, **k):
+        seen.append(sorted(set(adata.obs["patient"].astype(str)[rows])))
+        return orig(adata, probs, teacher, rows, *a, **k)
+
+    monkeypatch.setattr(rf, "choose_refinement", spy)
+    tr, te = _split(taught)  # test patient P0 is never given to fit
+    grid = [{"method": "none"}, {"method": "propagate", "alpha": 0.3}, {"method": "gmm", "weight": 2.0}]
+    s = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=4, patience=2, seed=0, refine_grid=grid).fit(tr)
+    assert seen == [s.info_["val_patients"]] and "P0" not in seen[0]
+    assert s.info_["refine"] in grid and [r["method"] for r in s.info_["refine_selection"]] == ["none", "propagate", "gmm"]
+    assert all(0 <= r["val_ari"] <= 1 or r["val_ari"] < 0 for r in s.info_["refine_selection"])
+    s.predict(te, key_added="pred", refine="auto")
+    assert te.uns["pred_refined"]["params"]["method"] == s.info_["refine"]["method"]
+    s2 = NicheStudent.load(s.save(tmp_path / "st"))
+    assert s2.info_["refine"] == s.info_["refine"] and s2.bundle_record()["training"]["refine"] == s.info_["refine"]
+    off = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=2, seed=0, refine_grid=[]).fit(tr)
+    assert off.info_["refine"] == {"method": "none"}
+    off.predict(te, key_added="q", refine="auto")
+    np.testing.assert_allclose(te.obsm["q_refined_probs"], te.obsm["q_probs"], atol=1e-6)
+
+
+def test_student_context_token(taught, tmp_path):
+    tr, te = _split(taught)
+    rng = np.random.default_rng(1)
+    for a in (tr, te):  # a "larger field of view": the patch feature plus noise
+        a.obsm["X_ctx"] = (a.obsm["X_toy"] + rng.normal(0, 0.5, a.obsm["X_toy"].shape)).astype(np.float32)
+    kw = dict(feature_key="X_toy", radius_um=450, max_epochs=3, patience=2, seed=0, refine_grid=[])
+    s = NicheStudent(context_key="X_ctx", **kw).fit(tr)
+    p = s.predict_proba(te)
+    assert p.shape == (te.n_obs, 3) and np.allclose(p.sum(1), 1, atol=1e-5) and "ctx_feat_mean" not in s.info_
+    assert not np.allclose(p, NicheStudent(**kw).fit(tr).predict_proba(te), atol=1e-4)
+    np.testing.assert_allclose(NicheStudent.load(s.save(tmp_path / "c")).predict_proba(te), p, atol=1e-5)
+    del te.obsm["X_ctx"]
+    with pytest.raises(StdistillError, match="X_ctx"):
+        s.predict_proba(te)

@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
                  "of the training sections (its stored reference: new slides normalised as the training ones)."),
         views: int = typer.Option(0, "--views", help="Also encode this many augmented views per patch (obsm['<key>_views'])."),
         view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
+        key_added: str | None = typer.Option(None, "--key-added", help="obsm key to write (default X_<encoder>); e.g. "
+                                             "X_<encoder>_ctx for a larger --size-um used as 'niches distill --context-key'."),
     ) -> None:
         """Encode a patch around every spot and write the sections with their features to --out."""
         import time
@@ -148,6 +150,7 @@ def register(app: typer.Typer) -> None:
             num_workers=num_workers, cache_dir=False if no_cache else cache_dir, weights=weights,
             strategy=strategy if devices > 1 else None, devices=devices, stain_norm=stain_norm,
             stain_reference=_stain_reference(stain_reference, encoder), views=views, view_seed=view_seed,
+            **({"key_added": key_added} if key_added else {}),
         )
         t1 = time.perf_counter()
         _write(adata, out)

@@ -103,6 +103,8 @@ def register(app: typer.Typer) -> None:
                                                   "spatial block for early stopping (0: none)."),
         views: bool = typer.Option(False, help="Sample augmented views (obsm['<features>_views'], from "
                                                "'stdistill features --views K') each epoch."),
+        context_key: str = typer.Option(None, "--context-key", help="obsm key of features of a larger field of view "
+                                        "(e.g. from 'stdistill features --size-um 224'): one extra token per spot."),
         seed: int = typer.Option(0),
         run_dir: str = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
         devices: int = typer.Option(1, "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP."),
@@ -124,7 +126,8 @@ def register(app: typer.Typer) -> None:
             adata = subset_sections(adata, list(secs))
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
         s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
-                         val_patients=vp, val_block=val_block, views=views, max_epochs=max_epochs, seed=seed)
+                         val_patients=vp, val_block=val_block, views=views, context_key=context_key,
+                         max_epochs=max_epochs, seed=seed)
         s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir, devices=devices,
               strategy="ddp" if devices * num_nodes > 1 and strategy == "auto" else strategy,
               num_nodes=num_nodes, accelerator=accelerator)
@@ -134,7 +137,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"resumed from checkpoints in {run_dir}: {', '.join(s.info_['resumed'])}")
         s.save(model)
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
-                   f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; saved to {model}")
+                   f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; "
+                   f"refinement chosen there: {s.info_.get('refine')}; saved to {model}")
 
     @niches.command("predict")
     def predict(
@@ -144,7 +148,8 @@ def register(app: typer.Typer) -> None:
         key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
         plot: str = typer.Option(None, help="Also write niche maps (PNG) here: this file with one section, else one <name>_<section>.png per section."),
         refine: str = typer.Option("none", help="Test-time refinement with the section's own structure (label-free): "
-                                                "none, propagate, gmm or both; written as '<key>_refined' beside the raw."),
+                                                "auto (the one chosen on the validation patient at distill), none, "
+                                                "propagate, gmm or both; written as '<key>_refined' beside the raw."),
     ) -> None:
         """Map niches from H&E alone."""
         from ..students.niche import NicheStudent

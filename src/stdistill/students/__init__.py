@@ -11,6 +11,8 @@ _LAZY: dict[str, str] = {
     "refine_niches": "_refine",
     "propagate_labels": "_refine",
     "gmm_refine": "_refine",
+    "choose_refinement": "_refine",
+    "DEFAULT_REFINE_GRID": "_refine",
 }
 
 __getattr__, __all__ = attach(__name__, _LAZY)

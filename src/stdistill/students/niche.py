@@ -39,10 +39,12 @@ from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
+from ._refine import DEFAULT_REFINE_GRID
 
 _FORMAT = "stdistill.NicheStudent/1"
 FEATURE_NORMS = ("section", "global")
-_ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
+_ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components", "ctx_feat_mean", "ctx_feat_sd", "ctx_pca_mean",
+           "ctx_pca_components")
 
 
 def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float, summary_token: bool = True):
@@ -152,6 +154,20 @@ class NicheStudent:
         Train on augmented feature views: each epoch every spot's feature is drawn from its
         clean feature and ``obsm[feature_key + "_views"]`` (n_obs, V, F), seeded by (seed, epoch).
         Validation and prediction use the clean features.
+    context_key
+        ``obsm`` key of features of a larger field of view around each spot (n_obs, F), e.g.
+        ``features.extract(adata, size_um=224, key_added="X_<enc>_ctx224")`` (2x the patch, resized
+        to the encoder's input; cached like any features). Normalised and projected like the
+        patch features (own statistics and PCA) and given to the transformer as one extra token
+        per spot (offset 0, without the centre embedding). ``None``: no context token.
+    refine_grid
+        Test-time refinements (:func:`stdistill.students.refine_niches` settings, e.g.
+        ``{"method": "gmm", "weight": 1.0}``; ``{"method": "none"}``: none) tried on the
+        validation patient (or block) after early stopping, with the model that did not train on
+        it; the best by ARI against the teacher (ties: the earlier) is kept in
+        ``info_["refine"]`` (scores: ``info_["refine_selection"]``) and used by
+        ``predict(refine="auto")``. ``None``: ``DEFAULT_REFINE_GRID`` ("none" first); ``[]``: no
+        choice (``"auto"`` then means no refinement). Never chosen on the test patient.
     refit
         After early stopping, retrain on all training patients for the chosen number of epochs
         (at least ``min_epochs``).
@@ -198,6 +214,8 @@ class NicheStudent:
         val_patients: str | list[str] | None = "smallest",
         val_block: float = 0.2,
         views: bool = False,
+        context_key: str | None = None,
+        refine_grid: list[dict] | None = None,
         refit: bool = True,
         encoder: str | None = None,
         size_um: float = 112.0,
@@ -228,7 +246,8 @@ class NicheStudent:
             lr=float(lr), weight_decay=float(weight_decay), batch_size=int(batch_size), max_epochs=int(max_epochs),
             min_epochs=int(min_epochs), monitor=monitor, patience=int(patience), feature_norm=feature_norm,
             n_pcs=None if n_pcs is None else int(n_pcs), val_patients=val_patients, val_block=float(val_block),
-            views=bool(views), refit=bool(refit),
+            views=bool(views), refit=bool(refit), context_key=context_key,
+            refine_grid=[dict(g) for g in (DEFAULT_REFINE_GRID if refine_grid is None else refine_grid)],
             encoder=encoder, size_um=float(size_um), px=int(px), seed=int(seed), device=device,
             num_threads=num_threads,
         )
@@ -321,9 +340,46 @@ class NicheStudent:
             mx = 0 if full is None else min(int(full.mask[ok].sum(1).max()) - 1, 48)
         self.info_["max_neighbors"] = int(mx)
         index, offset, mask = self._tokens(adata, ok, mx)
+        f, index, offset, mask = self._with_context(adata, f, ok, index, offset, mask, fit=True)
         self.info_["d_in"] = int(f.shape[1])
         self._views_z = self._view_features(adata, ok) if p["views"] else None
         return f, index, offset, mask, probs, ok
+
+    def _with_context(self, adata: ad.AnnData, f: np.ndarray, ok: np.ndarray, index, offset, mask, fit: bool,
+                      stats=None):
+        """Append the context token: rows n..2n-1 of the features hold each spot's context feature
+        (normalised and projected with their own statistics, ``ctx_*``), one more token column
+        points at them (offset 0; padded where the spot or its context has no feature)."""
+        key = self.params.get("context_key")
+        if not key:
+            return f, index, offset, mask
+        if stats is not None:
+            raise StdistillError("the context token is not supported for prediction on parts of a section (stats=) yet")
+        if key not in adata.obsm:
+            raise StdistillError(f'AnnData has no obsm["{key}"] (context features); run stdistill.features.extract('
+                                 f'adata, size_um=..., key_added="{key}") first')
+        c = np.asarray(adata.obsm[key], dtype=np.float32)
+        if c.shape[0] != adata.n_obs:
+            raise StdistillError(f'obsm["{key}"] must be (n_obs, n_features), got {c.shape}')
+        keys = ("feat_mean", "feat_sd", "pca_mean", "pca_components")
+        main = {k: self.info_.pop(k) for k in keys if k in self.info_}  # reuse _normalise with ctx_* stats
+        self.info_.update({k: self.info_.pop(f"ctx_{k}") for k in keys if f"ctx_{k}" in self.info_})
+        try:
+            z, okc = self._normalise(adata, c, fit=fit)
+        finally:
+            ctx = {f"ctx_{k}": self.info_.pop(k) for k in keys if k in self.info_}
+            self.info_.update(main)
+            self.info_.update(ctx)
+        if z.shape[1] != f.shape[1]:
+            raise StdistillError(f'obsm["{key}"] gives {z.shape[1]} dimensions after projection but the patch features '
+                                 f"{f.shape[1]}: use the same encoder (and n_pcs)")
+        n = adata.n_obs
+        has = ok & okc
+        col = np.where(has, np.arange(n) + n, -1)[:, None]
+        index = np.concatenate([index, col.astype(index.dtype)], 1)
+        offset = np.concatenate([offset, np.zeros((n, 1, offset.shape[2]), offset.dtype)], 1)
+        mask = np.concatenate([mask, has[:, None]], 1)
+        return np.concatenate([f, z.astype(f.dtype)]), index, offset, mask
 
     def _view_features(self, adata: ad.AnnData, ok: np.ndarray) -> np.ndarray:
         """(n_obs, V, d) augmented views normalised (and projected) like the clean features."""
@@ -482,6 +538,7 @@ class NicheStudent:
             self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
                               val_err_history=[float(v) for v in verr], best_epoch=epoch, best_val=score,
                               chosen=c, selection=selection)
+            self._choose_refine(adata, probs, is_val, mod)
             if self.params["refit"]:
                 ok = arrays[-1]
                 mod = self._train(arrays, np.flatnonzero(ok), None, max(epoch, self.params["min_epochs"]), seed + 1,
@@ -494,7 +551,8 @@ class NicheStudent:
                                      "or, with one patient, val_block > 0")
             arrays = self._prepare(adata, probs)
             mod = self._train(arrays, np.flatnonzero(arrays[-1]), None, p["max_epochs"], seed, run_dir, "fit")
-            self.info_.update(val_patients=[], best_epoch=p["max_epochs"])
+            self.info_.update(val_patients=[], best_epoch=p["max_epochs"], refine={"method": "none"},
+                              refine_selection=[])
         self.info_["resumed"] = list(self._resumed)
         self.info_["train_patients"] = train_pats
         self.info_["n_train_spots"] = int(arrays[-1].sum())
@@ -505,6 +563,29 @@ class NicheStudent:
             self.info_["niche_names"] = names
         self.net_ = mod.net.eval()
         return self
+
+    def _choose_refine(self, adata: ad.AnnData, probs: np.ndarray, is_val: np.ndarray, mod) -> None:
+        """Pick the refinement of ``refine_grid`` on the validation spots with the pre-refit model."""
+        from ._refine import choose_refinement
+
+        grid = self.params["refine_grid"]
+        if not grid:
+            self.info_.update(refine={"method": "none"}, refine_selection=[])
+            return
+        import copy
+
+        net = copy.deepcopy(mod.net)
+        if mod.best_state is not None:
+            net.load_state_dict(mod.best_state)
+        self.net_ = net.eval()
+        try:
+            pred = self.predict_proba(adata, extract=False)
+        finally:
+            self.net_ = None
+        teacher = np.where(np.all(np.isfinite(probs), axis=1), np.nan_to_num(probs).argmax(1), -1)
+        chosen, table = choose_refinement(adata, pred, teacher, is_val & (teacher >= 0), grid,
+                                          feature_key=self.params["feature_key"], seed=self.params["seed"])
+        self.info_.update(refine=chosen, refine_selection=table)
 
     def _one_patient_block(self, adata: ad.AnnData, has: np.ndarray, train_pats: list[str]) -> np.ndarray:
         """The spatial validation block used when only one patient trains (warned)."""
@@ -540,6 +621,7 @@ class NicheStudent:
         f = self._features(adata, extract=extract)
         f, ok = self._normalise(adata, f, fit=False, stats=stats)
         index, offset, mask = self._tokens(adata, ok, self.info_["max_neighbors"])
+        f, index, offset, mask = self._with_context(adata, f, ok, index, offset, mask, fit=False, stats=stats)
         out = np.full((adata.n_obs, self.params["n_niches"]), np.nan, dtype=np.float32)
         rows = np.flatnonzero(ok)
         ft, it, ot, mt = (torch.from_numpy(a) for a in (f, index, offset, mask))
@@ -556,8 +638,9 @@ class NicheStudent:
         """Write ``obs[key_added]`` (categorical "0".."K-1") and ``obsm[f"{key_added}_probs"]`` (n_obs, K).
 
         The default key differs from the teacher's ``"niche"``, so predicting on the teacher's
-        file never overwrites its labels. ``refine`` (``"propagate"``, ``"gmm"`` or ``"both"``):
-        also refine them with each section's own structure (:func:`stdistill.students.refine_niches`,
+        file never overwrites its labels. ``refine`` (``"auto"``: the refinement chosen on the
+        validation patient at fit, ``info_["refine"]``; or ``"none"``, ``"propagate"``, ``"gmm"``,
+        ``"both"`` with ``refine_kwargs``): also refine them with each section's own structure (:func:`stdistill.students.refine_niches`,
         label-free, H&E only) into ``obs[key_added + "_refined"]`` /
         ``obsm[key_added + "_refined_probs"]``; the raw ones stay. Returns the raw probabilities."""
         probs = self.predict_proba(adata, extract=extract)
@@ -565,9 +648,13 @@ class NicheStudent:
         if refine:
             from ._refine import refine_niches
 
-            kw = {"feature_key": self.params["feature_key"], "radius_um": self.info_.get("radius_um") or None,
-                  "seed": self.params["seed"], **(refine_kwargs or {})}
-            refine_niches(adata, f"{key_added}_probs", method=refine, key_added=f"{key_added}_refined", **kw)
+            kw = {"feature_key": self.params["feature_key"], "seed": self.params["seed"]}
+            if refine == "auto":
+                kw.update(self.info_.get("refine") or {"method": "none"})
+            else:
+                kw["method"] = refine
+            kw.update(refine_kwargs or {})
+            refine_niches(adata, f"{key_added}_probs", key_added=f"{key_added}_refined", **kw)
         return probs
 
     # ------------------------------------------------------------------ persistence
@@ -582,7 +669,7 @@ class NicheStudent:
             feature_norm=p["feature_norm"], licence=made.get("licence"),
             outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(k)]},
             training={key: self.info_.get(key) for key in ("train_patients", "train_sections", "n_train_spots",
-                                                           "val_patients", "best_epoch", "radius_um")},
+                                                           "val_patients", "best_epoch", "radius_um", "refine")},
         )
 
     def save(self, path: str | os.PathLike) -> Path:
