@@ -37,7 +37,6 @@ def main() -> None:
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
-    import stdistill.students.niche as sn
     from stdistill import io
     from stdistill.metrics import ari, niche_id_accuracy, nmi
     from stdistill.pp import aggregate_neighbors
@@ -73,13 +72,13 @@ def main() -> None:
     print("\n1. Teacher batch correction (all 36 sections):\n\n" + markdown(pd.DataFrame(rows)))
 
     # 2 ------------------------------------------------------------------------------------
-    orig, holder = sn._lit_module, {}
+    orig, holder = NicheStudent._train, {}
 
-    def capture(*args, **kw):
-        holder["m"] = orig(*args, **kw)
+    def capture(self, *args, **kw):  # keep the trained LightningModule (its per-epoch histories)
+        holder["m"] = orig(self, *args, **kw)
         return holder["m"]
 
-    sn._lit_module = capture
+    NicheStudent._train = capture
     curves = []
     for k in (4, 6, 8):
         NicheTeacher(k, seed=0).fit_predict(a, key_added="t")
@@ -92,7 +91,7 @@ def main() -> None:
                            "val ARI, epochs 1,4,..,28": " ".join(f"{v:.2f}" for v in m.val_ari_history[::3]),
                            "val niche-id error, epochs 1,4,..,28": " ".join(f"{v:.2f}" for v in m.val_err_history[::3]),
                            "epoch of best val KD loss": int(np.argmin(m.val_history)) + 1})
-    sn._lit_module = orig
+    NicheStudent._train = orig
     print("\n2. Student validation curves on the inner pairs (default teacher):\n\n" + markdown(pd.DataFrame(curves)))
 
     # 3 ------------------------------------------------------------------------------------
