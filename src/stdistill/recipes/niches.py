@@ -125,6 +125,147 @@ def _feature_mask(adata: ad.AnnData, feature_key: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- recipe
+def _teacher_step(adata: ad.AnnData, n_niches: int, seed: int, teacher, reuse_teacher: bool) -> float:
+    """Write the teacher's niches (``obs``/``obsm`` under ``TEACHER_KEY``); returns its seconds."""
+    from ..teachers.niche import NicheTeacher, write_niches
+
+    t0 = time.perf_counter()
+    pkey = f"{TEACHER_KEY}_probs"
+    if reuse_teacher:
+        if pkey not in adata.obsm or np.asarray(adata.obsm[pkey]).shape[1] != n_niches:
+            raise StdistillError(f'reuse_teacher=True needs obsm["{pkey}"] with {n_niches} columns')
+        write_niches(adata, np.asarray(adata.obsm[pkey]), TEACHER_KEY)
+    else:
+        tobj = teacher if teacher is not None else NicheTeacher(n_niches, seed=seed)
+        if tobj.n_niches != n_niches:
+            raise StdistillError(f"teacher has {tobj.n_niches} niches, run() was asked for {n_niches}")
+        if tobj.state_ is None:
+            tobj.fit_predict(adata, key_added=TEACHER_KEY)
+        else:
+            tobj.predict(adata, key_added=TEACHER_KEY)
+    return time.perf_counter() - t0
+
+
+def _student_settings(adata: ad.AnnData, has_f: np.ndarray, student_kwargs: dict | None, radius_um: float | None,
+                      feature_norm: str) -> tuple[dict, float]:
+    """The student's keyword arguments and the neighbourhood radius (um) of baseline (b)."""
+    from ..students.niche import NicheStudent
+
+    skw = dict(student_kwargs or {})
+    if radius_um is not None:
+        skw["radius_um"] = radius_um
+    skw.setdefault("feature_norm", feature_norm)
+    r_nbr = skw.get("radius_um")
+    if r_nbr is None:  # the student's automatic radius, on the spots with features
+        from ..pp.neighbors import radius_for_neighbors
+
+        r_nbr = radius_for_neighbors(adata, skw.get("n_neighbors", NicheStudent().params["n_neighbors"]), mask=has_f)
+    return skw, r_nbr
+
+
+def _baselines_step(adata: ad.AnnData, feat_secs: list[str], sec: np.ndarray, feature_key: str, n_niches: int,
+                    r_nbr: float, feature_norm: str, seed: int, cats: list[str]) -> dict[str, np.ndarray]:
+    """k-means and neighbourhood k-means on all featured spots (unsupervised): ``obs["niche_<name>"]``;
+    returns ``{name: (n_obs,) codes, -1 without features}``."""
+    fsub = subset_sections(adata, feat_secs)
+    base_codes = {}
+    for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
+        codes = kmeans_niches(fsub, feature_key, n_niches, radius_um=rad, feature_norm=feature_norm, seed=seed,
+                              key_added=f"niche_{name}")
+        full = np.full(adata.n_obs, -1)
+        full[np.isin(sec, feat_secs)] = codes
+        base_codes[name] = full
+        adata.obs[f"niche_{name}"] = pd.Categorical.from_codes(full, categories=cats)
+    return base_codes
+
+
+def _fold_rows(fold, teach: np.ndarray, tr_mask: np.ndarray, te_mask: np.ndarray, s_codes: np.ndarray,
+               base_codes: dict, cats: list[str], note: str, t_fold: float) -> tuple[list[dict], dict, dict, dict]:
+    """Metric rows of one fold (student, baselines, teacher) and what macro-F1 needs: the fold's
+    common row, the predictions and the cluster -> teacher-niche maps of the baselines."""
+    t_te = teach[te_mask]
+    sizes = pd.Series(t_te).value_counts().reindex(cats, fill_value=0)
+    single = bool(sizes.max() >= 0.95 * max(sizes.sum(), 1))
+    preds = {"student": s_codes.astype(str)}
+    maps = {"student": None}
+    for name, codes in base_codes.items():
+        maps[name] = majority_map(codes[tr_mask], teach[tr_mask])
+        preds[name] = codes.astype(str)
+    base_row = dict(fold=fold.name, test_patient="+".join(fold.patients_of("test")), n_test=int(te_mask.sum()),
+                    teacher_sizes=_sizes_str(sizes), single_niche=single, seen_share=seen_niche_share(t_te, teach[tr_mask]))
+    rows = []
+    for method, pr in preds.items():
+        raw = pr[te_mask]
+        mapped = raw if maps[method] is None else apply_map(raw, maps[method], default="-1").astype(str)
+        rows.append(dict(base_row, method=method, ari=ari(t_te, raw), nmi=nmi(t_te, raw),
+                         id_acc=niche_id_accuracy(t_te, mapped), macro_f1=np.nan, f1_section="",
+                         seconds=t_fold if method == "student" else np.nan,
+                         note=note if method == "student" else "clusters -> teacher niche: majority on training patients"))
+    rows.append(dict(base_row, method="teacher", ari=np.nan, nmi=np.nan, id_acc=np.nan, macro_f1=np.nan,
+                     f1_section="", seconds=np.nan, note=""))
+    return rows, base_row, preds, maps
+
+
+def _macro_f1_step(rows: list[dict], fold, labels: np.ndarray, sec: np.ndarray, pat: np.ndarray, has_f: np.ndarray,
+                   teach: np.ndarray, preds: dict, maps: dict, base_row: dict) -> None:
+    """Macro-F1 on the first labelled featured section of the test patient, filled into the fold's
+    rows in place, plus a row for the trivial (most frequent label) line. The niche -> label map is
+    learned on the other patients' labelled spots."""
+    test_p = fold.patients_of("test")
+    for s in fold.test:
+        ev = (sec == s) & has_f & (labels != None)  # noqa: E711 - object array
+        if ev.sum() == 0:
+            continue
+        ref = (labels != None) & ~np.isin(pat, test_p)  # noqa: E711
+        if ref.sum() == 0:
+            continue
+        n2l = majority_map(teach[ref], labels[ref])
+        y = labels[ev].astype(str)
+        default, _ = trivial_macro_f1(labels[ref].astype(str))
+        lab_classes = sorted(set(y))
+        cand = {"teacher": teach[ev], "student": preds["student"][ev]}
+        for name, m in maps.items():
+            if m is not None:
+                cand[name] = apply_map(preds[name][ev], m, default="-1").astype(str)
+        for r in rows:
+            if r["fold"] == fold.name and r["method"] in cand:
+                r["macro_f1"] = macro_f1(y, apply_map(cand[r["method"]], n2l, default=default).astype(str),
+                                         labels=lab_classes)
+                r["f1_section"] = s
+        rows.append(dict(base_row, method=f"trivial (all '{default}')", ari=np.nan, nmi=np.nan, id_acc=np.nan,
+                         macro_f1=macro_f1(y, np.full(len(y), default), labels=lab_classes), f1_section=s,
+                         seconds=np.nan, note="majority label of the map's training labels"))
+        return  # one labelled section per fold
+
+
+def _fold_figures(adata: ad.AnnData, fold, sec: np.ndarray, s_codes: np.ndarray, cats: list[str], n_niches: int,
+                  out_dir: str | os.PathLike) -> list[Path]:
+    """Teacher / student / baseline maps of every imaged test section of the fold."""
+    from ..pl import niches as plot_niches
+
+    figs = []
+    for s in (s for s in fold.test if has_image(adata, s)):
+        view = subset_sections(adata, [s])
+        view.obs[STUDENT_KEY] = pd.Categorical.from_codes(s_codes[sec == s], categories=cats)
+        p = Path(out_dir) / f"niches_K{n_niches}_{s}.png"
+        plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
+                    titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
+        figs.append(p)
+    return figs
+
+
+def _write_metrics(df: pd.DataFrame, sizes_all: pd.DataFrame, out_dir: str | os.PathLike, n_niches: int) -> None:
+    out = Path(out_dir)
+    with atomic_path(out / f"metrics_K{n_niches}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(out / f"teacher_sizes_K{n_niches}.csv") as tmp:
+        sizes_all.to_csv(tmp)
+
+
+_COLUMNS = ["fold", "test_patient", "method", "ari", "nmi", "id_acc", "seen_share", "macro_f1", "f1_section", "n_test",
+            "teacher_sizes", "single_niche", "seconds", "note"]
+
+
 def run(
     adata: ad.AnnData,
     feature_key: str,
@@ -182,7 +323,7 @@ def run(
     """
     from ..pp.splits import folds as make_folds
     from ..students.niche import NicheStudent
-    from ..teachers.niche import NicheTeacher, write_niches
+    from ..teachers.niche import write_niches
 
     t_start = time.perf_counter()
     seed_everything(seed)
@@ -193,23 +334,8 @@ def run(
     sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
     pat = adata.obs[PATIENT_KEY].astype(str).to_numpy()
 
-    # 1. teacher ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t_teacher = _teacher_step(adata, n_niches, seed, teacher, reuse_teacher)
     pkey = f"{TEACHER_KEY}_probs"
-    if reuse_teacher:
-        if pkey not in adata.obsm or np.asarray(adata.obsm[pkey]).shape[1] != n_niches:
-            raise StdistillError(f'reuse_teacher=True needs obsm["{pkey}"] with {n_niches} columns')
-        write_niches(adata, np.asarray(adata.obsm[pkey]), TEACHER_KEY)
-        tobj = teacher
-    else:
-        tobj = teacher if teacher is not None else NicheTeacher(n_niches, seed=seed)
-        if tobj.n_niches != n_niches:
-            raise StdistillError(f"teacher has {tobj.n_niches} niches, run() was asked for {n_niches}")
-        if tobj.state_ is None:
-            tobj.fit_predict(adata, key_added=TEACHER_KEY)
-        else:
-            tobj.predict(adata, key_added=TEACHER_KEY)
-    t_teacher = time.perf_counter() - t0
     teach = adata.obs[TEACHER_KEY].astype(str).to_numpy()
     cats = [str(i) for i in range(n_niches)]
     sizes_all = niche_sizes(teach, pat, categories=cats)
@@ -217,139 +343,50 @@ def run(
     if verbose:
         print(f"teacher: K={n_niches}, NMI(niche, patient) = {teacher_nmi:.3f} ({t_teacher:.1f} s)")
 
-    # 2. folds over patients with features -------------------------------------------------
     feat_secs = [s for s in sections(adata) if has_f[sec == s].any()]
     sp_map = {s: pat[sec == s][0] for s in feat_secs}
     if len(set(sp_map.values())) < 2:
         raise StdistillError("leave-one-patient-out needs patch features for at least 2 patients")
     folds = make_folds(pd.Series(sp_map))
-    skw = dict(student_kwargs or {})
-    if radius_um is not None:
-        skw["radius_um"] = radius_um
-    skw.setdefault("feature_norm", feature_norm)
-    r_nbr = skw.get("radius_um")
-    if r_nbr is None:  # the student's automatic radius, on the spots with features
-        from ..pp.neighbors import radius_for_neighbors
-
-        r_nbr = radius_for_neighbors(adata, skw.get("n_neighbors", NicheStudent().params["n_neighbors"]), mask=has_f)
-
-    # 3. baselines (unsupervised, all featured spots) --------------------------------------
-    fsub = subset_sections(adata, feat_secs)
-    base_codes = {}
-    for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
-        codes = kmeans_niches(fsub, feature_key, n_niches, radius_um=rad, feature_norm=skw["feature_norm"], seed=seed,
-                              key_added=f"niche_{name}")
-        full = np.full(adata.n_obs, -1)
-        full[np.isin(sec, feat_secs)] = codes
-        base_codes[name] = full
-        adata.obs[f"niche_{name}"] = pd.Categorical.from_codes(full, categories=cats)
+    skw, r_nbr = _student_settings(adata, has_f, student_kwargs, radius_um, feature_norm)
+    base_codes = _baselines_step(adata, feat_secs, sec, feature_key, n_niches, r_nbr, skw["feature_norm"], seed, cats)
 
     labels = _labels(adata, label_key)
     student_probs = np.full((adata.n_obs, n_niches), np.nan, dtype=np.float32)
     rows: list[dict] = []
     figs: list[Path] = []
-
-    # 4. folds -----------------------------------------------------------------------------
     for fold in progress(folds, desc="niches: held-out folds"):
         tf = time.perf_counter()
-        test_p = fold.patients_of("test")
         tr_mask = np.isin(sec, fold.train + fold.val) & has_f
         te_mask = np.isin(sec, fold.test) & has_f
-        train = subset_sections(adata, list(fold.train + fold.val))
-        test = subset_sections(adata, list(fold.test))
         student = NicheStudent(n_niches, feature_key=feature_key, seed=seed, **skw)
-        student.fit(train, probs_key=pkey, candidates=student_candidates)
-        probs = student.predict_proba(test, extract=False)
+        student.fit(subset_sections(adata, list(fold.train + fold.val)), probs_key=pkey, candidates=student_candidates)
+        probs = student.predict_proba(subset_sections(adata, list(fold.test)), extract=False)
         student_probs[np.isin(sec, fold.test)] = probs
         t_fold = time.perf_counter() - tf
         s_codes = np.full(adata.n_obs, -1)
         s_codes[np.isin(sec, fold.test)] = np.where(np.all(np.isfinite(probs), 1), np.nan_to_num(probs).argmax(1), -1)
-
-        t_te = teach[te_mask]
-        sizes = pd.Series(t_te).value_counts().reindex(cats, fill_value=0)
-        single = bool(sizes.max() >= 0.95 * max(sizes.sum(), 1))
-        seen = seen_niche_share(t_te, teach[tr_mask])
-        preds = {"student": s_codes.astype(str)}
-        maps = {"student": None}
-        for name, codes in base_codes.items():
-            m = majority_map(codes[tr_mask], teach[tr_mask])
-            maps[name] = m
-            preds[name] = codes.astype(str)
         chosen = student.info_.get("chosen") or {}
         note = (f"val patient {','.join(student.info_.get('val_patients', [])) or '-'}, {student.info_.get('best_epoch')} epochs"
                 + (f", chose {chosen}" if student_candidates else ""))
-        base_row = dict(fold=fold.name, test_patient="+".join(test_p), n_test=int(te_mask.sum()),
-                        teacher_sizes=_sizes_str(sizes), single_niche=single, seen_share=seen)
-        for method, pr in preds.items():
-            raw = pr[te_mask]
-            mapped = raw if maps[method] is None else apply_map(raw, maps[method], default="-1").astype(str)
-            rows.append(dict(base_row, method=method, ari=ari(t_te, raw), nmi=nmi(t_te, raw),
-                             id_acc=niche_id_accuracy(t_te, mapped), macro_f1=np.nan, f1_section="",
-                             seconds=t_fold if method == "student" else np.nan,
-                             note=note if method == "student" else "clusters -> teacher niche: majority on training patients"))
-        rows.append(dict(base_row, method="teacher", ari=np.nan, nmi=np.nan, id_acc=np.nan, macro_f1=np.nan,
-                         f1_section="", seconds=np.nan, note=""))
-
-        # macro-F1 on labelled featured sections of the test patient
+        fold_rows, base_row, preds, maps = _fold_rows(fold, teach, tr_mask, te_mask, s_codes, base_codes, cats, note, t_fold)
+        rows += fold_rows
         if labels is not None:
-            for s in fold.test:
-                ev = (sec == s) & has_f & (labels != None)  # noqa: E711 - object array
-                if ev.sum() == 0:
-                    continue
-                ref = (labels != None) & ~np.isin(pat, test_p)  # noqa: E711
-                if ref.sum() == 0:
-                    continue
-                n2l = majority_map(teach[ref], labels[ref])
-                y = labels[ev].astype(str)
-                default, triv = trivial_macro_f1(labels[ref].astype(str))
-                lab_classes = sorted(set(y))
-                triv_f1 = macro_f1(y, np.full(len(y), default), labels=lab_classes)
-
-                def f1_of(niche_ids):
-                    return macro_f1(y, apply_map(niche_ids, n2l, default=default).astype(str), labels=lab_classes)
-
-                cand = {"teacher": teach[ev], "student": preds["student"][ev]}
-                for name in base_codes:
-                    cand[name] = apply_map(preds[name][ev], maps[name], default="-1").astype(str)
-                for r in rows:
-                    if r["fold"] == fold.name and r["method"] in cand:
-                        r["macro_f1"] = f1_of(cand[r["method"]])
-                        r["f1_section"] = s
-                rows.append(dict(base_row, method=f"trivial (all '{default}')", ari=np.nan, nmi=np.nan, id_acc=np.nan,
-                                 macro_f1=triv_f1, f1_section=s, seconds=np.nan, note="majority label of the map's training labels"))
-                break  # one labelled section per fold
-
-        # figure
+            _macro_f1_step(rows, fold, labels, sec, pat, has_f, teach, preds, maps, base_row)
         if figures and out_dir is not None:
-            img_secs = [s for s in fold.test if has_image(adata, s)]
-            for s in img_secs:  # every imaged test section of the fold
-                from ..pl import niches as plot_niches
-
-                view = subset_sections(adata, [s])
-                view.obs[STUDENT_KEY] = pd.Categorical.from_codes(s_codes[sec == s], categories=cats)
-                p = Path(out_dir) / f"niches_K{n_niches}_{s}.png"
-                plot_niches(view, [TEACHER_KEY, STUDENT_KEY, "niche_kmeans", "niche_kmeans_nbr"], section=s,
-                            titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
-                figs.append(p)
+            figs += _fold_figures(adata, fold, sec, s_codes, cats, n_niches, out_dir)
         if verbose:
             r = {q["method"]: q for q in rows if q["fold"] == fold.name}
             print(f"fold {fold.name}: n={int(te_mask.sum())} teacher sizes {base_row['teacher_sizes']}"
-                  f"{' (ONE NICHE)' if single else ''} | ARI student {r['student']['ari']:.3f} "
+                  f"{' (ONE NICHE)' if base_row['single_niche'] else ''} | ARI student {r['student']['ari']:.3f} "
                   f"kmeans {r['kmeans']['ari']:.3f} nbr {r['kmeans_nbr']['ari']:.3f} ({t_fold:.1f} s)")
 
     write_niches(adata, student_probs, STUDENT_KEY)
-    df = pd.DataFrame(rows)[["fold", "test_patient", "method", "ari", "nmi", "id_acc", "seen_share", "macro_f1",
-                             "f1_section", "n_test", "teacher_sizes", "single_niche", "seconds", "note"]]
-    df.attrs["teacher_nmi_patient"] = teacher_nmi
-    df.attrs["teacher_sizes"] = sizes_all
-    df.attrs["teacher_seconds"] = t_teacher
-    df.attrs["seconds"] = time.perf_counter() - t_start
+    df = pd.DataFrame(rows)[_COLUMNS]
+    df.attrs.update(teacher_nmi_patient=teacher_nmi, teacher_sizes=sizes_all, teacher_seconds=t_teacher,
+                    seconds=time.perf_counter() - t_start)
     if out_dir is not None:
-        out = Path(out_dir)
-        with atomic_path(out / f"metrics_K{n_niches}.csv") as tmp:
-            df.to_csv(tmp, index=False)
-        with atomic_path(out / f"teacher_sizes_K{n_niches}.csv") as tmp:
-            sizes_all.to_csv(tmp)
+        _write_metrics(df, sizes_all, out_dir, n_niches)
     return df, figs
 
 
