@@ -50,6 +50,19 @@ def test_run_leave_one_patient_out(tmp_path, labelled):
     pd.testing.assert_series_equal(df["ari"], df2["ari"])
 
 
+def test_run_scores_the_refined_student_beside_the_raw_one(labelled):
+    from stdistill.recipes import niches
+
+    kw = dict(student_kwargs={"max_epochs": 6, "patience": 4}, figures=False, verbose=False)
+    raw, _ = niches.run(labelled.copy(), "X_toy", 3, seed=0, **kw)
+    both, _ = niches.run(labelled.copy(), "X_toy", 3, seed=0, refine=True, **kw)
+    r = both[both["method"] == "student_refined"]
+    assert len(r) == 3 and np.isfinite(r["ari"]).all() and np.isfinite(r["macro_f1"]).all()
+    pd.testing.assert_frame_equal(raw[raw["method"] == "student"].drop(columns="seconds").reset_index(drop=True),
+                                  both[both["method"] == "student"].drop(columns="seconds").reset_index(drop=True))
+    assert "student_refined" in niches.summary(both).index
+
+
 def test_run_refuses_single_patient(labelled):
     from stdistill.io import subset_sections
     from stdistill.recipes import niches

@@ -178,6 +178,7 @@ def register(app: typer.Typer) -> None:
         max_epochs: int = typer.Option(60, help="Most student training epochs."),
         seed: int = typer.Option(0),
         skip_missing: bool = typer.Option(False, "--skip-missing", help="Sections without an H&E image get NaN features instead of an error (her2st has 29)."),
+        refine: bool = typer.Option(False, "--refine", help="Also score the student refined on each held-out section (label-free; the refinement chosen on its validation patient)."),
     ) -> None:
         """Leave-one-patient-out: teacher -> student -> baselines -> ARI/NMI/ID-accuracy/macro-F1 -> figures."""
         from ..recipes.niches import format_table, run, summary
@@ -189,7 +190,7 @@ def register(app: typer.Typer) -> None:
 
             feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features, skip_missing=skip_missing)
         df, figs = run(adata, features, n_niches, out_dir=out_dir, seed=seed, teacher=NicheTeacher(n_niches, method=method, seed=seed),
-                      student_kwargs={"max_epochs": max_epochs})
+                      student_kwargs={"max_epochs": max_epochs}, refine=refine)
         typer.echo(format_table(df))
         typer.echo("\nmean over folds:\n" + summary(df).round(3).to_string())
         typer.echo(f"\nteacher NMI(niche, patient) = {df.attrs['teacher_nmi_patient']:.3f}")

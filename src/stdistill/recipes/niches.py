@@ -179,15 +179,16 @@ def _baselines_step(adata: ad.AnnData, feat_secs: list[str], sec: np.ndarray, fe
     return base_codes
 
 
-def _fold_rows(fold, teach: np.ndarray, tr_mask: np.ndarray, te_mask: np.ndarray, s_codes: np.ndarray,
+def _fold_rows(fold, teach: np.ndarray, tr_mask: np.ndarray, te_mask: np.ndarray, s_codes: dict[str, np.ndarray],
                base_codes: dict, cats: list[str], note: str, t_fold: float) -> tuple[list[dict], dict, dict, dict]:
-    """Metric rows of one fold (student, baselines, teacher) and what macro-F1 needs: the fold's
-    common row, the predictions and the cluster -> teacher-niche maps of the baselines."""
+    """Metric rows of one fold (the student and its variants in ``s_codes``, e.g. refined; the
+    baselines; the teacher) and what macro-F1 needs: the fold's common row, the predictions and the
+    cluster -> teacher-niche maps of the baselines (None for student variants)."""
     t_te = teach[te_mask]
     sizes = pd.Series(t_te).value_counts().reindex(cats, fill_value=0)
     single = bool(sizes.max() >= 0.95 * max(sizes.sum(), 1))
-    preds = {"student": s_codes.astype(str)}
-    maps = {"student": None}
+    preds = {name: codes.astype(str) for name, codes in s_codes.items()}
+    maps = dict.fromkeys(s_codes)
     for name, codes in base_codes.items():
         maps[name] = majority_map(codes[tr_mask], teach[tr_mask])
         preds[name] = codes.astype(str)
@@ -200,7 +201,7 @@ def _fold_rows(fold, teach: np.ndarray, tr_mask: np.ndarray, te_mask: np.ndarray
         rows.append(dict(base_row, method=method, ari=ari(t_te, raw), nmi=nmi(t_te, raw),
                          id_acc=niche_id_accuracy(t_te, mapped), macro_f1=np.nan, f1_section="",
                          seconds=t_fold if method == "student" else np.nan,
-                         note=note if method == "student" else "clusters -> teacher niche: majority on training patients"))
+                         note=note if method in s_codes else "clusters -> teacher niche: majority on training patients"))
     rows.append(dict(base_row, method="teacher", ari=np.nan, nmi=np.nan, id_acc=np.nan, macro_f1=np.nan,
                      f1_section="", seconds=np.nan, note=""))
     return rows, base_row, preds, maps
@@ -223,10 +224,9 @@ def _macro_f1_step(rows: list[dict], fold, labels: np.ndarray, sec: np.ndarray, 
         y = labels[ev].astype(str)
         default, _ = trivial_macro_f1(labels[ref].astype(str))
         lab_classes = sorted(set(y))
-        cand = {"teacher": teach[ev], "student": preds["student"][ev]}
-        for name, m in maps.items():
-            if m is not None:
-                cand[name] = apply_map(preds[name][ev], m, default="-1").astype(str)
+        cand = {"teacher": teach[ev]}
+        for name, m in maps.items():  # student variants are niche ids already; baselines go through their map
+            cand[name] = preds[name][ev] if m is None else apply_map(preds[name][ev], m, default="-1").astype(str)
         for r in rows:
             if r["fold"] == fold.name and r["method"] in cand:
                 r["macro_f1"] = macro_f1(y, apply_map(cand[r["method"]], n2l, default=default).astype(str),
@@ -252,6 +252,13 @@ def _fold_figures(adata: ad.AnnData, fold, sec: np.ndarray, s_codes: np.ndarray,
                     titles=["teacher (ST)", "student (H&E)", "k-means (H&E)", "nbr k-means (H&E)"], path=p)
         figs.append(p)
     return figs
+
+
+def _codes(probs: np.ndarray, rows: np.ndarray, n_obs: int) -> np.ndarray:
+    """(n_obs,) argmax niche of ``probs`` placed at the boolean ``rows``; -1 elsewhere and where NaN."""
+    out = np.full(n_obs, -1)
+    out[rows] = np.where(np.all(np.isfinite(probs), 1), np.nan_to_num(probs).argmax(1), -1)
+    return out
 
 
 def _write_metrics(df: pd.DataFrame, sizes_all: pd.DataFrame, out_dir: str | os.PathLike, n_niches: int) -> None:
@@ -282,6 +289,7 @@ def run(
     label_key: str | None = "pathology",
     figures: bool = True,
     verbose: bool = True,
+    refine: bool = False,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Leave-one-patient-out niche distillation on any dataset in the stdistill layout.
 
@@ -313,6 +321,10 @@ def run(
         radius (about 18 neighbours), computed on the spots with features.
     label_key
         ``obs`` column of pathologist labels for macro-F1 (``"undetermined"`` spots ignored).
+    refine
+        Also score the student refined on each held-out section with the refinement it chose on its
+        validation patient (``NicheStudent.predict(refine="auto")``; label-free, H&E only), as
+        method ``"student_refined"``; the raw student stays.
 
     Returns
     -------
@@ -364,8 +376,12 @@ def run(
         probs = student.predict_proba(subset_sections(adata, list(fold.test)), extract=False)
         student_probs[np.isin(sec, fold.test)] = probs
         t_fold = time.perf_counter() - tf
-        s_codes = np.full(adata.n_obs, -1)
-        s_codes[np.isin(sec, fold.test)] = np.where(np.all(np.isfinite(probs), 1), np.nan_to_num(probs).argmax(1), -1)
+        s_codes = {"student": _codes(probs, np.isin(sec, fold.test), adata.n_obs)}
+        if refine:
+            test = subset_sections(adata, list(fold.test))
+            student.predict(test, key_added="student", extract=False, refine="auto")
+            s_codes["student_refined"] = _codes(np.asarray(test.obsm["student_refined_probs"]), np.isin(sec, fold.test),
+                                                adata.n_obs)
         chosen = student.info_.get("chosen") or {}
         note = (f"val patient {','.join(student.info_.get('val_patients', [])) or '-'}, {student.info_.get('best_epoch')} epochs"
                 + (f", chose {chosen}" if student_candidates else ""))
@@ -374,7 +390,7 @@ def run(
         if labels is not None:
             _macro_f1_step(rows, fold, labels, sec, pat, has_f, teach, preds, maps, base_row)
         if figures and out_dir is not None:
-            figs += _fold_figures(adata, fold, sec, s_codes, cats, n_niches, out_dir)
+            figs += _fold_figures(adata, fold, sec, s_codes["student"], cats, n_niches, out_dir)
         if verbose:
             r = {q["method"]: q for q in rows if q["fold"] == fold.name}
             print(f"fold {fold.name}: n={int(te_mask.sum())} teacher sizes {base_row['teacher_sizes']}"
@@ -394,8 +410,9 @@ run_niches = run
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean over folds of ARI/NMI/ID-accuracy per method (rows: student, kmeans, kmeans_nbr)."""
-    m = df[df["method"].isin(["student", *BASELINES])]
+    """Mean over folds of ARI/NMI/ID-accuracy per method (rows: student, student_refined when
+    scored, kmeans, kmeans_nbr)."""
+    m = df[df["method"].isin(["student", "student_refined", *BASELINES])]
     return m.groupby("method", sort=False)[["ari", "nmi", "id_acc"]].mean()
 
 
