@@ -91,7 +91,7 @@ def patient_nmi(a, key: str) -> float:
 def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list[dict]:
     """Student (raw and refined) and neighbourhood k-means on one held-out patient."""
     import stdistill as sd
-    from stdistill.metrics import ari, nmi
+    from stdistill.metrics import apply_map, ari, majority_map, niche_id_accuracy, nmi
     from stdistill.recipes.niches import kmeans_niches
     from stdistill.students import NicheStudent
 
@@ -106,12 +106,19 @@ def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list
     st.fit(tr, probs_key="niche_teacher_probs")
     st.predict(te, key_added="student", refine="auto")
     base = kmeans_niches(a, key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
-    teach = te.obs["niche_teacher"]
-    b = base[a.obs["patient"].astype(str).to_numpy() == test_patient]
-    common = {"k": k, "seed": seed, "patient": test_patient, "kmeans_nbr_ari": ari(teach, b),
-              "kmeans_nbr_nmi": nmi(teach, b), "refine_chosen": _refine_name(st.info_["refine"])}
+    plain = kmeans_niches(a, key, k, radius_um=None, seed=seed, key_added="kmeans")
+    teach = te.obs["niche_teacher"].astype(str).to_numpy()
+    is_te = a.obs["patient"].astype(str).to_numpy() == test_patient
+    t_all = a.obs["niche_teacher"].astype(str).to_numpy()
+    common = {"k": k, "seed": seed, "patient": test_patient, "refine_chosen": _refine_name(st.info_["refine"])}
+    for name, codes in (("kmeans_nbr", base), ("kmeans", plain)):
+        c = codes.astype(str)  # niche-ID accuracy: cluster -> teacher niche by majority on the training patients
+        mapped = apply_map(c[is_te], majority_map(c[~is_te], t_all[~is_te]), default="-1").astype(str)
+        common.update({f"{name}_ari": ari(teach, c[is_te]), f"{name}_nmi": nmi(teach, c[is_te]),
+                       f"{name}_acc": niche_id_accuracy(teach, mapped)})
     raw = {"raw_ari": ari(teach, te.obs["student"]), "raw_nmi": nmi(teach, te.obs["student"])}
-    return [dict(common, **raw, arm=config + suffix, student_ari=ari(teach, te.obs[col]), student_nmi=nmi(teach, te.obs[col]))
+    return [dict(common, **raw, arm=config + suffix, student_ari=ari(teach, te.obs[col]), student_nmi=nmi(teach, te.obs[col]),
+                 student_acc=niche_id_accuracy(teach, te.obs[col].astype(str).to_numpy()))
             for suffix, col in (("", "student"), (" +refine", "student_refined"))]
 
 
@@ -130,7 +137,8 @@ def table(rows, patients: list[str] | None = None):
     per_seed["d_ari"] = per_seed["student_ari"] - per_seed["kmeans_nbr_ari"]
     per_seed["d_nmi"] = per_seed["student_nmi"] - per_seed["kmeans_nbr_nmi"]
     g = per_seed.groupby(["arm", "k"])
-    out = g[["student_ari", "kmeans_nbr_ari", "student_nmi", "kmeans_nbr_nmi"]].mean().round(3)
+    out = g[["student_ari", "kmeans_nbr_ari", "kmeans_ari", "student_nmi", "kmeans_nbr_nmi", "student_acc",
+             "kmeans_nbr_acc", "kmeans_acc"]].mean().round(3)
     for d in ("d_ari", "d_nmi"):
         out[f"{d} mean"] = g[d].mean().round(3)
         out[f"{d} sd"] = g[d].std(ddof=1).round(3) if g.size().min() > 1 else float("nan")
