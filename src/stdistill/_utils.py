@@ -38,8 +38,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically with plain file I/O; raises ``OSError`` on failure.
+    ``mode``: permission bits given to the file before it is renamed into place.
 
     Free space is checked first (``ENOSPC`` before anything is written). A write that still
     fails (quota, file-size limit) raises ``OSError`` and leaves neither ``path`` nor a temporary file.
@@ -53,12 +54,15 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     free = shutil.disk_usage(path.parent).free
     if need > free:
         raise OSError(errno.ENOSPC, f"no space left on device: needs {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
     return path
 
 
-def write_hdf5(path: str | os.PathLike, fill) -> Path:
+def write_hdf5(path: str | os.PathLike, fill, mode: int | None = None) -> Path:
     """Build an HDF5 file in memory with ``fill(h5py.File)``, then :func:`write_bytes` it to ``path``.
 
     HDF5 never touches the disk, so a full disk or a file-size limit gives a plain ``OSError``
@@ -72,7 +76,7 @@ def write_hdf5(path: str | os.PathLike, fill) -> Path:
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         fill(f)
-    return write_bytes(path, buf.getbuffer())
+    return write_bytes(path, buf.getbuffer(), mode=mode)
 
 
 def seed_everything(seed: int) -> None:

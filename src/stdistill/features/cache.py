@@ -60,13 +60,19 @@ def entry_key(**parts) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
-def _share(path: Path) -> None:
-    """Temporary files are created 0600; give entries the permissions of the user's umask."""
+def _entry_mode() -> int:
+    """Temporary files are created 0600; entries get the permissions of the user's umask (set on
+    the temporary file, before the rename: another process may evict the entry right after)."""
     global _UMASK
     if _UMASK is None:
         _UMASK = os.umask(0o022)
         os.umask(_UMASK)
-    os.chmod(path, 0o666 & ~_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def _share(path: Path) -> None:
+    """Give a file written through a 0600 temporary file the permissions of the user's umask."""
+    os.chmod(path, _entry_mode())
 
 
 _UMASK: int | None = None
@@ -111,6 +117,8 @@ class FeatureCache:
                 checksum = f.attrs["checksum"]
                 checksum = checksum.decode() if isinstance(checksum, bytes) else str(checksum)
                 fmt = int(f.attrs.get("format", -1))
+        except FileNotFoundError:  # removed between stat and open (evicted by another process): a miss
+            return None
         except Exception as e:  # truncated file, failed Fletcher-32, missing dataset/attrs ...
             return self._corrupt(p, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         if fmt != FORMAT:
@@ -168,8 +176,7 @@ class FeatureCache:
             f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
 
         try:
-            write_hdf5(p, fill)  # built in memory: a full disk is an OSError, not an h5py crash
-            _share(p)
+            write_hdf5(p, fill, mode=_entry_mode())  # built in memory: a full disk is an OSError, not an h5py crash
         except OSError as e:
             raise StdistillError(f"cannot write the feature cache ({e}); pass cache_dir= or set {ENV}", p) from None
         return p
