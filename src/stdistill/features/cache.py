@@ -20,6 +20,7 @@ attributes ``checksum``, ``section``, ``n``, ``dim``, ``format``, ``key_parts`` 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -106,19 +107,19 @@ class FeatureCache:
         import h5py
 
         p = self.path(encoder, key)
-        try:
-            st = p.stat()
-        except OSError:
+        try:  # read the whole entry through one open file: another process may evict or replace it meanwhile
+            with open(p, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
+        except OSError:  # absent (or evicted before we opened it): a miss
             return None
         self._read_stat = (st.st_ino, st.st_mtime_ns)
         try:
-            with h5py.File(p, "r") as f:
+            with h5py.File(io.BytesIO(data), "r") as f:
                 feats = f["features"][()]
                 checksum = f.attrs["checksum"]
                 checksum = checksum.decode() if isinstance(checksum, bytes) else str(checksum)
                 fmt = int(f.attrs.get("format", -1))
-        except FileNotFoundError:  # removed between stat and open (evicted by another process): a miss
-            return None
         except Exception as e:  # truncated file, failed Fletcher-32, missing dataset/attrs ...
             return self._corrupt(p, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         if fmt != FORMAT:
