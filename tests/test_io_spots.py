@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from _cli_helpers import _cli
 from PIL import Image
 
 import stdistill as sd
@@ -61,12 +57,8 @@ def test_h5ad_with_spatial_then_cli(own, tmp_path):
     src.write_h5ad(d / "mine.h5ad")
     a = sd.io.read_spots(d / "mine.h5ad", image=d / "he.png", microns_per_pixel=0.5, section="S1")
     assert a.obs["section"].iloc[0] == "S1" and a.obs["patient"].iloc[0] == "S1"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    code = "import sys\nfrom stdistill.cli import main\nsys.argv[0] = 'stdistill'\nmain()\n"
-    r = subprocess.run([sys.executable, "-c", code, "import", str(d / "counts.csv"), "--positions", str(d / "pos.tsv"),
-                        "--image", str(d / "he.png"), "--mpp", "0.5", "--patient", "P9", "--out", str(tmp_path / "o.h5ad")],
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    r = _cli("import", str(d / "counts.csv"), "--positions", str(d / "pos.tsv"), "--image", str(d / "he.png"),
+             "--mpp", "0.5", "--patient", "P9", "--out", str(tmp_path / "o.h5ad"))
     assert r.returncode == 0, r.stderr
     b = sd.io.load_any(tmp_path / "o.h5ad")  # what every command reads
     assert b.obs["patient"].iloc[0] == "P9" and b.n_obs == N

@@ -3,18 +3,16 @@ loaded in headless Chromium (no console errors, figures drawn); skipped where ch
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from _cli_helpers import _cli
 
 import stdistill as sd
 from stdistill import StdistillError
@@ -119,15 +117,10 @@ def test_report_refuses_in_one_line(tmp_path):
 
 
 def test_report_cli(folders, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    code = "import sys\nfrom stdistill.cli import main\nsys.argv[0] = 'stdistill'\nmain()\n"
     out = tmp_path / "r.html"
-    r = subprocess.run([sys.executable, "-c", code, "report", str(folders["bench"]), "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    r = _cli("report", str(folders["bench"]), "--out", str(out))
     assert r.returncode == 0 and out.is_file(), r.stderr
-    r = subprocess.run([sys.executable, "-c", code, "report", str(tmp_path / "nope")], env=env, capture_output=True,
-                       text=True, timeout=120, check=False)
+    r = _cli("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_helpers import _cli
 from _slide_helpers import PX, SIZE_UM, he_image, niche_bundle, write_pyramid
-from conftest import REPO, TINY_EFF, TINY_VIT
+from conftest import TINY_EFF, TINY_VIT
 
 import stdistill as sd
 from stdistill import StdistillError
@@ -150,32 +148,6 @@ def test_predict_png_needs_mpp(bundle, tmp_path):
 
 
 # ------------------------------------------------------------------ the real entry point
-_MAIN = ("import sys, timm, torch\n"
-         "sys.path.insert(0, {tests!r})\n"
-         "from conftest import TINY_EFF, _seeded\n"
-         "import stdistill as sd\n"
-         "sd.encoders.register_module(TINY_EFF, _seeded(lambda: timm.create_model('tf_efficientnet_lite0', "
-         "pretrained=False, num_classes=0)), mean=(0.5,)*3, std=(0.5,)*3, input_px=32, dim=1280, overwrite=True)\n"
-         "from stdistill.cli import main\n"
-         "sys.argv[0] = 'stdistill'\n"
-         "main()\n")
-
-
-_PLAIN = "import sys\nfrom stdistill.cli import main\nsys.argv[0] = 'stdistill'\nmain()\n"
-
-
-def _cli(*args: str, env: dict | None = None, popen: bool = False, tiny: bool = False):
-    """Run the real entry point, ``stdistill.cli.main``, in a fresh process (``tiny``: with the
-    tiny test encoders registered first)."""
-    code = _MAIN.format(tests=str(REPO / "tests")) if tiny else _PLAIN
-    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-         "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    cmd = [sys.executable, "-c", code, *args]
-    if popen:
-        return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=120, check=False)
-
-
 def test_resume_after_kill_gives_identical_outputs(bundle, slide, tmp_path):
     path, img = slide
     args = [str(path), "--model", str(bundle), "--chunk-tiles", "16", "--quiet"]

@@ -1,0 +1,35 @@
+"""Run the real ``stdistill`` entry point (``stdistill.cli.main``) in a fresh process, as a user's shell would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_MAIN = ("import sys, timm, torch\n"
+         "sys.path.insert(0, {tests!r})\n"
+         "from conftest import TINY_EFF, _seeded\n"
+         "import stdistill as sd\n"
+         "sd.encoders.register_module(TINY_EFF, _seeded(lambda: timm.create_model('tf_efficientnet_lite0', "
+         "pretrained=False, num_classes=0)), mean=(0.5,)*3, std=(0.5,)*3, input_px=32, dim=1280, overwrite=True)\n"
+         "from stdistill.cli import main\n"
+         "sys.argv[0] = 'stdistill'\n"
+         "main()\n")
+
+
+_PLAIN = "import sys\nfrom stdistill.cli import main\nsys.argv[0] = 'stdistill'\nmain()\n"
+
+
+def _cli(*args: str, env: dict | None = None, popen: bool = False, tiny: bool = False):
+    """Run the real entry point, ``stdistill.cli.main``, in a fresh process (``tiny``: with the
+    tiny test encoders registered first)."""
+    code = _MAIN.format(tests=str(REPO / "tests")) if tiny else _PLAIN
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+         "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-c", code, *args]
+    if popen:
+        return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=120, check=False)
