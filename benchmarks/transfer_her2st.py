@@ -18,7 +18,9 @@ rows apart. Also: the extraction cost and NMI(feature clusters, patient) with an
 normalisation, and which refinement was chosen how often.
 
 ``+context``: the student gets one extra token per spot, the features of a 224 um field of view
-(2x the patch) around it; the baseline keeps the patch features.
+(2x the patch) around it; the baselines get the same information: patch and context features
+side by side. ``all``: stain-normalised patch and context features, augmented views, and (in
+``all +refine``) the refinement.
 
 Not done here (see docs/transfer.md): the expression probe / PEKA arms.
 """
@@ -40,11 +42,11 @@ CONFIGS = {  # student configuration: (stain normalised features, augmented view
     "+views": (False, True, False),
     "+stain+views": (True, True, False),
     "+context": (False, False, True),
+    "all": (True, True, True),
 }
 CONTEXT_UM = 224.0  # context field of view: 2x the 112 um patch, resized to the encoder's 224 px
 # each configuration is scored raw and refined: arm = config (+ " +refine"); "all" = +stain+views +refine
-ARMS = ["none", "+stain", "+views", "+stain+views", "+context", "none +refine", "+stain +refine", "+views +refine",
-        "+stain+views +refine", "+context +refine"]
+ARMS = [c + r for r in ("", " +refine") for c in CONFIGS]
 APART = "A"  # HER2ST patient whose images are 3.2 um/px copies: reported apart
 
 
@@ -58,18 +60,31 @@ def load(args):
 
 
 def features(a, args):
-    """Plain and stain-normalised features (with views); prints the cost of each pass."""
+    """Plain and stain-normalised features (with views) and the context features; prints each pass's cost."""
+    import numpy as np
+
     import stdistill as sd
 
     kw = dict(precision=args.precision, views=args.views, view_seed=0)
     plain = sd.features.run_extraction(a, ENCODER, key_added=KEY, **kw)
     norm = sd.features.run_extraction(a, ENCODER, key_added=KEY + "_macenko", stain_norm="macenko", **kw)
-    if "+context" in args.configs:
-        ctx = sd.features.run_extraction(a, ENCODER, key_added=KEY + "_ctx", size_um=CONTEXT_UM, precision=args.precision)
-        print(f"extraction context ({CONTEXT_UM:.0f} um): {ctx.seconds_clean:.1f} s ({ctx.patches_computed} patches computed)")
+    for config in args.configs:
+        stain, _, context = CONFIGS[config]
+        key = _key(stain, context=True)
+        if context and key not in a.obsm:
+            ctx = sd.features.run_extraction(a, ENCODER, key_added=key, size_um=CONTEXT_UM, precision=args.precision,
+                                             stain_norm="macenko" if stain else None)
+            print(f"extraction context ({CONTEXT_UM:.0f} um{', macenko' if stain else ''}): {ctx.seconds_clean:.1f} s "
+                  f"({ctx.patches_computed} patches computed)")
+            side = _key(stain) + "+ctx"  # the baselines' input: patch and context features side by side
+            a.obsm[side] = np.hstack([np.asarray(a.obsm[_key(stain)]), np.asarray(a.obsm[key])])
     for name, r in (("plain", plain), ("macenko", norm)):
         print(f"extraction {name}: clean pass {r.seconds_clean:.1f} s, {r.views} views {r.seconds_views:.1f} s "
               f"({r.patches_computed} patches computed, {r.precision}, {os.cpu_count()} CPU cores)")
+
+
+def _key(stain: bool, context: bool = False) -> str:
+    return KEY + ("_ctx" if context else "") + ("_macenko" if stain else "")
 
 
 def patient_nmi(a, key: str) -> float:
@@ -96,17 +111,18 @@ def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list
     from stdistill.students import NicheStudent
 
     stain, views, context = CONFIGS[config]
-    key = KEY + ("_macenko" if stain else "")
+    key = _key(stain)
+    base_key = key + "+ctx" if context else key
     secs = sd.io.sections(a)
     pats = a.obs.groupby("section", observed=True)["patient"].first().astype(str)
     tr = sd.io.subset_sections(a, [s for s in secs if pats[s] != test_patient])
     te = sd.io.subset_sections(a, [s for s in secs if pats[s] == test_patient])
-    st = NicheStudent(k, feature_key=key, views=views, context_key=KEY + "_ctx" if context else None,
+    st = NicheStudent(k, feature_key=key, views=views, context_key=_key(stain, context=True) if context else None,
                       max_epochs=args.max_epochs, seed=seed)
     st.fit(tr, probs_key="niche_teacher_probs")
     st.predict(te, key_added="student", refine="auto")
-    base = kmeans_niches(a, key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
-    plain = kmeans_niches(a, key, k, radius_um=None, seed=seed, key_added="kmeans")
+    base = kmeans_niches(a, base_key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
+    plain = kmeans_niches(a, base_key, k, radius_um=None, seed=seed, key_added="kmeans")
     teach = te.obs["niche_teacher"].astype(str).to_numpy()
     is_te = a.obs["patient"].astype(str).to_numpy() == test_patient
     t_all = a.obs["niche_teacher"].astype(str).to_numpy()

@@ -195,3 +195,21 @@ def test_student_context_token(taught, tmp_path):
     del te.obsm["X_ctx"]
     with pytest.raises(StdistillError, match="X_ctx"):
         s.predict_proba(te)
+
+
+def test_refinement_feature_radius_student(taught, tmp_path):
+    from stdistill.students._refine import resolve_refinement
+
+    tr, te = _split(taught)
+    grid = [{"method": "gmm", "weight": 64.0, "feature_radius_um": "student"}]
+    s = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=2, seed=0, refine_grid=grid).fit(tr)
+    assert s.info_["refine"] == grid[0]  # stored symbolically, resolved when applied
+    s.predict(te, key_added="pred", refine="auto")
+    assert te.uns["pred_refined"]["params"]["feature_radius_um"] == pytest.approx(450.0)
+    wide = te.obsm["pred_refined_probs"].copy()
+    s.predict(te, key_added="pred", refine="gmm", refine_kwargs={"weight": 64.0})  # first ring only
+    assert te.uns["pred_refined"]["params"]["feature_radius_um"] < 450.0
+    assert not np.allclose(wide, te.obsm["pred_refined_probs"], atol=1e-4)
+    with pytest.raises(StdistillError, match="student's radius"):
+        resolve_refinement(grid[0], None)
+    assert NicheStudent.load(s.save(tmp_path / "r")).info_["refine"] == grid[0]

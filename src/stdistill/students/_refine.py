@@ -109,6 +109,7 @@ def refine_niches(
     weight: float = 1.0,
     em_steps: int = 3,
     n_pcs: int = 20,
+    feature_radius_um: float | None = None,
     seed: int = 0,
     key_added: str = "niche_refined",
     copy: bool = False,
@@ -136,6 +137,10 @@ def refine_niches(
         tempered likelihood, see :func:`gmm_refine`; 0: no change) and EM steps.
     n_pcs
         Principal components of the averaged features for the mixture.
+    feature_radius_um
+        Mixture: radius (um) over which each spot's features are averaged; None: ``radius_um``
+        (the first ring). A wider one (e.g. the student's own neighbourhood, as neighbourhood
+        k-means uses) gives the mixture the section's tissue-scale structure.
     key_added
         Writes ``obs[key_added]`` (categorical argmax), ``obsm[key_added + "_probs"]`` (n_obs, K)
         and ``uns[key_added]["params"]``; ``obsm[probs_key]`` is left as it was.
@@ -158,6 +163,8 @@ def refine_niches(
         ok &= np.all(np.isfinite(np.asarray(adata.obsm[feature_key], dtype=np.float64)), axis=1)
     r = float(radius_um) if radius_um else radius_for_neighbors(adata, 6, mask=ok)
     graph = radius_graph(adata, r).tocsr()
+    r_feat = float(feature_radius_um) if feature_radius_um else r
+    fgraph = graph if r_feat == r or method not in ("gmm", "both") else radius_graph(adata, r_feat).tocsr()
     out = np.full(probs.shape, np.nan)
     sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
     for s in sections(adata):
@@ -167,14 +174,15 @@ def refine_niches(
         adj = graph[rows][:, rows]
         p = probs[rows] / probs[rows].sum(1, keepdims=True)
         if method in ("gmm", "both") and len(rows) > probs.shape[1]:
-            p = gmm_refine(_section_features(adata, feature_key, rows, adj, n_pcs, seed), p, n_iter=em_steps, weight=weight)
+            x = _section_features(adata, feature_key, rows, fgraph[rows][:, rows], n_pcs, seed)
+            p = gmm_refine(x, p, n_iter=em_steps, weight=weight)
         if method in ("propagate", "both"):
             p = propagate_labels(adj, p, alpha=alpha, n_iter=n_iter)
         out[rows] = p
     write_niches(adata, out.astype(np.float32), key_added)
     adata.uns[key_added] = {"params": {"probs_key": probs_key, "method": method, "feature_key": feature_key or "",
                                        "radius_um": r, "alpha": float(alpha), "n_iter": int(n_iter), "weight": float(weight),
-                                       "em_steps": int(em_steps), "n_pcs": int(n_pcs),
+                                       "em_steps": int(em_steps), "n_pcs": int(n_pcs), "feature_radius_um": r_feat,
                                        "seed": int(seed)}}
     return adata if copy else None
 
@@ -186,7 +194,21 @@ DEFAULT_REFINE_GRID: tuple[dict, ...] = (
     {"method": "gmm", "weight": 1.0},
     {"method": "gmm", "weight": 4.0},
     {"method": "both", "weight": 1.0, "alpha": 0.3},
+    {"method": "gmm", "weight": 16.0, "feature_radius_um": "student"},
+    {"method": "gmm", "weight": 64.0, "feature_radius_um": "student"},
 )
+#: ``feature_radius_um="student"`` in a grid entry: the student's own neighbourhood radius
+#: (``NicheStudent.info_["radius_um"]``), resolved when the refinement is applied.
+
+
+def resolve_refinement(entry: dict, student_radius_um: float | None) -> dict:
+    """``entry`` as :func:`refine_niches` keywords: ``feature_radius_um="student"`` -> ``student_radius_um``."""
+    kw = dict(entry)
+    if kw.get("feature_radius_um") == "student":
+        if student_radius_um is None:
+            raise StdistillError('refinement feature_radius_um="student" needs the student\'s radius (a fitted student)')
+        kw["feature_radius_um"] = float(student_radius_um)
+    return kw
 
 
 def choose_refinement(
@@ -198,6 +220,7 @@ def choose_refinement(
     *,
     feature_key: str | None = None,
     radius_um: float | None = None,
+    student_radius_um: float | None = None,
     seed: int = 0,
 ) -> tuple[dict, list[dict]]:
     """The refinement of ``grid`` whose argmax agrees best (ARI) with the teacher on validation spots.
@@ -205,7 +228,8 @@ def choose_refinement(
     ``probs`` (n_obs, K): the student's probabilities from a model that did not train on
     ``rows`` (the validation patient or block); ``teacher`` (n_obs,): the teacher's niche ids;
     ``rows`` (n_obs,) bool. Only the validation spots' features, coordinates and sections are
-    read (never counts). Ties go to the earlier entry. Returns the chosen dict and one
+    read (never counts). ``student_radius_um`` resolves entries with ``feature_radius_um="student"``
+    (:func:`resolve_refinement`). Ties go to the earlier entry. Returns the chosen dict and one
     ``dict(entry, val_ari=...)`` per entry.
     """
     from ..metrics import ari
@@ -220,7 +244,7 @@ def choose_refinement(
     truth = np.asarray(teacher)[rows]
     table, best = [], None
     for entry in grid:
-        kw = dict(entry)
+        kw = resolve_refinement(entry, student_radius_um)
         method = kw.pop("method", "none")
         refine_niches(va, "student_probs", method=method, feature_key=feature_key, radius_um=radius_um, seed=seed,
                       key_added="cand", **kw)

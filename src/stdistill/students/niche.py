@@ -584,7 +584,8 @@ class NicheStudent:
             self.net_ = None
         teacher = np.where(np.all(np.isfinite(probs), axis=1), np.nan_to_num(probs).argmax(1), -1)
         chosen, table = choose_refinement(adata, pred, teacher, is_val & (teacher >= 0), grid,
-                                          feature_key=self.params["feature_key"], seed=self.params["seed"])
+                                          feature_key=self.params["feature_key"], seed=self.params["seed"],
+                                          student_radius_um=self.info_.get("radius_um"))
         self.info_.update(refine=chosen, refine_selection=table)
 
     def _one_patient_block(self, adata: ad.AnnData, has: np.ndarray, train_pats: list[str]) -> np.ndarray:
@@ -646,7 +647,7 @@ class NicheStudent:
         probs = self.predict_proba(adata, extract=extract)
         write_niches(adata, probs, key_added)
         if refine:
-            from ._refine import refine_niches
+            from ._refine import refine_niches, resolve_refinement
 
             kw = {"feature_key": self.params["feature_key"], "seed": self.params["seed"]}
             if refine == "auto":
@@ -654,6 +655,7 @@ class NicheStudent:
             else:
                 kw["method"] = refine
             kw.update(refine_kwargs or {})
+            kw = resolve_refinement(kw, self.info_.get("radius_um"))
             refine_niches(adata, f"{key_added}_probs", key_added=f"{key_added}_refined", **kw)
         return probs
 
