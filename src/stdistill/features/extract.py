@@ -279,10 +279,13 @@ def extract(
         or ``"ddp_spawn"`` (spawns workers from this process: notebooks, tests). Patches are
         sharded across ranks and gathered into the cache; the result equals a single-process run.
     stain_norm
+        ``"auto"``: the encoder's own choice (its registry spec's ``stain_norm``: Macenko for the
+        ImageNet models, None for pathology foundation models; ``stdistill encoders list``).
         ``"macenko"`` or ``"reinhard"``: normalise every patch's stain onto a reference before
         encoding (:mod:`stdistill.pp` ``StainNormalizer``; needs the ``stain`` extra). Each
-        section's stain is estimated from up to 64 of its patches; the method, the reference and
-        the section's estimate are part of the cache key. None: no normalisation.
+        section's stain is estimated from up to 64 of its patches; the method applied, the
+        reference and the section's estimate are part of the cache key (so ``"auto"`` and the
+        method it resolves to share entries). None (default): no normalisation.
     stain_reference
         The reference stain: None (the first imaged section of ``adata``), a section name, a
         stored state (``uns["features"][key]["stain"]`` of the training data, so a new slide is
@@ -491,6 +494,11 @@ def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_work
     spec = job.spec
     key_added = key_added or f"X_{spec.name}"
     report = ExtractionReport(encoder=spec.name, key_added=key_added, precision=job.prec, device=job.dev)
+    if stain_norm == "auto":
+        stain_norm = spec.stain_norm
+        if stain_norm is None and stain_reference is not None:
+            raise StdistillError(f"stain_norm='auto' resolves to None for encoder {spec.name!r} (its registry choice), "
+                                 "but stain_reference is set; pass stain_norm='macenko' or 'reinhard'")
     stain_tf, stain_record, stain_parts = _stain(job, imaged, stain_norm, stain_reference)
     feats_light, status, report.patches_computed = _encode_pass(job, imaged, stain_parts, stain_tf, "")
     report.seconds_clean = time.perf_counter() - t0
