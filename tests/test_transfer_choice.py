@@ -177,3 +177,17 @@ def test_slide_prediction_uses_recorded_stain_and_context_chunk_by_chunk(sim, tm
     np.testing.assert_allclose(got, want, atol=1e-4)
     with pytest.raises(StdistillError, match="context_stats"):
         st.predict_proba(tiles, stats=(np.zeros(192, np.float32), np.ones(192, np.float32)))
+
+
+def test_candidates_refit_with_the_winners_views_not_the_last_candidates(sim):
+    a, _ = sim
+    train = sd.io.subset_sections(a, ["sim0", "sim1"])
+    test = sd.io.subset_sections(a, ["sim2"])
+    rng = np.random.default_rng(0)
+    f = train.obsm[KEY]
+    train.obsm[f"{KEY}_views"] = (f[:, None] + rng.normal(0, 2 * f.std(), (len(f), 2, f.shape[1]))).astype(np.float32)
+    kw = dict(feature_key=KEY, seed=0, **FAST)
+    for order in ([{"views": True}, {"views": False}], [{"views": False}, {"views": True}]):
+        st = NicheStudent(**kw).fit(train, candidates=order)
+        direct = NicheStudent(**{**kw, **st.info_["chosen"]}).fit(train)
+        np.testing.assert_allclose(st.predict_proba(test), direct.predict_proba(test), atol=1e-5)

@@ -574,8 +574,9 @@ class NicheStudent:
                 epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
                 selection.append(dict(c, val_score=score, best_epoch=epoch))
                 if best is None or score < best[0] - 1e-9:
-                    best = (score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history))
-            score, c, epoch, mod, arrays, info, vloss, verr = best
+                    best = (score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history),
+                            self._views_z)
+            score, c, epoch, mod, arrays, info, vloss, verr, self._views_z = best  # the winner's views, not the last's
             self.params = dict(base, **c)
             self.info_ = info
             self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
