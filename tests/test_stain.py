@@ -187,3 +187,29 @@ def test_features_cli_context_key(tmp_path, tiny_encoders):
     assert res.exit_code == 0, res.output
     a = sd.io.read_h5ad(out)
     assert a.obsm["X_ctx"].shape == (12, 192) and a.uns["features"]["X_ctx"]["size_um"] == 64.0
+
+
+def test_stain_norm_auto_uses_the_encoders_registry_choice(tmp_path, tiny_encoders):
+    a = he_sections(6)
+    key = f"X_{TINY_VIT}"
+    spec = sd.encoders.get_spec(TINY_VIT)
+    assert spec.stain_norm is None and sd.encoders.get_spec("uni").stain_norm is None
+    assert sd.encoders.get_spec("effnet-lite0-imagenet").stain_norm == "macenko"
+    assert sd.encoders.list_encoders().loc["effnet-lite0-imagenet", "stain_norm"] == "macenko"
+    assert {s.status for s in _run(a, tmp_path).sections} == {"computed"}
+    plain = a.obsm[key].copy()
+    # the tiny encoder asks for none: "auto" is the plain extraction (same cache entries)
+    assert {s.status for s in _run(a, tmp_path, stain_norm="auto").sections} == {"cache hit"}
+    assert "stain" not in a.uns["features"][key]
+    with pytest.raises(StdistillError, match="resolves to None"):
+        _run(a, tmp_path, stain_norm="auto", stain_reference="sec0")
+    # a spec asking for Reinhard: "auto" normalises, sharing the entries of an explicit "reinhard"
+    sd.encoders.register(spec.replace(stain_norm="reinhard"), overwrite=True)
+    try:
+        assert {s.status for s in _run(a, tmp_path, stain_norm="auto").sections} == {"computed"}
+        assert a.uns["features"][key]["stain"]["method"] == "reinhard" and not np.allclose(a.obsm[key], plain)
+        assert {s.status for s in _run(a, tmp_path, stain_norm="reinhard").sections} == {"cache hit"}
+    finally:
+        sd.encoders.register(spec, overwrite=True)
+    with pytest.raises(StdistillError, match="stain_norm must be None or one of"):
+        spec.replace(stain_norm="vahadane")

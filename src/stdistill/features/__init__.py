@@ -9,7 +9,15 @@
 
 from ._manifest import ManifestReport, extract_manifest, read_manifest
 from .cache import FeatureCache, default_cache_dir
-from .extract import DEFAULT_ENCODER, ExtractionReport, extract, resolve_precision, run_extraction
+from .extract import (
+    DEFAULT_ENCODER,
+    ExtractionReport,
+    extract,
+    extraction_kwargs,
+    resolve_precision,
+    run_extraction,
+    stain_estimates,
+)
 
 
 def __getattr__(name: str):
@@ -28,8 +36,10 @@ __all__ = [
     "default_cache_dir",
     "extract",
     "extract_distributed",
+    "extraction_kwargs",
     "extract_manifest",
     "read_manifest",
     "resolve_precision",
     "run_extraction",
+    "stain_estimates",
 ]

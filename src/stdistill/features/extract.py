@@ -231,6 +231,7 @@ def extract(
     num_nodes: int = 1,
     stain_norm: str | None = None,
     stain_reference: Any = None,
+    stain_sources: dict | None = None,
     views: int = 0,
     view_seed: int = 0,
     augment: Any = None,
@@ -279,14 +280,20 @@ def extract(
         or ``"ddp_spawn"`` (spawns workers from this process: notebooks, tests). Patches are
         sharded across ranks and gathered into the cache; the result equals a single-process run.
     stain_norm
+        ``"auto"``: the encoder's own choice (its registry spec's ``stain_norm``: Macenko for the
+        ImageNet models, None for pathology foundation models; ``stdistill encoders list``).
         ``"macenko"`` or ``"reinhard"``: normalise every patch's stain onto a reference before
         encoding (:mod:`stdistill.pp` ``StainNormalizer``; needs the ``stain`` extra). Each
-        section's stain is estimated from up to 64 of its patches; the method, the reference and
-        the section's estimate are part of the cache key. None: no normalisation.
+        section's stain is estimated from up to 64 of its patches; the method applied, the
+        reference and the section's estimate are part of the cache key (so ``"auto"`` and the
+        method it resolves to share entries). None (default): no normalisation.
     stain_reference
         The reference stain: None (the first imaged section of ``adata``), a section name, a
         stored state (``uns["features"][key]["stain"]`` of the training data, so a new slide is
         normalised exactly as the training slides) or a fitted ``StainNormalizer``.
+    stain_sources
+        ``{section: estimate}`` used instead of estimating those sections' stains from their
+        patches (:func:`stain_estimates`: one estimate for a slide encoded chunk by chunk).
     views, view_seed, augment
         ``views`` > 0 also encodes that many augmented views of every patch (HED jitter,
         brightness/contrast, dihedral flip, scale jitter; ``augment``: a
@@ -305,6 +312,25 @@ def extract(
     """
     _run(**locals())  # first statement: locals() holds exactly the arguments
     return adata
+
+
+def extraction_kwargs(record: dict) -> dict:
+    """:func:`extract` keyword arguments that make features the way a stored record says.
+
+    ``record``: an ``uns["features"][key]`` entry (or its copy in a saved model): encoder,
+    ``size_um``, ``px``, precision and, when the features were stain-normalised, the method and
+    its stored reference (each new section gets its own estimate, mapped onto that reference).
+    """
+    try:
+        kw = {"encoder": record["encoder"], "size_um": float(record["size_um"]), "px": int(record["px"])}
+    except (KeyError, TypeError):
+        raise StdistillError("a features record needs 'encoder', 'size_um' and 'px' (uns['features'][key])") from None
+    if record.get("precision"):
+        kw["precision"] = record["precision"]
+    stain = record.get("stain")
+    if stain:
+        kw.update(stain_norm=stain["method"], stain_reference={"method": stain["method"], "reference": stain["reference"]})
+    return kw
 
 
 def run_extraction(adata: ad.AnnData, encoder: Any = DEFAULT_ENCODER, **kwargs: Any) -> ExtractionReport:
@@ -373,13 +399,50 @@ def _setup(adata, encoder, *, size_um, px, batch_size, device, precision, num_wo
     return job, imaged, no_image
 
 
-def _stain(job: _Job, imaged: list[str], method: str | None, reference: Any, n_sample: int = 64):
+def _section_estimates(ds, sec: np.ndarray, secs: list[str], norm, n_sample: int = 64) -> dict[str, dict]:
+    """``{section: stain estimate}`` of ``norm``'s method, each from up to ``n_sample`` of the
+    section's unpadded patches of ``ds`` (evenly spread over its rows)."""
+    out = {}
+    for s in secs:
+        rows = np.flatnonzero(sec == s)
+        clean = rows[~ds.padded[rows]]
+        rows = clean if len(clean) else rows
+        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(n_sample, len(rows))).round().astype(int))]
+        try:
+            out[s] = norm.estimate([ds.read(int(i)) for i in pick])
+        except StdistillError as e:
+            raise StdistillError(f"section {s!r}: {e}") from None
+    return out
+
+
+def stain_estimates(adata: ad.AnnData, method: str, *, size_um: float = 112.0, px: int = 224,
+                    n_sample: int = 64) -> dict[str, dict]:
+    """Each imaged section's stain estimate, as :func:`extract` makes it (up to ``n_sample`` of its
+    ``size_um`` patches at ``px``). Pass them back as ``extract(stain_sources=...)`` to normalise
+    parts of a section (e.g. a slide encoded chunk by chunk) with one estimate."""
+    from ..pp._stain import StainNormalizer
+    from ..pp.patches import PatchDataset
+
+    imaged = [s for s in sections(adata) if has_image(adata, s)]
+    light, _ = _light(adata, imaged)
+    ds = PatchDataset(light, size_um=size_um, px=px)
+    return _section_estimates(ds, light.obs[SECTION_KEY].astype(str).to_numpy(), imaged, StainNormalizer(method), n_sample)
+
+
+def _stain(job: _Job, imaged: list[str], method: str | None, reference: Any, stain_sources: dict | None = None,
+           n_sample: int = 64):
     """(patch transform, uns record, per-section cache-key part); all None without ``method``."""
-    from ..pp._stain import SectionStainTransform, StainNormalizer, check_method
+    from ..pp._stain import (
+        SectionStainTransform,
+        StainNormalizer,
+        _rounded,
+        check_method,
+    )
 
     if method is None:
-        if reference is not None:
-            raise StdistillError("stain_reference is set but stain_norm is None; pass stain_norm='macenko' or 'reinhard'")
+        if reference is not None or stain_sources:
+            raise StdistillError("stain_reference or stain_sources is set but stain_norm is None; pass stain_norm='macenko' "
+                                 "or 'reinhard'")
         return None, None, {}
     method = check_method(method)
     ref_section = ""
@@ -398,16 +461,9 @@ def _stain(job: _Job, imaged: list[str], method: str | None, reference: Any, n_s
                              f"got {type(reference).__name__}")
     if norm.method != method:
         raise StdistillError(f"stain_reference was fitted with {norm.method!r}, but stain_norm is {method!r}")
-    sources = {}
-    for s in imaged:
-        rows = np.flatnonzero(job.sec == s)
-        clean = rows[~job.ds.padded[rows]]
-        rows = clean if len(clean) else rows
-        pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(n_sample, len(rows))).round().astype(int))]
-        try:
-            sources[s] = norm.estimate([job.ds.read(int(i)) for i in pick])
-        except StdistillError as e:
-            raise StdistillError(f"section {s!r}: {e}") from None
+    given = {s: _rounded(v) for s, v in (stain_sources or {}).items()}
+    sources = {**_section_estimates(job.ds, job.sec, [s for s in imaged if s not in given], norm, n_sample),
+               **{s: given[s] for s in imaged if s in given}}
     if ref_section:
         norm.reference = sources[ref_section]
     record = {**norm.state(), "reference_section": ref_section, "sections": sources}
@@ -481,7 +537,8 @@ def _views(job: _Job, imaged, n_views: int, seed: int, augment, stain_tf, stain_
 
 
 def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_workers, cache_dir, key_added, weights,
-         skip_missing, strategy, devices, num_nodes, stain_norm, stain_reference, views, view_seed, augment) -> ExtractionReport:
+         skip_missing, strategy, devices, num_nodes, stain_norm, stain_reference, stain_sources, views, view_seed,
+         augment) -> ExtractionReport:
     """The work of :func:`extract` (its arguments and defaults are documented there)."""
     t0 = time.perf_counter()
     job, imaged, no_image = _setup(
@@ -491,7 +548,12 @@ def _run(adata, encoder, *, size_um, px, batch_size, device, precision, num_work
     spec = job.spec
     key_added = key_added or f"X_{spec.name}"
     report = ExtractionReport(encoder=spec.name, key_added=key_added, precision=job.prec, device=job.dev)
-    stain_tf, stain_record, stain_parts = _stain(job, imaged, stain_norm, stain_reference)
+    if stain_norm == "auto":
+        stain_norm = spec.stain_norm
+        if stain_norm is None and stain_reference is not None:
+            raise StdistillError(f"stain_norm='auto' resolves to None for encoder {spec.name!r} (its registry choice), "
+                                 "but stain_reference is set; pass stain_norm='macenko' or 'reinhard'")
+    stain_tf, stain_record, stain_parts = _stain(job, imaged, stain_norm, stain_reference, stain_sources)
     feats_light, status, report.patches_computed = _encode_pass(job, imaged, stain_parts, stain_tf, "")
     report.seconds_clean = time.perf_counter() - t0
     rows_in_adata = job.rows

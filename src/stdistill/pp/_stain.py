@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .._errors import StdistillError
+from ..encoders.registry import STAIN_METHODS  # noqa: F401 - re-exported (stdistill.pp.STAIN_METHODS)
 
-STAIN_METHODS = ("macenko", "reinhard")
 #: transmitted light intensity (0-255), percentile and optical-density threshold of Macenko's method
 MACENKO_DEFAULTS = {"io": 240.0, "alpha": 1.0, "beta": 0.15}
 

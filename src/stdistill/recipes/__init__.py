@@ -8,6 +8,7 @@ from .._lazy import attach
 # package stays light). Add an entry when you add a public object.
 _LAZY: dict[str, str] = {
     "run_niches": "niches",
+    **dict.fromkeys(("fit_transfer", "transfer_grid", "DEFAULT_TRANSFER_GRID"), "_niches_transfer"),
     "peka": "_peka",
     "PEKA": "_peka",
     "PekaConfig": "_peka",

@@ -51,6 +51,7 @@ from ..metrics import (
     seen_niche_share,
     trivial_macro_f1,
 )
+from ._niches_transfer import DEFAULT_TRANSFER_GRID, fit_transfer, transfer_grid  # noqa: F401 - public here
 
 TEACHER_KEY = "niche_teacher"
 STUDENT_KEY = "niche_student"
@@ -254,6 +255,32 @@ def _fold_figures(adata: ad.AnnData, fold, sec: np.ndarray, s_codes: np.ndarray,
     return figs
 
 
+def _fit_student(train: ad.AnnData, feature_key: str, n_niches: int, seed: int, skw: dict, probs_key: str,
+                 candidates: list[dict] | None, transfer, transfer_kwargs: dict | None):
+    """The fold's student, fitted on its training sections only (with ``transfer``: the transfer
+    setting chosen there, :func:`fit_transfer`)."""
+    from ..students.niche import NicheStudent
+
+    if transfer is None:
+        return NicheStudent(n_niches, feature_key=feature_key, seed=seed, **skw).fit(train, probs_key=probs_key,
+                                                                                     candidates=candidates)
+    if candidates:
+        raise StdistillError("transfer= and student_candidates= cannot be combined; choose one")
+    return fit_transfer(train, feature_key, transfer, probs_key=probs_key,
+                        student_kwargs=dict(skw, n_niches=n_niches, seed=seed), **(transfer_kwargs or {}))
+
+
+def _student_note(student, candidates) -> str:
+    """The fold's note: validation patient, epochs, and what was chosen there."""
+    info = student.info_
+    note = f"val patient {','.join(info.get('val_patients', [])) or '-'}, {info.get('best_epoch')} epochs"
+    if candidates:
+        note += f", chose {info.get('chosen') or {}}"
+    if info.get("transfer"):
+        note += f", transfer {info['transfer']['chosen']}"
+    return note
+
+
 def _codes(probs: np.ndarray, rows: np.ndarray, n_obs: int) -> np.ndarray:
     """(n_obs,) argmax niche of ``probs`` placed at the boolean ``rows``; -1 elsewhere and where NaN."""
     out = np.full(n_obs, -1)
@@ -290,6 +317,8 @@ def run(
     figures: bool = True,
     verbose: bool = True,
     refine: bool = False,
+    transfer: str | list[dict] | None = None,
+    transfer_kwargs: dict | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Leave-one-patient-out niche distillation on any dataset in the stdistill layout.
 
@@ -325,16 +354,26 @@ def run(
         Also score the student refined on each held-out section with the refinement it chose on its
         validation patient (``NicheStudent.predict(refine="auto")``; label-free, H&E only), as
         method ``"student_refined"``; the raw student stays.
+    transfer
+        Choose the student's transfer setting (stain normalisation, augmented views, context
+        token) in each fold on its validation patient, among the training patients
+        (:func:`fit_transfer`; ``"auto"``: every combination, or a list of settings dicts). The
+        candidates' features are extracted on the training sections (feature cache); the
+        held-out patient's are extracted at prediction as the chosen ones were made (stain
+        normalisation onto the training reference). Needs images and ``obsm[feature_key]`` from
+        :func:`stdistill.features.extract`. None: the plain student.
+    transfer_kwargs
+        Passed to :func:`fit_transfer` (``n_views``, ``view_seed``, ``context_um``, ``cache_dir``).
 
     Returns
     -------
     ``(metrics, figure_paths)``. ``metrics``: one row per (fold, method) with columns
     ``fold, test_patient, method, ari, nmi, id_acc, seen_share, macro_f1, f1_section, n_test,
     teacher_sizes, single_niche, seconds, note``; ``metrics.attrs`` holds ``teacher_nmi_patient``
-    and ``teacher_sizes`` (DataFrame patients x niches).
+    and ``teacher_sizes`` (DataFrame patients x niches); with ``transfer`` also ``transfer``
+    (per fold: the ``info_["transfer"]`` of its student).
     """
     from ..pp.splits import folds as make_folds
-    from ..students.niche import NicheStudent
     from ..teachers.niche import write_niches
 
     t_start = time.perf_counter()
@@ -367,24 +406,25 @@ def run(
     student_probs = np.full((adata.n_obs, n_niches), np.nan, dtype=np.float32)
     rows: list[dict] = []
     figs: list[Path] = []
+    chosen_transfer = {}
     for fold in progress(folds, desc="niches: held-out folds"):
         tf = time.perf_counter()
         tr_mask = np.isin(sec, fold.train + fold.val) & has_f
         te_mask = np.isin(sec, fold.test) & has_f
-        student = NicheStudent(n_niches, feature_key=feature_key, seed=seed, **skw)
-        student.fit(subset_sections(adata, list(fold.train + fold.val)), probs_key=pkey, candidates=student_candidates)
-        probs = student.predict_proba(subset_sections(adata, list(fold.test)), extract=False)
+        student = _fit_student(subset_sections(adata, list(fold.train + fold.val)), feature_key, n_niches, seed, skw,
+                               pkey, student_candidates, transfer, transfer_kwargs)
+        test = subset_sections(adata, list(fold.test))
+        probs = student.predict_proba(test, extract=transfer is not None)  # transfer: features made as chosen
         student_probs[np.isin(sec, fold.test)] = probs
         t_fold = time.perf_counter() - tf
         s_codes = {"student": _codes(probs, np.isin(sec, fold.test), adata.n_obs)}
         if refine:
-            test = subset_sections(adata, list(fold.test))
-            student.predict(test, key_added="student", extract=False, refine="auto")
+            student.predict(test, key_added="student", extract=transfer is not None, refine="auto")
             s_codes["student_refined"] = _codes(np.asarray(test.obsm["student_refined_probs"]), np.isin(sec, fold.test),
                                                 adata.n_obs)
-        chosen = student.info_.get("chosen") or {}
-        note = (f"val patient {','.join(student.info_.get('val_patients', [])) or '-'}, {student.info_.get('best_epoch')} epochs"
-                + (f", chose {chosen}" if student_candidates else ""))
+        if transfer is not None:
+            chosen_transfer[fold.name] = student.info_["transfer"]
+        note = _student_note(student, student_candidates)
         fold_rows, base_row, preds, maps = _fold_rows(fold, teach, tr_mask, te_mask, s_codes, base_codes, cats, note, t_fold)
         rows += fold_rows
         if labels is not None:
@@ -395,12 +435,15 @@ def run(
             r = {q["method"]: q for q in rows if q["fold"] == fold.name}
             print(f"fold {fold.name}: n={int(te_mask.sum())} teacher sizes {base_row['teacher_sizes']}"
                   f"{' (ONE NICHE)' if base_row['single_niche'] else ''} | ARI student {r['student']['ari']:.3f} "
-                  f"kmeans {r['kmeans']['ari']:.3f} nbr {r['kmeans_nbr']['ari']:.3f} ({t_fold:.1f} s)")
+                  f"kmeans {r['kmeans']['ari']:.3f} nbr {r['kmeans_nbr']['ari']:.3f} ({t_fold:.1f} s)"
+                  + (f"; transfer chosen {chosen_transfer[fold.name]['chosen']}" if transfer is not None else ""))
 
     write_niches(adata, student_probs, STUDENT_KEY)
     df = pd.DataFrame(rows)[_COLUMNS]
     df.attrs.update(teacher_nmi_patient=teacher_nmi, teacher_sizes=sizes_all, teacher_seconds=t_teacher,
                     seconds=time.perf_counter() - t_start)
+    if transfer is not None:
+        df.attrs["transfer"] = chosen_transfer
     if out_dir is not None:
         _write_metrics(df, sizes_all, out_dir, n_niches)
     return df, figs

@@ -89,14 +89,27 @@ def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _extract_chunk(tiles: ad.AnnData, rows: np.ndarray, enc, bundle, *, batch_size: int, device: str) -> np.ndarray:
-    """(len(rows), F) encoder features of the tiles ``rows`` (no feature cache: each chunk once)."""
+def _extract_chunk(tiles: ad.AnnData, rows: np.ndarray, enc, kwargs: dict, *, batch_size: int, device: str) -> np.ndarray:
+    """(len(rows), F) encoder features of the tiles ``rows`` made with ``kwargs`` (patch size,
+    precision, stain normalisation; no feature cache: each chunk once)."""
     from ..features import extract
 
     sub = tiles[rows].copy()
-    extract(sub, enc, size_um=bundle.size_um, px=bundle.px, batch_size=batch_size, device=device,
-            precision=bundle.record.get("precision") or "fp32", cache_dir=False, key_added="X")
+    extract(sub, **{**kwargs, "encoder": enc}, batch_size=batch_size, device=device, cache_dir=False, key_added="X")
     return sub.obsm["X"]
+
+
+def _slide_extraction(tiles: ad.AnnData, made: dict, precision: str | None) -> dict:
+    """:func:`stdistill.features.extract` arguments making a slide's features as the training ones
+    were made (``made``: their record): the training stain reference, and one stain estimate for
+    the whole slide (from tiles spread over it), so every chunk is normalised alike."""
+    from ..features import extraction_kwargs, stain_estimates
+
+    kw = extraction_kwargs(made)
+    kw["precision"] = made.get("precision") or precision or "fp32"
+    if kw.get("stain_norm"):
+        kw["stain_sources"] = stain_estimates(tiles, kw["stain_norm"], size_um=kw["size_um"], px=kw["px"])
+    return kw
 
 
 def _stage(name: str, tiles, chunks, path_of, compute, bar, pause: float) -> int:
@@ -121,12 +134,12 @@ def _load_chunk(path: Path, key: str) -> np.ndarray:
     return z[key]
 
 
-def _feature_stats(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sd over every tile's features, streamed chunk by chunk (float64 sums)."""
+def _feature_stats(paths: list[Path], key: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd over every tile's features (``key`` of the chunks), streamed chunk by chunk (float64 sums)."""
     s = ss = None
     n = 0
     for p in paths:
-        f = _load_chunk(p, "features").astype(np.float64)
+        f = _load_chunk(p, key).astype(np.float64)
         f = f[np.all(np.isfinite(f), axis=1)]
         s = f.sum(0) if s is None else s + f.sum(0)
         ss = (f**2).sum(0) if ss is None else ss + (f**2).sum(0)
@@ -138,7 +151,10 @@ def _feature_stats(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _niche_chunk(tiles, chunks, feat_path, a: int, b: int, model, stats, made: dict) -> dict:
-    """Niche probabilities of tiles [a, b), with neighbour tiles within the student's radius as context."""
+    """Niche probabilities of tiles [a, b), with neighbour tiles within the student's radius as context.
+
+    ``stats``: ``{"features": (mean, sd), "context": (mean, sd) or None}`` over the whole slide;
+    ``made``: ``{"features": record, "context": record or None}``."""
     rows_all = tiles.obs["tile_row"].to_numpy()
     side = float(tiles.uns["spatial"][tiles.obs["section"].iloc[0]]["metadata"]["tile_size_um"])
     halo = int(np.ceil(model.info_["radius_um"] / side)) + 1
@@ -146,24 +162,32 @@ def _niche_chunk(tiles, chunks, feat_path, a: int, b: int, model, stats, made: d
     need = np.flatnonzero((rows_all >= lo) & (rows_all <= hi))
     ids = sorted({i for i, (s, e) in enumerate(chunks) if s <= need.max() and e > need.min()})
     first = chunks[ids[0]][0]
-    feats = np.concatenate([_load_chunk(feat_path(i), "features") for i in ids])
     sub = tiles[need].copy()
-    key = model.params["feature_key"]
-    sub.obsm[key] = feats[need - first]
-    sub.uns["features"] = {key: made}
-    probs = model.predict_proba(sub, extract=False, stats=stats)
+    sub.uns["features"] = {}
+    for what, key in (("features", model.params["feature_key"]), ("context", model.params.get("context_key"))):
+        if key:
+            sub.obsm[key] = np.concatenate([_load_chunk(feat_path(i), what) for i in ids])[need - first]
+            sub.uns["features"][key] = made[what]
+    probs = model.predict_proba(sub, extract=False, stats=stats["features"], context_stats=stats["context"])
     return {"probs": probs[np.searchsorted(need, np.arange(a, b))]}
 
 
 def _predict_niches(tiles, bundle, out: Path, chunks, enc, *, batch_size, device, bar, pause) -> tuple[dict, int]:
     model = bundle.model
     feat_path, pred_path = _chunk_paths(out, "features"), _chunk_paths(out, "niches")
-    reused = _stage("features", tiles, chunks, feat_path,
-                    lambda a, b: {"features": _extract_chunk(tiles, np.arange(a, b), enc, bundle, batch_size=batch_size,
-                                                             device=device)}, bar, pause)
-    stats = _feature_stats([feat_path(i) for i in range(len(chunks))])
-    made = {"encoder": bundle.encoder, "size_um": bundle.size_um, "px": bundle.px,
-            "weights_digest": enc.weights_digest}
+    prec = bundle.record.get("precision")
+    made = {"features": {**model.feature_record(), "size_um": bundle.size_um, "px": bundle.px}}
+    made["context"] = model.feature_record(context=True) if model.params.get("context_key") else None
+    kw = {what: _slide_extraction(tiles, rec, prec) for what, rec in made.items() if rec}
+
+    def features(a, b):
+        return {what: _extract_chunk(tiles, np.arange(a, b), enc, k, batch_size=batch_size, device=device)
+                for what, k in kw.items()}
+
+    reused = _stage("features", tiles, chunks, feat_path, features, bar, pause)
+    paths = [feat_path(i) for i in range(len(chunks))]
+    stats = {what: _feature_stats(paths, what) if what in kw else None for what in ("features", "context")}
+    made = {what: rec and {**rec, "weights_digest": enc.weights_digest} for what, rec in made.items()}
     reused += _stage("niches", tiles, chunks, pred_path,
                      lambda a, b: _niche_chunk(tiles, chunks, feat_path, a, b, model, stats, made), bar, pause)
     probs = np.concatenate([_load_chunk(pred_path(i), "probs") for i in range(len(chunks))])

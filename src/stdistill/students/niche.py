@@ -259,13 +259,51 @@ class NicheStudent:
         return f"NicheStudent(n_niches={p['n_niches']}, feature_key={p['feature_key']!r}, radius_um={p['radius_um']})"
 
     # ------------------------------------------------------------------ inputs
+    def feature_record(self, context: bool = False) -> dict:
+        """How the training features (or, ``context=True``, the context features) were made: their
+        ``uns["features"]`` record at fit (encoder, size_um, px, precision, stain state); for
+        models saved before records were kept, the patch settings of the parameters."""
+        p = self.params
+        rec = self.info_.get("context_features" if context else "features")
+        if rec:
+            return rec
+        if context:
+            raise StdistillError(f'the model does not record how its context features (obsm["{p["context_key"]}"]) were '
+                                 "made; pass them in obsm, or retrain it with this version")
+        return {"encoder": p["encoder"], "size_um": p["size_um"], "px": p["px"]}
+
+    def _extract_missing(self, adata: ad.AnnData, key: str, what: str) -> None:
+        """Extract ``obsm[key]`` as the training features were made (encoder, patch, precision,
+        stain normalisation onto the stored reference), through the feature cache."""
+        from ..features import extract, extraction_kwargs
+
+        made = self.feature_record(context=what == "context_features")
+        if made.get("encoder"):
+            extract(adata, key_added=key, **extraction_kwargs(made))
+
+    def _check_stain(self, adata: ad.AnnData, key: str, what: str) -> None:
+        """Refuse ``obsm[key]`` whose record names another stain normalisation than training's."""
+        from ..pp._stain import _rounded
+
+        made = adata.uns.get("features", {}).get(key)
+        if not made or not self.info_.get(what):
+            return
+
+        def desc(rec):
+            st = rec.get("stain") or {}
+            return (st.get("method"), _rounded(st["reference"]) if st.get("reference") is not None else None)
+
+        want, got = desc(self.info_[what]), desc(made)
+        if want != got:
+            raise StdistillError(f'obsm["{key}"] was made with stain normalisation {got[0] or "none"} but the student was '
+                                 f'trained on {want[0] or "none"} (with its stored reference); drop obsm["{key}"] and '
+                                 "predict with extract=True to make them as in training")
+
     def _features(self, adata: ad.AnnData, extract: bool = False) -> np.ndarray:
         key = self.params["feature_key"]
         if key not in adata.obsm:
-            if extract and self.params["encoder"]:
-                from .. import features
-
-                features.extract(adata, encoder=self.params["encoder"], size_um=self.params["size_um"], px=self.params["px"])
+            if extract:
+                self._extract_missing(adata, key, "features")
             if key not in adata.obsm:
                 raise StdistillError(
                     f'AnnData has no obsm["{key}"] (patch features); run stdistill.features.extract(adata, '
@@ -277,6 +315,7 @@ class NicheStudent:
             raise StdistillError(f'obsm["{key}"] must be (n_obs, n_features), got {f.shape}')
         if self.net_ is not None and self.info_.get("features"):
             check_record(self.bundle_record(), adata.uns.get("features", {}).get(key), f'obsm["{key}"]')
+            self._check_stain(adata, key, "features")
         if self.net_ is not None and f.shape[1] != self.info_["d_feat"]:
             raise StdistillError(
                 f'obsm["{key}"] has {f.shape[1]} features but the student was trained on {self.info_["d_feat"]}: same encoder?'
@@ -346,15 +385,17 @@ class NicheStudent:
         return f, index, offset, mask, probs, ok
 
     def _with_context(self, adata: ad.AnnData, f: np.ndarray, ok: np.ndarray, index, offset, mask, fit: bool,
-                      stats=None):
+                      stats=None, context_stats=None):
         """Append the context token: rows n..2n-1 of the features hold each spot's context feature
         (normalised and projected with their own statistics, ``ctx_*``), one more token column
-        points at them (offset 0; padded where the spot or its context has no feature)."""
+        points at them (offset 0; padded where the spot or its context has no feature).
+        ``context_stats``: the whole section's context-feature (mean, sd), needed with ``stats``."""
         key = self.params.get("context_key")
         if not key:
             return f, index, offset, mask
-        if stats is not None:
-            raise StdistillError("the context token is not supported for prediction on parts of a section (stats=) yet")
+        if stats is not None and context_stats is None and self.params["feature_norm"] == "section":
+            raise StdistillError("prediction on part of a section (stats=) with the context token needs the whole "
+                                 "section's context-feature statistics too (context_stats=)")
         if key not in adata.obsm:
             raise StdistillError(f'AnnData has no obsm["{key}"] (context features); run stdistill.features.extract('
                                  f'adata, size_um=..., key_added="{key}") first')
@@ -365,7 +406,7 @@ class NicheStudent:
         main = {k: self.info_.pop(k) for k in keys if k in self.info_}  # reuse _normalise with ctx_* stats
         self.info_.update({k: self.info_.pop(f"ctx_{k}") for k in keys if f"ctx_{k}" in self.info_})
         try:
-            z, okc = self._normalise(adata, c, fit=fit)
+            z, okc = self._normalise(adata, c, fit=fit, stats=context_stats)
         finally:
             ctx = {f"ctx_{k}": self.info_.pop(k) for k in keys if k in self.info_}
             self.info_.update(main)
@@ -464,7 +505,9 @@ class NicheStudent:
         {"radius_um": 650}]``). Each is trained on the training patients minus the validation
         patient and scored on the validation patient (best ``monitor`` value over epochs); the
         best is kept (ties: the first) and refitted. Settings are thus chosen inside the training
-        patients only. The scores are in ``info_["selection"]``.
+        patients only. The scores are in ``info_["selection"]``. A candidate may name other
+        features (``feature_key``, ``context_key``, ``views``: e.g. stain-normalised ones; see
+        :func:`stdistill.recipes.niches.fit_transfer`).
 
         ``run_dir``: a folder for Lightning checkpoints (one sub-folder per training stage,
         ``last.ckpt`` every epoch, ``done.ckpt`` when the stage ends). Rerunning the same call
@@ -494,7 +537,7 @@ class NicheStudent:
             raise StdistillError(f'obsm["{probs_key}"] has shape {probs.shape}, expected ({adata.n_obs}, {p["n_niches"]})')
         self.net_ = None
         for c in candidates or []:
-            bad = set(c) - set(p) | ({"n_niches", "feature_key", "seed"} & set(c))
+            bad = set(c) - set(p) | ({"n_niches", "seed"} & set(c))
             if bad:
                 raise StdistillError(f"candidate settings {sorted(bad)} cannot be chosen (not NicheStudent parameters)")
 
@@ -531,8 +574,9 @@ class NicheStudent:
                 epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
                 selection.append(dict(c, val_score=score, best_epoch=epoch))
                 if best is None or score < best[0] - 1e-9:
-                    best = (score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history))
-            score, c, epoch, mod, arrays, info, vloss, verr = best
+                    best = (score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history),
+                            self._views_z)
+            score, c, epoch, mod, arrays, info, vloss, verr, self._views_z = best  # the winner's views, not the last's
             self.params = dict(base, **c)
             self.info_ = info
             self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
@@ -557,7 +601,10 @@ class NicheStudent:
         self.info_["train_patients"] = train_pats
         self.info_["n_train_spots"] = int(arrays[-1].sum())
         self.info_["train_sections"] = sorted(set(adata.obs[SECTION_KEY].astype(str)[arrays[-1]]))
-        self.info_["features"] = _jsonable(dict(adata.uns.get("features", {}).get(p["feature_key"], {})))
+        made = adata.uns.get("features", {})
+        self.info_["features"] = _jsonable(dict(made.get(self.params["feature_key"], {})))
+        if self.params["context_key"]:
+            self.info_["context_features"] = _jsonable(dict(made.get(self.params["context_key"], {})))
         names = niche_names(adata, probs_key[: -len("_probs")]) if probs_key.endswith("_probs") else None
         if names is not None and len(names) == self.params["n_niches"]:
             self.info_["niche_names"] = names
@@ -608,21 +655,32 @@ class NicheStudent:
         if self.net_ is None:
             raise StdistillError("NicheStudent is not fitted: call .fit(adata) or NicheStudent.load(path)")
 
-    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024, stats=None) -> np.ndarray:
+    def predict_proba(self, adata: ad.AnnData, extract: bool = True, batch_size: int = 1024, stats=None,
+                      context_stats=None) -> np.ndarray:
         """(n_obs, K) niche probabilities from H&E features alone (NaN rows: spots without features).
 
-        Works on spot data and on :func:`stdistill.pp.tile` output alike. Features missing from
-        ``obsm`` are extracted first when ``extract`` and the student knows its encoder. Features
-        whose ``uns["features"]`` record names another encoder or patch size are refused.
-        ``stats``: the whole section's feature (mean, sd) when ``adata`` holds only part of it.
+        Works on spot data and on :func:`stdistill.pp.tile` output alike. Features (and context
+        features) missing from ``obsm`` are extracted first when ``extract``, as the training
+        ones were made (their record at fit: encoder, patch size, precision, and the stain
+        normalisation with its stored reference). Features whose ``uns["features"]`` record names
+        another encoder, patch size or stain normalisation are refused.
+        ``stats``: the whole section's feature (mean, sd) when ``adata`` holds only part of it
+        (e.g. a chunk of a slide); with a context token also ``context_stats``, the whole
+        section's context-feature (mean, sd).
         """
         import torch
 
         self._check_fitted()
         f = self._features(adata, extract=extract)
+        ck = self.params["context_key"]
+        if ck and ck not in adata.obsm and extract:
+            self._extract_missing(adata, ck, "context_features")
+        if ck and ck in adata.obsm:
+            self._check_stain(adata, ck, "context_features")
         f, ok = self._normalise(adata, f, fit=False, stats=stats)
         index, offset, mask = self._tokens(adata, ok, self.info_["max_neighbors"])
-        f, index, offset, mask = self._with_context(adata, f, ok, index, offset, mask, fit=False, stats=stats)
+        f, index, offset, mask = self._with_context(adata, f, ok, index, offset, mask, fit=False, stats=stats,
+                                                    context_stats=context_stats)
         out = np.full((adata.n_obs, self.params["n_niches"]), np.nan, dtype=np.float32)
         rows = np.flatnonzero(ok)
         ft, it, ot, mt = (torch.from_numpy(a) for a in (f, index, offset, mask))
@@ -671,7 +729,8 @@ class NicheStudent:
             feature_norm=p["feature_norm"], licence=made.get("licence"),
             outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(k)]},
             training={key: self.info_.get(key) for key in ("train_patients", "train_sections", "n_train_spots",
-                                                           "val_patients", "best_epoch", "radius_um", "refine")},
+                                                           "val_patients", "best_epoch", "radius_um", "refine",
+                                                           "transfer")},
         )
 
     def save(self, path: str | os.PathLike) -> Path:
