@@ -85,6 +85,7 @@ class AdaptedEncoder:
     def __init__(self, encoder="effnet-lite0-imagenet", config: AdapterConfig | None = None, *, device: str = "cpu",
                  accelerator: str = "cpu", devices="auto", strategy: str = "auto", num_nodes: int = 1,
                  cache_dir: str | os.PathLike | bool | None = None, **overrides):
+        _check_strategy(strategy)
         self.config = replace(config or self.config_class(), **overrides)
         self.encoder_arg = encoder
         self.device, self.accelerator, self.devices, self.strategy = device, accelerator, devices, strategy
@@ -156,7 +157,6 @@ class AdaptedEncoder:
         from .._resume import checkpoint_callback, last_ckpt, read_done, save_done
 
         cfg = self.config
-        _check_strategy(self.strategy)
         g = torch.Generator().manual_seed(cfg.seed)
         module = self.module_class(net, data, cfg, val, loader_generator=g)
         ckpt_dir = None if run_dir is None else self._stage(run_dir, data, val)
