@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent("""
         return tr, va, rng.normal(size=(tr.n_obs, 4)).astype(np.float32)
 
     def fit(devices, out):
+        sd.adapters.clear_trunk_cache()  # both fits compute the trunk activations, as a fresh process does
         tr, va, T = data()
         cfg = PekaConfig(adapter="lora", rank=4, lr=1e-3, max_epochs=4, batch_size=16, n_clusters=2, size_um=32, px=32,
                          val_metric="head", patience=50)

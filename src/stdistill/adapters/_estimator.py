@@ -106,12 +106,7 @@ class AdaptedEncoder:
         return self._frozen
 
     def _activations(self, adata: ad.AnnData) -> torch.Tensor:
-        # computing activations (a cache miss) draws from torch's global RNG (DataLoader seeds), reading
-        # them does not: fork it, so the adapter's random init and hence the fitted model do not depend
-        # on whether the trunk cache was warm
-        with torch.random.fork_rng(devices=[]):
-            return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir,
-                                     device=self.device)
+        return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir, device=self.device)
 
     def _adapted_tail(self) -> Tail:
         """A copy of the frozen encoder with the adapter inserted, as the tail after the cut."""
