@@ -57,6 +57,8 @@ def test_peka_trains_the_adapter_and_refuses_leaks(tmp_path):
         PEKA(VIT, max_epochs=1, size_um=32, px=32, cache_dir=False).fit(tr, T[:50], genes, val=leaky)
     with pytest.raises(StdistillError, match="adapter"):
         PekaConfig(adapter="bone")
+    with pytest.raises(StdistillError, match='use strategy="ddp"'):  # a child process's history cannot come back
+        PEKA(VIT, strategy="ddp_spawn")
 
 
 def test_select_peka_on_inner_patients(tmp_path):

@@ -16,6 +16,16 @@ from typing import Any
 _LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 
+def is_global_zero() -> bool:
+    """False in a distributed worker other than global rank 0 (after a DDP ``fit``, or under
+    ``torchrun`` via ``RANK``): the process that writes files."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Lightning's info logs and its small-data warnings inside the block only (levels and

@@ -34,6 +34,25 @@ def as_input(h: torch.Tensor) -> torch.Tensor:
     return h if h.dtype == torch.uint8 else h.float()
 
 
+def _check_strategy(strategy) -> None:
+    """Refuse Lightning strategies that train in child processes (``ddp_spawn``, ``ddp_fork``, ...):
+    the history and best epoch of a child cannot come back to the estimator."""
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "strategy_name", "")
+    if any(w in str(name) for w in ("spawn", "fork", "notebook")):
+        raise StdistillError(f"strategy {name!r} trains in child processes whose validation history and best epoch "
+                             'cannot return to the estimator; use strategy="ddp" (Lightning re-runs the script for the '
+                             "other processes, or start them with torchrun/srun)")
+
+
+def _train_loader(n: int, batch_size: int, world: int, g: torch.Generator) -> torch.utils.data.DataLoader:
+    """Shuffled batches of spot indices ``0..n-1``; under DDP (``world`` processes) Lightning swaps in
+    its distributed sampler and each process takes ``batch_size / world`` spots, so the effective
+    batch is ``batch_size`` whatever the number of processes."""
+    bs = max(1, -(-batch_size // max(world, 1)))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=bs,
+                                       shuffle=True, generator=g, drop_last=n > batch_size)
+
+
 class AdaptedEncoder:
     """Base estimator: an encoder with a peft adapter after a cut, trained on cached trunk activations.
 
@@ -44,8 +63,14 @@ class AdaptedEncoder:
         (copied; the original is not modified). The offline default is an ImageNet model.
     config
         The recipe's config (an :class:`AdapterConfig`); keyword ``overrides`` replace its fields.
-    device, accelerator, devices, strategy
-        Trunk caching device and Lightning's settings (several GPUs: ``devices=4, strategy="ddp"``).
+    device, accelerator, devices, strategy, num_nodes
+        Trunk caching device and Lightning's settings: ``devices=2, strategy="ddp", accelerator="cpu"``
+        trains on 2 CPU processes (gloo), ``accelerator="gpu", devices=4, strategy="ddp"`` on 4 GPUs;
+        on a cluster start one process per device with ``torchrun``/``srun`` and pass the same
+        values (and ``num_nodes``). Each process takes ``batch_size / world size`` spots per step
+        (the effective batch is unchanged), every process scores the whole validation set, and
+        the fitted estimator holds the final weights in every process. Lightning starts the other
+        processes by re-running the script: keep ``fit`` under ``if __name__ == "__main__":``.
     cache_dir
         Trunk-activation cache (see :func:`stdistill.adapters.trunk_activations`).
     """
@@ -58,11 +83,13 @@ class AdaptedEncoder:
     buffers: tuple[str, ...] = ("feat_mu", "feat_sd")  # non-trainable net state saved with the model
 
     def __init__(self, encoder="effnet-lite0-imagenet", config: AdapterConfig | None = None, *, device: str = "cpu",
-                 accelerator: str = "cpu", devices="auto", strategy: str = "auto",
+                 accelerator: str = "cpu", devices="auto", strategy: str = "auto", num_nodes: int = 1,
                  cache_dir: str | os.PathLike | bool | None = None, **overrides):
+        _check_strategy(strategy)
         self.config = replace(config or self.config_class(), **overrides)
         self.encoder_arg = encoder
         self.device, self.accelerator, self.devices, self.strategy = device, accelerator, devices, strategy
+        self.num_nodes = int(num_nodes)
         self.cache_dir = cache_dir
 
     # -------------------------------------------------------------- building
@@ -125,11 +152,8 @@ class AdaptedEncoder:
         from .._resume import checkpoint_callback, last_ckpt, read_done, save_done
 
         cfg = self.config
-        n = len(data["h"])
         g = torch.Generator().manual_seed(cfg.seed)
         module = self.module_class(net, data, cfg, val, loader_generator=g)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)), batch_size=cfg.batch_size,
-                                             shuffle=True, generator=g, drop_last=n > cfg.batch_size)
         ckpt_dir = None if run_dir is None else self._stage(run_dir, data, val)
         self.resumed_ = None
         train = any(p.requires_grad for p in net.parameters()) and cfg.max_epochs > 0
@@ -140,12 +164,13 @@ class AdaptedEncoder:
             self.resumed_ = "resumed"
         trainer = make_trainer(
             max_epochs=cfg.max_epochs, accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
-            monitor="val_score" if val is not None else None, patience=cfg.patience, enable_progress_bar=False,
+            num_nodes=self.num_nodes, monitor="val_score" if val is not None else None, patience=cfg.patience, enable_progress_bar=False,
             epoch_bar=f"{type(self).__name__}: epochs",
             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
             callbacks=[checkpoint_callback(ckpt_dir)] if ckpt_dir is not None else [],
             enable_checkpointing=ckpt_dir is not None,
         )
+        loader = _train_loader(len(data["h"]), cfg.batch_size, trainer.num_nodes * trainer.num_devices, g)
         denormal = torch.set_flush_denormal(True)  # tiny adapter updates otherwise hit slow denormal floats on CPUs
         try:
             with quiet():  # (the frozen encoder stays in eval mode on purpose)
@@ -235,13 +260,17 @@ class AdaptedEncoder:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a bundle folder (``config.json`` + ``model.safetensors``; see :mod:`stdistill.bundle`),
         or, for a path ending in ``.safetensors``, the older single file with JSON metadata.
-        Adapter + heads + target scaling as safetensors, nothing pickled. Read back with ``load``."""
+        Adapter + heads + target scaling as safetensors, nothing pickled. Read back with ``load``.
+        After a DDP fit only global rank 0 writes (the other processes return the path)."""
         from safetensors.torch import save_file
 
+        from .._lightning import is_global_zero
         from .._utils import save_safetensors_dir
 
         self._check()
         path = Path(path)
+        if not is_global_zero():
+            return path
         targets = getattr(self, f"{self.targets_key}_")
         if path.suffix != ".safetensors":
             cfg = {"format": self.file_format, "bundle": self.bundle_record(), "config": asdict(self.config),

@@ -163,14 +163,27 @@ class TailModule(L.LightningModule):
                 got[k].append(out[k].float().cpu())
         return [torch.cat(got[k]).numpy() for k in keys]
 
+    def _synced_sums(self) -> dict[str, tuple[float, int]]:
+        """The epoch's loss sums and spot counts, summed over DDP processes (each saw its own shard)."""
+        if self.trainer.world_size <= 1 or not self._sums:
+            return self._sums
+        keys = sorted(self._sums)
+        t = torch.tensor([[self._sums[k][0], self._sums[k][1]] for k in keys], dtype=torch.float64, device=self.device)
+        t = self.trainer.strategy.reduce(t, reduce_op="sum").cpu()
+        return {k: (float(t[i, 0]), int(t[i, 1])) for i, k in enumerate(keys)}
+
     def on_train_epoch_end(self):
         rec = {"epoch": self.current_epoch + 1}
-        rec.update({f"train_{k}": s / max(c, 1) for k, (s, c) in self._sums.items()})
+        rec.update({f"train_{k}": s / max(c, 1) for k, (s, c) in self._synced_sums().items()})
         if self.val_data is not None:
+            # every DDP process scores the whole validation set with the same (synchronised) weights;
+            # the mean over processes (sync_dist) makes early stopping and the best epoch one decision
             self.net.eval()
             score = self._val_score(rec)
             self.net.train()
-            self.log("val_score", score, prog_bar=False)
+            if self.trainer.world_size > 1:
+                score = float(self.trainer.strategy.reduce(torch.tensor(score, device=self.device), reduce_op="mean"))
+            self.log("val_score", score, prog_bar=False, sync_dist=True)
             if score < self.best_score:
                 self.best_score, self.best_epoch = score, self.current_epoch
                 self.best_state = self._snapshot()

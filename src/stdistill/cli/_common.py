@@ -59,3 +59,10 @@ def patient_split(adata, test_patients: Optional[str], val_patients: Optional[st
         return imaged_sections(adata[pats.isin(ps).to_numpy()].copy()) if ps else None
 
     return {"train_all": train_all, "train": train, "val": part(val), "test": part(test)}
+
+
+def _not_rank_zero() -> bool:
+    """True in a DDP worker other than global rank 0 (nothing to write or print there)."""
+    from .._lightning import is_global_zero
+
+    return not is_global_zero()

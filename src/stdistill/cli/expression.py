@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import _numbers, _split, patient_split
+from ._common import _not_rank_zero, _numbers, _split, patient_split
 
 
 def register(app: typer.Typer) -> None:
@@ -75,7 +75,10 @@ def register(app: typer.Typer) -> None:
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
         extra_genes: Optional[str] = typer.Option(None, "--extra-genes", help="Comma-separated genes learnt besides those (e.g. ERBB2), so they can be mapped."),
         run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
-        accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
+        accelerator: str = typer.Option("cpu", "--accelerator", help="cpu, gpu, auto."),
+        devices: str = typer.Option("auto", "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP."),
+        strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy (auto; ddp with --devices > 1)."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (start one process per device with torchrun or srun)."),
     ) -> None:
         """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections.
 
@@ -101,7 +104,9 @@ def register(app: typer.Typer) -> None:
         cfg = PekaConfig(adapter=adapter, max_epochs=epochs, w_sa=w_sa, w_reg=w_reg, seed=seed, train_from=train_from,
                          n_clusters=n_clusters, **grid[0])
         dev = int(devices) if devices.isdigit() else devices
-        kw = {"accelerator": accelerator, "devices": dev, "strategy": strategy}
+        many = (dev if isinstance(dev, int) else 1) * num_nodes > 1
+        kw = {"accelerator": accelerator, "devices": dev, "strategy": "ddp" if many and strategy == "auto" else strategy,
+              "num_nodes": num_nodes}
         c = Console()
         if len(grid) > 1:
             if va is not None:
@@ -113,10 +118,13 @@ def register(app: typer.Typer) -> None:
                 return {"teacher": t.transform(inner_tr), "genes": g if genes else sd.pp.hest_genes(inner_tr, 50)}
 
             cfg, table = select_peka(tr, teacher.transform(tr), g, grid, base=cfg, inner=inner, encoder=encoder, **kw)
+            c.quiet = _not_rank_zero()  # DDP: rank 0 prints
             c.print(table.assign(curve=[" ".join(f"{x:.4f}" for x in v) for v in table["curve"]]).to_string(index=False))
             c.print(f"chosen: lr={cfg.lr:g}, w_kd={cfg.w_kd:g}, rank={cfg.r}, epochs={cfg.max_epochs}")
         m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va,
                                          extra_genes=_split(extra_genes), run_dir=run_dir)
+        if _not_rank_zero():  # DDP: every process holds the same weights; one writes the model
+            return
         if m.resumed_:
             c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)

@@ -13,6 +13,7 @@ import typer
 
 from .._defaults import N_NEIGHBORS
 from .._errors import StdistillError
+from ._common import _not_rank_zero
 
 FEATURES_DEFAULT = "X_effnet-lite0-imagenet"
 #: The same default as the Python API (``radius_um=None``): derived from the spot pitch.
@@ -44,13 +45,6 @@ def _write(adata, path: str) -> Path:
     if p.suffix != ".h5ad":
         raise StdistillError("output must end in .h5ad", p)
     return write_h5ad(adata, p)
-
-
-def _not_rank_zero() -> bool:
-    """True in a DDP worker other than global rank 0 (nothing to write there)."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def register(app: typer.Typer) -> None:
