@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._pca import fit_pca, project, row_blocks, standardized_blocks
 from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import (
@@ -88,6 +89,32 @@ def _standardize_by(x: np.ndarray | sp.spmatrix, groups: np.ndarray, clip: float
         else:
             out[m] = np.clip((xm - mu) / sd, -clip, clip)
     return out
+
+
+def _group_rows(groups: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each group, groups in order of first appearance."""
+    return [np.flatnonzero(groups == g) for g in pd.unique(groups)]
+
+
+def _sparse_moments(x: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd (ddof 0) of each column of ``x[rows]`` as float32, computed in float64 from the
+    sparse form (two passes over row blocks, never dense); sds below 1e-8 are inf (z-score 0)."""
+    d = x.shape[1]
+    total = np.zeros(d)
+    for r in row_blocks(rows):
+        b = x[r]
+        total += np.bincount(b.indices, weights=b.data, minlength=d)
+    mu = total / max(len(rows), 1)
+    ss = np.zeros(d)
+    nnz = np.zeros(d)
+    for r in row_blocks(rows):
+        b = x[r]
+        ss += np.bincount(b.indices, weights=(b.data - mu[b.indices]) ** 2, minlength=d)
+        nnz += np.bincount(b.indices, minlength=d)
+    ss += (len(rows) - nnz) * mu**2  # the implicit zeros
+    sd = np.sqrt(ss / max(len(rows), 1)).astype(np.float32)
+    sd[sd < 1e-8] = np.inf
+    return mu.astype(np.float32), sd
 
 
 def _select_genes(logx: sp.csr_matrix, genes: pd.Index, groups: np.ndarray, n_top: int, min_frac: float) -> pd.Index:
@@ -306,29 +333,26 @@ class NicheTeacher:
             logx = logx[:, genes.get_indexer(self.state_["genes"])]
         else:
             logx = _log_norm(adata, pd.Index(self.state_["genes"]))
-        if corr in ("standardize",):
-            z = _standardize_by(logx, groups)  # sparse in, dense one section at a time
-        else:
-            logx = logx.toarray()
-            if fit:
-                self.state_["gene_mean"] = logx.mean(0)
-                sd = logx.std(0)
-                sd[sd < 1e-8] = np.inf
-                self.state_["gene_sd"] = sd
-            z = np.clip((logx - self.state_["gene_mean"]) / self.state_["gene_sd"], -10, 10)
-        if fit:
-            from sklearn.decomposition import PCA
-
-            n_pcs = max(1, min(p["n_pcs"], z.shape[1], z.shape[0] - 1))
-            pca = PCA(n_components=n_pcs, random_state=p["seed"], svd_solver="randomized" if z.shape[1] > 500 else "full").fit(z)
-            self.state_["pca_components"] = pca.components_.astype(np.float32)
-            self.state_["pca_mean"] = pca.mean_.astype(np.float32)
-        z -= self.state_["pca_mean"]  # in place: z is not needed afterwards
-        e = z @ self.state_["pca_components"].T
-        del z
+        e = self._project_pcs(logx, groups, fit)
         if corr == "harmony":
             e = self._harmony(e, adata)
         return e.astype(np.float32, copy=False)
+
+    def _project_pcs(self, logx: sp.csr_matrix, groups: np.ndarray | None, fit: bool) -> np.ndarray:
+        """(n_obs, n_pcs) float32 PCA of the standardized, clipped log-expression, streamed in row
+        blocks (:mod:`stdistill._pca`): the dense (n_obs x genes) matrix is never built."""
+        if self.params["batch_correction"] == "standardize":  # each group with its own moments
+            parts = [(rows, *_sparse_moments(logx, rows)) for rows in _group_rows(groups)]
+        else:  # global moments, fitted once
+            every = np.arange(logx.shape[0])
+            if fit:
+                self.state_["gene_mean"], self.state_["gene_sd"] = _sparse_moments(logx, every)
+            parts = [(every, self.state_["gene_mean"], self.state_["gene_sd"])]
+        if fit:
+            n_pcs = max(1, min(self.params["n_pcs"], logx.shape[1], logx.shape[0] - 1))
+            self.state_["pca_mean"], self.state_["pca_components"] = fit_pca(standardized_blocks(logx, parts), n_pcs)
+        return project(standardized_blocks(logx, parts), self.state_["pca_mean"], self.state_["pca_components"],
+                       logx.shape[0])
 
     def _harmony(self, e: np.ndarray, adata: ad.AnnData) -> np.ndarray:
         try:
