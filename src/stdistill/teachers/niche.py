@@ -142,77 +142,12 @@ def _select_genes(logx: sp.csr_matrix, genes: pd.Index, groups: np.ndarray, n_to
     return genes[np.sort(idx)]
 
 
-# ----------------------------------------------------------------------------- nolan model
-def _nolan_module(d_in: int, n_niches: int, d_model: int, tau: float, lr: float, sinkhorn_eps: float,
-                  token_drop: float, noise: float):
-    import lightning as L
-    import torch
-    from torch import nn
+def _nolan_module(**hp):
+    """The NOLAN-like LightningModule (:class:`~stdistill.teachers._nolan_modules.NolanLike`,
+    imported here so that importing this module needs no Lightning)."""
+    from ._nolan_modules import NolanLike
 
-    class SetEncoder(nn.Module):
-        """Tokens (embedding + learned relative-position encoding) -> masked attention pooling."""
-
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Sequential(nn.Linear(d_in, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-            self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-            self.centre = nn.Parameter(torch.zeros(d_model))
-            self.att = nn.Linear(d_model, 1)
-            self.out = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-
-        def forward(self, x, off, mask):
-            h = self.inp(x) + self.pos(off)
-            h[:, 0] = h[:, 0] + self.centre
-            a = self.att(torch.tanh(h)).squeeze(-1).masked_fill(~mask, float("-inf"))
-            w = torch.softmax(a, dim=1).unsqueeze(-1)
-            return self.out((w * h).sum(1))
-
-    @torch.no_grad()
-    def sinkhorn(scores, eps=sinkhorn_eps, iters=3):
-        q = torch.exp((scores - scores.max()) / eps).T  # K x B
-        q /= q.sum()
-        k, b = q.shape
-        for _ in range(iters):
-            q /= q.sum(1, keepdim=True)
-            q /= k
-            q /= q.sum(0, keepdim=True)
-            q /= b
-        return (q * b).T
-
-    class NolanLike(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.enc = SetEncoder()
-            self.protos = nn.Linear(d_model, n_niches, bias=False)
-
-        def scores(self, x, off, mask):
-            z = nn.functional.normalize(self.enc(x, off, mask), dim=-1)
-            w = nn.functional.normalize(self.protos.weight, dim=-1)
-            return z @ w.T
-
-        def training_step(self, batch, _):
-            x, off, gmask, lmask = batch
-            if noise > 0:
-                x = x + noise * torch.randn_like(x)
-            keep = torch.rand(gmask.shape, device=gmask.device) >= token_drop
-            keep[:, 0] = True
-            # random rotation of offsets: tissue orientation is arbitrary
-            th = torch.rand(x.shape[0], device=x.device) * 2 * torch.pi
-            rot = torch.stack([torch.stack([th.cos(), -th.sin()], -1), torch.stack([th.sin(), th.cos()], -1)], -2)
-            off = torch.einsum("bij,btj->bti", rot, off)
-            s_g = self.scores(x, off, gmask & keep)
-            s_l = self.scores(x, off, lmask & keep)
-            q_g, q_l = sinkhorn(s_g.detach()), sinkhorn(s_l.detach())
-            lp_g = torch.log_softmax(s_g / tau, -1)
-            lp_l = torch.log_softmax(s_l / tau, -1)
-            loss = -0.5 * ((q_g * lp_l).sum(-1).mean() + (q_l * lp_g).sum(-1).mean())
-            self.log("train_loss", loss, prog_bar=False)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-4)
-
-    return NolanLike()
+    return NolanLike(**hp)
 
 
 # ----------------------------------------------------------------------------- teacher
