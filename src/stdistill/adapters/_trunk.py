@@ -196,13 +196,15 @@ def trunk_activations(
     Computed once per section and kept on disk (``cache_dir``; ``None``:
     ``$STDISTILL_CACHE/peka_trunk`` or ``~/.cache/stdistill/peka_trunk``; ``False``: no disk) and in
     a bounded in-memory cache (least recently used sections dropped past
-    ``$STDISTILL_TRUNK_MEMORY_GB``, default 4), keyed by the encoder's weights digest, the cut, the
+    ``$STDISTILL_TRUNK_MEMORY_GB``, default 4; skipped when the requested activations alone
+    exceed that budget, so the peak memory is the output plus one section), keyed by the encoder's weights digest, the cut, the
     patch geometry, the image's and the spot coordinates' digests.
     """
     cut = parse_cut(encoder.backbone, cfg.train_from)
     root = None if cache_dir is False else (Path(cache_dir) if cache_dir not in (None, True) else _default_cache_root())
     sec_of = adata.obs[SECTION_KEY].astype(str).to_numpy()
     out = None  # each section is written into the output as soon as it is read or computed
+    keep = True  # sections go to the in-memory cache only when the whole output fits its budget
     for s in _sections(adata):
         m = np.flatnonzero(sec_of == s)
         key = _section_key(encoder, adata, s, m, cut, cfg)
@@ -215,9 +217,11 @@ def trunk_activations(
             if path is not None:
                 with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, t.numpy(), allow_pickle=False)
-        _MEMORY.put(key, t)
         if out is None:
             out = torch.empty((adata.n_obs, *t.shape[1:]), dtype=t.dtype)
+            keep = out.numel() * out.element_size() <= _LRU.budget()
+        if keep:  # else holding sections beside the output would only double the peak memory
+            _MEMORY.put(key, t)
         out[torch.from_numpy(m)] = t
         del t  # past the memory budget the section is freed now, not at the end
     return out
