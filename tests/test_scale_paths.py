@@ -139,3 +139,15 @@ def test_student_streamed_pca_matches_the_dense_sklearn_path(monkeypatch):
     np.testing.assert_array_equal(okn, oko)
     np.testing.assert_allclose(zn, zo, atol=1e-4)
     assert not zn[5].any()
+
+
+def test_teacher_fit_builds_the_ring_graph_once(monkeypatch):
+    import stdistill.teachers.niche as tn
+
+    a = toy(n_patients=2, grid=6, n_genes=20)
+    calls = []
+    real = tn.radius_graph
+    monkeypatch.setattr(tn, "radius_graph", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    t = NicheTeacher(3, seed=0).fit(a)
+    assert len(calls) == 1
+    np.testing.assert_allclose(t.predict_proba(a), t.fit_probs_, atol=1e-6)  # the fitted labels are the predicted ones

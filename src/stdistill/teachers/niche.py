@@ -343,9 +343,10 @@ class NicheTeacher:
             gmm = GaussianMixture(p["n_niches"], covariance_type=p["covariance_type"], random_state=p["seed"],
                                   n_init=3, reg_covar=1e-3, max_iter=200).fit(f)
             self.state_["gmm"] = gmm
+            self.fit_probs_ = gmm.predict_proba(f).astype(np.float32)  # the same rings: no second graph
         else:
             self._fit_nolan(adata, e)
-        self.fit_probs_ = self._probs(adata, e)
+            self.fit_probs_ = self._probs(adata, e)
         return self
 
     def _aggregate(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:
