@@ -151,3 +151,30 @@ def test_teacher_fit_builds_the_ring_graph_once(monkeypatch):
     t = NicheTeacher(3, seed=0).fit(a)
     assert len(calls) == 1
     np.testing.assert_allclose(t.predict_proba(a), t.fit_probs_, atol=1e-6)  # the fitted labels are the predicted ones
+
+
+def _old_log_norm(adata, genes=None):
+    X = sp.csr_matrix(adata.X)
+    lib = np.asarray(X.sum(1)).ravel().astype(np.float64)
+    lib[lib == 0] = 1.0
+    sub = X.astype(np.float32)
+    if genes is not None:
+        sub = sp.csr_matrix(pd.DataFrame(sub.toarray(), columns=adata.var_names).reindex(columns=genes, fill_value=0.0)
+                            .to_numpy(np.float32))
+    out = (sp.diags((1e4 / lib).astype(np.float32)) @ sub).tocsr()
+    out.data = np.log1p(out.data)
+    return out
+
+
+def test_log_norm_in_place_equals_the_plain_formula():
+    a = toy(n_patients=2, grid=5, n_genes=20)
+    x = np.asarray(a.X.toarray() if sp.issparse(a.X) else a.X, dtype=np.float32)
+    x[0] = 0  # a spot without counts
+    a.X = sp.csr_matrix(x)
+    before = a.X.copy()
+    genes = pd.Index(["g7", "nope", "g2", "g19"])  # another order, a gene the data lacks
+    for g in (None, genes):
+        new, old = _log_norm(a, g), _old_log_norm(a, g)
+        assert sp.isspmatrix_csr(new) and new.dtype == np.float32
+        np.testing.assert_array_equal(new.toarray(), old.toarray())
+    assert (a.X != before).nnz == 0  # the counts are not changed

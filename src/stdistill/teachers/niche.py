@@ -49,26 +49,24 @@ _FORMAT = "stdistill.NicheTeacher/1"
 
 # ----------------------------------------------------------------------------- embedding
 def _log_norm(adata: ad.AnnData, genes: pd.Index | None = None) -> sp.csr_matrix:
-    """Sparse (n, len(genes)) log1p(CP10k) of raw counts (library size over all genes); genes
-    missing from ``adata`` are 0. ``genes=None``: all genes."""
+    """Sparse (n, len(genes)) float32 log1p(CP10k) of raw counts (library size over all genes);
+    genes missing from ``adata`` are 0. ``genes=None``: all genes. One copy of the (selected)
+    counts is made and scaled in place."""
     X = adata.X
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     lib = np.asarray(X.sum(1)).ravel().astype(np.float64)
     lib[lib == 0] = 1.0
     if genes is None:
-        sub = X.astype(np.float32)
+        out = X.astype(np.float32)  # a copy (astype copies by default)
     else:
         pos = adata.var_names.get_indexer(genes)
-        have = pos >= 0
-        sub = sp.csr_matrix((adata.n_obs, len(genes)), dtype=np.float32)
-        if have.any():
-            cols = X[:, pos[have]].tocsc().astype(np.float32)
-            # place the present genes' columns at their positions
-            sel = sp.csr_matrix((np.ones(have.sum(), np.float32), (np.arange(have.sum()), np.flatnonzero(have))),
-                                shape=(have.sum(), len(genes)))
-            sub = (cols @ sel).tocsr()
-    out = (sp.diags((1e4 / lib).astype(np.float32)) @ sub).tocsr()
-    out.data = np.log1p(out.data)
+        have = np.flatnonzero(pos >= 0)
+        sub = X[:, pos[have]]  # a new csr matrix, columns in the order of ``genes``
+        # the present genes' columns moved to their positions among ``genes`` (an increasing map)
+        out = sp.csr_matrix((sub.data.astype(np.float32, copy=False), have[sub.indices], sub.indptr),
+                            shape=(adata.n_obs, len(genes)))
+    out.data *= np.repeat((1e4 / lib).astype(np.float32), np.diff(out.indptr))
+    np.log1p(out.data, out=out.data)
     return out
 
 
@@ -265,7 +263,9 @@ class NicheTeacher:
             logx = _log_norm(adata)
             sel_groups = groups if groups is not None else np.zeros(adata.n_obs)
             self.state_["genes"] = list(_select_genes(logx, genes, sel_groups, p["n_top_genes"], p["min_gene_frac"]))
-            logx = logx[:, genes.get_indexer(self.state_["genes"])]
+            if len(self.state_["genes"]) < len(genes):  # else every gene, in order: logx as it is
+                del logx  # the selected genes are made from the counts again: one sparse copy at a time
+                logx = _log_norm(adata, pd.Index(self.state_["genes"]))
         else:
             logx = _log_norm(adata, pd.Index(self.state_["genes"]))
         e = self._project_pcs(logx, groups, fit)
