@@ -12,12 +12,17 @@ old and new paths (after aligning component signs) and the ARI between their fit
     python benchmarks/pca_paths.py --student             # also the student on HER2ST's imaged
                                                          # sections (effnet-lite0 features, fp32;
                                                          # read from the feature cache or computed)
+    python benchmarks/pca_paths.py --time 100000         # only: seconds of the student's
+                                                         # normalisation + PCA, old vs new, on
+                                                         # benchmarks/scale.py's synthetic features
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,6 +59,7 @@ def _sklearn_student_normalise(self, adata, f, fit, stats=None):
         pca = PCA(n_components=self.params["n_pcs"], random_state=self.params["seed"]).fit(z[ok])
         self.info_["pca_mean"] = pca.mean_.astype(np.float32)
         self.info_["pca_components"] = pca.components_.astype(np.float32)
+        self.info_["solver"] = pca._fit_svd_solver
     z = ((z - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)
     z[~ok] = 0.0
     return z, ok
@@ -114,11 +120,35 @@ def _student_rows(a, k: int = 6, epochs: int = 12) -> list[dict]:
     return [row]
 
 
+def _time_student(n: int, threads: int = 2) -> None:
+    """Seconds of the student's normalisation + PCA fit + projection, new path then old path."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import _cohort
+
+    torch.set_num_threads(threads)
+    a = _cohort(n, counts=False)
+    s = NicheStudent(6, feature_key="X_f")
+    f = s._features(a)
+    t0 = time.perf_counter()
+    s._normalise(a, f, fit=True)
+    t1 = time.perf_counter()
+    _sklearn_student_normalise(s, a, f, fit=True)
+    t2 = time.perf_counter()
+    print(f"student normalisation + PCA(64) on {n} x {f.shape[1]} features, {threads} threads: "
+          f"streamed exact {t1 - t0:.1f} s, old (scikit-learn, {s.info_['solver']} solver) {t2 - t1:.1f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/work/shared/data/her2st", help="HER2ST copy")
     ap.add_argument("--student", action="store_true", help="also compare the student on HER2ST's imaged sections")
+    ap.add_argument("--time", type=int, default=0, help="only time the student's normalisation + PCA on this many spots")
     args = ap.parse_args()
+    if args.time:
+        _time_student(args.time)
+        return
     t0 = time.perf_counter()
     rows = _teacher_rows("simulated", sd.datasets.simulated(seed=0), (3, 6))
     her = sd.datasets.her2st(root=args.root)
