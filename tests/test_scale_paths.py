@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 from test_niches import toy
@@ -74,7 +75,15 @@ def test_student_normalises_in_place_as_the_plain_formula():
 def _old_teacher_pcs(self, logx, groups, fit):
     from sklearn.decomposition import PCA
 
-    z = _old_standardize(logx.toarray(), groups)
+    if self.params["batch_correction"] == "standardize":
+        z = _old_standardize(logx.toarray(), groups)
+    else:  # global moments, fitted once
+        x = logx.toarray()
+        if fit:
+            sd = x.std(0)
+            sd[sd < 1e-8] = np.inf
+            self.state_["gene_mean"], self.state_["gene_sd"] = x.mean(0), sd
+        z = np.clip((x - self.state_["gene_mean"]) / self.state_["gene_sd"], -10, 10)
     if fit:
         n_pcs = max(1, min(self.params["n_pcs"], z.shape[1], z.shape[0] - 1))
         pca = PCA(n_components=n_pcs, random_state=self.params["seed"], svd_solver="full").fit(z)
@@ -113,12 +122,16 @@ def test_streamed_pca_equals_sklearn_pca():
     assert e.dtype == np.float32 and e.shape == (700, 5)
 
 
-def test_teacher_streamed_pca_matches_the_dense_sklearn_path(monkeypatch):
+@pytest.mark.parametrize("correction", ["standardize", None])
+def test_teacher_streamed_pca_matches_the_dense_sklearn_path(monkeypatch, correction):
     a = toy(n_patients=3, grid=8, n_genes=30)
-    new = NicheTeacher(3, seed=0).fit(a)
+    new = NicheTeacher(3, batch_correction=correction, seed=0).fit(a)
     monkeypatch.setattr(NicheTeacher, "_project_pcs", _old_teacher_pcs)
-    old = NicheTeacher(3, seed=0).fit(a)
-    np.testing.assert_allclose(new.state_["pca_components"], old.state_["pca_components"], atol=1e-5)
+    old = NicheTeacher(3, batch_correction=correction, seed=0).fit(a)
+    if correction is None:
+        np.testing.assert_allclose(new.state_["gene_mean"], old.state_["gene_mean"], rtol=1e-6)
+        np.testing.assert_allclose(new.state_["gene_sd"], old.state_["gene_sd"], rtol=1e-6)
+    np.testing.assert_allclose(new.state_["pca_components"], old.state_["pca_components"], atol=1e-4)
     np.testing.assert_allclose(new._embed(a, fit=False), old._embed(a, fit=False), atol=1e-4)
     assert adjusted_rand_score(old.fit_probs_.argmax(1), new.fit_probs_.argmax(1)) == 1.0
 
