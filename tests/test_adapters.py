@@ -116,6 +116,24 @@ def test_trunk_cache_memory_is_bounded(monkeypatch):
     assert lru.nbytes == 0
 
 
+def test_trunk_activations_skip_the_memory_cache_past_its_budget(tmp_path, monkeypatch):
+    from _io_helpers import colour_sections
+
+    from stdistill.adapters._trunk import _MEMORY, clear_trunk_cache, trunk_activations
+
+    a = colour_sections(2, 3, ["G0", "G1"], 0)  # two sections of 9 spots
+    enc = sd.encoders.load(EFF).eval()
+    cfg = AdapterConfig(size_um=32, px=32)
+    clear_trunk_cache()
+    h = trunk_activations(enc, a, cfg, cache_dir=tmp_path)
+    assert _MEMORY.nbytes == h.numel() * h.element_size()  # within the default budget: both sections kept
+    clear_trunk_cache()
+    monkeypatch.setenv("STDISTILL_TRUNK_MEMORY_GB", str(0.75 * h.numel() * h.element_size() / 2**30))
+    h2 = trunk_activations(enc, a, cfg, cache_dir=tmp_path)  # one section fits, the whole output does not
+    assert _MEMORY.nbytes == 0
+    torch.testing.assert_close(h2, h)
+
+
 def test_trunk_activations_cache_on_disk_and_in_memory(tmp_path):
     from _io_helpers import colour_sections
 
@@ -131,3 +149,33 @@ def test_trunk_activations_cache_on_disk_and_in_memory(tmp_path):
     h2 = trunk_activations(enc, a, cfg, cache_dir=tmp_path)  # read back from disk
     torch.testing.assert_close(h1, h2)
     assert not np.shares_memory(h1.numpy(), h2.numpy())
+
+
+def test_trunk_activations_read_lazily_from_disk_past_the_budget(tmp_path, monkeypatch):
+    import pickle
+
+    from _io_helpers import colour_sections
+
+    from stdistill.adapters._trunk import (
+        SectionActivations,
+        clear_trunk_cache,
+        trunk_activations,
+    )
+
+    a = colour_sections(2, 3, ["G0", "G1"], 0)  # two sections of 9 spots
+    a = a[np.r_[9:18, 0:9]].copy()  # rows of the sections in another order than the sections
+    enc = sd.encoders.load(EFF).eval()
+    cfg = AdapterConfig(size_um=32, px=32)
+    clear_trunk_cache()
+    h = trunk_activations(enc, a, cfg, cache_dir=tmp_path)
+    assert isinstance(trunk_activations(enc, a, cfg, cache_dir=tmp_path, lazy="auto"), torch.Tensor)  # fits the budget
+    monkeypatch.setenv("STDISTILL_TRUNK_MEMORY_GB", str(0.5 * h.numel() * h.element_size() / 2**30))
+    lz = trunk_activations(enc, a, cfg, cache_dir=tmp_path, lazy="auto")
+    assert isinstance(lz, SectionActivations) and len(lz) == len(h) and lz.shape == tuple(h.shape) and lz.dtype == h.dtype
+    idx = torch.tensor([17, 0, 9, 8, 3])
+    torch.testing.assert_close(lz[idx], h[idx])
+    torch.testing.assert_close(lz[2:11, 0], h[2:11, 0])
+    torch.testing.assert_close(lz[5], h[5])
+    torch.testing.assert_close(pickle.loads(pickle.dumps(lz))[idx], h[idx])
+    with pytest.raises(StdistillError, match="disk cache"):
+        trunk_activations(enc, a, cfg, cache_dir=False, lazy=True)

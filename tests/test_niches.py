@@ -7,9 +7,11 @@ spatial niches that shift expression (plus a strong patient effect) and the patc
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
+import torch
 
 import stdistill.io as sio
 from stdistill import StdistillError, metrics, pp
@@ -153,6 +155,12 @@ def test_teacher_nolan_and_save_load(tmp_path, data):
     assert cfg["params"]["method"] == "nolan"
     p2 = NicheTeacher.load(tmp_path / "t").predict_proba(a)
     np.testing.assert_allclose(p2, p, atol=1e-5)
+    # the LightningModule is a module-level class: it pickles (a class made in a closure does not)
+    m = pickle.loads(pickle.dumps(t._model))
+    assert type(m).__module__ == "stdistill.teachers._nolan_modules" and m.hparams["n_niches"] == 3
+    x, off, gmask, _ = t._views(a, t._embed(a, fit=False))
+    np.testing.assert_array_equal(m.scores(*map(torch.from_numpy, (x, off, gmask))).detach().numpy(),
+                                  t._model.scores(*map(torch.from_numpy, (x, off, gmask))).detach().numpy())
     g = NicheTeacher(3).fit(a)
     g.save(tmp_path / "g")
     np.testing.assert_allclose(NicheTeacher.load(tmp_path / "g").predict_proba(a), g.fit_probs_, atol=1e-5)

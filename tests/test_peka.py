@@ -92,3 +92,24 @@ def test_choose_peka_takes_best_mean_curve_and_epoch():
     assert choose_peka(worse.assign(curve=[[0.3, 0.2, 0.1]]), grid[:1], PekaConfig(val_metric="mse")).max_epochs == 2
     with pytest.raises(StdistillError, match="no candidate"):
         choose_peka(table, grid, base, where=lambda g: g["lr"] > 1)
+
+
+def test_peka_trains_on_activations_read_from_disk_as_on_the_tensor(tmp_path, monkeypatch):
+    from stdistill.adapters._trunk import SectionActivations, clear_trunk_cache
+
+    a = _data()
+    genes = list(a.var_names[:8])
+    a.obsm["X_teacher"] = np.random.default_rng(0).normal(size=(a.n_obs, 6)).astype(np.float32)
+    cfg = PekaConfig(adapter="miss", rank=16, lr=1e-3, max_epochs=1, batch_size=16, n_clusters=3, size_um=32, px=32,
+                     val_metric="head", train_positions=None)
+    kw = dict(train_sections=["S0", "S1"], val_sections=["S2"], encoder=EFF, config=cfg, cache_dir=tmp_path / "trunk")
+    clear_trunk_cache()
+    mem = sd.recipes.peka(a, "X_teacher", genes, key_added="X_mem", run_dir=tmp_path / "r1", **kw)
+    monkeypatch.setenv("STDISTILL_TRUNK_MEMORY_GB", "1e-9")  # below any section: read from disk when indexed
+    reads = []
+    get = SectionActivations.__getitem__
+    monkeypatch.setattr(SectionActivations, "__getitem__", lambda self, key: reads.append(1) or get(self, key))
+    lazy = sd.recipes.peka(a, "X_teacher", genes, key_added="X_lazy", run_dir=tmp_path / "r2", **kw)
+    assert reads  # the training read its batches from the disk cache
+    np.testing.assert_array_equal(a.obsm["X_lazy"], a.obsm["X_mem"])
+    np.testing.assert_array_equal(lazy.predict(a).to_numpy(), mem.predict(a).to_numpy())

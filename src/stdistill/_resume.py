@@ -47,6 +47,9 @@ def stage_dir(run_dir: str | os.PathLike, stage: str, settings: Any, arrays: Ite
     for arr in arrays:
         if arr is None:
             continue
+        if hasattr(arr, "digest"):  # activations read from disk when indexed: named, not read
+            h.update(arr.digest().encode())
+            continue
         if hasattr(arr, "detach"):  # a torch tensor
             arr = arr.detach().cpu().numpy()
         h.update(array_digest(np.asarray(arr)).encode())

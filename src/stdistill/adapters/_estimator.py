@@ -105,8 +105,11 @@ class AdaptedEncoder:
             self._frozen = self._load_encoder().eval()
         return self._frozen
 
-    def _activations(self, adata: ad.AnnData) -> torch.Tensor:
-        return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir, device=self.device)
+    def _activations(self, adata: ad.AnnData):
+        """Trunk activations: one tensor, or read per section from the disk cache when indexed
+        (:class:`~stdistill.adapters._trunk.SectionActivations`) past the memory budget."""
+        return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir, device=self.device,
+                                 lazy="auto")
 
     def _adapted_tail(self) -> Tail:
         """A copy of the frozen encoder with the adapter inserted, as the tail after the cut."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._errors import StdistillError
 from .._utils import array_digest, atomic_path, file_digest
 from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections as _sections
 from ._config import AdapterConfig
@@ -187,37 +188,123 @@ def _compute(encoder, sub: ad.AnnData, cut: Cut, cfg: AdapterConfig, batch_size:
     return out
 
 
+class SectionActivations:
+    """Trunk activations read from the per-section ``.npy`` files of the disk cache (memory-mapped)
+    when indexed: the whole (n_spots, views, *shape) array is never resident.
+
+    Indexed like the tensor :func:`trunk_activations` returns otherwise: ``h[rows]`` or
+    ``h[rows, ...]`` with an int, a slice, or an index array / tensor of rows; returns a torch
+    tensor. ``len(h)``, ``h.shape`` and ``h.dtype`` as for a tensor; :meth:`digest` names the
+    content (the sections' cache keys and the row layout) without reading it.
+    """
+
+    def __init__(self, paths: list[Path], rows: list[np.ndarray], n: int):
+        self.paths = [str(p) for p in paths]
+        self._sec = np.empty(n, dtype=np.int64)  # row -> section number, and row within it
+        self._loc = np.empty(n, dtype=np.int64)
+        for k, r in enumerate(rows):
+            self._sec[r], self._loc[r] = k, np.arange(len(r))
+        first = np.load(self.paths[0], mmap_mode="r")
+        self._np_dtype = first.dtype
+        self.shape = (n, *first.shape[1:])
+        self.dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+        self._maps = None
+
+    def __getstate__(self):  # memory maps are reopened after unpickling
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"} | {"_maps": None}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def digest(self) -> str:
+        return array_digest(np.frombuffer(json.dumps([Path(p).name for p in self.paths]).encode(), dtype=np.uint8)
+                            ) + array_digest(self._sec) + array_digest(self._loc)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu().numpy()
+        idx = np.arange(len(self))[rows]
+        single = np.ndim(idx) == 0
+        idx = np.atleast_1d(idx)
+        if self._maps is None:
+            self._maps = [np.load(p, mmap_mode="r") for p in self.paths]
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self._np_dtype)
+        sec = self._sec[idx]
+        for k in np.unique(sec):
+            m = sec == k
+            out[m] = self._maps[k][self._loc[idx[m]]]  # reads only these rows
+        t = torch.from_numpy(out)
+        return t[(0, *rest)] if single else t[(slice(None), *rest)]
+
+
 def trunk_activations(
     encoder, adata: ad.AnnData, cfg: AdapterConfig, *, cache_dir: str | os.PathLike | bool | None = None,
-    batch_size: int = 64, device: str = "cpu",
-) -> torch.Tensor:
+    batch_size: int = 64, device: str = "cpu", lazy: bool | str = False,
+) -> torch.Tensor | SectionActivations:
     """(n_spots, views, *shape) float16 frozen activations at ``cfg.train_from`` (uint8 patches for ``"input"``).
 
     Computed once per section and kept on disk (``cache_dir``; ``None``:
     ``$STDISTILL_CACHE/peka_trunk`` or ``~/.cache/stdistill/peka_trunk``; ``False``: no disk) and in
     a bounded in-memory cache (least recently used sections dropped past
-    ``$STDISTILL_TRUNK_MEMORY_GB``, default 4), keyed by the encoder's weights digest, the cut, the
-    patch geometry, the image's and the spot coordinates' digests.
+    ``$STDISTILL_TRUNK_MEMORY_GB``, default 4; skipped when the requested activations alone
+    exceed that budget, so the peak memory is the output plus one section), keyed by the encoder's
+    weights digest, the cut, the patch geometry, the image's and the spot coordinates' digests.
+
+    ``lazy=True``: return a :class:`SectionActivations` reading the disk cache's files when
+    indexed instead of one tensor (needs the disk cache); ``"auto"``: so only when the
+    activations exceed the memory budget and the disk cache is on.
     """
     cut = parse_cut(encoder.backbone, cfg.train_from)
     root = None if cache_dir is False else (Path(cache_dir) if cache_dir not in (None, True) else _default_cache_root())
+    if lazy is True and root is None:
+        raise StdistillError("lazy trunk activations are read from the disk cache: pass cache_dir= other than False")
     sec_of = adata.obs[SECTION_KEY].astype(str).to_numpy()
     out = None  # each section is written into the output as soon as it is read or computed
+    keep = True  # sections go to the in-memory cache only when the whole output fits its budget
+    rows, paths = [], []
     for s in _sections(adata):
         m = np.flatnonzero(sec_of == s)
         key = _section_key(encoder, adata, s, m, cut, cfg)
         path = root / f"{key}.npy" if root is not None else None
+        rows.append(m)
+        paths.append(path)
+        if lazy is True or (out is None and lazy == "auto" and root is not None):
+            per_spot = _on_disk(path, len(m), lambda: _compute(encoder, adata[m], cut, cfg, batch_size, device))
+            if lazy is True or per_spot * adata.n_obs > _LRU.budget():
+                lazy = True
+                continue
+            lazy = False
         t = _MEMORY.get(key)
         if t is None:
             t = _read_disk(path, len(m))
         if t is None:
             t = _compute(encoder, adata[m], cut, cfg, batch_size, device)
             if path is not None:
-                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, t.numpy(), allow_pickle=False)
-        _MEMORY.put(key, t)
+                _write(path, t)
         if out is None:
             out = torch.empty((adata.n_obs, *t.shape[1:]), dtype=t.dtype)
+            keep = out.numel() * out.element_size() <= _LRU.budget()
+        if keep:  # else holding sections beside the output would only double the peak memory
+            _MEMORY.put(key, t)
         out[torch.from_numpy(m)] = t
         del t  # past the memory budget the section is freed now, not at the end
-    return out
+    return SectionActivations(paths, rows, adata.n_obs) if lazy is True else out
+
+
+def _write(path: Path, t: torch.Tensor) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, t.numpy(), allow_pickle=False)
+
+
+def _on_disk(path: Path, n: int, compute) -> int:
+    """Bytes per spot of the section's cache file, written first (``compute()``) when missing or unreadable."""
+    try:
+        a = np.load(path, mmap_mode="r")
+        if a.shape[0] == n:
+            return a[:1].nbytes
+    except (OSError, ValueError):
+        pass
+    t = compute()
+    _write(path, t)
+    return t[:1].numel() * t.element_size()

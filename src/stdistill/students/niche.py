@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._pca import finite_rows, fit_pca, project, standardized_blocks
 from .._utils import (
     load_safetensors_dir,
     load_state,
@@ -90,29 +91,31 @@ def section_moments(adata: ad.AnnData, f: np.ndarray, ok: np.ndarray):
         yield m, mu, s_
 
 
+def _norm_parts(adata: ad.AnnData, f: np.ndarray, ok: np.ndarray, how: str, mean=None, sd=None) -> list:
+    """(rows, mean (F,), sd (F,)) of each group of rows z-scored together (see :func:`normalise_features`)."""
+    if how == "section":
+        return [(np.flatnonzero(m), mu, s_) for m, mu, s_ in section_moments(adata, f, ok)]
+    if how == "global":
+        if mean is None:
+            mean, sd = f[ok].mean(0), f[ok].std(0)
+            sd[sd < 1e-6] = 1.0
+        return [(np.flatnonzero(ok), mean, sd)]
+    raise StdistillError(f"feature normalisation must be one of {FEATURE_NORMS}, got {how!r}")
+
+
 def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", mean=None, sd=None):
-    """Z-scored features and a (n_obs,) mask of rows with finite features (other rows are 0).
+    """Z-scored features (clipped to +-10) and a (n_obs,) mask of rows with finite features
+    (other rows are 0).
 
     ``how="section"``: within each section (uses only that section's images, no labels);
     ``"global"``: with the given ``mean``/``sd`` (training statistics), or this data's own.
     """
     f = np.asarray(f, dtype=np.float32)
-    ok = np.all(np.isfinite(f), axis=1)
-    out = np.zeros_like(f)  # the one (n_obs, F) float32 result; each section's rows are z-scored in place
-    if how == "section":
-        for m, mu, s_ in section_moments(adata, f, ok):
-            x = f[m]
-            x -= mu
-            x /= s_
-            out[m] = x
-    elif how == "global":
-        if mean is None:
-            mean, sd = f[ok].mean(0), f[ok].std(0)
-            sd[sd < 1e-6] = 1.0
-        out[ok] = (f[ok] - mean) / sd
-    else:
-        raise StdistillError(f"feature normalisation must be one of {FEATURE_NORMS}, got {how!r}")
-    return np.clip(out, -10, 10, out=out), ok
+    ok = finite_rows(f)
+    out = np.zeros_like(f)  # the one (n_obs, F) float32 result, filled one block of rows at a time
+    for rows, z in standardized_blocks(f, _norm_parts(adata, f, ok, how, mean, sd)):
+        out[rows] = z
+    return out, ok
 
 
 class NicheStudent:
@@ -328,28 +331,28 @@ class NicheStudent:
         ``stats``: (mean, sd) of the section the rows come from, for "section" normalisation of a
         part of a section (a chunk of a slide); ignored with "global" normalisation."""
         if self.params["feature_norm"] == "global" and fit:
-            ok = np.all(np.isfinite(f), axis=1)
-            self.info_["feat_mean"] = f[ok].mean(0)
-            sd = f[ok].std(0)
+            ok = finite_rows(f)
+            fo = f if ok.all() else f[ok]
+            self.info_["feat_mean"] = fo.mean(0)
+            sd = fo.std(0)
             sd[sd < 1e-6] = 1.0
             self.info_["feat_sd"] = sd
-        if stats is not None and self.params["feature_norm"] == "section" and not fit:
-            z, ok = normalise_features(adata, f, "global", *stats)
-        else:
-            z, ok = normalise_features(adata, f, self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd"))
+        how, mean, sd = self.params["feature_norm"], self.info_.get("feat_mean"), self.info_.get("feat_sd")
+        if stats is not None and how == "section" and not fit:
+            how, (mean, sd) = "global", stats
         k = self.params["n_pcs"]
         if fit:
             self.info_.pop("pca_components", None)
-            if k is not None and k < z.shape[1] and ok.sum() > k:
-                from sklearn.decomposition import PCA
-
-                pca = PCA(n_components=k, random_state=self.params["seed"]).fit(z if ok.all() else z[ok])
-                self.info_["pca_mean"] = pca.mean_.astype(np.float32)
-                self.info_["pca_components"] = pca.components_.astype(np.float32)
-        if "pca_components" in self.info_:
-            z -= self.info_["pca_mean"]  # in place: z is not needed afterwards
-            z = (z @ self.info_["pca_components"].T).astype(np.float32, copy=False)
-            z[~ok] = 0.0
+        if not fit and "pca_components" not in self.info_ or fit and (k is None or k >= f.shape[1]):
+            return normalise_features(adata, f, how, mean, sd)
+        # PCA: stream each section's normalised rows twice (fit, project), never a full (n, F) copy
+        ok = finite_rows(f)
+        parts = _norm_parts(adata, f, ok, how, mean, sd)
+        if fit:
+            if ok.sum() <= k:
+                return normalise_features(adata, f, how, mean, sd)
+            self.info_["pca_mean"], self.info_["pca_components"] = fit_pca(standardized_blocks(f, parts), k)
+        z = project(standardized_blocks(f, parts), self.info_["pca_mean"], self.info_["pca_components"], len(f))
         return z, ok
 
     def _tokens(self, adata: ad.AnnData, ok: np.ndarray, max_neighbors: int | None):

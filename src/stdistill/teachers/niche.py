@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._pca import fit_pca, project, row_blocks, standardized_blocks
 from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import (
@@ -48,26 +49,24 @@ _FORMAT = "stdistill.NicheTeacher/1"
 
 # ----------------------------------------------------------------------------- embedding
 def _log_norm(adata: ad.AnnData, genes: pd.Index | None = None) -> sp.csr_matrix:
-    """Sparse (n, len(genes)) log1p(CP10k) of raw counts (library size over all genes); genes
-    missing from ``adata`` are 0. ``genes=None``: all genes."""
+    """Sparse (n, len(genes)) float32 log1p(CP10k) of raw counts (library size over all genes);
+    genes missing from ``adata`` are 0. ``genes=None``: all genes. One copy of the (selected)
+    counts is made and scaled in place."""
     X = adata.X
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     lib = np.asarray(X.sum(1)).ravel().astype(np.float64)
     lib[lib == 0] = 1.0
     if genes is None:
-        sub = X.astype(np.float32)
+        out = X.astype(np.float32)  # a copy (astype copies by default)
     else:
         pos = adata.var_names.get_indexer(genes)
-        have = pos >= 0
-        sub = sp.csr_matrix((adata.n_obs, len(genes)), dtype=np.float32)
-        if have.any():
-            cols = X[:, pos[have]].tocsc().astype(np.float32)
-            # place the present genes' columns at their positions
-            sel = sp.csr_matrix((np.ones(have.sum(), np.float32), (np.arange(have.sum()), np.flatnonzero(have))),
-                                shape=(have.sum(), len(genes)))
-            sub = (cols @ sel).tocsr()
-    out = (sp.diags((1e4 / lib).astype(np.float32)) @ sub).tocsr()
-    out.data = np.log1p(out.data)
+        have = np.flatnonzero(pos >= 0)
+        sub = X[:, pos[have]]  # a new csr matrix, columns in the order of ``genes``
+        # the present genes' columns moved to their positions among ``genes`` (an increasing map)
+        out = sp.csr_matrix((sub.data.astype(np.float32, copy=False), have[sub.indices], sub.indptr),
+                            shape=(adata.n_obs, len(genes)))
+    out.data *= np.repeat((1e4 / lib).astype(np.float32), np.diff(out.indptr))
+    np.log1p(out.data, out=out.data)
     return out
 
 
@@ -88,6 +87,32 @@ def _standardize_by(x: np.ndarray | sp.spmatrix, groups: np.ndarray, clip: float
         else:
             out[m] = np.clip((xm - mu) / sd, -clip, clip)
     return out
+
+
+def _group_rows(groups: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each group, groups in order of first appearance."""
+    return [np.flatnonzero(groups == g) for g in pd.unique(groups)]
+
+
+def _sparse_moments(x: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd (ddof 0) of each column of ``x[rows]`` as float32, computed in float64 from the
+    sparse form (two passes over row blocks, never dense); sds below 1e-8 are inf (z-score 0)."""
+    d = x.shape[1]
+    total = np.zeros(d)
+    for r in row_blocks(rows):
+        b = x[r]
+        total += np.bincount(b.indices, weights=b.data, minlength=d)
+    mu = total / max(len(rows), 1)
+    ss = np.zeros(d)
+    nnz = np.zeros(d)
+    for r in row_blocks(rows):
+        b = x[r]
+        ss += np.bincount(b.indices, weights=(b.data - mu[b.indices]) ** 2, minlength=d)
+        nnz += np.bincount(b.indices, minlength=d)
+    ss += (len(rows) - nnz) * mu**2  # the implicit zeros
+    sd = np.sqrt(ss / max(len(rows), 1)).astype(np.float32)
+    sd[sd < 1e-8] = np.inf
+    return mu.astype(np.float32), sd
 
 
 def _select_genes(logx: sp.csr_matrix, genes: pd.Index, groups: np.ndarray, n_top: int, min_frac: float) -> pd.Index:
@@ -115,77 +140,12 @@ def _select_genes(logx: sp.csr_matrix, genes: pd.Index, groups: np.ndarray, n_to
     return genes[np.sort(idx)]
 
 
-# ----------------------------------------------------------------------------- nolan model
-def _nolan_module(d_in: int, n_niches: int, d_model: int, tau: float, lr: float, sinkhorn_eps: float,
-                  token_drop: float, noise: float):
-    import lightning as L
-    import torch
-    from torch import nn
+def _nolan_module(**hp):
+    """The NOLAN-like LightningModule (:class:`~stdistill.teachers._nolan_modules.NolanLike`,
+    imported here so that importing this module needs no Lightning)."""
+    from ._nolan_modules import NolanLike
 
-    class SetEncoder(nn.Module):
-        """Tokens (embedding + learned relative-position encoding) -> masked attention pooling."""
-
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Sequential(nn.Linear(d_in, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-            self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-            self.centre = nn.Parameter(torch.zeros(d_model))
-            self.att = nn.Linear(d_model, 1)
-            self.out = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-
-        def forward(self, x, off, mask):
-            h = self.inp(x) + self.pos(off)
-            h[:, 0] = h[:, 0] + self.centre
-            a = self.att(torch.tanh(h)).squeeze(-1).masked_fill(~mask, float("-inf"))
-            w = torch.softmax(a, dim=1).unsqueeze(-1)
-            return self.out((w * h).sum(1))
-
-    @torch.no_grad()
-    def sinkhorn(scores, eps=sinkhorn_eps, iters=3):
-        q = torch.exp((scores - scores.max()) / eps).T  # K x B
-        q /= q.sum()
-        k, b = q.shape
-        for _ in range(iters):
-            q /= q.sum(1, keepdim=True)
-            q /= k
-            q /= q.sum(0, keepdim=True)
-            q /= b
-        return (q * b).T
-
-    class NolanLike(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.enc = SetEncoder()
-            self.protos = nn.Linear(d_model, n_niches, bias=False)
-
-        def scores(self, x, off, mask):
-            z = nn.functional.normalize(self.enc(x, off, mask), dim=-1)
-            w = nn.functional.normalize(self.protos.weight, dim=-1)
-            return z @ w.T
-
-        def training_step(self, batch, _):
-            x, off, gmask, lmask = batch
-            if noise > 0:
-                x = x + noise * torch.randn_like(x)
-            keep = torch.rand(gmask.shape, device=gmask.device) >= token_drop
-            keep[:, 0] = True
-            # random rotation of offsets: tissue orientation is arbitrary
-            th = torch.rand(x.shape[0], device=x.device) * 2 * torch.pi
-            rot = torch.stack([torch.stack([th.cos(), -th.sin()], -1), torch.stack([th.sin(), th.cos()], -1)], -2)
-            off = torch.einsum("bij,btj->bti", rot, off)
-            s_g = self.scores(x, off, gmask & keep)
-            s_l = self.scores(x, off, lmask & keep)
-            q_g, q_l = sinkhorn(s_g.detach()), sinkhorn(s_l.detach())
-            lp_g = torch.log_softmax(s_g / tau, -1)
-            lp_l = torch.log_softmax(s_l / tau, -1)
-            loss = -0.5 * ((q_g * lp_l).sum(-1).mean() + (q_l * lp_g).sum(-1).mean())
-            self.log("train_loss", loss, prog_bar=False)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-4)
-
-    return NolanLike()
+    return NolanLike(**hp)
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -303,32 +263,31 @@ class NicheTeacher:
             logx = _log_norm(adata)
             sel_groups = groups if groups is not None else np.zeros(adata.n_obs)
             self.state_["genes"] = list(_select_genes(logx, genes, sel_groups, p["n_top_genes"], p["min_gene_frac"]))
-            logx = logx[:, genes.get_indexer(self.state_["genes"])]
+            if len(self.state_["genes"]) < len(genes):  # else every gene, in order: logx as it is
+                del logx  # the selected genes are made from the counts again: one sparse copy at a time
+                logx = _log_norm(adata, pd.Index(self.state_["genes"]))
         else:
             logx = _log_norm(adata, pd.Index(self.state_["genes"]))
-        if corr in ("standardize",):
-            z = _standardize_by(logx, groups)  # sparse in, dense one section at a time
-        else:
-            logx = logx.toarray()
-            if fit:
-                self.state_["gene_mean"] = logx.mean(0)
-                sd = logx.std(0)
-                sd[sd < 1e-8] = np.inf
-                self.state_["gene_sd"] = sd
-            z = np.clip((logx - self.state_["gene_mean"]) / self.state_["gene_sd"], -10, 10)
-        if fit:
-            from sklearn.decomposition import PCA
-
-            n_pcs = max(1, min(p["n_pcs"], z.shape[1], z.shape[0] - 1))
-            pca = PCA(n_components=n_pcs, random_state=p["seed"], svd_solver="randomized" if z.shape[1] > 500 else "full").fit(z)
-            self.state_["pca_components"] = pca.components_.astype(np.float32)
-            self.state_["pca_mean"] = pca.mean_.astype(np.float32)
-        z -= self.state_["pca_mean"]  # in place: z is not needed afterwards
-        e = z @ self.state_["pca_components"].T
-        del z
+        e = self._project_pcs(logx, groups, fit)
         if corr == "harmony":
             e = self._harmony(e, adata)
         return e.astype(np.float32, copy=False)
+
+    def _project_pcs(self, logx: sp.csr_matrix, groups: np.ndarray | None, fit: bool) -> np.ndarray:
+        """(n_obs, n_pcs) float32 PCA of the standardized, clipped log-expression, streamed in row
+        blocks (:mod:`stdistill._pca`): the dense (n_obs x genes) matrix is never built."""
+        if self.params["batch_correction"] == "standardize":  # each group with its own moments
+            parts = [(rows, *_sparse_moments(logx, rows)) for rows in _group_rows(groups)]
+        else:  # global moments, fitted once
+            every = np.arange(logx.shape[0])
+            if fit:
+                self.state_["gene_mean"], self.state_["gene_sd"] = _sparse_moments(logx, every)
+            parts = [(every, self.state_["gene_mean"], self.state_["gene_sd"])]
+        if fit:
+            n_pcs = max(1, min(self.params["n_pcs"], logx.shape[1], logx.shape[0] - 1))
+            self.state_["pca_mean"], self.state_["pca_components"] = fit_pca(standardized_blocks(logx, parts), n_pcs)
+        return project(standardized_blocks(logx, parts), self.state_["pca_mean"], self.state_["pca_components"],
+                       logx.shape[0])
 
     def _harmony(self, e: np.ndarray, adata: ad.AnnData) -> np.ndarray:
         try:
@@ -384,9 +343,10 @@ class NicheTeacher:
             gmm = GaussianMixture(p["n_niches"], covariance_type=p["covariance_type"], random_state=p["seed"],
                                   n_init=3, reg_covar=1e-3, max_iter=200).fit(f)
             self.state_["gmm"] = gmm
+            self.fit_probs_ = gmm.predict_proba(f).astype(np.float32)  # the same rings: no second graph
         else:
             self._fit_nolan(adata, e)
-        self.fit_probs_ = self._probs(adata, e)
+            self.fit_probs_ = self._probs(adata, e)
         return self
 
     def _aggregate(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:

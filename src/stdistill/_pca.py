@@ -1,0 +1,99 @@
+"""Exact PCA streamed over row blocks: never more than one block of the data in memory.
+
+The niche teacher (standardized log-expression) and the niche student (normalised patch
+features) both fit their PCA here. One pass accumulates the mean and the (d, d) scatter matrix
+in float64 block by block (Chan et al.'s pairwise update, so a large mean loses no precision);
+the top eigenvectors of the covariance are the components, with scikit-learn's sign convention
+(``svd_flip(u_based_decision=False)``: each component's largest-magnitude entry is positive).
+A second pass projects each block into a preallocated (n, k) float32 array. Memory: the (d, d)
+scatter matrix plus one block; time: linear in the number of rows (O(n d^2) + O(d^3) once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+from ._errors import StdistillError
+
+#: Rows per dense block (memory of one block: BLOCK_ROWS x columns).
+BLOCK_ROWS = 4096
+
+Blocks = Iterable[tuple[np.ndarray, np.ndarray]]
+"""Row blocks: (row indices into the full data (b,), values (b, d)) pairs."""
+
+
+def fit_pca(blocks: Blocks, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (d,) and the first ``n_components`` principal axes (k, d), both float32, of the rows
+    of ``blocks`` (as scikit-learn's ``PCA.mean_`` / ``components_``, same signs)."""
+    n, mean, scatter = 0, None, None
+    for _, x in blocks:
+        if len(x) == 0:
+            continue
+        xb = np.asarray(x, dtype=np.float64)
+        mb = xb.mean(0)
+        xb -= mb  # float64 copy of one block, centred on its own mean
+        sb = xb.T @ xb
+        nb = len(xb)
+        if mean is None:
+            n, mean, scatter = nb, mb, sb
+            continue
+        delta = mb - mean
+        tot = n + nb
+        scatter += sb
+        scatter += np.outer(delta, delta) * (n * nb / tot)
+        mean += delta * (nb / tot)
+        n = tot
+    if mean is None or n < 2:
+        raise StdistillError(f"PCA needs at least 2 rows, got {n}")
+    d = len(mean)
+    k = int(min(n_components, d))
+    # top-k eigenpairs of the covariance, ascending -> descending
+    _, vecs = scipy.linalg.eigh(scatter / (n - 1), subset_by_index=[d - k, d - 1])
+    comps = vecs[:, ::-1].T
+    top = np.argmax(np.abs(comps), axis=1)
+    comps *= np.sign(comps[np.arange(k), top])[:, None]
+    return mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32)
+
+
+def project(blocks: Blocks, mean: np.ndarray, components: np.ndarray, n_rows: int) -> np.ndarray:
+    """(n_rows, k) float32: each block's rows ``(x - mean) @ components.T`` at their row indices
+    (rows no block names are 0). Blocks are centred in place (pass blocks made for this call)."""
+    mean = np.asarray(mean, dtype=np.float32)
+    comps_t = np.asarray(components, dtype=np.float32).T
+    out = np.zeros((n_rows, comps_t.shape[1]), dtype=np.float32)
+    for rows, x in blocks:
+        xb = np.asarray(x, dtype=np.float32)
+        xb -= mean
+        out[rows] = xb @ comps_t
+    return out
+
+
+def row_blocks(rows: np.ndarray, block_rows: int = BLOCK_ROWS):
+    """``rows`` in consecutive pieces of at most ``block_rows``."""
+    for i in range(0, len(rows), block_rows):
+        yield rows[i:i + block_rows]
+
+
+def standardized_blocks(x: np.ndarray | sp.spmatrix, parts, clip: float = 10.0, block_rows: int = BLOCK_ROWS):
+    """Yield (rows, (b, d) float32) blocks of ``clip((x[rows] - mu) / sd, -clip, clip)``;
+    ``parts``: (rows, mu (d,), sd (d,)) per group. ``x`` dense or sparse (made dense one block
+    at a time); only one block exists at a time and ``x`` is not changed."""
+    for rows, mu, sd in parts:
+        for r in row_blocks(rows, block_rows):
+            z = x[r].toarray() if sp.issparse(x) else x[r]  # a new array: r is an index array
+            z = z.astype(np.float32, copy=False)
+            z -= mu
+            z /= sd
+            yield r, np.clip(z, -clip, clip, out=z)
+
+
+def finite_rows(x: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """(n,) bool: rows of ``x`` (n, d) with only finite values (checked by row blocks)."""
+    ok = np.empty(len(x), dtype=bool)
+    for i in range(0, len(x), block_rows):
+        ok[i:i + block_rows] = np.isfinite(x[i:i + block_rows]).all(1)
+    return ok
