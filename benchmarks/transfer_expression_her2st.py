@@ -1,6 +1,8 @@
 """Patient-shift ablation of the expression probes on HER2ST: none / +stain / +views / +context / all.
 
     OMP_NUM_THREADS=1 python benchmarks/transfer_expression_her2st.py --root ../shared/data/her2st
+    ... --parts peka              # the PEKA arm (not in the default run; its own files under --out)
+    ... --parts probes peka --from-csv   # re-print the tables of both parts from --out's files
 
 Leave-one-patient-out over the imaged HER2ST patients (A: A1, A2 as ~3.2 um/px copies; B: B4;
 C: C2-C5, ~0.69 um/px), the protocol of ``benchmarks/expression_her2st.py`` through
@@ -13,7 +15,10 @@ HEST's and the clipped one (held-out features clipped to their training range). 
 Arms (features of the probe):
 
 - ``none``: the 112 um patch features;
-- ``+stain``: the same, Macenko-normalised (reference: the first imaged section);
+- ``+stain``: the same, Macenko-normalised onto one reference for all folds: the first imaged
+  section, A1, as in ``transfer_her2st.py`` (so in fold A the reference stain is a held-out
+  section's; label-free, but not a training-only choice there: a training reference per fold
+  would mean one more extraction per fold);
 - ``+views``: plain features, plus augmented views of every training spot as extra training rows
   (``bench.expression(views=True)``; the held-out patient uses clean features); one run per view
   seed;
@@ -24,12 +29,13 @@ Arms (features of the probe):
 The ridge probe is deterministic: ``none``, ``+stain``, ``+context`` give one number per patient;
 the view arms one per view seed. Paired differences arm - none per held-out patient (same probe,
 same genes) are printed with two spreads: the sd over view seeds (view arms) and the standard
-error over the 50 genes of the per-gene differences (every arm). ``--peka-seeds``: PEKA (MiSS,
+error over the 50 genes of the per-gene differences (every arm). ``--parts peka``: PEKA (MiSS,
 the library's PekaConfig defaults, a fixed number of epochs, no settings selection) on the plain
 patches, probed like the arms (PEKA has no stain normalisation of its patches yet, so no
 ``+stain`` PEKA arm). Fold A is reported apart.
 
-Writes ``results.csv`` (arm x probe x seed x patient) and ``per_gene.csv`` under ``--out``.
+Writes, per part, ``<part>.csv`` (arm x probe x seed x patient), ``<part>_per_gene.csv`` and
+``<part>.txt`` (its printed header: command, costs, wall time) under ``--out``.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ ARMS = {  # arm: (stain normalised, augmented views, context features)
 APART = "A"  # HER2ST patient whose images are 3.2 um/px copies: reported apart
 MAP_GENE = "ERBB2"
 PROBES = {"hest": False, "clipped": True}  # probe name: clip
+TEACHER_DIM = 32  # PEKA's expression teacher: embedding width (as expression_her2st.py's --n-components)
 
 
 def load(root: str):
@@ -134,7 +141,7 @@ def peka_arm(full, img, fold_genes: dict, args, say=print) -> tuple[list[dict], 
         p = fold.patients_of("test")[0]
         tr = sd.io.subset_sections(img, list(fold.train))
         cfg0 = PekaConfig(max_epochs=args.peka_epochs, train_positions=16, head_ridge=10.0)
-        T, kd = fold_teacher(full, tr, fold.patients_of("train"), 32, cfg0.n_clusters, args.peka_seeds)
+        T, kd = fold_teacher(full, tr, fold.patients_of("train"), TEACHER_DIM, cfg0.n_clusters, args.peka_seeds)
         for seed in args.peka_seeds:
             t = time.time()
             m = PEKA(ENCODER, replace(cfg0, seed=seed)).fit(tr, T, fold_genes[p], kd_classifier=kd[seed])
@@ -145,7 +152,8 @@ def peka_arm(full, img, fold_genes: dict, args, say=print) -> tuple[list[dict], 
                 r, g = _rows(res, "peka", probe, seed)
                 rows += r
                 per_gene.update(g)
-            say(f"PEKA fold {p} seed {seed}: {time.time() - t:.0f} s (teacher, fit, features of every spot)")
+            say(f"PEKA fold {p} seed {seed}: " + ", ".join(f"{r['probe']} probe r {r['pearson']:.4f} ({MAP_GENE} {r['r_erbb2']:.3f})"
+                                                          for r in rows[-len(PROBES):]) + f" [{time.time() - t:.0f} s]")
     img.obsm.pop("X_peka", None)
     return rows, per_gene
 
@@ -194,16 +202,17 @@ def paired_table(res: pd.DataFrame, per_gene: dict, col: str = "pearson") -> pd.
 
 
 def report(res: pd.DataFrame, per_gene: dict) -> str:
+    paired = (res["arm"] == "none").any()  # the differences need the none arm (the probes part)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
         return "\n".join([
             "== mean Pearson over the 50 genes, per held-out patient (mean +- sd over seeds where seeded) ==",
             score_table(res, "pearson").to_string(),
-            "== arm - none, mean Pearson (same probe; +- sd over seeds; [standard error over the 50 genes]) ==",
-            paired_table(res, per_gene).to_string(),
+            *(["== arm - none, mean Pearson (same probe; +- sd over seeds; [standard error over the 50 genes]) ==",
+               paired_table(res, per_gene).to_string()] if paired else []),
             f"== {MAP_GENE} r per held-out patient ==",
             score_table(res, "r_erbb2").to_string(),
-            f"== arm - none, {MAP_GENE} r (+- sd over seeds) ==",
-            paired_table(res, per_gene, "r_erbb2").to_string(),
+            *([f"== arm - none, {MAP_GENE} r (+- sd over seeds) ==",
+               paired_table(res, per_gene, "r_erbb2").to_string()] if paired else []),
             f"* {APART}: A1/A2 are ~3.2 um/px copies (a 112 um patch is ~35 px upsampled to 224): a resolution shift "
             "as much as a patient shift; the 'mean' columns without it are the cleaner read.",
         ])
@@ -236,8 +245,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default="results/transfer_expression_her2st")
-    ap.add_argument("--parts", nargs="+", default=["probes", "peka"], choices=["probes", "peka"],
-                    help="what to run: the probe arms and/or the PEKA arm (each writes its own files under --out)")
+    ap.add_argument("--parts", nargs="+", default=["probes"], choices=["probes", "peka"],
+                    help="what to run: the probe arms (default) and/or the PEKA arm (about 20 min more on 2 busy "
+                         "cores); each writes its own files under --out")
     ap.add_argument("--from-csv", action="store_true", help="only print the tables of --parts from --out's files")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--views", type=int, default=1, help="augmented views per view seed (each costs one extraction pass)")
@@ -269,16 +279,17 @@ def run_parts(args, out: Path) -> None:
         full, img = load(args.root)
         header.append(f"imaged sections {sd.io.sections(img)} ({img.n_obs} spots)")
         print("\n".join(header), flush=True)
+        def say(msg: str) -> None:  # printed now and kept in the part's header
+            print(msg, flush=True)
+            header.append(msg)
+
         if part == "probes":
-            lines: list[str] = []
-            views = extract(img, args, lines.append)
-            header += lines
+            views = extract(img, args, say)
             rows, per_gene = probe_arms(img, views, args)
         else:
             genes = {f.patients_of("test")[0]: sd.pp.hest_genes(img, 50, sections=list(f.train)) for f in sd.pp.folds(img)}
-            rows, per_gene = peka_arm(full, img, genes, args, header.append)
-        header.append(f"part {part}: wall {time.time() - t0:.0f} s")
-        print(header[-1], flush=True)
+            rows, per_gene = peka_arm(full, img, genes, args, say)
+        say(f"part {part}: wall {time.time() - t0:.0f} s")
         _save(out, part, rows, per_gene, header)
 
 
