@@ -51,7 +51,6 @@ import pandas as pd
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-warnings.filterwarnings("ignore")
 
 import stdistill as sd
 from stdistill.adapters import Tail, parse_cut, trunk_activations
@@ -84,7 +83,18 @@ def frozen_features(adata, cfg: PekaConfig) -> np.ndarray:
         return torch.cat([tail(H[i:i + 256, 0].float()) for i in range(0, len(H), 256)]).numpy()
 
 
+def fold_teacher(full, tr, tr_pats: list[str], n_components: int, n_clusters: int, seeds) -> tuple[np.ndarray, dict]:
+    """The expression teacher of one fold, fitted on **all** sections (with or without image) of the
+    training patients ``tr_pats``: (teacher embeddings of the imaged training spots ``tr``,
+    {seed: KD classifier (W, b) from k-means with ``n_clusters`` on the teacher embeddings})."""
+    full_tr = full[full.obs["patient"].astype(str).isin(tr_pats).to_numpy()].copy()
+    teacher = ExpressionTeacher("pca", n_components=n_components).fit(full_tr)
+    ref = teacher.transform(full_tr)
+    return teacher.transform(tr), {seed: teacher_targets(ref, n_clusters=n_clusters, seed=seed)[:2] for seed in seeds}
+
+
 def main() -> None:
+    warnings.filterwarnings("ignore")  # script only: not at import (other benchmarks import from here)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default="results/expression_her2st")
@@ -152,13 +162,10 @@ def main() -> None:
         train_secs = list(fold.train)
         genes = sd.pp.hest_genes(img, 50, sections=train_secs)
         tr_pats = fold.patients_of("train")
-        full_tr = full[full.obs["patient"].astype(str).isin(tr_pats).to_numpy()].copy()
-        teacher = ExpressionTeacher("pca", n_components=args.n_components).fit(full_tr)
-        ref = teacher.transform(full_tr)
         tr = sd.io.subset_sections(img, train_secs)
-        T = teacher.transform(tr)
-        kd = {seed: teacher_targets(ref, n_clusters=base_cfg.n_clusters, seed=seed)[:2] for seed in set(args.seeds) | {0}}
-        log(f"fold {fold.name}: train {tr_pats} ({tr.n_obs} imaged spots; teacher on {full_tr.n_obs} spots), test {test_p}", t0)
+        T, kd = fold_teacher(full, tr, tr_pats, args.n_components, base_cfg.n_clusters, set(args.seeds) | {0})
+        n_teach = int(full.obs["patient"].astype(str).isin(tr_pats).sum())
+        log(f"fold {fold.name}: train {tr_pats} ({tr.n_obs} imaged spots; teacher on {n_teach} spots), test {test_p}", t0)
 
         def bench(key: str, solver: str = "covariance_eigh", alpha="hest", clip=False):
             return sd.bench.expression(img, key, folds=[fold], genes=genes, extra_genes=[args.map_gene],

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from ._expression import DEFAULT_ALPHAS, ExpressionBenchResult, HestRidge, choose_alpha_cv, expression, hest_alpha, read_hest_splits
+from ._expression import (
+    DEFAULT_ALPHAS,
+    ExpressionBenchResult,
+    HestRidge,
+    choose_alpha_cv,
+    expression,
+    hest_alpha,
+    read_hest_splits,
+    with_views,
+)
 
 __all__ = ["DEFAULT_ALPHAS", "ExpressionBenchResult", "HestRidge", "choose_alpha_cv", "expression", "hest_alpha",
-           "read_hest_splits"]
+           "read_hest_splits", "with_views"]

@@ -37,12 +37,30 @@ from ..metrics import pearson_per_gene
 from ..pp.genes import hest_genes, log1p_targets, read_gene_list
 from ..pp.splits import Fold, check_split, folds as _make_folds
 
-__all__ = ["HestRidge", "ExpressionBenchResult", "expression", "hest_alpha", "choose_alpha_cv", "read_hest_splits", "DEFAULT_ALPHAS"]
+__all__ = ["HestRidge", "ExpressionBenchResult", "expression", "hest_alpha", "choose_alpha_cv", "read_hest_splits", "with_views",
+           "DEFAULT_ALPHAS"]
 
 #: alpha grid searched by ``alpha="cv"``, one value per decade (HEST's own alpha is added for
 #: every fold). It reaches 1e7 because on HER2ST the inner CV chose 1e4, the old top, in every fold.
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 _FORMAT = "stdistill.HestRidge/1"
+
+
+def with_views(X: np.ndarray, Y: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows with augmented views: ``X`` (n, D) then ``views[:, 0]``, ..., ``views[:, K-1]``.
+
+    ``views``: (n, K, D) features of K augmented views of the same n spots (None: ``X``, ``Y``
+    unchanged). Returns ((n * (K + 1), D) features, (n * (K + 1), G) targets: ``Y`` repeated).
+    """
+    if views is None:
+        return X, Y
+    V = np.asarray(views, dtype=np.float64)
+    if V.ndim != 3 or len(V) != len(X) or V.shape[2] != X.shape[1]:
+        raise StdistillError(f"views must be (n_spots, K, D) = ({len(X)}, K, {X.shape[1]}) like the features, got {V.shape}")
+    if not np.isfinite(V).all():
+        raise StdistillError("views contain NaN or infinite values")
+    rows = [X] + [V[:, k] for k in range(V.shape[1])]
+    return np.concatenate(rows), np.concatenate([Y] * len(rows))
 
 
 def hest_alpha(d: int, n_genes: int) -> float:
@@ -103,8 +121,14 @@ class HestRidge:
         Z = self.scaler_.transform(np.clip(X, self.lo_, self.hi_) if self.clip else X)
         return self.pca_.transform(Z) if self.pca_ is not None else Z
 
-    def fit(self, X: np.ndarray, Y: np.ndarray, genes: Sequence[str] | None = None) -> HestRidge:
-        """Fit on (n, n_features) features and (n, n_genes) log1p targets."""
+    def fit(self, X: np.ndarray, Y: np.ndarray, genes: Sequence[str] | None = None,
+            views: np.ndarray | None = None) -> HestRidge:
+        """Fit on (n, n_features) features and (n, n_genes) log1p targets.
+
+        ``views``: (n, K, n_features) features of K augmented views of the same spots, used as
+        K x n extra training rows with the same targets (scaler, PCA, clip range and ridge all see
+        them); :meth:`predict` is unchanged (new spots: clean features).
+        """
         from sklearn.linear_model import Ridge
 
         X = np.asarray(X, dtype=np.float64)
@@ -113,6 +137,7 @@ class HestRidge:
             raise StdistillError(f"features {X.shape} and targets {Y.shape} must be 2-D with the same rows")
         if not np.isfinite(X).all():
             raise StdistillError("features contain NaN or infinite values")
+        X, Y = with_views(X, Y, views)
         Z = self._reduce_fit(X)
         d = Z.shape[1]
         self.alpha_ = hest_alpha(d, Y.shape[1]) if self.alpha == "hest" else float(self.alpha)
@@ -292,13 +317,14 @@ def _fold_scores(Y_true: np.ndarray, Y_pred: np.ndarray, genes: Sequence[str]) -
 
 def choose_alpha_cv(
     X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: Sequence[float], latent_dim: int | None = 256, seed: int = 1,
-    clip: bool = False, svd_solver: str = "auto",
+    clip: bool = False, svd_solver: str = "auto", views: np.ndarray | None = None,
 ) -> tuple[float, pd.Series]:
     """Alpha with the best mean Pearson over leave-one-group-out splits of (X, Y) (groups = patients).
 
     Scaler and PCA (``latent_dim``, ``seed``, ``svd_solver``, ``clip`` as in :class:`HestRidge`)
-    are refitted inside every inner split. Returns (alpha, score per alpha); a tie goes to the
-    first of ``alphas``.
+    are refitted inside every inner split. ``views`` (n, K, D): extra training rows of the inner
+    training spots (:func:`with_views`); the inner validation spots use ``X`` only. Returns
+    (alpha, score per alpha); a tie goes to the first of ``alphas``.
     """
     from sklearn.linear_model import Ridge
 
@@ -311,10 +337,11 @@ def choose_alpha_cv(
     for g in uniq:
         tr, va = groups != g, groups == g
         probe = HestRidge(latent_dim=latent_dim, seed=seed, svd_solver=svd_solver, clip=clip)
-        Ztr = probe._reduce_fit(X[tr])
+        Xtr, Ytr = with_views(X[tr], Y[tr], views[tr] if views is not None else None)
+        Ztr = probe._reduce_fit(Xtr)
         Zva = probe.reduce(X[va])
         for a in alphas:
-            reg = Ridge(solver="lsqr", alpha=a, fit_intercept=False, random_state=seed, max_iter=1000).fit(Ztr, Y[tr])
+            reg = Ridge(solver="lsqr", alpha=a, fit_intercept=False, random_state=seed, max_iter=1000).fit(Ztr, Ytr)
             scores[a].append(_fold_scores(Y[va], reg.predict(Zva), range(Y.shape[1]))[1])
     s = pd.Series({a: float(np.nanmean(v)) for a, v in scores.items()}, name="inner_pearson")
     return float(s.idxmax()), s
@@ -325,6 +352,7 @@ class _Setup:
     """What every fold of :func:`expression` shares."""
 
     F: np.ndarray  # (n_spots, D) features
+    V: np.ndarray | None  # (n_spots, K, D) augmented views (extra training rows), or None
     sec_of: np.ndarray  # section of each spot
     pat_of: np.ndarray  # patient of each spot
     known: set  # sections present in the data
@@ -338,13 +366,31 @@ class _Setup:
     probe: dict  # latent_dim, seed, svd_solver, clip of every probe
 
 
-def _features(adata: ad.AnnData, feature_key: str) -> np.ndarray:
-    """``obsm[feature_key]`` as a finite (n_spots, D) float64 array, or a one-line error."""
-    if feature_key not in adata.obsm:
+def _feature_keys(feature_key: str | Sequence[str]) -> list[str]:
+    """``feature_key`` of :func:`expression` as a non-empty list of obsm keys."""
+    keys = [feature_key] if isinstance(feature_key, str) else list(feature_key)
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise StdistillError(f"feature_key must be an obsm key or a non-empty list of them, got {feature_key!r}")
+    if len(set(keys)) < len(keys):
+        raise StdistillError(f"feature_key lists a key twice: {keys}")
+    return keys
+
+
+def _features(adata: ad.AnnData, feature_key: str | Sequence[str]) -> np.ndarray:
+    """``obsm[feature_key]`` as a finite (n_spots, D) float64 array, or a one-line error.
+
+    Several keys: their features side by side, (n_spots, D_1 + D_2 + ...), in the given order.
+    """
+    keys = _feature_keys(feature_key)
+    missing = [k for k in keys if k not in adata.obsm]
+    if missing:
         raise StdistillError(
-            f"no obsm[{feature_key!r}]; extract features first (stdistill.features.extract) "
+            f"no obsm[{missing[0]!r}]; extract features first (stdistill.features.extract) "
             f"(have: {list(adata.obsm.keys())})"
         )
+    if len(keys) > 1:
+        return np.concatenate([_features(adata, k) for k in keys], axis=1)
+    feature_key = keys[0]
     F = np.asarray(adata.obsm[feature_key], dtype=np.float64)
     if F.ndim != 2 or len(F) != adata.n_obs:
         raise StdistillError(f"obsm[{feature_key!r}] must be (n_spots, D), got {F.shape}")
@@ -352,6 +398,36 @@ def _features(adata: ad.AnnData, feature_key: str) -> np.ndarray:
         bad = adata.obs[SECTION_KEY].astype(str)[~np.isfinite(F).all(1)].unique().tolist()
         raise StdistillError(f"obsm[{feature_key!r}] has NaN/inf rows (sections {bad[:5]}); subset to sections with features")
     return F
+
+
+def _views(adata: ad.AnnData, feature_key: str | Sequence[str]) -> np.ndarray:
+    """Augmented views of the features of :func:`_features`, (n_spots, K, D).
+
+    Each key's views are ``obsm[key + "_views"]`` (n_spots, K, D_key), written by
+    ``features.extract(views=K)``; a key without them (e.g. a context key) repeats its clean
+    features in every view. At least one key must have views, and all the same K.
+    """
+    keys = _feature_keys(feature_key)
+    have = {k: adata.obsm[k + "_views"] for k in keys if k + "_views" in adata.obsm}
+    if not have:
+        raise StdistillError(f"views=True but there is no obsm[{keys[0] + '_views'!r}]; extract augmented views first "
+                             "(stdistill.features.extract(..., views=K))")
+    shapes = {k: np.shape(v) for k, v in have.items()}
+    if len({sh[1] if len(sh) == 3 else -1 for sh in shapes.values()}) > 1:
+        raise StdistillError(f"views of the feature keys differ in number: {shapes}")
+    out = []
+    for k in keys:
+        F = _features(adata, k)
+        if k not in have:
+            out.append(np.broadcast_to(F[:, None], (len(F), next(iter(shapes.values()))[1], F.shape[1])))
+            continue
+        V = np.asarray(have[k], dtype=np.float64)
+        if V.ndim != 3 or V.shape[0] != adata.n_obs or V.shape[2] != F.shape[1]:
+            raise StdistillError(f"obsm[{k + '_views'!r}] must be (n_spots, K, {F.shape[1]}), got {V.shape}")
+        if not np.isfinite(V).all():
+            raise StdistillError(f"obsm[{k + '_views'!r}] has NaN/inf values; subset to sections with features")
+        out.append(V)
+    return np.concatenate(out, axis=2)
 
 
 def _present_extra_genes(adata: ad.AnnData, extra_genes: Sequence[str]) -> list[str]:
@@ -383,7 +459,7 @@ def _cv_alpha(s: _Setup, fold: str, tr: np.ndarray, Ytr: np.ndarray) -> tuple[fl
     """``alpha="cv"`` for one fold: (alpha, per-fold columns); warns when alpha is an end of its grid."""
     d = min(s.probe["latent_dim"] or s.F.shape[1], s.F.shape[1])
     grid = sorted(set(s.alphas) | {hest_alpha(d, Ytr.shape[1])})
-    a, scores = choose_alpha_cv(s.F[tr], Ytr, s.pat_of[tr], grid, **s.probe)
+    a, scores = choose_alpha_cv(s.F[tr], Ytr, s.pat_of[tr], grid, **s.probe, views=s.V[tr] if s.V is not None else None)
     on_edge = a in (grid[0], grid[-1])
     if on_edge:
         end = "smallest" if a == grid[0] else "largest"
@@ -405,14 +481,16 @@ def _run_fold(adata: ad.AnnData, s: _Setup, f: Fold) -> tuple[dict, pd.Series, p
     Ytr = log1p_targets(adata[tr], g, layer=layer)
     Yte = log1p_targets(adata[te], g, layer=layer)
     a, cv_cols = _cv_alpha(s, f.name, tr, Ytr) if s.alpha == "cv" else (s.alpha, {})
-    probe = HestRidge(alpha=a, **s.probe).fit(s.F[tr], Ytr, genes=g)
+    Vtr = s.V[tr] if s.V is not None else None  # extra training rows; the test spots use clean features
+    probe = HestRidge(alpha=a, **s.probe).fit(s.F[tr], Ytr, genes=g, views=Vtr)
     Pte = probe.predict(s.F[te])
     r, m, n_nan = _fold_scores(Yte, Pte, g)
     obs = adata.obs_names[te]
     P = pd.DataFrame(Pte.astype(np.float32), index=obs, columns=g)
     Y = pd.DataFrame(Yte, index=obs, columns=g)
     row = {"fold": f.name, "test_patients": "+".join(sorted(set(s.pat_of[te]))), "test_sections": "+".join(test_secs),
-           "n_train": int(tr.sum()), "n_test": int(te.sum()), "n_genes": len(g), "pca_dim": probe.n_components_,
+           "n_train": int(tr.sum()), "n_train_rows": int(tr.sum()) * (1 + (s.V.shape[1] if s.V is not None else 0)),
+           "n_test": int(te.sum()), "n_genes": len(g), "pca_dim": probe.n_components_,
            "alpha": probe.alpha_, "pearson_mean": m, "n_genes_undefined": n_nan, **cv_cols}
     extra = [x for x in s.extra if x not in g]
     if extra:  # reported, not scored: a probe on the extra genes alone, same settings as the 50
@@ -420,7 +498,7 @@ def _run_fold(adata: ad.AnnData, s: _Setup, f: Fold) -> tuple[dict, pd.Series, p
         Ete = log1p_targets(adata[te], extra, layer=layer)
         # ridge is separable over targets: the 50-gene alpha on the same PCA gives what the
         # extra genes would get inside the 50-gene fit, without changing the 50 genes' alpha
-        pe = HestRidge(alpha=probe.alpha_, **s.probe).fit(s.F[tr], Etr, genes=extra)
+        pe = HestRidge(alpha=probe.alpha_, **s.probe).fit(s.F[tr], Etr, genes=extra, views=Vtr)
         Pe = pe.predict(s.F[te])
         r = pd.concat([r, _fold_scores(Ete, Pe, extra)[0]])
         P[extra] = Pe.astype(np.float32)
@@ -431,8 +509,9 @@ def _run_fold(adata: ad.AnnData, s: _Setup, f: Fold) -> tuple[dict, pd.Series, p
 
 def expression(
     adata: ad.AnnData,
-    feature_key: str,
+    feature_key: str | Sequence[str],
     *,
+    views: bool = False,
     folds=None,
     genes: Sequence[str] | str | os.PathLike | None = None,
     n_genes: int = 50,
@@ -454,6 +533,14 @@ def expression(
     adata
         Sections (``obs["section"]``, ``obs["patient"]``) with raw counts and (n_spots, D)
         features in ``obsm[feature_key]``.
+    feature_key
+        An obsm key, or several (e.g. ``["X_enc", "X_enc_ctx"]``: patch and context features),
+        concatenated per spot before the probe's scaling and PCA.
+    views
+        Also train on augmented views: ``obsm[key + "_views"]`` (n_spots, K, D) of each feature
+        key (``features.extract(views=K)``) as K extra training rows per training spot (a key
+        without views, e.g. a context key, repeats its clean features there). Test spots always
+        use the clean features. ``per_fold["n_train_rows"]`` counts the rows.
     folds
         ``None``: leave-one-patient-out; an int: k patient-level folds; a list of
         :class:`~stdistill.pp.Fold` or of ``(train_sections, test_sections)``; or the path of a
@@ -488,11 +575,12 @@ def expression(
     :class:`ExpressionBenchResult` (per-fold table, per-gene table, test predictions).
     """
     F = _features(adata, feature_key)
+    V = _views(adata, feature_key) if views else None
     if alpha not in ("hest", "cv") and not isinstance(alpha, (int, float)):
         raise StdistillError(f"alpha must be 'hest', 'cv' or a number, got {alpha!r}")
     fixed_genes = _given_genes(genes)
     fold_list = _resolve_folds(adata, folds)
-    s = _Setup(F=F, sec_of=adata.obs[SECTION_KEY].astype(str).to_numpy(), pat_of=adata.obs[PATIENT_KEY].astype(str).to_numpy(),
+    s = _Setup(F=F, V=V, sec_of=adata.obs[SECTION_KEY].astype(str).to_numpy(), pat_of=adata.obs[PATIENT_KEY].astype(str).to_numpy(),
                known=set(_sections(adata)), fixed_genes=fixed_genes, extra=_present_extra_genes(adata, extra_genes),
                n_genes=n_genes, min_frac=min_frac, layer=layer, alpha=alpha, alphas=alphas,
                probe={"latent_dim": latent_dim, "seed": seed, "svd_solver": svd_solver, "clip": clip})
@@ -502,7 +590,8 @@ def expression(
         rows.append(row)
     res = ExpressionBenchResult(
         per_fold=pd.DataFrame(rows), per_gene=_per_gene_table(per_gene), predictions=preds, targets=targets, genes=chosen,
-        params={"feature_key": feature_key, "latent_dim": latent_dim if latent_dim is not None else "none",
+        params={"feature_key": feature_key if isinstance(feature_key, str) else list(feature_key),
+                "views": int(V.shape[1]) if V is not None else 0, "latent_dim": latent_dim if latent_dim is not None else "none",
                 "alpha": alpha if isinstance(alpha, str) else float(alpha), "seed": seed, "n_genes": n_genes,
                 "min_frac": min_frac, "clip": bool(clip), "genes": "given" if fixed_genes is not None else "hest_train_folds"},
     )
