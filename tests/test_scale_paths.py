@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 from test_niches import toy
 
+from stdistill._errors import StdistillError
 from stdistill._pca import fit_pca, project
 from stdistill.students import NicheStudent
 from stdistill.students.niche import normalise_features
@@ -125,6 +126,7 @@ def test_streamed_pca_equals_sklearn_pca():
 @pytest.mark.parametrize("correction", ["standardize", None])
 def test_teacher_streamed_pca_matches_the_dense_sklearn_path(monkeypatch, correction):
     a = toy(n_patients=3, grid=8, n_genes=30)
+    monkeypatch.setenv("STDISTILL_PCA_IN_MEMORY_MB", "0")  # stream at any size
     new = NicheTeacher(3, batch_correction=correction, seed=0).fit(a)
     monkeypatch.setattr(NicheTeacher, "_project_pcs", _old_teacher_pcs)
     old = NicheTeacher(3, batch_correction=correction, seed=0).fit(a)
@@ -141,6 +143,7 @@ def test_student_streamed_pca_matches_the_dense_sklearn_path(monkeypatch):
     a.obsm["X_toy"][5] = np.nan
     NicheTeacher(3, seed=0).fit_predict(a)
     kw = dict(feature_key="X_toy", radius_um=450, max_epochs=1, n_pcs=6, seed=0)
+    monkeypatch.setenv("STDISTILL_PCA_IN_MEMORY_MB", "0")  # stream at any size
     new = NicheStudent(**kw).fit(a)
     zn, okn = new._normalise(a, new._features(a), fit=False)
     monkeypatch.setattr(NicheStudent, "_normalise", _old_student_normalise)
@@ -152,6 +155,26 @@ def test_student_streamed_pca_matches_the_dense_sklearn_path(monkeypatch):
     np.testing.assert_array_equal(okn, oko)
     np.testing.assert_allclose(zn, zo, atol=1e-4)
     assert not zn[5].any()
+
+
+def test_pca_streams_only_past_the_in_memory_limit(monkeypatch):
+    import stdistill._pca as pca
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    calls = []
+    real = pca.fit_pca
+    monkeypatch.setattr(pca, "fit_pca", lambda *a, **k: calls.append(1) or real(*a, **k))
+    blocks = lambda: iter([(np.arange(0, 100), x[:100].copy()), (np.arange(100, 300), x[100:].copy())])  # noqa: E731
+    small = pca.fit_pca_auto(blocks, 300, 12, 4, seed=0)  # 14 KB: scikit-learn's PCA, as earlier releases
+    assert calls == []
+    monkeypatch.setenv("STDISTILL_PCA_IN_MEMORY_MB", "0.001")
+    streamed = pca.fit_pca_auto(blocks, 300, 12, 4, seed=0)
+    assert calls == [1]
+    np.testing.assert_allclose(np.abs(streamed[1]), np.abs(small[1]), atol=1e-4)
+    monkeypatch.setenv("STDISTILL_PCA_IN_MEMORY_MB", "lots")
+    with pytest.raises(StdistillError, match="STDISTILL_PCA_IN_MEMORY_MB"):
+        pca.fit_pca_auto(blocks, 300, 12, 4)
 
 
 def test_teacher_fit_builds_the_ring_graph_once(monkeypatch):

@@ -22,6 +22,12 @@ from ._errors import StdistillError
 #: Rows per dense block (memory of one block: BLOCK_ROWS x columns).
 BLOCK_ROWS = 4096
 
+#: Fits whose float32 input (rows x columns) is at most this many bytes use scikit-learn's PCA in
+#: memory (the solver, and so the numbers, of earlier releases; e.g. HER2ST, the simulated data);
+#: larger ones (from about 33k spots x 2,000 genes or 52k spots x 1,280 features) the streamed exact
+#: PCA. Override with ``$STDISTILL_PCA_IN_MEMORY_MB``.
+IN_MEMORY_MB = 256
+
 Blocks = Iterable[tuple[np.ndarray, np.ndarray]]
 """Row blocks: (row indices into the full data (b,), values (b, d)) pairs."""
 
@@ -57,6 +63,36 @@ def fit_pca(blocks: Blocks, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     top = np.argmax(np.abs(comps), axis=1)
     comps *= np.sign(comps[np.arange(k), top])[:, None]
     return mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32)
+
+
+def _in_memory_limit() -> float:
+    import os
+
+    v = os.environ.get("STDISTILL_PCA_IN_MEMORY_MB", "")
+    try:
+        return float(v) * 2**20 if v else IN_MEMORY_MB * 2**20
+    except ValueError:
+        raise StdistillError(f"$STDISTILL_PCA_IN_MEMORY_MB must be a number of megabytes, got {v!r}") from None
+
+
+def fit_pca_auto(make_blocks, n_rows: int, n_cols: int, n_components: int, *, seed: int = 0,
+                 svd_solver: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Mean (d,) and components (k, d), float32: scikit-learn's ``PCA(svd_solver=, random_state=seed)``
+    on the rows of ``make_blocks()`` assembled in row order when they fit in :data:`IN_MEMORY_MB`,
+    else the streamed exact :func:`fit_pca` (memory: one block plus d x d). ``make_blocks``: a
+    zero-argument callable returning fresh :data:`Blocks` over the (n_rows, n_cols) data (rows no
+    block names are left out of the fit)."""
+    if n_rows * n_cols * 4 > _in_memory_limit():
+        return fit_pca(make_blocks(), n_components)
+    from sklearn.decomposition import PCA
+
+    x = np.empty((n_rows, n_cols), dtype=np.float32)
+    filled = np.zeros(n_rows, dtype=bool)
+    for rows, z in make_blocks():
+        x[rows] = z
+        filled[rows] = True
+    pca = PCA(n_components=n_components, random_state=seed, svd_solver=svd_solver).fit(x if filled.all() else x[filled])
+    return pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
 
 
 def project(blocks: Blocks, mean: np.ndarray, components: np.ndarray, n_rows: int) -> np.ndarray:

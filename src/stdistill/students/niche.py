@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._pca import finite_rows, fit_pca, project, standardized_blocks
+from .._pca import finite_rows, fit_pca_auto, project, standardized_blocks
 from .._utils import (
     load_safetensors_dir,
     load_state,
@@ -351,7 +351,8 @@ class NicheStudent:
         if fit:
             if ok.sum() <= k:
                 return normalise_features(adata, f, how, mean, sd)
-            self.info_["pca_mean"], self.info_["pca_components"] = fit_pca(standardized_blocks(f, parts), k)
+            self.info_["pca_mean"], self.info_["pca_components"] = fit_pca_auto(
+                lambda: standardized_blocks(f, parts), *f.shape, k, seed=self.params["seed"])
         z = project(standardized_blocks(f, parts), self.info_["pca_mean"], self.info_["pca_components"], len(f))
         return z, ok
 

@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
-from .._pca import fit_pca, project, row_blocks, standardized_blocks
+from .._pca import fit_pca_auto, project, row_blocks, standardized_blocks
 from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import (
@@ -274,8 +274,9 @@ class NicheTeacher:
         return e.astype(np.float32, copy=False)
 
     def _project_pcs(self, logx: sp.csr_matrix, groups: np.ndarray | None, fit: bool) -> np.ndarray:
-        """(n_obs, n_pcs) float32 PCA of the standardized, clipped log-expression, streamed in row
-        blocks (:mod:`stdistill._pca`): the dense (n_obs x genes) matrix is never built."""
+        """(n_obs, n_pcs) float32 PCA of the standardized, clipped log-expression, projected in row
+        blocks (:mod:`stdistill._pca`); the fit streams them too past ``_pca.IN_MEMORY_MB``, so at
+        scale the dense (n_obs x genes) matrix is never built."""
         if self.params["batch_correction"] == "standardize":  # each group with its own moments
             parts = [(rows, *_sparse_moments(logx, rows)) for rows in _group_rows(groups)]
         else:  # global moments, fitted once
@@ -285,7 +286,9 @@ class NicheTeacher:
             parts = [(every, self.state_["gene_mean"], self.state_["gene_sd"])]
         if fit:
             n_pcs = max(1, min(self.params["n_pcs"], logx.shape[1], logx.shape[0] - 1))
-            self.state_["pca_mean"], self.state_["pca_components"] = fit_pca(standardized_blocks(logx, parts), n_pcs)
+            self.state_["pca_mean"], self.state_["pca_components"] = fit_pca_auto(
+                lambda: standardized_blocks(logx, parts), *logx.shape, n_pcs, seed=self.params["seed"],
+                svd_solver="randomized" if logx.shape[1] > 500 else "full")
         return project(standardized_blocks(logx, parts), self.state_["pca_mean"], self.state_["pca_components"],
                        logx.shape[0])
 
