@@ -4,7 +4,8 @@ against the scikit-learn PCA they used before (commit ``4ae6440``).
 Before, the teacher fitted scikit-learn's PCA on the dense standardized matrix, with the
 randomized solver above 500 genes; the student fitted ``PCA(n_pcs)`` with the automatic solver
 (randomized for 1280-d features). Both now use the exact eigendecomposition of the streamed
-covariance. For each dataset and K this prints: each path's largest component error against
+covariance past ``stdistill._pca.IN_MEMORY_MB`` of input (smaller fits keep the old solver);
+this script forces the streamed path at every size. For each dataset and K this prints: each path's largest component error against
 scikit-learn's exact ``svd_solver="full"`` PCA, the largest embedding difference between the
 old and new paths (after aligning component signs) and the ARI between their fitted niches.
 
@@ -20,6 +21,7 @@ old and new paths (after aligning component signs) and the ARI between their fit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,10 +144,12 @@ def _time_student(n: int, threads: int = 2) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="/work/shared/data/her2st", help="HER2ST copy")
+    ap.add_argument("--root", default=None, help="local HER2ST copy (default: $STDISTILL_DATA/her2st or the cache)")
     ap.add_argument("--student", action="store_true", help="also compare the student on HER2ST's imaged sections")
     ap.add_argument("--time", type=int, default=0, help="only time the student's normalisation + PCA on this many spots")
     args = ap.parse_args()
+    # the streamed path at every size (the estimators stream only past _pca.IN_MEMORY_MB): what is compared
+    os.environ["STDISTILL_PCA_IN_MEMORY_MB"] = "0"
     if args.time:
         _time_student(args.time)
         return
