@@ -108,8 +108,12 @@ class AdaptedEncoder:
     def _activations(self, adata: ad.AnnData):
         """Trunk activations: one tensor, or read per section from the disk cache when indexed
         (:class:`~stdistill.adapters._trunk.SectionActivations`) past the memory budget."""
-        return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir, device=self.device,
-                                 lazy="auto")
+        # computing activations (a cache miss) draws from torch's global RNG (DataLoader seeds); reading
+        # them does not: fork it, so the adapter's init, and the fitted model, do not depend on whether
+        # the trunk cache was warm (the same command gives the same numbers on its second run)
+        with torch.random.fork_rng(devices=[]):
+            return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir,
+                                     device=self.device, lazy="auto")
 
     def _adapted_tail(self) -> Tail:
         """A copy of the frozen encoder with the adapter inserted, as the tail after the cut."""
