@@ -214,3 +214,15 @@ def test_log_norm_in_place_equals_the_plain_formula():
         assert sp.isspmatrix_csr(new) and new.dtype == np.float32
         np.testing.assert_array_equal(new.toarray(), old.toarray())
     assert (a.X != before).nnz == 0  # the counts are not changed
+
+
+def test_memory_budgets_from_the_environment(monkeypatch):
+    from stdistill._utils import env_bytes
+    from stdistill.adapters._trunk import _LRU
+
+    assert env_bytes("STDISTILL_TEST_UNSET_BUDGET", 4, 2**30) == 4 * 2**30
+    monkeypatch.setenv("STDISTILL_TRUNK_MEMORY_GB", "0.5")
+    assert _LRU.budget() == 2**29
+    monkeypatch.setenv("STDISTILL_TRUNK_MEMORY_GB", "four")
+    with pytest.raises(StdistillError, match="STDISTILL_TRUNK_MEMORY_GB"):
+        _LRU.budget()

@@ -18,6 +18,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from ._errors import StdistillError
+from ._utils import env_bytes
 
 #: Rows per dense block (memory of one block: BLOCK_ROWS x columns).
 BLOCK_ROWS = 4096
@@ -65,16 +66,6 @@ def fit_pca(blocks: Blocks, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32)
 
 
-def _in_memory_limit() -> float:
-    import os
-
-    v = os.environ.get("STDISTILL_PCA_IN_MEMORY_MB", "")
-    try:
-        return float(v) * 2**20 if v else IN_MEMORY_MB * 2**20
-    except ValueError:
-        raise StdistillError(f"$STDISTILL_PCA_IN_MEMORY_MB must be a number of megabytes, got {v!r}") from None
-
-
 def fit_pca_auto(make_blocks, n_rows: int, n_cols: int, n_components: int, *, seed: int = 0,
                  svd_solver: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Mean (d,) and components (k, d), float32: scikit-learn's ``PCA(svd_solver=, random_state=seed)``
@@ -82,7 +73,7 @@ def fit_pca_auto(make_blocks, n_rows: int, n_cols: int, n_components: int, *, se
     else the streamed exact :func:`fit_pca` (memory: one block plus d x d). ``make_blocks``: a
     zero-argument callable returning fresh :data:`Blocks` over the (n_rows, n_cols) data (rows no
     block names are left out of the fit)."""
-    if n_rows * n_cols * 4 > _in_memory_limit():
+    if n_rows * n_cols * 4 > env_bytes("STDISTILL_PCA_IN_MEMORY_MB", IN_MEMORY_MB, 2**20):
         return fit_pca(make_blocks(), n_components)
     from sklearn.decomposition import PCA
 

@@ -79,6 +79,18 @@ def write_hdf5(path: str | os.PathLike, fill, mode: int | None = None) -> Path:
     return write_bytes(path, buf.getbuffer(), mode=mode)
 
 
+def env_bytes(name: str, default: float, unit: int) -> int:
+    """Bytes from environment variable ``name`` given in ``unit`` bytes (e.g. ``2**30`` for GB),
+    ``default`` units when unset; one clear error when it is not a number."""
+    from ._errors import StdistillError
+
+    v = os.environ.get(name, "")
+    try:
+        return int((float(v) if v else default) * unit)
+    except ValueError:
+        raise StdistillError(f"${name} must be a number, got {v!r}") from None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
     random.seed(seed)

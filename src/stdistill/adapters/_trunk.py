@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._errors import StdistillError
-from .._utils import array_digest, atomic_path, file_digest
+from .._utils import array_digest, atomic_path, env_bytes, file_digest
 from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections as _sections
 from ._config import AdapterConfig
 from ._cut import Cut, parse_cut, tail_blocks
@@ -108,7 +108,7 @@ class _LRU:
 
     @staticmethod
     def budget() -> int:
-        return int(float(os.environ.get("STDISTILL_TRUNK_MEMORY_GB", "4")) * 2**30)
+        return env_bytes("STDISTILL_TRUNK_MEMORY_GB", 4, 2**30)
 
     def get(self, key: str) -> torch.Tensor | None:
         t = self._d.get(key)
