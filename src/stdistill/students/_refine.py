@@ -174,7 +174,7 @@ def refine_niches(
         adj = graph[rows][:, rows]
         p = probs[rows] / probs[rows].sum(1, keepdims=True)
         if method in ("gmm", "both") and len(rows) > probs.shape[1]:
-            x = _section_features(adata, feature_key, rows, fgraph[rows][:, rows], n_pcs, seed)
+            x = _section_features(adata, feature_key, rows, adj if fgraph is graph else fgraph[rows][:, rows], n_pcs, seed)
             p = gmm_refine(x, p, n_iter=em_steps, weight=weight)
         if method in ("propagate", "both"):
             p = propagate_labels(adj, p, alpha=alpha, n_iter=n_iter)
