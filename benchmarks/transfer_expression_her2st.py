@@ -25,6 +25,9 @@ Arms (features of the probe):
 - ``+context``: plain patch features concatenated with the features of a 224 um field of view
   (2x the patch, resized to 224 px) around the spot;
 - ``all``: Macenko patch + Macenko context features, with Macenko views.
+- ``chosen``: per held-out patient and probe, the arm that scores best in leave-one-patient-out
+  folds inside the training patients (the held-out patient never takes part), scored on the
+  held-out patient as that arm is.
 
 The ridge probe is deterministic: ``none``, ``+stain``, ``+context`` give one number per patient;
 the view arms one per view seed. Paired differences arm - none per held-out patient (same probe,
@@ -130,6 +133,38 @@ def probe_arms(img, views: dict, args) -> tuple[list[dict], dict]:
                 per_gene.update(g)
             img.obsm.pop(key + "_views", None)
     return rows, per_gene
+
+
+def chosen_arm(img, views: dict, rows: list[dict], per_gene: dict, args, say=print) -> tuple[list[dict], dict]:
+    """Arm ``chosen``: per held-out patient and probe, the arm whose probe scores best (mean Pearson
+    over leave-one-patient-out folds *inside* the training patients, ``Fold.inner()``; the held-out
+    patient is in none of them; view arms with the first view seed); its held-out scores are that
+    arm's. Ties go to the earlier arm of ``args.arms`` (the simpler)."""
+    by = {(r["arm"], r["probe"], r["seed"], r["patient"]): r for r in rows}
+    vs0 = args.view_seeds[0]
+    out, genes = [], {}
+    for f in sd.pp.folds(img):
+        p = f.patients_of("test")[0]
+        inner = {}
+        for arm in args.arms:
+            stain, with_views, context = ARMS[arm]
+            key = KEY + ("_macenko" if stain else "")
+            if with_views:
+                img.obsm[key + "_views"] = views[(stain, vs0)]
+            for probe, clip in PROBES.items():
+                res = sd.bench.expression(img, [key, key + "_ctx"] if context else [key], folds=f.inner(), views=with_views,
+                                          svd_solver="covariance_eigh", clip=clip, key_added=None)
+                inner[(arm, probe)] = float(res.per_fold["pearson_mean"].mean())
+            img.obsm.pop(key + "_views", None)
+        for probe in PROBES:
+            best = max(args.arms, key=lambda a: (inner[(a, probe)], -args.arms.index(a)))
+            seed = vs0 if ARMS[best][1] else -1
+            out.append(dict(by[(best, probe, seed, p)], arm="chosen", seed=-1, chosen_arm=best,
+                            inner_pearson=inner[(best, probe)]))
+            genes[("chosen", probe, -1, p)] = per_gene[(best, probe, seed, p)]
+            say(f"chosen inside the training patients of fold {p}, {probe} probe: {best} (inner mean Pearson "
+                + ", ".join(f"{a} {inner[(a, probe)]:.4f}" for a in args.arms) + ")")
+    return out, genes
 
 
 def peka_arm(full, img, fold_genes: dict, args, say=print) -> tuple[list[dict], dict]:
@@ -286,6 +321,10 @@ def run_parts(args, out: Path) -> None:
         if part == "probes":
             views = extract(img, args, say)
             rows, per_gene = probe_arms(img, views, args)
+            if "none" in args.arms:
+                more, more_genes = chosen_arm(img, views, rows, per_gene, args, say)
+                rows += more
+                per_gene.update(more_genes)
         else:
             genes = {f.patients_of("test")[0]: sd.pp.hest_genes(img, 50, sections=list(f.train)) for f in sd.pp.folds(img)}
             rows, per_gene = peka_arm(full, img, genes, args, say)
