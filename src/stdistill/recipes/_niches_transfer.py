@@ -89,6 +89,11 @@ def describe_choice(record: dict) -> str:
     return f"{describe(record['chosen'])} on {record['val_patients']} ({record['monitor']}: {scores})"
 
 
+def _context_um(made: dict, context_um: float | None) -> float:
+    """The context field of view (um): ``context_um``, or twice the patch of the ``made`` record."""
+    return float(context_um) if context_um else 2 * float(made["size_um"])
+
+
 def _keys(feature_key: str, setting: dict) -> tuple[str, str | None]:
     """(feature key, context key or None) of a setting."""
     key = feature_key if setting["stain_norm"] is None else f"{feature_key}_{setting['stain_norm']}"
@@ -127,7 +132,7 @@ def candidate_features(
                              "settings start from plain features")
     base = {"size_um": float(made["size_um"]), "px": int(made["px"]), "precision": made.get("precision") or "fp32",
             "cache_dir": cache_dir, "device": device}
-    ctx_um = float(context_um) if context_um else 2 * base["size_um"]
+    ctx_um = _context_um(made, context_um)
     for stain in dict.fromkeys(g["stain_norm"] for g in grid):
         of = [g for g in grid if g["stain_norm"] == stain]
         key, _ = _keys(feature_key, of[0])
@@ -202,7 +207,7 @@ def fit_transfer(
     student.info_["transfer"] = {
         "chosen": chosen, "selection": selection, "monitor": student.params["monitor"],
         "val_patients": student.info_.get("val_patients"), "n_views": int(n_views), "view_seed": int(view_seed),
-        "context_um": float(context_um) if context_um else 2 * float(made["size_um"]),
+        "context_um": _context_um(made, context_um),
         "stain_reference_section": (student.info_.get("features") or {}).get("stain", {}).get("reference_section"),
     }
     return student
