@@ -8,6 +8,10 @@ the pathologist labels, and niche maps of held-out sections.
 
     python benchmarks/niches_her2st.py                       # the full run (K 4/6/8 x seeds 0/1/2)
     python benchmarks/niches_her2st.py --ks 6 --seeds 0      # one cell of the grid
+    python benchmarks/niches_her2st.py --transfer auto --refine --teachers expression --no-investigation
+        # the student's transfer setting (stain normalisation, augmented views, context token) chosen
+        # on the validation patient inside each training fold, plus its refined predictions; the
+        # baselines are also given each fold's chosen features (stain, context side by side)
 
 Features: computed here with ``stdistill.features.extract(adata, "effnet-lite0-imagenet",
 precision="fp32")`` (an ImageNet model, not a pathology model; fp32 on every machine, printed),
@@ -34,6 +38,9 @@ import pandas as pd  # noqa: E402
 
 KEY = "X_effnet-lite0-imagenet"
 METHODS = ["student", "kmeans", "kmeans_nbr"]
+#: with --refine / --transfer: the refined student, and both baselines on each fold's chosen features
+EXTRA = ["student_refined", "kmeans_chosen", "kmeans_nbr_chosen"]
+VIEWS = 4  # augmented views per patch for --transfer (as benchmarks/transfer_her2st.py: same cache entries)
 A_NOTE = "A: images about 3.2 um/px (2000 px copies) vs 0.69 um/px for B/C: resolution shift + patient shift"
 
 
@@ -111,9 +118,75 @@ def teacher_block(a: ad.AnnData, k: int, teacher, label: str) -> tuple[str, dict
     return txt, info
 
 
+def _chosen_features(a: ad.AnnData, record: dict, made: dict, store: dict) -> str:
+    """``obsm`` key (on ``a``) of the features a fold's student chose (its stain normalisation onto
+    the fold's reference; with context, patch and context features side by side), extracted on
+    every imaged section through the feature cache; ``store`` remembers what was made."""
+    import stdistill as sd
+
+    ch = record["chosen"]
+    name = (ch["stain_norm"] or "plain", record.get("stain_reference_section") if ch["stain_norm"] else None,
+            record["context_um"] if ch["context"] else None)
+    if name in store:
+        return store[name]
+    img = np.isfinite(a.obsm[KEY][:, 0])
+    c = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if img[a.obs["section"] == s].any()])
+    kw = dict(precision=made.get("precision") or PRECISION, px=int(made["px"]), stain_norm=ch["stain_norm"],
+              stain_reference=name[1])
+    parts = [KEY] if ch["stain_norm"] is None else []
+    if ch["stain_norm"]:
+        sd.features.extract(c, made["encoder"], size_um=float(made["size_um"]), key_added="patch", **kw)
+        parts.append("patch")
+    if ch["context"]:
+        sd.features.extract(c, made["encoder"], size_um=float(record["context_um"]), key_added="ctx", **kw)
+        parts.append("ctx")
+    key = "X_chosen_" + "_".join(str(x) for x in name)
+    f = np.full((a.n_obs, sum(np.asarray(c.obsm[p]).shape[1] for p in parts)), np.nan, np.float32)
+    f[a.obs_names.get_indexer(c.obs_names)] = np.hstack([np.asarray(c.obsm[p], dtype=np.float32) for p in parts])
+    a.obsm[key] = f
+    store[name] = key
+    return key
+
+
+def chosen_baselines(a: ad.AnnData, df: pd.DataFrame, k: int, seed: int, store: dict) -> pd.DataFrame:
+    """Rows ``kmeans_chosen`` / ``kmeans_nbr_chosen``: both baselines on each fold's chosen
+    features (:func:`_chosen_features`), fitted on every imaged spot like the plain baselines,
+    clusters mapped to teacher niches by majority on the fold's training patients."""
+    from stdistill.metrics import apply_map, ari, majority_map, niche_id_accuracy, nmi
+    from stdistill.pp.neighbors import radius_for_neighbors
+    from stdistill.recipes.niches import TEACHER_KEY, kmeans_niches
+    from stdistill.students import NicheStudent
+
+    made = a.uns["features"][KEY]
+    img = np.isfinite(a.obsm[KEY][:, 0])
+    r_nbr = radius_for_neighbors(a, NicheStudent().params["n_neighbors"], mask=img)
+    teach = a.obs[TEACHER_KEY].astype(str).to_numpy()
+    pats = a.obs["patient"].astype(str).to_numpy()
+    rows, codes = [], {}
+    for fold, rec in df.attrs["transfer"].items():
+        key = _chosen_features(a, rec, made, store)
+        te = img & (pats == str(df.loc[df["fold"] == fold, "test_patient"].iloc[0]))
+        tr = img & ~te
+        base = df[(df["fold"] == fold) & (df["method"] == "kmeans_nbr")].iloc[0]
+        for name, rad in (("kmeans_chosen", None), ("kmeans_nbr_chosen", r_nbr)):
+            if (key, rad) not in codes:
+                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, key_added="_b")).astype(str)
+            cd = codes[key, rad]
+            mapped = apply_map(cd[te], majority_map(cd[tr], teach[tr]), default="-1").astype(str)
+            rows.append(dict(base, method=name, ari=ari(teach[te], cd[te]), nmi=nmi(teach[te], cd[te]),
+                             id_acc=niche_id_accuracy(teach[te], mapped), macro_f1=np.nan, f1_section="",
+                             note=f"on the student's chosen features ({key})"))
+    a.obs.drop(columns=["_b"], inplace=True, errors="ignore")
+    return pd.DataFrame(rows)
+
+
 def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwargs=None, candidates=None,
-             figures_seed=0) -> tuple[pd.DataFrame, list[str], dict, list[Path]]:
+             figures_seed=0, transfer=None, refine=False, resume=False) -> tuple[pd.DataFrame, list[str], dict, list[Path]]:
     from stdistill.recipes import niches
+    from stdistill.recipes.niches import describe_choice
+
+    tkw = dict(n_views=VIEWS, view_seed=0)  # the augmented views of benchmarks/transfer_her2st.py (shared cache)
+    store: dict = {}
 
     rows, texts, infos, figs = [], [], {}, []
     for k in ks:
@@ -122,17 +195,27 @@ def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwarg
         infos[k] = info
         for seed in seeds:
             t0 = time.perf_counter()
+            cell = out / f"K{k}_seed{seed}" / "rows.csv"
+            if resume and cell.is_file():  # a finished cell of an earlier run with the same --out
+                rows.append(pd.read_csv(cell, keep_default_na=False, na_values=[""]))
+                print(f"[{label}] K={k} seed={seed}: read back {cell}", flush=True)
+                continue
             df, f = niches.run(a, KEY, k, out_dir=out / f"K{k}_seed{seed}", seed=seed, reuse_teacher=True,
                                student_kwargs=student_kwargs, student_candidates=candidates,
-                               figures=seed == figures_seed, verbose=False)
+                               figures=seed == figures_seed, verbose=False, transfer=transfer, refine=refine,
+                               transfer_kwargs=tkw if transfer else None)
+            if transfer:
+                df = pd.concat([df, chosen_baselines(a, df, k, seed, store)], ignore_index=True)
+                chosen = "; ".join(f"{f}: {describe_choice(r)}" for f, r in df.attrs["transfer"].items())
+                print(f"[{label}] K={k} seed={seed}: transfer chosen {chosen}", flush=True)
             df.attrs = {}  # (DataFrames in attrs break pd.concat)
             df["K"], df["seed"], df["run_s"] = k, seed, time.perf_counter() - t0
+            df.to_csv(cell, index=False)
             rows.append(df)
             figs += f
-            s = niches.summary(df)
-            print(f"[{label}] K={k} seed={seed}: mean ARI student {s.loc['student', 'ari']:.3f} "
-                  f"kmeans {s.loc['kmeans', 'ari']:.3f} nbr {s.loc['kmeans_nbr', 'ari']:.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            s = df[df["method"].isin(METHODS + EXTRA)].groupby("method", sort=False)["ari"].mean()
+            print(f"[{label}] K={k} seed={seed}: mean ARI " + ", ".join(f"{m} {v:.3f}" for m, v in s.items())
+                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     return pd.concat(rows, ignore_index=True), texts, infos, figs
 
 
@@ -141,7 +224,7 @@ def tables(res: pd.DataFrame) -> str:
     from stdistill.recipes.niches import markdown
 
     out = []
-    m = res[res["method"].isin(METHODS)]
+    m = res[res["method"].isin(METHODS + EXTRA)]
     per_fold = (m.groupby(["K", "fold", "method"], sort=False)
                 .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm), seen_share=("seen_share", "first"),
                      teacher_sizes=("teacher_sizes", "first"), one_niche=("single_niche", "first"))
@@ -152,25 +235,28 @@ def tables(res: pd.DataFrame) -> str:
     mean = (fm.groupby(["K", "method"], sort=False)
             .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm)).reset_index())
     out.append("Mean over the 3 held-out patients (mean ± sd over seeds):\n\n" + markdown(mean))
+    students = [s for s in ("student", "student_refined") if s in set(m["method"])]
+    baselines = [b for b in ("kmeans", "kmeans_nbr", "kmeans_chosen", "kmeans_nbr_chosen") if b in set(m["method"])]
     verdict = []
     for k, g in fm.groupby("K"):
         v = g.groupby("method")[["ari", "nmi", "id_acc"]].mean()
-        row = {"K": k}
-        for met in ("ari", "nmi", "id_acc"):
-            row[f"student > both baselines ({met})"] = (
-                "yes" if v.loc["student", met] > max(v.loc["kmeans", met], v.loc["kmeans_nbr", met]) else "NO")
         folds_win = m[(m["K"] == k)].groupby(["fold", "method"])["ari"].mean().unstack()
-        row["folds where student ARI > both"] = ",".join(
-            f for f in folds_win.index if folds_win.loc[f, "student"] > folds_win.loc[f, ["kmeans", "kmeans_nbr"]].max()) or "none"
-        verdict.append(row)
-    out.append("Verdict (mean over folds and seeds):\n\n" + markdown(pd.DataFrame(verdict)))
+        for st in students:
+            row = {"K": k, "student": st}
+            for met in ("ari", "nmi", "id_acc"):
+                row[f"> every baseline ({met})"] = "yes" if v.loc[st, met] > v.loc[baselines, met].max() else "NO"
+            row["folds where ARI > every baseline"] = ",".join(
+                f for f in folds_win.index if folds_win.loc[f, st] > folds_win.loc[f, baselines].max()) or "none"
+            verdict.append(row)
+    out.append(f"Verdict (mean over folds and seeds; baselines: {', '.join(baselines)}):\n\n"
+               + markdown(pd.DataFrame(verdict)))
     f1 = res[(res["f1_section"] == "A1")]
     if len(f1):
         t = (f1.groupby(["K", "method"], sort=False)["macro_f1"].agg(pm).reset_index()
              .rename(columns={"macro_f1": "macro-F1 on A1"}))
         t["how mapped"] = [
             "niche -> label: majority on teacher niches of the labelled non-A sections (B1, C1, D1, E1, F1, G2, H1)"
-            if mth in ("teacher", "student") else
+            if mth in ("teacher", "student", "student_refined") else
             ("cluster -> teacher niche (majority on training patients B, C) -> label (same map)" if mth in METHODS
              else "most frequent label of the map's training labels, everywhere")
             for mth in t["method"]]
@@ -190,12 +276,19 @@ def main() -> None:
     ap.add_argument("--teachers", nargs="+", choices=["expression", "celltypes"], default=None,
                     help="main teachers to run (default both)")
     ap.add_argument("--no-investigation", action="store_true", help="skip the teacher/student variants at K=6")
+    ap.add_argument("--transfer", default="none",
+                    help="the student's transfer settings chosen per fold on its validation patient: none, auto (every "
+                         "combination of macenko, views, context) or a comma list such as plain,macenko+context")
+    ap.add_argument("--refine", action="store_true",
+                    help="also score the student refined on each held-out section (refinement chosen on the validation patient)")
+    ap.add_argument("--resume", action="store_true",
+                    help="read back the (K, seed) cells an earlier run with the same --out finished (<out>/<teacher>/K*_seed*/rows.csv)")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from stdistill.recipes.niches import markdown
+    from stdistill.recipes.niches import markdown, parse_transfer
     from stdistill.teachers import NicheTeacher
 
     t_all = time.perf_counter()
@@ -220,8 +313,14 @@ def main() -> None:
     ]
     if args.teachers:
         teachers = [t for t in teachers if t[0] in args.teachers]
+    transfer = parse_transfer(args.transfer)
+    if transfer:
+        md.append(f"Student transfer settings chosen per fold on the validation patient: {args.transfer} "
+                  f"({VIEWS} augmented views, view seed 0); the baselines are also run on each fold's chosen features "
+                  "(`kmeans_chosen`, `kmeans_nbr_chosen`).\n")
     for i, (name, label, factory) in enumerate(teachers, 1):
-        res, ttxt, tinfo, f = run_grid(a, args.ks, args.seeds, args.out / name, factory, label)
+        res, ttxt, tinfo, f = run_grid(a, args.ks, args.seeds, args.out / name, factory, label, transfer=transfer,
+                                       refine=args.refine, resume=args.resume)
         figs += f
         md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n", tables(res)]
         res.to_csv(args.out / f"{name}.csv", index=False)
