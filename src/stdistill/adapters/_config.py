@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .._errors import StdistillError
 
@@ -19,6 +19,9 @@ class AdapterConfig:
     takes the architecture's default. ``size_um`` (micrometres) and ``px`` (pixels) are the patch
     geometry. ``val_metric`` is the validation score after each epoch: ``"ridge"`` (HEST probe
     Pearson on the validation spots), ``"head"`` (the regression head's Pearson) or ``"mse"``.
+    ``stain_norm`` (``"macenko"`` | ``"reinhard"``) stain-normalises every patch before the trunk,
+    onto the stain of the training section ``stain_reference`` (default: the first imaged one);
+    ``None`` encodes raw patches.
     """
 
     adapter: str = "miss"  # "miss" | "lora" | "none" (heads only: the frozen-encoder ablation)
@@ -39,8 +42,16 @@ class AdapterConfig:
     train_positions: int | None = None  # CNN: train on this many random positions of the cached map
     head_ridge: float = 1.0  # heads start at the ridge solution on frozen features, penalty head_ridge x n_spots
     seed: int = 0
+    stain_norm: str | None = None  # "macenko" | "reinhard": patches normalised onto a training reference
+    stain_reference: str | None = None  # the reference's training section; None: the first imaged one
 
     def __post_init__(self):
+        if self.stain_norm is not None:
+            from ..pp._stain import check_method
+
+            self.stain_norm = check_method(self.stain_norm)
+        elif self.stain_reference is not None:
+            raise StdistillError("stain_reference is set but stain_norm is None; pass stain_norm='macenko' or 'reinhard'")
         if self.adapter not in ("miss", "lora", "none"):
             raise StdistillError(f"adapter must be 'miss', 'lora' or 'none', got {self.adapter!r}")
         if self.val_metric not in ("ridge", "head", "mse"):
@@ -53,6 +64,15 @@ class AdapterConfig:
     @property
     def r(self) -> int:
         return self.rank if self.rank is not None else (128 if self.adapter == "miss" else 64)
+
+    def record(self) -> dict:
+        """The settings as a JSON-able dict (saved with a model, part of checkpoint fingerprints); the
+        stain fields only when stain normalisation is on, so runs without it keep the saved files and
+        fingerprints (resumable checkpoints) they had before the option existed."""
+        d = asdict(self)
+        if d["stain_norm"] is None:
+            del d["stain_norm"], d["stain_reference"]
+        return d
 
     @property
     def maximize(self) -> bool:

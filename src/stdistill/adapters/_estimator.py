@@ -11,7 +11,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -73,6 +73,9 @@ class AdaptedEncoder:
         processes by re-running the script: keep ``fit`` under ``if __name__ == "__main__":``.
     cache_dir
         Trunk-activation cache (see :func:`stdistill.adapters.trunk_activations`).
+
+    With ``config.stain_norm``, ``fit`` sets ``stain_`` (method, reference estimate and its training
+    section), saved with the model: ``transform``/``predict`` normalise every slide onto it.
     """
 
     config_class: type[AdapterConfig] = AdapterConfig
@@ -113,7 +116,44 @@ class AdaptedEncoder:
         # the trunk cache was warm (the same command gives the same numbers on its second run)
         with torch.random.fork_rng(devices=[]):
             return trunk_activations(self._frozen_encoder(), adata, self.config, cache_dir=self.cache_dir,
-                                     device=self.device, lazy="auto")
+                                     device=self.device, lazy="auto", stain=self._stain_normalizer())
+
+    def _fit_stain(self, adata: ad.AnnData) -> None:
+        """Set ``stain_`` from the training spots: the stain method and the reference estimate
+        (``config.stain_reference``, default the first imaged training section, estimated from up to
+        64 of its patches as :func:`stdistill.features.stain_estimates` does); None without
+        ``config.stain_norm``. Every later :meth:`_activations` normalises onto this reference."""
+        from ..features.extract import stain_estimates
+        from ..io import has_image, sections, subset_sections
+        from ..pp._stain import StainNormalizer
+        from ._trunk import STAIN_SAMPLE
+
+        cfg = self.config
+        self.stain_ = None
+        if cfg.stain_norm is None:
+            return
+        imaged = [s for s in sections(adata) if has_image(adata, s)]
+        ref = cfg.stain_reference if cfg.stain_reference is not None else (imaged[0] if imaged else None)
+        if ref not in imaged:
+            raise StdistillError(f"stain_reference {ref!r} is not an imaged training section ({imaged})")
+        est = stain_estimates(subset_sections(adata, [ref]), cfg.stain_norm, size_um=cfg.size_um, px=cfg.px,
+                              n_sample=STAIN_SAMPLE)[ref]
+        self.stain_ = {**StainNormalizer(cfg.stain_norm, est).state(), "reference_section": ref}
+
+    def _stain_normalizer(self):
+        """The fitted stain reference as a :class:`~stdistill.pp.StainNormalizer`, or None."""
+        from ..pp._stain import StainNormalizer
+
+        state = getattr(self, "stain_", None)
+        if self.config.stain_norm is None:
+            return None
+        if state is None:
+            raise StdistillError(f"{type(self).__name__} has stain_norm={self.config.stain_norm!r} but no fitted stain "
+                                 "reference; call fit() first (or load a saved model)")
+        if state["method"] != self.config.stain_norm:
+            raise StdistillError(f"the stain reference was fitted with {state['method']!r}, but stain_norm is "
+                                 f"{self.config.stain_norm!r}")
+        return StainNormalizer.from_state(state)
 
     def _adapted_tail(self) -> Tail:
         """A copy of the frozen encoder with the adapter inserted, as the tail after the cut."""
@@ -145,7 +185,7 @@ class AdaptedEncoder:
         from .._resume import stage_dir
 
         enc = self._frozen_encoder()
-        settings = [type(self).__name__, asdict(self.config), enc.spec.name, enc.weights_digest]
+        settings = [type(self).__name__, self.config.record(), enc.spec.name, enc.weights_digest]
         tensors = [data[k] for k in sorted(data)] + ([val[k] for k in sorted(val)] if val is not None else [])
         return stage_dir(run_dir, "fit", settings, tensors)
 
@@ -280,14 +320,21 @@ class AdaptedEncoder:
             return path
         targets = getattr(self, f"{self.targets_key}_")
         if path.suffix != ".safetensors":
-            cfg = {"format": self.file_format, "bundle": self.bundle_record(), "config": asdict(self.config),
-                   self.targets_key: list(targets), "adapter_info": self.adapter_info_}
+            cfg = {"format": self.file_format, "bundle": self.bundle_record(), "config": self.config.record(),
+                   self.targets_key: list(targets), "adapter_info": self.adapter_info_, **self._stain_record()}
             return save_safetensors_dir(path, "model.safetensors", self._state(), cfg)
-        meta = {"format": self.file_format, "encoder": self._encoder_name(), "config": json.dumps(asdict(self.config)),
-                self.targets_key: json.dumps(targets), "adapter_info": json.dumps(self.adapter_info_)}
+        meta = {"format": self.file_format, "encoder": self._encoder_name(), "config": json.dumps(self.config.record()),
+                self.targets_key: json.dumps(targets), "adapter_info": json.dumps(self.adapter_info_),
+                **{k: json.dumps(v) for k, v in self._stain_record().items()}}
         with atomic_path(path) as tmp:
             save_file(self._state(), str(tmp), metadata=meta)
         return path
+
+    def _stain_record(self) -> dict:
+        """``{"stain": method, reference, reference_section}`` saved with a stain-normalising model
+        (so a reloaded one normalises new slides onto the training reference); empty otherwise."""
+        state = getattr(self, "stain_", None)
+        return {"stain": state} if state is not None else {}
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> nn.Module:
         """The recipe's net around ``tail``, shaped to fit a saved state (a recipe hook)."""
@@ -311,7 +358,8 @@ class AdaptedEncoder:
             raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
         if meta.get("format") != cls.file_format:
             raise StdistillError(f"not a stdistill {cls.__name__} model (format {meta.get('format')!r})", path)
-        return {k: json.loads(v) if k in ("config", cls.targets_key, "adapter_info") else v for k, v in meta.items()}, state
+        return {k: json.loads(v) if k in ("config", cls.targets_key, "adapter_info", "stain") else v
+                for k, v in meta.items()}, state
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder=None, **kw):
@@ -327,6 +375,9 @@ class AdaptedEncoder:
             raise StdistillError(f"the encoder given has other weights ({have[:12]}) than the model was trained on "
                                  f"({meta['encoder']}, {want[:12]})", path)
         setattr(self, f"{cls.targets_key}_", list(meta[cls.targets_key]))
+        self.stain_ = meta.get("stain")
+        if self.config.stain_norm is not None and not self.stain_:
+            raise StdistillError(f"saved with stain_norm={self.config.stain_norm!r} but without its stain reference", path)
         net = self._net_from_state(self._adapted_tail(), state)
         self.y_mean_, self.y_std_ = state["y_mean"].numpy(), state["y_std"].numpy()
         del state["y_mean"], state["y_std"]

@@ -12,6 +12,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -23,6 +24,12 @@ from .._utils import array_digest, atomic_path, env_bytes, file_digest
 from ..io._section import SECTION_KEY, SPATIAL_KEY, library, sections as _sections
 from ._config import AdapterConfig
 from ._cut import Cut, parse_cut, tail_blocks
+
+if TYPE_CHECKING:
+    from ..pp._stain import StainNormalizer
+
+#: patches per section its stain is estimated from (as ``features.extract``)
+STAIN_SAMPLE = 64
 
 
 def _vit_trunk(bb: nn.Module, cut: Cut, h: torch.Tensor) -> torch.Tensor:
@@ -153,13 +160,30 @@ def _section_image_digest(adata: ad.AnnData, s: str) -> str:
     return file_digest(lib["metadata"]["source_image_path"])
 
 
-def _section_key(encoder, adata: ad.AnnData, s: str, m: np.ndarray, cut: Cut, cfg: AdapterConfig) -> str:
+def _section_key(encoder, adata: ad.AnnData, s: str, m: np.ndarray, cut: Cut, cfg: AdapterConfig,
+                 stain: StainNormalizer | None = None) -> str:
+    # the section's own stain estimate is a function of its image, spots and patch geometry (all in
+    # the key), so only the method and the reference are added, and only when normalising (the keys
+    # of raw patches are those from before stain normalisation existed)
+    extra = {} if stain is None else {"stain": stain.method, "stain_ref": stain.reference, "stain_n": STAIN_SAMPLE}
     return array_digest(np.frombuffer(json.dumps({
         "enc": encoder.spec.name, "w": encoder.weights_digest, "cut": str(cut), "size_um": cfg.size_um, "px": cfg.px,
         "views": cfg.views, "img": _section_image_digest(adata, s),
         "xy": array_digest(np.asarray(adata.obsm[SPATIAL_KEY][m], dtype=np.float64)),
-        "mpp": library(adata, s)["scalefactors"].get("microns_per_pixel"),
+        "mpp": library(adata, s)["scalefactors"].get("microns_per_pixel"), **extra,
     }, sort_keys=True).encode(), dtype=np.uint8))
+
+
+def _stain_transform(sub: ad.AnnData, cfg: AdapterConfig, stain: StainNormalizer | None):
+    """The :class:`~stdistill.pp.PatchDataset` transform mapping ``sub``'s patches onto ``stain``'s
+    reference, each section with its own estimate (as :func:`stdistill.features.extract` makes it)."""
+    if stain is None:
+        return None
+    from ..features.extract import stain_estimates
+    from ..pp._stain import SectionStainTransform
+
+    sources = stain_estimates(sub, stain.method, size_um=cfg.size_um, px=cfg.px, n_sample=STAIN_SAMPLE)
+    return SectionStainTransform(stain, sources, sub.obs[SECTION_KEY].astype(str).to_numpy())
 
 
 def _read_disk(path: Path | None, n: int) -> torch.Tensor | None:
@@ -172,10 +196,12 @@ def _read_disk(path: Path | None, n: int) -> torch.Tensor | None:
     return t if t.shape[0] == n else None
 
 
-def _compute(encoder, sub: ad.AnnData, cut: Cut, cfg: AdapterConfig, batch_size: int, device: str) -> torch.Tensor:
+def _compute(encoder, sub: ad.AnnData, cut: Cut, cfg: AdapterConfig, batch_size: int, device: str,
+             stain: StainNormalizer | None = None) -> torch.Tensor:
     from ..pp.patches import PatchDataset
 
-    ds = PatchDataset(sub, size_um=cfg.size_um, px=cfg.px)
+    # stain-normalised per patch when read, so the dihedral views below are of normalised patches
+    ds = PatchDataset(sub, size_um=cfg.size_um, px=cfg.px, transform=_stain_transform(sub, cfg, stain))
     out, i = None, 0  # written batch by batch into one preallocated tensor (no concatenated copy)
     encoder.to(device)
     for xb, _ in ds.loader(batch_size=batch_size):
@@ -240,7 +266,7 @@ class SectionActivations:
 
 def trunk_activations(
     encoder, adata: ad.AnnData, cfg: AdapterConfig, *, cache_dir: str | os.PathLike | bool | None = None,
-    batch_size: int = 64, device: str = "cpu", lazy: bool | str = False,
+    batch_size: int = 64, device: str = "cpu", lazy: bool | str = False, stain: StainNormalizer | None = None,
 ) -> torch.Tensor | SectionActivations:
     """(n_spots, views, *shape) float16 frozen activations at ``cfg.train_from`` (uint8 patches for ``"input"``).
 
@@ -249,7 +275,12 @@ def trunk_activations(
     a bounded in-memory cache (least recently used sections dropped past
     ``$STDISTILL_TRUNK_MEMORY_GB``, default 4; skipped when the requested activations alone
     exceed that budget, so the peak memory is the output plus one section), keyed by the encoder's
-    weights digest, the cut, the patch geometry, the image's and the spot coordinates' digests.
+    weights digest, the cut, the patch geometry, the image's and the spot coordinates' digests (and,
+    with ``stain``, its method and reference).
+
+    ``stain``: a fitted :class:`~stdistill.pp.StainNormalizer`; every patch is first mapped onto its
+    reference, with its section's stain estimated from up to 64 of the section's patches (as
+    :func:`stdistill.features.extract` does). None: raw patches.
 
     ``lazy=True``: return a :class:`SectionActivations` reading the disk cache's files when
     indexed instead of one tensor (needs the disk cache); ``"auto"``: so only when the
@@ -265,12 +296,12 @@ def trunk_activations(
     rows, paths = [], []
     for s in _sections(adata):
         m = np.flatnonzero(sec_of == s)
-        key = _section_key(encoder, adata, s, m, cut, cfg)
+        key = _section_key(encoder, adata, s, m, cut, cfg, stain)
         path = root / f"{key}.npy" if root is not None else None
         rows.append(m)
         paths.append(path)
         if lazy is True or (out is None and lazy == "auto" and root is not None):
-            per_spot = _on_disk(path, len(m), lambda: _compute(encoder, adata[m], cut, cfg, batch_size, device))
+            per_spot = _on_disk(path, len(m), lambda: _compute(encoder, adata[m], cut, cfg, batch_size, device, stain))
             if lazy is True or per_spot * adata.n_obs > _LRU.budget():
                 lazy = True
                 continue
@@ -279,7 +310,7 @@ def trunk_activations(
         if t is None:
             t = _read_disk(path, len(m))
         if t is None:
-            t = _compute(encoder, adata[m], cut, cfg, batch_size, device)
+            t = _compute(encoder, adata[m], cut, cfg, batch_size, device, stain)
             if path is not None:
                 _write(path, t)
         if out is None:

@@ -30,6 +30,21 @@ def _numbers(v: str, kind: type, option: str) -> list:
     return out
 
 
+#: help of ``--stain-norm`` wherever an adapted encoder (PEKA, STAMP) is trained
+STAIN_NORM_HELP = ("Stain-normalise every patch before the encoder: macenko or reinhard (needs stdistill[stain]), onto "
+                   "the first imaged training section (stored with the model: predict normalises new slides onto it); "
+                   "none (default): raw patches.")
+
+
+def stain_norm_option(v: Optional[str]) -> Optional[str]:
+    """``--stain-norm``: None for none, else a stain method (one clear error for an unknown one)."""
+    if v is None or v.lower() == "none":
+        return None
+    from ..pp._stain import check_method
+
+    return check_method(v)
+
+
 def imaged_sections(adata):
     """``adata`` restricted to its sections with an H&E image (a copy)."""
     from .. import io

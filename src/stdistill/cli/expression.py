@@ -8,7 +8,14 @@ from typing import Optional
 
 import typer
 
-from ._common import _not_rank_zero, _numbers, _split, patient_split
+from ._common import (
+    STAIN_NORM_HELP,
+    _not_rank_zero,
+    _numbers,
+    _split,
+    patient_split,
+    stain_norm_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -74,6 +81,7 @@ def register(app: typer.Typer) -> None:
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
         genes: Optional[str] = typer.Option(None, help="Gene list JSON; default: 50 HEST genes of the training sections."),
         extra_genes: Optional[str] = typer.Option(None, "--extra-genes", help="Comma-separated genes learnt besides those (e.g. ERBB2), so they can be mapped."),
+        stain_norm: Optional[str] = typer.Option(None, "--stain-norm", help=STAIN_NORM_HELP),
         run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
         accelerator: str = typer.Option("cpu", "--accelerator", help="cpu, gpu, auto."),
         devices: str = typer.Option("auto", "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP."),
@@ -95,6 +103,7 @@ def register(app: typer.Typer) -> None:
 
         from .._errors import StdistillError
 
+        stain = stain_norm_option(stain_norm)  # checked before the data are read
         split = patient_split(load_any(data), test_patients, val_patients)
         train_all, tr, va = split["train_all"], split["train"], split["val"]
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(tr, 50)
@@ -102,7 +111,7 @@ def register(app: typer.Typer) -> None:
         grid = [{"lr": x, "w_kd": y, "rank": z} for x in _numbers(lr, float, "--lr") for y in _numbers(w_kd, float, "--w-kd")
                 for z in (_numbers(rank, int, "--rank") if rank else [None])]
         cfg = PekaConfig(adapter=adapter, max_epochs=epochs, w_sa=w_sa, w_reg=w_reg, seed=seed, train_from=train_from,
-                         n_clusters=n_clusters, **grid[0])
+                         n_clusters=n_clusters, stain_norm=stain, **grid[0])
         dev = int(devices) if devices.isdigit() else devices
         many = (dev if isinstance(dev, int) else 1) * num_nodes > 1
         kw = {"accelerator": accelerator, "devices": dev, "strategy": "ddp" if many and strategy == "auto" else strategy,
@@ -129,6 +138,8 @@ def register(app: typer.Typer) -> None:
             c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)
         c.print(_peka_summary(m.report(), len(m.genes_)))
+        if m.stain_:
+            c.print(f"stain: {m.stain_['method']} onto training section {m.stain_['reference_section']}")
         c.print(f"[bold]saved[/bold] {out}")
 
     @sub.command("predict")

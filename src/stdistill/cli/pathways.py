@@ -9,7 +9,13 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
-from ._common import _numbers, _split, patient_split
+from ._common import (
+    STAIN_NORM_HELP,
+    _numbers,
+    _split,
+    patient_split,
+    stain_norm_option,
+)
 
 KEY = "pathway_scores"
 GENESETS_HELP = "'hallmark' (MSigDB Hallmark), 'progeny' (PROGENy top 100) or a .gmt/.csv/.tsv gene-set file."
@@ -204,6 +210,7 @@ def register(app: typer.Typer) -> None:
         size_um: float = typer.Option(112.0, help="Patch side in micrometres."),
         px: int = typer.Option(224, help="Patch side in pixels (the encoder's input)."),
         train_from: Optional[str] = typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture)."),
+        stain_norm: Optional[str] = typer.Option(None, "--stain-norm", help=STAIN_NORM_HELP),
         seed: int = typer.Option(0),
         run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes."),
         accelerator: str = typer.Option("cpu"), devices: str = typer.Option("auto"), strategy: str = typer.Option("auto"),
@@ -227,7 +234,8 @@ def register(app: typer.Typer) -> None:
         grid = [{"lr": x, "w_con": y, "rank": z} for x in _numbers(lr, float, "--lr") for y in _numbers(w_con, float, "--w-con")
                 for z in (_numbers(rank, int, "--rank") if rank else [None])]
         cfg = StampConfig(adapter=adapter, max_epochs=max_epochs, w_reg=w_reg, batch_size=batch_size, val_metric=val_metric,
-                          size_um=size_um, px=px, train_from=train_from, seed=seed, **grid[0])
+                          size_um=size_um, px=px, train_from=train_from, seed=seed, stain_norm=stain_norm_option(stain_norm),
+                          **grid[0])
         if len(grid) > 1 and val_patients:
             raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
         c = Console()
@@ -266,7 +274,8 @@ def register(app: typer.Typer) -> None:
         _print_settings(c, {"encoder": encoder, "chosen by": how, **chosen, "rank": cfg.r, "epochs": cfg.max_epochs,
                             "best epoch": m.best_epoch_, "trainable share": f"{m.trainable_share:.2%}",
                             "training spots": f"{tr.n_obs} ({tr.obs['patient'].nunique()} patients)",
-                            "pathways": len(m.pathways_)})
+                            "pathways": len(m.pathways_),
+                            "stain": f"{m.stain_['method']} onto {m.stain_['reference_section']}" if m.stain_ else "none"})
         te = split["test"]
         table = None
         if te is not None and te.n_obs:

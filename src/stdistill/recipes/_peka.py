@@ -212,6 +212,7 @@ class PEKA(AdaptedEncoder):
                                   "train_patients": sorted(set(adata.obs["patient"].astype(str)))}
         Yz = self._standardize_targets(self._targets(adata, self.genes_))
         W, b, P = self._kd_targets(T, kd_reference, kd_classifier)
+        self._fit_stain(adata)  # the stain reference (config.stain_norm): a training section
         H = self._activations(adata)
         tail = self._adapted_tail()
         # the projection maps to the teacher's width: the frozen KD classifier reads it

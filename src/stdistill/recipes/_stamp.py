@@ -161,6 +161,7 @@ class STAMP(AdaptedEncoder):
                 raise StdistillError("with val=, give the pathway activities as an obsm key present in both")
             check_patient_disjoint(adata, val)
         Yz = self._standardize_targets(Y)
+        self._fit_stain(adata)  # the stain reference (config.stain_norm): a training section
         H = self._activations(adata)
         tail = self._adapted_tail()
         net = StampNet(tail, tail.encoder.spec.dim, len(self.pathways_), cfg.proj_dim, cfg.temperature, cfg.learn_temperature)
