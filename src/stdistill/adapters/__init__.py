@@ -15,8 +15,8 @@ from ._cut import Cut, arch, default_train_from, parse_cut, tail_blocks
 from ._estimator import AdaptedEncoder, as_input
 from ._module import AdaptedNet, TailModule, mean_pearson, ridge_init, trainable_key, val_curve
 from ._peft import Pointwise, adapter_targets, add_adapter, is_adapter_key
-from ._trunk import Tail, clear_trunk_cache, dihedral, trunk, trunk_activations
+from ._trunk import Tail, clear_trunk_cache, dihedral, stain_reference, trunk, trunk_activations
 
 __all__ = ["ADAPTER_KEYS", "AdaptedEncoder", "AdaptedNet", "AdapterConfig", "Cut", "Pointwise", "Tail", "TailModule", "adapter_targets",
            "add_adapter", "arch", "as_input", "clear_trunk_cache", "default_train_from", "dihedral", "is_adapter_key",
-           "mean_pearson", "parse_cut", "ridge_init", "tail_blocks", "trainable_key", "trunk", "trunk_activations", "val_curve"]
+           "mean_pearson", "parse_cut", "ridge_init", "stain_reference", "tail_blocks", "trainable_key", "trunk", "trunk_activations", "val_curve"]

@@ -119,26 +119,13 @@ class AdaptedEncoder:
                                      device=self.device, lazy="auto", stain=self._stain_normalizer())
 
     def _fit_stain(self, adata: ad.AnnData) -> None:
-        """Set ``stain_`` from the training spots: the stain method and the reference estimate
-        (``config.stain_reference``, default the first imaged training section, estimated from up to
-        64 of its patches as :func:`stdistill.features.stain_estimates` does); None without
-        ``config.stain_norm``. Every later :meth:`_activations` normalises onto this reference."""
-        from ..features.extract import stain_estimates
-        from ..io import has_image, sections, subset_sections
-        from ..pp._stain import StainNormalizer
-        from ._trunk import STAIN_SAMPLE
+        """Set ``stain_`` from the training spots (:func:`~stdistill.adapters.stain_reference`: the
+        method, the reference estimate and its training section); None without ``config.stain_norm``.
+        Every later :meth:`_activations` normalises onto this reference."""
+        from ._trunk import stain_reference
 
-        cfg = self.config
-        self.stain_ = None
-        if cfg.stain_norm is None:
-            return
-        imaged = [s for s in sections(adata) if has_image(adata, s)]
-        ref = cfg.stain_reference if cfg.stain_reference is not None else (imaged[0] if imaged else None)
-        if ref not in imaged:
-            raise StdistillError(f"stain_reference {ref!r} is not an imaged training section ({imaged})")
-        est = stain_estimates(subset_sections(adata, [ref]), cfg.stain_norm, size_um=cfg.size_um, px=cfg.px,
-                              n_sample=STAIN_SAMPLE)[ref]
-        self.stain_ = {**StainNormalizer(cfg.stain_norm, est).state(), "reference_section": ref}
+        ref = stain_reference(adata, self.config)
+        self.stain_ = None if ref is None else {**ref[0].state(), "reference_section": ref[1]}
 
     def _stain_normalizer(self):
         """The fitted stain reference as a :class:`~stdistill.pp.StainNormalizer`, or None."""

@@ -174,6 +174,27 @@ def _section_key(encoder, adata: ad.AnnData, s: str, m: np.ndarray, cut: Cut, cf
     }, sort_keys=True).encode(), dtype=np.uint8))
 
 
+def stain_reference(adata: ad.AnnData, cfg: AdapterConfig) -> tuple[StainNormalizer, str] | None:
+    """The stain reference of ``cfg`` on training sections ``adata``: ``(normalizer, section)``, a
+    :class:`~stdistill.pp.StainNormalizer` fitted to section ``cfg.stain_reference`` (default: the
+    first imaged one) from up to :data:`STAIN_SAMPLE` of its ``cfg.size_um`` patches, as
+    :func:`stdistill.features.stain_estimates` does. None when ``cfg.stain_norm`` is None. Pass the
+    normalizer to :func:`trunk_activations` (``stain=``)."""
+    from ..features.extract import stain_estimates
+    from ..io import has_image, subset_sections
+    from ..pp._stain import StainNormalizer
+
+    if cfg.stain_norm is None:
+        return None
+    imaged = [s for s in _sections(adata) if has_image(adata, s)]
+    ref = cfg.stain_reference if cfg.stain_reference is not None else (imaged[0] if imaged else None)
+    if ref not in imaged:
+        raise StdistillError(f"stain_reference {ref!r} is not an imaged training section ({imaged})")
+    est = stain_estimates(subset_sections(adata, [ref]), cfg.stain_norm, size_um=cfg.size_um, px=cfg.px,
+                          n_sample=STAIN_SAMPLE)[ref]
+    return StainNormalizer(cfg.stain_norm, est), ref
+
+
 def _stain_transform(sub: ad.AnnData, cfg: AdapterConfig, stain: StainNormalizer | None):
     """The :class:`~stdistill.pp.PatchDataset` transform mapping ``sub``'s patches onto ``stain``'s
     reference, each section with its own estimate (as :func:`stdistill.features.extract` makes it)."""
