@@ -20,6 +20,14 @@ default ``effnet-lite0-imagenet`` (an ImageNet model, not a pathology model). Pe
    chosen number of epochs, for each seed; adapted features -> the same HEST probe (and the
    alpha-by-inner-CV probe) -> Pearson on the test patient. Identical settings are trained once.
 
+Stain normalisation (``--stain``, default ``auto``): per fold, Macenko normalisation of the patches
+onto the fold's first imaged training section (``PekaConfig(stain_norm="macenko")``) or none, chosen
+on the training patients only: the frozen features' HEST probe is scored both ways in
+leave-one-patient-out folds inside the fold's training patients (``bench.expression`` with feature
+candidates) and the better one is used by the frozen baseline ``frozen_ridge_stain`` and by every
+PEKA variant of that fold (their settings selection included). ``frozen_ridge`` (raw patches) stays
+the protocol's baseline; ``--stain none`` reproduces the runs before stain normalisation.
+
 Speed-ups (2-core CPU): the frozen part of the encoder up to the last block's depthwise
 convolution runs once per patch and is cached (``trunk_activations``); training samples 16 of
 the 49 positions of the cached 7x7 map per patch (``train_positions``); PCA uses an exact
@@ -53,7 +61,7 @@ os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import stdistill as sd
-from stdistill.adapters import Tail, parse_cut, trunk_activations
+from stdistill.adapters import Tail, parse_cut, stain_reference, trunk_activations
 from stdistill.recipes import PEKA, PekaConfig, choose_peka, select_peka
 from stdistill.teachers import ExpressionTeacher
 from stdistill.teachers.expression import teacher_targets
@@ -72,12 +80,13 @@ def log(msg: str, t0: float) -> None:
     print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
 
-def frozen_features(adata, cfg: PekaConfig) -> np.ndarray:
-    """Frozen encoder features through the same cached trunk + tail as PEKA (fp32 tail)."""
+def frozen_features(adata, cfg: PekaConfig, stain=None) -> np.ndarray:
+    """Frozen encoder features through the same cached trunk + tail as PEKA (fp32 tail); ``stain``:
+    a :class:`~stdistill.pp.StainNormalizer` the patches are normalised onto first."""
     import torch
 
     enc = sd.encoders.load("effnet-lite0-imagenet")
-    H = trunk_activations(enc, adata, cfg)
+    H = trunk_activations(enc, adata, cfg, stain=stain)
     tail = Tail(enc, parse_cut(enc.backbone, cfg.train_from)).eval()
     with torch.no_grad():
         return torch.cat([tail(H[i:i + 256, 0].float()) for i in range(0, len(H), 256)]).numpy()
@@ -91,6 +100,25 @@ def fold_teacher(full, tr, tr_pats: list[str], n_components: int, n_clusters: in
     teacher = ExpressionTeacher("pca", n_components=n_components).fit(full_tr)
     ref = teacher.transform(full_tr)
     return teacher.transform(tr), {seed: teacher_targets(ref, n_clusters=n_clusters, seed=seed)[:2] for seed in seeds}
+
+
+def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str) -> tuple[str | None, str, dict]:
+    """The fold's stain normalisation (None or ``"macenko"``), the frozen stain-normalised key
+    written to ``img.obsm`` and, with ``mode="auto"``, each option's mean Pearson on the
+    leave-one-patient-out folds inside the training patients (``bench.expression`` candidates)."""
+    if mode == "none":
+        return None, "X_frozen", {}
+    norm, ref = stain_reference(tr, replace(cfg, stain_norm="macenko"))
+    key = f"X_frozen_macenko_{ref}"
+    if key not in img.obsm:
+        img.obsm[key] = frozen_features(img, cfg, stain=norm)
+    if mode == "macenko":
+        return "macenko", key, {}
+    res = sd.bench.expression(img, {"none": "X_frozen", "macenko": key}, folds=[fold], genes=genes,
+                              extra_genes=[map_gene], svd_solver="covariance_eigh", key_added=None)
+    chosen = str(res.per_fold["chosen"].iloc[0])
+    inner = {c: float(v) for c, v in res.selection.iloc[0].items()}
+    return (None if chosen == "none" else "macenko"), key, inner
 
 
 def main() -> None:
@@ -115,6 +143,9 @@ def main() -> None:
     ap.add_argument("--dataset", choices=["her2st", "simulated"], default="her2st",
                     help="simulated: a control where image and expression share a known cause (6 sections, 3 patients)")
     ap.add_argument("--data-seed", type=int, default=0, help="simulated data seed")
+    ap.add_argument("--stain", choices=["auto", "none", "macenko"], default="auto",
+                    help="stain normalisation of the patches (frozen baseline frozen_ridge_stain and PEKA): auto = "
+                         "chosen per fold inside the training patients; macenko onto the fold's first imaged training section")
     ap.add_argument("--from-csv", action="store_true",
                     help="only re-print the tables from --out's results.csv and selection.csv (no training)")
     args = ap.parse_args()
@@ -124,7 +155,9 @@ def main() -> None:
         if args.dataset != "her2st":
             RES_NOTE.clear()
         gene = args.map_gene or ("ERBB2" if args.dataset == "her2st" else "the map gene")
-        print(summarise(res.rename(columns={"r_ERBB2": "r_map"}), sel, gene) + "\n" + grid_summary(sel))
+        stain_csv = Path(args.out) / "stain.csv"
+        stain_tab = stain_summary(pd.read_csv(stain_csv)) if stain_csv.is_file() else ""
+        print(summarise(res.rename(columns={"r_ERBB2": "r_map"}), sel, gene) + "\n" + stain_tab + "\n" + grid_summary(sel))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +188,7 @@ def main() -> None:
 
     folds = sd.pp.folds(img)
     map_patient = "B" if args.dataset == "her2st" else folds[0].patients_of("test")[0]
-    rows, sel_rows, per_gene_tables = [], [], {}
+    rows, sel_rows, stain_rows, per_gene_tables = [], [], [], {}
     map_done = False
     for fold in folds:
         test_p = fold.patients_of("test")[0]
@@ -180,9 +213,24 @@ def main() -> None:
             rows.append({"fold": test_p, "method": name, "seed": -1, "pearson": bb.mean, "pearson_alpha_cv": cv.mean,
                          "pearson_clip": bench(key, solver, clip=True).mean,
                          "r_map": float(bb.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
-                         "seconds": 0.0, "lr": np.nan})
+                         "seconds": 0.0, "lr": np.nan, "stain": "none"})
             log(f"  {name}: {bb.mean:.4f} (alpha cv: {cv.mean:.4f}), {args.map_gene} r={rows[-1]['r_map']:.3f}", t0)
         per_gene_tables[("frozen_ridge", test_p)] = b.per_gene[test_p]
+
+        # ---- stain normalisation of this fold (chosen inside the training patients with --stain auto)
+        stain, skey, inner_stain = choose_stain(img, fold, genes, base_cfg, tr, args.stain, args.map_gene)
+        stain_rows.append({"fold": test_p, "stain": stain or "none", "key": skey,
+                           **{f"inner_{c}": v for c, v in inner_stain.items()}})
+        log(f"  stain: {stain or 'none'}" + (f" (inner mean Pearson {inner_stain})" if inner_stain else ""), t0)
+        if args.stain != "none":
+            used = skey if stain else "X_frozen"
+            bs = bench(used)
+            rows.append({"fold": test_p, "method": "frozen_ridge_stain", "seed": -1, "pearson": bs.mean,
+                         "pearson_alpha_cv": bench(used, alpha="cv").mean, "pearson_clip": bench(used, clip=True).mean,
+                         "r_map": float(bs.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
+                         "seconds": 0.0, "lr": np.nan, "stain": stain or "none"})
+            per_gene_tables[("frozen_ridge_stain", test_p)] = bs.per_gene[test_p]
+            log(f"  frozen_ridge_stain ({stain or 'none'}): {bs.mean:.4f}", t0)
 
         # ---- choose settings on validation patients inside the training patients (select_peka): each
         # training patient in turn validates a model trained on the other(s); validation curves
@@ -205,7 +253,7 @@ def main() -> None:
         # best over the whole grid (w_kd = 0 included).
         grids = {"miss": [{"lr": lr, "w_kd": w, "rank": r} for lr in args.lr_miss for w in args.w_kd for r in args.rank_miss],
                  "lora": [{"lr": lr, "rank": r} for lr in args.lr_lora for r in args.rank_lora]}
-        sel_base = replace(base_cfg, seed=0)
+        sel_base = replace(base_cfg, seed=0, stain_norm=stain)  # reference: each (inner) training set's first section
         chosen = {}
         for family in ("miss", "lora"):
             if not any(VARIANTS[v]["adapter"] == family for v in args.variants):
@@ -252,7 +300,7 @@ def main() -> None:
                              "pearson_clip": bench(key, clip=True).mean,
                              "r_map": float(r.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": m.trainable_share,
                              "epochs": cfg.max_epochs, "seconds": round(m.fit_seconds_, 1), "lr": cfg.lr, "w_kd": cfg.w_kd,
-                             "w_sa": cfg.w_sa, "rank": cfg.r, "_pg": (f"{v}_s{seed}", test_p)})
+                             "w_sa": cfg.w_sa, "rank": cfg.r, "stain": stain or "none", "_pg": (f"{v}_s{seed}", test_p)})
                 done[cfg_id] = rows[-1]
                 per_gene_tables[(f"{v}_s{seed}", test_p)] = r.per_gene[test_p]
                 log(f"  {v} seed {seed}: {r.mean:.4f} (alpha cv {r_cv.mean:.4f}) {args.map_gene} r={rows[-1]['r_map']:.3f} "
@@ -271,12 +319,28 @@ def main() -> None:
     res = pd.DataFrame(rows).drop(columns="_pg", errors="ignore")
     res.to_csv(out / "results.csv", index=False)
     pd.DataFrame(sel_rows).to_csv(out / "selection.csv", index=False)
+    pd.DataFrame(stain_rows).to_csv(out / "stain.csv", index=False)
     pd.DataFrame({f"{k[0]}|{k[1]}": v for k, v in per_gene_tables.items()}).to_csv(out / "per_gene.csv")
-    table = summarise(res, pd.DataFrame(sel_rows), args.map_gene) + "\n" + grid_summary(pd.DataFrame(sel_rows))
+    table = (summarise(res, pd.DataFrame(sel_rows), args.map_gene) + "\n" + stain_summary(pd.DataFrame(stain_rows))
+             + "\n" + grid_summary(pd.DataFrame(sel_rows)))
     (out / "table.md").write_text(table)
     print(table)
     print(pd.DataFrame(sel_rows).to_string(index=False))
     log(f"total {time.time() - t0:.0f}s; outputs in {out}", t0)
+
+
+def stain_summary(st: pd.DataFrame) -> str:
+    """Markdown: the stain normalisation of each fold and, when chosen (``--stain auto``), each
+    option's mean Pearson on the leave-one-patient-out folds inside the training patients."""
+    if st.empty:
+        return ""
+    inner = [c for c in st.columns if c.startswith("inner_")]
+    lines = ["Stain normalisation per fold (PEKA and frozen_ridge_stain)" + (
+        ": chosen by the frozen HEST probe's mean Pearson on leave-one-patient-out folds inside the training "
+        "patients" if inner else "") + ":", "",
+        "| fold | stain | " + " | ".join(f"inner r ({c[6:]})" for c in inner) + " |", "|---" * (2 + len(inner)) + "|"]
+    lines += [f"| {r.fold} | {r.stain} | " + " | ".join(f"{getattr(r, c):.4f}" for c in inner) + " |" for r in st.itertuples()]
+    return "\n".join(lines) + "\n"
 
 
 def grid_summary(sel: pd.DataFrame) -> str:
@@ -308,10 +372,11 @@ def summarise(res: pd.DataFrame, sel: pd.DataFrame | None = None, map_gene: str 
     methods = list(dict.fromkeys(res["method"]))
     folds = list(dict.fromkeys(res["fold"]))
     base = res[res["method"] == "frozen_ridge"].set_index("fold")["pearson"]
+    base_stain = res[res["method"] == "frozen_ridge_stain"].set_index("fold")["pearson"]
     lines = ["| method | " + " | ".join(f"{f}{' *' if f in RES_NOTE else ''}" for f in folds)
-             + f" | mean +- std over folds | gain vs frozen | {map_gene} r (mean over folds) | alpha=cv probe: mean over folds (gain) "
+             + f" | mean +- std over folds | gain vs frozen | vs frozen_ridge_stain (same stain) | {map_gene} r (mean over folds) | alpha=cv probe: mean over folds (gain) "
              "| clipped probe: mean over folds (gain) | trainable | train s/run |",
-             "|---" * (len(folds) + 8) + "|"]
+             "|---" * (len(folds) + 9) + "|"]
     base_cv = res[res["method"] == "frozen_ridge"]["pearson_alpha_cv"].mean()
     base_clip = res[res["method"] == "frozen_ridge"]["pearson_clip"].mean() if "pearson_clip" in res else np.nan
     for m in methods:
@@ -329,10 +394,12 @@ def summarise(res: pd.DataFrame, sel: pd.DataFrame | None = None, map_gene: str 
         else:
             overall = f"{np.mean(per_fold_means):.4f} +- {np.std(per_fold_means):.4f}"
         gain = (np.mean(per_fold_means) - base.mean()) / base.mean() * 100
+        same = (f"{np.mean([x - base_stain[f] for x, f in zip(per_fold_means, folds)]):+.4f}"
+                if set(folds) <= set(base_stain.index) else "")
         erbb2 = d.groupby("fold")["r_map"].mean().mean()
         cvm = d.groupby("fold")["pearson_alpha_cv"].mean().mean()
         clm = d.groupby("fold")["pearson_clip"].mean().mean() if "pearson_clip" in d else np.nan
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {overall} | {gain:+.1f}% | {erbb2:.3f} | "
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {overall} | {gain:+.1f}% | {same} | {erbb2:.3f} | "
                      f"{cvm:.4f} ({(cvm - base_cv) / base_cv * 100:+.1f}%) | "
                      f"{clm:.4f} ({(clm - base_clip) / base_clip * 100:+.1f}%) | "
                      f"{d['share'].mean():.2%} | {d['seconds'].mean():.0f} |")
