@@ -74,6 +74,8 @@ def test_single_key_and_single_candidate_agree(tiny):  # noqa: F811
     cand = _bench(a, {"f": "X_f"}, genes, key_added=None)
     np.testing.assert_array_equal(cand.per_fold["pearson_mean"], single.per_fold["pearson_mean"])
     assert list(cand.per_fold["chosen"]) == ["f"] * 3
+    with pytest.raises(StdistillError, match="at least 3 training patients.*alpha=cv"):  # cv nests inside the inner folds
+        _bench(a, {"f": "X_f"}, genes, alpha="cv", key_added=None)
 
 
 @pytest.mark.parametrize("cands, match", [

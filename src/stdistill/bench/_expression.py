@@ -556,10 +556,11 @@ def _choose(adata: ad.AnnData, setups: dict[str, _Setup], f: Fold) -> pd.Series:
     sections). The test sections of ``f`` are not read."""
     first = next(iter(setups.values()))
     pats = {x: f.patients[x] for x in f.train + f.val if x in first.known}
-    n = len(set(pats.values()))
-    if n < 2:
-        raise StdistillError(f"fold {f.name}: choosing among feature candidates needs at least 2 training patients "
-                             f"(leave-one-patient-out inside them), got {n}; give one feature_key or more patients")
+    n, need = len(set(pats.values())), 3 if first.alpha == "cv" else 2  # alpha="cv" nests one more level
+    if n < need:
+        raise StdistillError(f"fold {f.name}: choosing among feature candidates needs at least {need} training patients "
+                             f"(leave-one-patient-out inside them{', alpha=cv inside those' if need == 3 else ''}), "
+                             f"got {n}; give one feature_key or more patients")
     inner = _make_folds(pd.Series(pats, dtype=object), prefix=f"{f.name}/")
     scores = {}
     for name, s in setups.items():
@@ -614,9 +615,10 @@ def expression(
         protocol on leave-one-patient-out folds inside the fold's training patients (genes and
         alpha chosen on the inner training sections; the test patients are not read), the best
         mean Pearson wins (ties: the first listed), and it is fitted on all training patients and
-        scored on the test patients. Needs >= 2 training patients per fold. ``per_fold`` gets
-        ``chosen`` and ``inner_pearson``; :attr:`ExpressionBenchResult.selection` holds every
-        candidate's inner score (folds x candidates).
+        scored on the test patients. Needs >= 2 training patients per fold (3 with
+        ``alpha="cv"``). ``per_fold`` gets ``chosen`` and ``inner_pearson``;
+        :attr:`ExpressionBenchResult.selection` holds every candidate's inner score (folds x
+        candidates).
     views
         Also train on augmented views: ``obsm[key + "_views"]`` (n_spots, K, D) of each feature
         key (``features.extract(views=K)``) as K extra training rows per training spot (a key
