@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -205,7 +205,9 @@ class ExpressionBenchResult:
     ``per_fold``: one row per fold (test patients, spots, genes, alpha, PCA width, Pearson mean).
     ``per_gene``: genes x folds Pearson r (NaN where a gene was not a target of that fold), with
     ``mean``/``std`` columns over folds. ``predictions``: fold -> DataFrame (test spots x genes)
-    of predicted log1p expression; ``targets``: the same measured.
+    of predicted log1p expression; ``targets``: the same measured. ``selection`` (feature
+    candidates only): folds x candidates, each candidate's mean Pearson over the leave-one-patient-out
+    folds inside that fold's training patients (the fold's choice is ``per_fold["chosen"]``).
     """
 
     per_fold: pd.DataFrame
@@ -214,6 +216,7 @@ class ExpressionBenchResult:
     targets: dict[str, pd.DataFrame] = field(repr=False)
     genes: dict[str, list[str]] = field(repr=False)
     params: dict = field(default_factory=dict)
+    selection: pd.DataFrame | None = None
 
     @property
     def mean(self) -> float:
@@ -233,15 +236,21 @@ class ExpressionBenchResult:
         return f"Pearson {self.mean:.4f} +- {self.std:.4f} over {len(self.per_fold)} folds"
 
     def to_uns(self) -> dict:
-        """A plain (h5ad-writable) dict: per-fold table, summary, parameters."""
+        """A plain (h5ad-writable) dict: per-fold table, summary, parameters (and, with feature
+        candidates, ``selection``: ``folds`` and each candidate's inner scores under ``inner_pearson``)."""
         pf = self.per_fold
-        return {
+        out = {
             "pearson_mean": self.mean,
             "pearson_std": self.std,
             "per_fold": {c: pf[c].astype(str).to_numpy() if pf[c].dtype == object else pf[c].to_numpy()
                          for c in pf.columns},
             "params": {k: (v if isinstance(v, (int, float, str)) else json.dumps(v)) for k, v in self.params.items()},
         }
+        if self.selection is not None:
+            sel = self.selection
+            out["selection"] = {"folds": sel.index.astype(str).to_numpy(),
+                                "inner_pearson": {str(c): sel[c].to_numpy() for c in sel.columns}}
+        return out
 
 
 def read_hest_splits(path: str | os.PathLike, adata: ad.AnnData, sample_column: str = "sample_id") -> list[Fold]:
@@ -430,6 +439,32 @@ def _views(adata: ad.AnnData, feature_key: str | Sequence[str]) -> np.ndarray:
     return np.concatenate(out, axis=2)
 
 
+def _candidates(feature_key: Mapping, views: bool) -> dict[str, tuple[list[str], bool]]:
+    """Feature candidates of :func:`expression` as name -> (obsm keys, views), or a one-line error.
+
+    A candidate is a key, a list of keys, or ``{"key": key or list of keys, "views": bool}``
+    (``views`` defaults to ``expression``'s ``views``).
+    """
+    if not feature_key:
+        raise StdistillError("feature_key is an empty dict; give at least one candidate, name -> obsm key(s)")
+    out = {}
+    for name, c in feature_key.items():
+        if not isinstance(name, str):
+            raise StdistillError(f"feature candidate names must be strings, got {name!r}")
+        v = views
+        if isinstance(c, Mapping):
+            unknown = set(c) - {"key", "views"}
+            if "key" not in c or unknown:
+                raise StdistillError(f"feature candidate {name!r} must be a key, a list of keys or "
+                                     f"{{'key': ..., 'views': bool}}, got {dict(c)!r}")
+            c, v = c["key"], bool(c.get("views", views))
+        try:
+            out[name] = (_feature_keys(c), v)
+        except StdistillError as e:
+            raise StdistillError(f"feature candidate {name!r}: {e}") from None
+    return out
+
+
 def _present_extra_genes(adata: ad.AnnData, extra_genes: Sequence[str]) -> list[str]:
     """``extra_genes`` that are in the data; the others are left out with a warning (they are report-only)."""
     missing = [x for x in extra_genes if x not in adata.var_names]
@@ -507,9 +542,48 @@ def _run_fold(adata: ad.AnnData, s: _Setup, f: Fold) -> tuple[dict, pd.Series, p
     return row, r, P, Y, list(g)
 
 
+def _candidate_setup(adata: ad.AnnData, s: _Setup, name: str, keys: list[str], views: bool) -> _Setup:
+    """``s`` with the features (and views) of one feature candidate; errors name the candidate."""
+    try:
+        return replace(s, F=_features(adata, keys), V=_views(adata, keys) if views else None)
+    except StdistillError as e:
+        raise StdistillError(f"feature candidate {name!r}: {e}") from None
+
+
+def _choose(adata: ad.AnnData, setups: dict[str, _Setup], f: Fold) -> pd.Series:
+    """Each candidate's mean Pearson over the leave-one-patient-out folds inside ``f``'s training
+    (+val) patients, as :func:`_run_fold` scores them (genes and alpha chosen on the inner training
+    sections). The test sections of ``f`` are not read."""
+    first = next(iter(setups.values()))
+    pats = {x: f.patients[x] for x in f.train + f.val if x in first.known}
+    n, need = len(set(pats.values())), 3 if first.alpha == "cv" else 2  # alpha="cv" nests one more level
+    if n < need:
+        raise StdistillError(f"fold {f.name}: choosing among feature candidates needs at least {need} training patients "
+                             f"(leave-one-patient-out inside them{', alpha=cv inside those' if need == 3 else ''}), "
+                             f"got {n}; give one feature_key or more patients")
+    inner = _make_folds(pd.Series(pats, dtype=object), prefix=f"{f.name}/")
+    scores = {}
+    for name, s in setups.items():
+        s_in = replace(s, extra=[])  # report-only genes do not enter the score
+        scores[name] = float(pd.Series([_run_fold(adata, s_in, g)[0]["pearson_mean"] for g in inner]).mean())
+    return pd.Series(scores, name=f.name, dtype=float)
+
+
+def _run_chosen_fold(adata: ad.AnnData, setups: dict[str, _Setup], f: Fold):
+    """One fold with feature candidates: the best inside the training patients (:func:`_choose`;
+    ties and NaN: the first listed wins), fitted on all training patients and scored on the test
+    patients. Returns :func:`_run_fold`'s tuple, its row with ``chosen`` and ``inner_pearson``, and
+    the candidates' inner scores."""
+    scores = _choose(adata, setups, f)
+    best = str(scores.index[int(np.argmax(scores.fillna(-np.inf).to_numpy()))])
+    row, *rest = _run_fold(adata, setups[best], f)
+    row.update(chosen=best, inner_pearson=float(scores[best]))
+    return (row, *rest), scores
+
+
 def expression(
     adata: ad.AnnData,
-    feature_key: str | Sequence[str],
+    feature_key: str | Sequence[str] | Mapping[str, str | Sequence[str] | Mapping],
     *,
     views: bool = False,
     folds=None,
@@ -535,12 +609,22 @@ def expression(
         features in ``obsm[feature_key]``.
     feature_key
         An obsm key, or several (e.g. ``["X_enc", "X_enc_ctx"]``: patch and context features),
-        concatenated per spot before the probe's scaling and PCA.
+        concatenated per spot before the probe's scaling and PCA. Or feature **candidates**, a
+        dict name -> key, list of keys or ``{"key": ..., "views": bool}`` (e.g. ``{"plain": "X_a",
+        "context": ["X_a", "X_a_ctx"]}``): in every fold each candidate is scored by the same
+        protocol on leave-one-patient-out folds inside the fold's training patients (genes and
+        alpha chosen on the inner training sections; the test patients are not read), the best
+        mean Pearson wins (ties: the first listed), and it is fitted on all training patients and
+        scored on the test patients. Needs >= 2 training patients per fold (3 with
+        ``alpha="cv"``). ``per_fold`` gets ``chosen`` and ``inner_pearson``;
+        :attr:`ExpressionBenchResult.selection` holds every candidate's inner score (folds x
+        candidates).
     views
         Also train on augmented views: ``obsm[key + "_views"]`` (n_spots, K, D) of each feature
         key (``features.extract(views=K)``) as K extra training rows per training spot (a key
         without views, e.g. a context key, repeats its clean features there). Test spots always
-        use the clean features. ``per_fold["n_train_rows"]`` counts the rows.
+        use the clean features. ``per_fold["n_train_rows"]`` counts the rows. With candidates: the
+        default of those that do not say ``"views"``.
     folds
         ``None``: leave-one-patient-out; an int: k patient-level folds; a list of
         :class:`~stdistill.pp.Fold` or of ``(train_sections, test_sections)``; or the path of a
@@ -574,26 +658,38 @@ def expression(
     -------
     :class:`ExpressionBenchResult` (per-fold table, per-gene table, test predictions).
     """
-    F = _features(adata, feature_key)
-    V = _views(adata, feature_key) if views else None
     if alpha not in ("hest", "cv") and not isinstance(alpha, (int, float)):
         raise StdistillError(f"alpha must be 'hest', 'cv' or a number, got {alpha!r}")
+    cands = _candidates(feature_key, views) if isinstance(feature_key, Mapping) else None
     fixed_genes = _given_genes(genes)
-    fold_list = _resolve_folds(adata, folds)
-    s = _Setup(F=F, V=V, sec_of=adata.obs[SECTION_KEY].astype(str).to_numpy(), pat_of=adata.obs[PATIENT_KEY].astype(str).to_numpy(),
-               known=set(_sections(adata)), fixed_genes=fixed_genes, extra=_present_extra_genes(adata, extra_genes),
-               n_genes=n_genes, min_frac=min_frac, layer=layer, alpha=alpha, alphas=alphas,
-               probe={"latent_dim": latent_dim, "seed": seed, "svd_solver": svd_solver, "clip": clip})
-    rows, per_gene, preds, targets, chosen = [], {}, {}, {}, {}
-    for f in fold_list:
-        row, per_gene[f.name], preds[f.name], targets[f.name], chosen[f.name] = _run_fold(adata, s, f)
+    s = _Setup(F=np.empty((adata.n_obs, 0)), V=None, sec_of=adata.obs[SECTION_KEY].astype(str).to_numpy(),
+               pat_of=adata.obs[PATIENT_KEY].astype(str).to_numpy(), known=set(_sections(adata)), fixed_genes=fixed_genes,
+               extra=_present_extra_genes(adata, extra_genes), n_genes=n_genes, min_frac=min_frac, layer=layer, alpha=alpha,
+               alphas=alphas, probe={"latent_dim": latent_dim, "seed": seed, "svd_solver": svd_solver, "clip": clip})
+    if cands:
+        setups = {name: _candidate_setup(adata, s, name, k, v) for name, (k, v) in cands.items()}
+        fk = {name: {"key": k, "views": v} for name, (k, v) in cands.items()}
+        n_views = {name: int(x.V.shape[1]) if x.V is not None else 0 for name, x in setups.items()}
+    else:
+        setups = None
+        s = replace(s, F=_features(adata, feature_key), V=_views(adata, feature_key) if views else None)
+        fk = feature_key if isinstance(feature_key, str) else list(feature_key)
+        n_views = int(s.V.shape[1]) if s.V is not None else 0
+    rows, per_gene, preds, targets, chosen, sel = [], {}, {}, {}, {}, []
+    for f in _resolve_folds(adata, folds):
+        if setups:
+            out, scores = _run_chosen_fold(adata, setups, f)
+            sel.append(scores)
+        else:
+            out = _run_fold(adata, s, f)
+        row, per_gene[f.name], preds[f.name], targets[f.name], chosen[f.name] = out
         rows.append(row)
     res = ExpressionBenchResult(
         per_fold=pd.DataFrame(rows), per_gene=_per_gene_table(per_gene), predictions=preds, targets=targets, genes=chosen,
-        params={"feature_key": feature_key if isinstance(feature_key, str) else list(feature_key),
-                "views": int(V.shape[1]) if V is not None else 0, "latent_dim": latent_dim if latent_dim is not None else "none",
+        params={"feature_key": fk, "views": n_views, "latent_dim": latent_dim if latent_dim is not None else "none",
                 "alpha": alpha if isinstance(alpha, str) else float(alpha), "seed": seed, "n_genes": n_genes,
                 "min_frac": min_frac, "clip": bool(clip), "genes": "given" if fixed_genes is not None else "hest_train_folds"},
+        selection=pd.DataFrame(sel).rename_axis("fold") if cands else None,
     )
     if key_added:
         adata.uns[key_added] = res.to_uns()
