@@ -27,7 +27,7 @@ Arms (features of the probe):
 - ``all``: Macenko patch + Macenko context features, with Macenko views.
 - ``chosen``: per held-out patient and probe, the arm that scores best in leave-one-patient-out
   folds inside the training patients (the held-out patient never takes part), scored on the
-  held-out patient as that arm is.
+  held-out patient as that arm is: ``bench.expression`` with the arms as feature candidates.
 
 The ridge probe is deterministic: ``none``, ``+stain``, ``+context`` give one number per patient;
 the view arms one per view seed. Paired differences arm - none per held-out patient (same probe,
@@ -135,35 +135,36 @@ def probe_arms(img, views: dict, args) -> tuple[list[dict], dict]:
     return rows, per_gene
 
 
-def chosen_arm(img, views: dict, rows: list[dict], per_gene: dict, args, say=print) -> tuple[list[dict], dict]:
-    """Arm ``chosen``: per held-out patient and probe, the arm whose probe scores best (mean Pearson
-    over leave-one-patient-out folds *inside* the training patients, ``Fold.inner()``; the held-out
-    patient is in none of them; view arms with the first view seed); its held-out scores are that
-    arm's. Ties go to the earlier arm of ``args.arms`` (the simpler)."""
-    by = {(r["arm"], r["probe"], r["seed"], r["patient"]): r for r in rows}
+def chosen_arm(img, views: dict, args, say=print) -> tuple[list[dict], dict]:
+    """Arm ``chosen``: every arm a feature candidate of ``bench.expression`` (view arms with the first
+    view seed): per held-out patient and probe, the arm with the best mean Pearson over
+    leave-one-patient-out folds *inside* the training patients (the held-out patient is in none of
+    them), fitted on all training patients and scored on the held-out one, as that arm is. Ties go
+    to the earlier arm of ``args.arms`` (the simpler)."""
     vs0 = args.view_seeds[0]
-    out, genes = [], {}
-    for f in sd.pp.folds(img):
-        p = f.patients_of("test")[0]
-        inner = {}
-        for arm in args.arms:
-            stain, with_views, context = ARMS[arm]
-            key = KEY + ("_macenko" if stain else "")
-            if with_views:
-                img.obsm[key + "_views"] = views[(stain, vs0)]
-            for probe, clip in PROBES.items():
-                res = sd.bench.expression(img, [key, key + "_ctx"] if context else [key], folds=f.inner(), views=with_views,
-                                          svd_solver="covariance_eigh", clip=clip, key_added=None)
-                inner[(arm, probe)] = float(res.per_fold["pearson_mean"].mean())
-            img.obsm.pop(key + "_views", None)
-        for probe in PROBES:
-            best = max(args.arms, key=lambda a: (inner[(a, probe)], -args.arms.index(a)))
-            seed = vs0 if ARMS[best][1] else -1
-            out.append(dict(by[(best, probe, seed, p)], arm="chosen", seed=-1, chosen_arm=best,
-                            inner_pearson=inner[(best, probe)]))
-            genes[("chosen", probe, -1, p)] = per_gene[(best, probe, seed, p)]
-            say(f"chosen inside the training patients of fold {p}, {probe} probe: {best} (inner mean Pearson "
-                + ", ".join(f"{a} {inner[(a, probe)]:.4f}" for a in args.arms) + ")")
+    cands = {}
+    for arm in args.arms:
+        stain, with_views, context = ARMS[arm]
+        key = KEY + ("_macenko" if stain else "")
+        cands[arm] = {"key": [key, key + "_ctx"] if context else [key], "views": with_views}
+        if with_views:
+            img.obsm[key + "_views"] = views[(stain, vs0)]
+    res = {probe: sd.bench.expression(img, cands, svd_solver="covariance_eigh", clip=clip, extra_genes=[MAP_GENE],
+                                      key_added=None) for probe, clip in PROBES.items()}
+    for key in (KEY, KEY + "_macenko"):
+        img.obsm.pop(key + "_views", None)
+    by, genes = {}, {}
+    for probe, r in res.items():
+        rows, g = _rows(r, "chosen", probe, -1)
+        genes.update(g)
+        for row, f in zip(rows, r.per_fold.itertuples()):
+            by[(f.fold, probe)] = dict(row, chosen_arm=f.chosen, inner_pearson=f.inner_pearson)
+    out = []
+    for fold in res["hest"].per_fold["fold"]:  # rows and messages per held-out patient, then probe
+        for probe, r in res.items():
+            out.append(by[(fold, probe)])
+            say(f"chosen inside the training patients of fold {out[-1]['patient']}, {probe} probe: {out[-1]['chosen_arm']} "
+                "(inner mean Pearson " + ", ".join(f"{a} {r.selection.loc[fold, a]:.4f}" for a in args.arms) + ")")
     return out, genes
 
 
@@ -322,7 +323,7 @@ def run_parts(args, out: Path) -> None:
             views = extract(img, args, say)
             rows, per_gene = probe_arms(img, views, args)
             if "none" in args.arms:
-                more, more_genes = chosen_arm(img, views, rows, per_gene, args, say)
+                more, more_genes = chosen_arm(img, views, args, say)
                 rows += more
                 per_gene.update(more_genes)
         else:

@@ -569,7 +569,7 @@ def _choose(adata: ad.AnnData, setups: dict[str, _Setup], f: Fold) -> pd.Series:
     return pd.Series(scores, name=f.name, dtype=float)
 
 
-def _run_chosen_fold(adata: ad.AnnData, setups: dict[str, _Setup], f: Fold):
+def _run_chosen_fold(adata: ad.AnnData, setups: dict[str, _Setup], f: Fold) -> tuple[tuple, pd.Series]:
     """One fold with feature candidates: the best inside the training patients (:func:`_choose`;
     ties and NaN: the first listed wins), fitted on all training patients and scored on the test
     patients. Returns :func:`_run_fold`'s tuple, its row with ``chosen`` and ``inner_pearson``, and
