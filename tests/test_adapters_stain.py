@@ -143,3 +143,17 @@ def test_stamp_cli_stain_norm_is_saved_and_used_by_predict(tmp_path, monkeypatch
     assert r.exit_code == 0, r.output
     got = sd.io.read_h5ad(out).obsm["pathway_pred"].to_numpy()
     np.testing.assert_allclose(got, m.predict(sd.io.subset_sections(sd.io.read_h5ad(scored), ["S2"])).to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_stain_reference_is_the_first_imaged_training_section_or_the_named_one():
+    from stdistill.adapters import stain_reference
+
+    a = he_sections(8)
+    assert stain_reference(a, AdapterConfig(**GEOM)) is None  # off: nothing estimated
+    norm, ref = stain_reference(a, AdapterConfig(**GEOM, stain_norm="macenko"))
+    assert ref == "sec0"
+    own = stain_estimates(a, "macenko", n_sample=_trunk.STAIN_SAMPLE, **GEOM)
+    assert norm.state() == StainNormalizer("macenko", own["sec0"]).state()
+    norm1, ref1 = stain_reference(a, AdapterConfig(**GEOM, stain_norm="macenko", stain_reference="sec1"))
+    assert ref1 == "sec1" and norm1.state() == StainNormalizer("macenko", own["sec1"]).state()
+    assert norm1.state() != norm.state()  # the two synthetic stains differ
