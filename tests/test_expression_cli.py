@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import timm
@@ -46,6 +47,24 @@ def test_bench_cli_and_figures(tmp_path):
         sd.pl.niches(a, ["section"], section="S9")
     r = runner.invoke(app, ["expression", "bench", str(f), "-f", "X_nope", "-o", str(out)])
     assert r.exit_code != 0
+
+
+def test_bench_cli_feature_candidates_are_chosen_per_fold(tmp_path):
+    a = _imaged()
+    rng = np.random.default_rng(0)
+    a.obsm["X_noise"] = rng.normal(size=a.obsm["X_feat"].shape).astype("float32")
+    f = tmp_path / "d.h5ad"
+    a.write_h5ad(f)
+    out = tmp_path / "bench"
+    r = runner.invoke(app, ["expression", "bench", str(f), "-f", "noise=X_noise,feat=X_feat,both=X_feat+X_noise",
+                            "--genes", str(_genes(tmp_path, a)), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    pf, sel = pd.read_csv(out / "per_fold.csv"), pd.read_csv(out / "selection.csv", index_col=0)
+    assert list(sel.columns) == ["noise", "feat", "both"] and len(sel) == 3
+    assert (pf["chosen"] != "noise").all()  # the features carry the signal; noise does not
+    assert list(pf["chosen"]) == list(sel.idxmax(axis=1))
+    r = runner.invoke(app, ["expression", "bench", str(f), "-f", "noise=X_noise,feat", "-o", str(out)])
+    assert r.exit_code != 0 and "is not name=KEY" in str(r.exception)
 
 
 def _genes(tmp_path, a):

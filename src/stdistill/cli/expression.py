@@ -18,6 +18,24 @@ from ._common import (
 )
 
 
+def _feature_candidates(text: str) -> str | list[str] | dict[str, list[str]]:
+    """``--features`` of ``expression bench``: ``KEY``, ``KEY1+KEY2`` (concatenated) or candidates
+    ``name=KEY,name=KEY1+KEY2`` (:func:`stdistill.bench.expression`'s dict)."""
+    from .._errors import StdistillError
+
+    if "=" not in text:
+        keys = [k for k in text.split("+") if k]
+        return keys[0] if len(keys) == 1 else keys
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, keys = item.partition("=")
+        if not sep or not name or not keys or name in out:
+            raise StdistillError(f"--features: {item!r} is not name=KEY or name=KEY1+KEY2 (or a name is repeated); "
+                                 "candidates are separated by ','")
+        out[name] = [k for k in keys.split("+") if k]
+    return out
+
+
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(help="Gene expression from H&E: HEST-Benchmark evaluation and PEKA distillation.", no_args_is_help=True)
     app.add_typer(sub, name="expression")
@@ -25,7 +43,10 @@ def register(app: typer.Typer) -> None:
     @sub.command("bench")
     def bench(
         data: str = typer.Argument(..., help="An .h5ad file, a Visium/her2st folder, or a dataset name ('her2st')."),
-        features: str = typer.Option("X_effnet-lite0-imagenet", "--features", "-f", help="obsm key of patch features."),
+        features: str = typer.Option(
+            "X_effnet-lite0-imagenet", "--features", "-f",
+            help="obsm key of patch features; KEY1+KEY2 concatenates keys; name=KEY,name=KEY1+KEY2,... are candidates, "
+                 "one chosen per fold inside its training patients (leave-one-patient-out; see selection.csv)."),
         encoder: Optional[str] = typer.Option(None, help="Extract features with this encoder first (stdistill encoders list)."),
         folds: Optional[str] = typer.Option(None, help="HEST splits/ folder, or a number of patient folds (default: leave-one-patient-out)."),
         genes: Optional[str] = typer.Option(None, help="Gene list (HEST var_50genes.json); default: 50 genes chosen on each fold's training sections."),
@@ -46,17 +67,21 @@ def register(app: typer.Typer) -> None:
         a = load_any(data)
         if images_only:
             a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
-        if features not in a.obsm:
+        fk = _feature_candidates(features)
+        if isinstance(fk, str) and fk not in a.obsm:
             if encoder is None:
                 raise StdistillError(f"no obsm[{features!r}]; pass --encoder to extract features first")
-            sd.features.extract(a, encoder, key_added=features)
+            sd.features.extract(a, encoder, key_added=fk)
         fl = int(folds) if folds and folds.isdigit() else folds
         al = alpha if alpha in ("hest", "cv") else float(alpha)
-        res = sd.bench.expression(a, features, folds=fl, genes=genes, alpha=al, extra_genes=_split(extra_genes))
+        res = sd.bench.expression(a, fk, folds=fl, genes=genes, alpha=al, extra_genes=_split(extra_genes))
         out.mkdir(parents=True, exist_ok=True)
-        for name, df in (("per_fold.csv", res.per_fold), ("per_gene.csv", res.per_gene)):
+        tables = [("per_fold.csv", res.per_fold), ("per_gene.csv", res.per_gene)]
+        if res.selection is not None:
+            tables.append(("selection.csv", res.selection))
+        for name, df in tables:
             with atomic_path(out / name) as tmp:
-                df.to_csv(tmp, index=name == "per_gene.csv")
+                df.to_csv(tmp, index=name != "per_fold.csv")
         with atomic_path(out / "summary.json") as tmp:
             tmp.write_text(json.dumps({"pearson_mean": res.mean, "pearson_std": res.std, **res.params}, indent=2))
         sd.pl.pearson_bars(res.per_gene, path=out / "pearson_bars.png")
