@@ -205,8 +205,9 @@ def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwarg
                                figures=seed == figures_seed, verbose=False, transfer=transfer, refine=refine,
                                transfer_kwargs=tkw if transfer else None)
             if transfer:
+                records = df.attrs["transfer"]
                 df = pd.concat([df, chosen_baselines(a, df, k, seed, store)], ignore_index=True)
-                chosen = "; ".join(f"{f}: {describe_choice(r)}" for f, r in df.attrs["transfer"].items())
+                chosen = "; ".join(f"{f}: {describe_choice(r)}" for f, r in records.items())
                 print(f"[{label}] K={k} seed={seed}: transfer chosen {chosen}", flush=True)
             df.attrs = {}  # (DataFrames in attrs break pd.concat)
             df["K"], df["seed"], df["run_s"] = k, seed, time.perf_counter() - t0
@@ -217,6 +218,22 @@ def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwarg
             print(f"[{label}] K={k} seed={seed}: mean ARI " + ", ".join(f"{m} {v:.3f}" for m, v in s.items())
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     return pd.concat(rows, ignore_index=True), texts, infos, figs
+
+
+def transfer_counts(res: pd.DataFrame) -> pd.DataFrame | None:
+    """Per K and held-out patient, how often each transfer setting was chosen (from the student
+    rows' notes, ``transfer {...}``); None without ``--transfer``."""
+    import ast
+
+    from stdistill.recipes.niches import describe
+
+    st = res[(res["method"] == "student") & res["note"].astype(str).str.contains("transfer {", regex=False)]
+    if st.empty:
+        return None
+    name = st["note"].astype(str).str.extract(r"transfer (\{[^}]*\})")[0].map(lambda d: describe(ast.literal_eval(d)))
+    t = pd.crosstab([st["K"], st["fold"]], name).reset_index()
+    t.columns.name = None
+    return t
 
 
 def tables(res: pd.DataFrame) -> str:
@@ -250,6 +267,10 @@ def tables(res: pd.DataFrame) -> str:
             verdict.append(row)
     out.append(f"Verdict (mean over folds and seeds; baselines: {', '.join(baselines)}):\n\n"
                + markdown(pd.DataFrame(verdict)))
+    chosen = transfer_counts(res)
+    if chosen is not None:
+        out.append("Transfer settings the student chose on its validation patient (folds x seeds):\n\n"
+                   + markdown(chosen))
     f1 = res[(res["f1_section"] == "A1")]
     if len(f1):
         t = (f1.groupby(["K", "method"], sort=False)["macro_f1"].agg(pm).reset_index()

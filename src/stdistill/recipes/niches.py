@@ -51,7 +51,7 @@ from ..metrics import (
     seen_niche_share,
     trivial_macro_f1,
 )
-from ._niches_transfer import DEFAULT_TRANSFER_GRID, describe_choice, fit_transfer, parse_transfer, transfer_grid  # noqa: F401 - public here
+from ._niches_transfer import DEFAULT_TRANSFER_GRID, describe, describe_choice, fit_transfer, parse_transfer, transfer_grid  # noqa: F401 - public here
 
 TEACHER_KEY = "niche_teacher"
 STUDENT_KEY = "niche_student"
