@@ -182,9 +182,10 @@ def main() -> None:
     t_trunk = time.time()
     img.obsm["X_frozen"] = frozen_features(img, base_cfg)
     log(f"trunk cache + frozen features: {time.time() - t_trunk:.1f}s", t0)
-    # the same encoder through stdistill.features.extract (precision "auto": bf16 on CPUs with native bf16)
+    # the same encoder through stdistill.features.extract (precision "auto": fp32 on CPUs, named in the row)
     sd.features.extract(img, "effnet-lite0-imagenet", key_added="X_extract")
-    log(f"features.extract (precision {img.uns['features']['X_extract'].get('precision')}): done", t0)
+    extract_precision = img.uns["features"]["X_extract"].get("precision")
+    log(f"features.extract (precision {extract_precision}): done", t0)
 
     folds = sd.pp.folds(img)
     map_patient = "B" if args.dataset == "her2st" else folds[0].patients_of("test")[0]
@@ -207,7 +208,7 @@ def main() -> None:
         b = bench("X_frozen")
         for name, key, solver in (("frozen_ridge", "X_frozen", "covariance_eigh"),
                                   ("frozen_ridge_hest_randomized_pca", "X_frozen", "auto"),
-                                  ("frozen_ridge_extract_bf16", "X_extract", "covariance_eigh")):
+                                  (f"frozen_ridge_extract_{extract_precision}", "X_extract", "covariance_eigh")):
             bb = b if name == "frozen_ridge" else bench(key, solver)
             cv = bench(key, solver, alpha="cv")
             rows.append({"fold": test_p, "method": name, "seed": -1, "pearson": bb.mean, "pearson_alpha_cv": cv.mean,
