@@ -34,7 +34,7 @@ the view arms one per view seed. Paired differences arm - none per held-out pati
 same genes) are printed with two spreads: the sd over view seeds (view arms) and the standard
 error over the 50 genes of the per-gene differences (every arm). ``--parts peka``: PEKA (MiSS,
 the library's PekaConfig defaults, a fixed number of epochs, no settings selection) on the plain
-patches, probed like the arms (PEKA has no stain normalisation of its patches yet, so no
+patches, probed like the arms (this arm predates PEKA's stain normalisation; so no
 ``+stain`` PEKA arm). Fold A is reported apart.
 
 Writes, per part, ``<part>.csv`` (arm x probe x seed x patient), ``<part>_per_gene.csv`` and
