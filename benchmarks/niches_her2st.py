@@ -302,6 +302,8 @@ def main() -> None:
                          "combination of macenko, views, context) or a comma list such as plain,macenko+context")
     ap.add_argument("--refine", action="store_true",
                     help="also score the student refined on each held-out section (refinement chosen on the validation patient)")
+    ap.add_argument("--val-patients", choices=["smallest", "each"], default="smallest",
+                    help="each: with --transfer, every training patient validates the candidates in turn (mean score)")
     ap.add_argument("--resume", action="store_true",
                     help="read back the (K, seed) cells an earlier run with the same --out finished (<out>/<teacher>/K*_seed*/rows.csv)")
     args = ap.parse_args()
@@ -337,10 +339,11 @@ def main() -> None:
     transfer = parse_transfer(args.transfer)
     if transfer:
         md.append(f"Student transfer settings chosen per fold on the validation patient: {args.transfer} "
-                  f"({VIEWS} augmented views, view seed 0); the baselines are also run on each fold's chosen features "
-                  "(`kmeans_chosen`, `kmeans_nbr_chosen`).\n")
+                  f"({VIEWS} augmented views, view seed 0; validation patients: {args.val_patients}); the baselines are "
+                  "also run on each fold's chosen features (`kmeans_chosen`, `kmeans_nbr_chosen`).\n")
     for i, (name, label, factory) in enumerate(teachers, 1):
         res, ttxt, tinfo, f = run_grid(a, args.ks, args.seeds, args.out / name, factory, label, transfer=transfer,
+                                       student_kwargs={"val_patients": "each"} if args.val_patients == "each" else None,
                                        refine=args.refine, resume=args.resume)
         figs += f
         md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n", tables(res)]

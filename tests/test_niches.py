@@ -231,6 +231,27 @@ def test_student_candidates_chosen_on_validation_patient(data):
         NicheStudent(feature_key="X_toy").fit(tr, candidates=[{"lr_typo": 1}])
 
 
+def test_student_candidates_scored_with_each_training_patient_validating(data):
+    from stdistill.students import NicheStudent
+    from stdistill.teachers import NicheTeacher
+
+    a = data.copy()
+    NicheTeacher(3).fit_predict(a)
+    tr, _ = _split(a)
+    cands = [{"radius_um": 0.0}, {"radius_um": 450.0}]
+    one = NicheStudent(feature_key="X_toy", max_epochs=6, patience=3).fit(tr, candidates=cands)
+    each = NicheStudent(feature_key="X_toy", max_epochs=6, patience=3, val_patients="each").fit(tr, candidates=cands)
+    first, second = one.info_["val_patients"][0], [q for q in one.info_["train_patients"] if q not in one.info_["val_patients"]]
+    assert each.info_["val_patients"] == [first, *second]  # the default patient first, then the others in turn
+    for s1, se in zip(one.info_["selection"], each.info_["selection"]):
+        assert len(se["val_scores"]) == 2
+        assert se["val_scores"][0] == pytest.approx(s1["val_score"])  # the first turn is the default's run
+        assert se["val_score"] == pytest.approx(np.mean(se["val_scores"]))
+    best = min(each.info_["selection"], key=lambda c: c["val_score"])
+    assert each.params["radius_um"] == best["radius_um"] == each.info_["chosen"]["radius_um"]
+    assert "val_scores" not in one.info_["selection"][0]
+
+
 def test_student_predicts_on_tiles_without_genes(data):
     """An H&E-only AnnData (like pp.tile output: X with 0 genes) gets niches from features alone."""
     import anndata as ad

@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
         radius_um: float = typer.Option(None, help=RADIUS_HELP),
         temperature: float = typer.Option(2.0, help="KD temperature T (KL scaled by T^2)."),
         hard_weight: float = typer.Option(0.0, help="Share of hard-label cross-entropy."),
-        val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none')."),
+        val_patient: str = typer.Option("smallest", help="Early-stopping patient ('smallest', an id, or 'none'); 'each': "
+                                        "with --transfer, every training patient validates the candidates in turn."),
         max_epochs: int = typer.Option(60, help="Most training epochs."),
         val_block: float = typer.Option(0.2, help="With one training patient: share of each section held out as a "
                                                   "spatial block for early stopping (0: none)."),
@@ -128,7 +129,7 @@ def register(app: typer.Typer) -> None:
                 raise StdistillError(f"unknown patients {sorted(unknown)}", data)
             secs = adata.obs.loc[adata.obs[PATIENT_KEY].astype(str).isin(keep), SECTION_KEY].astype(str).unique()
             adata = subset_sections(adata, list(secs))
-        vp = None if val_patient == "none" else ("smallest" if val_patient == "smallest" else [val_patient])
+        vp = None if val_patient == "none" else (val_patient if val_patient in ("smallest", "each") else [val_patient])
         kw = dict(radius_um=radius_um, temperature=temperature, hard_weight=hard_weight, val_patients=vp,
                   val_block=val_block, max_epochs=max_epochs, seed=seed)
         fit_kw = dict(probs_key=f"{teacher_key}_probs", run_dir=run_dir, devices=devices,

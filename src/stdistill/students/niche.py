@@ -149,6 +149,9 @@ class NicheStudent:
         Early-stopping patients drawn from the training data: ``"smallest"`` (default: the
         training patient with the fewest spots; with one training patient a spatial block, see
         ``val_block``), a list of patient ids, or ``None`` (no early stopping: ``max_epochs``).
+        ``"each"``: as ``"smallest"``, but ``fit(candidates=...)`` scores every candidate with
+        each training patient validating in turn (a model trained on the others) and chooses by
+        the mean score (more fits; one patient's verdict is noisy with few patients).
     val_block
         With ``val_patients="smallest"`` and a single training patient: the share of each
         training section's spots held out for early stopping, as one contiguous band along the
@@ -550,8 +553,9 @@ class NicheStudent:
         has = np.all(np.isfinite(f0), axis=1) & np.all(np.isfinite(probs), axis=1)
         train_pats = sorted(set(pats[has]))
         vp = p["val_patients"]
-        block = vp == "smallest" and len(train_pats) < 2
-        if vp == "smallest":
+        each = vp == "each"
+        block = vp in ("smallest", "each") and len(train_pats) < 2
+        if vp in ("smallest", "each"):
             vp = [] if block else [min(train_pats, key=lambda q: ((pats[has] == q).sum(), q))]
         vp = [] if vp is None else [str(v) for v in vp]
         missing = set(vp) - set(train_pats)
@@ -566,20 +570,22 @@ class NicheStudent:
         base = dict(p)
         selection = []
         if is_val.any():
-            best = None
-            for c in (candidates or [{}]):
-                self.params = dict(base, **c)
-                arrays = self._prepare(adata, probs)
-                ok = arrays[-1]
-                mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val),
-                                  self.params["max_epochs"], seed, run_dir, f"candidate{len(selection)}")
-                hist = mod.monitor_history
-                score = float(min(hist)) if hist else float("inf")
-                epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
-                selection.append(dict(c, val_score=score, best_epoch=epoch))
-                if best is None or score < best[0] - 1e-9:
-                    best = (score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history),
-                            self._views_z)
+            runs = self._score_candidates(adata, probs, candidates or [{}], is_val, base, run_dir, "")
+            scores = [[r[0] for r in runs]]
+            epochs = [[r[2] for r in runs]]
+            rotate = [q for q in train_pats if q not in vp] if each and candidates and not block else []
+            for q in rotate:  # every other training patient validates in turn; only the scores are kept
+                rq = self._score_candidates(adata, probs, candidates, np.isin(pats, [q]) & has, base, run_dir, f"_val{q}")
+                scores.append([r[0] for r in rq])
+                epochs.append([r[2] for r in rq])
+            mean = np.mean(scores, axis=0)
+            selection = [dict(r[1], val_score=float(m), best_epoch=int(round(float(np.mean(e)))),
+                              **({"val_scores": [float(x[i]) for x in scores]} if rotate else {}))
+                         for i, (r, m, e) in enumerate(zip(runs, mean, zip(*epochs)))]
+            win = int(np.flatnonzero(mean <= mean.min() + 1e-9)[0])  # ties: the first listed
+            best = (float(mean[win]), *runs[win][1:2], selection[win]["best_epoch"], *runs[win][3:])
+            if rotate:
+                vp = [*vp, *rotate]
             score, c, epoch, mod, arrays, info, vloss, verr, self._views_z = best  # the winner's views, not the last's
             self.params = dict(base, **c)
             self.info_ = info
@@ -614,6 +620,25 @@ class NicheStudent:
             self.info_["niche_names"] = names
         self.net_ = mod.net.eval()
         return self
+
+    def _score_candidates(self, adata: ad.AnnData, probs: np.ndarray, candidates: list[dict], is_val: np.ndarray,
+                          base: dict, run_dir, tag: str) -> list[tuple]:
+        """Train each candidate on the spots outside ``is_val`` and score it there (best
+        ``monitor`` value over epochs): per candidate ``(score, overrides, best epoch, module,
+        arrays, info_, val loss history, val error history, views)``."""
+        out = []
+        for i, c in enumerate(candidates):
+            self.params = dict(base, **c)
+            arrays = self._prepare(adata, probs)
+            ok = arrays[-1]
+            mod = self._train(arrays, np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val),
+                              self.params["max_epochs"], self.params["seed"], run_dir, f"candidate{i}{tag}")
+            hist = mod.monitor_history
+            score = float(min(hist)) if hist else float("inf")
+            epoch = int(np.argmin(hist)) + 1 if hist else self.params["max_epochs"]
+            out.append((score, c, epoch, mod, arrays, dict(self.info_), list(mod.val_history), list(mod.val_err_history),
+                        self._views_z))
+        return out
 
     def _choose_refine(self, adata: ad.AnnData, probs: np.ndarray, is_val: np.ndarray, mod) -> None:
         """Pick the refinement of ``refine_grid`` on the validation spots with the pre-refit model."""
