@@ -269,7 +269,7 @@ def tables(res: pd.DataFrame) -> str:
                + markdown(pd.DataFrame(verdict)))
     chosen = transfer_counts(res)
     if chosen is not None:
-        out.append("Transfer settings the student chose on its validation patient (folds x seeds):\n\n"
+        out.append("Transfer settings the student chose on its validation patient(s) (count over seeds):\n\n"
                    + markdown(chosen))
     f1 = res[(res["f1_section"] == "A1")]
     if len(f1):
