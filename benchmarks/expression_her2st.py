@@ -205,17 +205,20 @@ def main() -> None:
             return sd.bench.expression(img, key, folds=[fold], genes=genes, extra_genes=[args.map_gene],
                                        svd_solver=solver, alpha=alpha, clip=clip, key_added=None)
 
-        b = bench("X_frozen")
-        for name, key, solver in (("frozen_ridge", "X_frozen", "covariance_eigh"),
-                                  ("frozen_ridge_hest_randomized_pca", "X_frozen", "auto"),
-                                  (f"frozen_ridge_extract_{extract_precision}", "X_extract", "covariance_eigh")):
-            bb = b if name == "frozen_ridge" else bench(key, solver)
+        def frozen_row(name: str, key: str, solver: str = "covariance_eigh", stain_name: str = "none", res=None):
+            """One frozen-feature row (three probes) appended to ``rows``; returns the HEST probe's result."""
+            res = res if res is not None else bench(key, solver)
             cv = bench(key, solver, alpha="cv")
-            rows.append({"fold": test_p, "method": name, "seed": -1, "pearson": bb.mean, "pearson_alpha_cv": cv.mean,
+            rows.append({"fold": test_p, "method": name, "seed": -1, "pearson": res.mean, "pearson_alpha_cv": cv.mean,
                          "pearson_clip": bench(key, solver, clip=True).mean,
-                         "r_map": float(bb.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
-                         "seconds": 0.0, "lr": np.nan, "stain": "none"})
-            log(f"  {name}: {bb.mean:.4f} (alpha cv: {cv.mean:.4f}), {args.map_gene} r={rows[-1]['r_map']:.3f}", t0)
+                         "r_map": float(res.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
+                         "seconds": 0.0, "lr": np.nan, "stain": stain_name})
+            log(f"  {name} ({stain_name}): {res.mean:.4f} (alpha cv: {cv.mean:.4f}), {args.map_gene} r={rows[-1]['r_map']:.3f}", t0)
+            return res
+
+        b = frozen_row("frozen_ridge", "X_frozen")
+        frozen_row("frozen_ridge_hest_randomized_pca", "X_frozen", "auto")
+        frozen_row(f"frozen_ridge_extract_{extract_precision}", "X_extract")
         per_gene_tables[("frozen_ridge", test_p)] = b.per_gene[test_p]
 
         # ---- stain normalisation of this fold (chosen inside the training patients with --stain auto)
@@ -224,14 +227,9 @@ def main() -> None:
                            **{f"inner_{c}": v for c, v in inner_stain.items()}})
         log(f"  stain: {stain or 'none'}" + (f" (inner mean Pearson {inner_stain})" if inner_stain else ""), t0)
         if args.stain != "none":
-            used = skey if stain else "X_frozen"
-            bs = bench(used)
-            rows.append({"fold": test_p, "method": "frozen_ridge_stain", "seed": -1, "pearson": bs.mean,
-                         "pearson_alpha_cv": bench(used, alpha="cv").mean, "pearson_clip": bench(used, clip=True).mean,
-                         "r_map": float(bs.per_fold[f"r_{args.map_gene}"].iloc[0]), "share": 0.0, "epochs": 0,
-                         "seconds": 0.0, "lr": np.nan, "stain": stain or "none"})
+            bs = frozen_row("frozen_ridge_stain", skey if stain else "X_frozen", stain_name=stain or "none",
+                            res=None if stain else b)
             per_gene_tables[("frozen_ridge_stain", test_p)] = bs.per_gene[test_p]
-            log(f"  frozen_ridge_stain ({stain or 'none'}): {bs.mean:.4f}", t0)
 
         # ---- choose settings on validation patients inside the training patients (select_peka): each
         # training patient in turn validates a model trained on the other(s); validation curves

@@ -583,10 +583,10 @@ class NicheStudent:
                               **({"val_scores": [float(x[i]) for x in scores]} if rotate else {}))
                          for i, (r, m, e) in enumerate(zip(runs, mean, zip(*epochs)))]
             win = int(np.flatnonzero(mean <= mean.min() + 1e-9)[0])  # ties: the first listed
-            best = (float(mean[win]), *runs[win][1:2], selection[win]["best_epoch"], *runs[win][3:])
+            _, c, _, mod, arrays, info, vloss, verr, self._views_z = runs[win]  # the winner's views, not the last's
+            score, epoch = float(mean[win]), selection[win]["best_epoch"]
             if rotate:
                 vp = [*vp, *rotate]
-            score, c, epoch, mod, arrays, info, vloss, verr, self._views_z = best  # the winner's views, not the last's
             self.params = dict(base, **c)
             self.info_ = info
             self.info_.update(val_patients=vp, val_block_spots=int(is_val.sum()) if block else 0, val_loss_history=[float(v) for v in vloss],
