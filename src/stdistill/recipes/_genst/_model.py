@@ -1,330 +1,33 @@
-"""GenST: a spot's expression generated from its histology through two aligned discrete latent spaces.
-
-GenST (seed paper 004) learns a VQ-VAE per modality and aligns them:
-
-1. **Expression VQ-VAE** (stage 1): the encoder reads the spot's log-normalised expression of the
-   fold's genes (``log1p`` counts per 10,000 of the spot's library, z-scored per gene on the
-   training spots) plus its z-scored log library size; a codebook (``VectorQuantize`` or ``FSQ``
-   from vector-quantize-pytorch); the decoder maps a code to a negative-binomial mean of every
-   gene's **raw** count (gene-wise dispersion), so depth is part of what a code carries: at
-   generation time no library size is observed, and the evaluation targets are unnormalised
-   ``log1p`` counts (HEST). ``likelihood="mse"`` regresses z-scored ``log1p`` counts instead.
-2. **Histology VQ-VAE** (stage 2) over cached patch features ``obsm["X_<encoder>"]`` of any
-   registered encoder (z-scored, clipped), reconstructing them (MSE), trained jointly with
-3. **alignment**: symmetric InfoNCE between projections of the two quantised latents of the same
-   spot, and a cross-modal head predicting the spot's expression code from the histology latent
-   (cross-entropy). The expression VQ-VAE is frozen in stage 2, so the code targets do not move.
-
-Generation: histology -> head -> distribution p(k) over expression codes -> the decoder's output
-for each code. The point prediction is the mixture mean ``sum_k p_k log1p(mu_k)`` (``obsm[
-"genst_pred"]``), its spread the mixture SD (``obsm["genst_sd"]``); :meth:`GenST.sample` draws
-codes (temperature, top-k) and optionally counts, seeded. Settings and alignment epochs are
-chosen on validation patients inside the training patients (:func:`select_genst`).
-"""
+"""GenST as an estimator (:class:`GenST`): fit, predict, sample, interpretation, save/load."""
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import anndata as ad
-import lightning as L
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .._errors import StdistillError
-from .._utils import load_safetensors_dir, load_state, save_safetensors_dir, seed_everything
-from ..metrics import pearson_per_gene
-from ..students.niche import _threads
-from ..students._vqvae import VQVAE, Quantizer, mlp, nb_nll
+from ..._errors import StdistillError
+from ..._utils import load_safetensors_dir, load_state, save_safetensors_dir, seed_everything
+from ...metrics import pearson_per_gene
+from ...students.niche import _threads
+from ._config import GenstConfig
+from ._data import _counts, _expr_inputs, _frame, _tempered, _zscore_fit, codebook_stats
+from ._modules import AlignModule, ExprVQModule, _fit_module, generated_pearson
+from ._nets import GenstNet
 
-__all__ = ["GenST", "GenstConfig", "GenstNet", "ExprVQModule", "AlignModule", "codebook_stats", "select_genst"]
+__all__ = ["GenST"]
 
 _FORMAT = "stdistill.GenST/1"
 _WEIGHTS = "model.safetensors"
 _PREP = ("feat_mean", "feat_sd", "expr_mean", "expr_sd", "y_mean", "y_sd")
 
 
-@dataclass
-class GenstConfig:
-    """Settings of one GenST run.
-
-    ``codebook_size``/``hist_codebook_size``: codes of the expression / histology ``VectorQuantize``
-    (``quantizer="fsq"``: ``FSQ`` with ``prod(fsq_levels)`` codes for both). ``expr_epochs``: stage 1;
-    ``max_epochs``: stage 2 (alignment; chosen by :func:`select_genst`). ``head_input``:
-    ``"quantized"`` (the head reads the histology code's vector: at most ``hist_codebook_size``
-    distinct predictions) or ``"continuous"`` (the encoder's latent before quantisation).
-    ``temperature``/``top_k``: how expression codes are drawn for the spread and :meth:`GenST.sample`.
-    """
-
-    codebook_size: int = 64
-    hist_codebook_size: int = 64
-    quantizer: str = "vq"
-    fsq_levels: tuple[int, ...] = (8, 5, 5)
-    latent_dim: int = 32
-    hidden: tuple[int, ...] = (128,)
-    hist_hidden: tuple[int, ...] = (256,)
-    head_hidden: tuple[int, ...] = (128,)
-    proj_dim: int = 32
-    likelihood: str = "nb"
-    commitment_weight: float = 0.25
-    expr_epochs: int = 80
-    max_epochs: int = 30
-    patience: int = 8
-    maximize: bool = True
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    dropout: float = 0.1
-    w_rec: float = 1.0
-    w_ce: float = 1.0
-    w_con: float = 0.5
-    con_temperature: float = 0.1
-    head_input: str = "quantized"
-    feature_clip: float = 10.0
-    temperature: float = 1.0
-    top_k: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        self.fsq_levels, self.hidden = tuple(self.fsq_levels), tuple(self.hidden)
-        self.hist_hidden, self.head_hidden = tuple(self.hist_hidden), tuple(self.head_hidden)
-        choices = {"quantizer": ("vq", "fsq"), "likelihood": ("nb", "mse"), "head_input": ("quantized", "continuous")}
-        for k, allowed in choices.items():
-            if getattr(self, k) not in allowed:
-                raise StdistillError(f"{k} must be one of {allowed}, got {getattr(self, k)!r}")
-        for k in ("codebook_size", "hist_codebook_size", "latent_dim", "batch_size", "expr_epochs"):
-            if getattr(self, k) < 1:
-                raise StdistillError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("w_rec", "w_ce", "w_con", "max_epochs"):
-            if getattr(self, k) < 0:
-                raise StdistillError(f"{k} must be >= 0, got {getattr(self, k)}")
-        if self.temperature <= 0 or self.con_temperature <= 0:
-            raise StdistillError("temperature and con_temperature must be > 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise StdistillError(f"top_k must be >= 1 or None, got {self.top_k}")
-
-
-# ============================================================================ nets
-class GenstNet(nn.Module):
-    """Both VQ-VAEs, the cross-modal head and the contrastive projections.
-
-    ``expr``: (B, G + 1) inputs -> (B, G) log NB means (or z-scored log1p for ``mse``); ``log_theta``
-    (G,) log inverse dispersions; ``hist``: (B, D) features -> (B, D); ``head``: (B, latent) ->
-    (B, K) expression-code logits; ``proj_h``/``proj_e``: (B, latent) -> (B, proj_dim).
-    """
-
-    def __init__(self, n_genes: int, n_features: int, cfg: GenstConfig):
-        super().__init__()
-        qkw = {"levels": cfg.fsq_levels, "commitment_weight": cfg.commitment_weight}
-        self.expr = VQVAE(n_genes + 1, n_genes, cfg.latent_dim, cfg.hidden,
-                          Quantizer(cfg.quantizer, cfg.latent_dim, cfg.codebook_size, **qkw))
-        self.log_theta = nn.Parameter(torch.full((n_genes,), math.log(5.0)))
-        self.hist = VQVAE(n_features, n_features, cfg.latent_dim, cfg.hist_hidden,
-                          Quantizer(cfg.quantizer, cfg.latent_dim, cfg.hist_codebook_size, **qkw), cfg.dropout)
-        self.head = mlp(cfg.latent_dim, cfg.head_hidden, self.expr.codebook_size, cfg.dropout)
-        self.proj_h = nn.Linear(cfg.latent_dim, cfg.proj_dim)
-        self.proj_e = nn.Linear(cfg.latent_dim, cfg.proj_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.con_temperature)))
-        self.head_input = cfg.head_input
-
-    def code_logits(self, f: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(B, D) features -> (B, K) expression-code logits and the histology VQ-VAE's outputs."""
-        h = self.hist(f)
-        return self.head(h["zq"] if self.head_input == "quantized" else h["z"]), h
-
-
-def _epoch_means(acc: dict[str, list[float]]) -> dict[str, float]:
-    return {k: float(np.mean(v)) for k, v in acc.items() if v}
-
-
-class ExprVQModule(L.LightningModule):
-    """Stage 1: the expression VQ-VAE on (n, G + 1) inputs ``x`` and (n, G) targets ``y`` (raw
-    counts for ``nb``, z-scored log1p for ``mse``). Batches are (B,) row indices."""
-
-    def __init__(self, net: GenstNet, cfg: GenstConfig, x: torch.Tensor, y: torch.Tensor):
-        super().__init__()
-        self.net, self.cfg = net, cfg
-        self.register_buffer("x", x, persistent=False)
-        self.register_buffer("y", y, persistent=False)
-        self.history: list[dict] = []
-        self._acc: dict[str, list[float]] = {"rec": [], "vq": []}
-
-    def on_fit_start(self):
-        self.net.train()  # Lightning keeps the mode a module arrives in
-
-    def training_step(self, batch, _):
-        i = batch[0]
-        out = self.net.expr(self.x[i])
-        if self.cfg.likelihood == "nb":
-            rec = nb_nll(self.y[i], out["out"].clamp(max=20.0), self.net.log_theta)
-        else:
-            rec = F.mse_loss(out["out"], self.y[i])
-        self._acc["rec"].append(float(rec.detach()))
-        self._acc["vq"].append(float(out["vq_loss"].detach()))
-        return rec + out["vq_loss"]
-
-    def on_train_epoch_end(self):
-        self.history.append({"stage": "expr", "epoch": self.current_epoch + 1, **_epoch_means(self._acc)})
-        self._acc = {k: [] for k in self._acc}
-
-    def configure_optimizers(self):
-        params = [*self.net.expr.parameters(), self.net.log_theta]
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-
-class AlignModule(L.LightningModule):
-    """Stage 2: histology VQ-VAE + cross-modal head + contrastive projections, with the expression
-    VQ-VAE frozen. Training data: ``f`` (n, D) features, ``code`` (n,) expression codes, ``zq`` (n,
-    latent) quantised expression latents. Validation (optional): ``val_f`` (m, D) and ``val_y`` (m, G)
-    log1p targets scored by the mean Pearson of the generated expression (``table``: (K, G) log1p
-    output per code); the best epoch's weights are kept."""
-
-    _trained = ("hist", "head", "proj_h", "proj_e", "logit_scale")
-
-    def __init__(self, net: GenstNet, cfg: GenstConfig, data: dict[str, torch.Tensor], table: torch.Tensor,
-                 val: dict[str, torch.Tensor] | None = None):
-        super().__init__()
-        self.net, self.cfg = net, cfg
-        for k, v in {**data, **{f"val_{k}": v for k, v in (val or {}).items()}, "table": table}.items():
-            self.register_buffer(k, v, persistent=False)
-        self.has_val = val is not None
-        self.history: list[dict] = []
-        self.val_scores: list[float] = []
-        self.best_state: dict | None = None
-        self._acc: dict[str, list[float]] = {"rec_h": [], "vq_h": [], "ce": [], "con": []}
-
-    def on_fit_start(self):
-        self.net.train()
-        self.net.expr.eval()  # frozen
-
-    def training_step(self, batch, _):
-        from ..losses import info_nce
-
-        i, cfg = batch[0], self.cfg
-        logits, h = self.net.code_logits(self.f[i])
-        terms = {"rec_h": F.mse_loss(h["out"], self.f[i]), "vq_h": h["vq_loss"], "ce": F.cross_entropy(logits, self.code[i])}
-        if cfg.w_con > 0 and len(i) > 1:
-            terms["con"] = info_nce(self.net.proj_h(h["zq"]), self.net.proj_e(self.zq[i]), self.net.logit_scale)
-        for k, v in terms.items():
-            self._acc[k].append(float(v.detach()))
-        w = {"rec_h": cfg.w_rec, "vq_h": 1.0, "ce": cfg.w_ce, "con": cfg.w_con}
-        return sum(w[k] * v for k, v in terms.items())
-
-    def validation_step(self, batch, _):
-        r = generated_pearson(self.net, self.val_f, self.val_y, self.table)
-        self.log("val_loss", -r if np.isfinite(r) else 1.0, on_epoch=True, batch_size=len(self.val_f))
-        if not self.trainer.sanity_checking:
-            if not self.val_scores or r > max(self.val_scores):
-                self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            self.val_scores.append(r)
-
-    def on_train_epoch_end(self):
-        row = {"stage": "align", "epoch": self.current_epoch + 1, **_epoch_means(self._acc)}
-        if self.val_scores and len(self.val_scores) == self.current_epoch + 1:
-            row["val_r"] = self.val_scores[-1]
-        self.history.append(row)
-        self._acc = {k: [] for k in self._acc}
-
-    def configure_optimizers(self):
-        params = [p for n, p in self.net.named_parameters() if n.split(".")[0] in self._trained]
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-
-@torch.no_grad()
-def generated_pearson(net: GenstNet, f: torch.Tensor, y: torch.Tensor, table: torch.Tensor) -> float:
-    """Mean over genes of the Pearson r between measured (m, G) ``y`` and the mixture-mean generation."""
-    was = net.training
-    net.eval()
-    pred = torch.softmax(net.code_logits(f)[0], -1) @ table
-    net.train(was)
-    r = pearson_per_gene(y.cpu().numpy(), pred.cpu().numpy()).to_numpy()
-    return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
-
-
-def _fit_module(module: L.LightningModule, n: int, epochs: int, cfg: GenstConfig, trainer_kw: dict,
-                val: bool = False) -> None:
-    """Train ``module`` on row indices 0..n-1 (seeded shuffle) for ``epochs`` (early stopping on
-    ``val_loss`` with ``cfg.patience`` when ``val``)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from .._lightning import make_trainer, quiet
-
-    if epochs < 1:
-        return
-    g = torch.Generator().manual_seed(cfg.seed)
-    bs = min(cfg.batch_size, n)
-    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=bs, shuffle=True, generator=g,
-                        drop_last=n > bs and n % bs == 1)  # a last batch of one spot has no InfoNCE negatives
-    vloader = DataLoader(TensorDataset(torch.zeros(1)), batch_size=1) if val else None
-    with quiet(), warnings.catch_warnings():
-        trainer = make_trainer(max_epochs=epochs, monitor="val_loss" if val else None, patience=cfg.patience,
-                               num_sanity_val_steps=0, enable_progress_bar=False, **trainer_kw)
-        trainer.fit(module, loader, vloader)
-
-
-# ============================================================================ data
-def _counts(adata: ad.AnnData, genes: Sequence[str], layer: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, G) float32 raw counts of ``genes`` and (n,) library sizes (all genes; at least 1)."""
-    X = adata.layers[layer] if layer else adata.X
-    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
-    pos = adata.var_names.get_indexer(list(genes))
-    if (pos < 0).any():
-        missing = [g for g, p in zip(genes, pos) if p < 0]
-        raise StdistillError(f"{len(missing)} genes of the model are not in the data (e.g. {missing[:5]})")
-    lib = np.maximum(np.asarray(X.sum(1)).ravel(), 1.0)
-    return X[:, pos].toarray().astype(np.float32), lib.astype(np.float32)
-
-
-def _expr_inputs(C: np.ndarray, lib: np.ndarray) -> np.ndarray:
-    """(n, G + 1): log1p counts per 10,000 of the library, then log library size."""
-    return np.hstack([np.log1p(C / lib[:, None] * 1e4), np.log(lib)[:, None]]).astype(np.float32)
-
-
-def _zscore_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and SDs with a floor (a column constant on the training spots keeps a usable scale)."""
-    mu, sd = X.mean(0), X.std(0)
-    floor = 1e-3 * float(np.median(sd[sd > 0])) if (sd > 0).any() else 1.0
-    return mu.astype(np.float32), np.maximum(sd, floor).astype(np.float32)
-
-
-def codebook_stats(idx: np.ndarray, codebook_size: int, collapse_share: float = 0.1) -> dict:
-    """Usage of a codebook from (n,) code indices: codes used, perplexity (exp entropy of the code
-    frequencies; K = every code equally used), share of the most used code, and ``collapsed``
-    (perplexity below ``collapse_share`` x K or at most 2)."""
-    counts = np.bincount(np.asarray(idx, dtype=np.int64), minlength=codebook_size)
-    p = counts / max(counts.sum(), 1)
-    nz = p[p > 0]
-    perp = float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 0.0
-    return {"codebook_size": int(codebook_size), "used": int((counts > 0).sum()), "perplexity": perp,
-            "top_share": float(p.max()) if p.size else float("nan"),
-            "collapsed": bool(perp < max(2.0, collapse_share * codebook_size))}
-
-
-def _tempered(logits: np.ndarray, temperature: float, top_k: int | None) -> np.ndarray:
-    """(n, K) code probabilities: softmax(logits / temperature), only the ``top_k`` largest kept."""
-    z = logits / temperature
-    if top_k is not None and top_k < z.shape[1]:
-        kth = np.partition(z, -top_k, axis=1)[:, -top_k][:, None]
-        z = np.where(z >= kth, z, -np.inf)
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(1, keepdims=True)
-
-
-def _frame(values: np.ndarray, adata: ad.AnnData, genes: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame(values.astype(np.float32), index=adata.obs_names.copy(), columns=list(genes))
-
-
-# ============================================================================ estimator
 class GenST:
     """GenST as an estimator: ``fit`` on training spots (counts + patch features), then ``predict``
     / ``sample`` expression on any spots or H&E-only tiles with the same encoder's features.
@@ -383,7 +86,7 @@ class GenST:
                                  f'{self.n_features_} ({saved.get("encoder", "unknown encoder")}): same encoder?')
 
     def _extract(self, adata: ad.AnnData) -> None:
-        from .. import features
+        from ... import features
 
         m = self.features_meta_
         features.extract(adata, m["encoder"], size_um=m.get("size_um", 112.0), px=m.get("px", 224),
@@ -420,7 +123,7 @@ class GenST:
             return self._fit(adata, genes, n_genes, val, layer)
 
     def _fit(self, adata, genes, n_genes, val, layer) -> GenST:
-        from ..pp.genes import hest_genes
+        from ...pp.genes import hest_genes
 
         cfg, t0 = self.config, time.time()
         seed_everything(cfg.seed)
@@ -428,7 +131,7 @@ class GenST:
         if len(set(self.genes_)) != len(self.genes_) or not self.genes_:
             raise StdistillError("genes must be a non-empty list without duplicates")
         if val is not None:
-            from ..pp.splits import check_patient_disjoint
+            from ...pp.splits import check_patient_disjoint
 
             check_patient_disjoint(adata, val)
         self.prep_ = {}
@@ -633,36 +336,3 @@ class GenST:
         self.curve_ = list(meta.get("curve", []))
         self.table_ = self._code_table()
         return self
-
-
-# ============================================================================ selection
-def select_genst(
-    adata: ad.AnnData,
-    grid: Sequence[dict],
-    *,
-    base: GenstConfig | None = None,
-    feature_key: str = "X_effnet-lite0-imagenet",
-    n_genes: int = 50,
-    extra_genes: Sequence[str] = (),
-    layer: str | None = None,
-    **kw,
-) -> tuple[GenstConfig, pd.DataFrame]:
-    """Choose GenST settings and alignment epochs by leave-one-patient-out **inside** ``adata`` (a
-    fold's training patients) with :func:`stdistill.select.select`: each candidate trains on all but
-    one training patient, with ``n_genes`` genes chosen HEST's way on those patients (plus
-    ``extra_genes``), and records the mean Pearson of the generated expression on the held-out one
-    after each alignment epoch (epoch 0 = untrained alignment). Returns the chosen config and the table.
-    """
-    from ..pp.genes import hest_genes
-    from ..select import select
-
-    base = base or GenstConfig()
-
-    def parts(tr: ad.AnnData, _vp: str, _mask: np.ndarray) -> dict:
-        g = hest_genes(tr, n_genes, layer=layer)
-        return {"genes": g + [x for x in extra_genes if x not in g and x in tr.var_names]}
-
-    def fit_curve(cfg: GenstConfig, tr: ad.AnnData, va: ad.AnnData, p: dict) -> list[float]:
-        return GenST(cfg, feature_key=feature_key, **kw).fit(tr, p["genes"], val=va, layer=layer).curve_
-
-    return select(adata, fit_curve, grid, base, parts=parts)

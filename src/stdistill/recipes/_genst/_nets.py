@@ -1,4 +1,4 @@
-"""VQ-VAE building blocks (GenST): an MLP encoder, a quantiser from vector-quantize-pytorch
+"""GenST's nets. VQ-VAE building blocks: an MLP encoder, a quantiser from vector-quantize-pytorch
 (``VectorQuantize`` or ``FSQ``), an MLP decoder, and the likelihoods.
 
 Shapes: B = batch, D = input width, d = latent width, K = codebook size, G = genes.
@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .._errors import StdistillError
+from ..._errors import StdistillError
 
-__all__ = ["Quantizer", "VQVAE", "mlp", "nb_nll", "import_vq"]
+if TYPE_CHECKING:
+    from ._config import GenstConfig
+
+__all__ = ["GenstNet", "Quantizer", "VQVAE", "mlp", "nb_nll", "import_vq"]
 
 
 def import_vq():
@@ -120,3 +124,30 @@ def nb_nll(counts: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) 
           + theta * (log_theta - log_theta_mu) + counts * (log_mu - log_theta_mu))
     return -ll.mean()
 
+
+class GenstNet(nn.Module):
+    """Both VQ-VAEs, the cross-modal head and the contrastive projections.
+
+    ``expr``: (B, G + 1) inputs -> (B, G) log NB means (or z-scored log1p for ``mse``); ``log_theta``
+    (G,) log inverse dispersions; ``hist``: (B, D) features -> (B, D); ``head``: (B, latent) ->
+    (B, K) expression-code logits; ``proj_h``/``proj_e``: (B, latent) -> (B, proj_dim).
+    """
+
+    def __init__(self, n_genes: int, n_features: int, cfg: GenstConfig):
+        super().__init__()
+        qkw = {"levels": cfg.fsq_levels, "commitment_weight": cfg.commitment_weight}
+        self.expr = VQVAE(n_genes + 1, n_genes, cfg.latent_dim, cfg.hidden,
+                          Quantizer(cfg.quantizer, cfg.latent_dim, cfg.codebook_size, **qkw))
+        self.log_theta = nn.Parameter(torch.full((n_genes,), math.log(5.0)))
+        self.hist = VQVAE(n_features, n_features, cfg.latent_dim, cfg.hist_hidden,
+                          Quantizer(cfg.quantizer, cfg.latent_dim, cfg.hist_codebook_size, **qkw), cfg.dropout)
+        self.head = mlp(cfg.latent_dim, cfg.head_hidden, self.expr.codebook_size, cfg.dropout)
+        self.proj_h = nn.Linear(cfg.latent_dim, cfg.proj_dim)
+        self.proj_e = nn.Linear(cfg.latent_dim, cfg.proj_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.con_temperature)))
+        self.head_input = cfg.head_input
+
+    def code_logits(self, f: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, D) features -> (B, K) expression-code logits and the histology VQ-VAE's outputs."""
+        h = self.hist(f)
+        return self.head(h["zq"] if self.head_input == "quantized" else h["z"]), h
