@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+import _common
+
 SECTION_SPOTS = 5000
 N_GENES = 2000
 DENSITY = 0.1
@@ -166,7 +168,7 @@ def _case_trunk(n: int) -> dict:
 
     shape = (1, 1152, 7, 7)  # views, channels, 7 x 7: effnet-lite0 at blocks.6.0.conv_pwl, 224 px
 
-    def synthetic(encoder, sub, cut, cfg, batch_size, device):
+    def synthetic(encoder, sub, cut, cfg, batch_size, device, stain=None):
         """Like ``_trunk._compute``: batch by batch into one preallocated float16 tensor."""
         g = torch.Generator().manual_seed(sub.n_obs)
         out = torch.empty((sub.n_obs, *shape), dtype=torch.float16)
@@ -228,40 +230,64 @@ def _slope(ns: list[int], ys: list[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def main() -> None:
+COLUMNS = ["case", "spots", "fit s", "peak GiB", "+/feat", "wall s", "note", "error"]
+DIGITS = {"fit s": 1, "peak GiB": 2, "+/feat": 2, "wall s": 1}
+
+
+def _row(case: str, m: int, res: dict) -> list:
+    if "error" in res:
+        return [case, m, None, None, None, res["wall"], "", res["error"]]
+    note = f"warm read {res['warm_seconds']:.1f} s" if "warm_seconds" in res else ""
+    return [case, m, res["seconds"], res["peak_rss"] / 2**30, (res["peak_rss"] - res["base_rss"]) / res["feature_bytes"],
+            res["wall"], note, None]
+
+
+def _print_row(r: list) -> None:
+    def f(v, w, d):
+        return f"{'-':>{w}}" if v is None else f"{v:>{w}.{d}f}"
+
+    print(f"{r[0]:8} {r[1]:>9} {f(r[2], 8, 1)} {f(r[3], 9, 2)} {f(r[4], 7, 2)} {f(r[5], 7, 1)}  {r[7] or r[6]}", flush=True)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000", help="comma list of spot counts (trunk: a tenth)")
     ap.add_argument("--full", action="store_true", help="add 1,000,000 spots")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    _common.add_args(ap)
     a = ap.parse_args()
     if a.child:
         _child(a.child[0], int(a.child[1]))
-        return
+        return 0
+    _common.smoke(a, sizes="1000", full=False, threads=1)  # trunk: 100 spots; one size, so no exponent
     sizes = [int(s) for s in a.sizes.split(",")] + ([1_000_000] if a.full else [])
-    t_all = time.perf_counter()
+    results = _common.Results(a, seeds=[0], precision="fp32")
     import platform
 
     print(f"# stdistill benchmarks/scale.py on {platform.machine()} {os.cpu_count()} CPUs, {a.threads} threads; fp32")
     print(f"{'case':8} {'spots':>9} {'fit s':>8} {'peak GiB':>9} {'+/feat':>7} {'wall s':>7}  note")
+    rows, slopes = [], []
     for case in a.cases.split(","):
         ns, ts, rs = [], [], []
         for n in sizes:
             m = n // 10 if case == "trunk" else n
             res = _run(case, m, a.threads)
-            if "error" in res:
-                print(f"{case:8} {m:>9} {'-':>8} {'-':>9} {'-':>7} {res['wall']:>7.1f}  {res['error']}")
-                continue
-            ns.append(m)
-            ts.append(res["seconds"])
-            rs.append(res["peak_rss"])
-            note = f"warm read {res['warm_seconds']:.1f} s" if "warm_seconds" in res else ""
-            print(f"{case:8} {m:>9} {res['seconds']:>8.1f} {res['peak_rss'] / 2**30:>9.2f} "
-                  f"{(res['peak_rss'] - res['base_rss']) / res['feature_bytes']:>7.2f} {res['wall']:>7.1f}  {note}", flush=True)
-        print(f"{case:8} {'exponent':>9} {_slope(ns, ts):>8.2f} {_slope(ns, rs):>9.2f}")
-    print(f"# total {time.perf_counter() - t_all:.0f} s")
+            rows.append(_row(case, m, res))
+            _print_row(rows[-1])
+            if "error" not in res:
+                ns.append(m)
+                ts.append(res["seconds"])
+                rs.append(res["peak_rss"])
+        slopes.append([case, _slope(ns, ts), _slope(ns, rs)])
+        print(f"{case:8} {'exponent':>9} {slopes[-1][1]:>8.2f} {slopes[-1][2]:>9.2f}")
+    results.table("cases", rows, COLUMNS, DIGITS)
+    results.table("exponents", slopes, ["case", "time exponent", "peak RSS exponent"],
+                  {"time exponent": 2, "peak RSS exponent": 2})
+    print(f"# total {time.perf_counter() - results.t0:.0f} s")
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
