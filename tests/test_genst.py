@@ -103,7 +103,7 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
     wide = ad.AnnData(obs=te.obs[["section", "patient"]].copy(), obsm={KEY: np.zeros((te.n_obs, 30), np.float32)})
     with pytest.raises(sd.StdistillError, match="30 features.*trained on 24"):
         m2.predict(wide)
-    with pytest.raises(sd.StdistillError, match="not a saved GenST model"):
+    with pytest.raises(sd.StdistillError, match="no such model bundle"):
         GenST.load(tmp_path / "nothing")
 
 
@@ -157,4 +157,4 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
         main()
     assert e.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error: ") and "GenST model" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "no such model bundle" in err[0]

@@ -27,7 +27,7 @@ _READERS = {
     "stdistill.PEKA/1": ("stdistill.recipes._peka", "PEKA", "peka"),
     "stdistill.STAMP/1": ("stdistill.recipes._stamp", "STAMP", "stamp"),
     "stdistill.HestRidge/2": ("stdistill.bench._expression", "HestRidge", "probe"),
-    "stdistill.GenST/2": ("stdistill.recipes._genst", "GenST", "genst"),
+    "stdistill.GenST/2": ("stdistill.recipes._genst._model", "GenST", "genst"),
     "stdistill.SurvivalModel/2": ("stdistill.recipes._survival._model", "SurvivalModel", "survival"),
     "stdistill.NicheTeacher/2": ("stdistill.teachers.niche", "NicheTeacher", "niche_teacher"),
     "stdistill.ExpressionTeacher/2": ("stdistill.teachers.expression", "ExpressionTeacher", "expression_teacher"),
@@ -44,7 +44,7 @@ _OLD = {
     "stdistill.ExpressionTeacher/1": ("an .npz ExpressionTeacher", "fit it again and save it with "
                                       'ExpressionTeacher("pca").fit(adata).save(FOLDER)'),
     "stdistill.GenST/1": ("a GenST model folder without a bundle record", "train it again with "
-                          "`stdistill genst train ... -o FOLDER` or GenST(...).fit(...).save(FOLDER)"),
+                          "`stdistill genst fit ... -o FOLDER` or GenST(...).fit(...).save(FOLDER)"),
     "stdistill.SurvivalModel/1": ("a survival model folder without a bundle record", "train it again with "
                                   "`stdistill survival fit ... -o FOLDER` or SurvivalModel(...).fit(...).save(FOLDER)"),
     "stdistill.NicheTeacher/1": ("a niche teacher folder without a bundle record", "fit it again with "
