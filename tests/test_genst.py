@@ -94,6 +94,8 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
     model.save(tmp_path / "m")
     assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors"}
     m2 = GenST.load(tmp_path / "m")
+    b = sd.bundle.load_bundle(tmp_path / "m")
+    assert b.recipe == "genst" and b.outputs == {"genes": model.genes_} and b.features["encoder"] == "fake-encoder"
     np.testing.assert_array_equal(model.predict(te).to_numpy(), m2.predict(te).to_numpy())
     np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True), m2.sample(te, 4, seed=2, counts=True))
     other = te.copy()

@@ -84,21 +84,25 @@ def _is_bundle(path: Path) -> bool:
     return fmt in _READERS or fmt in _OLD
 
 
-def _tensors(parts: dict) -> dict:
-    """Torch tensors (CPU, contiguous, own memory) for safetensors from tensors or NumPy arrays."""
+def _tensors(parts: dict) -> tuple[dict, list[str]]:
+    """Torch tensors (CPU, contiguous, own memory) for safetensors from tensors or NumPy arrays,
+    and the names of the arrays held in Fortran order (restored on reading: BLAS results depend
+    on the memory order, so this keeps a reloaded model's numbers bit-identical)."""
     import torch
 
-    out = {}
+    out, fortran = {}, []
     for k, v in parts.items():
         if isinstance(v, np.ndarray):
             if v.dtype.kind not in "fiub":
                 raise StdistillError(f"array {k!r} has dtype {v.dtype}; only numbers go to {WEIGHTS}")
+            if v.ndim > 1 and v.flags.f_contiguous and not v.flags.c_contiguous:
+                fortran.append(str(k))
             v = torch.from_numpy(np.ascontiguousarray(v))
         out[str(k)] = v.detach().cpu().clone().contiguous()
-    return out
+    return out, fortran
 
 
-def _write_folder(path: Path, config: dict, tensors: dict) -> None:
+def _write_folder(path: Path, config: dict, tensors: dict, fortran: list[str]) -> None:
     """``path/config.json`` + ``path/model.safetensors``, written in a temporary sibling folder and
     renamed onto ``path`` (an existing bundle there is replaced only once the new one is complete)."""
     from safetensors.torch import save_file
@@ -110,7 +114,7 @@ def _write_folder(path: Path, config: dict, tensors: dict) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        save_file(tensors, str(tmp / WEIGHTS))
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"fortran_order": json.dumps(fortran)})
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, allow_nan=False))
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -143,7 +147,7 @@ def save_bundle(model, path: str | os.PathLike) -> Path:
         raise StdistillError(f"{type(model).__name__}: its config may not use the keys {sorted(clash)}")
     doc = _jsonable({"format": fmt, "bundle": record, **config}, finite=True)
     try:
-        _write_folder(path, doc, _tensors(tensors))
+        _write_folder(path, doc, *_tensors(tensors))
     except OSError as e:
         raise StdistillError(f"cannot write the model ({e.strerror or e}); nothing was left at the target", path) from None
     return path
@@ -206,14 +210,23 @@ def _reader(config: dict, path: Path, expect: type | None):
 
 
 def _read_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
+    """CPU tensors of ``model.safetensors``; arrays saved in Fortran order come back in it."""
+    from safetensors import safe_open
 
     if not (path / WEIGHTS).is_file():
         raise StdistillError(f"not a complete model bundle ({WEIGHTS} missing)", path)
     try:
-        return load_file(str(path / WEIGHTS), device="cpu")
+        with safe_open(str(path / WEIGHTS), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            fortran = json.loads((fh.metadata() or {}).get("fortran_order", "[]"))
     except Exception as e:  # noqa: BLE001 - truncated or corrupt files
         raise StdistillError(f"{WEIGHTS} is unreadable ({type(e).__name__}: {str(e)[:200]})", path) from None
+    for k in fortran if isinstance(fortran, list) else ():
+        t = tensors.get(k)
+        if t is not None and t.ndim > 1:
+            rev = tuple(reversed(range(t.ndim)))
+            tensors[k] = t.permute(rev).contiguous().permute(rev)
+    return tensors
 
 
 def load_bundle(path: str | os.PathLike, *, device: str = "cpu", encoder=None, expect: type | None = None,

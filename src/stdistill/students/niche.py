@@ -763,7 +763,7 @@ class NicheStudent:
         tensors = dict(self.net_.state_dict())
         for k in _ARRAYS:
             if k in self.info_:
-                tensors[f"_norm.{k}"] = np.asarray(self.info_[k], dtype=np.float32)
+                tensors[f"_norm.{k}"] = np.asarray(self.info_[k])  # dtype kept: same numbers after load
         info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
         return {"params": self.params, "info": info}, tensors, self.bundle_record()
 

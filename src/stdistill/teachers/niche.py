@@ -461,7 +461,7 @@ class NicheTeacher(Bundled):
         self._check_fitted()
         if self.params["batch_correction"] == "scvi":
             raise StdistillError("an scVI-based teacher cannot be saved; save its niches (obs/obsm) instead")
-        arrays = {k: np.asarray(self.state_[k], dtype=np.float32) for k in _ARRAYS if k in self.state_}
+        arrays = {k: np.asarray(self.state_[k]) for k in _ARRAYS if k in self.state_}  # dtypes kept: same numbers
         if "gmm" in self.state_:
             arrays.update({f"gmm.{k}": np.asarray(getattr(self.state_["gmm"], k), dtype=np.float64) for k in _GMM})
         arrays.update({f"nolan.{k}": v for k, v in self.state_.get("nolan", {}).items()})
