@@ -196,7 +196,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write ``arrays`` plus JSON ``meta`` to an .npz atomically (no pickle); returns the path."""
+    """Write ``arrays`` plus JSON ``meta`` to an .npz atomically (no pickle); returns the path.
+    For intermediate files (the slide runner's chunks); models are bundles (:mod:`stdistill.bundle`)."""
     import json
 
     path = Path(path)

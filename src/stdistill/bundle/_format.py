@@ -1,4 +1,4 @@
-"""The bundle record, its feature check, and one loader for every recipe's saved model."""
+"""The bundle record, its feature check, niche names and the loaded :class:`Bundle` (files: ``_io``)."""
 
 from __future__ import annotations
 

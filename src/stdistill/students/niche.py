@@ -32,6 +32,7 @@ from .._errors import StdistillError
 from .._pca import finite_rows, fit_pca_auto, project, standardized_blocks
 from .._utils import load_state, seed_everything
 from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
+from ..bundle._io import Bundled
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
@@ -113,7 +114,7 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
     return out, ok
 
 
-class NicheStudent:
+class NicheStudent(Bundled):
     """H&E-only niche model distilled from a teacher's soft labels (scikit-learn style).
 
     Parameters
@@ -766,19 +767,6 @@ class NicheStudent:
                 tensors[f"_norm.{k}"] = np.asarray(self.info_[k])  # dtype kept: same numbers after load
         info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
         return {"params": self.params, "info": info}, tensors, self.bundle_record()
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the bundle folder ``path`` (``config.json`` + ``model.safetensors``) atomically. Returns ``path``."""
-        from ..bundle import save_bundle
-
-        return save_bundle(self, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu") -> NicheStudent:
-        """Load a student written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
-        from ..bundle import load_bundle
-
-        return load_bundle(path, device=device, expect=cls).model
 
     @classmethod
     def _from_bundle(cls, cfg, tensors, record, path, *, device: str = "cpu", **_) -> NicheStudent:

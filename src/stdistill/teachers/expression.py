@@ -39,9 +39,7 @@ Fit the teacher on **training patients only**; it may use their sections without
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anndata as ad

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -324,13 +323,6 @@ class GenST(Bundled):
                             feature_norm="z-score (training mean/sd), clipped", outputs={"genes": self.genes_},
                             training={"curve": meta["curve"]})
         return meta, tensors, rec
-
-    @classmethod
-    def load(cls, path, *, accelerator: str = "cpu", devices="auto", num_threads: int | None = 1) -> GenST:
-        """Load a model written by :meth:`save` (a bundle folder; safetensors + JSON, nothing pickled)."""
-        from ...bundle import load_bundle
-
-        return load_bundle(path, expect=cls, accelerator=accelerator, devices=devices, num_threads=num_threads).model
 
     @classmethod
     def _from_bundle(cls, meta, tensors, record, path, *, accelerator: str = "cpu", devices="auto",
