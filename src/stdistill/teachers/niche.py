@@ -22,8 +22,6 @@ sizes per patient.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import anndata as ad
 import numpy as np

@@ -7,10 +7,8 @@ student reads bags only; the RNA table is never touched.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
