@@ -104,6 +104,38 @@ def _by_area(mask: np.ndarray, px_area_um2: float, min_area_um2: float, max_hole
     return mask | fill[holes]
 
 
+#: pale tissue (fat) is grown from the tissue over pixels whose optical density, averaged over
+#: about this width (um), is above the glass's (fat cells are 50-150 um, their membranes faint)
+PALE_WINDOW_UM = 60.0
+#: glass is judged on pixels at least this far (um) from the tissue
+GLASS_MARGIN_UM = 250.0
+
+
+def _grow_pale(mask: np.ndarray, od: np.ndarray, um_per_px: float, exclude: np.ndarray) -> np.ndarray:
+    """``mask`` plus the pale tissue touching it: fat (white cells with faint membranes) whose
+    optical density, averaged over :data:`PALE_WINDOW_UM`, stands above the glass's. The glass
+    level comes from pixels at least :data:`GLASS_MARGIN_UM` from the tissue: its 99th percentile
+    plus its spread above the median (p99 - median), so noise, dust and the faint stain of the
+    glass stay out; bands narrower than the window (the smoothing's halo around any tissue) are
+    dropped. ``exclude``: pixels never grown over (pen marks)."""
+    from scipy.ndimage import binary_dilation, distance_transform_edt, label, uniform_filter
+
+    far = distance_transform_edt(~mask) * um_per_px > GLASS_MARGIN_UM
+    if far.sum() < 0.05 * far.size:  # (almost) no glass to learn its level from
+        return mask
+    smooth = uniform_filter(od, max(3, int(round(PALE_WINDOW_UM / um_per_px)) | 1))
+    glass = smooth[far]
+    p99 = float(np.quantile(glass, 0.99))
+    pale = (smooth > p99 + (p99 - float(np.median(glass)))) & ~mask & ~exclude
+    lab, n = label(pale)
+    if n == 0:
+        return mask
+    touching = np.unique(lab[binary_dilation(mask) & pale])
+    grown = np.isin(lab, touching[touching > 0])
+    r = max(1, int(round(PALE_WINDOW_UM / 2 / um_per_px)))  # drop the band the smoothing spreads around all tissue
+    return mask | ~_close(~grown, r)
+
+
 def tissue_mask(
     thumb: np.ndarray,
     close_px: int = 0,
@@ -124,6 +156,9 @@ def tissue_mask(
     4. Closing with a disk of ``close_px`` thumbnail pixels; then, when ``um_per_px`` is known,
        pieces under ``min_area_um2`` (debris) are removed and enclosed holes up to
        ``max_hole_um2`` filled; without it every enclosed hole is filled.
+    5. Pale tissue (``guard`` and ``um_per_px`` known): fat touching the tissue, whose smoothed
+       optical density stands above the glass's (:func:`_grow_pale`), is added, and the holes
+       this encloses filled (up to ``max_hole_um2``).
     """
     from PIL import Image, ImageFilter
     from scipy.ndimage import binary_fill_holes
@@ -137,16 +172,19 @@ def tissue_mask(
     if t1 is None or int(sat.max()) - int(sat.min()) < 5:  # a flat image: one class only
         return np.full(sat.shape, float(sat.mean()) > 25)
     mask = sat > t1
+    od = -np.log((rgb.astype(np.float32) + 1) / 256).sum(-1)
     if guard:
         hue = hsv[..., 0] * 360
-        mask &= ~(((hue > 70) & (hue < 235)) | (hsv[..., 2] < 0.12))
-        od = -np.log((rgb.astype(np.float32) + 1) / 256).sum(-1)
-        mask = _drop_faint_pieces(mask, od)
+        pen = (((hue > 70) & (hue < 235)) & (sat > t1)) | (hsv[..., 2] < 0.12)
+        mask = _drop_faint_pieces(mask & ~pen, od)
     if close_px > 0:
         mask = _close(mask, int(close_px))
     if um_per_px is None:
         return binary_fill_holes(mask)
-    return _by_area(mask, float(um_per_px) ** 2, min_area_um2, max_hole_um2)
+    mask = _by_area(mask, float(um_per_px) ** 2, min_area_um2, max_hole_um2)
+    if guard and mask.any():
+        mask = _by_area(_grow_pale(mask, od, float(um_per_px), pen), float(um_per_px) ** 2, min_area_um2, max_hole_um2)
+    return mask
 
 
 def tile(

@@ -184,10 +184,13 @@ def value_map(a: ad.AnnData, values: np.ndarray, path: str | Path, title: str, l
 
 
 def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str,
-                  map_genes: list[str] | None = None, zarr: bool = False) -> dict:
+                  map_genes: list[str] | None = None, zarr: bool = False, skipped: dict | None = None) -> dict:
     """Write ``<name>.h5ad``, ``<name>.geojson``, ``maps/*.png`` (and ``<name>.zarr`` with ``zarr``);
-    returns their paths."""
+    returns their paths and the annotated tiles (``"adata"``). ``skipped``: ``{"n", "ids"}`` of
+    tissue tiles that could not be decoded, kept in ``uns["predict"]["unreadable_tiles"]``."""
     a = _annotate(tiles, bundle, outputs)
+    a.uns["predict"]["unreadable_tiles"] = {"n": int((skipped or {}).get("n", 0)),
+                                            "ids": np.asarray((skipped or {}).get("ids", []), dtype=str)}
     maps = []
     if "niches" in outputs:
         maps.append(niche_map(a, out / "maps" / "niches.png", f"{name}: predicted niches ({bundle.encoder})"))
@@ -203,4 +206,4 @@ def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str
         for g in chosen:
             maps.append(value_map(a, frame[g].to_numpy(), out / "maps" / f"{g}.png", f"{name}: predicted {g}", unit))
     return {"h5ad": _write_h5ad(a, out / f"{name}.h5ad"), "geojson": write_geojson(a, out / f"{name}.geojson"), "maps": maps,
-            "zarr": write_zarr(a, out / f"{name}.zarr") if zarr else None}
+            "zarr": write_zarr(a, out / f"{name}.zarr") if zarr else None, "adata": a}
