@@ -33,3 +33,16 @@ def _cli(*args: str, env: dict | None = None, popen: bool = False, tiny: bool = 
     if popen:
         return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=120, check=False)
+
+
+def run_main(argv: list[str], capsys, monkeypatch) -> tuple[int, list[str]]:
+    """``stdistill.cli.main`` in this process with ``argv``: its exit code and the non-empty stderr lines."""
+    import pytest
+
+    from stdistill.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["stdistill", *argv])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    return info.value.code, err

@@ -70,3 +70,11 @@ def tiny_encoders():
     yield
     for n in (TINY_EFF, TINY_VIT):
         sd.encoders.unregister(n)
+
+
+@pytest.fixture(scope="session")
+def slide_bundle(tmp_path_factory, tiny_encoders) -> Path:
+    """A tiny 2-niche student bundle (tiny encoder, 32 um / 32 px patches) for slide runs."""
+    from _slide_helpers import niche_bundle
+
+    return niche_bundle(tmp_path_factory.mktemp("slide_bundle") / "niches", TINY_EFF)

@@ -7,18 +7,14 @@ import sys
 import anndata as ad
 import numpy as np
 import pytest
+from _cli_helpers import run_main
 from _io_helpers import colour_sections
 
 import stdistill as sd
 from stdistill.cli import main
 
 
-def _cli(argv: list[str], capsys, monkeypatch) -> tuple[int, list[str]]:
-    monkeypatch.setattr(sys, "argv", ["stdistill", *argv])
-    with pytest.raises(SystemExit) as info:
-        main()
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    return info.value.code, err
+_cli = run_main
 
 
 def _spoil(a: ad.AnnData, how: str) -> ad.AnnData:

@@ -116,7 +116,7 @@ def test_bad_input(tmp_path):
         tile(img, microns_per_pixel=1.0, min_tissue=1.5)
     with pytest.raises(StdistillError, match="smaller than one"):
         tile(img, microns_per_pixel=1.0, size_um=1000)
-    with pytest.raises(StdistillError, match="no tile"):
+    with pytest.raises(StdistillError, match="no tissue found"):
         tile(np.full((300, 300, 3), 250, np.uint8), size_um=30, microns_per_pixel=1.0)
     with pytest.raises(StdistillError, match="does not exist"):
         tile(tmp_path / "missing.png", microns_per_pixel=1.0)
@@ -136,3 +136,21 @@ def test_new_section_without_transcriptome_is_explicit():
     with pytest.raises(StdistillError, match="no genes"):
         io.new_section(np.zeros((2, 0)), genes=[], spots=["a", "b"], xy_px=xy, section="s", patient="p",
                        microns_per_pixel=1.0, spot_diameter_um=10)
+
+
+def test_pale_fat_inside_tissue_is_kept_and_glass_left_out():
+    from _slide_helpers import fat_slide
+
+    img = fat_slide()
+    hole = {(r, c) for r in range(10, 14) for c in range(12, 16)}  # 50 um tiles wholly inside the fat patch
+
+    def tiles(**kw):
+        t = tile(img, size_um=50, px=32, microns_per_pixel=1.0, **kw)
+        xy = t.obsm["spatial"]
+        on_glass = (xy[:, 0] < 400) | (xy[:, 0] > 1000) | (xy[:, 1] < 400) | (xy[:, 1] > 800)
+        return set(zip(t.obs["tile_row"].tolist(), t.obs["tile_col"].tolist())), int(on_glass.sum())
+
+    kept, glass = tiles()
+    assert hole <= kept and glass == 0  # the fat is tissue, the glass around is not
+    before, glass = tiles(pale=False)  # the detector without pale-fat growth drops the fat
+    assert not (hole & before) and glass == 0 and before < kept

@@ -310,7 +310,8 @@ class SlideImage:
                     arr = over_white(np.asarray(im)) if im.mode == "RGBA" else np.asarray(im.convert("RGB"))
                 except Exception:  # noqa: BLE001 - read again block by block below
                     arr = None
-                _collect_quietly()
+                if arr is None:
+                    _collect_quietly()
         if arr is None:
             arr = self._block_thumbnail(max_size)
         return arr, arr.shape[1] / self.size[0]
@@ -334,7 +335,8 @@ class SlideImage:
                                                         self.layout)
                     except Exception as e:  # noqa: BLE001
                         bad, why = bad + 1, reader_failure(e)
-            _collect_quietly()
+            if bad:
+                _collect_quietly()
         if bad * 2 > n:
             raise StdistillError(f"the slide's overview cannot be read ({bad} of {n} blocks fail: {why}); the file is "
                                  "damaged", self.path)
@@ -425,11 +427,11 @@ def _tifffile_image(p: Path, layout: PixelLayout | None) -> ArrayImage:
 
 
 def write_pyramid_tiff(path: str | os.PathLike, image: np.ndarray, microns_per_pixel: float, levels: int = 3,
-                       tile: int = 128, compression: str = "zlib") -> Path:
+                       tile: int = 128, compression: str = "zlib", compressionargs: dict | None = None) -> Path:
     """Write an RGB uint8 array (height, width, 3) as a tiled pyramidal TIFF (level 0 plus
     ``levels - 1`` halvings, as a chain of main IFDs, which both tiffslide and OpenSlide read as
     levels) recording ``microns_per_pixel`` (um/px), atomically. ``compression``: a tifffile
-    codec name ("zlib", "jpeg", ...)."""
+    codec name ("zlib", "jpeg", ...) with its ``compressionargs`` (e.g. ``{"level": 90}``)."""
     import tifffile
 
     from .._utils import atomic_path
@@ -441,6 +443,7 @@ def write_pyramid_tiff(path: str | os.PathLike, image: np.ndarray, microns_per_p
         for k in range(levels):
             res = 1e4 / (microns_per_pixel * 2**k)  # pixels per centimetre
             tw.write(np.ascontiguousarray(image[:: 2**k, :: 2**k]), tile=(tile, tile), photometric="rgb",
-                     compression=compression, subfiletype=0 if k == 0 else 1, resolution=(res, res),
+                     compression=compression, compressionargs=compressionargs, subfiletype=0 if k == 0 else 1,
+                     resolution=(res, res),
                      resolutionunit="CENTIMETER")
     return path

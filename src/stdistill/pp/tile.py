@@ -144,6 +144,7 @@ def tissue_mask(
     min_area_um2: float = MIN_AREA_UM2,
     max_hole_um2: float = MAX_HOLE_UM2,
     guard: bool = True,
+    pale: bool = True,
 ) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail (``um_per_px``: micrometres per thumbnail pixel).
 
@@ -156,7 +157,7 @@ def tissue_mask(
     4. Closing with a disk of ``close_px`` thumbnail pixels; then, when ``um_per_px`` is known,
        pieces under ``min_area_um2`` (debris) are removed and enclosed holes up to
        ``max_hole_um2`` filled; without it every enclosed hole is filled.
-    5. Pale tissue (``guard`` and ``um_per_px`` known): fat touching the tissue, whose smoothed
+    5. Pale tissue (``pale``, ``guard`` and ``um_per_px`` known): fat touching the tissue, whose smoothed
        optical density stands above the glass's (:func:`_grow_pale`), is added, and the holes
        this encloses filled (up to ``max_hole_um2``).
     """
@@ -182,9 +183,45 @@ def tissue_mask(
     if um_per_px is None:
         return binary_fill_holes(mask)
     mask = _by_area(mask, float(um_per_px) ** 2, min_area_um2, max_hole_um2)
-    if guard and mask.any():
+    if pale and guard and mask.any():
         mask = _by_area(_grow_pale(mask, od, float(um_per_px), pen), float(um_per_px) ** 2, min_area_um2, max_hole_um2)
     return mask
+
+
+def _scale(reader, microns_per_pixel, size_um: float, px: int, min_tissue: float, source) -> float:
+    """The microns per pixel to tile with; one line for missing or impossible settings."""
+    mpp = microns_per_pixel if microns_per_pixel is not None else _slide_mpp(reader)
+    if mpp is None or not np.isfinite(mpp) or mpp <= 0:
+        raise StdistillError("microns per pixel of the slide is missing; pass microns_per_pixel= (Python) or --mpp "
+                             "(stdistill predict), e.g. 0.5 for a 20x scan", source)
+    if not (np.isfinite(size_um) and size_um > 0 and px > 0):
+        raise StdistillError(f"tile size must be positive, got size_um={size_um}, px={px}", source)
+    if not 0.0 <= min_tissue <= 1.0:
+        raise StdistillError(f"min_tissue must be in [0, 1], got {min_tissue}", source)
+    return float(mpp)
+
+
+def _fractions(mask: np.ndarray, size: tuple[int, int], side: float) -> tuple[np.ndarray, ...]:
+    """(rows, cols, tissue fraction) of every whole tile of ``side`` px on a grid centred on an
+    image of ``size`` (w, h) px, the fraction being the mean of ``mask`` (a thumbnail) over the
+    tile's footprint (summed-area table); and the grid's origin (x0, y0)."""
+    w, h = size
+    nx, ny = int(w // side), int(h // side)
+    x0, y0 = (w - nx * side) / 2, (h - ny * side) / 2
+    th, tw = mask.shape
+    sx, sy = tw / w, th / h  # thumbnail px per full-res px (may differ by rounding)
+    sat = np.zeros((th + 1, tw + 1))
+    sat[1:, 1:] = mask.cumsum(0).cumsum(1)
+    cols, rows = np.meshgrid(np.arange(nx), np.arange(ny))
+    cols, rows = cols.ravel(), rows.ravel()
+    ax0 = np.clip(np.round((x0 + cols * side) * sx).astype(int), 0, tw)
+    ax1 = np.clip(np.round((x0 + (cols + 1) * side) * sx).astype(int), 0, tw)
+    ay0 = np.clip(np.round((y0 + rows * side) * sy).astype(int), 0, th)
+    ay1 = np.clip(np.round((y0 + (rows + 1) * side) * sy).astype(int), 0, th)
+    ax1, ay1 = np.maximum(ax1, ax0 + 1).clip(max=tw), np.maximum(ay1, ay0 + 1).clip(max=th)
+    area = np.maximum((ax1 - ax0) * (ay1 - ay0), 1)
+    frac = (sat[ay1, ax1] - sat[ay0, ax1] - sat[ay1, ax0] + sat[ay0, ax0]) / area
+    return rows, cols, frac, x0, y0
 
 
 def tile(
@@ -199,6 +236,7 @@ def tile(
     min_area_um2: float | None = None,
     max_hole_um2: float = MAX_HOLE_UM2,
     guard: bool = True,
+    pale: bool = True,
 ) -> ad.AnnData:
     """Grid an H&E-only slide into square tiles and keep those on tissue.
 
@@ -210,100 +248,53 @@ def tile(
     pixel, and ``X`` an empty sparse (n_tiles x 0) matrix (no transcriptome).
 
     Tissue is found on a thumbnail (:func:`tissue_mask`: Otsu on saturation, pen-mark and
-    glass-smear guards, gaps up to ~100 um closed, debris and holes judged by area in um^2);
-    only whole tiles are made, the grid centred on the image.
+    glass-smear guards, gaps up to ~100 um closed, debris and holes judged by area in um^2,
+    pale fat grown in); only whole tiles are made, the grid centred on the image.
 
     Parameters
     ----------
     image
         Slide path (read lazily), an :class:`~stdistill.io.ImageReader`, or an RGB uint8 array
         (height, width, 3).
-    size_um
-        Tile side in micrometres (112 um = HEST's 224 px at 0.5 um/px).
-    px
-        Tile side in pixels the patches will be resampled to (recorded in
-        ``uns["spatial"][section]["metadata"]["tile_px"]``; pass it to :func:`~stdistill.pp.patches`).
+    size_um, px
+        Tile side in micrometres (112 um = HEST's 224 px at 0.5 um/px), and in the pixels the
+        patches will be resampled to (``uns["spatial"][section]["metadata"]["tile_px"]``).
     microns_per_pixel
         um/px of the full-resolution image; read from a whole-slide file's metadata when omitted.
     section, patient
         Ids written to ``obs`` (``patient`` defaults to ``section``).
     min_tissue
         Keep tiles whose tissue fraction (0-1) is at least this.
-    min_area_um2, max_hole_um2, guard
+    min_area_um2, max_hole_um2, guard, pale
         Passed to :func:`tissue_mask` (areas in square micrometres); ``min_area_um2`` defaults
         to the area of two tiles.
     """
     reader = _reader(image)
     source = getattr(reader, "path", None) or f"image of section {section!r}"
-    mpp = microns_per_pixel if microns_per_pixel is not None else _slide_mpp(reader)
-    if mpp is None or not np.isfinite(mpp) or mpp <= 0:
-        raise StdistillError(
-            "microns per pixel of the slide is missing; pass microns_per_pixel= (Python) or "
-            "--mpp (stdistill predict), "
-            "e.g. 0.5 for a 20x scan",
-            source,
-        )
-    if not (np.isfinite(size_um) and size_um > 0 and px > 0):
-        raise StdistillError(f"tile size must be positive, got size_um={size_um}, px={px}", source)
-    if not 0.0 <= min_tissue <= 1.0:
-        raise StdistillError(f"min_tissue must be in [0, 1], got {min_tissue}", source)
+    mpp = _scale(reader, microns_per_pixel, size_um, px, min_tissue, source)
     w, h = reader.size
     side = size_um / mpp  # full-resolution px
-    nx, ny = int(w // side), int(h // side)
-    if nx < 1 or ny < 1:
+    if int(w // side) < 1 or int(h // side) < 1:
         raise StdistillError(f"the {w}x{h} px image is smaller than one {size_um:g} um tile ({side:.0f} px)", source)
-    x0 = (w - nx * side) / 2
-    y0 = (h - ny * side) / 2
-
     # thumbnail with about _THUMB_PX_PER_TILE px per tile side (at least 1024 px, at most the image, 8192 px)
     thumb_max = int(min(max(w, h), 8192, max(1024, np.ceil(_THUMB_PX_PER_TILE * max(w, h) / side))))
     thumb, scale = reader.thumbnail(thumb_max)
     mask = tissue_mask(np.asarray(thumb), close_px=int(round(_CLOSE_UM / 2 * scale / mpp)), um_per_px=mpp / scale,
-                       min_area_um2=2 * size_um**2 if min_area_um2 is None else min_area_um2, max_hole_um2=max_hole_um2, guard=guard)
-    th, tw = mask.shape
-    sx, sy = tw / w, th / h  # thumbnail px per full-res px (may differ by rounding)
-    # tissue fraction per tile: mean of the mask over the tile's footprint (summed-area table)
-    sat = np.zeros((th + 1, tw + 1))
-    sat[1:, 1:] = mask.cumsum(0).cumsum(1)
-    cols, rows = np.meshgrid(np.arange(nx), np.arange(ny))
-    cols, rows = cols.ravel(), rows.ravel()
-    ax0 = np.clip(np.round((x0 + cols * side) * sx).astype(int), 0, tw)
-    ax1 = np.clip(np.round((x0 + (cols + 1) * side) * sx).astype(int), 0, tw)
-    ay0 = np.clip(np.round((y0 + rows * side) * sy).astype(int), 0, th)
-    ay1 = np.clip(np.round((y0 + (rows + 1) * side) * sy).astype(int), 0, th)
-    ax1, ay1 = np.maximum(ax1, ax0 + 1).clip(max=tw), np.maximum(ay1, ay0 + 1).clip(max=th)
-    area = np.maximum((ax1 - ax0) * (ay1 - ay0), 1)
-    frac = (sat[ay1, ax1] - sat[ay0, ax1] - sat[ay1, ax0] + sat[ay0, ax0]) / area
+                       min_area_um2=2 * size_um**2 if min_area_um2 is None else min_area_um2,
+                       max_hole_um2=max_hole_um2, guard=guard, pale=pale)
+    rows, cols, frac, x0, y0 = _fractions(mask, (w, h), side)
     keep = frac >= min_tissue
     if not keep.any():
-        raise StdistillError(
-            f"no tile has at least {min_tissue:.0%} tissue (best {frac.max():.0%}); "
-            "lower min_tissue= or check the image",
-            source,
-        )
+        what = ("no tissue found (an empty or blank scan?)" if frac.max() == 0 else
+                f"no tile has at least {min_tissue:.0%} tissue (best {frac.max():.0%}); lower min_tissue (--min-tissue) or check the image")
+        raise StdistillError(what, source)
     rows, cols, frac = rows[keep], cols[keep], frac[keep]
-    xy = np.c_[x0 + (cols + 0.5) * side, y0 + (rows + 0.5) * side]
     ids = [f"{section}_t{r:05d}_{c:05d}" for r, c in zip(rows, cols)]
-    obs = pd.DataFrame(
-        {
-            "tissue_fraction": frac.astype(np.float32),
-            "tile_row": rows.astype(np.int32),
-            "tile_col": cols.astype(np.int32),
-        },
-        index=ids,
-    )
-    adata = new_section(
-        None,
-        genes=[],
-        spots=ids,
-        xy_px=xy,
-        section=section,
-        patient=patient if patient is not None else section,
-        microns_per_pixel=float(mpp),
-        spot_diameter_um=float(size_um),
-        image=reader,
-        obs=obs,
-        source=source,
-    )
+    obs = pd.DataFrame({"tissue_fraction": frac.astype(np.float32), "tile_row": rows.astype(np.int32),
+                        "tile_col": cols.astype(np.int32)}, index=ids)
+    adata = new_section(None, genes=[], spots=ids, xy_px=np.c_[x0 + (cols + 0.5) * side, y0 + (rows + 0.5) * side],
+                        section=section, patient=patient if patient is not None else section,
+                        microns_per_pixel=float(mpp), spot_diameter_um=float(size_um), image=reader, obs=obs,
+                        source=source)
     adata.uns["spatial"][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
     return adata

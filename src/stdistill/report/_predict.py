@@ -50,6 +50,9 @@ def _run_rows(folder: Path, run: dict, record: dict, a) -> list[tuple[str, str]]
                                       f"{', '.join(map(str, train.get('train_patients', [])))}"))
     if "tissue_fraction" in a.obs:
         rows.append(("tissue fraction per tile", _spread(a.obs["tissue_fraction"].to_numpy())))
+    skipped = int(run.get("result", {}).get("unreadable_tiles", {}).get("n", 0))
+    rows.append(("unreadable tiles", f"{skipped} tissue tiles could not be decoded and were skipped (ids in run.json)"
+                 if skipped else "none: every tissue tile was read"))
     return rows
 
 

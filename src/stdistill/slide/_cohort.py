@@ -183,6 +183,8 @@ def merge_summary(out_dir: str | os.PathLike, slides: list[CohortSlide]) -> Path
         rows.append({**row, **(st.get("values") or {})})
     frame = pd.DataFrame(rows)
     frame = frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]
+    for c in ("n_tiles", "unreadable_tiles"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
     path = out / "summary.csv"
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)

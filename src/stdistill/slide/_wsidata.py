@@ -48,7 +48,10 @@ class WSIDataReader:
         return _paste(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
 
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
-        arr = to_rgb8(np.asarray(self._r.get_thumbnail(max_size)), PixelLayout())
+        if max_size >= max(self.size):  # wsidata's readers refuse a thumbnail as large as the image
+            return self.read_region(0, 0, *self.size), 1.0
+        with quiet_readers():
+            arr = to_rgb8(np.asarray(self._r.get_thumbnail(max_size)), PixelLayout())
         return arr, arr.shape[1] / self.size[0]
 
     def digest(self) -> str:
@@ -66,9 +69,10 @@ def _tile_spec(a):
     meta = a.uns["spatial"][sec]
     side = float(meta["scalefactors"]["spot_diameter_fullres"])
     px = int(meta["metadata"]["tile_px"])
+    down = (round(side) + 1e-6) / px  # TileSpec.base_width = int(px * down): the tile's side read in the scan
     return TileSpec(height=px, width=px, stride_height=px, stride_width=px,
-                    mpp=float(meta["metadata"]["tile_size_um"]) / px, ops_level=0, ops_downsample=side / px,
-                    base_height=int(round(side)), base_width=int(round(side)), base_downsample=side / px), side
+                    mpp=float(meta["metadata"]["tile_size_um"]) / px, ops_level=0, ops_downsample=down,
+                    base_downsample=down), side
 
 
 def write_wsidata(wsi, a, tile_key: str = TILE_KEY) -> list[str]:
@@ -92,12 +96,13 @@ def write_wsidata(wsi, a, tile_key: str = TILE_KEY) -> list[str]:
                           else a.obs["niche_pred"].to_numpy())
         names = list(a.obs["niche_pred_name"].cat.categories) if "niche_pred_name" in a.obs else None
         t = ad.AnnData(np.asarray(a.obsm["niche_pred_probs"], np.float32), obs=obs,
-                       var=pd.DataFrame(index=names) if names else None)
+                       var=pd.DataFrame(index=names) if names else None, uns={"stdistill": dict(a.uns["predict"])})
         keys.append(f"niches_{tile_key}")
         add_table(wsi, keys[-1], t, region=tile_key, region_key="library_id", instance_key="tile_id")
     for key in sorted(k for k in a.obsm if k.endswith("_pred") and isinstance(a.obsm[k], pd.DataFrame)):
         frame = a.obsm[key]
-        t = ad.AnnData(frame.to_numpy(np.float32), obs=base.copy(), var=pd.DataFrame(index=frame.columns.astype(str)))
+        t = ad.AnnData(frame.to_numpy(np.float32), obs=base.copy(), var=pd.DataFrame(index=frame.columns.astype(str)),
+                       uns={"stdistill": dict(a.uns["predict"])})
         keys.append(f"{key[:-5]}_{tile_key}")
         add_table(wsi, keys[-1], t, region=tile_key, region_key="library_id", instance_key="tile_id")
     return keys

@@ -1,4 +1,5 @@
-"""The niche student's network and LightningModule, at module level (picklable, checkpointable)."""
+"""The niche student's LightningModule, at module level (picklable, checkpointable); its network is in
+:mod:`._niche_net` (importable without Lightning, for prediction)."""
 
 from __future__ import annotations
 
@@ -8,40 +9,7 @@ import torch
 from torch import nn
 
 from ..losses import distillation_loss
-
-
-class NicheTransformer(nn.Module):
-    """(B, T, F) features, (B, T, 2) offsets / radius, (B, T) mask -> (B, K) logits.
-
-    Token 0 is the centre spot. With ``summary_token`` a neighbourhood token (the mean of the
-    real tokens' features, with its own learned embedding) is added; the head reads the
-    centre's and the summary's outputs.
-    """
-
-    def __init__(self, d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float,
-                 summary_token: bool = True):
-        super().__init__()
-        self.inp = nn.Sequential(nn.LayerNorm(d_feat), nn.Dropout(dropout), nn.Linear(d_feat, d_model))
-        self.pos = nn.Sequential(nn.Linear(2, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-        self.centre = nn.Parameter(torch.zeros(d_model))
-        self.summary = nn.Parameter(torch.zeros(d_model)) if summary_token else None
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout,
-                                           batch_first=True, norm_first=True, activation="gelu")
-        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        n_out = 2 if summary_token else 1
-        self.head = nn.Sequential(nn.LayerNorm(n_out * d_model), nn.Linear(n_out * d_model, n_niches))
-
-    def forward(self, x, off, mask):
-        h = self.inp(x) + self.pos(off)
-        h[:, 0] = h[:, 0] + self.centre
-        if self.summary is not None:
-            w = mask.unsqueeze(-1).to(x.dtype)
-            mean = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
-            hs = (self.inp(mean) + self.summary).unsqueeze(1)
-            h = torch.cat([h[:, :1], hs, h[:, 1:]], 1)
-            mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], 1)
-        h = self.encoder(h, src_key_padding_mask=~mask)
-        return self.head(h[:, :2].flatten(1) if self.summary is not None else h[:, 0])
+from ._niche_net import NicheTransformer  # noqa: F401 - re-exported
 
 
 #: Python-side training state kept in every checkpoint (so a resumed run ends where an

@@ -45,7 +45,7 @@ _ARRAYS = ("feat_mean", "feat_sd", "pca_mean", "pca_components", "ctx_feat_mean"
 
 
 def _net(d_feat: int, n_niches: int, d_model: int, n_layers: int, n_heads: int, dropout: float, summary_token: bool = True):
-    from ._niche_modules import NicheTransformer
+    from ._niche_net import NicheTransformer
 
     return NicheTransformer(d_feat, n_niches, d_model, n_layers, n_heads, dropout, summary_token)
 
