@@ -11,13 +11,15 @@ torch thread (OMP_NUM_THREADS=1):
   tile-reading processes;
 - ``lazyslide, stdistill's tiles``: ``zs.tl.feature_extraction`` alone on the same tiles
   (written into the WSIData as a tiles element; LazySlide reads them at level 0 and resizes
-  them to 224 px), ``num_workers=0`` (its default);
+  them to 224 px), ``num_workers=0`` (its default); once with the encoder as the registry loads
+  it, once with its batch norms folded into the convolutions as ``stdistill predict`` runs it;
 - ``lazyslide, own tiles``: ``zs.pp.find_tissues`` + ``zs.pp.tile_tissues`` (163 px tiles at the
   slide's own mpp: LazySlide does not up-sample) + feature extraction; the encoder resizes.
 
-Peak memory: the highest resident set (RSS, ``VmHWM``) of the main process, and the highest sum
-of proportional set sizes (PSS) over its process tree (main + workers, shared pages counted
-once), sampled every 50 ms. Tile counts: stdistill's tissue detector with and without pale-fat
+Speed: tiles per wall-clock second, and tiles per CPU second (the process and its reaped
+workers; less sensitive to other jobs on the cores). Peak memory: the highest resident set (RSS,
+``VmHWM``) of the main process, and the highest sum of proportional set sizes (PSS) over its
+process tree (main + workers, shared pages counted once), sampled every 50 ms. Tile counts: stdistill's tissue detector with and without pale-fat
 growth (``pale=False``: the detector before it), and LazySlide's ``find_tissues`` + tiles.
 LazySlide rows are skipped, with the reason, where it is not installed
 (``pip install 'stdistill[bench-wsi]'``). Other jobs may share the cores: compare rows of one run.

@@ -97,6 +97,10 @@ def collect(run_dir: str | os.PathLike) -> dict:
         from ._predict import collect_predict
 
         return collect_predict(folder)
+    from ._predict import collect_cohort, is_cohort_run
+
+    if is_cohort_run(folder):
+        return collect_cohort(folder)
     return collect_benchmark(folder)
 
 

@@ -79,3 +79,49 @@ def collect_predict(folder: Path) -> dict:
             "versions": about.get("versions", {}),
             "encoders": encoder_rows([record.get("encoder", {}).get("name", "")], record.get("encoder")),
             "tables": tables, "figures": _figures(folder), "notes": notes}
+
+
+def is_cohort_run(folder: Path) -> bool:
+    """A ``stdistill predict`` cohort folder: ``cohort.json`` beside ``summary.csv``."""
+    return (folder / "cohort.json").is_file() and (folder / "summary.csv").is_file()
+
+
+def _cohort_tables(summary: pd.DataFrame) -> list[dict]:
+    status = summary["status"].fillna("pending").value_counts().rename_axis("status").reset_index(name="slides")
+    values = [c for c in summary.columns if c.startswith(("share ", "mean "))]
+    ok = summary[summary["status"] == "ok"]
+    per_slide = summary[["slide_id", "patient", "status", "n_tiles", "unreadable_tiles", *values]]
+    tables = [_table("Slides by status", status, "ok: predicted; error: refused (see below); pending: not run yet"),
+              _table("Per slide", per_slide, "niche shares of tissue tiles or mean predicted values")]
+    if values and len(ok):
+        spread = pd.DataFrame({"output": values, "over slides (mean +- sd)": [_spread(ok[c].to_numpy(float))
+                                                                            for c in values]})
+        tables.append(_table("Across the cohort", spread, f"over the {len(ok)} slides predicted"))
+    failed = summary[summary["status"] == "error"][["slide_id", "error"]]
+    if len(failed):
+        tables.append(_table("Slides that failed", failed, "each with the one-line reason"))
+    return tables
+
+
+def collect_cohort(folder: Path) -> dict:
+    """A cohort folder: its model and settings, slides by status, the summary table, the failures
+    and each slide's maps."""
+    from .._errors import StdistillError
+
+    meta = _read_json(folder / "cohort.json")
+    try:
+        summary = pd.read_csv(folder / "summary.csv")
+    except Exception as e:  # noqa: BLE001 - pandas raises many types for broken files
+        raise StdistillError(f"unreadable summary table ({type(e).__name__}: {e})", folder / "summary.csv") from None
+    about = meta.get("about", {})
+    cfg = Path(meta.get("bundle", "")) / "config.json"
+    record = json.loads(cfg.read_text()).get("bundle", {}) if cfg.is_file() else {}
+    run = [("slides", f"{len(summary)} (source {Path(meta.get('source', '')).name})"),
+           ("model bundle", Path(meta.get("bundle", "")).name),
+           ("settings", ", ".join(f"{k} {v}" for k, v in meta.get("settings", {}).items()))]
+    notes = ["Predictions from H&E alone: no measured expression is shown; read maps as the student's estimate.",
+             "Each slide's own folder holds its .h5ad, GeoJSON, maps and run.json (stdistill report works on it)."]
+    return {"title": f"stdistill predict: cohort {folder.name}", "kind": "cohort prediction",
+            "command": about.get("command", ""), "run": run, "versions": about.get("versions", {}),
+            "encoders": encoder_rows([record.get("encoder", {}).get("name", "")], record.get("encoder")),
+            "tables": _cohort_tables(summary), "figures": _figures(folder), "notes": notes}
