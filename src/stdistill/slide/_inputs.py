@@ -67,6 +67,8 @@ def open_source(slide, name: str | None = None) -> SlideSource:
         raise StdistillError(f"slide must be a file path, an image reader, an open TiffSlide/OpenSlide, an RGB array or "
                              f"a wsidata.WSIData, got {type(slide).__name__}")
     path = Path(reader.path) if getattr(reader, "path", None) else None
+    if path is None and not hasattr(reader, "array"):
+        raise StdistillError(f"a {type(reader).__name__} reader with no file path must hold its pixels in .array")
     return SlideSource(reader, name or (path.stem if path else "slide"), path, _slide_mpp(reader))
 
 

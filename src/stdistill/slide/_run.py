@@ -46,12 +46,10 @@ class SlideRun:
 
 
 def _check_args(chunk_tiles: int, batch_size: int, num_workers: int, max_unreadable: float, zarr: bool) -> None:
-    if chunk_tiles < 1:
-        raise StdistillError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
-    if batch_size < 1:
-        raise StdistillError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise StdistillError(f"num_workers must be >= 0, got {num_workers}")
+    for what, value, least in (("chunk_tiles", chunk_tiles, 1), ("batch_size", batch_size, 1),
+                               ("num_workers", num_workers, 0)):
+        if value < least:
+            raise StdistillError(f"{what} must be >= {least}, got {value}")
     if not 0.0 <= max_unreadable <= 1.0:
         raise StdistillError(f"max_unreadable must be in [0, 1], got {max_unreadable}")
     if zarr and importlib.util.find_spec("spatialdata") is None:  # say so before hours of work, not after
