@@ -1,4 +1,4 @@
-"""AMKD survival benchmark (seed 002), in layers labelled by how real they are.
+"""AMKD survival benchmark, in layers labelled by how real they are.
 
 1. **Semi-synthetic, from real data** (``datasets.her2st_survival``): 360 "patients", each a random
    window of a real HER2ST section with an H&E image; real patch features (effnet-lite0-imagenet,
@@ -9,6 +9,10 @@
    epochs chosen per fold on inner source patients (seed 0); 5 seeds; the oracle C-index of the
    true hazard is the ceiling. Diagnostics explain the student-vs-ABMIL result.
    **Fully simulated positive control** (``datasets.simulated_survival``): 5-fold patient CV.
+   **AMKD variants** (``--variants``, not in the default run): on the same windows and folds, the
+   redundancy loss in its reachable (whitened) form with disagreeing samples weighted up or down,
+   and teacher + student with 25% / 50% of each fold's training patients missing RNA (drawn with
+   seed 0 inside the training fold; test patients unchanged; epochs chosen anew on inner patients).
 2. **Real genomics + survival**: the genomic branch alone (SNN on Hallmark families) on real
    breast-cancer microarray cohorts from PyPI ``SurvSet`` (optional; skipped with a message when
    not installed), 5-fold CV; the clinical head on ``../shared/data/brace-marker-survival``
@@ -19,6 +23,7 @@ Usage::
 
     python benchmarks/survival_semisynthetic.py --out results/survival --figures docs/figures
     python benchmarks/survival_semisynthetic.py --quick --out /tmp/survival_quick   # small settings
+    python benchmarks/survival_semisynthetic.py --variants --skip her2st,simulated,survset,brace --out results/survival_variants
 
 Writes ``<out>/<layer>/results.csv`` (+ selection, test risks) and ``<out>/table.md``; prints the
 tables and the run time.
@@ -158,10 +163,7 @@ def run_cv(c: Cohort, methods, folds, args, t0: float, groups=None, genesets=Non
     risks, keep = [], {}
 
     def on_fit(fold, seed, method, model, test, risk):
-        cut = np.nan  # risk-group cut-off for Kaplan-Meier: the median risk of the *training* patients
-        if method in ("amkd", "abmil"):
-            held = set(test.patients)
-            cut = float(np.median(model.predict(c.subset([p for p in c.patients if p not in held]))))
+        cut = model.risk_cut_  # risk-group cut-off for Kaplan-Meier: the median risk of the *training* patients
         risks.append(pd.DataFrame({"fold": fold, "seed": seed, "method": method, "patient": test.patients, "risk": risk,
                                    "cut": cut}))
         if seed == (seeds or args.seeds)[0] and method in ("amkd", "abmil"):
@@ -240,13 +242,65 @@ def her2st_report(c: Cohort, folds, res: pd.DataFrame, risks: pd.DataFrame, out:
             "Spearman correlation of test risks (mean over folds and seeds):", "", frame_md(diag)]
 
 
+_COHORT: dict = {}
+
+
+def her2st_cohort(args, t0: float) -> Cohort:
+    """The semi-synthetic HER2ST cohort (built once per run)."""
+    if "her2st" not in _COHORT:
+        _COHORT["her2st"] = c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient)
+        log(f"her2st_survival: {c}; censored {1 - c.event.mean():.0%}", t0)
+    return _COHORT["her2st"]
+
+
+def missing_table(res: pd.DataFrame, shares: list[float], n_train: dict[str, int]) -> str:
+    """Markdown: teacher and student Harrell C (mean +- sd over seeds of the fold mean; and over all
+    fold x seed runs) per share of training patients without RNA."""
+    lines = ["| training patients without RNA | per fold (" + " / ".join(n_train) + ") | gge_teacher C | amkd C "
+             "| gge_teacher C (folds x seeds) | amkd C (folds x seeds) |", "|---|---|---|---|---|---|"]
+    for f in [0.0, *shares]:
+        tag = "" if f == 0 else f"_miss{round(100 * f)}"
+        cells = [f"{f:.0%}", " / ".join(str(int(round(f * n))) for n in n_train.values())]
+        runs = []
+        for m in ("gge_teacher", "amkd"):
+            r = res[res["method"] == m + tag]
+            per_seed = r.groupby("seed")["cindex"].mean()
+            cells.append(f"{per_seed.mean():.3f} +- {per_seed.std():.3f}" if len(per_seed) > 1 else f"{per_seed.mean():.3f}")
+            runs.append(f"{r['cindex'].mean():.3f} +- {r['cindex'].std():.3f}")
+        lines.append("| " + " | ".join(cells + runs) + " |")
+    return "\n".join(lines)
+
+
+def variants(args, t0: float) -> list[str]:
+    """AMKD variants on the semi-synthetic HER2ST windows: the reachable redundancy loss (weighting
+    up vs down) and incomplete modalities (training patients without RNA)."""
+    c = her2st_cohort(args, t0)
+    folds = patient_folds(c, groups="source_patient")
+    ms = amkd_methods(SurvivalConfig(max_epochs=args.max_epochs), rr_variants=True, missing_rna=args.missing)
+    ms = [m for m in ms if m.name not in ("snn", "late_fusion", "amkd_no_enhancement", "amkd_fixed_weight", "logit_kd")]
+    res, _, _ = cached_cv(args, "her2st_variants", lambda: run_cv(c, ms, folds, args, t0, groups="source_patient",
+                                                                  seeds=args.variant_seeds))
+    log("variants done", t0)
+    return ["", "## 1c. AMKD variants on the semi-synthetic HER2ST windows", "",
+            f"Same cohort and folds as layer 1; seeds {','.join(map(str, sorted(set(res['seed']))))}. amkd: the "
+            "redundancy loss over the batch (64 dimensions, rank <= 15), disagreeing samples weighted up; "
+            "amkd_rr_whitened: its reachable form (teacher's leading whitened principal directions, batch + queue "
+            "of 64 earlier rows), weighted up; amkd_rr_whitened_down: weighted down; amkd_no_rr: without the term; "
+            "all three for amkd's epochs. "
+            "*_miss25 / *_miss50: that share of each fold's training patients without RNA (drawn with seed 0 "
+            "inside the training fold; test patients unchanged), epochs chosen anew on the inner patients.", "",
+            md_table(cv_table(res), FOLD_NOTE), "", epochs_table(res), "",
+            "Incomplete modalities (Harrell C on the test folds; the teacher is tested with RNA, the student "
+            "on slides alone):", "",
+            missing_table(res, args.missing, {f: len(tr) for f, tr, _ in folds})]
+
+
 def layer1(args, t0: float) -> list[str]:
     """Semi-synthetic HER2ST windows (and the simulated positive control)."""
     parts = []
     base = SurvivalConfig(max_epochs=args.max_epochs)
     if "her2st" not in args.skip:
-        c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient)
-        log(f"her2st_survival: {c}; censored {1 - c.event.mean():.0%}", t0)
+        c = her2st_cohort(args, t0)
         folds = patient_folds(c, groups="source_patient")
         res, risks, keep = cached_cv(args, "her2st", lambda: run_cv(c, amkd_methods(base), folds, args, t0, groups="source_patient"))
         parts += her2st_report(c, folds, res, risks, args.out / "her2st")
@@ -346,28 +400,35 @@ def main() -> None:
     ap.add_argument("--sim-patients", type=int, default=100)
     ap.add_argument("--survset", default="gse4335,gse1992,gse3143")
     ap.add_argument("--skip", default="", help="comma list of layers to skip: her2st,simulated,survset,brace")
+    ap.add_argument("--variants", action="store_true",
+                    help="also run the AMKD variants (reachable redundancy loss, training patients without RNA)")
+    ap.add_argument("--variant-seeds", default="0,1,2", help="seeds of the AMKD variants")
+    ap.add_argument("--missing", default="0.25,0.5", help="shares of training patients without RNA (variants)")
     ap.add_argument("--quick", action="store_true", help="small settings (1 seed, 5 epochs, 40 windows per patient)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables and figures from <out>/*/ CSVs (no training)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.sim_seeds, args.max_epochs, args.n_per_patient, args.sim_patients = "0", "0", 5, 40, 40
+        args.variant_seeds = "0"
         args.survset = args.survset.split(",")[0]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.sim_seeds = [int(s) for s in args.sim_seeds.split(",")]
+    args.variant_seeds = [int(s) for s in args.variant_seeds.split(",")]
+    args.missing = [float(f) for f in args.missing.split(",") if f]
     args.survset = [s for s in args.survset.split(",") if s]
     args.skip = set(args.skip.split(","))
     t0 = time.time()
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):  # small matrices: BLAS threads only contend (the nets train on one torch thread)
-        parts = layer1(args, t0) + layer2(args, t0)
+        parts = layer1(args, t0) + (variants(args, t0) if args.variants else []) + layer2(args, t0)
     took = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         line = f"Tables rebuilt from the saved CSVs (--report-only). {(args.out / 'run_time.txt').read_text().strip()}"
     else:
-        line = (f"Run time: {took / 60:.1f} min on this machine ({os.cpu_count()} CPUs, other jobs running), command: "
+        line = (f"Run time: {took / 60:.1f} min on {os.cpu_count()} CPUs (other jobs running), command: "
                 f"python benchmarks/survival_semisynthetic.py {' '.join(os.sys.argv[1:])}")
         (args.out / "run_time.txt").write_text(line + "\n")
     parts += ["", line]

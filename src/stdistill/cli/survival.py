@@ -1,4 +1,4 @@
-"""``stdistill survival fit|predict|evaluate``: slide-level survival (AMKD, seed 002) from the shell.
+"""``stdistill survival fit|predict|evaluate``: slide-level survival (AMKD) from the shell.
 
 A cohort is a clinical table (one row per patient: ``patient``, ``time``, ``event``) beside slide
 features, either a folder of TRIDENT/CLAM ``.h5`` files (``--features``) or tile AnnData from

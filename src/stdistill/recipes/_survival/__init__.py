@@ -1,4 +1,4 @@
-"""AMKD (seed 002): slide-level survival from H&E alone, distilled from a pathology + genomics teacher.
+"""AMKD: slide-level survival from H&E alone, distilled from a pathology + genomics teacher.
 
 No public code exists; this is built from the paper's description (Xu et al., 2026,
 doi:10.70401/cbm.2026.0015), each choice documented in docs/survival.md:
