@@ -139,3 +139,21 @@ def test_cv_with_missing_rna_masks_training_patients_only():
     assert res.query("method == 't'")["cindex"].notna().all()  # the teacher is scored on test patients with RNA
     with pytest.raises(StdistillError, match="rr_form"):
         SurvivalConfig(rr_form="queue")
+
+
+def test_cli_fit_with_an_rna_table_missing_patients(tmp_path):
+    import pandas as pd
+    from _survival_helpers import write_tcga_like
+    from typer.testing import CliRunner
+
+    from stdistill.cli import app
+
+    f = write_tcga_like(tmp_path, tiny_cohort(n=20))
+    rna = pd.read_csv(f["rna"], sep="\t", index_col=0)
+    rna.iloc[:, :6].to_csv(tmp_path / "rna_few.tsv", sep="\t")  # 6 of 20 patients have RNA
+    r = CliRunner().invoke(app, ["survival", "fit", "-o", str(tmp_path / "m"), "--clinical", str(f["clinical"]),
+                                 "--features", str(f["features"]), "--time-col", "OS_MONTHS", "--event-col", "OS_STATUS",
+                                 "--rna", str(tmp_path / "rna_few.tsv"), "--method", "amkd", "--epochs", "2", "--dim", "8"])
+    assert r.exit_code == 0, r.output
+    assert "20 patients" in r.output and "14 without RNA" in r.output
+    assert (tmp_path / "m" / "teacher" / "config.json").is_file()
