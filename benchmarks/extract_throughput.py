@@ -18,7 +18,8 @@ In one run it prints
    encoder counts too), over all HER2ST sections with an image, into an empty cache (simulated
    sections when the HER2ST copy is absent);
 3. for context: patch reading alone (decode, crop, resample; one thread) and the pure forward in
-   fp32 and bf16 (why ``precision="auto"`` picks bf16 on CPUs with native bf16).
+   fp32 and bf16 (how much ``precision="bf16"`` would gain; ``precision="auto"`` is fp32 on every
+   CPU, bf16 or fp16 on GPUs).
 """
 
 from __future__ import annotations

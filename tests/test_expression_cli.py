@@ -84,7 +84,7 @@ def test_peka_and_predict_cli(tmp_path):
         a = _imaged(seed=1)
         f = tmp_path / "d.h5ad"
         a.write_h5ad(f)
-        model = tmp_path / "peka.safetensors"
+        model = tmp_path / "peka"
         r = runner.invoke(app, ["expression", "peka", str(f), "--test-patients", "P2", "--val-patients", "P1",
                                 "--encoder", "test-cli-vit", "--adapter", "lora", "--rank", "4", "--epochs", "1", "--n-clusters", "4",
                                 "--genes", str(_genes(tmp_path, a)), "-o", str(model)])

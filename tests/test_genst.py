@@ -94,6 +94,8 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
     model.save(tmp_path / "m")
     assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors"}
     m2 = GenST.load(tmp_path / "m")
+    b = sd.bundle.load_bundle(tmp_path / "m")
+    assert b.recipe == "genst" and b.outputs == {"genes": model.genes_} and b.features["encoder"] == "fake-encoder"
     np.testing.assert_array_equal(model.predict(te).to_numpy(), m2.predict(te).to_numpy())
     np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True), m2.sample(te, 4, seed=2, counts=True))
     other = te.copy()
@@ -103,7 +105,7 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
     wide = ad.AnnData(obs=te.obs[["section", "patient"]].copy(), obsm={KEY: np.zeros((te.n_obs, 30), np.float32)})
     with pytest.raises(sd.StdistillError, match="30 features.*trained on 24"):
         m2.predict(wide)
-    with pytest.raises(sd.StdistillError, match="not a saved GenST model"):
+    with pytest.raises(sd.StdistillError, match="no such model bundle"):
         GenST.load(tmp_path / "nothing")
 
 
@@ -157,4 +159,4 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
         main()
     assert e.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error: ") and "GenST model" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "no such model bundle" in err[0]

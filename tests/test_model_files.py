@@ -55,7 +55,7 @@ def _probe(tmp_path):
 
     rng = np.random.default_rng(0)
     X, Y = rng.normal(size=(40, 12)), rng.normal(size=(40, 3))
-    return HestRidge(latent_dim=4).fit(X, Y, genes=["a", "b", "c"]).save(tmp_path / "probe.npz")
+    return HestRidge(latent_dim=4).fit(X, Y, genes=["a", "b", "c"]).save(tmp_path / "probe")
 
 
 def _expression_teacher(tmp_path):
@@ -64,35 +64,38 @@ def _expression_teacher(tmp_path):
     from stdistill.teachers import ExpressionTeacher
 
     a, _ = _cohort()
-    t = ExpressionTeacher("pca", n_components=4, n_top_genes=None, standardize="global").fit(a)
-    t.save(tmp_path / "t.npz")
-    return tmp_path / "t.npz"
+    return ExpressionTeacher("pca", n_components=4, n_top_genes=None, standardize="global").fit(a).save(tmp_path / "t")
 
 
 @pytest.mark.parametrize("make, load", [
     (_probe, lambda p: __import__("stdistill.bench", fromlist=["HestRidge"]).HestRidge.load(p)),
     (_expression_teacher, lambda p: __import__("stdistill.teachers", fromlist=["x"]).ExpressionTeacher.load(p)),
 ])
-def test_truncated_npz_is_one_line_not_badzipfile(tmp_path, make, load):
+def test_truncated_weights_are_one_line(tmp_path, make, load):
     path = make(tmp_path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    _refused(r"not a readable stdistill \w+ file", load, path, names=path)
-    path.write_bytes(data[: len(data) - 40])  # the zip directory cut: also refused
-    _refused(r"not a readable stdistill \w+ file", load, path, names=path)
+    w = path / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    _refused(r"model.safetensors is unreadable", load, path, names=path)
 
 
-def test_npz_meta_missing_a_key_is_not_keyerror(tmp_path):
-    from stdistill._utils import save_npz
+def test_config_missing_a_key_is_not_keyerror(tmp_path):
     from stdistill.bench import HestRidge
 
     path = _probe(tmp_path)
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if k != "meta"}
-        meta = json.loads(bytes(z["meta"]).decode())
-    del meta["latent_dim"]
-    save_npz(path, arrays, meta)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["latent_dim"]
+    (path / "config.json").write_text(json.dumps(cfg))
     _refused("saved HestRidge lacks 'latent_dim'", HestRidge.load, path, names=path)
+
+
+def test_probe_array_of_the_wrong_shape_is_named(tmp_path):
+    from stdistill.bench import HestRidge
+
+    path = _probe(tmp_path)
+    _edit_tensors(path / "model.safetensors", lambda t: t.update(coef=t["coef"][:2]))
+    _refused(r"HestRidge array 'coef' has shape \(2, 4\) in the file, its config needs \(3, 4\)", HestRidge.load, path,
+             names=path)
 
 
 @pytest.mark.parametrize("where, key", [("top", "params"), ("info", "d_in")])
@@ -148,9 +151,9 @@ def test_niche_teacher_integer_arrays_are_refused(tmp_path):
     a = toy(n_patients=2)
     t = NicheTeacher(3).fit(a)
     t.save(tmp_path / "t")
-    w = tmp_path / "t" / "weights.safetensors"
+    w = tmp_path / "t" / "model.safetensors"
     arrays = load_file(str(w))
-    k = next(iter(arrays))
-    arrays[k] = arrays[k].astype(np.int64)
-    save_file(arrays, str(w))
-    _refused(rf"tensor '{re.escape(k)}' is int64, expected floating point", NicheTeacher.load, tmp_path / "t")
+    for k in list(arrays):
+        bad = dict(arrays, **{k: arrays[k].astype(np.int64)})
+        save_file(bad, str(w))
+        _refused(rf"'{re.escape(k)}' is int64, expected floating point", NicheTeacher.load, tmp_path / "t")

@@ -69,7 +69,7 @@ def test_bad_genesets_is_one_error_line(tmp_path, monkeypatch, capsys):
 def test_stamp_and_predict_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("STDISTILL_CACHE", str(tmp_path / "cache"))
     scored = _scored(tmp_path, seed=1)
-    model = tmp_path / "stamp.safetensors"
+    model = tmp_path / "stamp"
     base = ["pathways", "stamp", str(scored), "--test-patients", "P2", "--encoder", TINY_VIT, "--adapter", "lora",
             "--rank", "4", "--max-epochs", "1", "--size-um", "32", "--px", "32", "--batch-size", "10", "-o", str(model)]
     r = runner.invoke(app, [*base, "--val-patients", "P1", "--val-metric", "head"])

@@ -36,7 +36,7 @@ def test_peka_fit_predict_save_load(tmp_path):
     pred = model.predict(sd.io.subset_sections(a, val))
     assert list(pred.columns) == genes and pred.shape == (25, 8) and np.isfinite(pred.to_numpy()).all()
     assert any(p.exists() for p in (tmp_path / "trunk").iterdir())  # trunk activations cached on disk
-    path = model.save(tmp_path / "peka.safetensors")
+    path = model.save(tmp_path / "peka")
     again = PEKA.load(path, cache_dir=tmp_path / "trunk")
     np.testing.assert_allclose(again.transform(a, key_added=None), a.obsm["X_peka"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(again.predict(a).to_numpy(), model.predict(a).to_numpy(), rtol=1e-4, atol=1e-4)

@@ -86,8 +86,6 @@ def test_peka_bundle_with_extra_genes(tmp_path):
     b = sd.bundle.load_bundle(tmp_path / "peka")
     assert b.recipe == "peka" and b.outputs == {"genes": ["G0", "G1", "G9"]} and b.record["patch"]["size_um"] == SIZE_UM
     np.testing.assert_allclose(b.model.predict(a).to_numpy(), m.predict(a).to_numpy(), rtol=1e-5, atol=1e-5)
-    old = m.save(tmp_path / "old.safetensors")  # the older single-file format still loads
-    assert sd.bundle.load_bundle(old).outputs == {"genes": ["G0", "G1", "G9"]}
     with pytest.raises(StdistillError, match="no such model bundle"):
         sd.bundle.load_bundle(tmp_path / "nothing")
 

@@ -57,11 +57,11 @@ def test_stamp_fit_writes_keys_saves_and_loads(tmp_path):
     assert [h["epoch"] for h in model.history_] == [0, 1, 2]
     assert "train_reg" in model.history_[1] and "train_con" in model.history_[1]
     assert 0 < model.trainable_share < 0.2
-    path = model.save(tmp_path / "stamp.safetensors")
+    path = model.save(tmp_path / "stamp")
     again = STAMP.load(path, cache_dir=tmp_path / "trunk")
     np.testing.assert_allclose(again.transform(a, key_added=None), a.obsm["X_stamp"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(again.predict(a).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(StdistillError, match="not a stdistill PEKA model"):
+    with pytest.raises(StdistillError, match="this is a STAMP bundle, not a PEKA one"):
         sd.recipes.PEKA.load(path)
 
 

@@ -130,7 +130,7 @@ def test_save_load_round_trip(tmp_path):
         np.testing.assert_array_equal(back.bins_, m.bins_)
         assert back.config == m.config and back.genes_ == m.genes_
     (tmp_path / "gge" / "model.safetensors").write_bytes(b"junk")
-    with pytest.raises(StdistillError, match="cannot read"):
+    with pytest.raises(StdistillError, match="model.safetensors is unreadable"):
         SurvivalModel.load(tmp_path / "gge")
 
 

@@ -109,11 +109,14 @@ def test_reachable_redundancy_loss_reaches_zero_where_the_old_form_cannot():
     assert fitted(redundancy_reduction) > 0.05 * (64 - 15) / 64  # >= offdiag x (D - rank) / D for every student
 
 
-def test_risk_cut_comes_from_the_training_patients():
+def test_risk_cut_comes_from_the_training_patients(tmp_path):
     c = tiny_cohort(n=30)
     _, tr, te = patient_folds(c, 3)[0]
     m = SurvivalModel(kind="abmil", **FAST).fit(c.subset(tr))
     assert m.risk_cut_ == pytest.approx(float(np.median(m.predict(c.subset(tr)))), abs=1e-12)
+    m.save(tmp_path / "m")
+    back = SurvivalModel.load(tmp_path / "m")  # the cut travels with the model
+    assert back.risk_cut_ == m.risk_cut_ and (back.predict_group(c) == m.predict_group(c)).all()
     groups = m.predict_group(c.subset(te))
     one = m.predict_group(c.subset(te[:1]))
     assert one.iloc[0] == groups.iloc[0]  # a patient's group does not depend on who else is predicted

@@ -196,7 +196,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write ``arrays`` plus JSON ``meta`` to an .npz atomically (no pickle); returns the path."""
+    """Write ``arrays`` plus JSON ``meta`` to an .npz atomically (no pickle); returns the path.
+    For intermediate files (the slide runner's chunks); models are bundles (:mod:`stdistill.bundle`)."""
     import json
 
     path = Path(path)
@@ -249,61 +250,6 @@ def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[Record, Reco
         got = meta.get("format") if isinstance(meta, dict) else None
         raise StdistillError(f"unknown format {got!r}; expected {fmt}", path)
     return Record(arrays, path, what), _record(meta, path, what)
-
-
-def save_safetensors_dir(path: str | os.PathLike, weights: str, tensors: dict, config: dict, framework: str = "pt") -> Path:
-    """Write ``path/<weights>`` (safetensors; ``framework`` "pt" for torch tensors, "numpy" for
-    arrays) and ``path/config.json``, each atomically; returns ``path``."""
-    import json
-
-    if framework == "pt":
-        from safetensors.torch import save_file
-    else:
-        from safetensors.numpy import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / weights) as tmp:
-        save_file(tensors, str(tmp))
-    with atomic_path(path / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=1))
-    return path
-
-
-def load_safetensors_dir(path: str | os.PathLike, weights: str, fmt: str, what: str, framework: str = "pt",
-                         device: str = "cpu") -> tuple[Record, Record]:
-    """Read a folder written by :func:`save_safetensors_dir` (nothing is unpickled); returns
-    ``(config, tensors)``. Raises StdistillError naming ``path`` when a file is missing or
-    unreadable, the config's format is not ``fmt``, or (``framework="numpy"``) an array is not
-    floating point; a key missing from either is a StdistillError too (``what`` names the object)."""
-    import json
-
-    from ._errors import StdistillError
-
-    path = Path(path)
-    for name in ("config.json", weights):
-        if not (path / name).is_file():
-            raise StdistillError(f"not a saved {what} ({name} missing)", path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-        if framework == "pt":
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path / weights), device=device)
-        else:
-            from safetensors.numpy import load_file
-
-            tensors = load_file(str(path / weights))
-    except Exception as e:  # noqa: BLE001 - corrupt files
-        raise StdistillError(f"cannot read a saved {what}: {e}", path) from None
-    if not isinstance(config, dict) or config.get("format") != fmt:
-        got = config.get("format") if isinstance(config, dict) else None
-        raise StdistillError(f"not a saved {what} (format {got!r})", path)
-    if framework != "pt":
-        bad = [k for k, v in tensors.items() if v.dtype.kind != "f"]
-        if bad:
-            raise StdistillError(f"{weights}: tensor {bad[0]!r} is {tensors[bad[0]].dtype}, expected floating point",
-                                 path)
-    return _record(config, path, what), Record(tensors, path, what)
 
 
 def check_state(own: dict, state: dict, source, what: str, strict: bool = True) -> None:

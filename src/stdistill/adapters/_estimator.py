@@ -8,7 +8,6 @@ its net on load) from the steps here.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import replace
@@ -21,7 +20,8 @@ import torch
 from torch import nn
 
 from .._errors import StdistillError
-from .._utils import Record, atomic_path, check_state
+from .._utils import check_state
+from ..bundle import Bundled
 from ._config import AdapterConfig
 from ._cut import parse_cut
 from ._module import TailModule, trainable_key
@@ -53,7 +53,7 @@ def _train_loader(n: int, batch_size: int, world: int, g: torch.Generator) -> to
                                        shuffle=True, generator=g, drop_last=n > batch_size)
 
 
-class AdaptedEncoder:
+class AdaptedEncoder(Bundled):
     """Base estimator: an encoder with a peft adapter after a cut, trained on cached trunk activations.
 
     Parameters
@@ -80,7 +80,7 @@ class AdaptedEncoder:
 
     config_class: type[AdapterConfig] = AdapterConfig
     module_class: type[TailModule] = TailModule
-    file_format: str = ""
+    _bundle_format: str = ""
     heads: tuple[str, ...] = ()  # state-dict prefixes of the heads
     targets_key: str = "targets"  # regression targets' names: fitted attribute ``<targets_key>_`` and metadata key
     buffers: tuple[str, ...] = ("feat_mu", "feat_sd")  # non-trainable net state saved with the model
@@ -265,9 +265,6 @@ class AdaptedEncoder:
                 "n_head_params": heads, "best_epoch": self.best_epoch_, "fit_seconds": round(self.fit_seconds_, 1)}
 
     # -------------------------------------------------------------- persistence
-    def _encoder_name(self) -> str:
-        return self.encoder_arg if isinstance(self.encoder_arg, str) else self._frozen_encoder().spec.name
-
     def bundle_record(self) -> dict:
         """The ``"bundle"`` entry of the saved config (see :mod:`stdistill.bundle`)."""
         from ..bundle import bundle_record
@@ -291,31 +288,21 @@ class AdaptedEncoder:
         state["y_std"] = torch.from_numpy(self.y_std_.astype(np.float32))
         return state
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a bundle folder (``config.json`` + ``model.safetensors``; see :mod:`stdistill.bundle`),
-        or, for a path ending in ``.safetensors``, the older single file with JSON metadata.
-        Adapter + heads + target scaling as safetensors, nothing pickled. Read back with ``load``.
-        After a DDP fit only global rank 0 writes (the other processes return the path)."""
-        from safetensors.torch import save_file
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
+        """(config, tensors, record) of the bundle: adapter + heads + target scaling, settings, stain reference."""
+        self._check()
+        cfg = {"config": self.config.record(), self.targets_key: list(getattr(self, f"{self.targets_key}_")),
+               "adapter_info": self.adapter_info_, **self._stain_record()}
+        return cfg, self._state(), self.bundle_record()
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle folder ``path`` (``config.json`` + ``model.safetensors``; see :mod:`stdistill.bundle`).
+        After a DDP fit only global rank 0 writes (the other processes return the path)."""
         from .._lightning import is_global_zero
-        from .._utils import save_safetensors_dir
+        from ..bundle import save_bundle
 
         self._check()
-        path = Path(path)
-        if not is_global_zero():
-            return path
-        targets = getattr(self, f"{self.targets_key}_")
-        if path.suffix != ".safetensors":
-            cfg = {"format": self.file_format, "bundle": self.bundle_record(), "config": self.config.record(),
-                   self.targets_key: list(targets), "adapter_info": self.adapter_info_, **self._stain_record()}
-            return save_safetensors_dir(path, "model.safetensors", self._state(), cfg)
-        meta = {"format": self.file_format, "encoder": self._encoder_name(), "config": json.dumps(self.config.record()),
-                self.targets_key: json.dumps(targets), "adapter_info": json.dumps(self.adapter_info_),
-                **{k: json.dumps(v) for k, v in self._stain_record().items()}}
-        with atomic_path(path) as tmp:
-            save_file(self._state(), str(tmp), metadata=meta)
-        return path
+        return save_bundle(self, path) if is_global_zero() else Path(path)
 
     def _stain_record(self) -> dict:
         """``{"stain": method, reference, reference_section}`` saved with a stain-normalising model
@@ -328,33 +315,11 @@ class AdaptedEncoder:
         raise NotImplementedError
 
     @classmethod
-    def _read_saved(cls, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(metadata, state) of a bundle folder or an older single ``.safetensors`` file."""
-        from safetensors import safe_open
-
-        from .._utils import load_safetensors_dir
-
-        if path.is_dir():
-            cfg, state = load_safetensors_dir(path, "model.safetensors", cls.file_format, cls.__name__)
-            return {**cfg, "encoder": cfg["bundle"]["encoder"]["name"]}, state
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = Record(fh.metadata() or {}, path, cls.__name__)
-                state = Record({k: fh.get_tensor(k) for k in fh.keys()}, path, cls.__name__)
-        except Exception as e:
-            raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
-        if meta.get("format") != cls.file_format:
-            raise StdistillError(f"not a stdistill {cls.__name__} model (format {meta.get('format')!r})", path)
-        return {k: json.loads(v) if k in ("config", cls.targets_key, "adapter_info", "stain") else v
-                for k, v in meta.items()}, state
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, encoder=None, **kw):
-        """Rebuild a saved model (bundle folder or older ``.safetensors`` file). ``encoder``: a name
-        or Encoder when the saved one is not in the registry (a bundle refuses one whose weights
-        digest differs from the recorded one); ``kw``: constructor arguments (``cache_dir``, ``device``, ...)."""
-        path = Path(path)
-        meta, state = cls._read_saved(path)
+    def _from_bundle(cls, meta, state, record, path, *, encoder=None, **kw):
+        """Rebuild a saved model. ``encoder``: a name or Encoder when the saved one is not in the
+        registry (refused when its weights digest differs from the recorded one); ``kw``:
+        constructor arguments (``cache_dir``, ``device``, ...)."""
+        meta = {**meta, "encoder": record["encoder"]["name"], "bundle": record}
         self = cls(encoder or meta["encoder"], cls.config_class(**meta["config"]), **kw)
         want = meta.get("bundle", {}).get("encoder", {}).get("weights_digest")
         have = self._frozen_encoder().weights_digest

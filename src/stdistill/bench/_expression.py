@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from .._utils import load_npz, save_npz
+from ..bundle import Bundled, bundle_record, check_shapes
+from ..bundle._format import _jsonable
 from ..io._section import PATIENT_KEY, SECTION_KEY, sections as _sections
 from ..metrics import pearson_per_gene
 from ..pp.genes import hest_genes, log1p_targets, read_gene_list
@@ -43,7 +44,7 @@ __all__ = ["HestRidge", "ExpressionBenchResult", "expression", "hest_alpha", "ch
 #: alpha grid searched by ``alpha="cv"``, one value per decade (HEST's own alpha is added for
 #: every fold). It reaches 1e7 because on HER2ST the inner CV chose 1e4, the old top, in every fold.
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
-_FORMAT = "stdistill.HestRidge/1"
+_FORMAT = "stdistill.HestRidge/2"
 
 
 def with_views(X: np.ndarray, Y: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +69,7 @@ def hest_alpha(d: int, n_genes: int) -> float:
     return 100.0 / (d * n_genes)
 
 
-class HestRidge:
+class HestRidge(Bundled):
     """HEST's linear probe as a scikit-learn style estimator: StandardScaler -> PCA -> Ridge.
 
     Parameters
@@ -122,17 +123,18 @@ class HestRidge:
         return self.pca_.transform(Z) if self.pca_ is not None else Z
 
     def fit(self, X: np.ndarray, Y: np.ndarray, genes: Sequence[str] | None = None,
-            views: np.ndarray | None = None) -> HestRidge:
+            views: np.ndarray | None = None, features: Mapping | None = None) -> HestRidge:
         """Fit on (n, n_features) features and (n, n_genes) log1p targets.
 
+        ``features``: the ``uns["features"][key]`` record of ``X`` (encoder, patch, precision, stain
+        normalisation), kept in the saved bundle so that new features are made the same way.
         ``views``: (n, K, n_features) features of K augmented views of the same spots, used as
         K x n extra training rows with the same targets (scaler, PCA, clip range and ridge all see
         them); :meth:`predict` is unchanged (new spots: clean features).
         """
         from sklearn.linear_model import Ridge
 
-        X = np.asarray(X, dtype=np.float64)
-        Y = np.asarray(Y, dtype=np.float64)
+        X, Y = np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
             raise StdistillError(f"features {X.shape} and targets {Y.shape} must be 2-D with the same rows")
         if not np.isfinite(X).all():
@@ -145,6 +147,7 @@ class HestRidge:
                             random_state=self.seed, max_iter=self.max_iter).fit(Z, Y)
         self.n_components_ = d
         self.genes_ = list(genes) if genes is not None else [str(i) for i in range(Y.shape[1])]
+        self.features_ = _jsonable(dict(features)) if features else None
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -156,45 +159,42 @@ class HestRidge:
             raise StdistillError(f"features have {X.shape[1]} columns, the probe was fitted on {self.scaler_.n_features_in_}")
         return np.asarray(self.ridge_.predict(self.reduce(X))).reshape(len(X), -1)
 
-    # -- safe persistence: arrays in .npz (no pickle) + JSON metadata
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted probe to ``path`` (.npz, read back with :meth:`load`; no pickle)."""
-        path = Path(path)
+    # -- persistence: a bundle folder (see stdistill.bundle; save/load from Bundled)
+    _bundle_format = _FORMAT
+
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
         arrays = {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_, "coef": self.ridge_.coef_,
                   "lo": self.lo_, "hi": self.hi_}
         if self.pca_ is not None:
             arrays.update(pca_mean=self.pca_.mean_, pca_components=self.pca_.components_)
-        meta = {"format": _FORMAT, "latent_dim": self.latent_dim, "alpha": self.alpha_, "seed": self.seed,
-                "genes": self.genes_, "clip": bool(self.clip)}
-        return save_npz(path, arrays, meta)
+        cfg = {"latent_dim": self.latent_dim, "alpha": self.alpha_, "seed": self.seed, "genes": self.genes_,
+               "clip": bool(self.clip)}
+        rec = bundle_record("probe", features=getattr(self, "features_", None), feature_norm="StandardScaler + PCA",
+                            outputs={"genes": self.genes_}, training={"alpha": self.alpha_, "n_components": self.n_components_})
+        return cfg, arrays, rec
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> HestRidge:
+    def _from_bundle(cls, meta, z, record, path, **_) -> HestRidge:
         from sklearn.decomposition import PCA
         from sklearn.linear_model import Ridge
         from sklearn.preprocessing import StandardScaler
 
-        z, meta = load_npz(path, _FORMAT, "HestRidge")
-        self = cls(latent_dim=meta["latent_dim"], alpha=meta["alpha"], seed=meta["seed"], clip=meta.get("clip", False))
-        self.lo_ = z["lo"] if "lo" in z else np.full(len(z["scaler_mean"]), -np.inf)
-        self.hi_ = z["hi"] if "hi" in z else np.full(len(z["scaler_mean"]), np.inf)
+        check_shapes(z, {"scaler_mean": ("D",), "scaler_scale": ("D",), "lo": ("D",), "hi": ("D",), "pca_mean?": ("D",),
+                         "pca_components?": ("d", "D"), "coef": (len(meta["genes"]), "d")}, path, "HestRidge")
+        z = {k: v.numpy() for k, v in z.items()}
+        self = cls(latent_dim=meta["latent_dim"], alpha=meta["alpha"], seed=meta["seed"], clip=meta["clip"])
+        self.lo_, self.hi_, self.features_ = z["lo"], z["hi"], record.get("features")
         self.scaler_ = StandardScaler()
-        self.scaler_.mean_, self.scaler_.scale_ = z["scaler_mean"], z["scaler_scale"]
-        self.scaler_.var_ = self.scaler_.scale_ ** 2
+        self.scaler_.mean_, self.scaler_.scale_, self.scaler_.var_ = z["scaler_mean"], z["scaler_scale"], z["scaler_scale"] ** 2
         self.scaler_.n_features_in_ = len(self.scaler_.mean_)
         self.pca_ = None
         if "pca_components" in z:
             self.pca_ = PCA(n_components=z["pca_components"].shape[0])
-            self.pca_.mean_, self.pca_.components_ = z["pca_mean"], z["pca_components"]
+            self.pca_.mean_, self.pca_.components_, self.pca_.whiten = z["pca_mean"], z["pca_components"], False
             self.pca_.n_features_in_ = self.pca_.components_.shape[1]
-            self.pca_.whiten = False
         self.ridge_ = Ridge(fit_intercept=False)
-        self.ridge_.coef_ = z["coef"]
-        self.ridge_.intercept_ = 0.0
-        self.ridge_.n_features_in_ = z["coef"].shape[1]
-        self.alpha_ = float(meta["alpha"])
-        self.genes_ = list(meta["genes"])
-        self.n_components_ = z["coef"].shape[1]
+        self.ridge_.coef_, self.ridge_.intercept_, self.ridge_.n_features_in_ = z["coef"], 0.0, z["coef"].shape[1]
+        self.alpha_, self.genes_, self.n_components_ = float(meta["alpha"]), list(meta["genes"]), z["coef"].shape[1]
         return self
 
 

@@ -1,9 +1,8 @@
-"""The bundle record, its feature check, and one loader for every recipe's saved model."""
+"""The bundle record, its feature check, niche names and the loaded :class:`Bundle` (files: ``_io``)."""
 
 from __future__ import annotations
 
-import importlib
-import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,21 +14,16 @@ import numpy as np
 from .._errors import StdistillError
 
 SCHEMA = "stdistill.bundle/1"
-#: saved-model format -> "module:Class" of the estimator that reads it
-_READERS = {
-    "stdistill.NicheStudent/1": "stdistill.students.niche:NicheStudent",
-    "stdistill.PEKA/1": "stdistill.recipes._peka:PEKA",
-    "stdistill.STAMP/1": "stdistill.recipes._stamp:STAMP",
-}
 
 
 def bundle_record(
     recipe: str,
     *,
-    encoder: str | None,
-    weights_digest: str | None,
-    size_um: float,
-    px: int,
+    features: dict | None = None,
+    encoder: str | None = None,
+    weights_digest: str | None = None,
+    size_um: float | None = None,
+    px: int | None = None,
     precision: str | None = None,
     feature_norm: str | None = None,
     outputs: dict[str, list[str]] | None = None,
@@ -38,11 +32,20 @@ def bundle_record(
 ) -> dict:
     """The ``"bundle"`` entry of a model's ``config.json`` (JSON types only).
 
-    ``size_um`` is the patch side in micrometres, ``px`` its side in pixels; ``outputs`` maps an
-    output kind (``"niches"``, ``"genes"``, ``"pathways"``) to its names in output order.
+    ``features``: the ``uns["features"][key]`` record of the training features (encoder, patch,
+    precision, weights digest, stain normalisation with its reference) for models that read
+    encoder features; the encoder and patch fields default to its values. ``size_um`` is the
+    patch side in micrometres, ``px`` its side in pixels (``None``: the model reads no image);
+    ``outputs`` maps an output kind (``"niches"``, ``"genes"``, ``"pathways"``, ``"risk"``) to its
+    names in output order.
     """
     from .. import __version__
 
+    f = dict(features or {})
+    encoder = encoder or f.get("encoder")
+    weights_digest = weights_digest or f.get("weights_digest")
+    size_um, px = (f.get("size_um") if size_um is None else size_um), (f.get("px") if px is None else px)
+    precision, licence = precision or f.get("precision"), licence or f.get("licence")
     if licence is None and encoder:
         try:
             from ..encoders import get_spec
@@ -55,24 +58,30 @@ def bundle_record(
         "recipe": recipe,
         "stdistill_version": __version__,
         "encoder": {"name": encoder, "weights_digest": weights_digest, "licence": licence},
-        "patch": {"size_um": float(size_um), "px": int(px)},
+        "patch": None if size_um is None or px is None else {"size_um": float(size_um), "px": int(px)},
         "precision": precision,
         "feature_norm": feature_norm,
+        "features": _jsonable(f) if f else None,
         "outputs": {k: [str(x) for x in v] for k, v in (outputs or {}).items()},
         "training": _jsonable(training or {}),
     }
 
 
-def _jsonable(x: Any) -> Any:
-    """``x`` with NumPy scalars/arrays turned into plain JSON types."""
+def _jsonable(x: Any, finite: bool = False) -> Any:
+    """``x`` with NumPy scalars/arrays, tuples and paths turned into plain JSON types; with
+    ``finite``, NaN and infinite floats become ``None`` (JSON has no such numbers)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, finite) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_jsonable(v, finite) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return _jsonable(x.tolist(), finite)
     if isinstance(x, np.generic):
-        return x.item()
+        x = x.item()
+    if isinstance(x, os.PathLike):
+        return str(x)
+    if finite and isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 
@@ -83,9 +92,9 @@ def check_record(record: dict, made: dict | None, what: str, path: str | os.Path
     (features of unknown origin) passes. Compared: encoder name, patch size (um) and px, and the
     weights digest when both sides know it.
     """
-    if not made:
+    enc, patch = record["encoder"], record.get("patch")
+    if not made or not patch or not enc.get("name"):
         return
-    enc, patch = record["encoder"], record["patch"]
     want = f"encoder {enc['name']!r} at {patch['size_um']:g} um / {patch['px']} px"
     got = f"encoder {made.get('encoder')!r} at {float(made.get('size_um', np.nan)):g} um / {made.get('px')} px"
     same = (made.get("encoder") == enc["name"] and np.isclose(float(made.get("size_um", np.nan)), patch["size_um"])
@@ -126,33 +135,6 @@ def niche_names(adata: ad.AnnData, key: str = "niche", n_genes: int = 3) -> list
     return names
 
 
-def _reader(fmt: str | None, path: Path):
-    if fmt not in _READERS:
-        raise StdistillError(f"not a stdistill model bundle (format {fmt!r}; known: {sorted(_READERS)})", path)
-    mod, cls = _READERS[fmt].split(":")
-    return getattr(importlib.import_module(mod), cls)
-
-
-def _format_of(path: Path) -> str | None:
-    if path.is_dir():
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise StdistillError("not a model bundle (config.json missing)", path)
-        try:
-            return json.loads(cfg.read_text()).get("format")
-        except (ValueError, OSError) as e:
-            raise StdistillError(f"config.json is unreadable ({e})", path) from None
-    if path.suffix == ".safetensors" and path.is_file():  # the older single-file PEKA/STAMP models
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                return (fh.metadata() or {}).get("format")
-        except Exception as e:  # noqa: BLE001 - corrupt files
-            raise StdistillError(f"not a readable safetensors file ({type(e).__name__})", path) from None
-    raise StdistillError("no such model bundle (expected a folder with config.json + model.safetensors)", path)
-
-
 @dataclass
 class Bundle:
     """A loaded bundle: the fitted estimator and its ``"bundle"`` record."""
@@ -169,15 +151,26 @@ class Bundle:
     def encoder(self) -> str:
         return self.record["encoder"]["name"]
 
+    def _patch(self) -> dict:
+        if not self.record.get("patch"):
+            raise StdistillError(f"this {self.recipe} model records no patch size (it reads no image, or features "
+                                 "of unknown origin)", self.path)
+        return self.record["patch"]
+
     @property
     def size_um(self) -> float:
         """Patch side in micrometres."""
-        return float(self.record["patch"]["size_um"])
+        return float(self._patch()["size_um"])
 
     @property
     def px(self) -> int:
         """Patch side in pixels."""
-        return int(self.record["patch"]["px"])
+        return int(self._patch()["px"])
+
+    @property
+    def features(self) -> dict | None:
+        """The ``uns["features"]`` record of the training features (models that read encoder features)."""
+        return self.record.get("features")
 
     @property
     def outputs(self) -> dict[str, list[str]]:
@@ -186,26 +179,3 @@ class Bundle:
     def check_features(self, adata: ad.AnnData, key: str) -> None:
         """Refuse ``adata.obsm[key]`` when ``uns["features"][key]`` says it was made otherwise."""
         check_record(self.record, adata.uns.get("features", {}).get(key), f'obsm["{key}"]', self.path)
-
-
-def load_bundle(path: str | os.PathLike, *, device: str = "cpu", encoder=None) -> Bundle:
-    """Load any saved student: a bundle folder (niches, PEKA, STAMP) or an older PEKA/STAMP
-    ``.safetensors`` file. ``encoder``: a name or loaded Encoder for adapted-encoder models whose
-    encoder is not in the registry. Raises StdistillError naming ``path`` when it is not one."""
-    path = Path(path)
-    cls = _reader(_format_of(path), path)
-    if cls.__name__ == "NicheStudent":
-        model = cls.load(path, device=device)
-    else:
-        model = cls.load(path, encoder=encoder, device=device)
-    return Bundle(path, model, model.bundle_record())
-
-
-def save_bundle(model, path: str | os.PathLike) -> Path:
-    """Write a fitted student (NicheStudent, PEKA, STAMP) as a bundle folder; returns ``path``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        raise StdistillError("a bundle is a folder; give a path without the .safetensors suffix", path)
-    if not hasattr(model, "bundle_record"):
-        raise StdistillError(f"{type(model).__name__} cannot be saved as a bundle")
-    return model.save(path)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..bundle import check_target
 from ._common import (
     STAIN_NORM_HELP,
     _not_rank_zero,
@@ -37,8 +38,10 @@ def _feature_candidates(text: str) -> str | list[str] | dict[str, list[str]]:
 
 
 def register(app: typer.Typer) -> None:
-    sub = typer.Typer(help="Gene expression from H&E: HEST-Benchmark evaluation and PEKA distillation.", no_args_is_help=True)
+    sub = typer.Typer(help="Gene expression from H&E: HEST-Benchmark evaluation, the frozen probe and PEKA distillation.",
+                      no_args_is_help=True)
     app.add_typer(sub, name="expression")
+    _register_probe(sub)
 
     @sub.command("bench")
     def bench(
@@ -94,7 +97,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Argument(..., help="All sections (with and without images): .h5ad, her2st folder, or 'her2st'."),
         test_patients: str = typer.Option(..., help="Comma-separated held-out patients (never used for training, genes or teacher)."),
         val_patients: Optional[str] = typer.Option(None, help="Validation patients (among the others) for early stopping."),
-        out: Path = typer.Option(Path("stdistill_out/peka.safetensors"), "--out", "-o", help="Model file (safetensors)."),
+        out: Path = typer.Option(Path("stdistill_out/peka"), "--out", "-o", help="Model bundle folder to write."),
         encoder: str = typer.Option("effnet-lite0-imagenet", help="Encoder name (the default is an ImageNet model)."),
         adapter: str = typer.Option("miss", help="'miss' (block-affine, peft MissConfig) or 'lora'."),
         rank: Optional[str] = typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64); a comma list is a grid."),
@@ -129,6 +132,7 @@ def register(app: typer.Typer) -> None:
         from .._errors import StdistillError
 
         stain = stain_norm_option(stain_norm)  # checked before the data are read
+        check_target(out)
         split = patient_split(load_any(data), test_patients, val_patients)
         train_all, tr, va = split["train_all"], split["train"], split["val"]
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(tr, 50)
@@ -169,7 +173,7 @@ def register(app: typer.Typer) -> None:
 
     @sub.command("predict")
     def predict(
-        model: Path = typer.Argument(..., help="A PEKA model file (stdistill expression peka)."),
+        model: Path = typer.Argument(..., help="A PEKA model bundle folder (stdistill expression peka)."),
         data: str = typer.Argument(..., help="Sections with images: .h5ad, her2st folder, or a dataset name."),
         sections: Optional[str] = typer.Option(None, help="Comma-separated sections (default: all with an image)."),
         out: Path = typer.Option(Path("stdistill_out/predictions.csv"), "--out", "-o", help="CSV of predicted log1p expression (spots x genes; clipped at 0)."),
@@ -204,6 +208,46 @@ def register(app: typer.Typer) -> None:
         for p in _gene_maps(a, pred, _split(map_gene), secs, out.parent, c):
             c.print(f"map: {p}")
         c.print(f"[bold]{pred.shape[0]} spots x {pred.shape[1]} genes[/bold] -> {out}")
+
+
+def _register_probe(sub: typer.Typer) -> None:
+    @sub.command("probe")
+    def probe(
+        data: str = typer.Argument(..., help="Training sections with counts and patch features: .h5ad, folder or dataset name."),
+        feature_key: str = typer.Option("X_effnet-lite0-imagenet", "--feature-key", "-f",
+                                        help="obsm key of the patch features (their uns['features'] record goes into the bundle)."),
+        encoder: Optional[str] = typer.Option(None, help="Extract the features with this encoder first when they are absent."),
+        out: Path = typer.Option(Path("stdistill_out/probe"), "--out", "-o", help="Model bundle folder to write."),
+        n_genes: int = typer.Option(50, help="Genes chosen HEST's way on the given sections."),
+        genes: Optional[str] = typer.Option(None, help="Gene list (HEST var_50genes.json) instead of choosing them."),
+    ) -> None:
+        """Fit HEST's frozen probe (StandardScaler -> PCA(256) -> ridge, alpha = 100 / (d * n_genes)) on every
+        imaged spot given, and save it as a bundle for `stdistill predict`. Give only training patients."""
+        from rich.console import Console
+
+        import stdistill as sd
+        from stdistill.bench import HestRidge
+        from stdistill.bench._expression import _features
+        from stdistill.io.summary import load_any
+
+        check_target(out)
+        a = load_any(data)
+        a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
+        if feature_key not in a.obsm and encoder is not None:
+            sd.features.extract(a, encoder, key_added=feature_key)
+        F = _features(a, feature_key)
+        g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(a, n_genes)
+        made = a.uns.get("features", {}).get(feature_key)
+        p = HestRidge().fit(F, sd.pp.log1p_targets(a, g), genes=g, features=made)
+        p.save(out)
+        c = Console()
+        if not made:
+            c.print(f'[yellow]obsm["{feature_key}"] has no uns["features"] record: the bundle cannot make such features '
+                    "on a new slide (extract them with stdistill features)[/yellow]")
+        c.print(f"frozen probe: {a.n_obs} spots of {a.obs['patient'].nunique()} patients, {len(g)} genes, "
+                f"{F.shape[1]} features -> PCA {p.n_components_}, alpha {p.alpha_:.3g} "
+                f"({(made or {}).get('encoder', 'encoder unknown')})")
+        c.print(f"[bold]saved[/bold] {out}")
 
 
 def _peka_summary(r: dict, n_genes: int) -> str:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from ..bundle import check_target
 from ._common import _numbers, _split, patient_split
 
 FEATURES_HELP = "obsm key of the patch features (extracted with --encoder when absent)."
@@ -98,7 +99,7 @@ def register(app: typer.Typer) -> None:
     @sub.command("fit")
     def fit(
         data: str = typer.Argument(..., help="Sections with counts and images (or features): .h5ad, folder or name."),
-        out: Path = typer.Option(Path("stdistill_out/genst"), "--out", "-o", help="Model folder (config.json + model.safetensors)."),
+        out: Path = typer.Option(Path("stdistill_out/genst"), "--out", "-o", help="Model bundle folder to write (config.json + model.safetensors)."),
         test_patients: Optional[str] = typer.Option(None, help="Comma-separated held-out patients (never used for training or choosing)."),
         val_patients: Optional[str] = typer.Option(None, help="Validation patients (among the others) for early stopping."),
         features: str = typer.Option("X_effnet-lite0-imagenet", "--features", "-f", help=FEATURES_HELP),
@@ -136,6 +137,7 @@ def register(app: typer.Typer) -> None:
                           likelihood=likelihood, expr_epochs=expr_epochs, max_epochs=max_epochs, seed=seed, **grid[0])
         if len(grid) > 1 and val_patients:
             raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
+        check_target(out)
         c = Console()
         a = _with_features(load_any(data), features, encoder, precision)
         split = patient_split(a, test_patients, val_patients)

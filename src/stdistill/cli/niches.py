@@ -13,6 +13,7 @@ import typer
 
 from .._defaults import N_NEIGHBORS
 from .._errors import StdistillError
+from ..bundle import check_target
 from ._common import _not_rank_zero
 
 FEATURES_DEFAULT = "X_effnet-lite0-imagenet"
@@ -62,12 +63,14 @@ def register(app: typer.Typer) -> None:
         use_rep: str = typer.Option(None, help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
         radius_um: float = typer.Option(None, help=RADIUS_HELP),
         key_added: str = typer.Option("niche", help="obs/obsm key prefix to write."),
-        model: str = typer.Option(None, help="Also save the fitted teacher to this folder."),
+        model: str = typer.Option(None, help="Also save the fitted teacher to this bundle folder."),
         seed: int = typer.Option(0),
     ) -> None:
         """Fit the transcriptomic niche teacher; print NMI(niche, patient) and niche sizes per patient."""
         from ..teachers.niche import NicheTeacher
 
+        if model:
+            check_target(model)
         adata = _load(data)
         t = NicheTeacher(n_niches, method=method, batch_key=batch_key,
                          batch_correction=None if batch_correction == "none" else batch_correction,
@@ -121,6 +124,7 @@ def register(app: typer.Typer) -> None:
         )
         from ..students.niche import NicheStudent
 
+        check_target(model)
         adata = _load(data, obsm=(features, f"{teacher_key}_probs"))
         if train_patients:
             keep = [p.strip() for p in train_patients.split(",") if p.strip()]

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from ..bundle import check_target
 from ._common import (
     STAIN_NORM_HELP,
     _numbers,
@@ -195,7 +196,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Argument(..., help="Sections with images and counts (or scores in obsm): .h5ad, folder or name."),
         test_patients: str = typer.Option(..., help="Comma-separated held-out patients (never used for training or choosing)."),
         val_patients: Optional[str] = typer.Option(None, help="Validation patients (among the others) for early stopping."),
-        out: Path = typer.Option(Path("stdistill_out/stamp.safetensors"), "--out", "-o", help="Model file (safetensors)."),
+        out: Path = typer.Option(Path("stdistill_out/stamp"), "--out", "-o", help="Model bundle folder to write."),
         encoder: str = typer.Option("effnet-lite0-imagenet", help="Encoder name (stdistill encoders list)."),
         adapter: str = typer.Option("miss", help="'miss' (peft MiSS), 'lora' or 'none' (heads only)."),
         rank: Optional[str] = typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64); a comma list is a grid."),
@@ -238,6 +239,7 @@ def register(app: typer.Typer) -> None:
                           **grid[0])
         if len(grid) > 1 and val_patients:
             raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
+        check_target(out)
         c = Console()
         a = load_any(data)
         scored = KEY in a.obsm
@@ -295,7 +297,7 @@ def register(app: typer.Typer) -> None:
 
     @sub.command("predict")
     def predict(
-        model: Path = typer.Argument(..., help="A STAMP model file (stdistill pathways stamp)."),
+        model: Path = typer.Argument(..., help="A STAMP model bundle folder (stdistill pathways stamp)."),
         data: str = typer.Argument(..., help="Sections or H&E-only tiles with images (no genes needed): .h5ad, folder or name."),
         out: Path = typer.Option(..., "--out", "-o", help='Output .h5ad with obsm["X_stamp"] and obsm["pathway_pred"].'),
         sections: Optional[str] = typer.Option(None, help="Comma-separated sections (default: all with an image)."),

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from ..bundle import check_target
 from ._common import _numbers, _split
 
 DATASETS = ("her2st_survival", "simulated_survival")
@@ -133,6 +134,7 @@ def register(app: typer.Typer) -> None:
 
         from ..recipes._survival import SurvivalModel, select_survival
 
+        check_target(out)
         base = _base(loss, epochs, dim, lr, batch_size, seed, genesets, clinical_cols, accelerator, rna_log1p)
         methods = _methods([method], base)
         c = _cohort(clinical, features, tiles, rna, dataset, cols(patient_col, time_col, event_col, slide_col, rna_orient))

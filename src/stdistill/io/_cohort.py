@@ -375,4 +375,5 @@ def cohort_from_tiles(tiles, table: pd.DataFrame, rna: pd.DataFrame | None = Non
         raise StdistillError(f"no patient of the table has tiles (tiles: {sorted(set(pat))[:3]}, table: {list(table.index)[:3]})")
     sp = {s: p for s, p in sp.items() if p in set(keep)}
     return Cohort(table.loc[keep], {s: bags[s] for s in sp}, sp, rna=rna, coords={s: coords[s] for s in sp},
-                  instance_ids={s: ids[s] for s in sp}, meta={"features_key": features_key})
+                  instance_ids={s: ids[s] for s in sp},
+                  meta={"features_key": features_key, "features_record": tiles.uns.get("features", {}).get(features_key)})

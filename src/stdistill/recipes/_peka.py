@@ -131,7 +131,7 @@ class PEKA(AdaptedEncoder):
 
     config_class = PekaConfig
     module_class = PekaModule
-    file_format = "stdistill.PEKA/1"
+    _bundle_format = "stdistill.PEKA/1"
     heads = PekaModule.heads
     buffers = ("feat_mu", "feat_sd", "cls_w", "cls_b")
     targets_key = "genes"

@@ -129,7 +129,7 @@ class STAMP(AdaptedEncoder):
 
     config_class = StampConfig
     module_class = StampModule
-    file_format = "stdistill.STAMP/1"
+    _bundle_format = "stdistill.STAMP/1"
     heads = StampModule.heads
     targets_key = "pathways"
 

@@ -367,11 +367,14 @@ def run(
 
     Returns
     -------
-    ``(metrics, figure_paths)``. ``metrics``: one row per (fold, method) with columns
-    ``fold, test_patient, method, ari, nmi, id_acc, seen_share, macro_f1, f1_section, n_test,
-    teacher_sizes, single_niche, seconds, note``; ``metrics.attrs`` holds ``teacher_nmi_patient``
-    and ``teacher_sizes`` (DataFrame patients x niches); with ``transfer`` also ``transfer``
-    (per fold: the ``info_["transfer"]`` of its student).
+    metrics : pandas.DataFrame
+        One row per (fold, method) with columns ``fold, test_patient, method, ari, nmi, id_acc,
+        seen_share, macro_f1, f1_section, n_test, teacher_sizes, single_niche, seconds, note``;
+        ``metrics.attrs`` holds ``teacher_nmi_patient`` and ``teacher_sizes`` (DataFrame patients
+        x niches); with ``transfer`` also ``transfer`` (per fold: the ``info_["transfer"]`` of its
+        student).
+    figure_paths : list of pathlib.Path
+        The niche maps written under ``out_dir``.
     """
     from ..pp.splits import folds as make_folds
     from ..teachers.niche import write_niches

@@ -30,13 +30,9 @@ import pandas as pd
 
 from .._errors import StdistillError
 from .._pca import finite_rows, fit_pca_auto, project, standardized_blocks
-from .._utils import (
-    load_safetensors_dir,
-    load_state,
-    save_safetensors_dir,
-    seed_everything,
-)
+from .._utils import load_state, seed_everything
 from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
+from ..bundle._io import Bundled
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
 from ..teachers.niche import write_niches
@@ -118,7 +114,7 @@ def normalise_features(adata: ad.AnnData, f: np.ndarray, how: str = "section", m
     return out, ok
 
 
-class NicheStudent:
+class NicheStudent(Bundled):
     """H&E-only niche model distilled from a teacher's soft labels (scikit-learn style).
 
     Parameters
@@ -747,52 +743,45 @@ class NicheStudent:
         return probs
 
     # ------------------------------------------------------------------ persistence
+    _bundle_format = _FORMAT
+
     def bundle_record(self) -> dict:
         """The ``"bundle"`` entry of the saved config (see :mod:`stdistill.bundle`)."""
         self._check_fitted()
         p, made = self.params, self.info_.get("features") or {}
-        k = p["n_niches"]
         return bundle_record(
-            "niches", encoder=made.get("encoder", p["encoder"]), weights_digest=made.get("weights_digest"),
-            size_um=made.get("size_um", p["size_um"]), px=made.get("px", p["px"]), precision=made.get("precision"),
-            feature_norm=p["feature_norm"], licence=made.get("licence"),
-            outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(k)]},
+            "niches", features=made, encoder=made.get("encoder", p["encoder"]), size_um=made.get("size_um", p["size_um"]),
+            px=made.get("px", p["px"]), feature_norm=p["feature_norm"],
+            outputs={"niches": self.info_.get("niche_names") or [str(i) for i in range(p["n_niches"])]},
             training={key: self.info_.get(key) for key in ("train_patients", "train_sections", "n_train_spots",
                                                            "val_patients", "best_epoch", "radius_um", "refine",
                                                            "transfer")},
         )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/config.json`` + ``path/model.safetensors`` atomically. Returns ``path``."""
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
+        """(config, tensors, record) for :func:`stdistill.bundle.save_bundle`."""
         self._check_fitted()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.net_.state_dict().items()}
-        import torch
-
+        tensors = dict(self.net_.state_dict())
         for k in _ARRAYS:
             if k in self.info_:
-                tensors[f"_norm.{k}"] = torch.from_numpy(np.ascontiguousarray(self.info_[k], dtype=np.float32))
+                tensors[f"_norm.{k}"] = np.asarray(self.info_[k])  # dtype kept: same numbers after load
         info = {k: v for k, v in self.info_.items() if k not in _ARRAYS}
-        cfg = {"format": _FORMAT, "bundle": self.bundle_record(), "params": self.params, "info": info}
-        return save_safetensors_dir(path, "model.safetensors", tensors, cfg)
+        return {"params": self.params, "info": info}, tensors, self.bundle_record()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu") -> NicheStudent:
-        """Load a student written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
-        path = Path(path)
-        cfg, tensors = load_safetensors_dir(path, "model.safetensors", _FORMAT, "NicheStudent", device=device)
-        params = dict(cfg["params"], device=device)
+    def _from_bundle(cls, cfg, tensors, record, path, *, device: str = "cpu", **_) -> NicheStudent:
         try:
-            s = cls(**params)
+            s = cls(**dict(cfg["params"], device=device))
         except TypeError as e:
             raise StdistillError(f"config.json has parameters this version does not know ({e})", path) from None
-        d_in = int(cfg["info"]["d_in"])
         s.info_ = dict(cfg["info"])
         for k in _ARRAYS:
             t = tensors.pop(f"_norm.{k}", None)
             if t is not None:
                 s.info_[k] = t.numpy()
         p = s.params
-        net = _net(d_in, p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"], p["summary_token"])
+        net = _net(int(cfg["info"]["d_in"]), p["n_niches"], p["d_model"], p["n_layers"], p["n_heads"], p["dropout"],
+                   p["summary_token"])
         load_state(net, tensors, path, "NicheStudent")
         s.net_ = net.eval()
         return s

@@ -39,9 +39,7 @@ Fit the teacher on **training patients only**; it may use their sections without
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anndata as ad
@@ -50,12 +48,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
-from .._utils import load_npz, save_npz, seed_everything
+from .._utils import seed_everything
+from ..bundle import Bundled
 from ..io._section import SECTION_KEY
 
 __all__ = ["CountEmbedder", "ExpressionTeacher", "register_embedder", "embedders", "teacher_targets"]
 
-_FORMAT = "stdistill.ExpressionTeacher/1"
+_FORMAT = "stdistill.ExpressionTeacher/2"
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
 
@@ -114,7 +113,7 @@ def _standardize_groups(Z: np.ndarray, groups: np.ndarray | None, clip: float | 
     return out
 
 
-class ExpressionTeacher:
+class ExpressionTeacher(Bundled):
     """Embeddings of spots from their expression (scikit-learn style: ``fit`` then ``transform``).
 
     Parameters
@@ -307,27 +306,35 @@ class ExpressionTeacher:
             return int(self.n_components)
         return int(getattr(self._plugin(), "dim", -1))
 
-    # ------------------------------------------------------------------ persistence (PCA only; no pickle)
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a fitted ``"pca"`` teacher as .npz (arrays + JSON; no pickle)."""
+    # ------------------------------------------------------------------ persistence (PCA only; a bundle folder)
+    _bundle_format = _FORMAT
+
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
+        from ..bundle import bundle_record
+
         if self.method != "pca" or not hasattr(self, "pca_"):
             raise StdistillError("only a fitted 'pca' teacher can be saved; scVI has its own save(), plug-ins theirs")
-        path = Path(path)
-        meta = {"format": _FORMAT, "genes": self.genes_, "standardize": self.standardize, "batch_key": self.batch_key,
-                "target_sum": self.target_sum, "n_components": self.n_components, "seed": self.seed}
+        cfg = {"genes": self.genes_, "standardize": self.standardize, "batch_key": self.batch_key,
+               "target_sum": self.target_sum, "n_components": self.n_components, "seed": self.seed}
         arrays = {"components": self.pca_.components_, "pca_mean": self.pca_.mean_}
         if self.standardize == "global":
             arrays.update(mean=self.mean_, scale=self.scale_)
-        return save_npz(path, arrays, meta)
+        rec = bundle_record("expression_teacher", outputs={"genes": self.genes_},
+                            training={"method": "pca", "n_components": int(self.pca_.n_components_)})
+        return cfg, arrays, rec
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ExpressionTeacher:
+    def _from_bundle(cls, meta, z, record, path, **_) -> ExpressionTeacher:
         from sklearn.decomposition import PCA
 
-        z, meta = load_npz(path, _FORMAT, "ExpressionTeacher")
+        from ..bundle import check_shapes
+
+        g = len(meta["genes"])
+        check_shapes(z, {"components": ("k", g), "pca_mean": (g,), "mean?": (g,), "scale?": (g,)}, path, "ExpressionTeacher")
+        z = {k: v.numpy() for k, v in z.items()}
         t = cls("pca", n_components=meta["n_components"], standardize=meta["standardize"], batch_key=meta["batch_key"],
                 target_sum=meta["target_sum"], seed=meta["seed"])
-        t.genes_ = meta["genes"]
+        t.genes_ = list(meta["genes"])
         t.pca_ = PCA(n_components=z["components"].shape[0])
         t.pca_.components_, t.pca_.mean_ = z["components"], z["pca_mean"]
         t.pca_.n_components_ = z["components"].shape[0]
@@ -336,7 +343,6 @@ class ExpressionTeacher:
         if "mean" in z:
             t.mean_, t.scale_ = z["mean"], z["scale"]
         return t
-
 
 def _import_scvi():
     try:

@@ -22,8 +22,6 @@ sizes per patient.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -32,7 +30,8 @@ import scipy.sparse as sp
 
 from .._errors import StdistillError
 from .._pca import fit_pca_auto, project, row_blocks, standardized_blocks
-from .._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
+from .._utils import load_state, seed_everything
+from ..bundle import Bundled, bundle_record, check_shapes
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import (
     N_NEIGHBORS,
@@ -44,7 +43,9 @@ from ..pp.neighbors import (
 
 METHODS = ("nolan", "aggregate")
 CORRECTIONS = ("standardize", "scvi", "harmony", None)
-_FORMAT = "stdistill.NicheTeacher/1"
+_FORMAT = "stdistill.NicheTeacher/2"
+_ARRAYS = ("pca_components", "pca_mean", "gene_mean", "gene_sd")
+_GMM = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -149,7 +150,7 @@ def _nolan_module(**hp):
 
 
 # ----------------------------------------------------------------------------- teacher
-class NicheTeacher:
+class NicheTeacher(Bundled):
     """Transcriptome-only niche teacher; frozen after :meth:`fit`, gives soft niche labels.
 
     Parameters
@@ -452,49 +453,44 @@ class NicheTeacher:
                 "single_niche_patients": list(frac.index[frac.max(1) >= 0.95])}
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/config.json`` and ``path/weights.safetensors`` (atomically). Returns ``path``."""
+    _bundle_format = _FORMAT
+
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
         self._check_fitted()
         if self.params["batch_correction"] == "scvi":
             raise StdistillError("an scVI-based teacher cannot be saved; save its niches (obs/obsm) instead")
-        arrays: dict[str, np.ndarray] = {}
-        for k in ("pca_components", "pca_mean", "gene_mean", "gene_sd"):
-            if k in self.state_:
-                arrays[k] = np.ascontiguousarray(self.state_[k], dtype=np.float32)
+        arrays = {k: np.asarray(self.state_[k]) for k in _ARRAYS if k in self.state_}  # dtypes kept: same numbers
         if "gmm" in self.state_:
-            g = self.state_["gmm"]
-            for k in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
-                arrays[f"gmm.{k}"] = np.ascontiguousarray(getattr(g, k), dtype=np.float64)
-        for k, v in self.state_.get("nolan", {}).items():
-            arrays[f"nolan.{k}"] = np.ascontiguousarray(v)
-        cfg = {"format": _FORMAT, "params": self.params, "radius_um": self.state_["radius_um"],
-               "genes": self.state_.get("genes"), "nolan_hp": self.state_.get("nolan_hp")}
-        return save_safetensors_dir(path, "weights.safetensors", arrays, cfg, framework="numpy")
+            arrays.update({f"gmm.{k}": np.asarray(getattr(self.state_["gmm"], k), dtype=np.float64) for k in _GMM})
+        arrays.update({f"nolan.{k}": v for k, v in self.state_.get("nolan", {}).items()})
+        cfg = {"params": self.params, "radius_um": self.state_["radius_um"], "genes": self.state_.get("genes"),
+               "nolan_hp": self.state_.get("nolan_hp")}
+        rec = bundle_record("niche_teacher", outputs={"niches": [str(i) for i in range(self.n_niches)]},
+                            training={"method": self.params["method"], "radius_um": self.state_["radius_um"]})
+        return cfg, arrays, rec
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> NicheTeacher:
-        """Load a teacher written by :meth:`save` (safetensors + JSON; nothing is unpickled)."""
-        cfg, arrays = load_safetensors_dir(path, "weights.safetensors", _FORMAT, "NicheTeacher", framework="numpy")
+    def _from_bundle(cls, cfg, tensors, record, path, **_) -> NicheTeacher:
         t = cls(**cfg["params"])
-        t.state_ = {"radius_um": cfg["radius_um"]}
-        if cfg.get("genes") is not None:
-            t.state_["genes"] = cfg["genes"]
-        for k in ("pca_components", "pca_mean", "gene_mean", "gene_sd"):
-            if k in arrays:
-                t.state_[k] = arrays[k]
-        if "gmm.weights_" in arrays:
+        t.state_ = {"radius_um": cfg["radius_um"], **({"genes": cfg["genes"]} if cfg.get("genes") is not None else {})}
+        k = t.params["n_niches"]
+        check_shapes(tensors, {"pca_components?": ("c", "g"), "pca_mean?": ("g",), "gene_mean?": ("g",),
+                               "gene_sd?": ("g",), "gmm.weights_?": (k,), "gmm.means_?": (k, "d"),
+                               "gmm.covariances_?": None, "gmm.precisions_cholesky_?": None}, path, "NicheTeacher")
+        t.state_.update({n: tensors[n].numpy() for n in _ARRAYS if n in tensors})
+        if "gmm.weights_" in tensors:
             from sklearn.mixture import GaussianMixture
 
-            g = GaussianMixture(t.params["n_niches"], covariance_type=t.params["covariance_type"])
-            for k in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
-                setattr(g, k, arrays[f"gmm.{k}"])
-            t.state_["gmm"] = g
-        nol = {k[len("nolan."):]: v for k, v in arrays.items() if k.startswith("nolan.")}
+            t.state_["gmm"] = g = GaussianMixture(k, covariance_type=t.params["covariance_type"])
+            for n in _GMM:
+                setattr(g, n, tensors[f"gmm.{n}"].numpy())
+        nol = {n[len("nolan."):]: v for n, v in tensors.items() if n.startswith("nolan.")}
         if nol:
-            t.state_["nolan"] = nol
-            t.state_["nolan_hp"] = cfg["nolan_hp"]
+            t.state_["nolan"], t.state_["nolan_hp"] = {n: v.numpy() for n, v in nol.items()}, dict(cfg["nolan_hp"])
+            t._model = _nolan_module(**t.state_["nolan_hp"])
+            load_state(t._model, nol, path, "NicheTeacher")
+            t._model.eval()
         return t
-
 
 def write_niches(adata: ad.AnnData, probs: np.ndarray, key_added: str = "niche") -> None:
     """``obsm[f"{key_added}_probs"]`` = probs (n_obs, K); ``obs[key_added]`` = categorical argmax "0".."K-1".

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -13,7 +12,9 @@ import pandas as pd
 import torch
 
 from ..._errors import StdistillError
-from ..._utils import load_safetensors_dir, load_state, save_safetensors_dir, seed_everything
+from ..._utils import load_state, seed_everything
+from ...bundle import Bundled
+from ...bundle._format import _jsonable
 from ...metrics import pearson_per_gene
 from ...students.niche import _threads
 from ._config import GenstConfig
@@ -23,12 +24,11 @@ from ._nets import GenstNet
 
 __all__ = ["GenST"]
 
-_FORMAT = "stdistill.GenST/1"
-_WEIGHTS = "model.safetensors"
+_FORMAT = "stdistill.GenST/2"
 _PREP = ("feat_mean", "feat_sd", "expr_mean", "expr_sd", "y_mean", "y_sd")
 
 
-class GenST:
+class GenST(Bundled):
     """GenST as an estimator: ``fit`` on training spots (counts + patch features), then ``predict``
     / ``sample`` expression on any spots or H&E-only tiles with the same encoder's features.
 
@@ -68,6 +68,7 @@ class GenST:
             raise StdistillError(f'obsm["{key}"] must be finite (n_spots, D) features, got {F_.shape}')
         if fit:
             self.features_meta_ = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+            self.features_record_ = _jsonable(meta)  # the whole record (stain normalisation too) for the bundle
             self.n_features_ = F_.shape[1]
             self.prep_["feat_mean"], self.prep_["feat_sd"] = _zscore_fit(F_)
         else:
@@ -305,34 +306,35 @@ class GenST:
             rows = {"expression": codebook_stats(self.expression_codes(adata, layer), K), **rows}
         return pd.DataFrame.from_dict(rows, orient="index")
 
-    # -------------------------------------------------------------- persistence
-    def save(self, path) -> Path:
-        """Write ``path/config.json`` + ``path/model.safetensors`` (atomically; nothing pickled)."""
-        import stdistill
+    # -------------------------------------------------------------- persistence (a bundle; see stdistill.bundle)
+    _bundle_format = _FORMAT
+
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
+        """(config, tensors, record): nets and codebooks, the scaling arrays, settings and genes."""
+        from ...bundle import bundle_record
 
         self._check_fitted()
-        tensors = {k: v.detach().clone().contiguous().cpu() for k, v in self.net_.state_dict().items()}
-        tensors.update({f"_prep.{k}": torch.from_numpy(np.ascontiguousarray(self.prep_[k])) for k in _PREP})
-        meta = {"format": _FORMAT, "stdistill_version": stdistill.__version__, "config": asdict(self.config),
-                "genes": self.genes_, "feature_key": self.feature_key, "n_features": self.n_features_,
-                "features": self.features_meta_, "curve": [float(x) for x in getattr(self, "curve_", [])]}
-        return save_safetensors_dir(path, _WEIGHTS, tensors, meta)
+        tensors = dict(self.net_.state_dict())
+        tensors.update({f"_prep.{k}": np.ascontiguousarray(self.prep_[k]) for k in _PREP})
+        meta = {"config": asdict(self.config), "genes": self.genes_, "feature_key": self.feature_key,
+                "n_features": self.n_features_, "features": self.features_meta_,
+                "curve": [float(x) for x in getattr(self, "curve_", [])]}
+        rec = bundle_record("genst", features=getattr(self, "features_record_", None) or self.features_meta_,
+                            feature_norm="z-score (training mean/sd), clipped", outputs={"genes": self.genes_},
+                            training={"curve": meta["curve"]})
+        return meta, tensors, rec
 
     @classmethod
-    def load(cls, path, *, accelerator: str = "cpu", devices="auto", num_threads: int | None = 1) -> GenST:
-        """Load a model written by :meth:`save` (safetensors + JSON)."""
-        meta, tensors = load_safetensors_dir(path, _WEIGHTS, _FORMAT, "GenST model")
-        try:
-            cfg = GenstConfig(**meta["config"])
-            self = cls(cfg, feature_key=meta["feature_key"], accelerator=accelerator, devices=devices, num_threads=num_threads)
-            self.genes_, self.n_features_ = list(meta["genes"]), int(meta["n_features"])
-            self.features_meta_ = dict(meta.get("features") or {})
-            self.prep_ = {k: tensors.pop(f"_prep.{k}").numpy() for k in _PREP}
-            net = GenstNet(len(self.genes_), self.n_features_, cfg)
-        except (KeyError, TypeError) as e:
-            raise StdistillError(f"GenST model does not match its config: {str(e).splitlines()[0]}", path) from None
+    def _from_bundle(cls, meta, tensors, record, path, *, accelerator: str = "cpu", devices="auto",
+                     num_threads: int | None = 1, **_) -> GenST:
+        cfg = GenstConfig(**meta["config"])
+        self = cls(cfg, feature_key=meta["feature_key"], accelerator=accelerator, devices=devices, num_threads=num_threads)
+        self.genes_, self.n_features_ = list(meta["genes"]), int(meta["n_features"])
+        self.features_meta_, self.features_record_ = dict(meta["features"] or {}), record.get("features")
+        self.prep_ = {k: tensors.pop(f"_prep.{k}").numpy() for k in _PREP}
+        net = GenstNet(len(self.genes_), self.n_features_, cfg)
         load_state(net, tensors, path, "GenST model")
         self.net_ = net.eval()
-        self.curve_ = list(meta.get("curve", []))
+        self.curve_ = list(meta["curve"])
         self.table_ = self._code_table()
         return self

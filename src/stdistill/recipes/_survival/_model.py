@@ -7,24 +7,24 @@ student reads bags only; the RNA table is never touched.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..._errors import StdistillError
-from ..._utils import load_safetensors_dir, save_safetensors_dir, seed_everything
+from ..._utils import load_state, seed_everything
+from ...bundle import Bundled
 from ...io._cohort import Cohort
 from ...students.niche import _threads
 from ._losses import fit_time_bins, time_to_bin
 from ._module import Arrays, Collate, SurvivalModule, predict_arrays
 from ._nets import KINDS, USES_BAG, USES_GENES, build_net
 
-FORMAT = "stdistill.SurvivalModel/1"
+FORMAT = "stdistill.SurvivalModel/2"
+_ARRAYS = ("gene_mean_", "gene_sd_", "clin_mean_", "clin_sd_", "feat_mean_", "feat_sd_", "feat_proj_")
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(sd > 1e-8, sd, 1.0)
 
 
-class SurvivalModel:
+class SurvivalModel(Bundled):
     """A survival net as an estimator: ``fit(cohort)``, ``predict(cohort)`` -> risk per patient.
 
     Parameters
@@ -245,6 +245,7 @@ class SurvivalModel:
         if len(cohort.patients) < 2 or cohort.event.sum() < 1:
             raise StdistillError(f"training needs >= 2 patients and >= 1 event, got {len(cohort.patients)} / {int(cohort.event.sum())}")
         self.d_in_ = cohort.n_features
+        self.features_ = cohort.meta.get("features_record")  # how the instance features were made, when known
         if cfg.kind in USES_BAG and self.d_in_ == 0:
             raise StdistillError(f"a {cfg.kind!r} model needs slide features (the cohort has no bags)")
         self.bins_ = fit_time_bins(cohort.time, cohort.event, cfg.n_bins) if cfg.loss == "nll" else np.array([-np.inf, np.inf])
@@ -400,38 +401,38 @@ class SurvivalModel:
                 start += n
         return res
 
-    # ------------------------------------------------------------------ save / load
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/model.safetensors`` (weights, bins, standardisation) and ``path/config.json``."""
-        self._check_fitted()
-        from ... import __version__
+    # ------------------------------------------------------------------ save / load (a bundle; see stdistill.bundle)
+    _bundle_format = FORMAT
 
-        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()}
-        tensors["bins"] = torch.from_numpy(np.asarray(self.bins_, dtype=np.float64))
-        for k in ("gene_mean_", "gene_sd_", "clin_mean_", "clin_sd_", "feat_mean_", "feat_sd_", "feat_proj_"):
-            if getattr(self, k, None) is not None:
-                tensors[k] = torch.from_numpy(np.ascontiguousarray(getattr(self, k)))  # dtype kept: same numbers after load
-        cfg = {**asdict(self.config), "clinical": list(self.config.clinical)}
-        meta = {"format": FORMAT, "stdistill_version": __version__, "config": cfg, "d_in": int(self.d_in_),
-                "genes": list(self.genes_), "groups": self.groups_, "history": self.history_}
-        return save_safetensors_dir(path, "model.safetensors", tensors, meta)
+    def _bundle_parts(self) -> tuple[dict, dict, dict]:
+        """(config, tensors, record): weights, bins, standardisation; ``config.kind`` says AMKD student/teacher."""
+        from ...bundle import bundle_record
+
+        self._check_fitted()
+        tensors = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
+        tensors["bins"] = np.asarray(self.bins_, dtype=np.float64)
+        tensors.update({k: getattr(self, k) for k in _ARRAYS if getattr(self, k, None) is not None})  # dtypes kept
+        cfg = {"config": {**asdict(self.config), "clinical": list(self.config.clinical)}, "d_in": int(self.d_in_),
+               "genes": list(self.genes_), "groups": self.groups_, "history": self.history_, "risk_cut": self.risk_cut_}
+        rec = bundle_record("survival", features=getattr(self, "features_", None), outputs={"risk": ["risk"]},
+                            feature_norm="z-score" + (f" + PCA({self.config.pca})" if self.config.pca else "")
+                            if self.feat_mean_ is not None else None,
+                            training={"kind": self.config.kind, "loss": self.config.loss,
+                                      "fit_seconds": getattr(self, "fit_seconds_", None)})
+        return cfg, tensors, rec
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SurvivalModel:
-        """A model written by :meth:`save` (nothing is unpickled)."""
-        meta, tensors = load_safetensors_dir(path, "model.safetensors", FORMAT, "survival model")
+    def _from_bundle(cls, meta, tensors, record, path, **_) -> SurvivalModel:
         known = {f.name for f in fields(SurvivalConfig)}
         m = cls(SurvivalConfig(**{k: v for k, v in meta["config"].items() if k in known}))
         m.d_in_, m.genes_, m.groups_, m.history_ = int(meta["d_in"]), list(meta["genes"]), dict(meta["groups"]), meta["history"]
-        m.bins_ = tensors.pop("bins").numpy()
+        m.risk_cut_ = None if meta.get("risk_cut") is None else float(meta["risk_cut"])  # absent in older models
+        m.bins_, m.features_ = tensors.pop("bins").numpy(), record.get("features")
         m.feat_mean_ = m.feat_sd_ = m.feat_proj_ = None
-        for k in ("gene_mean_", "gene_sd_", "clin_mean_", "clin_sd_", "feat_mean_", "feat_sd_", "feat_proj_"):
+        for k in _ARRAYS:
             if k in tensors:
                 setattr(m, k, tensors.pop(k).numpy())
         net = m._build()
-        try:
-            net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        except RuntimeError as e:
-            raise StdistillError(f"weights do not fit the saved configuration ({str(e).splitlines()[0]})", path) from None
+        load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path, "survival model")
         m.net_ = net.eval()
         return m
