@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -70,7 +71,8 @@ def _run(tmp_path: Path) -> dict:
                        cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["devices1_rank0", "devices2_rank0"]  # rank 1 wrote nothing
-    ranks = dict(line.split() for line in r.stdout.splitlines() if line.startswith("RANK"))
+    # both processes share stdout, so their lines may interleave: read the hashes by pattern
+    ranks = dict(re.findall(r"(RANK[01]) ([0-9a-f]{64})", r.stdout))
     assert len(ranks) == 2 and ranks["RANK0"] == ranks["RANK1"], r.stdout  # DDP kept the processes in step
     return json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
 
