@@ -3,7 +3,8 @@
 Submodules follow scverse conventions: ``io`` (readers), ``datasets``, ``pp`` (patches,
 tiling, neighbours, splits), ``encoders`` (registry), ``features`` (extraction + cache),
 ``teachers``, ``students``, ``losses``, ``metrics``, ``bench``, ``recipes``, ``pl``,
-``bundle`` (saved students) and ``slide`` (whole-slide prediction).
+``bundle`` (saved students), ``slide`` (whole-slide prediction) and ``keys`` (every AnnData
+key the package writes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "io", "pp", "datasets", "encoders", "features", "teachers", "students",
-    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report",
+    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report", "keys",
 }
 
 

@@ -19,11 +19,11 @@ def _load_data(data: str):
 
 
 def _write(adata, out: Path) -> None:
-    from ..features.cache import _share
+    from .._utils import follow_umask
     from ..io import write_h5ad
 
     write_h5ad(adata, out)
-    _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
+    follow_umask(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
 
 
 def _manifest(console, manifest: str, out: Path, encoder: str, kwargs: dict) -> None:

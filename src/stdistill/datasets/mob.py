@@ -16,7 +16,7 @@ import pandas as pd
 
 from .._errors import StdistillError
 from ..io._section import concat, new_section
-from ..io.h5ad import _open_h5ad
+from ..io.h5ad import open_h5ad
 from ..io.legacy_st import ST_SPOT_DIAMETER_UM
 
 FOLDER = "mob-st-stahl2016-spacest"
@@ -64,7 +64,7 @@ def mob(root: str | os.PathLike | None = None, patient_per_replicate: bool = Fal
     parts = []
     for rep in REPLICATES:
         path = base / "derived" / f"{rep}_MOB_counts_spots.h5ad"
-        src = _open_h5ad(path, "MOB counts file")
+        src = open_h5ad(path, "MOB counts file")
         mpp = src.uns.get("um_per_px")
         img = src.uns.get("image")
         image = base / str(img) if img is not None else base / "inst" / "extdata" / f"HE_{rep}.jpg"

@@ -83,9 +83,9 @@ def _from_tables(counts: Path, positions: Path, x: str | None, y: str | None):
 
 def _from_h5ad(path: Path, layer: str | None):
     """(counts, genes, spot ids, xy px, obs) from an .h5ad with ``obsm["spatial"]`` in image pixels."""
-    from .h5ad import _open_h5ad
+    from .h5ad import open_h5ad
 
-    a = _open_h5ad(path, ".h5ad file")
+    a = open_h5ad(path, ".h5ad file")
     if "spatial" not in a.obsm:
         raise StdistillError('no obsm["spatial"] (spot centres in full-resolution pixels)', path)
     if layer is not None and layer not in a.layers:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .._errors import StdistillError, require_file
 from ._section import new_section
-from .h5ad import _open_h5ad
+from .h5ad import open_h5ad
 
 _SPOT_DIAMETER_UM = {"visium": 55.0, "visium hd": 2.0, "spatial transcriptomics": 100.0, "st": 100.0}
 _KEEP_OBS = ("in_tissue", "array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres")
@@ -62,7 +62,7 @@ def read_hest(
             meta_path,
         )
     require_file(wsi_path, "HEST whole-slide image")
-    st = _open_h5ad(st_path, "HEST counts file")
+    st = open_h5ad(st_path, "HEST counts file")
     if "in_tissue" in st.obs:
         st = st[st.obs["in_tissue"].astype(int).to_numpy() == 1]
     if "spatial" in st.obsm:

@@ -28,7 +28,7 @@ def _reader(image) -> ImageReader:
     raise StdistillError(f"tile: image must be a path, an ImageReader or an RGB array, got {type(image).__name__}")
 
 
-def _slide_mpp(reader) -> float | None:
+def slide_mpp(reader) -> float | None:
     """Microns per pixel recorded in a whole-slide file's metadata (tiffslide/openslide), if any."""
     props = getattr(getattr(reader, "_slide", None), "properties", None) or {}
     for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
@@ -197,7 +197,7 @@ def tile(
     """
     reader = _reader(image)
     source = getattr(reader, "path", None) or f"image of section {section!r}"
-    mpp = microns_per_pixel if microns_per_pixel is not None else _slide_mpp(reader)
+    mpp = microns_per_pixel if microns_per_pixel is not None else slide_mpp(reader)
     if mpp is None or not np.isfinite(mpp) or mpp <= 0:
         raise StdistillError(
             "microns per pixel of the slide is missing; pass microns_per_pixel= (Python) or "

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._collect import _figures, _read_json, _spread, _table, encoder_rows
+from ._common import _figures, _read_json, _spread, _table, encoder_rows
 
 
 def _niche_table(a) -> pd.DataFrame:
@@ -55,11 +55,11 @@ def _run_rows(folder: Path, run: dict, record: dict, a) -> list[tuple[str, str]]
 
 def collect_predict(folder: Path) -> dict:
     """Run, model, encoder licence, per-output summaries and the maps of a predict folder."""
-    from ..io.h5ad import _open_h5ad
+    from ..io.h5ad import open_h5ad
 
     run = _read_json(folder / "run.json")
     h5 = folder / f"{Path(run['slide']).stem}.h5ad"
-    a = _open_h5ad(h5 if h5.is_file() else sorted(folder.glob("*.h5ad"))[0], "prediction .h5ad")
+    a = open_h5ad(h5 if h5.is_file() else sorted(folder.glob("*.h5ad"))[0], "prediction .h5ad")
     pred = a.uns.get("predict", {})
     record = json.loads(pred["bundle"]) if isinstance(pred.get("bundle"), str) else {}
     about = run.get("about", {})

@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._niches import write_niches
 from .._pca import fit_pca_auto, project, row_blocks, standardized_blocks
 from .._utils import load_state, seed_everything
 from ..bundle import Bundled, bundle_record, check_shapes
@@ -385,9 +386,9 @@ class NicheTeacher(Bundled):
         model = _nolan_module(**self._hp)
         trainer = make_trainer(max_epochs=-1, max_steps=p["n_steps"], monitor=None, accelerator="cpu", devices=1,
                                enable_progress_bar=False)
-        from ..students.niche import _threads
+        from .._threads import torch_threads
 
-        with _threads(1), quiet():
+        with torch_threads(1), quiet():
             trainer.fit(model, dl)
         model.eval()
         self.state_["nolan"] = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -493,25 +494,3 @@ class NicheTeacher(Bundled):
             load_state(t._model, nol, path, "NicheTeacher")
             t._model.eval()
         return t
-
-def write_niches(adata: ad.AnnData, probs: np.ndarray, key_added: str = "niche") -> None:
-    """``obsm[f"{key_added}_probs"]`` = probs (n_obs, K); ``obs[key_added]`` = categorical argmax "0".."K-1".
-
-    Rows of ``probs`` that are not finite give a missing niche (NaN category)."""
-    probs = np.asarray(probs, dtype=np.float32)
-    ok = np.all(np.isfinite(probs), axis=1)
-    codes = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
-    adata.obsm[f"{key_added}_probs"] = probs
-    adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=[str(i) for i in range(probs.shape[1])])
-
-
-def niche_codes(adata: ad.AnnData, key: str) -> np.ndarray:
-    """Integer niche ids (n_obs,) of ``obs[key]`` written by :func:`write_niches` (-1 = missing)."""
-    if key not in adata.obs:
-        raise StdistillError(f'AnnData has no obs["{key}"] (niches)')
-    c = adata.obs[key]
-    if isinstance(c.dtype, pd.CategoricalDtype):
-        cats = np.asarray(c.cat.categories).astype(int)
-        codes = c.cat.codes.to_numpy()
-        return np.where(codes >= 0, cats[np.maximum(codes, 0)], -1)
-    return pd.to_numeric(c, errors="coerce").fillna(-1).astype(int).to_numpy()

@@ -14,9 +14,9 @@ import torch
 from ..._errors import StdistillError
 from ..._utils import load_state, seed_everything
 from ...bundle import Bundled
-from ...bundle._format import _jsonable
+from ..._json import jsonable
 from ...metrics import pearson_per_gene
-from ...students.niche import _threads
+from ..._threads import torch_threads
 from ._config import GenstConfig
 from ._data import _counts, _expr_inputs, _frame, _tempered, _zscore_fit, codebook_stats
 from ._modules import AlignModule, ExprVQModule, _fit_module, generated_pearson
@@ -68,7 +68,7 @@ class GenST(Bundled):
             raise StdistillError(f'obsm["{key}"] must be finite (n_spots, D) features, got {F_.shape}')
         if fit:
             self.features_meta_ = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
-            self.features_record_ = _jsonable(meta)  # the whole record (stain normalisation too) for the bundle
+            self.features_record_ = jsonable(meta)  # the whole record (stain normalisation too) for the bundle
             self.n_features_ = F_.shape[1]
             self.prep_["feat_mean"], self.prep_["feat_sd"] = _zscore_fit(F_)
         else:
@@ -120,7 +120,7 @@ class GenST(Bundled):
         :func:`select_genst`; the best epoch is kept. Sets ``curve_`` (validation r, epoch 0 = the
         untrained head) and ``history_`` (losses per epoch).
         """
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             return self._fit(adata, genes, n_genes, val, layer)
 
     def _fit(self, adata, genes, n_genes, val, layer) -> GenST:
@@ -209,7 +209,7 @@ class GenST(Bundled):
         self._check_fitted()
         f = self._features(adata, extract=extract)
         self.net_.eval()
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             return np.concatenate([self.net_.code_logits(f[i:i + 4096])[0].numpy() for i in range(0, len(f), 4096)]
                               or [np.zeros((0, self.net_.expr.codebook_size), np.float32)]).astype(np.float64)
 
@@ -271,7 +271,7 @@ class GenST(Bundled):
         self._check_fitted()
         x = torch.from_numpy(self._expression(adata, layer=layer)["x"].astype(np.float32))
         self.net_.eval()
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             return self.net_.expr(x)["idx"].numpy()
 
     def reconstruct(self, adata: ad.AnnData, layer: str | None = None) -> pd.DataFrame:
