@@ -227,7 +227,6 @@ def _register_probe(sub: typer.Typer) -> None:
 
         import stdistill as sd
         from stdistill.bench import HestRidge
-        from stdistill.bench._expression import _features
         from stdistill.io.summary import load_any
 
         check_target(out)
@@ -235,7 +234,7 @@ def _register_probe(sub: typer.Typer) -> None:
         a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
         if feature_key not in a.obsm and encoder is not None:
             sd.features.extract(a, encoder, key_added=feature_key)
-        F = _features(a, feature_key)
+        F = sd.features.feature_matrix(a, feature_key)
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(a, n_genes)
         made = a.uns.get("features", {}).get(feature_key)
         p = HestRidge().fit(F, sd.pp.log1p_targets(a, g), genes=g, features=made)
