@@ -38,7 +38,7 @@ def renamed_kwargs(**renames: str) -> Callable[[F], F]:
     """
 
     def deco(fn: F) -> F:
-        name = fn.__qualname__.removesuffix(".__init__")
+        name = fn.__qualname__.rsplit("<locals>.", 1)[-1].removesuffix(".__init__")
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -57,11 +57,12 @@ def renamed_kwargs(**renames: str) -> Callable[[F], F]:
     return deco
 
 
-def write_or_return(key_added: str | None, inplace: bool, where: str) -> bool:
+def write_or_return(key_added: str | None, inplace: bool, where: str, stacklevel: int = 4) -> bool:
     """``inplace``, with the old spelling ``key_added=None`` ("return it, write nothing") read as
-    ``inplace=False`` for one release (``DeprecationWarning``)."""
+    ``inplace=False`` for one release (``DeprecationWarning``). ``stacklevel``: frames from here to
+    the user's call (4: the user called the function that calls this one)."""
     if key_added is None:
-        deprecated(f"{where}(key_added=None) is now {where}(inplace=False)", stacklevel=4)
+        deprecated(f"{where}(key_added=None) is now {where}(inplace=False)", stacklevel=stacklevel)
         return False
     return inplace
 
@@ -77,3 +78,12 @@ def deliver(adata: ad.AnnData, value: Any, write: Callable[[ad.AnnData], None], 
     target = adata.copy() if copy else adata
     write(target)
     return target if copy else None
+
+
+def write_obsm(adata: ad.AnnData, value: Any, key_added: str | None, *, inplace: bool = True, copy: bool = False,
+               where: str = "") -> Any:
+    """The return rule for one ``obsm`` output (an array or a frame indexed like ``adata.obs``):
+    ``obsm[key_added] = value`` in place (None), in a copy (returned) or nowhere (``inplace=False``:
+    ``value``). ``key_added=None`` is the old spelling of ``inplace=False`` (``DeprecationWarning``)."""
+    inplace = write_or_return(key_added, inplace, where, stacklevel=5)
+    return deliver(adata, value, lambda target: target.obsm.__setitem__(key_added, value), copy=copy, inplace=inplace)

@@ -39,6 +39,7 @@ from ..io._section import PATIENT_KEY, SECTION_KEY, sections as _sections
 from ..metrics import pearson_per_gene
 from ..pp.genes import hest_genes, log1p_targets, read_gene_list
 from ..pp.splits import Fold, check_split, folds as _make_folds
+from .._keys import Key
 
 __all__ = ["HestRidge", "ExpressionBenchResult", "expression", "hest_alpha", "choose_alpha_cv", "read_hest_splits", "with_views",
            "DEFAULT_ALPHAS"]
@@ -566,7 +567,7 @@ def expression(
     clip: bool = False,
     extra_genes: Sequence[str] = (),
     layer: str | None = None,
-    key_added: str | None = "bench_expression",
+    key_added: str | None = Key.uns.bench_expression,
 ) -> ExpressionBenchResult:
     """HEST-Benchmark expression evaluation of the features in ``obsm[feature_key]``.
 

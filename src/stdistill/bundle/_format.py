@@ -12,6 +12,7 @@ import numpy as np
 
 from .._errors import StdistillError
 from .._json import jsonable
+from .._keys import Key
 
 SCHEMA = "stdistill.bundle/1"
 
@@ -132,4 +133,4 @@ class Bundle:
 
     def check_features(self, adata: ad.AnnData, key: str) -> None:
         """Refuse ``adata.obsm[key]`` when ``uns["features"][key]`` says it was made otherwise."""
-        check_record(self.record, adata.uns.get("features", {}).get(key), f'obsm["{key}"]', self.path)
+        check_record(self.record, adata.uns.get(Key.uns.features, {}).get(key), f'obsm["{key}"]', self.path)

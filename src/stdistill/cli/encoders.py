@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .._keys import Key
+
 
 def _load_data(data: str):
     """Validated sections (:func:`stdistill.io.load_any`); her2st is read with its imaged sections only."""
@@ -185,7 +187,7 @@ def _stain_reference(value: str | None, encoder: str):
     p = Path(value)
     if not p.is_file():
         raise StdistillError("no such features file for --stain-reference", p)
-    stored = ad.read_h5ad(p).uns.get("features", {})
+    stored = ad.read_h5ad(p).uns.get(Key.uns.features, {})
     rec = [v["stain"] for k, v in stored.items() if isinstance(v, dict) and "stain" in v and v.get("encoder") == encoder]
     if not rec:
         raise StdistillError(f"holds no stain reference for encoder {encoder!r} (extract it with --stain-norm first)", p)

@@ -37,11 +37,12 @@ from typing import Any
 import pandas as pd
 
 from .._errors import StdistillError, one_line, require_file
+from .._keys import Key
 
 log = logging.getLogger(__name__)
 
 #: ``uns`` key of an output that records its input and settings (a JSON string).
-RECORD_KEY = "features_manifest"
+RECORD_KEY = Key.uns.features_manifest
 SUMMARY = "features_summary.tsv"
 
 

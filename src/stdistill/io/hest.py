@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError, require_file
+from .._keys import Key
 from ._section import new_section
 from .h5ad import open_h5ad
 
@@ -65,8 +66,8 @@ def read_hest(
     st = open_h5ad(st_path, "HEST counts file")
     if "in_tissue" in st.obs:
         st = st[st.obs["in_tissue"].astype(int).to_numpy() == 1]
-    if "spatial" in st.obsm:
-        xy = np.asarray(st.obsm["spatial"], dtype=np.float64)[:, :2]
+    if Key.obsm.spatial in st.obsm:
+        xy = np.asarray(st.obsm[Key.obsm.spatial], dtype=np.float64)[:, :2]
     elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(st.obs.columns):
         xy = st.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     else:
@@ -87,7 +88,7 @@ def read_hest(
         obs=obs,
         source=st_path,
     )
-    info = adata.uns["spatial"][sample_id]["metadata"]
+    info = adata.uns[Key.uns.spatial][sample_id]["metadata"]
     info["reader"] = "read_hest"
     for k in ("st_technology", "species", "organ", "tissue", "oncotree_code", "disease_state"):
         if isinstance(meta.get(k), str):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._image import ArrayImage, ImageReader, open_image
 from ..io._section import new_section
 
@@ -248,9 +249,9 @@ def tile(
     ids = [f"{section}_t{r:05d}_{c:05d}" for r, c in zip(rows, cols)]
     obs = pd.DataFrame(
         {
-            "tissue_fraction": frac.astype(np.float32),
-            "tile_row": rows.astype(np.int32),
-            "tile_col": cols.astype(np.int32),
+            Key.obs.tissue_fraction: frac.astype(np.float32),
+            Key.obs.tile_row: rows.astype(np.int32),
+            Key.obs.tile_col: cols.astype(np.int32),
         },
         index=ids,
     )
@@ -267,5 +268,5 @@ def tile(
         obs=obs,
         source=source,
     )
-    adata.uns["spatial"][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
+    adata.uns[Key.uns.spatial][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
     return adata

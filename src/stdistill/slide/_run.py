@@ -200,7 +200,7 @@ def _predict_adapted(tiles, bundle, out: Path, chunks, *, bar, pause) -> tuple[d
     path = _chunk_paths(out, "pred")
 
     def compute(a, b):
-        frame = model.predict(tiles[np.arange(a, b)].copy())
+        frame = model.predict(tiles[np.arange(a, b)].copy(), inplace=False)
         return {"pred": np.asarray(getattr(frame, "to_numpy", lambda: frame)(), dtype=np.float32)}
 
     reused = _stage("predict", tiles, chunks, path, compute, bar, pause)

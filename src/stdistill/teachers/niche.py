@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._api import deliver, renamed_kwargs
 from .._errors import StdistillError
 from .._niches import write_niches
 from .._pca import fit_pca_auto, project, row_blocks, standardized_blocks
@@ -163,13 +164,13 @@ class NicheTeacher(Bundled):
     method
         ``"aggregate"`` (CellCharter-like ring aggregation + Gaussian mixture) or ``"nolan"``
         (self-supervised global/local neighbourhood views with a K-way prototype head).
-    use_rep
+    feature_key
         ``obsm`` key of a per-spot expression embedding (e.g. ``"X_scVI"``); ``None``: PCA of
-        log-normalised counts (``n_top_genes`` genes, ``n_pcs`` components) computed here.
+        log-normalised counts (``n_top_genes`` genes, ``n_pcs`` components) computed here (was ``use_rep``).
     batch_key
         ``obs`` column whose groups are corrected for (``"section"`` default; ``"patient"``).
     batch_correction
-        ``"standardize"`` (per-group z-scores of log-expression, or of ``use_rep``),
+        ``"standardize"`` (per-group z-scores of log-expression, or of ``feature_key``),
         ``"scvi"`` (scVI latent with ``batch_key``; needs the ``scvi`` extra), ``"harmony"``
         (Harmony on the PCA; needs ``harmonypy``), or ``None`` (global scaling).
     radius_um
@@ -186,12 +187,13 @@ class NicheTeacher(Bundled):
         ``"nolan"``: optimisation steps, spots per step, width of the set encoder.
     """
 
+    @renamed_kwargs(use_rep="feature_key")
     def __init__(
         self,
         n_niches: int = 6,
         method: str = "aggregate",
         *,
-        use_rep: str | None = None,
+        feature_key: str | None = None,
         batch_key: str | None = SECTION_KEY,
         batch_correction: str | None = "standardize",
         n_pcs: int = 10,
@@ -215,7 +217,7 @@ class NicheTeacher(Bundled):
         if batch_correction is not None and batch_key is None:
             raise StdistillError("batch_correction needs batch_key= (e.g. 'section' or 'patient')")
         self.params = dict(
-            n_niches=int(n_niches), method=method, use_rep=use_rep, batch_key=batch_key,
+            n_niches=int(n_niches), method=method, feature_key=feature_key, batch_key=batch_key,
             batch_correction=batch_correction, n_pcs=int(n_pcs), n_top_genes=int(n_top_genes),
             min_gene_frac=float(min_gene_frac), radius_um=radius_um, n_rings=int(n_rings),
             n_neighbors=int(n_neighbors), covariance_type=covariance_type, n_steps=int(n_steps),
@@ -245,16 +247,16 @@ class NicheTeacher(Bundled):
         p = self.params
         groups = self._groups(adata)
         corr = p["batch_correction"]
-        if p["use_rep"] is not None:
-            if p["use_rep"] not in adata.obsm:
-                raise StdistillError(f'AnnData has no obsm["{p["use_rep"]}"] (use_rep); compute it or pass use_rep=None')
-            e = np.asarray(adata.obsm[p["use_rep"]], dtype=np.float32)
+        if p["feature_key"] is not None:
+            if p["feature_key"] not in adata.obsm:
+                raise StdistillError(f'AnnData has no obsm["{p["feature_key"]}"] (feature_key); compute it or pass feature_key=None')
+            e = np.asarray(adata.obsm[p["feature_key"]], dtype=np.float32)
             if corr == "standardize":
                 e = _standardize_by(e, groups)
             elif corr == "harmony":
                 e = self._harmony(e, adata)
             elif corr == "scvi":
-                raise StdistillError("batch_correction='scvi' computes its own latent; pass use_rep=None")
+                raise StdistillError("batch_correction='scvi' computes its own latent; pass feature_key=None")
             else:
                 e = _standardize_by(e, np.zeros(len(e)))
             return e
@@ -428,18 +430,18 @@ class NicheTeacher(Bundled):
         self._check_fitted()
         return self._probs(adata, self._embed(adata, fit=False))
 
-    def predict(self, adata: ad.AnnData, key_added: str = "niche") -> np.ndarray:
-        """Write ``obsm[f"{key_added}_probs"]`` (n_obs, K) and ``obs[key_added]`` (categorical
-        "0".."K-1", the argmax). Returns the probabilities."""
+    def predict(self, adata: ad.AnnData, key_added: str = "niche", *, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Write ``obsm[f"{key_added}_probs"]`` (n_obs, K) and ``obs[key_added]`` (categorical "0".."K-1",
+        the argmax). Returns None (``copy=True``: a new AnnData; ``inplace=False``: the probabilities)."""
         probs = self.predict_proba(adata)
-        write_niches(adata, probs, key_added)
-        return probs
+        return deliver(adata, probs, lambda target: write_niches(target, probs, key_added), copy=copy, inplace=inplace)
 
-    def fit_predict(self, adata: ad.AnnData, key_added: str = "niche") -> np.ndarray:
-        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`)."""
-        self.fit(adata)
-        write_niches(adata, self.fit_probs_, key_added)
-        return self.fit_probs_
+    def fit_predict(self, adata: ad.AnnData, key_added: str = "niche", *, inplace: bool = True,
+                    copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`; the same return rule)."""
+        probs = self.fit(adata).fit_probs_
+        return deliver(adata, probs, lambda target: write_niches(target, probs, key_added), copy=copy, inplace=inplace)
 
     def diagnostics(self, adata: ad.AnnData, key: str = "niche", patient_key: str = PATIENT_KEY) -> dict:
         """``{"nmi_patient": NMI(niche, patient), "sizes": DataFrame patients x niches (spots),
@@ -474,7 +476,9 @@ class NicheTeacher(Bundled):
 
     @classmethod
     def _from_bundle(cls, cfg, tensors, record, path, **_) -> NicheTeacher:
-        t = cls(**cfg["params"])
+        params = dict(cfg["params"])
+        params.setdefault("feature_key", params.pop("use_rep", None))  # saved before the rename
+        t = cls(**params)
         t.state_ = {"radius_um": cfg["radius_um"], **({"genes": cfg["genes"]} if cfg.get("genes") is not None else {})}
         k = t.params["n_niches"]
         check_shapes(tensors, {"pca_components?": ("c", "g"), "pca_mean?": ("g",), "gene_mean?": ("g",),

@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from ..._errors import StdistillError
+from ..._threads import torch_threads
 from ..._utils import load_state, seed_everything
 from ...bundle import Bundled
 from ...io._cohort import Cohort
-from ..._threads import torch_threads
 from ._losses import fit_time_bins, time_to_bin
 from ._module import Arrays, Collate, SurvivalModule, predict_arrays
 from ._nets import KINDS, USES_BAG, USES_GENES, build_net
