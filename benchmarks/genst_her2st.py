@@ -96,9 +96,9 @@ def coverage(y: np.ndarray, draws: np.ndarray, levels=(0.5, 0.8, 0.9)) -> dict[s
 def score_genst(m: GenST, te, genes: list[str], gene: str, seed: int) -> tuple[dict, pd.DataFrame, dict]:
     """Held-out scores of one fitted model, its per-gene table and (for the figures) arrays."""
     y = np.log1p(te[:, m.genes_].X.toarray())
-    pred = m.predict(te).to_numpy()
+    pred = m.predict(te, inplace=False).to_numpy()
     sd_codes = te.obsm["genst_sd"].to_numpy()
-    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, sd_key=None)
+    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, inplace=False)
     tab = m.predictability(te)
     r = tab["generated"]
     row = {"pearson": float(r[genes].mean()), "ceiling": float(tab["reconstruction"][genes].mean()),

@@ -170,7 +170,7 @@ def chosen_baselines(a: ad.AnnData, df: pd.DataFrame, k: int, seed: int, store: 
         base = df[(df["fold"] == fold) & (df["method"] == "kmeans_nbr")].iloc[0]
         for name, rad in (("kmeans_chosen", None), ("kmeans_nbr_chosen", r_nbr)):
             if (key, rad) not in codes:
-                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, key_added="_b")).astype(str)
+                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, inplace=False)).astype(str)
             cd = codes[key, rad]
             mapped = apply_map(cd[te], majority_map(cd[tr], teach[tr]), default="-1").astype(str)
             rows.append(dict(base, method=name, ari=ari(teach[te], cd[te]), nmi=nmi(teach[te], cd[te]),
@@ -332,7 +332,7 @@ def main() -> None:
     teachers = [
         ("expression", "aggregate on PCA of log-expression, per-section standardised (the default)", default_teacher),
         ("celltypes", "aggregate on stereoscope cell-type proportions (obsm['celltype_props']), per-section standardised",
-         lambda k: NicheTeacher(k, use_rep="celltype_props", seed=0)),
+         lambda k: NicheTeacher(k, feature_key="celltype_props", seed=0)),
     ]
     if args.teachers:
         teachers = [t for t in teachers if t[0] in args.teachers]

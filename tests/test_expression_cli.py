@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def _imaged(n_patients=3, side=5, n_genes=12, seed=0):
     genes = [f"G{i}" for i in range(n_genes - 1)] + ["ERBB2"]
-    return colour_sections(n_patients, side, genes, seed, features_key="X_feat")
+    return colour_sections(n_patients, side, genes, seed, feature_key="X_feat")
 
 
 def test_bench_cli_and_figures(tmp_path):

@@ -127,12 +127,15 @@ def test_teacher_removes_patient_effect_and_finds_niches(data):
     from stdistill.teachers import NicheTeacher
 
     a = data.copy()
-    bad = NicheTeacher(3, batch_correction=None).fit_predict(a, key_added="bad")
-    assert bad.shape == (a.n_obs, 3)
+    assert NicheTeacher(3, batch_correction=None).fit_predict(a, key_added="bad") is None
+    assert a.obsm["bad_probs"].shape == (a.n_obs, 3)
     d_bad = NicheTeacher(3).diagnostics(a, key="bad")
     assert d_bad["nmi_patient"] > 0.8  # globally scaled: one niche per patient
     t = NicheTeacher(3)
-    probs = t.fit_predict(a, key_added="niche")
+    probs = t.fit_predict(a, key_added="niche", inplace=False)
+    assert "niche" not in a.obs  # inplace=False writes nothing
+    assert t.fit_predict(a, key_added="niche") is None  # seeded: the same fit, now written
+    np.testing.assert_array_equal(a.obsm["niche_probs"], probs)
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     assert list(a.obs["niche"].cat.categories) == ["0", "1", "2"]
     d = t.diagnostics(a)
@@ -146,7 +149,8 @@ def test_teacher_nolan_and_save_load(tmp_path, data):
 
     a = data.copy()
     t = NicheTeacher(3, method="nolan", n_steps=60, seed=1)
-    p = t.fit_predict(a)
+    t.fit_predict(a)
+    p = a.obsm["niche_probs"]
     assert p.shape == (a.n_obs, 3) and np.isfinite(p).all()
     assert len(np.unique(p.argmax(1))) >= 2  # the balanced objective does not collapse
     assert metrics.nmi(a.obs["patient"], a.obs["niche"]) < 0.5
@@ -294,8 +298,10 @@ def test_kmeans_baselines():
     from stdistill.recipes.niches import kmeans_niches
 
     a = toy(noise=3.0)
-    own = kmeans_niches(a, "X_toy", 3, seed=0, key_added="km")
-    nbr = kmeans_niches(a, "X_toy", 3, radius_um=450, seed=0, key_added="kmn")
+    own = kmeans_niches(a, "X_toy", 3, seed=0, inplace=False)
+    assert kmeans_niches(a, "X_toy", 3, radius_um=450, seed=0, key_added="kmn") is None
+    nbr = a.obs["kmn"].astype(int).to_numpy()
+    assert "niche_kmeans" not in a.obs  # inplace=False wrote nothing
     assert set(np.unique(own)) == {0, 1, 2}
     assert metrics.ari(a.obs["niche_true"], nbr) > metrics.ari(a.obs["niche_true"], own)
 

@@ -241,11 +241,9 @@ class AdaptedEncoder(Bundled):
                 got[k].append(out[k].float())
         return [torch.cat(got[k]).numpy().astype(np.float32) for k in keys]
 
-    def transform(self, adata: ad.AnnData, key_added: str | None = None) -> np.ndarray:
-        """(n_spots, dim) float32 adapted-encoder features; writes ``obsm[key_added]`` unless None."""
+    def _features_out(self, adata: ad.AnnData) -> np.ndarray:
+        """(n_spots, dim) float32 adapted-encoder features (a recipe's ``transform`` writes them)."""
         (f,) = self._outputs(adata, ("features",))
-        if key_added:
-            adata.obsm[key_added] = f
         return f
 
     def _predict_frame(self, adata: ad.AnnData) -> pd.DataFrame:

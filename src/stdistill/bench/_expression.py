@@ -33,6 +33,7 @@ from .._errors import StdistillError
 from ..io._section import PATIENT_KEY, SECTION_KEY, sections as _sections
 from ..pp.genes import hest_genes, log1p_targets
 from ..pp.splits import Fold
+from .._keys import Key
 from ..select import Criterion, LeaveOnePatientOut, Selection, Split, select
 from ._folds import _resolve_folds
 from ._inputs import _candidates, _features, _given_genes, _present_extra_genes, _Setup, _views
@@ -201,7 +202,7 @@ def expression(
     clip: bool = False,
     extra_genes: Sequence[str] = (),
     layer: str | None = None,
-    key_added: str | None = "bench_expression",
+    key_added: str | None = Key.uns.bench_expression,
 ) -> ExpressionBenchResult:
     """HEST-Benchmark expression evaluation of the features in ``obsm[feature_key]`` (see the module
     docstring for the protocol).

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .._errors import StdistillError
 from ..bundle import Bundled, bundle_record, check_shapes
-from ..bundle._format import _jsonable
+from .._json import jsonable
 from ..metrics import pearson_per_gene
 
 __all__ = ["DEFAULT_ALPHAS", "HestRidge", "choose_alpha_cv", "hest_alpha", "with_views"]
@@ -121,7 +121,7 @@ class HestRidge(Bundled):
                             random_state=self.seed, max_iter=self.max_iter).fit(Z, Y)
         self.n_components_ = d
         self.genes_ = list(genes) if genes is not None else [str(i) for i in range(Y.shape[1])]
-        self.features_ = _jsonable(dict(features)) if features else None
+        self.features_ = jsonable(dict(features)) if features else None
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from .._keys import Key
 from ..bundle import check_target
 from ._common import (
     STAIN_NORM_HELP,
@@ -156,7 +157,7 @@ def register(app: typer.Typer) -> None:
                 raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
 
             def inner(inner_tr, val_p):  # genes and teacher without the validation patient
-                rest = train_all[(train_all.obs["patient"].astype(str) != val_p).to_numpy()].copy()
+                rest = train_all[(train_all.obs[Key.obs.patient].astype(str) != val_p).to_numpy()].copy()
                 t = ExpressionTeacher("pca").fit(rest)
                 return {"teacher": t.transform(inner_tr), "genes": g if genes else sd.pp.hest_genes(inner_tr, 50)}
 
@@ -200,14 +201,13 @@ def register(app: typer.Typer) -> None:
         a = load_any(data)
         secs = _split(sections) or [s for s in sd.io.sections(a) if sd.io.has_image(a, s)]
         a = sd.io.subset_sections(a, secs)
-        pred = m.predict(a).clip(lower=0.0)  # log1p expression is never negative; heads can undershoot
+        pred = m.predict(a, inplace=False).clip(lower=0.0)  # log1p expression is never negative; heads can undershoot
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             pred.to_csv(tmp)
         if features_out is not None:
-            m.transform(a, key_added="X_peka")
-            a.obsm["peka_pred"] = pred.to_numpy(np.float32)
-            a.uns["peka_pred_genes"] = list(pred.columns)
+            m.transform(a)  # obsm["X_peka"]
+            a.obsm[Key.obsm.peka_pred] = pred.astype(np.float32)  # genes as the frame's columns
             sd.io.write_h5ad(a, features_out)
         c = Console()
         for p in _gene_maps(a, pred, _split(map_gene), secs, out.parent, c):
@@ -232,7 +232,6 @@ def _register_probe(sub: typer.Typer) -> None:
 
         import stdistill as sd
         from stdistill.bench import HestRidge
-        from stdistill.bench._inputs import _features
         from stdistill.io.summary import load_any
 
         check_target(out)
@@ -240,9 +239,9 @@ def _register_probe(sub: typer.Typer) -> None:
         a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
         if feature_key not in a.obsm and encoder is not None:
             sd.features.extract(a, encoder, key_added=feature_key)
-        F = _features(a, feature_key)
+        F = sd.features.feature_matrix(a, feature_key)
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(a, n_genes)
-        made = a.uns.get("features", {}).get(feature_key)
+        made = a.uns.get(Key.uns.features, {}).get(feature_key)
         p = HestRidge().fit(F, sd.pp.log1p_targets(a, g), genes=g, features=made)
         p.save(out)
         c = Console()

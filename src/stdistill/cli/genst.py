@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import _numbers, _split, patient_split, print_selection
 
@@ -182,7 +183,8 @@ def register(app: typer.Typer) -> None:
         import stdistill as sd
 
         m, a = _model_and_data(model, data, out, sections, extract)
-        pred = m.predict(a, temperature=temperature, top_k=top_k, extract=extract)
+        m.predict(a, temperature=temperature, top_k=top_k, extract=extract)  # obsm["genst_pred"], obsm["genst_sd"]
+        pred = a.obsm[Key.obsm.genst_pred]
         sd.io.write_h5ad(a, out)
         c = Console()
         if all(g in a.var_names for g in m.genes_):
@@ -209,10 +211,10 @@ def register(app: typer.Typer) -> None:
         import stdistill as sd
 
         m, a = _model_and_data(model, data, out, sections, extract)
-        draws = m.sample(a, n_samples, temperature=temperature, top_k=top_k, counts=counts, seed=seed, extract=extract)
-        m.predict(a, sd_key=None, temperature=temperature, top_k=top_k)
-        a.obsm["genst_samples"] = draws
-        a.uns["genst"] = {"genes": list(m.genes_), "params": {"n_samples": n_samples, "counts": counts, "seed": seed,
+        m.sample(a, n_samples, temperature=temperature, top_k=top_k, counts=counts, seed=seed, extract=extract)
+        m.predict(a, sd_key=None, temperature=temperature, top_k=top_k)  # the samples' SD stays in obsm["genst_sd"]
+        draws = a.obsm[Key.obsm.genst_samples]
+        a.uns[Key.uns.genst] = {"genes": list(m.genes_), "params": {"n_samples": n_samples, "counts": counts, "seed": seed,
                                                               "temperature": temperature or m.config.temperature,
                                                               "top_k": top_k if top_k is not None else (m.config.top_k or 0)}}
         sd.io.write_h5ad(a, out)

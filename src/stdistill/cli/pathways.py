@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import (
     STAIN_NORM_HELP,
@@ -19,7 +20,7 @@ from ._common import (
     stain_norm_option,
 )
 
-KEY = "pathway_scores"
+KEY = Key.obsm.pathway_scores
 GENESETS_HELP = "'hallmark' (MSigDB Hallmark), 'progeny' (PROGENy top 100) or a .gmt/.csv/.tsv gene-set file."
 METHOD_HELP = "'ulm', 'mlm', 'aucell' (decoupler) or 'mean_z' (no extra dependency)."
 
@@ -265,7 +266,7 @@ def register(app: typer.Typer) -> None:
         table = None
         if te is not None and te.n_obs:
             te = _finite(te, KEY)[0]
-            table = per_pathway_pearson(te, KEY, m.predict(te), by="patient") if te.n_obs else None
+            table = per_pathway_pearson(te, KEY, m.predict(te, inplace=False), by="patient") if te.n_obs else None
         if table is None:
             c.print("[yellow]no imaged test spot with a score: nothing to evaluate[/yellow]")
         else:
@@ -307,8 +308,9 @@ def register(app: typer.Typer) -> None:
         if not secs:
             raise StdistillError("no section has an image")
         a = sd.io.subset_sections(a, secs)
-        m.transform(a, key_added="X_stamp")
-        pred = m.predict(a, key_added="pathway_pred")
+        m.transform(a)  # obsm["X_stamp"]
+        m.predict(a)  # obsm["pathway_pred"]
+        pred = a.obsm[Key.obsm.pathway_pred]
         sd.io.write_h5ad(a, out)
         c = Console()
         table = per_pathway_pearson(a, KEY, pred, by="section")

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import _numbers, _split
 
@@ -52,7 +53,7 @@ def _cohort(clinical: Optional[Path], features: Optional[Path], tiles: Optional[
     else:  # prediction only: one unlabelled patient per slide
         from ..io.h5ad import read_h5ad
 
-        ids = list(find_bags(features)) if features is not None else sorted(set(read_h5ad(tiles).obs["patient"].astype(str)))
+        ids = list(find_bags(features)) if features is not None else sorted(set(read_h5ad(tiles).obs[Key.obs.patient].astype(str)))
         table = pd.DataFrame({"time": np.zeros(len(ids)), "event": np.zeros(len(ids), int)}, index=ids)
     if features is not None:
         return read_cohort(table, features, rna, rna_orient=cols["orient"], slide_col=cols["slide"])

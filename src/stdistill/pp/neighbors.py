@@ -15,8 +15,10 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
+from .._api import renamed_kwargs
 from .._defaults import N_NEIGHBORS  # noqa: F401  (re-exported: pp.neighbors.N_NEIGHBORS)
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._section import SECTION_KEY, SPATIAL_KEY, sections, spatial_um
 
 
@@ -86,11 +88,11 @@ def spatial_neighbors(
     conn = dist.copy()
     conn.data = np.ones_like(conn.data, dtype=np.float32)
     conn = conn.astype(np.float32)
-    adata.obsp[f"{key_added}_connectivities"] = conn
-    adata.obsp[f"{key_added}_distances"] = dist
-    adata.uns[f"{key_added}_neighbors"] = {
-        "connectivities_key": f"{key_added}_connectivities",
-        "distances_key": f"{key_added}_distances",
+    adata.obsp[Key.obsp.connectivities(key_added)] = conn
+    adata.obsp[Key.obsp.distances(key_added)] = dist
+    adata.uns[Key.uns.neighbors(key_added)] = {
+        "connectivities_key": Key.obsp.connectivities(key_added),
+        "distances_key": Key.obsp.distances(key_added),
         "params": {"radius_um": float(radius_um), "unit": "um", "include_self": False},
     }
     return adata if copy else None
@@ -225,10 +227,10 @@ def aggregate(adj: sp.spmatrix, x: np.ndarray, n_rings: int = 1, mode: str = "co
 def _graph(adata: ad.AnnData, radius_um: float | None, neighbors_key: str) -> sp.csr_matrix:
     """The graph stored by :func:`spatial_neighbors` under ``neighbors_key`` when its radius
     matches (or ``radius_um`` is None); otherwise a new radius graph."""
-    info = adata.uns.get(f"{neighbors_key}_neighbors")
+    info = adata.uns.get(Key.uns.neighbors(neighbors_key))
     if info is not None:
         stored = info.get("params", {}).get("radius_um")
-        key = info.get("connectivities_key", f"{neighbors_key}_connectivities")
+        key = info.get("connectivities_key", Key.obsp.connectivities(neighbors_key))
         if key in adata.obsp and (radius_um is None or (stored is not None and float(stored) == float(radius_um))):
             return adata.obsp[key]
     if radius_um is None:
@@ -237,9 +239,10 @@ def _graph(adata: ad.AnnData, radius_um: float | None, neighbors_key: str) -> sp
     return radius_graph(adata, radius_um)
 
 
+@renamed_kwargs(use_rep="feature_key")
 def aggregate_neighbors(
     adata: ad.AnnData,
-    use_rep: str,
+    feature_key: str,
     *,
     radius_um: float | None = None,
     n_rings: int = 1,
@@ -260,18 +263,19 @@ def aggregate_neighbors(
     ``mode="mean"``: mean of ``x`` over the spot and every spot within ``n_rings`` hops
     -> (n_obs, d) (the "averaged features" baseline). Array core: :func:`aggregate`.
 
-    Writes ``obsm[key_added]`` (default ``f"{use_rep}_agg"``). Rows of ``obsm[use_rep]`` that
-    are not finite (e.g. spots without an image) are neither used nor filled (stay NaN).
+    Writes ``obsm[key_added]`` (default ``f"{feature_key}_agg"``). Rows of ``obsm[feature_key]`` that
+    are not finite (e.g. spots without an image) are neither used nor filled (stay NaN). Returns None
+    (``copy=True``: a new AnnData). ``feature_key`` was ``use_rep`` (still accepted for one release).
     """
     adata = adata.copy() if copy else adata
-    if use_rep not in adata.obsm:
-        raise StdistillError(f'AnnData has no obsm["{use_rep}"]; compute the embedding first')
-    v = adata.obsm[use_rep]
+    if feature_key not in adata.obsm:
+        raise StdistillError(f'AnnData has no obsm["{feature_key}"]; compute the embedding first')
+    v = adata.obsm[feature_key]
     x = v.to_numpy() if isinstance(v, pd.DataFrame) else v
     if radius_um is not None:
         _check_radius(radius_um)
     out = aggregate(_graph(adata, radius_um, neighbors_key), x, n_rings, mode)
-    adata.obsm[key_added or f"{use_rep}_agg"] = out
+    adata.obsm[key_added or Key.obsm.aggregated(feature_key)] = out
     return adata if copy else None
 
 

@@ -19,6 +19,7 @@ import os
 import anndata as ad
 
 from .._errors import StdistillError
+from .._keys import Key
 
 #: the switches of a transfer setting and their "off" values
 TRANSFER_OFF = {"stain_norm": None, "views": False, "context": False}
@@ -123,7 +124,7 @@ def candidate_features(
     """
     from ..features import run_extraction
 
-    made = adata.uns.get("features", {}).get(feature_key)
+    made = adata.uns.get(Key.uns.features, {}).get(feature_key)
     if not made or not made.get("encoder"):
         raise StdistillError(f'transfer settings need obsm["{feature_key}"] made by stdistill.features.extract '
                              f'(uns["features"]["{feature_key}"] names the encoder and patch)')
@@ -154,7 +155,7 @@ def fit_transfer(
     feature_key: str,
     transfer: str | list[dict] = "auto",
     *,
-    probs_key: str = "niche_probs",
+    probs_key: str = Key.obsm.niche_probs,
     student_kwargs: dict | None = None,
     n_views: int = 2,
     view_seed: int = 0,
@@ -196,7 +197,7 @@ def fit_transfer(
         raise StdistillError("views / context_key are chosen by transfer=; leave them out of student_kwargs")
     overrides = candidate_features(adata, feature_key, grid, n_views=n_views, view_seed=view_seed, context_um=context_um,
                                    cache_dir=cache_dir, device=device)
-    made = adata.uns["features"][feature_key]
+    made = adata.uns[Key.uns.features][feature_key]
     skw.setdefault("encoder", made["encoder"])
     student = NicheStudent(feature_key=feature_key, **skw)
     student.fit(adata, probs_key=probs_key, candidates=overrides, **fit_kwargs)

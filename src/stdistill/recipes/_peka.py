@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._api import write_obsm
 from .._errors import StdistillError
+from .._keys import Key
 from .._utils import seed_everything
 from ..select import Selection, select
 from ..adapters import (
@@ -214,8 +216,8 @@ class PEKA(AdaptedEncoder):
             check_patient_disjoint(adata, val)
         self.genes_ = _with_extra(genes, extra_genes, adata.var_names)
         self.training_summary_ = {"n_train_spots": int(adata.n_obs),
-                                  "train_sections": sorted(set(adata.obs["section"].astype(str))),
-                                  "train_patients": sorted(set(adata.obs["patient"].astype(str)))}
+                                  "train_sections": sorted(set(adata.obs[Key.obs.section].astype(str))),
+                                  "train_patients": sorted(set(adata.obs[Key.obs.patient].astype(str)))}
         Yz = self._standardize_targets(self._targets(adata, self.genes_))
         W, b, P = self._kd_targets(T, kd_reference, kd_classifier)
         self._fit_stain(adata)  # the stain reference (config.stain_norm): a training section
@@ -235,13 +237,20 @@ class PEKA(AdaptedEncoder):
         return self
 
     # -------------------------------------------------------------- inference
-    def transform(self, adata: ad.AnnData, key_added: str | None = "X_peka") -> np.ndarray:
-        """(n_spots, dim) float32 adapted-encoder features; writes ``obsm[key_added]`` unless None."""
-        return super().transform(adata, key_added)
+    def transform(self, adata: ad.AnnData, key_added: str | None = Key.obsm.peka, *, inplace: bool = True,
+                  copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Adapted-encoder features (n_spots, dim) float32 into ``obsm[key_added]``. Returns None
+        (``copy=True``: a new AnnData with them; ``inplace=False``: the array, nothing written)."""
+        return write_obsm(adata, self._features_out(adata), key_added, inplace=inplace, copy=copy, where="PEKA.transform")
 
-    def predict(self, adata: ad.AnnData) -> pd.DataFrame:
-        """(n_spots x genes) predicted log1p expression from the regression head."""
-        return self._predict_frame(adata)
+    def predict(self, adata: ad.AnnData, key_added: str | None = Key.obsm.peka_pred, *, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | pd.DataFrame | None:
+        """Predicted log1p expression from the regression head (DataFrame n_spots x genes) into
+        ``obsm[key_added]``. Returns None (``copy=True``: a new AnnData; ``inplace=False``: the frame).
+
+        .. versionchanged:: writes ``obsm["peka_pred"]`` and returns None (it returned the frame and
+           wrote nothing); ``inplace=False`` gives the frame."""
+        return write_obsm(adata, self._predict_frame(adata), key_added, inplace=inplace, copy=copy, where="PEKA.predict")
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> PekaNet:
         return PekaNet(tail, tail.encoder.spec.dim, len(self.genes_), state["proj.weight"].shape[0], state["cls_w"], state["cls_b"])
@@ -258,7 +267,7 @@ def peka(
     kd_reference: np.ndarray | None = None,
     encoder="effnet-lite0-imagenet",
     config: PekaConfig | None = None,
-    key_added: str | None = "X_peka",
+    key_added: str | None = Key.obsm.peka,
     extra_genes: Sequence[str] = (),
     run_dir: str | os.PathLike | None = None,
     **kw,

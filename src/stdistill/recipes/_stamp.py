@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._api import write_obsm
 from .._errors import StdistillError
+from .._keys import Key
 from .._utils import seed_everything
 from ..select import Selection, select
 from ..adapters import AdaptedEncoder, AdaptedNet, AdapterConfig, Tail, TailModule, ridge_init, val_curve
@@ -134,7 +136,7 @@ class STAMP(AdaptedEncoder):
     heads = StampModule.heads
     targets_key = "pathways"
 
-    def fit(self, adata: ad.AnnData, pathways: str | pd.DataFrame | np.ndarray = "pathway_scores", *,
+    def fit(self, adata: ad.AnnData, pathways: str | pd.DataFrame | np.ndarray = Key.obsm.pathway_scores, *,
             names: Sequence[str] | None = None, val: ad.AnnData | None = None,
             run_dir: str | os.PathLike | None = None, selection: Selection | None = None) -> STAMP:
         """Train on ``adata``'s spots (training patients only, each section with an image).
@@ -180,17 +182,20 @@ class STAMP(AdaptedEncoder):
         self._train(net, data, vdata, t0, run_dir)
         return self
 
-    def transform(self, adata: ad.AnnData, key_added: str | None = "X_stamp") -> np.ndarray:
-        """(n_spots, dim) float32 aligned features; writes ``obsm[key_added]`` unless None."""
-        return super().transform(adata, key_added)
+    def transform(self, adata: ad.AnnData, key_added: str | None = Key.obsm.stamp, *, inplace: bool = True,
+                  copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Aligned features (n_spots, dim) float32 into ``obsm[key_added]``. Returns None
+        (``copy=True``: a new AnnData with them; ``inplace=False``: the array, nothing written)."""
+        return write_obsm(adata, self._features_out(adata), key_added, inplace=inplace, copy=copy, where="STAMP.transform")
 
-    def predict(self, adata: ad.AnnData, key_added: str | None = None) -> pd.DataFrame:
-        """(n_spots x pathways) predicted activities (the training targets' scale); also written to
-        ``obsm[key_added]`` when given."""
-        df = self._predict_frame(adata)
-        if key_added:
-            adata.obsm[key_added] = df
-        return df
+    def predict(self, adata: ad.AnnData, key_added: str | None = Key.obsm.pathway_pred, *, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | pd.DataFrame | None:
+        """Predicted activities (DataFrame n_spots x pathways, the training targets' scale) into
+        ``obsm[key_added]``. Returns None (``copy=True``: a new AnnData; ``inplace=False``: the frame).
+
+        .. versionchanged:: writes ``obsm["pathway_pred"]`` by default and returns None (it returned the
+           frame and wrote only with ``key_added``); ``inplace=False`` gives the frame."""
+        return write_obsm(adata, self._predict_frame(adata), key_added, inplace=inplace, copy=copy, where="STAMP.predict")
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> StampNet:
         cfg = self.config
@@ -199,14 +204,14 @@ class STAMP(AdaptedEncoder):
 
 def stamp(
     adata: ad.AnnData,
-    pathways: str = "pathway_scores",
+    pathways: str = Key.obsm.pathway_scores,
     *,
     train_sections: Sequence[str] | None = None,
     val_sections: Sequence[str] | None = None,
     encoder="effnet-lite0-imagenet",
     config: StampConfig | None = None,
-    key_added: str | None = "X_stamp",
-    pred_key: str | None = "pathway_pred",
+    key_added: str | None = Key.obsm.stamp,
+    pred_key: str | None = Key.obsm.pathway_pred,
     run_dir: str | os.PathLike | None = None,
     **kw,
 ) -> STAMP:
@@ -232,7 +237,7 @@ def select_stamp(
     adata: ad.AnnData,
     grid: Sequence[dict],
     *,
-    pathways: str = "pathway_scores",
+    pathways: str = Key.obsm.pathway_scores,
     base: StampConfig | None = None,
     encoder="effnet-lite0-imagenet",
     **kw,

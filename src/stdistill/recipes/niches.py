@@ -37,6 +37,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._api import deliver
 from .._errors import StdistillError
 from .._utils import atomic_path, progress, seed_everything
 from ..io._section import PATIENT_KEY, SECTION_KEY, has_image, sections, subset_sections
@@ -70,14 +71,19 @@ def kmeans_niches(
     n_pcs: int | None = 50,
     seed: int = 0,
     key_added: str = "niche_kmeans",
-) -> np.ndarray:
+    inplace: bool = True,
+    copy: bool = False,
+) -> ad.AnnData | np.ndarray | None:
     """Unsupervised histology baseline: k-means with ``n_niches`` clusters on patch features.
 
     ``radius_um=None``: baseline (a), the spot's own features. ``radius_um`` > 0: baseline (b),
     features averaged over the spot and its neighbours within ``radius_um`` um (same section),
     then k-means. Features are z-scored as the student's (``feature_norm``) and reduced to
     ``n_pcs`` principal components. Writes ``obs[key_added]`` (categorical cluster ids; NaN for
-    spots without features) and returns the (n_obs,) cluster ids (-1 = no features).
+    spots without features) and returns None (``copy=True``: a new AnnData; ``inplace=False``: the
+    (n_obs,) cluster ids, -1 = no features, nothing written).
+
+    .. versionchanged:: returns None when it writes (it returned the ids too).
     """
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
@@ -99,8 +105,11 @@ def kmeans_niches(
     lab = KMeans(n_niches, n_init=10, random_state=seed).fit_predict(x)
     out = np.full(adata.n_obs, -1)
     out[ok] = lab
-    adata.obs[key_added] = pd.Categorical.from_codes(out, categories=[str(i) for i in range(n_niches)])
-    return out
+
+    def write(target: ad.AnnData) -> None:
+        target.obs[key_added] = pd.Categorical.from_codes(out, categories=[str(i) for i in range(n_niches)])
+
+    return deliver(adata, out, write, copy=copy, inplace=inplace)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -172,7 +181,7 @@ def _baselines_step(adata: ad.AnnData, feat_secs: list[str], sec: np.ndarray, fe
     base_codes = {}
     for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
         codes = kmeans_niches(fsub, feature_key, n_niches, radius_um=rad, feature_norm=feature_norm, seed=seed,
-                              key_added=f"niche_{name}")
+                              inplace=False)
         full = np.full(adata.n_obs, -1)
         full[np.isin(sec, feat_secs)] = codes
         base_codes[name] = full

@@ -289,9 +289,9 @@ class Selection:
 
     def to_dict(self) -> dict:
         """JSON types only: ``{"criterion", "candidates", "choice", "table": {"columns", "rows"}}`` (NaN -> None)."""
-        from ..bundle._format import _jsonable
+        from .._json import jsonable
 
-        return _jsonable({"criterion": asdict(self.criterion), "candidates": self.candidates, "choice": self.choice,
+        return jsonable({"criterion": asdict(self.criterion), "candidates": self.candidates, "choice": self.choice,
                           "table": {"columns": list(map(str, self.table.columns)),
                                     "rows": self.table.astype(object).to_numpy().tolist()}}, finite=True)
 

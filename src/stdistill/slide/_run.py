@@ -50,10 +50,10 @@ class SlideRun:
 def _open_slide(slide: str | os.PathLike, mpp: float | None):
     """The slide's reader and its microns per pixel (``mpp`` or the file's own metadata)."""
     from ..io._image import open_image
-    from ..pp.tile import _slide_mpp
+    from ..pp.tile import slide_mpp
 
     reader = open_image(slide)
-    um = mpp if mpp is not None else _slide_mpp(reader)
+    um = mpp if mpp is not None else slide_mpp(reader)
     if um is None or not np.isfinite(um) or um <= 0:
         raise StdistillError("the slide records no microns per pixel; pass --mpp (e.g. 0.5 for a 20x scan)", slide)
     return reader, float(um)
@@ -200,7 +200,7 @@ def _predict_adapted(tiles, bundle, out: Path, chunks, *, bar, pause) -> tuple[d
     path = _chunk_paths(out, "pred")
 
     def compute(a, b):
-        frame = model.predict(tiles[np.arange(a, b)].copy())
+        frame = model.predict(tiles[np.arange(a, b)].copy(), inplace=False)
         return {"pred": np.asarray(getattr(frame, "to_numpy", lambda: frame)(), dtype=np.float32)}
 
     reused = _stage("predict", tiles, chunks, path, compute, bar, pause)

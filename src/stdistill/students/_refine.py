@@ -147,8 +147,8 @@ def refine_niches(
     copy
         Work on a copy and return it; else modify ``adata`` and return None.
     """
+    from .._niches import write_niches
     from ..pp.neighbors import radius_for_neighbors, radius_graph
-    from ..teachers.niche import write_niches
 
     if method not in REFINE_METHODS:
         raise StdistillError(f"refinement method must be one of {REFINE_METHODS}, got {method!r}")

@@ -19,7 +19,6 @@ feature from its clean and augmented views (``obsm[feature_key + "_views"]``, fr
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -29,13 +28,16 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._json import jsonable as _jsonable
+from .._moments import section_moments
+from .._niches import niche_names, write_niches
 from .._pca import finite_rows, fit_pca_auto, project, standardized_blocks
+from .._threads import torch_threads as _threads
 from .._utils import load_state, seed_everything
-from ..bundle._format import _jsonable, bundle_record, check_record, niche_names
+from ..bundle._format import bundle_record, check_record
 from ..bundle._io import Bundled
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import N_NEIGHBORS, neighbor_tokens, radius_for_neighbors
-from ..teachers.niche import write_niches
 from ._refine import DEFAULT_REFINE_GRID
 
 _FORMAT = "stdistill.NicheStudent/1"
@@ -57,34 +59,6 @@ def _stage_dir(run_dir: str | os.PathLike, stage: str, params: dict, seed: int, 
 
     keep = {k: v for k, v in params.items() if k not in ("device", "num_threads")}
     return stage_dir(run_dir, stage, [keep, seed, epochs], (*arrays[:5], *idx))
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Temporarily set torch's CPU thread count."""
-    import torch
-
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def section_moments(adata: ad.AnnData, f: np.ndarray, ok: np.ndarray):
-    """Per section with >= 2 rows in ``ok``: (row mask, mean (F,), sd (F,), tiny sds set to 1) of ``f``."""
-    sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
-    for s in pd.unique(sec):
-        m = (sec == s) & ok
-        if m.sum() < 2:
-            continue
-        mu, s_ = f[m].mean(0), f[m].std(0)
-        s_[s_ < 1e-6] = 1.0
-        yield m, mu, s_
 
 
 def _norm_parts(adata: ad.AnnData, f: np.ndarray, ok: np.ndarray, how: str, mean=None, sd=None) -> list:
@@ -285,7 +259,7 @@ class NicheStudent(Bundled):
 
     def _check_stain(self, adata: ad.AnnData, key: str, what: str) -> None:
         """Refuse ``obsm[key]`` whose record names another stain normalisation than training's."""
-        from ..pp._stain import _rounded
+        from ..pp._stain import round_estimate
 
         made = adata.uns.get("features", {}).get(key)
         if not made or not self.info_.get(what):
@@ -293,7 +267,7 @@ class NicheStudent(Bundled):
 
         def desc(rec):
             st = rec.get("stain") or {}
-            return (st.get("method"), _rounded(st["reference"]) if st.get("reference") is not None else None)
+            return (st.get("method"), round_estimate(st["reference"]) if st.get("reference") is not None else None)
 
         want, got = desc(self.info_[what]), desc(made)
         if want != got:
