@@ -201,12 +201,12 @@ def fit_transfer(
     skw.setdefault("encoder", made["encoder"])
     student = NicheStudent(feature_key=feature_key, **skw)
     student.fit(adata, probs_key=probs_key, candidates=overrides, **fit_kwargs)
-    sign = -1.0 if student.params["monitor"] == "val_ari" else 1.0  # the student minimises -ARI
-    selection = [dict(g, val_score=sign * r["val_score"], best_epoch=r["best_epoch"])
-                 for g, r in zip(grid, student.info_["selection"])]
-    chosen = grid[overrides.index(student.info_["chosen"])]
+    scores = student.selection_.scores()  # ARI in its own sign (the student minimises -ARI)
+    selection = [dict(g, val_score=float(r["score"]), best_epoch=int(r["epoch"]))
+                 for g, (_, r) in zip(grid, scores.iterrows())]
+    chosen = grid[student.selection_.choice["candidate"]]
     student.info_["transfer"] = {
-        "chosen": chosen, "selection": selection, "monitor": student.params["monitor"],
+        "chosen": chosen, "selection": selection, "monitor": student.config.monitor,
         "val_patients": student.info_.get("val_patients"), "n_views": int(n_views), "view_seed": int(view_seed),
         "context_um": _context_um(made, context_um),
         "stain_reference_section": (student.info_.get("features") or {}).get("stain", {}).get("reference_section"),
