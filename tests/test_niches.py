@@ -206,8 +206,12 @@ def test_student_learns_from_soft_labels_and_roundtrips(tmp_path, data):
     s = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=25, patience=6, seed=0)
     s.fit(tr)
     assert s.info_["val_patients"] == ["P1"] and s.info_["train_patients"] == ["P1", "P2"]
-    probs = s.predict(te, key_added="pred")
+    assert s.predict(te, key_added="pred") is None  # writes, returns None (the return rule)
+    probs = te.obsm["pred_probs"]
     assert probs.shape == (te.n_obs, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    np.testing.assert_array_equal(s.predict(te, inplace=False), probs)
+    b = s.predict(te, key_added="other", copy=True)
+    assert "other" in b.obs and "other" not in te.obs
     assert "pred_probs" in te.obsm and list(te.obs["pred"].cat.categories) == ["0", "1", "2"]
     assert metrics.niche_id_accuracy(te.obs["niche"], te.obs["pred"]) > 0.6
     s.save(tmp_path / "s")
@@ -227,10 +231,14 @@ def test_student_candidates_chosen_on_validation_patient(data):
     tr, te = _split(a)
     s = NicheStudent(feature_key="X_toy", max_epochs=8, patience=3)
     s.fit(tr, candidates=[{"radius_um": 0.0}, {"radius_um": 450.0}])
-    sel = s.info_["selection"]
-    assert [c["radius_um"] for c in sel] == [0.0, 450.0]
-    best = min(sel, key=lambda c: c["val_score"])
-    assert s.params["radius_um"] == best["radius_um"] == s.info_["chosen"]["radius_um"]
+    sel = s.selection_  # a stdistill.select.Selection, kept as JSON in info_ and the bundle
+    assert sel.to_dict() == s.info_["selection"] and sel.criterion.metric == "val_ari" and sel.criterion.maximize
+    scores = sel.scores()
+    assert scores["radius_um"].tolist() == [0.0, 450.0]
+    best = scores.loc[scores["score"].idxmax()]  # validation ARI; ties: the first listed
+    assert s.config.radius_um == best["radius_um"] == s.info_["chosen"]["radius_um"]
+    assert s.info_["best_val"] == -best["score"]  # the monitored value (-ARI) at the chosen epoch
+    assert s.bundle_record()["training"]["selection"] == s.info_["selection"]
     with pytest.raises(StdistillError, match="cannot be chosen"):
         NicheStudent(feature_key="X_toy").fit(tr, candidates=[{"lr_typo": 1}])
 
@@ -247,13 +255,14 @@ def test_student_candidates_scored_with_each_training_patient_validating(data):
     each = NicheStudent(feature_key="X_toy", max_epochs=6, patience=3, val_patients="each").fit(tr, candidates=cands)
     first, second = one.info_["val_patients"][0], [q for q in one.info_["train_patients"] if q not in one.info_["val_patients"]]
     assert each.info_["val_patients"] == [first, *second]  # the default patient first, then the others in turn
-    for s1, se in zip(one.info_["selection"], each.info_["selection"]):
-        assert len(se["val_scores"]) == 2
-        assert se["val_scores"][0] == pytest.approx(s1["val_score"])  # the first turn is the default's run
-        assert se["val_score"] == pytest.approx(np.mean(se["val_scores"]))
-    best = min(each.info_["selection"], key=lambda c: c["val_score"])
-    assert each.params["radius_um"] == best["radius_um"] == each.info_["chosen"]["radius_um"]
-    assert "val_scores" not in one.info_["selection"][0]
+    s1, se = one.selection_, each.selection_
+    assert list(se.table["split"].unique()) == each.info_["val_patients"] and list(s1.table["split"].unique()) == [first]
+    per_split = se.summary()[each.info_["val_patients"]]  # each split's best validation ARI over epochs
+    np.testing.assert_array_equal(per_split[first], s1.summary()[first])  # the first turn is the default's run
+    np.testing.assert_allclose(se.scores()["score"], per_split.mean(axis=1))
+    best = se.scores().loc[se.choice["candidate"]]
+    assert best["score"] == se.scores()["score"].max()
+    assert each.config.radius_um == best["radius_um"] == each.info_["chosen"]["radius_um"]
 
 
 def test_student_predicts_on_tiles_without_genes(data):

@@ -158,6 +158,7 @@ def register(app: typer.Typer) -> None:
                    f"refinement chosen there: {s.info_.get('refine')}; saved to {model}")
         if s.info_.get("transfer"):
             typer.echo(f"transfer chosen: {describe_choice(s.info_['transfer'])}")
+            typer.echo(str(s.selection_))  # the candidates x validation patients table, as every recipe prints it
 
     @niches.command("predict")
     def predict(

@@ -164,7 +164,7 @@ def _niche_chunk(tiles, chunks, feat_path, a: int, b: int, model, stats, made: d
     first = chunks[ids[0]][0]
     sub = tiles[need].copy()
     sub.uns["features"] = {}
-    for what, key in (("features", model.params["feature_key"]), ("context", model.params.get("context_key"))):
+    for what, key in (("features", model.config.feature_key), ("context", model.config.context_key)):
         if key:
             sub.obsm[key] = np.concatenate([_load_chunk(feat_path(i), what) for i in ids])[need - first]
             sub.uns["features"][key] = made[what]
@@ -177,7 +177,7 @@ def _predict_niches(tiles, bundle, out: Path, chunks, enc, *, batch_size, device
     feat_path, pred_path = _chunk_paths(out, "features"), _chunk_paths(out, "niches")
     prec = bundle.record.get("precision")
     made = {"features": {**model.feature_record(), "size_um": bundle.size_um, "px": bundle.px}}
-    made["context"] = model.feature_record(context=True) if model.params.get("context_key") else None
+    made["context"] = model.feature_record(context=True) if model.config.context_key else None
     kw = {what: _slide_extraction(tiles, rec, prec) for what, rec in made.items() if rec}
 
     def features(a, b):
