@@ -328,3 +328,42 @@ def test_plot_matches_colours(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000 and len(fig.axes) == 2
     with pytest.raises(StdistillError, match="obs"):
         pl.niches(a, ["missing"])
+
+
+def test_student_config_old_keywords_and_saved_params(tmp_path, data):
+    """NicheStudent(config) and the keyword form are one model; ``device`` and ``params`` still work
+    for one release (deprecated); bundles saved with ``device`` load."""
+    import json
+    import warnings
+
+    from stdistill.students import NicheStudent, NicheStudentConfig
+    from stdistill.teachers import NicheTeacher
+
+    a = data.copy()
+    NicheTeacher(3).fit_predict(a)
+    tr, te = _split(a)
+    cfg = NicheStudentConfig(feature_key="X_toy", radius_um=450, max_epochs=2, seed=0, refine_grid=[])
+    s1, s2 = NicheStudent(cfg), NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=2, seed=0, refine_grid=[])
+    assert s1.config == s2.config and s1.config is not cfg and s1.config.radius_um == 450.0
+    assert NicheStudent(cfg, seed=1).config.seed == 1 and cfg.seed == 0
+    np.testing.assert_array_equal(s1.fit(tr).predict_proba(te), s2.fit(tr).predict_proba(te))
+    with pytest.warns(DeprecationWarning, match=r"NicheStudent\(device=\.\.\.\) is now NicheStudent\(accelerator=\.\.\.\)"):
+        assert NicheStudent(device="cpu").config.accelerator == "cpu"
+    with pytest.warns(DeprecationWarning, match="params is now NicheStudent.config"):
+        p = s1.params
+    assert p["radius_um"] == 450.0 and p["device"] == "cpu"
+    with pytest.raises(TypeError):
+        p["radius_um"] = 1.0  # a read-only view
+    with pytest.raises(StdistillError, match="feature_norm"):
+        NicheStudentConfig(feature_norm="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s1.save(tmp_path / "m")
+        cfg_file = tmp_path / "m" / "config.json"
+        saved = json.loads(cfg_file.read_text())
+        params = saved["params"]
+        params["device"] = params.pop("accelerator")  # as an older version wrote it
+        params.pop("connectivity_key")
+        cfg_file.write_text(json.dumps(saved))
+        old = NicheStudent.load(tmp_path / "m")
+    np.testing.assert_array_equal(old.predict_proba(te), s1.predict_proba(te))
