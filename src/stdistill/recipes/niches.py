@@ -115,7 +115,11 @@ def _labels(adata: ad.AnnData, label_key: str | None) -> np.ndarray | None:
     return lab
 
 
-def _feature_mask(adata: ad.AnnData, feature_key: str) -> np.ndarray:
+def _check_inputs(adata: ad.AnnData, feature_key: str) -> np.ndarray:
+    """The (n_obs,) mask of spots with features; one clear error for missing keys."""
+    for k in (SECTION_KEY, PATIENT_KEY):
+        if k not in adata.obs:
+            raise StdistillError(f'AnnData has no obs["{k}"]')
     if feature_key not in adata.obsm:
         raise StdistillError(
             f'AnnData has no obsm["{feature_key}"] (patch features); run stdistill.features.extract first'
@@ -189,7 +193,11 @@ def _student_settings(adata: ad.AnnData, has_f: np.ndarray, student_kwargs: dict
 def _baselines_step(st: _Study, feat_secs: list[str], r_nbr: float) -> dict[str, np.ndarray]:
     """k-means and neighbourhood k-means on all featured spots (unsupervised): ``obs["niche_<name>"]``;
     returns ``{name: (n_obs,) codes, -1 without features}``."""
-    fsub = subset_sections(st.adata, feat_secs)  # inherits the spot graph
+    from ..pp.neighbors import spot_graph
+
+    if r_nbr:  # the neighbourhood's spot graph, built once on every spot: the subsets here and in the folds inherit it
+        spot_graph(st.adata, r_nbr, connectivity_key=st.skw["connectivity_key"])
+    fsub = subset_sections(st.adata, feat_secs)
     base_codes = {}
     for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
         codes = kmeans_niches(fsub, st.feature_key, st.n_niches, radius_um=rad, feature_norm=st.skw["feature_norm"],
@@ -199,6 +207,20 @@ def _baselines_step(st: _Study, feat_secs: list[str], r_nbr: float) -> dict[str,
         base_codes[name] = full
         st.adata.obs[f"niche_{name}"] = pd.Categorical.from_codes(full, categories=st.cats)
     return base_codes
+
+
+def _folds_loop(st: _Study, folds) -> tuple[list[dict], list[Path], dict]:
+    """Every held-out patient in turn (:func:`._niches_folds._fold_step`); writes the held-out
+    predictions (``obs``/``obsm`` under ``STUDENT_KEY``). Returns (rows, figures, chosen transfer per fold)."""
+    probs = np.full((st.adata.n_obs, st.n_niches), np.nan, dtype=np.float32)
+    rows, figs, chosen = [], [], {}
+    for fold in progress(folds, desc="niches: held-out folds"):
+        fold_rows, fold_figs, probs[np.isin(st.sec, fold.test)], record = _fold_step(st, fold)
+        rows, figs = rows + fold_rows, figs + fold_figs
+        if record is not None:
+            chosen[fold.name] = record
+    write_niches(st.adata, probs, STUDENT_KEY)
+    return rows, figs, chosen
 
 
 def _write_metrics(df: pd.DataFrame, sizes_all: pd.DataFrame, out_dir: str | os.PathLike, n_niches: int) -> None:
@@ -213,113 +235,57 @@ _COLUMNS = ["fold", "test_patient", "method", "ari", "nmi", "id_acc", "seen_shar
             "teacher_sizes", "single_niche", "seconds", "note"]
 
 
-def run(
-    adata: ad.AnnData,
-    feature_key: str,
-    n_niches: int = 6,
-    out_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    *,
-    teacher=None,
-    reuse_teacher: bool = False,
-    student_kwargs: dict | None = None,
-    student_candidates: list[dict] | None = None,
-    radius_um: float | None = None,
-    feature_norm: str = "section",
-    label_key: str | None = "pathology",
-    figures: bool = True,
-    verbose: bool = True,
-    refine: bool = False,
-    transfer: str | list[dict] | None = None,
-    transfer_kwargs: dict | None = None,
-    connectivity_key: str = Key.obsp.spatial_connectivities,
-) -> tuple[pd.DataFrame, list[Path]]:
-    """Leave-one-patient-out niche distillation on any dataset in the stdistill layout.
+def run(adata: ad.AnnData, feature_key: str, n_niches: int = 6, out_dir: str | os.PathLike | None = None, seed: int = 0,
+        *, teacher=None, reuse_teacher: bool = False, student_kwargs: dict | None = None,
+        student_candidates: list[dict] | None = None, radius_um: float | None = None, feature_norm: str = "section",
+        label_key: str | None = "pathology", figures: bool = True, verbose: bool = True, refine: bool = False,
+        transfer: str | list[dict] | None = None, transfer_kwargs: dict | None = None,
+        connectivity_key: str = Key.obsp.spatial_connectivities) -> tuple[pd.DataFrame, list[Path]]:
+    """Leave-one-patient-out niche distillation on any dataset in the stdistill layout (the protocol:
+    the module docstring).
 
-    Parameters
-    ----------
-    adata
-        All sections (obs section/patient, obsm spatial, raw counts in ``X``); patch features in
-        ``obsm[feature_key]`` for spots with an image (NaN rows or missing sections elsewhere).
-        Modified in place: ``obs["niche_teacher"]`` (+``obsm["niche_teacher_probs"]``),
-        ``obs["niche_student"]`` (+probs; held-out predictions, one per spot with features),
-        ``obs["niche_kmeans"]``, ``obs["niche_kmeans_nbr"]``, and the spot graph of the
-        neighbourhood radius (``obsp``, :func:`stdistill.pp.spot_graph`) when it was absent.
-    feature_key
-        ``obsm`` key of patch features, e.g. ``"X_effnet-lite0-imagenet"``.
-    n_niches
-        K for teacher, student and baselines.
-    out_dir
-        Where ``metrics.csv``, ``teacher_sizes.csv`` and the niche-map PNGs go (None: nothing written).
-    teacher
-        ``None``: fit ``NicheTeacher(n_niches, seed=seed)``; a :class:`NicheTeacher` (fitted or not)
-        to use instead; ``reuse_teacher=True`` uses ``obsm["niche_teacher_probs"]`` already present.
-    student_kwargs
-        Passed to :class:`~stdistill.students.NicheStudent` (``feature_key``, ``seed`` set here).
-    student_candidates
-        Settings to choose from in each fold (e.g. ``[{"radius_um": 250}, {"radius_um": 650}]``),
-        scored on the validation patient inside the training patients (never the test fold);
-        see :meth:`NicheStudent.fit`. Baseline (b) always uses the default ``radius_um``.
-    radius_um
-        Neighbourhood (um) of the student and of baseline (b); ``None``: the student's automatic
-        radius (about 18 neighbours), computed on the spots with features.
-    label_key
-        ``obs`` column of pathologist labels for macro-F1 (``"undetermined"`` spots ignored).
-    refine
-        Also score the student refined on each held-out section with the refinement it chose on its
-        validation patient (``NicheStudent.predict(refine="auto")``; label-free, H&E only), as
-        method ``"student_refined"``; the raw student stays.
-    transfer
-        Choose the student's transfer setting (stain normalisation, augmented views, context
-        token) in each fold on its validation patient, among the training patients
-        (:func:`fit_transfer`; ``"auto"``: every combination, or a list of settings dicts). The
-        candidates' features are extracted on the training sections (feature cache); the
-        held-out patient's are extracted at prediction as the chosen ones were made (stain
-        normalisation onto the training reference). Needs images and ``obsm[feature_key]`` from
-        :func:`stdistill.features.extract`. None: the plain student.
-    transfer_kwargs
-        Passed to :func:`fit_transfer` (``n_views``, ``view_seed``, ``context_um``, ``cache_dir``).
-    connectivity_key
-        ``obsp`` spot graph (squidpy's name) shared by the baselines, the student and its
-        refinement: read when its radius is the neighbourhood's (or when the user supplied it,
-        used as given), built once otherwise (:func:`stdistill.pp.spot_graph`).
+    ``adata``: all sections (obs section/patient, obsm spatial, raw counts in ``X``) with patch
+    features ``obsm[feature_key]`` (NaN rows for spots without an image). Written in place:
+    ``obs["niche_teacher"]``, ``obs["niche_student"]`` (held-out predictions), each with its
+    ``obsm[..._probs]``, ``obs["niche_kmeans"]``, ``obs["niche_kmeans_nbr"]`` and, when absent, the
+    spot graph of the neighbourhood radius (``obsp``, :func:`stdistill.pp.spot_graph`). ``n_niches``:
+    K of teacher, student and baselines. ``out_dir``: ``metrics_K<K>.csv``, ``teacher_sizes_K<K>.csv``
+    and the niche maps (None: nothing written).
 
-    Returns
-    -------
-    metrics : pandas.DataFrame
-        One row per (fold, method) with columns ``fold, test_patient, method, ari, nmi, id_acc,
-        seen_share, macro_f1, f1_section, n_test, teacher_sizes, single_niche, seconds, note``;
-        ``metrics.attrs`` holds ``teacher_nmi_patient`` and ``teacher_sizes`` (DataFrame patients
-        x niches); with ``transfer`` also ``transfer`` (per fold: the ``info_["transfer"]`` of its
-        student).
-    figure_paths : list of pathlib.Path
-        The niche maps written under ``out_dir``.
+    ``teacher``: None fits ``NicheTeacher(n_niches, seed=seed)``, else this :class:`NicheTeacher`
+    (fitted or not); ``reuse_teacher``: ``obsm["niche_teacher_probs"]`` as present.
+    ``student_kwargs``: :class:`~stdistill.students.NicheStudent` settings (``feature_key``, ``seed``
+    set here). ``student_candidates``: settings chosen in each fold on a validation patient among
+    its training patients, never the test fold (:meth:`NicheStudent.fit`; baseline (b) keeps the
+    default radius). ``radius_um``: neighbourhood (um) of the student and baseline (b); None: the
+    student's automatic radius (about 18 neighbours) on the spots with features. ``label_key``:
+    pathologist labels for macro-F1 (``"undetermined"`` ignored). ``refine``: also score the student
+    refined with the refinement it chose on its validation patient (``"student_refined"``).
+    ``transfer``: choose the student's transfer setting (stain normalisation, views, context token)
+    in each fold on its validation patient (:func:`fit_transfer`; ``"auto"`` or a list of settings;
+    the held-out patient's features are made as the chosen ones), with ``transfer_kwargs``
+    (``n_views``, ``view_seed``, ``context_um``, ``cache_dir``). ``connectivity_key``: the ``obsp``
+    spot graph (squidpy's name) baselines, students and refinements read at their radius (a graph
+    the user supplied: as given).
+
+    Returns ``(metrics, figure_paths)``: one row per (fold, method) with columns ``fold,
+    test_patient, method, ari, nmi, id_acc, seen_share, macro_f1, f1_section, n_test,
+    teacher_sizes, single_niche, seconds, note``; ``metrics.attrs``: ``teacher_nmi_patient``,
+    ``teacher_sizes`` (patients x niches), ``teacher_seconds``, ``seconds`` and, with ``transfer``,
+    ``transfer`` (per fold: its student's ``info_["transfer"]``); the niche maps written under
+    ``out_dir``.
     """
-    from ..pp.neighbors import spot_graph
-
     t_start = time.perf_counter()
     seed_everything(seed)
-    for k in (SECTION_KEY, PATIENT_KEY):
-        if k not in adata.obs:
-            raise StdistillError(f'AnnData has no obs["{k}"]')
-    has_f = _feature_mask(adata, feature_key)
+    has_f = _check_inputs(adata, feature_key)
     attrs = _teacher_diagnostics(adata, n_niches, _teacher_step(adata, n_niches, seed, teacher, reuse_teacher), verbose)
     feat_secs, folds = _folds_step(adata, has_f)
     skw, r_nbr = _student_settings(adata, has_f, student_kwargs, radius_um, feature_norm, connectivity_key)
-    if r_nbr:  # the neighbourhood's spot graph, built once: the subsets below inherit it
-        spot_graph(adata, r_nbr, connectivity_key=connectivity_key)
     st = _Study(adata, feature_key, n_niches, seed, has_f, adata.obs[TEACHER_KEY].astype(str).to_numpy(), skw,
                 dict(candidates=student_candidates, transfer=transfer, transfer_kwargs=transfer_kwargs, refine=refine,
                      figures=figures, out_dir=out_dir, verbose=verbose), labels=_labels(adata, label_key))
     st.base_codes = _baselines_step(st, feat_secs, r_nbr)
-    student_probs = np.full((adata.n_obs, n_niches), np.nan, dtype=np.float32)
-    rows, figs, chosen_transfer = [], [], {}
-    for fold in progress(folds, desc="niches: held-out folds"):
-        fold_rows, fold_figs, student_probs[np.isin(st.sec, fold.test)], record = _fold_step(st, fold)
-        rows, figs = rows + fold_rows, figs + fold_figs
-        if record is not None:
-            chosen_transfer[fold.name] = record
-    write_niches(adata, student_probs, STUDENT_KEY)
+    rows, figs, chosen_transfer = _folds_loop(st, folds)
     df = pd.DataFrame(rows)[_COLUMNS]
     df.attrs.update(attrs, seconds=time.perf_counter() - t_start)
     if transfer is not None:
