@@ -27,41 +27,41 @@ class NicheStudentConfig:
     the spots within ``radius_um``.
     """
 
-    n_niches: int | None = None
-    feature_key: str = "X_effnet-lite0-imagenet"
-    radius_um: float | None = None
+    n_niches: int | None = None  # K; None: from the teacher's probabilities at fit
+    feature_key: str = "X_effnet-lite0-imagenet"  # obsm (n_obs, F) patch features
+    radius_um: float | None = None  # neighbourhood, um; None: the radius holding n_neighbors spots
     n_neighbors: int = N_NEIGHBORS
-    max_neighbors: int | None = None
-    d_model: int = 32
+    max_neighbors: int | None = None  # tokens besides the centre; None: the most seen in training (<= 48)
+    d_model: int = 32  # transformer width, layers, heads
     n_layers: int = 2
     summary_token: bool = True
     n_heads: int = 4
     dropout: float = 0.1
-    token_drop: float = 0.1
-    temperature: float = 2.0
+    token_drop: float = 0.1  # share of neighbour tokens dropped while training
+    temperature: float = 2.0  # KD temperature T (KL x T^2) and the hard cross-entropy share
     hard_weight: float = 0.0
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW
     weight_decay: float = 0.05
-    batch_size: int = 128
-    max_epochs: int = 60
+    batch_size: int = 128  # spots per step (split over DDP processes)
+    max_epochs: int = 60  # early stopping: at most, at least (refit), patience, on monitor
     min_epochs: int = 3
     monitor: str = "val_ari"
     patience: int = 8
-    feature_norm: str = "section"
-    n_pcs: int | None = 64
-    val_patients: str | list[str] | None = "smallest"
-    val_block: float = 0.2
-    views: bool = False
-    refit: bool = True
-    context_key: str | None = None
-    refine_grid: list[dict] | None = None
-    encoder: str | None = None
+    feature_norm: str = "section"  # z-score features per section or with the training mean/sd
+    n_pcs: int | None = 64  # PCA of the normalised features (fitted on training spots); None: whole
+    val_patients: str | list[str] | None = "smallest"  # "smallest", "each", ids, None
+    val_block: float = 0.2  # one training patient: share of each section held out as a band
+    views: bool = False  # train on obsm[feature_key + "_views"] too
+    refit: bool = True  # retrain on all training spots for the chosen epochs
+    context_key: str | None = None  # obsm (n_obs, F) features of a larger field of view: one token
+    refine_grid: list[dict] | None = None  # refinements tried on the validation split; None: the default grid
+    encoder: str | None = None  # how the features were made (predict extracts missing ones)
     size_um: float = 112.0
     px: int = 224
     seed: int = 0
-    accelerator: str = "cpu"
-    num_threads: int | None = 1
-    connectivity_key: str = Key.obsp.spatial_connectivities
+    accelerator: str = "cpu"  # Lightning's default device for fit
+    num_threads: int | None = 1  # torch CPU threads while training; None: torch's setting
+    connectivity_key: str = Key.obsp.spatial_connectivities  # obsp spot graph (a user's: the neighbourhoods)
 
     def __post_init__(self):
         if self.feature_norm not in FEATURE_NORMS:
