@@ -129,10 +129,11 @@ def ridge_rows(img, fold, genes: list[str], gene: str) -> tuple[list[dict], dict
 # ================================================================================ per fold
 def choose(args, tr, gene: str, base: GenstConfig, fold_name: str, t0: float) -> tuple[GenstConfig, list[dict]]:
     grid = [{"w_con": w, "head_input": h} for w in args.w_con for h in args.head_input]
-    cfg, table = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    sel = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    cfg, table = sel.config(), sel.table
     rows = []
     for r in table.itertuples():
-        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.val_patient,
+        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
     ci = grid.index({"w_con": cfg.w_con, "head_input": cfg.head_input})
     curves = [c for c, k in zip(table["curve"], table["candidate"]) if k == ci]

@@ -157,12 +157,12 @@ def fold_labels(args, full, img, tr_pats) -> np.ndarray:
 def choose_settings(args, img, fold, base: StampConfig, t0: float) -> tuple[dict, list]:
     tr = sd.io.subset_sections(img, list(fold.train))
     grid = [{"w_con": w, "rank": r} for w in args.w_con for r in args.rank]
-    _, table = select_stamp(tr, grid, base=base, encoder=ENCODER)
+    table = select_stamp(tr, grid, base=base, encoder=ENCODER).table
     rows = []
     for r in table.itertuples():
-        rows.append({"fold": fold.patients_of("test")[0], **grid[r.candidate], "val": r.val_patient,
+        rows.append({"fold": fold.patients_of("test")[0], **grid[r.candidate], "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
-        log(f"  select w_con={rows[-1]['w_con']:g} rank={rows[-1]['rank']} val {r.val_patient}: {rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
+        log(f"  select w_con={rows[-1]['w_con']:g} rank={rows[-1]['rank']} val {r.split}: {rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
     chosen = {}
     for name, where in (("stamp", None), ("stamp_con", lambda g: g["w_con"] > 0)):
         c = choose(table, grid, base, where=where)

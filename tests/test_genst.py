@@ -109,14 +109,17 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
         GenST.load(tmp_path / "nothing")
 
 
-def test_select_chooses_on_inner_patients(sim):
+def test_select_chooses_on_inner_patients(sim, tmp_path):
     parts, _ = sim
     train = sd.io.concat([parts["simP0"], parts["simP1"]])
     grid = [{"w_con": 0.0}, {"w_con": 0.5, "head_input": "continuous"}]
     base = GenstConfig(**{**FAST, "expr_epochs": 10, "max_epochs": 3})
-    cfg, table = select_genst(train, grid, base=base, feature_key=KEY, n_genes=15)
-    assert set(table["val_patient"]) == {"simP0", "simP1"} and len(table) == 4
+    sel = select_genst(train, grid, base=base, feature_key=KEY, n_genes=15)
+    cfg, table = sel.config(), sel.table
+    assert set(table["split"]) == {"simP0", "simP1"} and len(table) == 4 and sel.criterion.metric == "val_pearson"
     assert all(len(c) == 4 for c in table["curve"]) and 0 <= cfg.max_epochs <= 3
+    m = GenST(cfg, feature_key=KEY).fit(train, sd.pp.hest_genes(train, 15), selection=sel)  # recorded in its bundle
+    assert GenST.load(m.save(tmp_path / "m")).selection_.to_dict() == sel.to_dict()
     with pytest.raises(sd.StdistillError, match="quantizer"):
         GenstConfig(quantizer="rvq")
 

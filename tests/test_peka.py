@@ -73,13 +73,14 @@ def test_select_peka_on_inner_patients(tmp_path):
     genes = list(a.var_names[:6])
     T = np.random.default_rng(2).normal(size=(a.n_obs, 4)).astype(np.float32)
     base = PekaConfig(adapter="lora", rank=4, max_epochs=1, batch_size=10, n_clusters=2, size_um=32, px=32, val_metric="head")
-    cfg, table = select_peka(a, T, genes, [{"lr": 1e-3}, {"lr": 1e-2}], base=base, encoder=VIT, cache_dir=tmp_path)
-    assert len(table) == 4 and set(table["val_patient"]) == {"P0", "P1"}  # each patient validates once per candidate
+    sel = select_peka(a, T, genes, [{"lr": 1e-3}, {"lr": 1e-2}], base=base, encoder=VIT, cache_dir=tmp_path)
+    cfg, table = sel.config(), sel.table
+    assert len(table) == 4 and set(table["split"]) == {"P0", "P1"}  # each patient validates once per candidate
     assert all(len(c) == 2 for c in table["curve"])  # epoch 0 (frozen) and epoch 1
     assert cfg.lr in (1e-3, 1e-2) and 0 <= cfg.max_epochs <= 1
     seen = []
-    cfg2, _ = select_peka(a, T, genes, [{"lr": 1e-3}], base=base, encoder=VIT, cache_dir=tmp_path,
-                          inner=lambda tr, vp: seen.append((vp, tr.n_obs)) or {"genes": genes[:3]})
+    select_peka(a, T, genes, [{"lr": 1e-3}], base=base, encoder=VIT, cache_dir=tmp_path,
+                inner=lambda tr, vp: seen.append((vp, tr.n_obs)) or {"genes": genes[:3]})
     assert seen == [("P0", 25), ("P1", 25)]  # inner parts re-derived once per split, without its patient
     with pytest.raises(StdistillError, match="at least 2"):
         select_peka(sd.io.subset_sections(a, ["S0"]), T[:25], genes, [{}], base=base, encoder=VIT)

@@ -85,7 +85,8 @@ def test_stamp_learns_the_activities_and_predicts_on_he_only_tiles(tmp_path):
 
 def test_select_stamp_and_bad_input(tmp_path):
     a = _data(n_patients=2, seed=4)
-    cfg, table = select_stamp(a, [{"w_con": 0.0}, {"w_con": 1.0}], base=_cfg(max_epochs=1), encoder=VIT, cache_dir=tmp_path)
+    sel = select_stamp(a, [{"w_con": 0.0}, {"w_con": 1.0}], base=_cfg(max_epochs=1), encoder=VIT, cache_dir=tmp_path)
+    cfg, table = sel.config(), sel.table
     assert len(table) == 4 and all(len(c) == 2 for c in table["curve"])
     assert cfg.w_con in (0.0, 1.0) and 0 <= cfg.max_epochs <= 1
     with pytest.raises(StdistillError, match="pathway_scores"):

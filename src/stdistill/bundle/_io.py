@@ -26,7 +26,7 @@ _READERS = {
     "stdistill.NicheStudent/1": ("stdistill.students.niche", "NicheStudent", "niches"),
     "stdistill.PEKA/1": ("stdistill.recipes._peka", "PEKA", "peka"),
     "stdistill.STAMP/1": ("stdistill.recipes._stamp", "STAMP", "stamp"),
-    "stdistill.HestRidge/2": ("stdistill.bench._expression", "HestRidge", "probe"),
+    "stdistill.HestRidge/2": ("stdistill.bench._probe", "HestRidge", "probe"),
     "stdistill.GenST/2": ("stdistill.recipes._genst._model", "GenST", "genst"),
     "stdistill.SurvivalModel/2": ("stdistill.recipes._survival._model", "SurvivalModel", "survival"),
     "stdistill.NicheTeacher/2": ("stdistill.teachers.niche", "NicheTeacher", "niche_teacher"),

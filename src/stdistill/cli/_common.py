@@ -81,3 +81,8 @@ def _not_rank_zero() -> bool:
     from .._lightning import is_global_zero
 
     return not is_global_zero()
+
+
+def print_selection(console, selection, title: str | None = None) -> None:
+    """Print a :class:`stdistill.select.Selection` the one way every command does (plain text)."""
+    console.print((f"{title}\n" if title else "") + str(selection), markup=False, highlight=False, soft_wrap=True)

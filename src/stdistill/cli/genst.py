@@ -10,7 +10,7 @@ import typer
 
 from .._errors import StdistillError
 from ..bundle import check_target
-from ._common import _numbers, _split, patient_split
+from ._common import _numbers, _split, patient_split, print_selection
 
 FEATURES_HELP = "obsm key of the patch features (extracted with --encoder when absent)."
 
@@ -128,7 +128,6 @@ def register(app: typer.Typer) -> None:
         from stdistill.recipes import GenST, GenstConfig, select_genst
 
         from .._utils import atomic_path
-        from .pathways import _print_grid
 
         grid = [{"w_con": w, "head_input": h} for w in _numbers(w_con, float, "--w-con") for h in _split(head_input)]
         if not grid:
@@ -144,12 +143,13 @@ def register(app: typer.Typer) -> None:
         tr = split["train"]
         g = sd.pp.hest_genes(tr, n_genes)
         genes = g + [x for x in _split(extra_genes) if x not in g and x in tr.var_names]
-        how = f"early stopping on {val_patients}" if val_patients else "fixed"
+        how, sel = f"early stopping on {val_patients}" if val_patients else "fixed", None
         if len(grid) > 1:
-            cfg, table = select_genst(tr, grid, base=cfg, feature_key=features, n_genes=n_genes, extra_genes=_split(extra_genes))
-            _print_grid(c, table)
+            sel = select_genst(tr, grid, base=cfg, feature_key=features, n_genes=n_genes, extra_genes=_split(extra_genes))
+            cfg = sel.config()
+            print_selection(c, sel)
             how = "grid, leave one training patient out"
-        m = GenST(cfg, feature_key=features).fit(tr, genes, val=split["val"])
+        m = GenST(cfg, feature_key=features).fit(tr, genes, val=split["val"], selection=sel)
         m.save(out)
         _print_lines(c, "GenST settings", {"features": f"{features} ({m.features_meta_.get('encoder', 'unknown')}, "
                                         f"{m.features_meta_.get('precision', '?')})", "chosen by": how,

@@ -15,6 +15,7 @@ from ._common import (
     _numbers,
     _split,
     patient_split,
+    print_selection,
     stain_norm_option,
 )
 
@@ -140,25 +141,6 @@ def _print_settings(c, rows: dict) -> None:
     c.print(t)
 
 
-def _print_grid(c, table) -> None:
-    from rich.table import Table
-
-    t = Table(title="Grid (leave one training patient out; validation score per epoch, epoch 0 first)",
-              title_justify="left")
-    shown = table.drop(columns=["seconds"], errors="ignore")
-    for col in shown.columns:
-        t.add_column(str(col))
-
-    def cell(k, v) -> str:
-        if k == "curve":
-            return " ".join(f"{x:.3f}" for x in v)
-        return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-
-    for _, r in shown.iterrows():
-        t.add_row(*(cell(k, v) for k, v in r.items()))
-    c.print(t)
-
-
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(help="Pathway activities: scoring the spots, STAMP alignment of an encoder, H&E-only prediction.",
                       no_args_is_help=True)
@@ -261,14 +243,15 @@ def register(app: typer.Typer) -> None:
         va = _finite(split["val"], KEY)[0] if split["val"] is not None and split["val"].n_obs else None
         dev = int(devices) if devices.isdigit() else devices
         kw = {"accelerator": accelerator, "devices": dev, "strategy": strategy}
-        how = "fixed"
+        how, sel = "fixed", None
         if len(grid) > 1:
-            cfg, table = select_stamp(tr, grid, pathways=KEY, base=cfg, encoder=encoder, **kw)
-            _print_grid(c, table)
+            sel = select_stamp(tr, grid, pathways=KEY, base=cfg, encoder=encoder, **kw)
+            cfg = sel.config()
+            print_selection(c, sel)
             how = "grid, leave one training patient out"
         elif va is not None:
             how = f"early stopping on {', '.join(_split(val_patients))}"
-        m = STAMP(encoder, cfg, **kw).fit(tr, KEY, val=va, run_dir=run_dir)
+        m = STAMP(encoder, cfg, **kw).fit(tr, KEY, val=va, run_dir=run_dir, selection=sel)
         if m.resumed_:
             c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)

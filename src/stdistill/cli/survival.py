@@ -148,7 +148,9 @@ def register(app: typer.Typer) -> None:
             teacher = fitted.get(m.teacher)
             if select:
                 tf = (lambda _s, ci, _c=fitted[m.teacher].config: SurvivalModel(_c).fit(ci, genesets=gs)) if m.teacher else None
-                cfg, _ = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
+                sel = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
+                cfg = sel.config()
+                typer.echo(f"{m.name}: {sel}")
             fitted[m.name] = SurvivalModel(replace(cfg, seed=seed)).fit(c, teacher=teacher, genesets=gs)
             typer.echo(f"{m.name}: {cfg.kind}, {cfg.max_epochs} epochs, {len(c.patients)} patients "
                        f"({int(c.event.sum())} events), {fitted[m.name].fit_seconds_:.1f} s")

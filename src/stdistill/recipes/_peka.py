@@ -43,6 +43,7 @@ from torch import nn
 
 from .._errors import StdistillError
 from .._utils import seed_everything
+from ..select import Selection, select
 from ..adapters import (
     AdaptedEncoder,
     AdaptedNet,
@@ -168,6 +169,7 @@ class PEKA(AdaptedEncoder):
         val: ad.AnnData | None = None,
         extra_genes: Sequence[str] = (),
         run_dir: str | os.PathLike | None = None,
+        selection: Selection | None = None,
     ) -> PEKA:
         """Train on ``adata``'s spots (each section with an image).
 
@@ -195,9 +197,13 @@ class PEKA(AdaptedEncoder):
             Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
             after a kill resumes there and ends with the same weights as an uninterrupted run
             (``resumed_``: ``"resumed"``, ``"finished"`` or None).
+        selection
+            The :class:`~stdistill.select.Selection` that chose this config (:func:`select_peka`),
+            kept as ``selection_`` and in the saved bundle's training record.
         """
         cfg = self.config
         t0 = time.time()
+        self.selection_ = selection
         seed_everything(cfg.seed)
         T = np.asarray(adata.obsm[teacher] if isinstance(teacher, str) else teacher, dtype=np.float32)
         if T.shape[0] != adata.n_obs or T.ndim != 2 or not np.isfinite(T).all():
@@ -285,7 +291,7 @@ def select_peka(
     inner: Callable[[ad.AnnData, str], dict] | None = None,
     encoder="effnet-lite0-imagenet",
     **kw,
-) -> tuple[PekaConfig, pd.DataFrame]:
+) -> Selection:
     """Choose PEKA's settings and epochs by leave-one-patient-out **inside** ``adata`` (a fold's
     training patients) with :func:`stdistill.select.select`.
 
@@ -308,23 +314,21 @@ def select_peka(
 
     Returns
     -------
-    The chosen config (``max_epochs`` = chosen epochs) and the table of
-    :func:`stdistill.select.select`.
+    A :class:`~stdistill.select.Selection`: ``.config()`` is the chosen config (``max_epochs`` =
+    chosen epochs), ``.table`` the curves. (Unpacking it as ``(config, table)`` is deprecated.)
     """
-    from ..select import select
-
-    base = base or PekaConfig()
     T = np.asarray(teacher)
 
-    def parts(tr: ad.AnnData, vp: str, mask: np.ndarray) -> dict:
-        return {"teacher": T[mask], "genes": list(genes), "kd_classifier": None, **(inner(tr, vp) if inner is not None else {})}
+    def parts(s) -> dict:
+        return {"teacher": T[s.train_rows], "genes": list(genes), "kd_classifier": None,
+                **(inner(s.train, s.name) if inner is not None else {})}
 
-    def fit_curve(cfg: PekaConfig, tr: ad.AnnData, va: ad.AnnData, p: dict) -> list[float]:
-        model = PEKA(encoder, cfg, **kw).fit(tr, p["teacher"], p["genes"], kd_reference=kd_reference,
-                                             kd_classifier=p["kd_classifier"], val=va)
+    def fit_score(cfg: PekaConfig, s) -> list[float]:
+        model = PEKA(encoder, cfg, **kw).fit(s.train, s.parts["teacher"], s.parts["genes"], kd_reference=kd_reference,
+                                             kd_classifier=s.parts["kd_classifier"], val=s.val)
         return val_curve(model.history_, cfg.val_metric)
 
-    return select(adata, fit_curve, grid, base, parts=parts)
+    return select(adata, fit_score, grid, base=base or PekaConfig(), parts=parts, full_curves=True)
 
 
 def choose_peka(table: pd.DataFrame, grid: Sequence[dict], base: PekaConfig | None = None,

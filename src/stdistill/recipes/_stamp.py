@@ -34,6 +34,7 @@ from torch import nn
 
 from .._errors import StdistillError
 from .._utils import seed_everything
+from ..select import Selection, select
 from ..adapters import AdaptedEncoder, AdaptedNet, AdapterConfig, Tail, TailModule, ridge_init, val_curve
 
 __all__ = ["STAMP", "StampConfig", "StampModule", "StampNet", "pathway_targets", "select_stamp", "stamp"]
@@ -135,7 +136,7 @@ class STAMP(AdaptedEncoder):
 
     def fit(self, adata: ad.AnnData, pathways: str | pd.DataFrame | np.ndarray = "pathway_scores", *,
             names: Sequence[str] | None = None, val: ad.AnnData | None = None,
-            run_dir: str | os.PathLike | None = None) -> STAMP:
+            run_dir: str | os.PathLike | None = None, selection: Selection | None = None) -> STAMP:
         """Train on ``adata``'s spots (training patients only, each section with an image).
 
         Parameters
@@ -150,8 +151,12 @@ class STAMP(AdaptedEncoder):
             Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
             after a kill resumes there and ends with the same weights as an uninterrupted run
             (``resumed_``: ``"resumed"``, ``"finished"`` or None).
+        selection
+            The :class:`~stdistill.select.Selection` that chose this config (:func:`select_stamp`),
+            kept as ``selection_`` and in the saved bundle's training record.
         """
         cfg, t0 = self.config, time.time()
+        self.selection_ = selection
         seed_everything(cfg.seed)
         Y, self.pathways_ = pathway_targets(adata, pathways, names)
         if val is not None:
@@ -231,21 +236,18 @@ def select_stamp(
     base: StampConfig | None = None,
     encoder="effnet-lite0-imagenet",
     **kw,
-) -> tuple[StampConfig, pd.DataFrame]:
+) -> Selection:
     """Choose STAMP's loss weights, rank, learning rate and epochs by leave-one-patient-out **inside**
     ``adata`` (a fold's training patients), with :func:`stdistill.select.select`: every candidate
     trains on all but one training patient and records the ``base.val_metric`` score on the held-out
     one after each epoch (epoch 0 = the frozen encoder with a ridge head).
 
     Pathway activities are per-spot statistics (per-section standardised), so nothing about the
-    validation patient reaches training through them.
+    validation patient reaches training through them. Returns a :class:`~stdistill.select.Selection`
+    (``.config()``: the chosen config; unpacking it as ``(config, table)`` is deprecated).
     """
-    from ..select import select
 
-    base = base or StampConfig()
+    def fit_score(cfg: StampConfig, s) -> list[float]:
+        return val_curve(STAMP(encoder, cfg, **kw).fit(s.train, pathways, val=s.val).history_, cfg.val_metric)
 
-    def fit_curve(cfg: StampConfig, tr: ad.AnnData, va: ad.AnnData, _: dict) -> list[float]:
-        model = STAMP(encoder, cfg, **kw).fit(tr, pathways, val=va)
-        return val_curve(model.history_, cfg.val_metric)
-
-    return select(adata, fit_curve, grid, base)
+    return select(adata, fit_score, grid, base=base or StampConfig(), full_curves=True)

@@ -5,12 +5,13 @@
   every recipe records in its bundle (:meth:`Selection.to_dict`) and prints the same way;
 - splitters: :class:`LeaveOnePatientOut`, :class:`ValidationPatients`, :class:`ValidationRows`,
   :class:`PatientFolds` (survival cohorts); :class:`Split` is one inner split;
-- :func:`choose` re-aggregates a table; :func:`inner_splits` and :func:`smooth_curve` are helpers.
+- :func:`choose` re-aggregates a table; :func:`selection_record` is a bundle's ``training``
+  entry; :func:`inner_splits` and :func:`smooth_curve` are helpers.
 """
 
 from ._grid import choose, inner_splits, select
-from ._selection import Criterion, Selection, smooth_curve
+from ._selection import Criterion, Selection, selection_record, smooth_curve
 from ._splits import LeaveOnePatientOut, PatientFolds, Split, ValidationPatients, ValidationRows
 
 __all__ = ["Criterion", "LeaveOnePatientOut", "PatientFolds", "Selection", "Split", "ValidationPatients",
-           "ValidationRows", "choose", "inner_splits", "select", "smooth_curve"]
+           "ValidationRows", "choose", "inner_splits", "select", "selection_record", "smooth_curve"]

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .._errors import StdistillError
 
-__all__ = ["Criterion", "Selection", "smooth_curve"]
+__all__ = ["Criterion", "Selection", "selection_record", "smooth_curve"]
 
 AGGREGATES = ("mean_curve", "best_per_split")
 TIES = ("first", "running")
@@ -75,11 +75,11 @@ class Criterion:
         if not self.tol >= 0:
             raise StdistillError(f"tol must be >= 0, got {self.tol}")
 
-    def describe(self) -> str:
-        """One line: what was maximised or minimised, and how."""
-        how = ("mean curve over splits, then its best epoch" if self.aggregate == "mean_curve"
-               else "best epoch per split, then mean over splits")
-        extra = [f"smoothed over {self.smooth} epochs"] if self.smooth > 1 else []
+    def describe(self, curves: bool = True) -> str:
+        """One line: what was maximised or minimised, and how (``curves``: scores per epoch, else one per split)."""
+        how = ("mean over splits" if not curves else "mean curve over splits, then its best epoch"
+               if self.aggregate == "mean_curve" else "best epoch per split, then mean over splits")
+        extra = [f"smoothed over {self.smooth} epochs"] if self.smooth > 1 and curves else []
         extra += ["NaN splits skipped"] if self.skip_nan else []
         tie = f"ties: first listed{f' within {self.tol:g}' if self.tol else ''}{' (running)' if self.ties == 'running' else ''}"
         return f"{'max' if self.maximize else 'min'} {self.metric} ({'; '.join([how, *extra, tie])})"
@@ -208,11 +208,10 @@ class Selection:
     criterion: Criterion
     choice: dict
     base: Any = field(default=None, repr=False, compare=False)
-    legacy_split: str = field(default="val_patient", repr=False, compare=False)
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, candidates: Sequence[dict], criterion: Criterion, *, base: Any = None,
-                   where: Callable[[dict], bool] | None = None, legacy_split: str = "val_patient") -> Selection:
+                   where: Callable[[dict], bool] | None = None) -> Selection:
         """Aggregate ``table`` with ``criterion`` and choose (among ``candidates`` passing ``where``)."""
         candidates = [dict(c) for c in candidates]
         scores = aggregate(table, len(candidates), criterion)
@@ -222,12 +221,11 @@ class Selection:
         ep = scores["epoch"].iloc[ci]
         choice = {"candidate": ci, "settings": dict(candidates[ci]), "epoch": None if pd.isna(ep) else int(ep),
                   "score": float(scores["score"].iloc[ci])}
-        return cls(table, candidates, criterion, choice, base=base, legacy_split=legacy_split)
+        return cls(table, candidates, criterion, choice, base=base)
 
     def rechoose(self, where: Callable[[dict], bool] | None = None, criterion: Criterion | None = None) -> Selection:
         """The same table chosen again: among the candidates passing ``where``, or with another criterion."""
-        return Selection.from_table(self.table, self.candidates, criterion or self.criterion, base=self.base, where=where,
-                                    legacy_split=self.legacy_split)
+        return Selection.from_table(self.table, self.candidates, criterion or self.criterion, base=self.base, where=where)
 
     def scores(self) -> pd.DataFrame:
         """One row per candidate: its settings, ``score`` (aggregated by the criterion), ``epoch``."""
@@ -280,10 +278,12 @@ class Selection:
         return f"chosen: {sets}{ep} ({self.criterion.metric} {c['score']:.4f}, candidate {c['candidate']})"
 
     def __str__(self) -> str:
-        with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 200):
-            body = self.summary().to_string(index=False)
+        table = self.summary()
+        scored = set(table.columns) - set(self.scores().columns) | {"score"}  # split scores and the mean: 4 decimals
+        fmt = {c: (lambda v: f"{v:.4f}") if c in scored else _fmt for c in table.columns if table[c].dtype.kind == "f"}
+        body = table.to_string(index=False, formatters=fmt)
         n = self.table["split"].nunique() if len(self.table) else 0
-        return f"Selection over {len(self.candidates)} candidates x {n} splits: {self.criterion.describe()}\n{body}\n{self.describe()}"
+        return f"Selection over {len(self.candidates)} candidates x {n} splits: {self.criterion.describe('curve' in self.table)}\n{body}\n{self.describe()}"
 
     __repr__ = __str__
 
@@ -313,8 +313,13 @@ class Selection:
         """Deprecated: ``config, table = select_x(...)`` (the old return) still unpacks for one release."""
         warnings.warn("unpacking a Selection as (config, table) is deprecated and will be removed in the next release; "
                       "use sel.config() and sel.table", DeprecationWarning, stacklevel=2)
-        return iter((self.config(), self.table.rename(columns={"split": self.legacy_split})))
+        return iter((self.config(), self.table.rename(columns={"split": "val_patient"})))
+
+
+def selection_record(selection: Selection | None) -> dict:
+    """``{"selection": selection.to_dict()}`` for a bundle's training record (``{}`` for None)."""
+    return {"selection": selection.to_dict()} if selection is not None else {}
 
 
 def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)

@@ -16,6 +16,7 @@ from ..._utils import load_state, seed_everything
 from ...bundle import Bundled
 from ...bundle._format import _jsonable
 from ...metrics import pearson_per_gene
+from ...select import Selection, selection_record
 from ...students.niche import _threads
 from ._config import GenstConfig
 from ._data import _counts, _expr_inputs, _frame, _tempered, _zscore_fit, codebook_stats
@@ -110,7 +111,7 @@ class GenST(Bundled):
 
     # -------------------------------------------------------------- training
     def fit(self, adata: ad.AnnData, genes: Sequence[str] | None = None, *, n_genes: int = 50,
-            val: ad.AnnData | None = None, layer: str | None = None) -> GenST:
+            val: ad.AnnData | None = None, layer: str | None = None, selection: Selection | None = None) -> GenST:
         """Train on ``adata``'s spots (training patients only; raw counts in ``X`` or ``layer``, features
         in ``obsm[feature_key]``).
 
@@ -118,8 +119,11 @@ class GenST(Bundled):
         (:func:`stdistill.pp.hest_genes`). ``val``: spots of other patients, scored after every
         alignment epoch (mean Pearson of the generated expression) for early stopping and
         :func:`select_genst`; the best epoch is kept. Sets ``curve_`` (validation r, epoch 0 = the
-        untrained head) and ``history_`` (losses per epoch).
+        untrained head) and ``history_`` (losses per epoch). ``selection``: the
+        :class:`~stdistill.select.Selection` that chose this config (:func:`select_genst`), kept as
+        ``selection_`` and in the saved bundle's training record.
         """
+        self.selection_ = selection
         with _threads(self.num_threads):
             return self._fit(adata, genes, n_genes, val, layer)
 
@@ -321,7 +325,7 @@ class GenST(Bundled):
                 "curve": [float(x) for x in getattr(self, "curve_", [])]}
         rec = bundle_record("genst", features=getattr(self, "features_record_", None) or self.features_meta_,
                             feature_norm="z-score (training mean/sd), clipped", outputs={"genes": self.genes_},
-                            training={"curve": meta["curve"]})
+                            training={"curve": meta["curve"], **selection_record(getattr(self, "selection_", None))})
         return meta, tensors, rec
 
     @classmethod
@@ -336,5 +340,7 @@ class GenST(Bundled):
         load_state(net, tensors, path, "GenST model")
         self.net_ = net.eval()
         self.curve_ = list(meta["curve"])
+        sel = record.get("training", {}).get("selection")
+        self.selection_ = Selection.from_dict(sel) if sel else None
         self.table_ = self._code_table()
         return self
