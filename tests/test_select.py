@@ -248,3 +248,52 @@ def test_recorded_choices_are_made_identically():
                                  Criterion(maximize=False, aggregate="best_per_split", first_epoch=1, tol=1e-9))
     assert niche.choice["candidate"] == 1 and niche.choice["score"] == _h("-0x1.6aefe1799066ap-1")
     assert niche.scores()["score"].iloc[0] == _h("-0x1.abb3cfab2f7b4p-2")
+
+
+def test_the_niche_students_loop_and_refinement_expressed_exactly():
+    """NicheStudent's candidate loop (validation patient(s) by row masks, every candidate on one
+    split then the next, score = best validation loss over epochs, mean over splits, ties within 1e-9:
+    the first listed, epoch = the splits' best epochs averaged and rounded) and its refinement choice
+    (ARI on the validation rows, a later entry wins only when better by more than 1e-9), against the
+    formulas of their own loops."""
+    a = colour_sections(3, 3, ["G0"], 0)
+    has = np.ones(a.n_obs, dtype=bool)
+    has[0] = False  # a spot without features
+    rng = np.random.default_rng(3)
+    hist = {(c, q): list(rng.uniform(0.5, 1.0, size=rng.integers(3, 7))) for c in range(3) for q in ("P0", "P1", "P2")}
+    hist[(2, "P0")] = list(hist[(0, "P0")])  # candidate 2 ties candidate 0 on one split ...
+    calls = []
+
+    def fit_score(params, split, ci):
+        assert split.train is a and not (split.train_rows & split.val_rows).any() and not split.val_rows[0]
+        calls.append((ci, split.name))
+        return hist[(ci, split.name)]
+
+    cands = [{"radius_um": 0.0}, {"radius_um": 450.0}, {"radius_um": 650.0}]
+    crit = Criterion(metric="val_loss", maximize=False, aggregate="best_per_split", first_epoch=1, tol=1e-9)
+    sel = select(a, fit_score, cands, base={"radius_um": 0.0, "lr": 1e-3}, criterion=crit, order="splits",
+                 with_candidate=True, splitter=LeaveOnePatientOut(first="smallest", rows=has, subset=False))
+    order = ["P0", "P1", "P2"]  # P0 has the fewest usable spots
+    assert calls == [(c, q) for q in order for c in range(3)]
+    scores = [[min(hist[(c, q)]) for c in range(3)] for q in order]  # the student's formulas
+    epochs = [[int(np.argmin(hist[(c, q)])) + 1 for c in range(3)] for q in order]
+    mean = np.mean(scores, axis=0)
+    win = int(np.flatnonzero(mean <= mean.min() + 1e-9)[0])
+    assert sel.choice["candidate"] == win and sel.choice["score"] == mean[win]
+    assert sel.choice["epoch"] == int(round(float(np.mean([e[win] for e in epochs]))))
+    assert sel.scores()["score"].tolist() == mean.tolist()
+    assert sel.config() == {"radius_um": cands[win]["radius_um"], "lr": 1e-3, "max_epochs": sel.choice["epoch"]}
+    # the refinement: one split (the validation rows), one ARI per grid entry
+    ari = {0: 0.7517, 1: 0.7517 + 8e-10, 2: 0.7517 + 1.6e-9, 3: 0.70}
+    grid = [{"method": "none"}, {"method": "propagate"}, {"method": "gmm"}, {"method": "both"}]
+    ref = Selection.from_table(_table([(i, "val", ari[i]) for i in range(4)], "score"), grid,
+                               Criterion(metric="val_ari", tol=1e-9, ties="running"))
+    best = None
+    for i in range(4):  # choose_refinement's loop
+        if best is None or ari[i] > best[0] + 1e-9:
+            best = (ari[i], i)
+    assert ref.choice["candidate"] == best[1] == 2
+    rows = np.zeros(a.n_obs, dtype=bool)
+    rows[-5:] = True
+    (v,) = ValidationRows(rows, "val", subset=False)(a)
+    assert v.val is a and v.val_rows.sum() == 5

@@ -53,14 +53,15 @@ def _full(base, full_curves: bool):
     return replace(base, patience=base.max_epochs + 1) if is_dataclass(base) else {**base, "patience": base["max_epochs"] + 1}
 
 
-def _run(fit_score: FitScore, candidates: list[dict], splits: list[Split], base, order: str) -> pd.DataFrame:
+def _run(fit_score: FitScore, candidates: list[dict], splits: list[Split], base, order: str,
+         with_candidate: bool) -> pd.DataFrame:
     """The candidates x splits table, candidate-major (``order="candidates"``) or split-major."""
     pairs = ([(ci, s) for ci in range(len(candidates)) for s in splits] if order == "candidates"
              else [(ci, s) for s in splits for ci in range(len(candidates))])
     rows = {}
     for ci, s in pairs:
         t0 = time.time()
-        out = fit_score(settings_of(base, candidates[ci]), s)
+        out = fit_score(settings_of(base, candidates[ci]), s, *((ci,) if with_candidate else ()))
         rows[(ci, s.name)] = _record(candidates[ci], s.name, out, time.time() - t0, ci)
     kinds = {"curve" in r for r in rows.values()}
     if len(kinds) > 1:
@@ -80,6 +81,7 @@ def select(
     where: Callable[[dict], bool] | None = None,
     full_curves: bool = False,
     order: str = "candidates",
+    with_candidate: bool = False,
 ) -> Selection:
     """Train every candidate on every inner split of ``data`` and choose one.
 
@@ -112,6 +114,9 @@ def select(
     order
         ``"candidates"`` (each candidate on every split in turn) or ``"splits"`` (every candidate on
         one split, then the next split). The table lists candidates in order either way.
+    with_candidate
+        Call ``fit_score(settings, split, candidate)`` with the candidate's index (for run names or
+        keeping a fitted model per candidate and split).
 
     Returns
     -------
@@ -132,7 +137,7 @@ def select(
     if parts is not None:
         for s in splits:
             s.parts = parts(s)
-    table = _run(fit_score, candidates, splits, fit_base, order)
+    table = _run(fit_score, candidates, splits, fit_base, order, with_candidate)
     return Selection.from_table(table, candidates, _criterion(base, criterion), base=base, where=where)
 
 

@@ -58,17 +58,29 @@ def _smallest(pats: np.ndarray, rows: np.ndarray) -> str:
 
 
 class _PatientSplitter:
-    """Splits that hold out whole patients of an AnnData; subclasses name the validation patients."""
+    """Splits that hold out whole patients of an AnnData; subclasses name the validation patients.
+
+    ``rows``: (n_obs,) bool, the usable rows of the AnnData given (e.g. spots with features);
+    only they count as a patient's rows and only they train or validate. ``subset=False``: every
+    split's ``train`` and ``val`` are the whole AnnData and ``train_rows``/``val_rows`` say which
+    rows (no copies; for estimators that index one AnnData).
+    """
+
+    def __init__(self, *, rows: np.ndarray | None = None, subset: bool = True):
+        self.rows, self.subset = (None if rows is None else np.asarray(rows, dtype=bool)), bool(subset)
 
     def _groups(self, pats: np.ndarray, rows: np.ndarray) -> list[list[str]]:
         raise NotImplementedError
 
     def masks(self, data, rows: np.ndarray | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """``(name, train_rows, val_rows)`` per split, (n_obs,) bool over ``data`` (an AnnData or an
-        (n_obs,) array of patient ids). ``rows``: the usable rows (default all); only they count as
-        patients' rows, and both masks lie inside them."""
+        (n_obs,) array of patient ids). ``rows``: the usable rows (default: the splitter's, else
+        all); only they count as patients' rows, and both masks lie inside them."""
         pats = _patients_of(data) if isinstance(data, ad.AnnData) else np.asarray(data).astype(str)
-        rows = np.ones(len(pats), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        rows = self.rows if rows is None else np.asarray(rows, dtype=bool)
+        rows = np.ones(len(pats), dtype=bool) if rows is None else rows
+        if len(rows) != len(pats):
+            raise StdistillError(f"rows has {len(rows)} entries, the data {len(pats)} rows")
         out = []
         for g in self._groups(pats, rows):
             val = np.isin(pats, g) & rows
@@ -76,8 +88,9 @@ class _PatientSplitter:
         return out
 
     def __call__(self, data) -> list[Split]:
-        """Splits of an AnnData (section subsets, rows in the data's order) or of a section -> patient
-        mapping (``train``/``val``: tuples of section ids in the mapping's order)."""
+        """Splits of an AnnData (section subsets, rows in the data's order; row subsets when the
+        splitter has ``rows``) or of a section -> patient mapping (``train``/``val``: tuples of
+        section ids in the mapping's order)."""
         if isinstance(data, (Mapping, pd.Series)):
             sp = pd.Series(data).astype(str)
             pats = sp.to_numpy()
@@ -86,8 +99,13 @@ class _PatientSplitter:
         secs = data.obs[SECTION_KEY].astype(str).to_numpy()
         out = []
         for name, tr, va in self.masks(data):
-            out.append(Split(name, subset_sections(data, sorted(set(secs[tr]))), subset_sections(data, sorted(set(secs[va]))),
-                             train_rows=tr, val_rows=va))
+            if not self.subset:
+                parts = (data, data)
+            elif self.rows is not None:
+                parts = (data[tr].copy(), data[va].copy())
+            else:
+                parts = (subset_sections(data, sorted(set(secs[tr]))), subset_sections(data, sorted(set(secs[va]))))
+            out.append(Split(name, *parts, train_rows=tr, val_rows=va))
         return out
 
 
@@ -98,7 +116,8 @@ class LeaveOnePatientOut(_PatientSplitter):
     first, then the others sorted: the niche student's ``val_patients="each"``).
     """
 
-    def __init__(self, first: str | None = None):
+    def __init__(self, first: str | None = None, *, rows: np.ndarray | None = None, subset: bool = True):
+        super().__init__(rows=rows, subset=subset)
         if first not in (None, "smallest"):
             raise StdistillError(f"first must be None or 'smallest', got {first!r}")
         self.first = first
@@ -120,7 +139,8 @@ class ValidationPatients(_PatientSplitter):
     """One split: ``patients`` validate (a list of ids, or ``"smallest"``: the patient with the
     fewest rows), the other patients train."""
 
-    def __init__(self, patients: str | Sequence[str] = "smallest"):
+    def __init__(self, patients: str | Sequence[str] = "smallest", *, rows: np.ndarray | None = None, subset: bool = True):
+        super().__init__(rows=rows, subset=subset)
         self.patients = patients if patients == "smallest" else [str(p) for p in patients]
 
     def _groups(self, pats, rows):
@@ -141,23 +161,28 @@ class ValidationPatients(_PatientSplitter):
 
 class ValidationRows:
     """One split with fixed validation rows: ``val_rows`` (n_obs,) bool, e.g. a spatial block of a
-    one-patient section (a weaker check than a held-out patient). ``__call__`` gives row subsets."""
+    one-patient section (a weaker check than a held-out patient), or the validation spots a
+    refinement is chosen on. ``__call__`` gives row subsets (``subset=False``: the whole AnnData
+    twice, with the masks); ``rows``: the usable rows, as for the patient splitters."""
 
-    def __init__(self, val_rows: np.ndarray, name: str = "block"):
+    def __init__(self, val_rows: np.ndarray, name: str = "block", *, rows: np.ndarray | None = None, subset: bool = True):
         self.val_rows, self.name = np.asarray(val_rows, dtype=bool), str(name)
+        self.rows, self.subset = (None if rows is None else np.asarray(rows, dtype=bool)), bool(subset)
 
     def masks(self, data, rows: np.ndarray | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
         n = data.n_obs if isinstance(data, ad.AnnData) else len(data)
         if len(self.val_rows) != n:
             raise StdistillError(f"val_rows has {len(self.val_rows)} rows, the data {n}")
-        rows = np.ones(n, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        rows = self.rows if rows is None else np.asarray(rows, dtype=bool)
+        rows = np.ones(n, dtype=bool) if rows is None else rows
         val = self.val_rows & rows
         if not val.any() or not (rows & ~val).any():
             raise StdistillError("the validation rows leave no validation or no training rows")
         return [(self.name, rows & ~val, val)]
 
     def __call__(self, data: ad.AnnData) -> list[Split]:
-        return [Split(name, data[tr].copy(), data[va].copy(), train_rows=tr, val_rows=va) for name, tr, va in self.masks(data)]
+        return [Split(name, *((data[tr].copy(), data[va].copy()) if self.subset else (data, data)), train_rows=tr, val_rows=va)
+                for name, tr, va in self.masks(data)]
 
     def __repr__(self) -> str:
         return f"ValidationRows({int(self.val_rows.sum())} rows, name={self.name!r})"
