@@ -120,9 +120,12 @@ def select(
 
     Returns
     -------
-    :class:`Selection`; ``.config()`` is ``base`` with the chosen settings (and ``max_epochs`` = the
-    chosen epoch for curves; 0: training did not help).
+    Selection
+        ``.config()`` is ``base`` with the chosen settings (and, for curves, ``max_epochs`` = the
+        chosen epoch; 0: training did not help).
 
+    Notes
+    -----
     The form ``select(adata, fit_curve, grid, base, parts=...)`` returning ``(config, table)``, with
     ``fit_curve(config, inner_train, inner_val, parts)`` and ``parts(inner_train, val_patient,
     train_mask)``, is deprecated and still works for one release.
