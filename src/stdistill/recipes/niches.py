@@ -137,7 +137,8 @@ def _feature_mask(adata: ad.AnnData, feature_key: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- recipe
 def _teacher_step(adata: ad.AnnData, n_niches: int, seed: int, teacher, reuse_teacher: bool) -> float:
     """Write the teacher's niches (``obs``/``obsm`` under ``TEACHER_KEY``); returns its seconds."""
-    from ..teachers.niche import NicheTeacher, write_niches
+    from .._niches import write_niches
+    from ..teachers.niche import NicheTeacher
 
     t0 = time.perf_counter()
     pkey = f"{TEACHER_KEY}_probs"
@@ -382,8 +383,8 @@ def run(
     and ``teacher_sizes`` (DataFrame patients x niches); with ``transfer`` also ``transfer``
     (per fold: the ``info_["transfer"]`` of its student).
     """
+    from .._niches import write_niches
     from ..pp.splits import folds as make_folds
-    from ..teachers.niche import write_niches
 
     t_start = time.perf_counter()
     seed_everything(seed)
