@@ -64,6 +64,16 @@ sections, where images and coordinates live), ``key_added`` (what a function wri
 from __future__ import annotations
 
 
+def _derived(template: str, doc: str, default: str | None = None) -> staticmethod:
+    """A key made from another name: ``template.format(name)`` (``default``: the name when none is given)."""
+
+    def key(name: str | None = default) -> str:
+        return template.format(name)
+
+    key.__doc__ = f"{doc}: ``{template.format('<name>')}``."
+    return staticmethod(key)
+
+
 class Key:
     """The key table (see the module docstring). Plain strings and small functions of a name."""
 
@@ -83,16 +93,8 @@ class Key:
         niche_kmeans = "niche_kmeans"
         niche_kmeans_nbr = "niche_kmeans_nbr"
         niche_true = "niche_true"
-
-        @staticmethod
-        def name(key: str) -> str:
-            """Readable labels beside the niche column ``key`` (``niche_pred_name``)."""
-            return f"{key}_name"
-
-        @staticmethod
-        def refined(key: str) -> str:
-            """Refined niches beside ``key`` (``NicheStudent.predict(refine=...)``)."""
-            return f"{key}_refined"
+        name = _derived("{}_name", "Readable labels beside the niche column ``name`` (``niche_pred_name``)")
+        refined = _derived("{}_refined", "Refined niches beside the niche column ``name`` (``predict(refine=...)``)")
 
     class obsm:
         spatial = "spatial"
@@ -107,45 +109,17 @@ class Key:
         genst_sd = "genst_sd"
         genst_samples = "genst_samples"
         celltype_props = "celltype_props"
-
-        @staticmethod
-        def features(encoder: str) -> str:
-            """Patch features of ``encoder`` (a registry name): ``X_<encoder>``."""
-            return f"X_{encoder}"
-
-        @staticmethod
-        def views(key: str) -> str:
-            """Augmented views of the features ``key``: ``<key>_views``."""
-            return f"{key}_views"
-
-        @staticmethod
-        def probs(key: str) -> str:
-            """Soft niches beside the niche column ``key``: ``<key>_probs``."""
-            return f"{key}_probs"
-
-        @staticmethod
-        def prediction(kind: str) -> str:
-            """A bundle's ``kind`` output on tiles (``predict-slide``): ``<kind>_pred``."""
-            return f"{kind}_pred"
-
-        @staticmethod
-        def aggregated(key: str) -> str:
-            """Neighbourhood-aggregated ``obsm[key]``: ``<key>_agg``."""
-            return f"{key}_agg"
+        features = _derived("X_{}", "Patch features of the encoder ``name`` (a registry name)")
+        views = _derived("{}_views", "Augmented views of the features ``name``")
+        probs = _derived("{}_probs", "Soft niches beside the niche column ``name``")
+        prediction = _derived("{}_pred", "A bundle's output ``name`` on tiles (``predict-slide``)")
+        aggregated = _derived("{}_agg", "Neighbourhood-aggregated ``obsm[name]``")
 
     class obsp:
-        @staticmethod
-        def connectivities(key: str = "spatial") -> str:
-            """The spot graph's binary connectivities (squidpy): ``<key>_connectivities``."""
-            return f"{key}_connectivities"
-
-        @staticmethod
-        def distances(key: str = "spatial") -> str:
-            """The spot graph's distances in um (squidpy): ``<key>_distances``."""
-            return f"{key}_distances"
-
         spatial_connectivities = "spatial_connectivities"
         spatial_distances = "spatial_distances"
+        connectivities = _derived("{}_connectivities", "The spot graph's binary connectivities (squidpy)", "spatial")
+        distances = _derived("{}_distances", "The spot graph's distances in um (squidpy)", "spatial")
 
     class uns:
         spatial = "spatial"
@@ -159,11 +133,7 @@ class Key:
         predict = "predict"
         dataset = "dataset"
         simulated = "simulated"
-
-        @staticmethod
-        def neighbors(key: str = "spatial") -> str:
-            """The spot graph's record (keys and params; squidpy): ``<key>_neighbors``."""
-            return f"{key}_neighbors"
+        neighbors = _derived("{}_neighbors", "The spot graph's record (its keys and params; squidpy)", "spatial")
 
     class layers:
         counts = "counts"

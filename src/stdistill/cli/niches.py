@@ -61,8 +61,8 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("aggregate", help="'aggregate' (CellCharter-like) or 'nolan' (self-supervised)."),
         batch_key: str = typer.Option("section", help="obs column whose effects are removed ('section' or 'patient')."),
         batch_correction: str = typer.Option("standardize", help="'standardize', 'harmony', 'scvi' or 'none'."),
-        feature_key: str = typer.Option(None, "--feature-key", "--use-rep", help="obsm embedding to use instead of PCA of counts "
-                                        "(e.g. X_scVI); --use-rep is its old name."),
+        feature_key: str = typer.Option(None, "--feature-key", help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
+        use_rep: str = typer.Option(None, "--use-rep", hidden=True, help="Old name of --feature-key (one more release)."),
         radius_um: float = typer.Option(None, help=RADIUS_HELP),
         key_added: str = typer.Option(Key.obs.niche, help="obs/obsm key prefix to write."),
         model: str = typer.Option(None, help="Also save the fitted teacher to this bundle folder."),
@@ -71,6 +71,9 @@ def register(app: typer.Typer) -> None:
         """Fit the transcriptomic niche teacher; print NMI(niche, patient) and niche sizes per patient."""
         from ..teachers.niche import NicheTeacher
 
+        if use_rep is not None:
+            typer.echo("warning: --use-rep is now --feature-key (the old name goes in the next release)", err=True)
+            feature_key = feature_key or use_rep
         if model:
             check_target(model)
         adata = _load(data)

@@ -31,7 +31,7 @@ def _niche_labels(names: list[str], k: int) -> list[str]:
 def _annotate(tiles: ad.AnnData, bundle, outputs: dict) -> ad.AnnData:
     """The tiles with predictions: niches in ``obs["niche_pred"]`` (+ ``"niche_pred_name"``) and
     ``obsm["niche_pred_probs"]``; expression/pathways as ``obsm["<kind>_pred"]`` (DataFrame)."""
-    from ..teachers.niche import write_niches
+    from .._niches import write_niches
 
     a = tiles.copy()
     if "niches" in outputs:
