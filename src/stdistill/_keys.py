@@ -38,11 +38,13 @@ slot        key                                     written by                  
             ``pathways_pred``)
 ``obsm``    ``celltype_props``                      dataset readers                    cell-type proportions (DataFrame)
 ``obsm``    ``<key>_agg``                           ``pp.aggregate_neighbors``         neighbourhood-aggregated ``obsm[key]``
-``obsp``    ``spatial_connectivities``,             ``pp.spatial_neighbors``           the spot graph (squidpy's names):
-            ``spatial_distances``                                                      binary CSR, distances in um
+``obsp``    ``spatial_connectivities``,             ``pp.spatial_neighbors``,          the spot graph (squidpy's names):
+            ``spatial_distances``                   ``pp.spot_graph``                  binary CSR, distances in um
+``obsp``    ``spatial_<r>um_connectivities``, ...   ``pp.spot_graph``                  the graph of another radius r (um)
 ``uns``     ``spatial``                             readers                            per section: scalefactors, images,
                                                                                        metadata (scanpy's Visium layout)
 ``uns``     ``spatial_neighbors``                   ``pp.spatial_neighbors``           the graph's keys and params
+                                                                                       (``radius_um``)
 ``uns``     ``features``                            ``features.extract``               ``{obsm key: record}`` (encoder,
                                                                                        size_um, px, precision, weights, stain)
 ``uns``     ``features_manifest``                   ``features.extract_manifest``      per-slide extraction record

@@ -180,7 +180,7 @@ def _student_step(st: _Study, fold) -> tuple[object, np.ndarray, dict, float]:
     s_codes = {"student": _codes(probs, in_test, st.adata.n_obs)}
     if st.opts["refine"]:
         student.predict(test, key_added="student", extract=extract, refine="auto")
-        s_codes["student_refined"] = _codes(np.asarray(test.obsm["student_refined_probs"]), in_test, st.adata.n_obs)
+        s_codes["student_refined"] = _codes(np.asarray(test.obsm[Key.obsm.probs(Key.obs.refined("student"))]), in_test, st.adata.n_obs)
     return student, probs, s_codes, t_fold
 
 

@@ -199,13 +199,13 @@ def _baselines_step(st: _Study, feat_secs: list[str], r_nbr: float) -> dict[str,
         spot_graph(st.adata, r_nbr, connectivity_key=st.skw["connectivity_key"])
     fsub = subset_sections(st.adata, feat_secs)
     base_codes = {}
-    for name, rad in (("kmeans", None), ("kmeans_nbr", r_nbr)):
+    for name, rad, key in (("kmeans", None, Key.obs.niche_kmeans), ("kmeans_nbr", r_nbr, Key.obs.niche_kmeans_nbr)):
         codes = kmeans_niches(fsub, st.feature_key, st.n_niches, radius_um=rad, feature_norm=st.skw["feature_norm"],
                               seed=st.seed, connectivity_key=st.skw["connectivity_key"], inplace=False)
         full = np.full(st.adata.n_obs, -1)
         full[np.isin(st.sec, feat_secs)] = codes
         base_codes[name] = full
-        st.adata.obs[f"niche_{name}"] = pd.Categorical.from_codes(full, categories=st.cats)
+        st.adata.obs[key] = pd.Categorical.from_codes(full, categories=st.cats)
     return base_codes
 
 

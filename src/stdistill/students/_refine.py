@@ -262,7 +262,7 @@ def choose_refinement(
     if not rows.any():
         raise StdistillError("choosing a refinement needs validation spots with predictions")
     idx = np.flatnonzero(rows)
-    obsm = {"spatial": np.asarray(adata.obsm["spatial"])[rows], "student_probs": np.asarray(probs)[rows]}
+    obsm = {Key.obsm.spatial: np.asarray(adata.obsm[Key.obsm.spatial])[rows], "student_probs": np.asarray(probs)[rows]}
     if feature_key is not None and feature_key in adata.obsm:
         obsm[feature_key] = np.asarray(adata.obsm[feature_key])[rows]
     va = ad.AnnData(obs=adata.obs.iloc[idx][[SECTION_KEY]].copy(), obsm=obsm, uns=dict(adata.uns),
