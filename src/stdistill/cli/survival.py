@@ -1,4 +1,4 @@
-"""``stdistill survival fit|predict|evaluate``: slide-level survival (AMKD, seed 002) from the shell.
+"""``stdistill survival fit|predict|evaluate``: slide-level survival (AMKD) from the shell.
 
 A cohort is a clinical table (one row per patient: ``patient``, ``time``, ``event``) beside slide
 features, either a folder of TRIDENT/CLAM ``.h5`` files (``--features``) or tile AnnData from
@@ -153,8 +153,7 @@ def register(app: typer.Typer) -> None:
                 cfg = sel.config()
                 typer.echo(f"{m.name}: {sel}")
             fitted[m.name] = SurvivalModel(replace(cfg, seed=seed)).fit(c, teacher=teacher, genesets=gs)
-            typer.echo(f"{m.name}: {cfg.kind}, {cfg.max_epochs} epochs, {len(c.patients)} patients "
-                       f"({int(c.event.sum())} events), {fitted[m.name].fit_seconds_:.1f} s")
+            typer.echo(_fitted_line(m.name, c, fitted[m.name]))
         final = fitted[method]
         final.save(out)
         if methods[-1].teacher:
@@ -235,6 +234,13 @@ def register(app: typer.Typer) -> None:
 
         pl.cindex_bars(table, path=out / "cindex_bars.png")
         typer.echo(f"tables and figures -> {out}")
+
+
+def _fitted_line(name: str, cohort, model) -> str:
+    """One line on a fitted model: epochs, patients, events, patients without RNA, seconds."""
+    miss = model.n_missing_rna_
+    return (f"{name}: {model.config.kind}, {model.config.max_epochs} epochs, {len(cohort.patients)} patients "
+            f"({int(cohort.event.sum())} events{f', {miss} without RNA' if miss else ''}), {model.fit_seconds_:.1f} s")
 
 
 def _plots(model, cohort, risk, folder: Path, n_maps: int, tiles: Optional[Path], labelled: bool) -> None:

@@ -1,4 +1,4 @@
-"""Survival cohorts with known ground truth, for the AMKD recipe (seed 002). Both are **semi-synthetic
+"""Survival cohorts with known ground truth, for the AMKD recipe. Both are **semi-synthetic
 or simulated**: no real patient outcome is involved.
 
 - :func:`her2st_survival` (**semi-synthetic, from real data**): each "patient" is a random

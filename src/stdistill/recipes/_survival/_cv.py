@@ -21,19 +21,30 @@ Fold = tuple[str, list[str], list[str]]  # (name, training patients, test patien
 @dataclass
 class Method:
     """A named model of a comparison; a student names the method that is its teacher; ``epochs_like``
-    names an earlier method whose chosen epochs this one reuses (ablations: saves their selection)."""
+    names an earlier method whose chosen epochs this one reuses (ablations: saves their selection);
+    ``missing_rna``: the share of each fold's training patients whose RNA is removed before
+    anything is chosen or trained (:func:`mask_rna`; test patients keep theirs). A student and its
+    teacher must share it."""
 
     name: str
     config: SurvivalConfig
     teacher: str | None = None
     epochs_like: str | None = None  # train for the epochs chosen for this (earlier) method instead of choosing
+    missing_rna: float = 0.0
 
 
-def amkd_methods(base: SurvivalConfig | None = None, ablations: bool = True) -> list[Method]:
+def amkd_methods(base: SurvivalConfig | None = None, ablations: bool = True, rr_variants: bool = False,
+                 missing_rna: Sequence[float] = ()) -> list[Method]:
     """Baselines (ABMIL, SNN, late fusion), AMKD's teacher (``gge``) and student, and the ablations:
     no enhancement module (student of the late-fusion model), no redundancy reduction, fixed
     instead of adaptive weights, plain logit KD; the ablations train for the epochs chosen for
-    AMKD. Teachers come before their students."""
+    AMKD. Teachers come before their students.
+
+    ``rr_variants``: also the student with the reachable redundancy loss (``rr_form="whitened"``),
+    disagreeing samples weighted up (``amkd_rr_whitened``) and down (``amkd_rr_whitened_down``),
+    for AMKD's epochs. ``missing_rna``: per share f, a teacher and a student trained with f of the
+    training patients' RNA removed (``gge_teacher_miss<100f>``, ``amkd_miss<100f>``), their epochs
+    chosen anew on the inner patients (which lose their RNA in the same way)."""
     b = base or SurvivalConfig()
     s = replace(b, kind="student")
     out = [Method("abmil", replace(b, kind="abmil")), Method("snn", replace(b, kind="snn")),
@@ -44,7 +55,32 @@ def amkd_methods(base: SurvivalConfig | None = None, ablations: bool = True) -> 
                 Method("amkd_no_rr", replace(s, w_rr=0.0), "gge_teacher", "amkd"),
                 Method("amkd_fixed_weight", replace(s, rr_weight="fixed"), "gge_teacher", "amkd"),
                 Method("logit_kd", replace(s, w_feat=0.0, w_rr=0.0, w_logit=1.0), "gge_teacher", "amkd")]
+    if rr_variants:
+        out += [Method("amkd_rr_whitened", replace(s, rr_form="whitened"), "gge_teacher", "amkd"),
+                Method("amkd_rr_whitened_down", replace(s, rr_form="whitened", rr_weight="adaptive_down"),
+                       "gge_teacher", "amkd")]
+    for f in missing_rna:
+        tag = f"miss{round(100 * f)}"
+        out += [Method(f"gge_teacher_{tag}", replace(b, kind="gge"), missing_rna=f),
+                Method(f"amkd_{tag}", s, f"gge_teacher_{tag}", missing_rna=f)]
     return out
+
+
+def mask_rna(cohort: Cohort, fraction: float, seed: int = 0) -> Cohort:
+    """``cohort`` with the RNA of ``round(fraction x n)`` patients removed (all-missing rows): the
+    first patients of a permutation of the sorted patient ids drawn with ``seed``, so a larger
+    fraction removes a superset. Pass training patients only."""
+    if not 0.0 <= fraction < 1.0:
+        raise StdistillError(f"missing_rna must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return cohort
+    if cohort.rna is None:
+        raise StdistillError("mask_rna needs a cohort with an RNA table")
+    n = int(round(fraction * len(cohort.patients)))
+    order = np.random.default_rng(seed).permutation(sorted(cohort.patients))
+    rna = cohort.rna.copy()
+    rna.loc[list(order[:n])] = np.nan
+    return replace(cohort, rna=rna)
 
 
 def patient_folds(cohort: Cohort, k: int = 5, *, groups: str | None = None, seed: int = 0) -> list[Fold]:
@@ -111,7 +147,7 @@ def _choose_all(ctr: Cohort, methods: Sequence[Method], grid: dict | None, group
                 if (_t, split) not in inner:
                     inner[(_t, split)] = SurvivalModel(chosen[_t]).fit(c, genesets=genesets)
                 return inner[(_t, split)]
-        sel = select_survival(ctr, m.config, (grid or {}).get(m.name), teacher_fn=tf, groups=groups,
+        sel = select_survival(mask_rna(ctr, m.missing_rna), m.config, (grid or {}).get(m.name), teacher_fn=tf, groups=groups,
                               inner_k=inner_k, genesets=genesets)
         chosen[m.name] = sel.config()
         tables.append(sel.table.assign(method=m.name, fold=fold))
@@ -127,7 +163,8 @@ def survival_cv(cohort: Cohort, methods: Sequence[Method], folds: Sequence[Fold]
 
     Per fold, on the training patients only: time bins, gene standardisation and (``select``)
     each method's epochs and ``grid[method]`` fields, chosen by :func:`select_survival` with seed 0
-    (students get a teacher trained on the same inner patients). Then, per seed, every method is
+    (students get a teacher trained on the same inner patients); a method's ``missing_rna`` share of
+    the training patients loses its RNA first (:func:`mask_rna`, seed 0). Then, per seed, every method is
     trained on all training patients (a student from its teacher of the same seed) and scored on
     the test patients: Harrell and Uno C-index (IPCW from the training fold) and the cumulative AUC
     at the training median event time. H&E-only models are given the test cohort without RNA.
@@ -142,6 +179,8 @@ def survival_cv(cohort: Cohort, methods: Sequence[Method], folds: Sequence[Fold]
         for ref in (m.teacher, m.epochs_like):
             if ref is not None and (ref not in names or names.index(ref) > names.index(m.name)):
                 raise StdistillError(f"method {m.name!r}: {ref!r} (its teacher or epochs_like) must be listed before it")
+        if m.teacher is not None and methods[names.index(m.teacher)].missing_rna != m.missing_rna:
+            raise StdistillError(f"method {m.name!r} and its teacher {m.teacher!r} must share missing_rna")
     rows, tables = [], []
     for fold, tr, te in folds:
         if set(tr) & set(te):
@@ -156,7 +195,7 @@ def survival_cv(cohort: Cohort, methods: Sequence[Method], folds: Sequence[Fold]
             fitted: dict[str, SurvivalModel] = {}
             for m in methods:
                 cfg = replace(chosen[m.name], seed=seed)
-                model = SurvivalModel(cfg).fit(ctr, teacher=fitted.get(m.teacher), genesets=genesets)
+                model = SurvivalModel(cfg).fit(mask_rna(ctr, m.missing_rna), teacher=fitted.get(m.teacher), genesets=genesets)
                 fitted[m.name] = model
                 risk = model.predict(_view(cte, cfg)).to_numpy()
                 rows.append({**_scores(m.name, fold, seed, risk, cte, ctr), "epochs": cfg.max_epochs,
