@@ -259,12 +259,12 @@ def main() -> None:
                 continue
             w_kd = chosen["miss_kd"].w_kd if "miss_kd" in chosen else 1.0
             grid = [{"adapter": family, "w_kd": w_kd, **g} for g in grids[family]]
-            _, table = select_peka(tr, T, genes, grid, base=sel_base, inner=inner_parts)
+            table = select_peka(tr, T, genes, grid, base=sel_base, inner=inner_parts).table
             for r in table.itertuples():
                 g = grid[r.candidate]
                 sel_rows.append({"fold": test_p, "adapter": family, "lr": g["lr"], "w_kd": g["w_kd"], "rank": g["rank"],
-                                 "val": r.val_patient, "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
-                log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {r.val_patient}: "
+                                 "val": r.split, "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
+                log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {r.split}: "
                     f"{sel_rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
             for name, where in ((family, None), (f"{family}_kd", lambda g: g["w_kd"] > 0)):
                 if name == "lora_kd" or (where and not any(map(where, grid))):

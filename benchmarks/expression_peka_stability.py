@@ -88,7 +88,7 @@ def inspect(args, tr, te, T, ref, genes) -> None:
     cfg = PekaConfig(adapter="miss", lr=args.lr, w_kd=args.w_kd, w_sa=float(w_sa), rank=args.rank, seed=seed,
                      max_epochs=epochs, train_positions=16, head_ridge=10.0)
     m = PEKA("effnet-lite0-imagenet", cfg).fit(tr, T, genes, kd_classifier=teacher_targets(ref, 16, seed=seed)[:2])
-    Ftr, Fte = m.transform(tr, key_added=None), m.transform(te, key_added=None)
+    Ftr, Fte = m.transform(tr, inplace=False), m.transform(te, inplace=False)
     Ytr, Yte = log1p_targets(tr, genes), log1p_targets(te, genes)
     sd_tr = Ftr.std(0)
     z = np.abs(Fte - Ftr.mean(0)) / np.maximum(sd_tr, 1e-12)

@@ -96,9 +96,9 @@ def coverage(y: np.ndarray, draws: np.ndarray, levels=(0.5, 0.8, 0.9)) -> dict[s
 def score_genst(m: GenST, te, genes: list[str], gene: str, seed: int) -> tuple[dict, pd.DataFrame, dict]:
     """Held-out scores of one fitted model, its per-gene table and (for the figures) arrays."""
     y = np.log1p(te[:, m.genes_].X.toarray())
-    pred = m.predict(te).to_numpy()
+    pred = m.predict(te, inplace=False).to_numpy()
     sd_codes = te.obsm["genst_sd"].to_numpy()
-    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, sd_key=None)
+    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, inplace=False)
     tab = m.predictability(te)
     r = tab["generated"]
     row = {"pearson": float(r[genes].mean()), "ceiling": float(tab["reconstruction"][genes].mean()),
@@ -129,10 +129,11 @@ def ridge_rows(img, fold, genes: list[str], gene: str) -> tuple[list[dict], dict
 # ================================================================================ per fold
 def choose(args, tr, gene: str, base: GenstConfig, fold_name: str, t0: float) -> tuple[GenstConfig, list[dict]]:
     grid = [{"w_con": w, "head_input": h} for w in args.w_con for h in args.head_input]
-    cfg, table = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    sel = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    cfg, table = sel.config(), sel.table
     rows = []
     for r in table.itertuples():
-        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.val_patient,
+        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
     ci = grid.index({"w_con": cfg.w_con, "head_input": cfg.head_input})
     curves = [c for c, k in zip(table["curve"], table["candidate"]) if k == ci]

@@ -151,15 +151,15 @@ def _chosen_features(a: ad.AnnData, record: dict, made: dict, store: dict) -> st
 def chosen_baselines(a: ad.AnnData, df: pd.DataFrame, k: int, seed: int, store: dict) -> pd.DataFrame:
     """Rows ``kmeans_chosen`` / ``kmeans_nbr_chosen``: both baselines on each fold's chosen
     features (:func:`_chosen_features`), fitted on every imaged spot like the plain baselines,
-    clusters mapped to teacher niches by majority on the fold's training patients."""
-    from stdistill.metrics import apply_map, ari, majority_map, niche_id_accuracy, nmi
+    clusters mapped to teacher niches by majority on the fold's training patients
+    (``recipes.niches.score_fold``, as the recipe scores its own baselines)."""
     from stdistill.pp.neighbors import radius_for_neighbors
-    from stdistill.recipes.niches import TEACHER_KEY, kmeans_niches
-    from stdistill.students import NicheStudent
+    from stdistill.recipes.niches import TEACHER_KEY, kmeans_niches, score_fold
+    from stdistill.students import NicheStudentConfig
 
     made = a.uns["features"][KEY]
     img = np.isfinite(a.obsm[KEY][:, 0])
-    r_nbr = radius_for_neighbors(a, NicheStudent().params["n_neighbors"], mask=img)
+    r_nbr = radius_for_neighbors(a, NicheStudentConfig().n_neighbors, mask=img)
     teach = a.obs[TEACHER_KEY].astype(str).to_numpy()
     pats = a.obs["patient"].astype(str).to_numpy()
     rows, codes = [], {}
@@ -170,13 +170,10 @@ def chosen_baselines(a: ad.AnnData, df: pd.DataFrame, k: int, seed: int, store: 
         base = df[(df["fold"] == fold) & (df["method"] == "kmeans_nbr")].iloc[0]
         for name, rad in (("kmeans_chosen", None), ("kmeans_nbr_chosen", r_nbr)):
             if (key, rad) not in codes:
-                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, key_added="_b")).astype(str)
-            cd = codes[key, rad]
-            mapped = apply_map(cd[te], majority_map(cd[tr], teach[tr]), default="-1").astype(str)
-            rows.append(dict(base, method=name, ari=ari(teach[te], cd[te]), nmi=nmi(teach[te], cd[te]),
-                             id_acc=niche_id_accuracy(teach[te], mapped), macro_f1=np.nan, f1_section="",
-                             note=f"on the student's chosen features ({key})"))
-    a.obs.drop(columns=["_b"], inplace=True, errors="ignore")
+                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, inplace=False)).astype(str)
+            sc = score_fold(teach, codes[key, rad], tr, te, clusters=True)
+            rows.append(dict(base, method=name, ari=sc["ari"], nmi=sc["nmi"], id_acc=sc["id_acc"], macro_f1=np.nan,
+                             f1_section="", note=f"on the student's chosen features ({key})"))
     return pd.DataFrame(rows)
 
 
@@ -332,7 +329,7 @@ def main() -> None:
     teachers = [
         ("expression", "aggregate on PCA of log-expression, per-section standardised (the default)", default_teacher),
         ("celltypes", "aggregate on stereoscope cell-type proportions (obsm['celltype_props']), per-section standardised",
-         lambda k: NicheTeacher(k, use_rep="celltype_props", seed=0)),
+         lambda k: NicheTeacher(k, feature_key="celltype_props", seed=0)),
     ]
     if args.teachers:
         teachers = [t for t in teachers if t[0] in args.teachers]

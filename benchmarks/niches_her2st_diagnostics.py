@@ -54,7 +54,7 @@ def main() -> None:
         ("global scaling (batch_correction=None)", dict(batch_correction=None)),
         ("per-section standardisation, full-covariance mixture", dict(covariance_type="full")),
         ("per-section standardisation, diagonal mixture (default)", dict()),
-        ("cell-type proportions, per-section standardisation", dict(use_rep="celltype_props")),
+        ("cell-type proportions, per-section standardisation", dict(feature_key="celltype_props")),
     ]
     if importlib.util.find_spec("harmonypy") is not None:
         variants += [("Harmony by section", dict(batch_correction="harmony")),
@@ -96,7 +96,7 @@ def main() -> None:
 
     # 3 ------------------------------------------------------------------------------------
     rows = []
-    for label, kw in (("default (expression PCA)", {}), ("cell-type proportions", {"use_rep": "celltype_props"})):
+    for label, kw in (("default (expression PCA)", {}), ("cell-type proportions", {"feature_key": "celltype_props"})):
         NicheTeacher(6, seed=0, **kw).fit_predict(a, key_added="t")
         bc = io.subset_sections(a, ["B4", "C2", "C3", "C4", "C5"])
         z, _ = normalise_features(bc, bc.obsm[KEY], "section")
@@ -110,7 +110,7 @@ def main() -> None:
             clf = LogisticRegression(C=0.05, max_iter=2000).fit(pca.transform(bc.obsm["zn"][s]), y[s])
             pred = clf.predict(pca.transform(bc.obsm["zn"][d]))
             tgt = io.subset_sections(bc, [x for x in io.sections(bc) if x.startswith(dst)])
-            km = kmeans_niches(tgt, KEY, 6, radius_um=400.4, seed=0, key_added="km")
+            km = kmeans_niches(tgt, KEY, 6, radius_um=400.4, seed=0, inplace=False)
             rows.append({"teacher (K=6)": label, "train -> test": f"{src} -> {dst}",
                          "logistic regression ARI": ari(y[d], pred), "logistic regression ID-acc": niche_id_accuracy(y[d], pred),
                          "k-means on the test patient's own nbr-averaged features, ARI": ari(tgt.obs["t"].astype(str), km)})

@@ -157,12 +157,12 @@ def fold_labels(args, full, img, tr_pats) -> np.ndarray:
 def choose_settings(args, img, fold, base: StampConfig, t0: float) -> tuple[dict, list]:
     tr = sd.io.subset_sections(img, list(fold.train))
     grid = [{"w_con": w, "rank": r} for w in args.w_con for r in args.rank]
-    _, table = select_stamp(tr, grid, base=base, encoder=ENCODER)
+    table = select_stamp(tr, grid, base=base, encoder=ENCODER).table
     rows = []
     for r in table.itertuples():
-        rows.append({"fold": fold.patients_of("test")[0], **grid[r.candidate], "val": r.val_patient,
+        rows.append({"fold": fold.patients_of("test")[0], **grid[r.candidate], "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
-        log(f"  select w_con={rows[-1]['w_con']:g} rank={rows[-1]['rank']} val {r.val_patient}: {rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
+        log(f"  select w_con={rows[-1]['w_con']:g} rank={rows[-1]['rank']} val {r.split}: {rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
     chosen = {}
     for name, where in (("stamp", None), ("stamp_con", lambda g: g["w_con"] > 0)):
         c = choose(table, grid, base, where=where)
@@ -197,7 +197,7 @@ def run_fold(args, full, img, fold, base, map_gene, t0) -> tuple[list, list, dic
     rows, per_path = [], {}
     # the frozen encoder with STAMP's ridge-initialised head (epoch 0, nothing trained): the head's baseline
     head0 = STAMP(ENCODER, replace(base, max_epochs=0)).fit(sd.io.subset_sections(img, list(fold.train)), "pathway_scores")
-    row, t1 = score(args, img, "X_frozen", fold, genes, map_gene, labels, pred=head0.predict(img))
+    row, t1 = score(args, img, "X_frozen", fold, genes, map_gene, labels, pred=head0.predict(img, inplace=False))
     rows.append({"fold": test_p, "method": "frozen", "seed": -1, **row})
     per_path[("frozen", test_p)] = t1["probe"]
     log("  frozen: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("t4_") or k == "t4_truth"), t0)
@@ -214,7 +214,7 @@ def run_fold(args, full, img, fold, base, map_gene, t0) -> tuple[list, list, dic
             m = STAMP(ENCODER, cfg).fit(tr, "pathway_scores")
             key = f"X_{name}_s{seed}"
             m.transform(img, key_added=key)
-            row, t1 = score(args, img, key, fold, genes, map_gene, labels, pred=m.predict(img))
+            row, t1 = score(args, img, key, fold, genes, map_gene, labels, pred=m.predict(img, inplace=False))
             rows.append({"fold": test_p, "method": name, "seed": seed, **row, "w_con": cfg.w_con, "rank": cfg.rank,
                          "epochs": cfg.max_epochs, "share": m.trainable_share, "seconds": round(m.fit_seconds_, 1),
                          "_pp": (name, test_p, seed)})

@@ -62,13 +62,14 @@ def main() -> None:
         return {"teacher": t_in.transform(inner_tr), "genes": sd.pp.hest_genes(inner_tr, 50),
                 "kd_classifier": teacher_targets(t_in.transform(full_in), n_clusters=base.n_clusters, seed=0)[:2]}
 
-    _, table = select_peka(tr, T, genes, [setting], base=base, inner=inner)
+    table = select_peka(tr, T, genes, [setting], base=base, inner=inner).table
     for r in table.itertuples():
-        print(f"inner val {r.val_patient}: " + " ".join(f"{x:.6f}" for x in r.curve))
+        print(f"inner val {r.split}: " + " ".join(f"{x:.6f}" for x in r.curve))
     kd = teacher_targets(teacher.transform(full_tr), n_clusters=base.n_clusters, seed=0)[:2]
     cfg = PekaConfig(**{**base.__dict__, **setting})
     m = PEKA("effnet-lite0-imagenet", cfg).fit(tr, T, genes, kd_classifier=kd)
-    f = m.transform(img, key_added="X_peka")
+    m.transform(img, key_added="X_peka")
+    f = img.obsm["X_peka"]
     res = sd.bench.expression(img, "X_peka", folds=[fold], genes=genes, svd_solver="covariance_eigh", key_added=None)
     print(f"test {args.test_patient}: HEST-probe Pearson {res.mean:.6f}; features sha1 "
           f"{hashlib.sha1(np.ascontiguousarray(f).tobytes()).hexdigest()[:16]}; {time.time() - t0:.0f} s")

@@ -180,8 +180,8 @@ def save(out: Path, res: pd.DataFrame, sel: pd.DataFrame, risks: pd.DataFrame) -
     out.mkdir(parents=True, exist_ok=True)
     res.to_csv(out / "results.csv", index=False)
     if len(sel):
-        sel.assign(curve=sel["curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v)),
-                   raw_curve=sel["raw_curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v))).to_csv(out / "selection.csv", index=False)
+        # the measured C-index curves; the choice smoothed them (the Selection's criterion)
+        sel.assign(curve=sel["curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v))).to_csv(out / "selection.csv", index=False)
     risks.to_csv(out / "test_risks.csv", index=False)
 
 

@@ -122,8 +122,8 @@ def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list
                       max_epochs=args.max_epochs, seed=seed)
     st.fit(tr, probs_key="niche_teacher_probs")
     st.predict(te, key_added="student", refine="auto")
-    base = kmeans_niches(a, base_key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
-    plain = kmeans_niches(a, base_key, k, radius_um=None, seed=seed, key_added="kmeans")
+    base = kmeans_niches(a, base_key, k, radius_um=st.info_["radius_um"], seed=seed, inplace=False)
+    plain = kmeans_niches(a, base_key, k, radius_um=None, seed=seed, inplace=False)
     teach = te.obs["niche_teacher"].astype(str).to_numpy()
     is_te = a.obs["patient"].astype(str).to_numpy() == test_patient
     t_all = a.obs["niche_teacher"].astype(str).to_numpy()

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     from stdistill.recipes import PEKA, PekaConfig
 
     def data():
-        a = colour_sections(3, 6, [f"G{i}" for i in range(8)], 0, features_key="colour")
+        a = colour_sections(3, 6, [f"G{i}" for i in range(8)], 0, feature_key="colour")
         rng = np.random.default_rng(1)  # expression well above Poisson noise, driven by the patch colour
         a.X = rng.poisson(np.exp(3.0 + (a.obsm["colour"][:, :3] - 0.5) @ rng.normal(size=(3, 8)))).astype(np.float32)
         tr, va = (sd.io.subset_sections(a, s) for s in (["S0", "S1"], ["S2"]))
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
         if devices > 1:  # every process must end with the same weights and history
             state = b"".join(v.numpy().tobytes() for v in m._state().values())
             print(f"RANK{rank}", hashlib.sha256(state + repr(m.history_).encode()).hexdigest(), flush=True)
-        pred = m.predict(va)
+        pred = m.predict(va, inplace=False)
         return {"val_pearson": float(np.nanmean(pearson_per_gene(log1p_targets(va, pred.columns), pred.to_numpy()))),
                 "curve": [h["val_head_pearson"] for h in m.history_], "reg": [h["train_reg"] for h in m.history_[1:]]}
 

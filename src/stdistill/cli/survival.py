@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import _numbers, _split
 
@@ -52,7 +53,7 @@ def _cohort(clinical: Optional[Path], features: Optional[Path], tiles: Optional[
     else:  # prediction only: one unlabelled patient per slide
         from ..io.h5ad import read_h5ad
 
-        ids = list(find_bags(features)) if features is not None else sorted(set(read_h5ad(tiles).obs["patient"].astype(str)))
+        ids = list(find_bags(features)) if features is not None else sorted(set(read_h5ad(tiles).obs[Key.obs.patient].astype(str)))
         table = pd.DataFrame({"time": np.zeros(len(ids)), "event": np.zeros(len(ids), int)}, index=ids)
     if features is not None:
         return read_cohort(table, features, rna, rna_orient=cols["orient"], slide_col=cols["slide"])
@@ -148,7 +149,9 @@ def register(app: typer.Typer) -> None:
             teacher = fitted.get(m.teacher)
             if select:
                 tf = (lambda _s, ci, _c=fitted[m.teacher].config: SurvivalModel(_c).fit(ci, genesets=gs)) if m.teacher else None
-                cfg, _ = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
+                sel = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
+                cfg = sel.config()
+                typer.echo(f"{m.name}: {sel}")
             fitted[m.name] = SurvivalModel(replace(cfg, seed=seed)).fit(c, teacher=teacher, genesets=gs)
             typer.echo(_fitted_line(m.name, c, fitted[m.name]))
         final = fitted[method]

@@ -47,7 +47,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._api import write_obsm
 from .._errors import StdistillError
+from .._keys import Key
 from .._utils import seed_everything
 from ..bundle import Bundled
 from ..io._section import SECTION_KEY
@@ -291,12 +293,15 @@ class ExpressionTeacher(Bundled):
             return ((out - self.mean_) / self.scale_).astype(np.float32)
         return out
 
-    def fit_transform(self, adata: ad.AnnData, key_added: str | None = "X_teacher") -> np.ndarray:
-        """Fit on ``adata`` and embed it; writes ``obsm[key_added]`` unless ``None``."""
-        Z = self.fit(adata).transform(adata)
-        if key_added:
-            adata.obsm[key_added] = Z
-        return Z
+    def fit_transform(self, adata: ad.AnnData, key_added: str | None = Key.obsm.teacher, *, inplace: bool = True,
+                      copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Fit on ``adata`` and write its (n_spots, dim) float32 embeddings to ``obsm[key_added]``.
+        Returns None (``copy=True``: a new AnnData; ``inplace=False``: the array, nothing written;
+        :meth:`transform` embeds other spots as an array).
+
+        .. versionchanged:: returns None when it writes (it returned the array too)."""
+        return write_obsm(adata, self.fit(adata).transform(adata), key_added, inplace=inplace, copy=copy,
+                          where="ExpressionTeacher.fit_transform")
 
     @property
     def dim(self) -> int:

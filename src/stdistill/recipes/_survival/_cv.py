@@ -1,10 +1,6 @@
-"""Patient-level cross-validation of survival models, with settings chosen on inner patients.
-
-:func:`stdistill.select.select` is written for AnnData (``obs["patient"]``/``obs["section"]``);
-a cohort is a table, so :func:`select_survival` builds the same candidate x split table of
-validation curves over inner patient splits of a :class:`~stdistill.io._cohort.Cohort` and hands
-it to the shared :func:`stdistill.select.choose` unchanged.
-"""
+"""Patient-level cross-validation of survival models, with settings chosen on inner patients
+(:func:`select_survival`: the shared :func:`stdistill.select.select` over a cohort's inner patient
+folds, :class:`stdistill.select.PatientFolds`)."""
 
 from __future__ import annotations
 
@@ -16,6 +12,7 @@ import pandas as pd
 
 from ..._errors import StdistillError
 from ...io._cohort import Cohort
+from ...select import Criterion, PatientFolds, Selection, select
 from ._model import SurvivalConfig, SurvivalModel
 
 Fold = tuple[str, list[str], list[str]]  # (name, training patients, test patients)
@@ -88,67 +85,38 @@ def mask_rna(cohort: Cohort, fraction: float, seed: int = 0) -> Cohort:
 
 def patient_folds(cohort: Cohort, k: int = 5, *, groups: str | None = None, seed: int = 0) -> list[Fold]:
     """Patient-level folds: leave one ``table[groups]`` value out (e.g. the source patient of the
-    semi-synthetic cohort), else ``k`` folds stratified by event (shuffled with ``seed``)."""
-    pats = np.asarray(cohort.patients)
-    if groups is not None:
-        if groups not in cohort.table.columns:
-            raise StdistillError(f"no column {groups!r} in the cohort table")
-        g = cohort.table[groups].astype(str).to_numpy()
-        if len(set(g)) < 2:
-            raise StdistillError(f"leave-one-{groups}-out needs >= 2 groups, got {sorted(set(g))}")
-        return [(v, list(pats[g != v]), list(pats[g == v])) for v in sorted(set(g))]
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    ev = cohort.event
-    if k < 2 or k > len(pats):
-        raise StdistillError(f"k must be in [2, {len(pats)}] patients, got {k}")
-    strat = min(ev.sum(), len(ev) - ev.sum()) >= k
-    split = (StratifiedKFold(k, shuffle=True, random_state=seed).split(pats, ev) if strat
-             else KFold(k, shuffle=True, random_state=seed).split(pats))
-    return [(f"fold{i}", list(pats[tr]), list(pats[te])) for i, (tr, te) in enumerate(split)]
+    semi-synthetic cohort), else ``k`` folds stratified by event (shuffled with ``seed``)
+    (:class:`stdistill.select.PatientFolds`)."""
+    return PatientFolds(k, groups=groups, seed=seed).folds(cohort)
 
 
 def select_survival(cohort: Cohort, config: SurvivalConfig, grid: Sequence[dict] | None = None, *,
                     teacher_fn: Callable[[str, Cohort], SurvivalModel] | None = None, groups: str | None = None,
-                    inner_k: int = 3, smooth: int = 3, genesets=None) -> tuple[SurvivalConfig, pd.DataFrame]:
+                    inner_k: int = 3, smooth: int = 3, genesets=None) -> Selection:
     """Choose grid fields and the number of epochs on inner validation patients of ``cohort`` (a
-    fold's **training** patients): every candidate trains on each inner split for
-    ``config.max_epochs`` epochs, Harrell's C-index on the inner validation patients is recorded
-    after every epoch, and :func:`stdistill.select.choose` picks the best mean curve point.
+    fold's **training** patients) with :func:`stdistill.select.select`: every candidate trains on
+    each inner split for ``config.max_epochs`` epochs, Harrell's C-index on the inner validation
+    patients is recorded after every epoch, and the best point of the mean curve wins.
 
     ``teacher_fn(split name, inner training cohort)`` gives a student its teacher, fitted on the
-    same inner training patients. Inner splits: leave one ``groups`` value out when it has >= 2
-    values, else ``inner_k`` stratified folds; splits without an event are skipped. A C-index on a
-    few dozen validation patients is noisy from epoch to epoch, so each curve is smoothed with a
-    centred moving average over ``smooth`` epochs (``curve``; the raw one is ``raw_curve``).
+    same inner training patients. Inner splits (:class:`stdistill.select.PatientFolds`): leave one
+    ``groups`` value out when it has >= 2 values, else ``inner_k`` stratified folds; splits without
+    an event are skipped. A C-index on a few dozen validation patients is noisy from epoch to
+    epoch, so the criterion smooths each curve with a centred moving average over ``smooth`` epochs
+    before averaging (the table keeps the raw curves).
 
-    Returns the chosen config (``max_epochs`` = the chosen epoch) and the table of curves.
+    Returns a :class:`~stdistill.select.Selection` (``.config()``: the chosen config, ``max_epochs``
+    = the chosen epoch; unpacking it as ``(config, table)`` is deprecated).
     """
-    from ...select import choose
-
-    grid = list(grid or [{}])
     use_groups = groups if groups is not None and cohort.table[groups].nunique() >= 2 else None
-    splits = [s for s in patient_folds(cohort, inner_k, groups=use_groups) if cohort.subset(s[2]).event.sum() > 0]
-    if not splits:
-        raise StdistillError("no inner validation split has an event: cannot choose settings")
-    rows = []
-    for ci, upd in enumerate(grid):
-        cfg = replace(config, **upd)
-        for name, tr, va in splits:
-            ctr, cva = cohort.subset(tr), cohort.subset(va)
-            teacher = teacher_fn(name, ctr) if teacher_fn is not None else None
-            m = SurvivalModel(cfg).fit(ctr, teacher=teacher, val=cva, genesets=genesets)
-            raw = [h["val_cindex"] for h in m.history_]
-            rows.append({"candidate": ci, **upd, "val_patients": name, "curve": _smooth(raw, smooth), "raw_curve": raw,
-                         "seconds": m.fit_seconds_})
-    table = pd.DataFrame(rows)
-    return choose(table, grid, config), table
 
+    def fit_score(cfg: SurvivalConfig, s) -> list[float]:
+        teacher = teacher_fn(s.name, s.train) if teacher_fn is not None else None
+        m = SurvivalModel(cfg).fit(s.train, teacher=teacher, val=s.val, genesets=genesets)
+        return [h["val_cindex"] for h in m.history_]
 
-def _smooth(curve: Sequence[float], k: int) -> list[float]:
-    """Centred moving average over ``k`` epochs (the window shrinks at the ends)."""
-    v, h = np.asarray(curve, dtype=np.float64), max(int(k), 1) // 2
-    return [float(np.mean(v[max(0, i - h): i + h + 1])) for i in range(len(v))]
+    return select(cohort, fit_score, list(grid or [{}]), base=config, splitter=PatientFolds(inner_k, groups=use_groups),
+                  criterion=Criterion(metric="val_cindex", maximize=config.maximize, smooth=smooth))
 
 
 def _scores(method: str, fold: str, seed: int, risk: np.ndarray, test: Cohort, train: Cohort) -> dict:
@@ -179,10 +147,10 @@ def _choose_all(ctr: Cohort, methods: Sequence[Method], grid: dict | None, group
                 if (_t, split) not in inner:
                     inner[(_t, split)] = SurvivalModel(chosen[_t]).fit(c, genesets=genesets)
                 return inner[(_t, split)]
-        cfg, table = select_survival(mask_rna(ctr, m.missing_rna), m.config, (grid or {}).get(m.name), teacher_fn=tf,
-                                     groups=groups, inner_k=inner_k, genesets=genesets)
-        chosen[m.name] = cfg
-        tables.append(table.assign(method=m.name, fold=fold))
+        sel = select_survival(mask_rna(ctr, m.missing_rna), m.config, (grid or {}).get(m.name), teacher_fn=tf, groups=groups,
+                              inner_k=inner_k, genesets=genesets)
+        chosen[m.name] = sel.config()
+        tables.append(sel.table.assign(method=m.name, fold=fold))
     return chosen, tables
 
 

@@ -15,10 +15,10 @@ import pandas as pd
 import torch
 
 from ..._errors import StdistillError
+from ..._threads import torch_threads
 from ..._utils import load_state, seed_everything
 from ...bundle import Bundled
 from ...io._cohort import Cohort
-from ...students.niche import _threads
 from ._losses import fit_time_bins, time_to_bin
 from ._module import Arrays, Collate, SurvivalModule, predict_arrays
 from ._nets import KINDS, USES_BAG, USES_GENES, build_net
@@ -306,7 +306,7 @@ class SurvivalModel(Bundled):
         """
         cfg, t0 = self.config, time.time()
         self._check_teacher(teacher)
-        with _threads(cfg.num_threads):
+        with torch_threads(cfg.num_threads):
             self._fit(cohort, teacher, val, genesets)
         self.fit_seconds_ = round(time.time() - t0, 2)
         return self
@@ -357,7 +357,7 @@ class SurvivalModel(Bundled):
 
     def _predict(self, cohort: Cohort) -> dict:
         self._check_fitted()
-        with _threads(self.config.num_threads):
+        with torch_threads(self.config.num_threads):
             return predict_arrays(self.net_, self._arrays(cohort), self.config.loss)
 
     def predict(self, cohort: Cohort) -> pd.Series:
