@@ -73,6 +73,40 @@ def has_dataset(name: str) -> bool:
     return (data_root() / name).exists()
 
 
+#: a --smoke run's slice of HER2ST: one imaged section of each imaged patient (A at ~3.2 um/px, B, C)
+#: and B1 (no image; pathologist labels, which map niches to labels for the macro-F1 on A1)
+SMOKE_SECTIONS = ("A1", "B1", "B4", "C2")
+SMOKE_SPOTS = 30
+
+
+def her2st(root: str | os.PathLike | None = None, smoke: bool = False, images_only: bool = False):
+    """HER2ST (``stdistill.datasets.her2st``) from :func:`dataset`; with ``smoke``, only the
+    :data:`SMOKE_SPOTS` central spots of each of :data:`SMOKE_SECTIONS` (every patient and code
+    path of a leave-one-patient-out benchmark, a hundredth of the patches)."""
+    import stdistill as sd
+
+    path = dataset("her2st", root)
+    if not smoke:
+        return sd.datasets.her2st(root=path, images_only=images_only)
+    return central_spots(sd.datasets.her2st(root=path, sections=list(SMOKE_SECTIONS), images_only=images_only), SMOKE_SPOTS)
+
+
+def central_spots(adata, n: int):
+    """The ``n`` spots of each section nearest its centre (a contiguous piece of tissue), as a copy."""
+    import numpy as np
+
+    import stdistill as sd
+
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    sec = adata.obs["section"].astype(str).to_numpy()
+    keep = np.zeros(adata.n_obs, bool)
+    for s in sd.io.sections(adata):
+        m = np.flatnonzero(sec == s)
+        d = ((xy[m] - xy[m].mean(0)) ** 2).sum(1)
+        keep[m[np.argsort(d, kind="stable")[:n]]] = True
+    return adata[keep].copy()
+
+
 # ================================================================================ arguments
 def add_args(ap: argparse.ArgumentParser, out: str | None = None, root: str | None = None) -> None:
     """``--smoke`` and ``--results``; ``--out`` (default ``out``) unless the script has one;
