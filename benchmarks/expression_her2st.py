@@ -42,13 +42,17 @@ Writes ``results.csv`` (one row per fold x method x seed), ``table.md`` (the doc
 ``selection.csv``, ``per_gene.csv`` and the ERBB2 map (``erbb2_<section>.png``).
 
 ``--dataset simulated`` runs the same protocol on ``stdistill.datasets.simulated`` (6 sections,
-3 patients), a control where image and expression share a known cause.
+3 patients), a control where image and expression share a known cause. ``--smoke``: every row on
+3 small simulated sections, one seed, one epoch, a two-point grid (seconds; ``--out`` only).
+
+Results file: ``docs/results/expression_her2st[-simulated].json`` (the printed tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -56,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+import _common
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,10 +127,9 @@ def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str
     return (None if chosen == "none" else "macenko"), key, inner
 
 
-def main() -> None:
+def main() -> int:
     warnings.filterwarnings("ignore")  # script only: not at import (other benchmarks import from here)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default="results/expression_her2st")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -148,7 +153,10 @@ def main() -> None:
                          "chosen per fold inside the training patients; macenko onto the fold's first imaged training section")
     ap.add_argument("--from-csv", action="store_true",
                     help="only re-print the tables from --out's results.csv and selection.csv (no training)")
+    _common.add_args(ap, root="her2st")
     args = ap.parse_args()
+    _common.smoke(args, dataset="simulated", seeds=[0], lr_miss=[1e-4], lr_lora=[1e-3], w_kd=[0.0, 0.1],
+                  rank_miss=[8], rank_lora=[4], max_epochs=1, n_components=8)
     t0 = time.time()
     if args.from_csv:
         res, sel = pd.read_csv(Path(args.out) / "results.csv"), pd.read_csv(Path(args.out) / "selection.csv")
@@ -158,17 +166,20 @@ def main() -> None:
         stain_csv = Path(args.out) / "stain.csv"
         stain_tab = stain_summary(pd.read_csv(stain_csv)) if stain_csv.is_file() else ""
         print(summarise(res.rename(columns={"r_ERBB2": "r_map"}), sel, gene) + "\n" + stain_tab + "\n" + grid_summary(sel))
-        return
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1 if args.smoke else max(1, os.cpu_count() or 1))
 
+    results = _common.Results(args, seeds=args.seeds, precision="fp32",
+                              variant=None if args.dataset == "her2st" else args.dataset)
     if args.dataset == "her2st":
-        full = sd.datasets.her2st(root=args.root)
+        full = sd.datasets.her2st(root=_common.dataset("her2st", args.root))
     else:  # the simulated control: image and expression share a known cause (cell-type mixtures)
-        full = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed)
+        full = (_common.simulated_small(args.data_seed) if args.smoke else
+                sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed))
         RES_NOTE.clear()
     if args.map_gene is None:
         tumour = full.var_names[full.var.get("marker_of", pd.Series(index=full.var_names, dtype=str)) == "tumour_A"]
@@ -320,12 +331,16 @@ def main() -> None:
     pd.DataFrame(sel_rows).to_csv(out / "selection.csv", index=False)
     pd.DataFrame(stain_rows).to_csv(out / "stain.csv", index=False)
     pd.DataFrame({f"{k[0]}|{k[1]}": v for k, v in per_gene_tables.items()}).to_csv(out / "per_gene.csv")
-    table = (summarise(res, pd.DataFrame(sel_rows), args.map_gene) + "\n" + stain_summary(pd.DataFrame(stain_rows))
-             + "\n" + grid_summary(pd.DataFrame(sel_rows)))
+    parts = {("main", "chosen"): summarise(res, pd.DataFrame(sel_rows), args.map_gene),
+             ("stain",): stain_summary(pd.DataFrame(stain_rows)), ("grid",): grid_summary(pd.DataFrame(sel_rows))}
+    for names, text in parts.items():
+        results.markdown(text, list(names))
+    table = "\n".join(parts.values())
     (out / "table.md").write_text(table)
     print(table)
     print(pd.DataFrame(sel_rows).to_string(index=False))
     log(f"total {time.time() - t0:.0f}s; outputs in {out}", t0)
+    return results.finish()
 
 
 def stain_summary(st: pd.DataFrame) -> str:
@@ -415,4 +430,4 @@ def summarise(res: pd.DataFrame, sel: pd.DataFrame | None = None, map_gene: str 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,7 +42,7 @@ def main() -> int:
     student = {"max_epochs": 2, "min_epochs": 1} if _common.smoke(args) else None
     results = _common.Results(args, seeds=[args.seed], precision=args.precision)
     t0 = time.perf_counter()
-    a = sd.datasets.simulated(3, 3, spots_per_section=40) if args.smoke else sd.datasets.simulated()
+    a = _common.simulated_small() if args.smoke else sd.datasets.simulated()
     sd.features.extract(a, "effnet-lite0-imagenet", precision=args.precision)
     print(f"features: effnet-lite0-imagenet, precision {args.precision}", flush=True)
     t_feat = time.perf_counter() - t0

@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     _common.add_args(ap)
     args = ap.parse_args()
-    small = dict(n_sections=3, n_patients=3, spots_per_section=40) if _common.smoke(args, repeats=1) else {}
+    small = dict(n_sections=3, n_patients=3, spots_per_section=30) if _common.smoke(args, repeats=1) else {}
     results = _common.Results(args, seeds=[args.seed])
     rows = []
 

@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/survival_semisynthetic.py --out results/survival --figures docs/figures
     python benchmarks/survival_semisynthetic.py --quick --out /tmp/survival_quick   # small settings
+    python benchmarks/survival_semisynthetic.py --smoke --out /tmp/smoke   # tiny: every layer, 2 epochs
 
 Writes ``<out>/<layer>/results.csv`` (+ selection, test risks) and ``<out>/table.md``; prints the
 tables and the run time.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ import pandas as pd
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _common
 import stdistill as sd
 from stdistill.recipes import (
     Cohort,
@@ -48,7 +51,9 @@ from stdistill.recipes import (
 )
 from stdistill.recipes._survival import Method
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = _common.data_root()
+#: the results file's tables: "## " section of the report -> names of its markdown tables
+TABLES = {"1.": ["her2st", "her2st_transfer", "her2st_risk_correlations"], "1b.": ["simulated"], "2.": ["survset"]}
 FOLD_NOTE = {"A": "A1/A2 images are 2000 px copies at ~3.2 um/px (blurrier): a resolution shift as well as a patient shift"}
 
 
@@ -245,7 +250,8 @@ def layer1(args, t0: float) -> list[str]:
     parts = []
     base = SurvivalConfig(max_epochs=args.max_epochs)
     if "her2st" not in args.skip:
-        c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient)
+        c = sd.datasets.her2st_survival(root=_common.dataset("her2st", args.root), n_per_patient=args.n_per_patient,
+                                        spots=_common.her2st(args.root, True, images_only=True) if args.smoke else None)
         log(f"her2st_survival: {c}; censored {1 - c.event.mean():.0%}", t0)
         folds = patient_folds(c, groups="source_patient")
         res, risks, keep = cached_cv(args, "her2st", lambda: run_cv(c, amkd_methods(base), folds, args, t0, groups="source_patient"))
@@ -333,9 +339,9 @@ def layer2(args, t0: float) -> list[str]:
     return parts
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(SHARED / "her2st")))
+    ap.add_argument("--root", default=None, help="the her2st folder (default: $STDISTILL_DATA/her2st, else ../shared/data/her2st)")
     ap.add_argument("--brace", type=Path, default=SHARED / "brace-marker-survival" / "features" / "Cohort-B.csv")
     ap.add_argument("--out", type=Path, default=Path("results/survival"))
     ap.add_argument("--figures", type=Path, default=None, help="also write figures here (e.g. docs/figures)")
@@ -349,7 +355,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small settings (1 seed, 5 epochs, 40 windows per patient)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables and figures from <out>/*/ CSVs (no training)")
+    _common.add_args(ap)
     args = ap.parse_args()
+    if _common.smoke(args, seeds="0", sim_seeds="0", max_epochs=2, n_per_patient=6, sim_patients=20, survset="gse4335"):
+        if not (args.root or _common.has_dataset("her2st")):
+            print("her2st data absent: the smoke run skips the semi-synthetic HER2ST layer")
+            args.skip += ",her2st"
     if args.quick:
         args.seeds, args.sim_seeds, args.max_epochs, args.n_per_patient, args.sim_patients = "0", "0", 5, 40, 40
         args.survset = args.survset.split(",")[0]
@@ -357,6 +368,7 @@ def main() -> None:
     args.sim_seeds = [int(s) for s in args.sim_seeds.split(",")]
     args.survset = [s for s in args.survset.split(",") if s]
     args.skip = set(args.skip.split(","))
+    results = _common.Results(args, seeds=args.seeds, precision="fp32")
     t0 = time.time()
     from threadpoolctl import threadpool_limits
 
@@ -374,7 +386,12 @@ def main() -> None:
     text = "\n".join(parts)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
+    for section in text.split("\n## ")[1:]:
+        key = section.split(" ", 1)[0]
+        if key in TABLES:
+            results.markdown(section, TABLES[key])
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,8 +22,14 @@ MISSING = re.compile(r"error: (.+?) not found at (\S+):")
 
 @pytest.fixture(scope="session")
 def smoke_cache(tmp_path_factory) -> Path:
-    """One feature / trunk cache for every smoke run of this test session (per xdist worker)."""
-    return tmp_path_factory.mktemp("smoke-cache")
+    """One feature / trunk cache for every smoke run of this test session, shared by the xdist
+    workers (entries are written atomically), so the scripts' common small inputs are encoded once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / "smoke-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 def _env(cache: Path) -> dict:
@@ -66,3 +72,52 @@ def test_smoke(script, tmp_path, smoke_cache):
                 assert not bad, f"{f.name}: table {name} has error rows {bad}"
     after = {p: p.stat().st_mtime_ns for p in (REPO / "docs" / "results").glob("*.json")}
     assert after == before, "a --smoke run wrote into docs/results"
+
+
+# ------------------------------------------------------------------ the shared helper, in-process
+def _module(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def common(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(REPO / "benchmarks" / "toy.py"), "--root", str(REPO.parent / "data")])
+    return _module("bench_common", REPO / "benchmarks" / "_common.py")
+
+
+def test_missing_dataset_is_one_line_and_exit_2(common, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("STDISTILL_DATA", str(tmp_path))
+    assert common.data_root() == tmp_path and not common.has_dataset("her2st")
+    with pytest.raises(SystemExit) as e:
+        common.dataset("her2st")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and MISSING.search(err[0]) and "her2st" in err[0]
+
+
+def test_printed_table_round_trips_through_results_and_docs(common, tmp_path):
+    import argparse
+
+    printed = "| method | fold A | r | n | note |\n|---|---|---|---|---|\n| a | 0.1234 +- 0.0100 | 0.125 | 3 | x \\| y |\n" \
+              "| b | 0.2000 | -0.500 | 12 |  |\n"
+    args = argparse.Namespace(smoke=True, out=tmp_path, results=None, root=REPO.parent / "data")
+    res = common.Results(args, seeds=[0], precision="fp32")
+    res.markdown(printed, ["main"])
+    res.table("rows", [{"case": "ok", "error": None}, {"case": "bad", "error": "exit 1: boom"}])
+    assert res.errors() == ["rows row 1: exit 1: boom"]
+    path = res.write()
+    assert path == tmp_path / "toy.json"  # a smoke run writes under --out, never into docs/results
+    data = json.loads(path.read_text())
+    assert data["command"] == "python benchmarks/toy.py --root ../data" and data["args"]["root"] == "../data"
+    t = data["tables"]["main"]
+    assert t["rows"][1][2] == -0.5 and t["digits"] == {"r": 3} and t["rows"][0][1] == "0.1234 +- 0.0100"
+    tables = _module("docs_tables_for_smoke", REPO / "docs" / "tables.py")
+    want = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in printed.splitlines() if "---" not in ln]
+    got = tables.grid(data, "main")
+    assert [[c.replace("\\|", "|").strip() for c in r] for r in got] == [[c.replace("\\|", "|") for c in r] for r in want]
+    assert common.Results(argparse.Namespace(smoke=False, results=None), []).path == REPO / "docs" / "results" / "toy.json"
