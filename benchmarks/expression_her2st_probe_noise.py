@@ -6,7 +6,7 @@ an encoder's (or PEKA's) gain must be read.
 Usage::
 
     python benchmarks/expression_her2st_probe_noise.py --root ../shared/data/her2st
-    python benchmarks/expression_her2st_probe_noise.py --smoke --out /tmp/smoke   # 30 spots of A1, B4, C2
+    python benchmarks/expression_her2st_probe_noise.py --smoke --out /tmp/smoke   # 30 spots of A1, B4, C2; fold A
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ def main() -> int:
     rng = np.random.default_rng(0)
     for i in range(3):  # +- 0.1% of each feature's spread
         full.obsm[f"X_fp32_jitter{i}"] = full.obsm["X_fp32"] + 1e-3 * full.obsm["X_fp32"].std(0) * rng.normal(size=full.obsm["X_fp32"].shape)
+    folds = sd.pp.folds(full)[:1] if args.smoke else None  # --smoke: the first fold only
     rows = []
     for key in ["X_fp32", "X_bf16", "X_fp32_jitter0", "X_fp32_jitter1", "X_fp32_jitter2"]:
         for alpha in ("hest", "cv"):
-            r = sd.bench.expression(full, key, alpha=alpha, extra_genes=[args.gene], svd_solver="covariance_eigh", key_added=None)
+            r = sd.bench.expression(full, key, folds=folds, alpha=alpha, extra_genes=[args.gene], svd_solver="covariance_eigh",
+                                    key_added=None)
             pf = r.per_fold.set_index("test_patients")
             rows.append({"features": key, "alpha": alpha, **{f"r_{p}": pf.loc[p, "pearson_mean"] for p in pf.index},
                          "mean": r.mean, "std": r.std, f"{args.gene}_mean": pf[f"r_{args.gene}"].mean(),

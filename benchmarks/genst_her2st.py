@@ -24,7 +24,7 @@ Usage::
     python benchmarks/genst_her2st.py --root ../shared/data/her2st --out results/genst_her2st
     python benchmarks/genst_her2st.py --dataset simulated --out results/genst_simulated
     python benchmarks/genst_her2st.py --from-csv --out results/genst_her2st   # tables only
-    python benchmarks/genst_her2st.py --smoke --out /tmp/smoke   # small simulated data, 2 epochs, 8 codes
+    python benchmarks/genst_her2st.py --smoke --out /tmp/smoke   # small simulated data, first fold, 2 epochs, 8 codes
 
 Writes ``results.csv`` (fold x method x seed), ``selection.csv``, ``per_gene.csv``, ``history.csv``,
 ``table.md`` and figures (``predictability.png``, ``calibration.png``, ``curves.png``, a map of the
@@ -383,7 +383,7 @@ def main() -> int:
     log(f"{args.dataset}: {img.n_obs} imaged spots in {len(sd.io.sections(img))} sections", t0)
     base = GenstConfig(codebook_size=args.codebook_size, hist_codebook_size=args.codebook_size,
                        expr_epochs=args.expr_epochs, max_epochs=args.max_epochs)
-    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)]
+    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)[: 1 if args.smoke else None]]
     res = pd.DataFrame([r for f in folds for r in f["rows"]])
     sel = pd.DataFrame([r for f in folds for r in f["sel"]])
     hist = pd.concat([h for f in folds for h in f["hist"]])

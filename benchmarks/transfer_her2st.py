@@ -1,7 +1,7 @@
 """Patient-shift ablation of the niche student: none / +stain norm / +views / +refinement / all.
 
     python benchmarks/transfer_her2st.py --quick            # small simulated data, 1 seed, K=3 (minutes on 2 CPUs)
-    python benchmarks/transfer_her2st.py --smoke --out /tmp/smoke   # --quick with 30 spots per section, 1 view, 2 epochs
+    python benchmarks/transfer_her2st.py --smoke --out /tmp/smoke   # --quick on 30 spots per section, 1 view, 2 epochs, 1 fold
     python benchmarks/transfer_her2st.py --root ../shared/data/her2st         # default: 3 seeds, 20 epochs, 4 views, all arms
     python benchmarks/transfer_her2st.py --root ../shared/data/her2st --seeds 0 1 2 3 4   # docs/transfer.md's run
                                                                                # (74 min on 2 busy CPUs)
@@ -233,7 +233,7 @@ def main() -> int:
     print(f"NMI(feature clusters, patient): plain {patient_nmi(a, KEY):.3f}, macenko {patient_nmi(a, KEY + '_macenko'):.3f}",
           flush=True)
     rows = []
-    patients = sorted(a.obs["patient"].astype(str).unique())
+    patients = sorted(a.obs["patient"].astype(str).unique())[: 1 if args.smoke else None]  # --smoke: one held-out patient
     configs = [c for c in args.configs if args.views > 0 or not CONFIGS[c][1]]
     for k in args.k:
         NicheTeacher(k, seed=0).fit_predict(a, key_added="niche_teacher")
