@@ -108,7 +108,8 @@ def fold_teacher(full, tr, tr_pats: list[str], n_components: int, n_clusters: in
     return teacher.transform(tr), {seed: teacher_targets(ref, n_clusters=n_clusters, seed=seed)[:2] for seed in seeds}
 
 
-def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str) -> tuple[str | None, str, dict]:
+def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str,
+                 solver: str = "covariance_eigh") -> tuple[str | None, str, dict]:
     """The fold's stain normalisation (None or ``"macenko"``), the frozen stain-normalised key
     written to ``img.obsm`` and, with ``mode="auto"``, each option's mean Pearson on the
     leave-one-patient-out folds inside the training patients (``bench.expression`` candidates)."""
@@ -121,7 +122,7 @@ def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str
     if mode == "macenko":
         return "macenko", key, {}
     res = sd.bench.expression(img, {"none": "X_frozen", "macenko": key}, folds=[fold], genes=genes,
-                              extra_genes=[map_gene], svd_solver="covariance_eigh", key_added=None)
+                              extra_genes=[map_gene], svd_solver=solver, key_added=None)
     chosen = str(res.per_fold["chosen"].iloc[0])
     inner = {c: float(v) for c, v in res.selection.iloc[0].items()}
     return (None if chosen == "none" else "macenko"), key, inner
@@ -153,10 +154,11 @@ def main() -> int:
                          "chosen per fold inside the training patients; macenko onto the fold's first imaged training section")
     ap.add_argument("--from-csv", action="store_true",
                     help="only re-print the tables from --out's results.csv and selection.csv (no training)")
+    ap.add_argument("--svd-solver", default="covariance_eigh", choices=["covariance_eigh", "full"], help="PCA solver of every HEST probe here (exact either way; --smoke: full, cheaper for a few dozen spots)")
     _common.add_args(ap, root="her2st")
     args = ap.parse_args()
     _common.smoke(args, dataset="simulated", seeds=[0], lr_miss=[1e-4], lr_lora=[1e-3], w_kd=[0.0, 0.1],
-                  rank_miss=[8], rank_lora=[4], max_epochs=1, n_components=8)
+                  rank_miss=[8], rank_lora=[4], max_epochs=1, n_components=8, svd_solver="full")
     t0 = time.time()
     if args.from_csv:
         res, sel = pd.read_csv(Path(args.out) / "results.csv"), pd.read_csv(Path(args.out) / "selection.csv")
@@ -212,11 +214,11 @@ def main() -> int:
         n_teach = int(full.obs["patient"].astype(str).isin(tr_pats).sum())
         log(f"fold {fold.name}: train {tr_pats} ({tr.n_obs} imaged spots; teacher on {n_teach} spots), test {test_p}", t0)
 
-        def bench(key: str, solver: str = "covariance_eigh", alpha="hest", clip=False):
+        def bench(key: str, solver: str = args.svd_solver, alpha="hest", clip=False):
             return sd.bench.expression(img, key, folds=[fold], genes=genes, extra_genes=[args.map_gene],
                                        svd_solver=solver, alpha=alpha, clip=clip, key_added=None)
 
-        def frozen_row(name: str, key: str, solver: str = "covariance_eigh", stain_name: str = "none", res=None):
+        def frozen_row(name: str, key: str, solver: str = args.svd_solver, stain_name: str = "none", res=None):
             """One frozen-feature row (three probes) appended to ``rows``; returns the HEST probe's result."""
             res = res if res is not None else bench(key, solver)
             cv = bench(key, solver, alpha="cv")
@@ -233,7 +235,7 @@ def main() -> int:
         per_gene_tables[("frozen_ridge", test_p)] = b.per_gene[test_p]
 
         # ---- stain normalisation of this fold (chosen inside the training patients with --stain auto)
-        stain, skey, inner_stain = choose_stain(img, fold, genes, base_cfg, tr, args.stain, args.map_gene)
+        stain, skey, inner_stain = choose_stain(img, fold, genes, base_cfg, tr, args.stain, args.map_gene, args.svd_solver)
         stain_rows.append({"fold": test_p, "stain": stain or "none", "key": skey,
                            **{f"inner_{c}": v for c, v in inner_stain.items()}})
         log(f"  stain: {stain or 'none'}" + (f" (inner mean Pearson {inner_stain})" if inner_stain else ""), t0)

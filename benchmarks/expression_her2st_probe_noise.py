@@ -34,9 +34,10 @@ from expression_her2st import frozen_features  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gene", default="ERBB2")
+    ap.add_argument("--svd-solver", default="covariance_eigh", choices=["covariance_eigh", "full"], help="PCA solver of every HEST probe here (exact either way; --smoke: full, cheaper for a few dozen spots)")
     _common.add_args(ap, root="her2st")
     args = ap.parse_args()
-    _common.smoke(args)
+    _common.smoke(args, svd_solver="full")
     results = _common.Results(args, seeds=[0], precision="fp32; bf16 in the X_bf16 rows")
     t0 = time.time()
     full = _common.her2st(args.root, args.smoke, images_only=True)
@@ -49,7 +50,7 @@ def main() -> int:
     rows = []
     for key in ["X_fp32", "X_bf16", "X_fp32_jitter0", "X_fp32_jitter1", "X_fp32_jitter2"]:
         for alpha in ("hest", "cv"):
-            r = sd.bench.expression(full, key, folds=folds, alpha=alpha, extra_genes=[args.gene], svd_solver="covariance_eigh",
+            r = sd.bench.expression(full, key, folds=folds, alpha=alpha, extra_genes=[args.gene], svd_solver=args.svd_solver,
                                     key_added=None)
             pf = r.per_fold.set_index("test_patients")
             rows.append({"features": key, "alpha": alpha, **{f"r_{p}": pf.loc[p, "pearson_mean"] for p in pf.index},

@@ -357,7 +357,7 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables and figures from <out>/*/ CSVs (no training)")
     _common.add_args(ap)
     args = ap.parse_args()
-    if _common.smoke(args, seeds="0", sim_seeds="0", max_epochs=2, n_per_patient=6, sim_patients=10, survset="gse4335"):
+    if _common.smoke(args, seeds="0", sim_seeds="0", max_epochs=2, n_per_patient=6, sim_patients=20, survset="gse4335"):
         if not (args.root or _common.has_dataset("her2st")):
             print("her2st data absent: the smoke run skips the semi-synthetic HER2ST layer")
             args.skip += ",her2st"

@@ -128,7 +128,7 @@ def probe_arms(img, views: dict, args) -> tuple[list[dict], dict]:
             if with_views:
                 img.obsm[key + "_views"] = views[(stain, vs)]
             for probe, clip in PROBES.items():
-                res = sd.bench.expression(img, keys, folds=args.folds, views=with_views, svd_solver="covariance_eigh", clip=clip,
+                res = sd.bench.expression(img, keys, folds=args.folds, views=with_views, svd_solver=args.svd_solver, clip=clip,
                                           extra_genes=[MAP_GENE], key_added=None)
                 r, g = _rows(res, arm, probe, vs)
                 rows += r
@@ -151,7 +151,7 @@ def chosen_arm(img, views: dict, args, say=print) -> tuple[list[dict], dict]:
         cands[arm] = {"key": [key, key + "_ctx"] if context else [key], "views": with_views}
         if with_views:
             img.obsm[key + "_views"] = views[(stain, vs0)]
-    res = {probe: sd.bench.expression(img, cands, folds=args.folds, svd_solver="covariance_eigh", clip=clip, extra_genes=[MAP_GENE],
+    res = {probe: sd.bench.expression(img, cands, folds=args.folds, svd_solver=args.svd_solver, clip=clip, extra_genes=[MAP_GENE],
                                       key_added=None) for probe, clip in PROBES.items()}
     for key in (KEY, KEY + "_macenko"):
         img.obsm.pop(key + "_views", None)
@@ -185,7 +185,7 @@ def peka_arm(full, img, fold_genes: dict, args, say=print) -> tuple[list[dict], 
             m = PEKA(ENCODER, replace(cfg0, seed=seed)).fit(tr, T, fold_genes[p], kd_classifier=kd[seed])
             m.transform(img, key_added="X_peka")
             for probe, clip in PROBES.items():
-                res = sd.bench.expression(img, "X_peka", folds=[fold], genes=fold_genes[p], svd_solver="covariance_eigh",
+                res = sd.bench.expression(img, "X_peka", folds=[fold], genes=fold_genes[p], svd_solver=args.svd_solver,
                                           clip=clip, extra_genes=[MAP_GENE], key_added=None)
                 r, g = _rows(res, "peka", probe, seed)
                 rows += r
@@ -298,9 +298,10 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--peka-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--peka-epochs", type=int, default=2)
+    ap.add_argument("--svd-solver", default="covariance_eigh", choices=["covariance_eigh", "full"], help="PCA solver of every HEST probe here (exact either way; --smoke: full, cheaper for a few dozen spots)")
     _common.add_args(ap, root="her2st")
     args = ap.parse_args()
-    _common.smoke(args, parts=["probes", "peka"], view_seeds=[0], views=1, peka_seeds=[0], peka_epochs=1)
+    _common.smoke(args, parts=["probes", "peka"], view_seeds=[0], views=1, peka_seeds=[0], peka_epochs=1, svd_solver="full")
     results = _common.Results(args, seeds=sorted(set(args.view_seeds) | set(args.peka_seeds)), precision=args.precision,
                               variant="-".join(args.parts) if args.parts != ["probes"] else None)
     out = Path(args.out)
