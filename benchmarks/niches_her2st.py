@@ -8,6 +8,7 @@ the pathologist labels, and niche maps of held-out sections.
 
     python benchmarks/niches_her2st.py                       # the full run (K 4/6/8 x seeds 0/1/2)
     python benchmarks/niches_her2st.py --ks 6 --seeds 0      # one cell of the grid
+    python benchmarks/niches_her2st.py --smoke --out /tmp/smoke   # every table on 30 spots of A1, B4, C2
     python benchmarks/niches_her2st.py --transfer auto --refine --teachers expression --no-investigation
         # the student's transfer setting (stain normalisation, augmented views, context token) chosen
         # on the validation patient inside each training fold, plus its refined predictions; the
@@ -36,6 +37,8 @@ import anndata as ad  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import _common  # noqa: E402
+
 KEY = "X_effnet-lite0-imagenet"
 METHODS = ["student", "kmeans", "kmeans_nbr"]
 #: with --refine / --transfer: the refined student, and both baselines on each fold's chosen features
@@ -46,29 +49,26 @@ A_NOTE = "A: images about 3.2 um/px (2000 px copies) vs 0.69 um/px for B/C: reso
 
 #: Feature extraction precision: fixed (not "auto"), so every machine computes the same features.
 PRECISION = "fp32"
+#: --smoke: student and NOLAN-like teacher settings (few epochs / steps)
+SMOKE_STUDENT, SMOKE_NOLAN = {}, {}
 
 
-def default_root() -> str | None:
-    """$STDISTILL_SHARED_HER2ST, else ``../shared/data/her2st`` beside the clone when present,
-    else None (``stdistill.datasets.her2st`` then uses $STDISTILL_DATA or its download cache)."""
-    env = os.environ.get("STDISTILL_SHARED_HER2ST")
-    if env:
-        return env
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
-    return str(beside) if beside.is_dir() else None
+def default_root() -> str:
+    """$STDISTILL_DATA/her2st, else ``../shared/data/her2st`` (one error line, exit 2, when absent)."""
+    return str(_common.dataset("her2st"))
 
 
-def load(features: Path | None, root: str | None, precision: str = PRECISION) -> ad.AnnData:
+def load(features: Path | None, root: str | None, precision: str = PRECISION, smoke: bool = False) -> ad.AnnData:
     """All 36 sections, with ``obsm[KEY]`` on the imaged spots (NaN elsewhere).
 
     Without ``features`` the features are computed here (``stdistill.features.extract`` at
     ``precision``; its cache under ``$STDISTILL_CACHE`` or ``~/.cache/stdistill`` makes reruns
     fast), so a clean clone needs nothing else. With ``features``, an .h5ad holding ``obsm[KEY]``
-    for (some of) the HER2ST spots is used instead.
+    for (some of) the HER2ST spots is used instead. ``smoke``: the slice of ``_common.her2st``.
     """
     import stdistill
 
-    a = stdistill.datasets.her2st(root=root)
+    a = _common.her2st(root, smoke)
     if features is None:
         c = stdistill.io.subset_sections(a, [s for s in stdistill.io.sections(a) if stdistill.io.has_image(a, s)])
         stdistill.features.extract(c, "effnet-lite0-imagenet", precision=precision, key_added=KEY)
@@ -198,7 +198,7 @@ def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwarg
                 print(f"[{label}] K={k} seed={seed}: read back {cell}", flush=True)
                 continue
             df, f = niches.run(a, KEY, k, out_dir=out / f"K{k}_seed{seed}", seed=seed, reuse_teacher=True,
-                               student_kwargs=student_kwargs, student_candidates=candidates,
+                               student_kwargs={**SMOKE_STUDENT, **(student_kwargs or {})} or None, student_candidates=candidates,
                                figures=seed == figures_seed, verbose=False, transfer=transfer, refine=refine,
                                transfer_kwargs=tkw if transfer else None)
             if transfer:
@@ -233,22 +233,28 @@ def transfer_counts(res: pd.DataFrame) -> pd.DataFrame | None:
     return t
 
 
-def tables(res: pd.DataFrame) -> str:
-    """Per fold and mean over folds (mean ± sd over seeds), macro-F1 on A1, verdict per K."""
-    from stdistill.recipes.niches import markdown
+def tables(res: pd.DataFrame, store: dict | None = None) -> str:
+    """Per fold and mean over folds (mean ± sd over seeds), macro-F1 on A1, verdict per K; each
+    table also into ``store`` (name: DataFrame) when given."""
+    from stdistill.recipes.niches import markdown as md_table
 
-    out = []
+    out, store = [], {} if store is None else store
+
+    def markdown(df: pd.DataFrame, name: str) -> str:
+        store[name] = df
+        return md_table(df)
+
     m = res[res["method"].isin(METHODS + EXTRA)]
     per_fold = (m.groupby(["K", "fold", "method"], sort=False)
                 .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm), seen_share=("seen_share", "first"),
                      teacher_sizes=("teacher_sizes", "first"), one_niche=("single_niche", "first"))
                 .reset_index())
     per_fold["note"] = ["A at ~3.2 um/px" if f == "A" else "" for f in per_fold["fold"]]
-    out.append("Per fold (held-out patient), mean ± sd over seeds:\n\n" + markdown(per_fold))
+    out.append("Per fold (held-out patient), mean ± sd over seeds:\n\n" + markdown(per_fold, "per_fold"))
     fm = m.groupby(["K", "seed", "method"], sort=False)[["ari", "nmi", "id_acc"]].mean().reset_index()
     mean = (fm.groupby(["K", "method"], sort=False)
             .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm)).reset_index())
-    out.append("Mean over the 3 held-out patients (mean ± sd over seeds):\n\n" + markdown(mean))
+    out.append("Mean over the 3 held-out patients (mean ± sd over seeds):\n\n" + markdown(mean, "mean"))
     students = [s for s in ("student", "student_refined") if s in set(m["method"])]
     baselines = [b for b in ("kmeans", "kmeans_nbr", "kmeans_chosen", "kmeans_nbr_chosen") if b in set(m["method"])]
     verdict = []
@@ -263,11 +269,11 @@ def tables(res: pd.DataFrame) -> str:
                 f for f in folds_win.index if folds_win.loc[f, st] > folds_win.loc[f, baselines].max()) or "none"
             verdict.append(row)
     out.append(f"Verdict (mean over folds and seeds; baselines: {', '.join(baselines)}):\n\n"
-               + markdown(pd.DataFrame(verdict)))
+               + markdown(pd.DataFrame(verdict), "verdict"))
     chosen = transfer_counts(res)
     if chosen is not None:
         out.append("Transfer settings the student chose on its validation patient(s) (count over seeds):\n\n"
-                   + markdown(chosen))
+                   + markdown(chosen, "transfer_chosen"))
     f1 = res[(res["f1_section"] == "A1")]
     if len(f1):
         t = (f1.groupby(["K", "method"], sort=False)["macro_f1"].agg(pm).reset_index()
@@ -279,11 +285,11 @@ def tables(res: pd.DataFrame) -> str:
              else "most frequent label of the map's training labels, everywhere")
             for mth in t["method"]]
         out.append("Macro-F1 against the pathologist labels on A1 (student trained without patient A; "
-                   "'undetermined' spots left out):\n\n" + markdown(t))
+                   "'undetermined' spots left out):\n\n" + markdown(t, "macro_f1_A1"))
     return "\n\n".join(out)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", type=Path, default=None,
                     help=f"an .h5ad with obsm['{KEY}'] (default: computed here at fp32, cached under the user cache)")
@@ -303,7 +309,12 @@ def main() -> None:
                     help="each: with --transfer, every training patient validates the candidates in turn (mean score)")
     ap.add_argument("--resume", action="store_true",
                     help="read back the (K, seed) cells an earlier run with the same --out finished (<out>/<teacher>/K*_seed*/rows.csv)")
+    _common.add_args(ap)
     args = ap.parse_args()
+    if _common.smoke(args, ks=[3], seeds=[0]):
+        SMOKE_STUDENT.update(max_epochs=2, min_epochs=1)
+        SMOKE_NOLAN.update(n_steps=5)
+    results = _common.Results(args, seeds=args.seeds, precision=PRECISION)
 
     import torch
 
@@ -313,7 +324,7 @@ def main() -> None:
 
     t_all = time.perf_counter()
     root = args.root or default_root()
-    a = load(args.features, root)
+    a = load(args.features, root, smoke=args.smoke)
     print(f"HER2ST: {a.n_obs} spots, {a.obs['section'].nunique()} sections, "
           f"{int(np.isfinite(a.obsm[KEY][:, 0]).sum())} with image features", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -343,7 +354,11 @@ def main() -> None:
                                        student_kwargs={"val_patients": "each"} if args.val_patients == "each" else None,
                                        refine=args.refine, resume=args.resume)
         figs += f
-        md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n", tables(res)]
+        store = {}
+        md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n",
+               tables(res, store)]
+        for tname, df in store.items():
+            results.table(f"{name}_{tname}", df, digits={c: 3 for c in df.columns})
         res.to_csv(args.out / f"{name}.csv", index=False)
 
     if not args.no_investigation:
@@ -351,7 +366,7 @@ def main() -> None:
         k = 6 if 6 in args.ks else args.ks[0]
         variants = [
             ("teacher: nolan (self-supervised global/local views), per-section standardised",
-             lambda k: NicheTeacher(k, method="nolan", seed=0), None, None),
+             lambda k: NicheTeacher(k, method="nolan", seed=0, **SMOKE_NOLAN), None, None),
             ("student: radius chosen on the validation patient from {250, 450, 650} um",
              default_teacher, None, [{"radius_um": 250.0}, {"radius_um": 450.0}, {"radius_um": 650.0}]),
             ("student: temperature chosen on the validation patient from {1, 2, 4}",
@@ -375,6 +390,7 @@ def main() -> None:
             r.to_csv(args.out / f"investigation_{len(inv)}.csv", index=False)
         md += [f"## Investigation (teacher: the default unless named; K={k}, seed {args.seeds[0]}; student settings "
                "chosen only on the validation patient inside each training fold)\n", markdown(pd.DataFrame(inv))]
+        results.table("investigation", pd.DataFrame(inv), digits={c: 3 for c in pd.DataFrame(inv).columns})
 
     total = time.perf_counter() - t_all
     md += ["## Figures\n", *[f"- `{p}`" for p in figs],
@@ -382,7 +398,8 @@ def main() -> None:
     (args.out / "table.md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"\nwrote {args.out / 'table.md'}")
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

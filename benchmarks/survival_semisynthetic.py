@@ -251,7 +251,8 @@ _COHORT: dict = {}
 def her2st_cohort(args, t0: float) -> Cohort:
     """The semi-synthetic HER2ST cohort (built once per run)."""
     if "her2st" not in _COHORT:
-        _COHORT["her2st"] = c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient)
+        spots = _common.her2st(args.root, True, images_only=True) if args.smoke else None
+        _COHORT["her2st"] = c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient, spots=spots)
         log(f"her2st_survival: {c}; censored {1 - c.event.mean():.0%}", t0)
     return _COHORT["her2st"]
 
@@ -434,8 +435,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables and figures from <out>/*/ CSVs (no training)")
     _common.add_args(ap)
     args = ap.parse_args()
-    _common.smoke(args, seeds="0", sim_seeds="0", variant_seeds="0", max_epochs=5, n_per_patient=40, sim_patients=40,
-                  survset=args.survset.split(",")[0])  # 1 seed, 5 epochs, 40 windows per source patient
+    if _common.smoke(args, seeds="0", sim_seeds="0", variant_seeds="0", max_epochs=2, n_per_patient=6, sim_patients=20,
+                     survset="gse4335"):  # every layer and table row, 1 seed, 2 epochs
+        if not (args.root or _common.has_dataset("her2st")):
+            print("her2st data absent: the smoke run skips the semi-synthetic HER2ST layer")
+            args.skip += ",her2st"
     if "her2st" not in set(args.skip.split(",")) or args.variants:
         args.root = str(_common.dataset("her2st", args.root))
     for k in ("seeds", "sim_seeds", "variant_seeds"):

@@ -121,6 +121,25 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Keep torch's CPU thread count across the block (when torch is imported).
+
+    The first parallel numba kernel of a process (scanpy's ``highly_variable_genes`` on a sparse
+    matrix) starts an OpenMP pool sized to the machine, which also resets torch's thread count,
+    overriding the caller's ``torch.set_num_threads`` or ``OMP_NUM_THREADS``.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def resolve_device(device: str = "auto") -> str:
     """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other values pass through."""
     if device != "auto":

@@ -50,7 +50,7 @@ import scipy.sparse as sp
 from .._api import write_obsm
 from .._errors import StdistillError
 from .._keys import Key
-from .._utils import seed_everything
+from .._utils import seed_everything, torch_threads_kept
 from ..bundle import Bundled
 from ..io._section import SECTION_KEY
 
@@ -211,7 +211,9 @@ class ExpressionTeacher(Bundled):
                 if self.batch_key in adata.obs and adata.obs[self.batch_key].nunique() > 1:
                     tmp.obs["_b"] = adata.obs[self.batch_key].astype(str).to_numpy()
                     batch = "_b"
-                sc.pp.highly_variable_genes(tmp, n_top_genes=min(self.n_top_genes, tmp.n_vars), flavor="seurat", batch_key=batch)
+                with torch_threads_kept():
+                    sc.pp.highly_variable_genes(tmp, n_top_genes=min(self.n_top_genes, tmp.n_vars), flavor="seurat",
+                                                batch_key=batch)
                 genes = tmp.var_names[tmp.var["highly_variable"].to_numpy()]
             self.genes_ = [str(g) for g in genes]
         else:
