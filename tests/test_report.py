@@ -32,7 +32,7 @@ def _predict_folder(out: Path) -> Path:
     from PIL import Image
 
     from stdistill.slide._export import write_outputs
-    from stdistill.slide._run import _manifest
+    from stdistill.slide._chunks import write_manifest
 
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.parent / "slide.png"
@@ -45,7 +45,7 @@ def _predict_folder(out: Path) -> Path:
               "training": {"train_patients": ["A"], "train_sections": ["A1"], "n_train_spots": 300}}
     bundle = SimpleNamespace(outputs=record["outputs"], encoder="uni", record=record, path=out.parent / "bundle")
     outputs = {"niches": rng.dirichlet([1, 1], tiles.n_obs), "genes": rng.normal(1, 0.5, (tiles.n_obs, 2))}
-    _manifest(out, {"slide": str(png), "mpp": 1.0, "min_tissue": 0.5, "n_tiles": int(tiles.n_obs), "recipe": "niches"},
+    write_manifest(out, {"slide": str(png), "mpp": 1.0, "min_tissue": 0.5, "n_tiles": int(tiles.n_obs), "recipe": "niches"},
               False, about={"command": "stdistill predict slide.png --model bundle --out out --mpp 1",
                             "versions": {"stdistill": sd.__version__}})
     write_outputs(tiles, bundle, outputs, out, "slide")

@@ -66,8 +66,8 @@ def test_stream_features_match_feature_extraction(slide, tmp_path):
     from stdistill.slide._tiles import TilePatches, View, encode_chunks, inference_encoder
 
     tiles = sd.pp.tile(slide, size_um=SIZE_UM, px=PX, section="slide")
-    want = sd.features.extract(tiles.copy(), TINY_EFF, size_um=SIZE_UM, px=PX, device="cpu", precision="fp32",
-                               cache_dir=False).obsm[f"X_{TINY_EFF}"]
+    want = sd.features.extract(tiles, TINY_EFF, size_um=SIZE_UM, px=PX, device="cpu", precision="fp32",
+                               cache_dir=False, copy=True).obsm[f"X_{TINY_EFF}"]
     enc = load(TINY_EFF)
     fast = inference_encoder(enc)
     assert fast is not enc  # the tiny EfficientNet has batch norms to fold

@@ -4,7 +4,8 @@ Submodules follow scverse conventions: ``io`` (readers), ``datasets``, ``pp`` (p
 tiling, neighbours, splits), ``encoders`` (registry), ``features`` (extraction + cache),
 ``teachers``, ``students``, ``losses``, ``metrics``, ``bench``, ``recipes``, ``pl``,
 ``bundle`` (saved students), ``slide`` (whole-slide prediction), ``report`` (HTML summaries),
-``select`` (settings chosen on inner patients) and ``adapters`` (adapted encoders).
+``select`` (settings chosen on inner patients), ``adapters`` (adapted encoders) and ``keys`` (every
+AnnData key the package writes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __version__ = "0.2.0"  # the one place the version is set (pyproject.toml reads 
 
 _SUBMODULES = {
     "io", "pp", "datasets", "encoders", "features", "teachers", "students",
-    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report", "select", "adapters",
+    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report", "select", "adapters", "keys",
 }
 
 

@@ -32,7 +32,7 @@ from ._pixels import (
 )
 
 PAD_VALUE = 255  # white, like glass background
-_WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".tif", ".tiff"}
+WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".tif", ".tiff"}
 _TIFF_BASED = {".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff"}
 
 
@@ -52,7 +52,7 @@ class ImageReader(Protocol):
         """Content digest (file bytes or array bytes), for cache keys."""
 
 
-def _paste(region: np.ndarray, x0: int, y0: int, w: int, h: int, width: int, height: int, read) -> np.ndarray:
+def paste_region(region: np.ndarray, x0: int, y0: int, w: int, h: int, width: int, height: int, read) -> np.ndarray:
     """Fill ``region`` (h, w, 3) with the in-bounds part of [x0, x0+w) x [y0, y0+h)."""
     ax0, ay0 = max(x0, 0), max(y0, 0)
     ax1, ay1 = min(x0 + w, width), min(y0 + h, height)
@@ -77,7 +77,7 @@ class ArrayImage:
 
     def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), PAD_VALUE, np.uint8)
-        return _paste(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
+        return paste_region(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
 
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
         from PIL import Image
@@ -296,7 +296,7 @@ class SlideImage:
 
     def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), PAD_VALUE, np.uint8)
-        return _paste(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
+        return paste_region(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
 
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
         """The overview: the reader's own thumbnail for 8-bit RGB slides; else (other pixel
@@ -359,7 +359,7 @@ def open_image(path: str | os.PathLike) -> ImageReader:
         raise StdistillError("no permission to read the file", p)
     if p.stat().st_size == 0:
         raise StdistillError("the file is empty (0 bytes)", p)
-    if p.suffix.lower() in _WSI_SUFFIXES:
+    if p.suffix.lower() in WSI_SUFFIXES:
         return _open_slide(p)
     return PILImage(p)
 

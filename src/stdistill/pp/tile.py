@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._image import ArrayImage, ImageReader, open_image
 from ..io._section import new_section
 
@@ -28,7 +29,7 @@ def _reader(image) -> ImageReader:
     raise StdistillError(f"tile: image must be a path, an ImageReader or an RGB array, got {type(image).__name__}")
 
 
-def _slide_mpp(reader) -> float | None:
+def slide_mpp(reader) -> float | None:
     """Microns per pixel recorded in a whole-slide file's metadata (tiffslide/openslide), if any."""
     props = getattr(getattr(reader, "_slide", None), "properties", None) or {}
     for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
@@ -190,7 +191,7 @@ def tissue_mask(
 
 def _scale(reader, microns_per_pixel, size_um: float, px: int, min_tissue: float, source) -> float:
     """The microns per pixel to tile with; one line for missing or impossible settings."""
-    mpp = microns_per_pixel if microns_per_pixel is not None else _slide_mpp(reader)
+    mpp = microns_per_pixel if microns_per_pixel is not None else slide_mpp(reader)
     if mpp is None or not np.isfinite(mpp) or mpp <= 0:
         raise StdistillError("microns per pixel of the slide is missing; pass microns_per_pixel= (Python) or --mpp "
                              "(stdistill predict), e.g. 0.5 for a 20x scan", source)
@@ -290,11 +291,11 @@ def tile(
         raise StdistillError(what, source)
     rows, cols, frac = rows[keep], cols[keep], frac[keep]
     ids = [f"{section}_t{r:05d}_{c:05d}" for r, c in zip(rows, cols)]
-    obs = pd.DataFrame({"tissue_fraction": frac.astype(np.float32), "tile_row": rows.astype(np.int32),
-                        "tile_col": cols.astype(np.int32)}, index=ids)
+    obs = pd.DataFrame({Key.obs.tissue_fraction: frac.astype(np.float32), Key.obs.tile_row: rows.astype(np.int32),
+                        Key.obs.tile_col: cols.astype(np.int32)}, index=ids)
     adata = new_section(None, genes=[], spots=ids, xy_px=np.c_[x0 + (cols + 0.5) * side, y0 + (rows + 0.5) * side],
                         section=section, patient=patient if patient is not None else section,
                         microns_per_pixel=float(mpp), spot_diameter_um=float(size_um), image=reader, obs=obs,
                         source=source)
-    adata.uns["spatial"][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
+    adata.uns[Key.uns.spatial][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
     return adata

@@ -27,11 +27,11 @@ import pandas as pd
 
 from .._errors import StdistillError, require_file
 from .._utils import atomic_path, file_digest
-from ..io._image import _WSI_SUFFIXES
+from ..io._image import WSI_SUFFIXES
 from ._inputs import check_out
 
 #: image files a folder cohort picks up (by extension)
-IMAGE_SUFFIXES = tuple(sorted(_WSI_SUFFIXES | {".jpg", ".jpeg", ".png"}))
+IMAGE_SUFFIXES = tuple(sorted(WSI_SUFFIXES | {".jpg", ".jpeg", ".png"}))
 STATUS = "status.json"
 #: first columns of summary.csv; summary values (niche shares, mean predictions, ...) follow
 COLUMNS = ["slide_id", "patient", "path", "status", "error", "n_tiles", "unreadable_tiles", "seconds"]

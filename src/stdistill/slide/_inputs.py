@@ -48,7 +48,7 @@ def open_source(slide, name: str | None = None) -> SlideSource:
     """A :class:`SlideSource` from a path, an :class:`~stdistill.io.ImageReader`, an open
     ``tiffslide.TiffSlide``/``openslide.OpenSlide``, an RGB array or a ``wsidata.WSIData``."""
     from ..io._image import ArrayImage, SlideImage, open_image
-    from ..pp.tile import _slide_mpp
+    from ..pp.tile import slide_mpp
 
     if isinstance(slide, (str, os.PathLike)):
         reader = open_image(slide)
@@ -69,7 +69,7 @@ def open_source(slide, name: str | None = None) -> SlideSource:
     path = Path(reader.path) if getattr(reader, "path", None) else None
     if path is None and not hasattr(reader, "array"):
         raise StdistillError(f"a {type(reader).__name__} reader with no file path must hold its pixels in .array")
-    return SlideSource(reader, name or (path.stem if path else "slide"), path, _slide_mpp(reader))
+    return SlideSource(reader, name or (path.stem if path else "slide"), path, slide_mpp(reader))
 
 
 def check_scale(src: SlideSource, mpp: float | None, size_um: float, force: bool) -> float:

@@ -94,13 +94,13 @@ def _niche_chunk(job: Job, ok: np.ndarray, a: int, b: int, stats, made: dict) ->
     ids = sorted({i for i, (s, e) in enumerate(chunks) if s <= need.max() and e > need.min()})
     first = chunks[ids[0]][0]
     need = need[ok[need]]
-    probs = np.full((b - a, int(model.params["n_niches"])), np.nan, np.float32)
+    probs = np.full((b - a, int(model.config.n_niches)), np.nan, np.float32)
     mine = need[(need >= a) & (need < b)]
     if not len(mine):
         return {"probs": probs}
     sub = tiles[need].copy()
     sub.uns["features"] = {}
-    for what, key in (("features", model.params["feature_key"]), ("context", model.params.get("context_key"))):
+    for what, key in (("features", model.config.feature_key), ("context", model.config.context_key)):
         if key:
             sub.obsm[key] = np.concatenate([load_chunk(feat_path(i), what) for i in ids])[need - first]
             sub.uns["features"][key] = made[what]
@@ -115,7 +115,7 @@ def predict_niches(job: Job) -> tuple[dict, np.ndarray, int]:
     b = job.bundle
     model = b.model
     made = {"features": {**model.feature_record(), "size_um": b.size_um, "px": b.px}}
-    if model.params.get("context_key"):
+    if model.config.context_key:
         made["context"] = model.feature_record(context=True)
     views = _views(job, made, b.record.get("precision"))
     b.check_features(_made_by(views[0].encoder, b), "X")
@@ -160,10 +160,10 @@ def predict_adapted(job: Job) -> tuple[dict, np.ndarray, int]:
         rows = np.arange(a, b)
         try:
             ok = np.ones(len(rows), bool)
-            frame = model.predict(job.tiles[rows].copy())
+            frame = model.predict(job.tiles[rows].copy(), inplace=False)
         except UnreadableRegion:
             ok = _tile_readable(job, rows)
-            frame = model.predict(job.tiles[rows[ok]].copy()) if ok.any() else None
+            frame = model.predict(job.tiles[rows[ok]].copy(), inplace=False) if ok.any() else None
         pred = np.full((len(rows), len(job.bundle.outputs[model.targets_key])), np.nan, np.float32)
         if frame is not None:
             pred[ok] = np.asarray(getattr(frame, "to_numpy", lambda: frame)(), dtype=np.float32)

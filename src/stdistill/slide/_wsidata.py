@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io._image import PAD_VALUE, _paste
+from ..io._image import PAD_VALUE, paste_region
 from ..io._pixels import PixelLayout, UnreadableRegion, quiet_readers, reader_failure, to_rgb8
 
 #: shapes element the tiles go to (LazySlide's own tiles, ``"tiles"``, are left alone)
@@ -45,7 +45,7 @@ class WSIDataReader:
 
     def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), PAD_VALUE, np.uint8)
-        return _paste(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
+        return paste_region(out, x0, y0, w, h, self.size[0], self.size[1], self._read)
 
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
         if max_size >= max(self.size):  # wsidata's readers refuse a thumbnail as large as the image

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._config import NicheStudentConfig
+
+__all__ = ["NicheTransformer", "make_net"]
+
 
 class NicheTransformer(nn.Module):
     """(B, T, F) features, (B, T, 2) offsets / radius, (B, T) mask -> (B, K) logits.
@@ -38,3 +42,8 @@ class NicheTransformer(nn.Module):
             mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], 1)
         h = self.encoder(h, src_key_padding_mask=~mask)
         return self.head(h[:, :2].flatten(1) if self.summary is not None else h[:, 0])
+
+
+def make_net(cfg: NicheStudentConfig, d_in: int) -> NicheTransformer:
+    """The untrained network of ``cfg`` for ``d_in`` input features."""
+    return NicheTransformer(d_in, cfg.n_niches, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.summary_token)
