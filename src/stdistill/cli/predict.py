@@ -18,6 +18,11 @@ def _cohort(source: Path, model: Path, out: Path, shard: Optional[str], merge: b
     r = predict_cohort(source, model, out, shard=shard, merge_only=merge, quiet=True, log=None if quiet else typer.echo,
                        command=command_line(), **kw)
     n = len(r.ok) + len(r.failed)
+    if kw.get("clinical") is not None and (out / "km.json").is_file():
+        import json
+
+        km = json.loads((out / "km.json").read_text())
+        typer.echo(f"Kaplan-Meier of the predicted groups: log-rank p = {km['logrank_p']}; wrote {out / 'km.png'}")
     if not quiet or merge:
         kept = f", {len(r.reused)} finished earlier" if r.reused else ""
         typer.echo(f"{len(r.ok)} of {n} slides ok{kept}, {len(r.failed)} failed; wrote {r.summary}")
@@ -58,18 +63,27 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         zarr: bool = typer.Option(False, "--zarr", help="Also write <slide>.zarr, a SpatialData store (extra "
                                                         "[spatialdata])."),
+        window_mm: float = typer.Option(6.5, "--window-mm", min=0.01, help="GenST models: side in mm of the windows "
+                                        "ranked by predicted uncertainty (where to sequence next; 6.5 = a Visium "
+                                        "capture area)."),
+        clinical: Optional[Path] = typer.Option(None, "--clinical", help="Cohorts, survival models: CSV with patient "
+                                                "(or slide_id), time, event; writes Kaplan-Meier curves of the "
+                                                "predicted risk groups with the log-rank p (km.png, km.json)."),
     ) -> None:
         """Tissue detection, tiling at the model's patch size, features, prediction, maps; resumable.
-        Broken slides are refused in one line (exit 2); in a cohort they are recorded and skipped."""
+        Runs every model bundle: niche students, PEKA, STAMP, the frozen probe (expression maps), GenST
+        (expression, uncertainty, windows to sequence next) and survival students (slide risk and its
+        group from the model's stored cut, attention map). Broken slides are refused in one line
+        (exit 2); in a cohort they are recorded and skipped."""
         kw = dict(mpp=mpp, force=force, chunk_tiles=chunk_tiles, batch_size=batch_size, num_workers=num_workers,
                   device=device, min_tissue=min_tissue, max_unreadable=max_unreadable, map_genes=_split(genes) or None,
-                  overwrite=overwrite, zarr=zarr)
+                  overwrite=overwrite, zarr=zarr, window_mm=window_mm)
         if slide.is_dir() or slide.suffix.lower() == ".csv":
-            return _cohort(slide, model, out, shard, merge, quiet, **kw)
-        if shard or merge:
+            return _cohort(slide, model, out, shard, merge, quiet, clinical=clinical, **kw)
+        if shard or merge or clinical:
             from .._errors import StdistillError
 
-            raise StdistillError("--shard and --merge apply to cohorts (a folder of slides or a CSV)", slide)
+            raise StdistillError("--shard, --merge and --clinical apply to cohorts (a folder of slides or a CSV)", slide)
         from ..slide import predict_slide
 
         r = predict_slide(slide, model, out, quiet=quiet, command=command_line(), **kw)
@@ -77,5 +91,8 @@ def register(app: typer.Typer) -> None:
             done = f" ({r.chunks_reused} finished chunks reused)" if r.chunks_reused else ""
             bad = f"; {r.n_unreadable} unreadable tiles skipped" if r.n_unreadable else ""
             typer.echo(f"{r.n_tiles} tiles in {r.seconds:.1f} s{done}{bad}")
+            if "risk" in r.summary:
+                typer.echo(f"slide risk {r.summary['risk']:.4g}: {r.summary['risk_group']} (cut {r.summary['risk_cut']:.4g}, "
+                           "stored in the model)")
             for p in (r.h5ad, r.geojson, *r.maps, *([r.zarr] if r.zarr else [])):
                 typer.echo(f"wrote {p}")

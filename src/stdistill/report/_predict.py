@@ -89,11 +89,13 @@ def is_cohort_run(folder: Path) -> bool:
 
 def _cohort_tables(summary: pd.DataFrame) -> list[dict]:
     status = summary["status"].fillna("pending").value_counts().rename_axis("status").reset_index(name="slides")
-    values = [c for c in summary.columns if c.startswith(("share ", "mean "))]
+    values = [c for c in summary.columns if c.startswith(("share ", "mean ")) or c == "risk"]
     ok = summary[summary["status"] == "ok"]
-    per_slide = summary[["slide_id", "patient", "status", "n_tiles", "unreadable_tiles", *values]]
+    group = ["risk_group"] if "risk_group" in summary else []
+    per_slide = summary[["slide_id", "patient", "status", "n_tiles", "unreadable_tiles", *values, *group]]
     tables = [_table("Slides by status", status, "ok: predicted; error: refused (see below); pending: not run yet"),
-              _table("Per slide", per_slide, "niche shares of tissue tiles or mean predicted values")]
+              _table("Per slide", per_slide, "niche shares of tissue tiles, mean predicted values, or a survival "
+                                             "model's slide risk and its group (cut stored in the model)")]
     if values and len(ok):
         spread = pd.DataFrame({"output": values, "over slides (mean +- sd)": [_spread(ok[c].to_numpy(float))
                                                                             for c in values]})
@@ -122,7 +124,13 @@ def collect_cohort(folder: Path) -> dict:
            ("settings", ", ".join(f"{k} {v}" for k, v in meta.get("settings", {}).items()))]
     notes = ["Predictions from H&E alone: no measured expression is shown; read maps as the student's estimate.",
              "Each slide's own folder holds its .h5ad, GeoJSON, maps and run.json (stdistill report works on it)."]
+    tables = _cohort_tables(summary)
+    if (folder / "km.json").is_file():
+        km = _read_json(folder / "km.json")
+        rows = pd.DataFrame([{"group": g, **v} for g, v in km.get("groups", {}).items()])
+        tables.append(_table("Survival of the predicted groups", rows,
+                             f"Kaplan-Meier (km.png); log-rank p = {km.get('logrank_p')}"))
     return {"title": f"stdistill predict: cohort {folder.name}", "kind": "cohort prediction",
             "command": about.get("command", ""), "run": run, "versions": about.get("versions", {}),
             "encoders": encoder_rows([record.get("encoder", {}).get("name", "")], record.get("encoder")),
-            "tables": _cohort_tables(summary), "figures": _figures(folder), "notes": notes}
+            "tables": tables, "figures": _figures(folder), "notes": notes}

@@ -221,6 +221,7 @@ def predict_cohort(
     max_unreadable: float = 0.1,
     overwrite: bool = False,
     merge_only: bool = False,
+    clinical: str | os.PathLike | None = None,
     command: str | None = None,
     log=None,
     **slide_kw,
@@ -236,10 +237,12 @@ def predict_cohort(
         The model bundle (loaded once) and the cohort's output folder.
     shard
         ``"i/n"`` or ``(i, n)``: only this run's share of the slides (``0 <= i < n``).
-    mpp
-        Microns per pixel for slides whose metadata (and CSV row) gives none.
-    merge_only
-        Only rebuild ``summary.csv`` from the slides' ``status.json`` (after a SLURM array).
+    mpp, merge_only
+        Microns per pixel for slides whose metadata (and CSV row) gives none; only rebuild
+        ``summary.csv`` from the slides' ``status.json`` (after a SLURM array).
+    clinical
+        Survival models: a CSV with ``patient`` (or ``slide_id``), ``time`` and ``event``; writes
+        ``km.png`` / ``km.json``, Kaplan-Meier curves of the predicted groups and the log-rank p.
     log
         Called with one line per slide (``"B4: ok, 790 tiles in 41 s"``), e.g. ``print``.
     slide_kw
@@ -256,10 +259,11 @@ def predict_cohort(
     slides = list_slides(source)
     part = shard_of(slides, parse_shard(shard) if isinstance(shard, str) else shard)
     if merge_only:
-        return CohortRun(out, merge_summary(out, slides), n_slides=len(slides))
+        return _survival_curves(CohortRun(out, merge_summary(out, slides), n_slides=len(slides)), clinical)
     _check_args(chunk_tiles, slide_kw.get("batch_size", 32), slide_kw.get("num_workers", 0), max_unreadable,
                 slide_kw.get("zarr", False))
     b = _bundle(bundle, slide_kw.get("device", "cpu"))
+    _check_clinical(b, clinical)
     settings = {"mpp": mpp, "min_tissue": float(min_tissue), "chunk_tiles": int(chunk_tiles), "force": bool(force),
                 "max_unreadable": float(max_unreadable)}
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +272,14 @@ def predict_cohort(
     say = log or (lambda line: None)
     kw = {**slide_kw, "min_tissue": min_tissue, "chunk_tiles": chunk_tiles, "force": force,
           "max_unreadable": max_unreadable, "overwrite": overwrite, "command": command}
+    _run_slides(run, part, b, settings, mpp, kw, say)
+    run.summary = merge_summary(out, slides)
+    return _survival_curves(run, clinical)
+
+
+def _run_slides(run: CohortRun, part: list[CohortSlide], b, settings: dict, mpp, kw: dict, say) -> None:
+    """Predict each slide of ``part`` not finished earlier with the same inputs; record it in ``run``."""
+    out = run.out_dir
     for s in part:
         inputs = _inputs(s, b, settings)
         have = read_status(out / s.slide_id)
@@ -284,5 +296,20 @@ def predict_cohort(
         else:
             run.failed[s.slide_id] = st["error"]
             say(f"{s.slide_id}: failed: {st['error']}")
-    run.summary = merge_summary(out, slides)
+
+
+def _check_clinical(b, clinical) -> None:
+    """Refuse ``clinical`` before hours of work: it needs a survival model and an existing file."""
+    if clinical is not None and b.recipe != "survival":
+        raise StdistillError("--clinical needs a survival model", b.path)
+    if clinical is not None and not Path(clinical).is_file():
+        raise StdistillError("no such clinical table", clinical)
+
+
+def _survival_curves(run: CohortRun, clinical) -> CohortRun:
+    """``run``, after writing Kaplan-Meier curves of its predicted risk groups when ``clinical`` is given."""
+    if clinical is not None:
+        from ._km import km_report
+
+        km_report(run.summary, clinical, run.out_dir)
     return run

@@ -14,6 +14,7 @@ from .._keys import Key
 from .._utils import atomic_path
 from ..pl._common import NICHE_PALETTE as PALETTE
 from ..pl._common import niche_colours
+from ._draw import save_png, thumb_figure, tile_grid
 
 NICHE_KEY = Key.obs.niche_pred
 
@@ -46,7 +47,8 @@ def _annotate(tiles: ad.AnnData, bundle, outputs: dict) -> ad.AnnData:
         v = np.asarray(values, dtype=np.float32)
         if kind == "genes":
             v = np.maximum(v, 0.0)  # log1p expression is never negative
-        a.obsm[Key.obsm.prediction(kind)] = pd.DataFrame(v, index=a.obs_names, columns=bundle.outputs.get(kind))
+        cols = bundle.outputs.get(kind) or ([kind] if v.shape[1] == 1 else None)  # attention, uncertainty: one column
+        a.obsm[Key.obsm.prediction(kind)] = pd.DataFrame(v, index=a.obs_names, columns=cols)
     a.uns[Key.uns.predict] = {"bundle": json.dumps(bundle.record), "outputs": sorted(outputs)}
     return a
 
@@ -115,39 +117,6 @@ def write_geojson(a: ad.AnnData, path: str | Path) -> Path:
     return path
 
 
-def _grid(a: ad.AnnData, values: np.ndarray):
-    """A (rows, cols) grid of per-tile ``values`` (NaN off tissue) and its extent on the thumbnail."""
-    sec = a.obs[Key.obs.section].iloc[0]
-    lib = a.uns[Key.uns.spatial][sec]
-    scale = float(lib["scalefactors"]["tissue_hires_scalef"])
-    side = float(lib["scalefactors"]["spot_diameter_fullres"])
-    r, c = a.obs[Key.obs.tile_row].to_numpy(), a.obs[Key.obs.tile_col].to_numpy()
-    xy = np.asarray(a.obsm[Key.obsm.spatial], dtype=float)
-    x0, y0 = float(np.median(xy[:, 0] - (c + 0.5) * side)), float(np.median(xy[:, 1] - (r + 0.5) * side))
-    grid = np.full((r.max() + 1, c.max() + 1), np.nan)
-    grid[r, c] = values
-    extent = (x0 * scale, (x0 + grid.shape[1] * side) * scale, (y0 + grid.shape[0] * side) * scale, y0 * scale)
-    return grid, extent, lib["images"]["hires"]
-
-
-def _figure(thumb: np.ndarray):
-    from matplotlib.figure import Figure
-
-    h, w = thumb.shape[:2]
-    fig = Figure(figsize=(7.0, 7.0 * h / max(w, 1) + 0.6), dpi=120)
-    ax = fig.add_subplot()
-    ax.imshow(thumb)
-    ax.set_axis_off()
-    return fig, ax
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})  # tight: legends never clipped
-    return path
-
-
 def niche_map(a: ad.AnnData, path: str | Path, title: str = "") -> Path:
     """Predicted niches as translucent tiles on the slide thumbnail; the legend (outside the
     image, never clipped) names each niche with its marker genes and its share of tiles."""
@@ -158,8 +127,8 @@ def niche_map(a: ad.AnnData, path: str | Path, title: str = "") -> Path:
     labels = list(names.cat.categories)
     codes = names.cat.codes.to_numpy().astype(float)
     codes[codes < 0] = np.nan
-    grid, extent, thumb = _grid(a, codes)
-    fig, ax = _figure(thumb)
+    grid, extent, thumb = tile_grid(a, codes)
+    fig, ax = thumb_figure(thumb)
     colours = niche_colours(len(labels))
     ax.imshow(np.ma.masked_invalid(grid), cmap=ListedColormap(colours), vmin=-0.5, vmax=len(labels) - 0.5,
               extent=extent, interpolation="nearest", alpha=0.55)
@@ -168,35 +137,44 @@ def niche_map(a: ad.AnnData, path: str | Path, title: str = "") -> Path:
     handles = [Patch(facecolor=colours[i], edgecolor="none", label=f"{lab} ({share[i]:.0%})") for i, lab in enumerate(labels)]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="niche (tiles)")
     ax.set_title(title or f"predicted niches, {a.n_obs} tiles")
-    return _save(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
-def value_map(a: ad.AnnData, values: np.ndarray, path: str | Path, title: str, label: str) -> Path:
+def value_map(a: ad.AnnData, values: np.ndarray, path: str | Path, title: str, label: str, cmap: str = "viridis") -> Path:
     """One predicted value per tile (e.g. a gene's log1p expression) on the slide thumbnail."""
-    grid, extent, thumb = _grid(a, values)
-    fig, ax = _figure(thumb)
+    grid, extent, thumb = tile_grid(a, values)
+    fig, ax = thumb_figure(thumb)
     finite = values[np.isfinite(values)]
     lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
                    extent=extent, interpolation="nearest", alpha=0.75)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=label)
     ax.set_title(title)
-    return _save(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
-def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str,
-                  map_genes: list[str] | None = None, zarr: bool = False, skipped: dict | None = None) -> dict:
-    """Write ``<name>.h5ad``, ``<name>.geojson``, ``maps/*.png`` (and ``<name>.zarr`` with ``zarr``);
-    returns their paths and the annotated tiles (``"adata"``). ``skipped``: ``{"n", "ids"}`` of
-    tissue tiles that could not be decoded, kept in ``uns["predict"]["unreadable_tiles"]``."""
-    a = _annotate(tiles, bundle, outputs)
-    a.uns["predict"]["unreadable_tiles"] = {"n": int((skipped or {}).get("n", 0)),
-                                            "ids": np.asarray((skipped or {}).get("ids", []), dtype=str)}
+def _maps(a: ad.AnnData, bundle, outputs: dict, out: Path, name: str, map_genes, window_mm: float) -> list[Path]:
+    """The PNG maps: niches; chosen genes or pathways; a survival model's attention; GenST's
+    uncertainty and its ranked windows (with their CSV and GeoJSON)."""
     maps = []
     if "niches" in outputs:
         maps.append(niche_map(a, out / "maps" / "niches.png", f"{name}: predicted niches ({bundle.encoder})"))
+    slide = a.uns[Key.uns.predict].get("slide", {})
     for kind in sorted(k for k in outputs if k != "niches"):
         frame = a.obsm[Key.obsm.prediction(kind)]
+        if kind == "attention":
+            title = f"{name}: attention (slide risk {slide['risk']:.3g}, {slide['risk_group']})"
+            maps.append(value_map(a, frame[kind].to_numpy(), out / "maps" / "attention.png", title, "attention weight",
+                                  cmap="inferno"))
+            continue
+        if kind == "uncertainty":
+            from ._windows import rank_windows, write_windows
+
+            v = frame[kind].to_numpy()
+            maps.append(value_map(a, v, out / "maps" / "uncertainty.png", f"{name}: GenST uncertainty",
+                                  "mean SD over genes (log1p)", cmap="magma"))
+            maps += write_windows(a, rank_windows(a, v, window_mm), out, name, out / "maps" / "windows.png", v)
+            continue
         chosen = list(map_genes) if map_genes else list(frame.columns[:4])
         missing = [g for g in chosen if g not in frame.columns]
         if missing:
@@ -206,5 +184,22 @@ def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str
         unit = "log1p expression" if kind == "genes" else "score"
         for g in chosen:
             maps.append(value_map(a, frame[g].to_numpy(), out / "maps" / f"{g}.png", f"{name}: predicted {g}", unit))
+    return maps
+
+
+def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str, map_genes: list[str] | None = None,
+                  zarr: bool = False, skipped: dict | None = None, slide: dict | None = None,
+                  window_mm: float = 6.5) -> dict:
+    """Write ``<name>.h5ad``, ``<name>.geojson``, ``maps/*.png`` (and ``<name>.zarr`` with ``zarr``;
+    GenST: ``<name>_windows.csv`` / ``.geojson`` of ``window_mm`` windows); returns their paths and
+    the annotated tiles (``"adata"``). ``skipped``: ``{"n", "ids"}`` of tissue tiles that could not
+    be decoded, kept in ``uns["predict"]["unreadable_tiles"]``; ``slide``: slide-level values (a
+    survival model's risk and group), kept in ``uns["predict"]["slide"]``."""
+    a = _annotate(tiles, bundle, outputs)
+    a.uns["predict"]["unreadable_tiles"] = {"n": int((skipped or {}).get("n", 0)),
+                                            "ids": np.asarray((skipped or {}).get("ids", []), dtype=str)}
+    if slide:
+        a.uns["predict"]["slide"] = dict(slide)
+    maps = _maps(a, bundle, outputs, out, name, map_genes, window_mm)
     return {"h5ad": _write_h5ad(a, out / f"{name}.h5ad"), "geojson": write_geojson(a, out / f"{name}.geojson"), "maps": maps,
             "zarr": write_zarr(a, out / f"{name}.zarr") if zarr else None, "adata": a}

@@ -2,14 +2,15 @@
 
 A predictor takes a :class:`Job` and returns ``(outputs, ok, reused)``: ``{output kind: array
 with one row per tile}`` (NaN rows for unreadable tiles), the (n_tiles,) mask of tiles that
-could be read, and the number of chunks reused from an earlier run. :data:`PREDICTORS` maps a
-bundle's recipe to its predictor.
+could be read, and the number of chunks reused from an earlier run; slide-level values (a
+survival model's risk) go to :attr:`Job.slide`. :data:`stdistill.slide._predictors.PREDICTORS`
+maps a bundle's recipe to its predictor.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -33,6 +34,8 @@ class Job:
     num_workers: int
     device: str
     bar: object
+    #: slide-level values a predictor found (e.g. ``{"risk": ..., "risk_group": ...}``)
+    slide: dict = field(default_factory=dict)
 
 
 def _views(job: Job, made: dict, precision: str | None) -> list[View]:
@@ -109,6 +112,21 @@ def _niche_chunk(job: Job, ok: np.ndarray, a: int, b: int, stats, made: dict) ->
     return {"probs": probs}
 
 
+def encode_features(job: Job, made: dict) -> tuple[list[View], list[Path], np.ndarray, int]:
+    """Encoder features of every tile, made as the training features were (``made``: ``{name:
+    features record}``; the first is checked against the bundle's encoder weights). Returns the
+    views, the ``features`` chunk files, the (n_tiles,) readable mask and the chunks reused."""
+    b = job.bundle
+    views = _views(job, made, b.record.get("precision"))
+    b.check_features(_made_by(views[0].encoder, b), "X")
+    fast = {}
+    for v in views:  # the same weights, batch norms folded for speed (checked to match)
+        v.encoder = fast.setdefault(id(v.encoder), inference_encoder(v.encoder))
+    reused = encode_stage(job, views)
+    paths = [chunk_paths(job.out, "features")(i) for i in range(len(job.chunks))]
+    return views, paths, readable(paths, job.chunks), reused
+
+
 def predict_niches(job: Job) -> tuple[dict, np.ndarray, int]:
     """Niche students: encoder features of every tile (and of its context patch), then niche
     probabilities from each tile's neighbourhood."""
@@ -117,14 +135,7 @@ def predict_niches(job: Job) -> tuple[dict, np.ndarray, int]:
     made = {"features": {**model.feature_record(), "size_um": b.size_um, "px": b.px}}
     if model.config.context_key:
         made["context"] = model.feature_record(context=True)
-    views = _views(job, made, b.record.get("precision"))
-    b.check_features(_made_by(views[0].encoder, b), "X")
-    fast = {}
-    for v in views:  # the same weights, batch norms folded for speed (checked to match)
-        v.encoder = fast.setdefault(id(v.encoder), inference_encoder(v.encoder))
-    reused = encode_stage(job, views)
-    paths = [chunk_paths(job.out, "features")(i) for i in range(len(job.chunks))]
-    ok = readable(paths, job.chunks)
+    views, paths, ok, reused = encode_features(job, made)
     stats = {what: feature_stats(paths, what) if what in made else None for what in ("features", "context")}
     digest = views[0].encoder.weights_digest
     made = {"features": {**made["features"], "weights_digest": digest},
@@ -174,6 +185,3 @@ def predict_adapted(job: Job) -> tuple[dict, np.ndarray, int]:
     pred = np.concatenate([load_chunk(p, "pred") for p in paths])
     return {model.targets_key: pred}, readable(paths, job.chunks), reused
 
-
-#: recipe of a bundle -> its predictor
-PREDICTORS = {"niches": predict_niches, "peka": predict_adapted, "stamp": predict_adapted}

@@ -22,7 +22,8 @@ from .._errors import StdistillError
 from .._utils import file_digest, progress_display, versions
 from ._chunks import chunk_bounds, record_result, write_manifest
 from ._inputs import check_out, check_scale, open_source
-from ._models import PREDICTORS, Job
+from ._models import Job
+from ._predictors import PREDICTORS, check_bundle
 
 
 @dataclass
@@ -60,9 +61,7 @@ def _bundle(bundle, device: str):
     from ..bundle import Bundle, load_bundle
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
-    if b.recipe not in PREDICTORS:
-        raise StdistillError(f"stdistill predict runs {', '.join(sorted(PREDICTORS))} models; this bundle is a "
-                             f"{b.recipe!r} model", b.path)
+    check_bundle(b)
     return b
 
 
@@ -95,6 +94,7 @@ def predict_slide(
     max_unreadable: float = 0.1,
     command: str | None = None,
     zarr: bool = False,
+    window_mm: float = 6.5,
 ) -> SlideRun:
     """Predict a student's outputs on every tissue tile of an H&E slide and write maps.
 
@@ -111,10 +111,9 @@ def predict_slide(
     out_dir
         Output folder: ``<name>.h5ad``, ``<name>.geojson``, ``maps/*.png``, ``run.json`` and
         ``chunks/`` (finished chunks, reused when the same run is started again).
-    mpp
-        Microns per pixel of the full-resolution image; read from the slide's metadata when omitted.
-    name
-        Output file stem (default: the slide file's stem).
+    mpp, name
+        Microns per pixel of the full-resolution image (default: the slide's metadata); output
+        file stem (default: the slide file's stem).
     chunk_tiles, batch_size
         Tiles per chunk (memory holds about one chunk of patches); patches per forward pass.
     num_workers
@@ -132,8 +131,9 @@ def predict_slide(
     max_unreadable
         Largest share of tissue tiles that may fail to decode (skipped and counted); above it
         the slide is refused as damaged.
-    zarr
-        Also write ``<name>.zarr``, a SpatialData store (``pip install 'stdistill[spatialdata]'``).
+    zarr, window_mm
+        Also write ``<name>.zarr``, a SpatialData store (``pip install 'stdistill[spatialdata]'``);
+        GenST: side of the windows ranked by predicted uncertainty (where to sequence next).
     command
         The command line recorded in ``run.json`` (default: this Python call), for ``stdistill report``.
 
@@ -150,7 +150,7 @@ def predict_slide(
     try:
         return _run(src, b, out, t0, mpp=mpp, chunk_tiles=chunk_tiles, batch_size=batch_size, num_workers=num_workers,
                     device=device, min_tissue=min_tissue, map_genes=map_genes, quiet=quiet, overwrite=overwrite,
-                    force=force, max_unreadable=max_unreadable, command=command, zarr=zarr)
+                    force=force, max_unreadable=max_unreadable, command=command, zarr=zarr, window_mm=window_mm)
     except StdistillError:
         if fresh:
             shutil.rmtree(out, ignore_errors=True)
@@ -158,7 +158,7 @@ def predict_slide(
 
 
 def _run(src, b, out: Path, t0: float, *, mpp, chunk_tiles, batch_size, num_workers, device, min_tissue, map_genes,
-         quiet, overwrite, force, max_unreadable, command, zarr) -> SlideRun:
+         quiet, overwrite, force, max_unreadable, command, zarr, window_mm) -> SlideRun:
     from ..pp.tile import tile
     from ._export import write_outputs
     from ._summary import slide_summary
@@ -180,7 +180,7 @@ def _run(src, b, out: Path, t0: float, *, mpp, chunk_tiles, batch_size, num_work
         skipped = _skipped(tiles, ok, max_unreadable, src.label())
         outputs = {k: v[ok] for k, v in outputs.items()}
         paths = write_outputs(tiles[ok].copy(), b, outputs, out, src.name, map_genes=map_genes, zarr=zarr,
-                              skipped=skipped)
+                              skipped=skipped, slide=job.slide, window_mm=window_mm)
     a = paths["adata"]
     summary = slide_summary(a, b, outputs)
     record_result(out, {"n_tiles_predicted": int(a.n_obs), "unreadable_tiles": skipped,

@@ -1,8 +1,9 @@
 """One row of numbers per slide, for a cohort's ``summary.csv``.
 
 :data:`SUMMARIES` maps an output kind (a key of the outputs a predictor returns) to a function
-``(annotated tiles, bundle) -> {column: value}``; a new kind of model adds its entry here
-(slide-level risk and its group, for instance, as ``{"risk": ..., "risk_group": ...}``).
+``(annotated tiles, bundle) -> {column: value}``; a new kind of model adds its entry here.
+Slide-level values a predictor found (a survival model's ``risk``, ``risk_group`` and the
+``risk_cut`` stored in its bundle) come first.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ def mean_values(key: str):
 
 
 #: output kind -> per-slide summary values
-SUMMARIES = {"niches": niche_shares, "genes": mean_values("genes_pred"), "pathways": mean_values("pathways_pred")}
+SUMMARIES = {"niches": niche_shares, "genes": mean_values("genes_pred"), "pathways": mean_values("pathways_pred"),
+             "uncertainty": mean_values("uncertainty_pred")}
 
 
 def slide_summary(a, bundle, kinds) -> dict:
     """Summary values of every output kind in ``kinds`` that :data:`SUMMARIES` knows."""
-    row: dict = {}
+    row: dict = dict(a.uns.get("predict", {}).get("slide", {}))
     for kind in kinds:
         if kind in SUMMARIES:
             row.update(SUMMARIES[kind](a, bundle))
