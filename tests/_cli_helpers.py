@@ -9,12 +9,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-_MAIN = ("import sys, timm, torch\n"
+_MAIN = ("import sys\n"
          "sys.path.insert(0, {tests!r})\n"
-         "from conftest import TINY_EFF, _seeded\n"
-         "import stdistill as sd\n"
-         "sd.encoders.register_module(TINY_EFF, _seeded(lambda: timm.create_model('tf_efficientnet_lite0', "
-         "pretrained=False, num_classes=0)), mean=(0.5,)*3, std=(0.5,)*3, input_px=32, dim=1280, overwrite=True)\n"
+         "from conftest import register_tiny_encoders\n"
+         "register_tiny_encoders()\n"
          "from stdistill.cli import main\n"
          "sys.argv[0] = 'stdistill'\n"
          "main()\n")
