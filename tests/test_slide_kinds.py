@@ -162,6 +162,10 @@ def test_survival_risk_group_from_the_stored_cut(survival_bundle, slide, tmp_pat
         run = sd.slide.predict_cohort(slide.parent, b, tmp_path / f"cohort{cut}", quiet=True)
         row = pd.read_csv(run.summary).iloc[0]
         assert row["risk_group"] == group and row["risk"] == pytest.approx(risk, rel=1e-5)
+    cli = _cli("predict", str(slide), "--model", str(survival_bundle), "--out", str(tmp_path / "cli"), "--num-workers", "0",
+               tiny=True)
+    assert cli.returncode == 0, cli.stderr
+    assert f"{r.summary['risk_group']} (cut {m.risk_cut_:.4g}, stored in the model)" in cli.stdout
 
 
 def test_cohort_kaplan_meier_of_predicted_groups(survival_bundle, tmp_path):
