@@ -166,6 +166,8 @@ def test_survival_risk_group_from_the_stored_cut(survival_bundle, slide, tmp_pat
                tiny=True)
     assert cli.returncode == 0, cli.stderr
     assert f"{r.summary['risk_group']} (cut {m.risk_cut_:.4g}, stored in the model)" in cli.stdout
+    assert _cli("report", str(tmp_path / "cli")).returncode == 0
+    assert f"slide risk {r.summary['risk']:.4g}: {r.summary['risk_group']}" in (tmp_path / "cli" / "report.html").read_text()
 
 
 def test_cohort_kaplan_meier_of_predicted_groups(survival_bundle, tmp_path):
@@ -208,3 +210,13 @@ def test_refused_bundles_are_one_line(survival_bundle, probe_bundle, slide, tmp_
     with pytest.raises(StdistillError, match="records no encoder"):
         sd.slide.predict_slide(slide, unknown, tmp_path / "o3", quiet=True)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("kind", ["probe", "genst", "survival"])
+def test_spatialdata_store_for_each_kind(kind, request, slide, tmp_path):
+    spatialdata = pytest.importorskip("spatialdata")
+    bundle = request.getfixturevalue(f"{kind}_bundle")
+    r = sd.slide.predict_slide(slide, bundle, tmp_path / "out", chunk_tiles=64, zarr=True, quiet=True)
+    table = spatialdata.read_zarr(r.zarr).tables["table"]
+    want = {"probe": ["genes_pred"], "genst": ["genes_pred", "uncertainty_pred"], "survival": ["attention_pred"]}[kind]
+    assert table.n_obs == r.n_tiles and all(k in table.obsm for k in want)

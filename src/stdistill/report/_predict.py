@@ -45,12 +45,16 @@ def _run_rows(folder: Path, run: dict, record: dict, a) -> list[tuple[str, str]]
             ("encoder", f"{enc.get('name', '?')} (weights digest {enc.get('weights_digest', '?')})"),
             ("patch", f"{patch.get('size_um', '?')} um at {patch.get('px', '?')} px; precision "
                       f"{record.get('precision', '?')}; feature normalisation {record.get('feature_norm', '?')}")]
-    if train:
+    if "n_train_spots" in train:
         rows.append(("training data", f"{train.get('n_train_spots', '?')} spots from sections "
                                       f"{', '.join(map(str, train.get('train_sections', [])))} of patients "
                                       f"{', '.join(map(str, train.get('train_patients', [])))}"))
     if Key.obs.tissue_fraction in a.obs:
         rows.append(("tissue fraction per tile", _spread(a.obs[Key.obs.tissue_fraction].to_numpy())))
+    slide = run.get("result", {}).get("summary", {})
+    if "risk" in slide:
+        rows.append(("slide risk", f"{slide['risk']:.4g}: {slide['risk_group']} (cut {slide['risk_cut']:.4g}, stored in "
+                                   "the model: the median risk of its training patients)"))
     skipped = int(run.get("result", {}).get("unreadable_tiles", {}).get("n", 0))
     rows.append(("unreadable tiles", f"{skipped} tissue tiles could not be decoded and were skipped (ids in run.json)"
                  if skipped else "none: every tissue tile was read"))

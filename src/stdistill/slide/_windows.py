@@ -3,9 +3,9 @@ slide) ranked by the mean predicted uncertainty of the tissue tiles inside.
 
 Windows slide over the tile grid one tile at a time; a window counts only where at least
 :data:`MIN_TISSUE` of its tiles are predicted tissue tiles. The best window is taken, every window
-overlapping it is dropped, and so on (greedy, no overlaps), up to ``n`` windows. A slide smaller
-than the window in one direction gets windows as long as the slide in that direction (their
-real size is in the table).
+overlapping it is dropped, and so on (greedy, no overlaps), up to ``n`` windows. Tissue that
+spans less than the window in one direction gets windows as long as the tissue in that direction
+(their real size is in the table).
 """
 
 from __future__ import annotations
