@@ -167,7 +167,7 @@ def test_survival_risk_group_from_the_stored_cut(survival_bundle, slide, tmp_pat
     assert cli.returncode == 0, cli.stderr
     assert f"{r.summary['risk_group']} (cut {m.risk_cut_:.4g}, stored in the model)" in cli.stdout
     assert _cli("report", str(tmp_path / "cli")).returncode == 0
-    assert f"slide risk {r.summary['risk']:.4g}: {r.summary['risk_group']}" in (tmp_path / "cli" / "report.html").read_text()
+    assert f"{r.summary['risk']:.4g}: {r.summary['risk_group']} (cut" in (tmp_path / "cli" / "report.html").read_text()
 
 
 def test_cohort_kaplan_meier_of_predicted_groups(survival_bundle, tmp_path):

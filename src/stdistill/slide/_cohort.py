@@ -228,6 +228,9 @@ def predict_cohort(
 ) -> CohortRun:
     """Predict every slide of a cohort (see the module text for the layout, resuming and shards).
 
+    A slide that fails is recorded (``status`` = error, ``error`` = the one-line reason) and the
+    run goes on. Returns a :class:`CohortRun`; :attr:`CohortRun.failed` holds the failures.
+
     Parameters
     ----------
     source
@@ -237,20 +240,18 @@ def predict_cohort(
         The model bundle (loaded once) and the cohort's output folder.
     shard
         ``"i/n"`` or ``(i, n)``: only this run's share of the slides (``0 <= i < n``).
-    mpp, merge_only
-        Microns per pixel for slides whose metadata (and CSV row) gives none; only rebuild
-        ``summary.csv`` from the slides' ``status.json`` (after a SLURM array).
+    mpp
+        Microns per pixel for slides whose metadata (and CSV row) gives none.
+    merge_only
+        Only rebuild ``summary.csv`` from the slides' ``status.json`` (after a SLURM array).
     clinical
         Survival models: a CSV with ``patient`` (or ``slide_id``), ``time`` and ``event``; writes
-        ``km.png`` / ``km.json``, Kaplan-Meier curves of the predicted groups and the log-rank p.
+        Kaplan-Meier curves of the predicted groups and the log-rank p (``km.png``, ``km.json``).
     log
         Called with one line per slide (``"B4: ok, 790 tiles in 41 s"``), e.g. ``print``.
     slide_kw
         Passed to :func:`~stdistill.slide.predict_slide` (``batch_size``, ``num_workers``,
         ``device``, ``map_genes``, ``quiet``, ``zarr``).
-
-    A slide that fails is recorded (``status`` = error, ``error`` = the one-line reason) and the
-    run goes on. Returns a :class:`CohortRun`; :attr:`CohortRun.failed` holds the failures.
     """
     from ._run import _bundle, _check_args
 
