@@ -14,6 +14,10 @@ Per fold, on the training patients only:
   Pearson of the generated expression after each alignment epoch); then trained on all training
   patients for each seed; ablations with the chosen settings: MSE on log1p instead of the negative
   binomial (``genst_mse``), FSQ instead of VectorQuantize (``genst_fsq``) and 256 codes (``genst_k256``);
+* the same with the histology VQ-VAE end to end on the patch pixels (``genst_pixels``: 112 um
+  patches at 64 px, a convolutional VQ-VAE trained from scratch with the alignment; its own
+  settings and epochs chosen the same way, up to ``--pixel-max-epochs``), and its ablation with the
+  histology VQ-VAE first trained on reconstruction alone for 10 epochs (``genst_pixels_pre``);
 * scored on the held-out patient: per-gene Pearson of the generated expression (mixture mean);
   the expression VQ-VAE's reconstruction (ceiling); Spearman of the predictive spread vs the
   absolute error per gene (spread of code draws, and of code + count draws), interval coverage
@@ -24,6 +28,7 @@ Usage::
     python benchmarks/genst_her2st.py --root ../shared/data/her2st --out results/genst_her2st
     python benchmarks/genst_her2st.py --dataset simulated --out results/genst_simulated
     python benchmarks/genst_her2st.py --from-csv --out results/genst_her2st   # tables only
+    python benchmarks/genst_her2st.py --no-pixels ...                         # feature-level rows only
 
 Writes ``results.csv`` (fold x method x seed), ``selection.csv``, ``per_gene.csv``, ``history.csv``,
 ``table.md`` and figures (``predictability.png``, ``calibration.png``, ``curves.png``, a map of the
@@ -47,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import stdistill as sd  # noqa: E402
 from stdistill.cli._common import imaged_sections  # noqa: E402
-from stdistill.recipes import GenST, GenstConfig, codebook_stats, select_genst  # noqa: E402
+from stdistill.recipes import GenST, GenstConfig, codebook_stats, genst_patches, select_genst  # noqa: E402
 
 ENCODER, KEY = "effnet-lite0-imagenet", "X_effnet-lite0-imagenet"
 RES_NOTE = {"A": "A1/A2 at ~3.2 um/px (2000 px app copies): resolution shift + patient shift"}
@@ -55,6 +60,7 @@ PEKA = {"her2st": ("peka_miss (docs/expression.md, not retrained)", {"A": 0.0203
         "simulated": ("peka_miss (docs/expression.md, not retrained)", {"simP0": 0.4103, "simP1": 0.3841, "simP2": 0.3032})}
 ABLATIONS = {"genst_mse": {"likelihood": "mse"}, "genst_fsq": {"quantizer": "fsq", "fsq_levels": (8, 8)},
              "genst_k256": {"codebook_size": 256, "hist_codebook_size": 256}}
+PIXEL_ABLATIONS = {"genst_pixels_pre": {"hist_epochs": 10}}
 
 
 def log(msg: str, t0: float) -> None:
@@ -71,6 +77,8 @@ def load(args) -> tuple:
         img = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed)
         gene = str(img.var_names[img.var["marker_of"].astype(str) == "tumour_A"][0])
     sd.features.extract(img, ENCODER, precision=args.precision)
+    if args.pixels:
+        genst_patches(img, 112.0, args.pixel_px)  # obsm["genst_patches"]: read once, shared by every fit
     return img, gene
 
 
@@ -130,16 +138,16 @@ def ridge_rows(img, fold, genes: list[str], gene: str) -> tuple[list[dict], dict
 def choose(args, tr, gene: str, base: GenstConfig, fold_name: str, t0: float) -> tuple[GenstConfig, list[dict]]:
     grid = [{"w_con": w, "head_input": h} for w in args.w_con for h in args.head_input]
     cfg, table = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
-    rows = []
+    rows, hist = [], base.histology
     for r in table.itertuples():
-        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.val_patient,
+        rows.append({"fold": fold_name, "histology": hist, "w_con": r.w_con, "head_input": r.head_input, "val": r.val_patient,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
     ci = grid.index({"w_con": cfg.w_con, "head_input": cfg.head_input})
     curves = [c for c, k in zip(table["curve"], table["candidate"]) if k == ci]
     val_r = float(np.mean([c[cfg.max_epochs] for c in curves]))
-    rows.append({"fold": fold_name, "w_con": cfg.w_con, "head_input": cfg.head_input, "val": "chosen",
+    rows.append({"fold": fold_name, "histology": hist, "w_con": cfg.w_con, "head_input": cfg.head_input, "val": "chosen",
                  "curve": f"{val_r:.4f}", "epochs": cfg.max_epochs})
-    log(f"  chosen w_con={cfg.w_con:g}, head_input={cfg.head_input}, alignment epochs={cfg.max_epochs} (val r {val_r:.4f}); "
+    log(f"  {hist}: chosen w_con={cfg.w_con:g}, head_input={cfg.head_input}, alignment epochs={cfg.max_epochs} (val r {val_r:.4f}); "
         f"selection {table['seconds'].sum():.0f}s", t0)
     return cfg, rows
 
@@ -155,24 +163,38 @@ def run_fold(args, img, fold, gene: str, base: GenstConfig, t0: float) -> dict:
         r["fold"] = name
         log(f"  {r['method']}: r {r['pearson']:.4f}, {gene} {r['r_map']:.3f}", t0)
     cfg, sel = choose(args, tr, gene, base, name, t0)
+    arms = [("genst", cfg, {"genst": {}, **(ABLATIONS if args.ablations else {})})]
+    if args.pixels:
+        px_base = replace(base, histology="pixels", patch_um=112.0, patch_px=args.pixel_px, max_epochs=args.pixel_max_epochs)
+        cfg_px, sel_px = choose(args, tr, gene, px_base, name, t0)
+        sel += sel_px
+        arms.append(("genst_pixels", cfg_px, {"genst_pixels": {}, **(PIXEL_ABLATIONS if args.ablations else {})}))
     out = {"rows": rows, "sel": sel, "per_gene": {(k, name): v for k, v in ridge_pg.items()}, "hist": [], "arrays": None, "te": te,
            "preds": {}}
-    for method, upd in {"genst": {}, **(ABLATIONS if args.ablations else {})}.items():
-        for seed in args.seeds if method == "genst" else args.ablation_seeds:
-            m = GenST(replace(cfg, seed=seed, **upd), feature_key=KEY).fit(tr, model_genes)
-            row, tab, arr = score_genst(m, te, genes, gene, seed)
-            rows.append({"fold": name, "method": method, "seed": seed, **row, "seconds": round(m.seconds_, 1),
-                         "w_con": cfg.w_con, "head_input": cfg.head_input, "epochs": cfg.max_epochs})
-            out["per_gene"][(method, name, seed)] = tab
-            log(f"  {method} seed {seed}: r {row['pearson']:.4f} (ceiling {row['ceiling']:.4f}), {gene} {row['r_map']:.3f}, "
-                f"spread-error Spearman {row['spear_codes']:.3f} / {row['spear_draws']:.3f}, perplexity expr "
-                f"{row.get('expression_perp', np.nan):.1f} hist {row['histology_perp']:.1f} gen {row['generated_perp']:.1f} "
-                f"[{m.seconds_:.0f}s]", t0)
-            if method == "genst" and seed == args.seeds[0]:
-                out["hist"].append(m.history_.assign(fold=name))
-                out["arrays"] = arr
-                out["preds"] = {"GenST": te.obsm["genst_pred"][gene].copy(), "GenST SD": te.obsm["genst_sd"][gene].copy()}
+    for main, cfg, methods in arms:
+        for method, upd in methods.items():
+            for seed in args.seeds if method == main else args.ablation_seeds:
+                fit_one(out, method, replace(cfg, seed=seed, **upd), tr, te, genes, model_genes, gene, name, args, t0)
     return out
+
+
+def fit_one(out: dict, method: str, cfg: GenstConfig, tr, te, genes: list[str], model_genes: list[str], gene: str, name: str,
+            args, t0: float) -> None:
+    """Fit one GenST run, score it on the held-out patient and add its row (and, for seed 0 of ``genst``, the arrays)."""
+    seed, rows = cfg.seed, out["rows"]
+    m = GenST(cfg, feature_key=KEY).fit(tr, model_genes)
+    row, tab, arr = score_genst(m, te, genes, gene, seed)
+    rows.append({"fold": name, "method": method, "seed": seed, **row, "seconds": round(m.seconds_, 1),
+                 "w_con": cfg.w_con, "head_input": cfg.head_input, "epochs": cfg.max_epochs})
+    out["per_gene"][(method, name, seed)] = tab
+    log(f"  {method} seed {seed}: r {row['pearson']:.4f} (ceiling {row['ceiling']:.4f}), {gene} {row['r_map']:.3f}, "
+        f"spread-error Spearman {row['spear_codes']:.3f} / {row['spear_draws']:.3f}, perplexity expr "
+        f"{row.get('expression_perp', np.nan):.1f} hist {row['histology_perp']:.1f} gen {row['generated_perp']:.1f} "
+        f"[{m.seconds_:.0f}s]", t0)
+    if method == "genst" and seed == args.seeds[0]:
+        out["hist"].append(m.history_.assign(fold=name))
+        out["arrays"] = arr
+        out["preds"] = {"GenST": te.obsm["genst_pred"][gene].copy(), "GenST SD": te.obsm["genst_sd"][gene].copy()}
 
 
 # ================================================================================ tables
@@ -219,8 +241,8 @@ def diag_table(res: pd.DataFrame) -> str:
 
 def selection_table(sel: pd.DataFrame) -> str:
     s = sel[sel["val"] == "chosen"]
-    lines = ["| fold | w_con | head input | alignment epochs | mean val r |", "|---|---|---|---|---|"]
-    lines += [f"| {r.fold} | {r.w_con:g} | {r.head_input} | {int(r.epochs)} | {r.curve} |" for r in s.itertuples()]
+    lines = ["| fold | histology | w_con | head input | alignment epochs | mean val r |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.fold} | {r.histology} | {r.w_con:g} | {r.head_input} | {int(r.epochs)} | {r.curve} |" for r in s.itertuples()]
     return "\n".join(lines)
 
 
@@ -308,9 +330,9 @@ def fig_curves(hist: pd.DataFrame, sel: pd.DataFrame, path: Path, title: str) ->
         axes[0, j].set_xlabel("epoch")
         axes[0, j].legend(fontsize=7)
         s = sel[(sel["fold"] == f) & (sel["val"] != "chosen")]
-        for (w, hi), d in s.groupby(["w_con", "head_input"]):
+        for (h_in, w, hi), d in s.groupby(["histology", "w_con", "head_input"]):
             c = np.mean([[float(x) for x in v.split()] for v in d["curve"]], axis=0)
-            axes[1, j].plot(np.arange(len(c)), c, label=f"w_con={w:g}, {hi}")
+            axes[1, j].plot(np.arange(len(c)), c, "-" if h_in == "features" else "--", label=f"{h_in}: w_con={w:g}, {hi}")
         axes[1, j].set_title("inner validation r (mean of inner splits)", fontsize=9)
         axes[1, j].set_xlabel("alignment epoch (0 = untrained)")
         axes[1, j].legend(fontsize=6)
@@ -356,6 +378,10 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=30, help="most alignment epochs tried (the best is chosen)")
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run GenST with the histology VQ-VAE on the patch pixels (genst_pixels rows)")
+    ap.add_argument("--pixel-px", type=int, default=64, help="pixels per 112 um patch for the pixel-level model")
+    ap.add_argument("--pixel-max-epochs", type=int, default=20, help="most alignment epochs tried for the pixel-level model")
     ap.add_argument("--from-csv", action="store_true", help="re-print the tables from --out's CSVs (no training)")
     args = ap.parse_args()
     out = Path(args.out or f"results/genst_{args.dataset}")
@@ -364,14 +390,20 @@ def main() -> None:
     if args.dataset != "her2st":
         RES_NOTE.clear()
     if args.from_csv:
-        print(report(pd.read_csv(out / "results.csv"), pd.read_csv(out / "selection.csv"),
-                     pd.read_csv(out / "per_gene.csv", index_col=0), args.dataset, gene))
+        sel = pd.read_csv(out / "selection.csv")
+        sel["histology"] = sel["histology"].fillna("features") if "histology" in sel else "features"
+        print(report(pd.read_csv(out / "results.csv"), sel,
+             pd.read_csv(out / "per_gene.csv", index_col=0), args.dataset, gene))
         return
     out.mkdir(parents=True, exist_ok=True)
     img, gene = load(args)
     meta = img.uns["features"][KEY]
     print(f"features: {meta['encoder']} ({meta['dim']}-d), precision {meta['precision']}, {meta['size_um']} um at {meta['px']} px; "
           f"seeds {args.seeds}; torch threads for GenST: 1", flush=True)
+    if args.pixels:
+        px = GenstConfig(histology="pixels", patch_px=args.pixel_px)
+        print(f"pixel-level histology VQ-VAE: 112 um patches at {args.pixel_px} px, conv channels {px.conv_channels}, "
+              f"up to {args.pixel_max_epochs} alignment epochs", flush=True)
     log(f"{args.dataset}: {img.n_obs} imaged spots in {len(sd.io.sections(img))} sections", t0)
     base = GenstConfig(codebook_size=args.codebook_size, hist_codebook_size=args.codebook_size,
                        expr_epochs=args.expr_epochs, max_epochs=args.max_epochs)
