@@ -73,6 +73,7 @@ def test_pixel_model_save_load_round_trip(parts, model, tmp_path):
     assert weights["hist.encoder.0.weight"].ndim == 4 and "hist.decoder.0.weight" in weights
     m2 = GenST.load(tmp_path / "m")
     assert m2.config.histology == "pixels" and m2.config.conv_channels == (8, 8)
+    assert m2.features_record_ == {"pixels": True, "size_um": 28.0, "px": 16}
     np.testing.assert_array_equal(model.predict(te).to_numpy(), m2.predict(te).to_numpy())
     np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True), m2.sample(te, 4, seed=2, counts=True))
 

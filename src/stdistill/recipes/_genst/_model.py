@@ -358,8 +358,11 @@ class GenST(Bundled):
         meta = {"config": asdict(self.config), "genes": self.genes_, "feature_key": self.feature_key,
                 "n_features": self.n_features_, "features": self.features_meta_,
                 "curve": [float(x) for x in getattr(self, "curve_", [])]}
-        rec = bundle_record("genst", features=getattr(self, "features_record_", None) or self.features_meta_,
-                            feature_norm="z-score (training mean/sd), clipped", outputs={"genes": self.genes_},
+        if self.config.histology == "pixels":  # the model reads patch pixels, not an encoder's features
+            feats, norm = {"pixels": True, **self.features_meta_}, "RGB / 255 z-scored per channel (training patches)"
+        else:
+            feats, norm = getattr(self, "features_record_", None) or self.features_meta_, "z-score (training mean/sd), clipped"
+        rec = bundle_record("genst", features=feats, feature_norm=norm, outputs={"genes": self.genes_},
                             training={"curve": meta["curve"]})
         return meta, tensors, rec
 
