@@ -50,6 +50,17 @@ def _print_lines(c, title: str, rows: dict) -> None:
         c.print(f"  {k}: {v}")
 
 
+def _settings(m, features: str, how: str, tr) -> dict:
+    """The fitted model's settings as printed by ``genst fit``."""
+    cfg, meta = m.config, m.features_meta_
+    src = (f"{features} ({meta.get('encoder', 'unknown')}, {meta.get('precision', '?')})" if cfg.histology == "features"
+           else f"patch pixels, {cfg.patch_um:g} um at {cfg.patch_px} px")
+    return {"histology": src, "chosen by": how, "w_con": cfg.w_con, "head input": cfg.head_input,
+            "alignment epochs": cfg.max_epochs, "codebooks": f"{cfg.quantizer}, {m.net_.expr.codebook_size} codes",
+            "likelihood": cfg.likelihood, "genes": len(m.genes_),
+            "training spots": f"{tr.n_obs} ({tr.obs['patient'].nunique()} patients)", "seconds": f"{m.seconds_:.0f}"}
+
+
 def _print_usage(c, usage) -> None:
     from rich.table import Table
 
@@ -155,13 +166,7 @@ def register(app: typer.Typer) -> None:
             how = "grid, leave one training patient out"
         m = GenST(cfg, feature_key=features).fit(tr, genes, val=split["val"])
         m.save(out)
-        src = (f"{features} ({m.features_meta_.get('encoder', 'unknown')}, {m.features_meta_.get('precision', '?')})"
-               if histology == "features" else f"patch pixels, 112 um at {patch_px} px")
-        _print_lines(c, "GenST settings", {"histology": src, "chosen by": how,
-                            "w_con": cfg.w_con, "head input": cfg.head_input, "alignment epochs": cfg.max_epochs,
-                            "codebooks": f"{cfg.quantizer}, {m.net_.expr.codebook_size} codes", "likelihood": cfg.likelihood,
-                            "genes": len(genes), "training spots": f"{tr.n_obs} ({tr.obs['patient'].nunique()} patients)",
-                            "seconds": f"{m.seconds_:.0f}"})
+        _print_lines(c, "GenST settings", _settings(m, features, how, tr))
         te = split["test"]
         if te is not None and te.n_obs:
             table = m.predictability(te)
