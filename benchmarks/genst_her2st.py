@@ -29,7 +29,7 @@ Usage::
     python benchmarks/genst_her2st.py --dataset simulated
     python benchmarks/genst_her2st.py --from-csv              # tables only, from results/genst_her2st's CSVs
     python benchmarks/genst_her2st.py --no-pixels ...         # feature-level rows only
-    python benchmarks/genst_her2st.py --smoke --dataset simulated --out /tmp/genst_smoke   # every row, seconds
+    python benchmarks/genst_her2st.py --smoke --out /tmp/genst_smoke   # small simulated data, first fold, every row, seconds
 
 Writes ``docs/results/genst_her2st-<dataset>.json`` (the tables, command, commit, machine, run
 time; ``benchmarks/_common.py``) and, under ``--out`` (default ``results/genst_<dataset>``),
@@ -55,7 +55,6 @@ os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _common  # noqa: E402
-
 import stdistill as sd  # noqa: E402
 from stdistill.cli._common import imaged_sections  # noqa: E402
 from stdistill.recipes import GenST, GenstConfig, codebook_stats, genst_patches, select_genst  # noqa: E402
@@ -79,11 +78,11 @@ def log(msg: str, t0: float) -> None:
 def load(args) -> tuple:
     """(imaged spots with features, map gene)."""
     if args.dataset == "her2st":
-        img, gene = imaged_sections(sd.datasets.her2st(root=_common.dataset("her2st", args.root))), "ERBB2"
+        img, gene = imaged_sections(_common.her2st(args.root, args.smoke)), "ERBB2"
     else:
         RES_NOTE.clear()
-        kw = {"spots_per_section": args.sim_spots} if args.sim_spots else {}
-        img = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed, **kw)
+        img = (_common.simulated_small(args.data_seed) if args.smoke else
+               sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed))
         gene = str(img.var_names[img.var["marker_of"].astype(str) == "tumour_A"][0])
     sd.features.extract(img, ENCODER, precision=args.precision)
     if args.pixels:
@@ -113,9 +112,9 @@ def coverage(y: np.ndarray, draws: np.ndarray, levels=(0.5, 0.8, 0.9)) -> dict[s
 def score_genst(m: GenST, te, genes: list[str], gene: str, seed: int) -> tuple[dict, pd.DataFrame, dict]:
     """Held-out scores of one fitted model, its per-gene table and (for the figures) arrays."""
     y = np.log1p(te[:, m.genes_].X.toarray())
-    pred = m.predict(te).to_numpy()
-    sd_codes = te.obsm["genst_sd"].to_numpy()
-    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, sd_key=None)
+    m.predict(te)  # obsm["genst_pred"], obsm["genst_sd"] (the map figure reads them too)
+    pred, sd_codes = te.obsm["genst_pred"].to_numpy(), te.obsm["genst_sd"].to_numpy()
+    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, inplace=False)
     tab = m.predictability(te)
     r = tab["generated"]
     row = {"pearson": float(r[genes].mean()), "ceiling": float(tab["reconstruction"][genes].mean()),
@@ -146,10 +145,11 @@ def ridge_rows(img, fold, genes: list[str], gene: str) -> tuple[list[dict], dict
 # ================================================================================ per fold
 def choose(args, tr, gene: str, base: GenstConfig, fold_name: str, t0: float) -> tuple[GenstConfig, list[dict]]:
     grid = [{"w_con": w, "head_input": h} for w in args.w_con for h in args.head_input]
-    cfg, table = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    sel = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    cfg, table = sel.config(), sel.table
     rows, hist = [], base.histology
     for r in table.itertuples():
-        rows.append({"fold": fold_name, "histology": hist, "w_con": r.w_con, "head_input": r.head_input, "val": r.val_patient,
+        rows.append({"fold": fold_name, "histology": hist, "w_con": r.w_con, "head_input": r.head_input, "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
     ci = grid.index({"w_con": cfg.w_con, "head_input": cfg.head_input})
     curves = [c for c, k in zip(table["curve"], table["candidate"]) if k == ci]
@@ -404,9 +404,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--from-csv", action="store_true", help="re-print the tables from --out's CSVs (no training)")
     _common.add_args(ap, root="her2st")
     args = ap.parse_args()
-    args.sim_spots = None
-    _common.smoke(args, seeds=[0], w_con=[0.5], head_input=["continuous"], expr_epochs=5, max_epochs=2, pixel_max_epochs=2,
-                  sim_spots=40)
+    _common.smoke(args, dataset="simulated", seeds=[0], head_input=["quantized"], codebook_size=8, expr_epochs=2,
+                  max_epochs=2, pixel_max_epochs=2, ablation_seeds=[0])
     args.out = Path(args.out or f"results/genst_{args.dataset}")
     return args
 
@@ -426,7 +425,7 @@ def write_outputs(args, folds: list[dict], gene: str, out: Path) -> dict[str, Ta
     fig_predictability(pg, out / "predictability.png", f"Per-gene predictability ({label})")
     fig_calibration([f["arrays"] for f in folds], out / "calibration.png", f"GenST spread vs error, held-out patients ({label})")
     fig_curves(hist, sel, out / "curves.png", f"GenST alignment ({label})")
-    f_map = folds[1] if args.dataset == "her2st" else folds[0]  # B4 (patient B) / sim0
+    f_map = folds[1] if args.dataset == "her2st" and len(folds) > 1 else folds[0]  # B4 (patient B) / sim0
     sec = sd.io.sections(f_map["te"])[0]
     sd.pl.expression_maps(f_map["te"], gene, f_map["preds"], section=sec, path=out / f"{gene.lower()}_{sec}.png",
                           title=f"{gene} on held-out {sec}: measured, GenST (seed {args.seeds[0]}) and its SD")
@@ -458,7 +457,7 @@ def main() -> int:
     log(f"{args.dataset}: {img.n_obs} imaged spots in {len(sd.io.sections(img))} sections", t0)
     base = GenstConfig(codebook_size=args.codebook_size, hist_codebook_size=args.codebook_size,
                        expr_epochs=args.expr_epochs, max_epochs=args.max_epochs)
-    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)]
+    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)[: 1 if args.smoke else None]]
     for name, (cols, rows) in write_outputs(args, folds, gene, out).items():
         results.table(name, rows, columns=cols)
     log(f"done: {time.time() - t0:.0f} s in all", t0)

@@ -36,10 +36,11 @@ def model(parts):
 def test_pixel_model_predicts_shapes_and_learns_colour(parts, model):
     te = parts["P2"]
     assert model.net_.hist.encoder[0].weight.shape == (8, 3, 4, 4)  # a convolution over RGB patches
-    pred = model.predict(te)
+    assert model.predict(te) is None
+    pred = te.obsm["genst_pred"]
     assert pred.shape == (te.n_obs, 8) and list(pred.columns) == model.genes_
     assert te.obsm["genst_sd"].shape == pred.shape and (te.obsm["genst_sd"].to_numpy() >= 0).all()
-    assert model.sample(te, 5, seed=0, counts=True).shape == (te.n_obs, 5, 8)
+    assert model.sample(te, 5, seed=0, counts=True, inplace=False).shape == (te.n_obs, 5, 8)
     assert list(model.codebook_usage(te).index) == ["expression", "histology", "generated"]
     table = model.predictability(te)  # the patch colour drives expression; counts are Poisson on 49 spots
     assert table["generated"].mean() > 0.15 and table["reconstruction"].mean() > 0.3
@@ -48,15 +49,15 @@ def test_pixel_model_predicts_shapes_and_learns_colour(parts, model):
 
 def test_pixel_model_is_reproducible_and_reads_cached_patches(parts, model):
     te = parts["P2"]
-    a, b = (GenST(GenstConfig(**QUICK)).fit(parts["P0"], n_genes=8).predict(te, key_added=None).to_numpy() for _ in range(2))
+    a, b = (GenST(GenstConfig(**QUICK)).fit(parts["P0"], n_genes=8).predict(te, inplace=False).to_numpy() for _ in range(2))
     np.testing.assert_array_equal(a, b)
     other = GenST(GenstConfig(**{**QUICK, "seed": 1})).fit(parts["P0"], n_genes=8)
-    assert not np.array_equal(a, other.predict(te, key_added=None).to_numpy())
-    cached = te.copy()
-    genst_patches(cached, 28.0, 16)
+    assert not np.array_equal(a, other.predict(te, inplace=False).to_numpy())
+    cached = genst_patches(te, 28.0, 16, copy=True)  # the return rule: a new AnnData, te untouched
+    assert "genst_patches" not in te.obsm and cached.uns["genst_patches"] == {"size_um": 28.0, "px": 16}
     assert cached.obsm["genst_patches"].shape == (te.n_obs, 3, 16, 16) and cached.obsm["genst_patches"].dtype == np.uint8
     del cached.uns["spatial"]  # no images left: the cache is what is read
-    np.testing.assert_array_equal(model.predict(cached, key_added=None).to_numpy(), model.predict(te, key_added=None).to_numpy())
+    np.testing.assert_array_equal(model.predict(cached, inplace=False).to_numpy(), model.predict(te, inplace=False).to_numpy())
 
 
 def test_pixel_model_pretrained_on_reconstruction(parts):
@@ -74,8 +75,9 @@ def test_pixel_model_save_load_round_trip(parts, model, tmp_path):
     m2 = GenST.load(tmp_path / "m")
     assert m2.config.histology == "pixels" and m2.config.conv_channels == (8, 8)
     assert m2.features_record_ == {"pixels": True, "size_um": 28.0, "px": 16}
-    np.testing.assert_array_equal(model.predict(te).to_numpy(), m2.predict(te).to_numpy())
-    np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True), m2.sample(te, 4, seed=2, counts=True))
+    np.testing.assert_array_equal(model.predict(te, inplace=False).to_numpy(), m2.predict(te, inplace=False).to_numpy())
+    np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True, inplace=False),
+                                  m2.sample(te, 4, seed=2, counts=True, inplace=False))
 
 
 def test_pixel_model_bad_input(parts, model):

@@ -12,12 +12,14 @@ import anndata as ad
 import numpy as np
 import torch
 
+from ..._api import deliver
 from ..._errors import StdistillError
+from ..._keys import Key
 
 __all__ = ["PATCH_KEY", "genst_patches", "patch_pixels", "channel_stats", "scale_pixels", "augment_pixels"]
 
 #: ``obsm`` key of cached patches (``uns[PATCH_KEY]`` holds their ``size_um`` and ``px``)
-PATCH_KEY = "genst_patches"
+PATCH_KEY = Key.obsm.genst_patches
 
 
 def read_patches(adata: ad.AnnData, size_um: float, px: int) -> np.ndarray:
@@ -31,12 +33,19 @@ def read_patches(adata: ad.AnnData, size_um: float, px: int) -> np.ndarray:
     return out
 
 
-def genst_patches(adata: ad.AnnData, size_um: float = 112.0, px: int = 64, *, key_added: str = PATCH_KEY) -> None:
+def genst_patches(adata: ad.AnnData, size_um: float = 112.0, px: int = 64, *, key_added: str = PATCH_KEY,
+                  copy: bool = False) -> ad.AnnData | None:
     """Read every spot's ``size_um`` patch at ``px`` pixels into ``obsm[key_added]`` (uint8 (n, 3, px, px))
     and record ``{"size_um", "px"}`` in ``uns[key_added]``; GenST with ``histology="pixels"`` reads them
-    from there (same ``patch_um``/``patch_px``) instead of from the images."""
-    adata.obsm[key_added] = read_patches(adata, size_um, px)
-    adata.uns[key_added] = {"size_um": float(size_um), "px": int(px)}
+    from there (same ``patch_um``/``patch_px``) instead of from the images. Returns None
+    (``copy=True``: a new AnnData with them)."""
+    patches = read_patches(adata, size_um, px)
+
+    def write(target: ad.AnnData) -> None:
+        target.obsm[key_added] = patches
+        target.uns[key_added] = {"size_um": float(size_um), "px": int(px)}
+
+    return deliver(adata, patches, write, copy=copy)
 
 
 def patch_pixels(adata: ad.AnnData, size_um: float, px: int, key: str = PATCH_KEY) -> np.ndarray:
