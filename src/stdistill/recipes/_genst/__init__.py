@@ -1,6 +1,7 @@
 """GenST: a spot's expression generated from its histology through two aligned discrete latent spaces.
 
-GenST (seed paper 004) learns a VQ-VAE per modality and aligns them:
+GenST (Wood et al., "GenST: A Generative Cross-Modal Model for Predicting Spatial
+Transcriptomics from Histology Images", 2026) learns a VQ-VAE per modality and aligns them:
 
 1. **Expression VQ-VAE** (stage 1): the encoder reads the spot's log-normalised expression of the
    fold's genes (``log1p`` counts per 10,000 of the spot's library, z-scored per gene on the
