@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import typer
+
 from .._errors import StdistillError
 from .._keys import Key
 
@@ -35,6 +37,57 @@ def _numbers(v: str, kind: type, option: str) -> list:
 STAIN_NORM_HELP = ("Stain-normalise every patch before the encoder: macenko or reinhard (needs stdistill[stain]), onto "
                    "the first imaged training section (stored with the model: predict normalises new slides onto it); "
                    "none (default): raw patches.")
+
+
+#: the message of a settings grid given with --val-patients (a grid rotates validation itself)
+GRID_WITH_VAL = "a grid chooses settings by rotating validation among the training patients; drop --val-patients"
+
+
+# Options that several training commands declare alike (typer reads each call's result as a default).
+def run_dir_option():
+    """``--run-dir``: where checkpoints go, so the same command resumes after a kill."""
+    return typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes.")
+
+
+def val_patients_option():
+    """``--val-patients``: early stopping on these patients."""
+    return typer.Option(None, help="Validation patients (among the others) for early stopping.")
+
+
+def rank_option():
+    """``--rank``: adapter rank, or a grid of them."""
+    return typer.Option(None, help="Adapter rank (default MiSS 128 / LoRA 64); a comma list is a grid.")
+
+
+def train_from_option():
+    """``--train-from``: where the encoder starts to train."""
+    return typer.Option(None, help="Cut: 'input', 'blocks.5', ... (default per architecture).")
+
+
+def stain_norm_flag():
+    """``--stain-norm`` of a command training an adapted encoder (parsed by :func:`stain_norm_option`)."""
+    return typer.Option(None, "--stain-norm", help=STAIN_NORM_HELP)
+
+
+def settings_grid(**axes: list) -> list[dict]:
+    """Every combination of the axes' values as ``{axis: value}`` dicts, the first axis varying slowest."""
+    import itertools
+
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def ranks(rank: Optional[str]) -> list:
+    """``--rank``: a comma list of adapter ranks, or ``[None]`` (the adapter's default)."""
+    return _numbers(rank, int, "--rank") if rank else [None]
+
+
+def trainer_kwargs(accelerator: str, devices, strategy: str, num_nodes: int = 1) -> dict:
+    """Lightning arguments: numeric ``devices`` as a count; strategy ``auto`` becomes ``ddp`` across several
+    processes (``devices`` x ``num_nodes`` > 1)."""
+    dev = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    many = (dev if isinstance(dev, int) else 1) * num_nodes > 1
+    return {"accelerator": accelerator, "devices": dev, "strategy": "ddp" if many and strategy == "auto" else strategy,
+            "num_nodes": num_nodes}
 
 
 def stain_norm_option(v: Optional[str]) -> Optional[str]:
