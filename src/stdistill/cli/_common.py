@@ -49,6 +49,23 @@ def run_dir_option():
     return typer.Option(None, "--run-dir", help="Checkpoint folder: rerunning the same command after a kill resumes.")
 
 
+def test_patients_option(default=..., never_used_for: str = "training or choosing"):
+    """``--test-patients``: held-out patients (required unless a default is given)."""
+    return typer.Option(default, help=f"Comma-separated held-out patients (never used for {never_used_for}).")
+
+
+def bundle_out_option(default: str):
+    """``--out`` of a training command: the model bundle folder."""
+    from pathlib import Path
+
+    return typer.Option(Path(default), "--out", "-o", help="Model bundle folder to write.")
+
+
+def encoder_option(help: str = "Encoder name (stdistill encoders list)."):
+    """``--encoder`` of a training command (an ImageNet model by default)."""
+    return typer.Option("effnet-lite0-imagenet", help=help)
+
+
 def val_patients_option():
     """``--val-patients``: early stopping on these patients."""
     return typer.Option(None, help="Validation patients (among the others) for early stopping.")
@@ -104,6 +121,19 @@ def imaged_sections(adata):
     from .. import io
 
     return io.subset_sections(adata, [s for s in io.sections(adata) if io.has_image(adata, s)])
+
+
+def chosen_sections(adata, sections: Optional[str], imaged: bool = False) -> list[str]:
+    """``--sections`` (a comma list checked against the data); default every section, or every one
+    with an image when ``imaged``."""
+    from .. import io
+
+    have = io.sections(adata)
+    secs = _split(sections) or [s for s in have if not imaged or io.has_image(adata, s)]
+    unknown = [s for s in secs if s not in have]
+    if unknown:
+        raise StdistillError(f"unknown sections {unknown[:3]} (have {have[:6]})")
+    return secs
 
 
 def patient_split(adata, test_patients: Optional[str], val_patients: Optional[str]) -> dict:
