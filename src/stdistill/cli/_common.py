@@ -66,6 +66,21 @@ def encoder_option(help: str = "Encoder name (stdistill encoders list)."):
     return typer.Option("effnet-lite0-imagenet", help=help)
 
 
+def devices_option(default):
+    """``--devices``: training processes per node (several use Lightning DDP)."""
+    return typer.Option(default, "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP.")
+
+
+def strategy_option():
+    """``--strategy``: the Lightning strategy (``auto`` becomes ``ddp`` across several processes)."""
+    return typer.Option("auto", "--strategy", help="Lightning strategy (auto; ddp with --devices > 1).")
+
+
+def num_nodes_option():
+    """``--num-nodes``: nodes of a multi-node run."""
+    return typer.Option(1, "--num-nodes", help="Nodes (start one process per device with torchrun or srun).")
+
+
 def val_patients_option():
     """``--val-patients``: early stopping on these patients."""
     return typer.Option(None, help="Validation patients (among the others) for early stopping.")

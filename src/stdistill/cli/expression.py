@@ -16,8 +16,10 @@ from ._common import (
     _numbers,
     _split,
     bundle_out_option,
+    devices_option,
     encoder_option,
     imaged_sections,
+    num_nodes_option,
     patient_split,
     print_selection,
     rank_option,
@@ -26,6 +28,7 @@ from ._common import (
     settings_grid,
     stain_norm_flag,
     stain_norm_option,
+    strategy_option,
     test_patients_option,
     train_from_option,
     trainer_kwargs,
@@ -157,9 +160,9 @@ def peka(
     stain_norm: Optional[str] = stain_norm_flag(),
     run_dir: Optional[str] = run_dir_option(),
     accelerator: str = typer.Option("cpu", "--accelerator", help="cpu, gpu, auto."),
-    devices: str = typer.Option("auto", "--devices", help="Training processes (GPUs or CPU processes) per node; > 1 uses Lightning DDP."),
-    strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy (auto; ddp with --devices > 1)."),
-    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (start one process per device with torchrun or srun)."),
+    devices: str = devices_option("auto"),
+    strategy: str = strategy_option(),
+    num_nodes: int = num_nodes_option(),
 ) -> None:
     """Train PEKA on the imaged sections of the non-test patients; the teacher sees all their sections.
 
