@@ -18,7 +18,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 TEST_SECTION = "B4"
-DPI = 80
+DPI = 90
+COLOURS = 256  # PNG palette size (the niche colours and the image's own): small files
 
 
 def _palette() -> tuple[str, ...]:
@@ -27,10 +28,30 @@ def _palette() -> tuple[str, ...]:
     return NICHE_PALETTE
 
 
-def _save(fig, path: Path) -> None:
+def _write_png(im, path: Path) -> None:
+    """``im`` (PIL) as a palette PNG whose palette holds the niche colours exactly (legends stay true)."""
+    from PIL import Image
+
+    rgb = im.convert("RGB")
+    niche = [int(c[i:i + 2], 16) for c in _palette() for i in (1, 3, 5)]
+    rest = rgb.quantize(COLOURS - len(niche) // 3, dither=Image.Dither.NONE).getpalette()[: 3 * COLOURS - len(niche)]
+    pal = Image.new("P", (1, 1))
+    pal.putpalette(niche + rest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    rgb.quantize(palette=pal, dither=Image.Dither.NONE).save(path, optimize=True)
     print(f"wrote {path}")
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, bbox_inches="tight", format="png")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        _write_png(im, path)
 
 
 def _spot_panel(ax, adata, section: str, labels: np.ndarray, title: str) -> None:
@@ -62,8 +83,7 @@ def _legend(fig, names: list[str]) -> None:
 
     pal = _palette()
     handles = [Patch(color=pal[i % len(pal)], label=f"niche {n}") for i, n in enumerate(names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
 
 
 def teacher_figure(niches, names: list[str], path: Path) -> None:
@@ -71,7 +91,7 @@ def teacher_figure(niches, names: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
     secs = niches.obs.groupby("patient", observed=True)["section"].first().astype(str)
-    fig = Figure(figsize=(3.0 * len(secs), 3.6))
+    fig = Figure(figsize=(3.4 * len(secs), 4.0), layout="constrained")
     axes = fig.subplots(1, len(secs), squeeze=False)[0]
     labels = niches.obs["niche"].astype(str).to_numpy()
     for ax, (patient, s) in zip(axes, secs.items()):
@@ -113,7 +133,7 @@ def comparison(niches, tiles) -> tuple[np.ndarray, dict]:
 def b4_figure(niches, pred: np.ndarray, names: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 3.9))
+    fig = Figure(figsize=(8.0, 4.6), layout="constrained")
     axes = fig.subplots(1, 2)
     _spot_panel(axes[0], niches, TEST_SECTION, niches.obs["niche"].astype(str).to_numpy(),
                 f"{TEST_SECTION}: teacher (from the counts)")
@@ -129,9 +149,7 @@ def predict_map_figure(run: Path, path: Path, width: int = 720) -> None:
     with Image.open(run / TEST_SECTION / "maps" / "niches.png") as im:
         im = im.convert("RGB")
         im.thumbnail((width, width))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        im.save(path, optimize=True)
-    print(f"wrote {path}")
+        _write_png(im, path)
 
 
 def geojson_figure(run: Path, path: Path, n_tiles: int = 14) -> None:
@@ -165,7 +183,8 @@ def geojson_figure(run: Path, path: Path, n_tiles: int = 14) -> None:
 
 
 def run_text(run: Path, summary: dict) -> str:
-    teacher = (run / "teacher.txt").read_text().strip()
+    printed = (run / "teacher.txt").read_text().strip().splitlines()
+    teacher = "\n".join(line for line in printed if not line.startswith("wrote "))
     return "\n".join([
         "# Printed by docs/tutorials/her2st_figures.py from the tutorial's run folder.",
         "# teacher",
