@@ -198,6 +198,7 @@ def test_page_figures_and_quotes_exist():
     assert len(figures) == 4
     for f in figures:
         assert (PAGE.parent / f).is_file(), f
+    assert f"{SPOTS_PER_SECTION} neighbouring spots" in text, "the page should say how this test cuts the data"
     quoted = (PAGE.parent / "her2st_run.txt").read_text()
     for marker in re.findall(r':(?:start-after|end-before): "([^"]+)"', text):
         assert marker in quoted, marker
