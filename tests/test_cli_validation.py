@@ -78,3 +78,12 @@ def test_dataset_names_are_the_same_for_every_command(tmp_path, capsys, monkeypa
     code, err = _cli(_argv(command, "nosuchdata", tmp_path / "x.h5ad"), capsys, monkeypatch)
     assert code == 2 and len(err) == 1, err
     assert "not a dataset name (her2st, simulated, mob)" in err[0]
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    for mod in ("stdistill", "stdistill.cli"):
+        r = subprocess.run([sys.executable, "-m", mod, "--version"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("stdistill "), r.stderr

@@ -11,7 +11,7 @@ from conftest import REPO
 
 from stdistill.cli import app
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").rglob("*.md") if "_build" not in p.parts)]
 
 
 def _snippets(text: str) -> list[str]:
