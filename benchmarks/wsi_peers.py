@@ -298,19 +298,27 @@ def run_rows(slide: Path, bundle_dir: Path, work: Path, workers: int, repeats: i
                                   ("lazy_ours", "feature extraction, stdistill's tiles, batch norm folded",
                                    [str(h5ad), "1"]),
                                   ("lazy_own", "feature extraction, own tissue + tiles", [])):
-            if skip or h5ad is None:
-                rows.append({"tool": "lazyslide", "run": what, "repeat": rep, "error": skip or "no stdistill tiles"})
+            if skip:  # an optional peer not installed: the row says so, it is not a failure
+                rows.append({"tool": "lazyslide", "run": what, "repeat": rep, "note": f"not run: {skip}"})
+                continue
+            if h5ad is None:
+                rows.append({"tool": "lazyslide", "run": what, "repeat": rep, "error": "no stdistill tiles"})
                 continue
             shutil.rmtree(slide.with_suffix(".lazyslide.zarr"), ignore_errors=True)
             rows.append({"tool": "lazyslide", "run": what, "repeat": rep, **run_child([mode, str(slide), *extra], timeout)})
     return rows
 
 
+def _joined(values) -> str:
+    """The distinct strings of a column, joined (NaN where a run had none)."""
+    return "; ".join(sorted({str(x) for x in values if isinstance(x, str)}))
+
+
 def summarise(rows: list[dict]):
     import pandas as pd
 
     t = pd.DataFrame(rows)
-    for c in ("tiles", "seconds", "cpu_s", "import_s", "peak_rss_mib", "peak_pss_mib", "error"):
+    for c in ("tiles", "seconds", "cpu_s", "import_s", "peak_rss_mib", "peak_pss_mib", "error", "note"):
         if c not in t:
             t[c] = np.nan
     t["tiles_per_s"] = t["tiles"] / t["seconds"]
@@ -319,7 +327,7 @@ def summarise(rows: list[dict]):
         tiles=("tiles", "first"), tiles_per_s=("tiles_per_s", "median"), tiles_per_cpu_s=("tiles_per_cpu_s", "median"),
         seconds=("seconds", "median"), import_s=("import_s", "median"),
         peak_rss_mib=("peak_rss_mib", "max"), peak_pss_mib=("peak_pss_mib", "max"),
-        error=("error", lambda e: "; ".join(sorted({str(x) for x in e if isinstance(x, str)})))).reset_index()
+        error=("error", _joined), note=("note", _joined)).reset_index()
     return t, agg
 
 
@@ -348,6 +356,7 @@ def main() -> None:
     digits = {"tiles_per_s": 2, "tiles_per_cpu_s": 2, "seconds": 1, "import_s": 1, "peak_rss_mib": 0,
               "peak_pss_mib": 0}
     table["error"] = [e or None for e in table["error"]]
+    table["note"] = [n or "" for n in table["note"]]
     for name, t, d in (("speed", table, digits), ("tiles", pd.DataFrame(counts), {}), ("runs", runs, digits)):
         res.table(name, t, digits=d)
     from stdistill.recipes.niches import markdown
