@@ -68,7 +68,8 @@ def test_stability_is_computed_on_common_spots():
 
 def test_teacher_stability_pairs_and_subsamples(data):
     from stdistill.teachers._consensus import member_rows
-    from stdistill.teachers._stability import fit_labels, spot_agreement, summarise, teacher_stability
+    from stdistill.teachers import spot_agreement, summarise_stability, teacher_stability
+    from stdistill.teachers._stability import fit_labels
 
     a = data.copy()
     pairs, runs = teacher_stability(a, NicheTeacher(3), ks=[2, 3], seeds=(0, 1), n_subsamples=2)
@@ -78,7 +79,7 @@ def test_teacher_stability_pairs_and_subsamples(data):
     assert sub["n_common"] == len(r0 & r1) < a.n_obs  # only the spots both subsamples hold
     assert len(runs["subsample0"][3]) == len(r0)
     assert (pairs.loc[pairs["perturbation"] != "subsample", "n_common"] == a.n_obs).all()
-    s = summarise(pairs)
+    s = summarise_stability(pairs)
     assert s.set_index(["k", "perturbation"]).loc[(3, "seed"), "n_pairs"] == 1
     # the K loop on one embedding gives NicheTeacher(K)'s own labels
     t = NicheTeacher(3, seed=1, pca_solver="randomized").fit(a)

@@ -89,7 +89,7 @@ def teacher_stability(adata: ad.AnnData, teacher, ks: list[int] | None = None, *
     return pd.DataFrame(rows_out), runs
 
 
-def summarise(pairs: pd.DataFrame) -> pd.DataFrame:
+def summarise_stability(pairs: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd (ddof 0) of the ARI per K and perturbation, and the number of pairs."""
     g = pairs.groupby(["k", "perturbation"], sort=True)["ari"]
     return pd.DataFrame({"ari_mean": g.mean(), "ari_sd": g.std(ddof=0), "n_pairs": g.size()}).reset_index()
