@@ -33,15 +33,16 @@ feature cache (see benchmarks/niches_her2st.py). Writes ``<out>/table.md`` and `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import _common  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -74,10 +75,9 @@ def load_data(args):
         props = np.asarray(a.obsm["celltype_props"], dtype=float)
         a.obsm[KEY] = (props @ rng.normal(size=(props.shape[1], 16)) + 0.3 * rng.normal(size=(a.n_obs, 16))).astype(np.float32)
         return a, "simulated (3 sections, 3 patients); stand-in image features: cell-type proportions, projected, plus noise"
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from niches_her2st import default_root, load
+    from niches_her2st import load
 
-    a = load(args.features, args.root or default_root())
+    a = load(args.features, str(_common.dataset("her2st", args.root)))
     a.X.sort_indices()  # the same counts; log-normalisation is faster on sorted indices
     return a, f"HER2ST, {a.n_obs} spots of 36 sections (8 patients), image features on {int(np.isfinite(a.obsm[KEY][:, 0]).sum())} spots (A, B, C)"
 
@@ -281,8 +281,10 @@ def inner_gaps(a, fits: dict, ks, max_epochs: int, imaged: np.ndarray) -> pd.Dat
             for k in ks:
                 write_niches(pair, by_k[k][0][a.obs_names.get_indexer(pair.obs_names)], TEACHER_KEY)
                 teach = pair.obs[TEACHER_KEY].astype(str).to_numpy()
-                st = NicheStudent(k, feature_key=KEY, seed=0, max_epochs=max_epochs).fit(
-                    subset_sections(pair, secs_of[x]), probs_key=f"{TEACHER_KEY}_probs")
+                with warnings.catch_warnings():  # one training patient: early stopping on a spatial block (as intended)
+                    warnings.simplefilter("ignore", UserWarning)
+                    st = NicheStudent(k, feature_key=KEY, seed=0, max_epochs=max_epochs).fit(
+                        subset_sections(pair, secs_of[x]), probs_key=f"{TEACHER_KEY}_probs")
                 s_pred = np.full(pair.n_obs, "-1", dtype=object)
                 s_pred[pair.obs["patient"].astype(str).to_numpy() == y] = st.predict_proba(
                     subset_sections(pair, secs_of[y])).argmax(1).astype(str)
@@ -320,7 +322,7 @@ def shared_table(outer: pd.DataFrame, tmetrics: pd.DataFrame) -> pd.DataFrame:
             continue
         a_, s_ = m.loc[(t, k, "all")], m.loc[(t, k, "shared")]
         rows.append({"teacher": t, "K": k, "NMI(niche, patient)": tm["NMI(niche, patient)"], "NMI imaged": tm["NMI imaged"],
-                     "niches held by <= 1 imaged": tm["niches held by <= 1 imaged"],
+                     "niches held by <= 1 imaged": int(tm["niches held by <= 1 imaged"]),
                      "student ARI": a_["student"], "kmeans_nbr ARI": a_["kmeans_nbr"], "gap": a_["student"] - a_["kmeans_nbr"],
                      "shared spots": n[(t, k, "shared")] / max(n[(t, k, "all")], 1),
                      "student ARI shared": s_["student"], "gap shared": s_["student"] - s_["kmeans_nbr"]})
@@ -337,111 +339,80 @@ def student_table(outer: pd.DataFrame) -> pd.DataFrame:
     return t.reset_index()
 
 
-def write_results(out: Path, md: str, obj: dict) -> None:
-    """``out/table.md`` and ``out/results.json`` (written whole, then renamed)."""
-    from stdistill._utils import atomic_path
-
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "table.md") as tmp:
-        Path(tmp).write_text(md)
-    with atomic_path(out / "results.json") as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny simulated run (seconds)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    ap.add_argument("--root", default=None, help="HER2ST folder (default: as benchmarks/niches_her2st.py)")
     ap.add_argument("--features", type=Path, default=None, help=f"an .h5ad with obsm['{KEY}'] (default: the feature cache)")
-    ap.add_argument("--ks", type=int, nargs="+", default=None, help="K (default 4 6 8; smoke 3)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="teacher seeds of the stability part (default 0 1 2; smoke 0 1)")
-    ap.add_argument("--members", type=int, default=None, help="consensus members (default 20; smoke 3)")
-    ap.add_argument("--max-epochs", type=int, default=None, help="student epochs at most (default 60; smoke 2)")
-    ap.add_argument("--cc-runs", type=int, default=None, help="CellCharter ClusterAutoK max_runs (default 10; smoke 2)")
-    ap.add_argument("--out", type=Path, default=None, help="default results/teacher_stability[_smoke]")
+    ap.add_argument("--ks", type=int, nargs="+", default=[4, 6, 8], help="K")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="teacher seeds of the stability part")
+    ap.add_argument("--members", type=int, default=20, help="consensus members")
+    ap.add_argument("--max-epochs", type=int, default=60, help="student epochs at most")
+    ap.add_argument("--cc-runs", type=int, default=10, help="CellCharter ClusterAutoK max_runs")
+    _common.add_args(ap, out="results/teacher_stability", root="her2st")
     args = ap.parse_args()
-    smoke = args.smoke
-    ks = args.ks or ([3] if smoke else [4, 6, 8])
-    args.seeds = args.seeds or ([0, 1] if smoke else [0, 1, 2])
-    members = args.members or (3 if smoke else 20)
-    epochs = args.max_epochs or (2 if smoke else 60)
-    cc_runs = args.cc_runs or (2 if smoke else 10)
-    out = args.out or Path("results/teacher_stability" + ("_smoke" if smoke else ""))
+    smoke = _common.smoke(args, ks=[3], seeds=[0, 1], members=3, max_epochs=2, cc_runs=2)
+    res = _common.Results(args, seeds=args.seeds, precision="fp32" if not smoke else None)
 
     import torch
 
     torch.set_num_threads(1)
-    from stdistill.recipes.niches import markdown
 
-    t_all = time.perf_counter()
     a, desc = load_data(args)
-    imaged = np.isfinite(a.obsm[KEY][:, 0])
-    kinds_ = kinds(members)
-    cmd = "python benchmarks/teacher_stability.py " + " ".join(sys.argv[1:])
-    md = [f"# Niche teacher stability\n\nCommand: `{cmd.strip()}`  \nData: {desc}.  \nK {ks}; consensus members "
-          f"{members}; stability seeds {args.seeds}; students seed 0, at most {epochs} epochs; numbers to {PRECISION} decimals; "
-          f"stable spot: >= {STABLE:.0%} of refits (single) or members (consensus) agree.\n"]
-    res: dict = {"command": cmd.strip(), "ks": ks, "members": members}
+    ks, imaged, kinds_ = args.ks, np.isfinite(a.obsm[KEY][:, 0]), kinds(args.members)
+    print(f"Data: {desc}.\nK {ks}; consensus members {args.members}; stability seeds {args.seeds}; students seed 0, at "
+          f"most {args.max_epochs} epochs; stable spot: >= {STABLE:.0%} of refits agree.", flush=True)
     agree: dict = {}
     if "stability" in args.parts:
         stab, agree = stability_part(a, ks, args, kinds_)
-        md.append("## Teacher stability (ARI between refits, mean ± sd over pairs)\n\n" + markdown(stab))
-        res["stability"] = stab.to_dict("records")
+        _show(res, "stability", stab, "Teacher stability (ARI between refits, mean ± sd over pairs)")
     fits, members_ag = teacher_fits(a, ks, kinds_ if {"teachers", "students"} & set(args.parts) else
-                        {k: v for k, v in kinds_.items() if k in ("single", "consensus")}, agree)
+                                    {k: v for k, v in kinds_.items() if k in ("single", "consensus")}, agree)
     tm = teacher_metrics(a, fits, members_ag, imaged)
-    md.append("## The teachers' own metrics (seed 0)\n\n" + markdown(tm))
-    res["teachers"] = tm.to_dict("records")
-    _optional_parts(a, ks, args, members, cc_runs, smoke, fits, md, res)
+    _show(res, "teachers", tm, "The teachers' own metrics (seed 0)")
+    _optional_parts(a, ks, args, smoke, fits, res)
     if "students" in args.parts:
-        _student_parts(a, fits, ks, epochs, imaged, tm, md, res)
-    secs = time.perf_counter() - t_all
-    md.append(f"Total run time: {secs / 60:.1f} min ({os.cpu_count()} CPU cores, torch 1 thread).")
-    text = "\n\n".join(md) + "\n"
-    print(text)
-    res["seconds"] = secs
-    write_results(out, text, res)
-    print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
+        _student_parts(a, fits, ks, args.max_epochs, imaged, tm, res)
+    print(f"Total run time: {(time.perf_counter() - res.t0) / 60:.1f} min ({os.cpu_count()} CPU cores, torch 1 thread).")
+    sys.exit(res.finish(data=desc, stable_threshold=STABLE))
 
 
-def _optional_parts(a, ks, args, members, cc_runs, smoke, fits, md, res) -> None:
+def _show(res, name: str, df: pd.DataFrame, title: str, note: str = "") -> None:
+    """Print a table under its title and record it in the results file (floats to PRECISION decimals)."""
     from stdistill.recipes.niches import markdown
 
+    print(f"\n## {title}\n\n{markdown(df)}" + (f"\n\n{note}" if note else ""), flush=True)
+    res.table(name, df, digits={c: PRECISION for c in df.columns if pd.api.types.is_float_dtype(df[c])})
+
+
+def _optional_parts(a, ks, args, smoke, fits, res) -> None:
     if "auto" in args.parts:
-        curve, chosen = auto_part(a, members, (2, 4) if smoke else "auto")
-        md.append("## K chosen by stability (`n_niches=\"auto\"`, seed 0)\n\n" + markdown(curve) + "\n\nChosen: "
-                  + "; ".join(f"{n}: K={c['K']} ({c['repeats']} bagged fits per K, {c['seconds']:.0f} s)" for n, c in chosen.items()))
-        res["auto"] = {"curve": curve.to_dict("records"), "chosen": chosen}
+        curve, chosen = auto_part(a, args.members, (2, 4) if smoke else "auto")
+        _show(res, "auto", curve, 'K chosen by stability (`n_niches="auto"`, seed 0)', "Chosen: " + "; ".join(
+            f"{n}: K={c['K']} ({c['repeats']} bagged fits per K, {c['seconds']:.0f} s)" for n, c in chosen.items()))
+        res.table("auto_chosen", [dict(teacher=n, **c) for n, c in chosen.items()], digits={"seconds": 0})
     if "cellcharter" in args.parts:
-        cc, note = cellcharter_part(a, ks, fits, cc_runs, smoke)
-        if cc is None:
-            md.append("## CellCharter\n\n" + note)
-        else:
-            md.append(f"## CellCharter side by side\n\n{note}. Best K: {cc['best_k']}.\n\n" + markdown(cc["curve"])
-                      + "\n\nARI between CellCharter's clusters and our teachers (seed 0):\n\n" + markdown(cc["ari"]))
-            res["cellcharter"] = {"best_k": cc["best_k"], "curve": cc["curve"].to_dict("records"),
-                                  "ari": cc["ari"].to_dict("records"), "seconds": cc["seconds"]}
+        cc, note = cellcharter_part(a, ks, fits, args.cc_runs, smoke)
         print(note, flush=True)
+        if cc is not None:
+            _show(res, "cellcharter_curve", cc["curve"], f"CellCharter's stability curve (best K {cc['best_k']})", note)
+            _show(res, "cellcharter_ari", cc["ari"], "ARI between CellCharter's clusters and our teachers (seed 0)")
+        res.table("cellcharter", [{"best K": cc["best_k"] if cc else None, "note": note}])
 
 
-def _student_parts(a, fits, ks, epochs, imaged, tm, md, res) -> None:
-    from stdistill.recipes.niches import markdown
-
+def _student_parts(a, fits, ks, epochs, imaged, tm, res) -> None:
     outer = outer_runs(a, fits, ks, epochs, imaged)
-    st = student_table(outer)
-    md.append("## Students against the single and the consensus teacher (leave-one-patient-out, mean over "
-              "held-out patients)\n\n" + markdown(st))
-    sh = shared_table(outer, tm)
-    md.append("## Teachers whose niches patients share: the student's gap to neighbourhood k-means\n\n" + markdown(sh))
+    _show(res, "students", student_table(outer), "Students against the single and the consensus teacher "
+          "(leave-one-patient-out, mean over held-out patients)")
+    _show(res, "shared", shared_table(outer, tm), "Teachers whose niches patients share: the student's gap to "
+          "neighbourhood k-means (mean over held-out patients)")
     t0 = time.perf_counter()
     inner = inner_gaps(a, fits, ks, epochs, imaged)
     ch = chosen_per_fold(outer, inner)
-    md.append(f"## Teacher and K chosen on the training patients only (inner students, {time.perf_counter() - t0:.0f} s)\n\n"
-              + markdown(ch) + f"\n\nMean over held-out patients: student ARI {ch['student ARI'].mean():.{PRECISION}f}, "
-              f"gap to neighbourhood k-means {ch['gap'].mean():+.{PRECISION}f}.")
-    res.update(students=st.to_dict("records"), shared=sh.to_dict("records"), chosen=ch.to_dict("records"),
-               outer=outer.to_dict("records"), inner=inner.to_dict("records"))
+    _show(res, "chosen", ch, "Teacher and K chosen on the training patients only",
+          f"Mean over held-out patients: student ARI {ch['student ARI'].mean():.{PRECISION}f}, gap to neighbourhood "
+          f"k-means {ch['gap'].mean():+.{PRECISION}f}; inner students {time.perf_counter() - t0:.0f} s.")
+    res.table("outer_rows", outer, digits={c: PRECISION for c in ("ari", "nmi", "id_acc")})
+    res.table("inner_rows", inner, digits={c: PRECISION for c in ("student", "kmeans_nbr", "gap")})
 
 
 if __name__ == "__main__":
