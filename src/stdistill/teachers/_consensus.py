@@ -265,6 +265,17 @@ def fit_mixture(teacher, f: np.ndarray, k: int | None = None):
     return model, model._combine(probs)
 
 
+def record_fit(teacher, adata, key_added: str) -> None:
+    """After a fit on ``adata``: ``uns[f"{key_added}_stability"]`` (the curve, when K was chosen)
+    and ``obs[f"{key_added}_agreement"]`` (consensus teachers)."""
+    st = teacher.state_.get("stability")
+    if st is not None:
+        adata.uns[f"{key_added}_stability"] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in st.items()}
+    agreement = getattr(teacher, "fit_agreement_", None)
+    if agreement is not None:
+        adata.obs[f"{key_added}_agreement"] = np.asarray(agreement, dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------- persistence
 def mixture_arrays(model) -> dict[str, np.ndarray]:
     """Arrays of a fitted mixture for safetensors (a single GaussianMixture under ``gmm.*``)."""

@@ -108,14 +108,3 @@ def spot_agreement(reference: pd.Series, others: list[pd.Series]) -> pd.Series:
         agree.loc[common] += (mapped == reference.loc[common].astype(str).to_numpy())
         seen.loc[common] += 1
     return agree / seen.replace(0, np.nan)
-
-
-def record_fit(teacher, adata: ad.AnnData, key_added: str) -> None:
-    """After a fit on ``adata``: ``uns[f"{key_added}_stability"]`` (the curve, when K was chosen)
-    and ``obs[f"{key_added}_agreement"]`` (consensus teachers)."""
-    st = teacher.state_.get("stability")
-    if st is not None:
-        adata.uns[f"{key_added}_stability"] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in st.items()}
-    agreement = getattr(teacher, "fit_agreement_", None)
-    if agreement is not None:
-        adata.obs[f"{key_added}_agreement"] = np.asarray(agreement, dtype=np.float32)

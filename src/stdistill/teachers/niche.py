@@ -465,7 +465,7 @@ class NicheTeacher(Bundled):
         ``obs[f"{key_added}_agreement"]`` (share of members agreeing with each spot's niche)."""
         self.fit(adata)
         write_niches(adata, self.fit_probs_, key_added)
-        from ._stability import record_fit
+        from ._consensus import record_fit
 
         record_fit(self, adata, key_added)
         return self.fit_probs_
