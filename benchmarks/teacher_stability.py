@@ -151,22 +151,29 @@ def teacher_metrics(a, fits: dict, members: dict, imaged: np.ndarray) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def auto_part(a, members: int, k_range) -> tuple[pd.DataFrame, dict]:
-    """Stability curves of ``n_niches="auto"`` for the single-fit and the consensus teacher."""
+def auto_part(a, members: int, k_range: tuple[int, int]) -> tuple[pd.DataFrame, list[dict]]:
+    """Stability curves over ``k_range`` (K=2 included, to show it) of the single-fit and the
+    consensus teacher, and the K that ``n_niches="auto"`` (3..10) and ``k_range`` choose: the
+    members and halvings do not depend on the range, so the curve gives both choices."""
     from stdistill.teachers import NicheTeacher
+    from stdistill.teachers._consensus import AUTO_RANGE
 
-    curves, chosen = [], {}
+    curves, chosen = [], []
     for name, kw in (("single", dict(consensus=1)), ("consensus", dict(consensus=members))):
         t0 = time.perf_counter()
-        t = NicheTeacher(k_range, seed=0, **kw).fit(a)
-        st = t.state_["stability"]
-        chosen[name] = {"K": st["chosen"], "seconds": time.perf_counter() - t0, "repeats": st["n_repeats"]}
-        c = pd.DataFrame({"K": st["k"], f"{name} ARI": [f"{m:.{PRECISION}f} ± {s:.{PRECISION}f}" for m, s in
-                                                         zip(st["ari_mean"], st["ari_sd"])]})
+        st = NicheTeacher(k_range, seed=0, **kw).fit(a).state_["stability"]
+        secs = time.perf_counter() - t0
+        c = pd.DataFrame({"K": st["k"], f"{name}: ARI between fits": [f"{m:.{PRECISION}f} ± {s:.{PRECISION}f}"
+                                                                       for m, s in zip(st["ari_mean"], st["ari_sd"])]})
         if name == "consensus":
-            c["consensus split-half ARI"] = [f"{v:.{PRECISION}f}" for v in st["split_ari"]]
+            c["consensus: ARI between halves"] = [f"{m:.{PRECISION}f} ± {s:.{PRECISION}f}"
+                                                  for m, s in zip(st["split_mean"], st["split_sd"])]
         curves.append(c.set_index("K"))
-        print(f"auto {name}: K={st['chosen']} ({chosen[name]['seconds']:.0f} s)", flush=True)
+        score = pd.Series(st["score"], index=st["k"])
+        auto = int(score[score.index >= AUTO_RANGE[0]].idxmax())
+        chosen.append({"teacher": name, "criterion": st["criterion"], "fits per K": st["n_repeats"],
+                       "K (auto, 3..10)": auto, f"K ({k_range[0]}..{k_range[1]})": st["chosen"], "seconds": secs})
+        print(f"auto {name}: K={auto} ({secs:.0f} s)", flush=True)
     return pd.concat(curves, axis=1).reset_index(), chosen
 
 
@@ -183,7 +190,7 @@ def cellcharter_part(a, ks, fits: dict, max_runs: int, smoke: bool) -> tuple[dic
     import anndata as ad
 
     from stdistill.io import spatial_um
-    from stdistill.metrics import ari
+    from stdistill.metrics import ari, nmi
     from stdistill.teachers import NicheTeacher
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -202,7 +209,7 @@ def cellcharter_part(a, ks, fits: dict, max_runs: int, smoke: bool) -> tuple[dic
     out_ari = []
     for k in sorted(set(ks) | {int(autok.best_k)}):
         lab = np.asarray(autok.predict(b, use_rep="X_cellcharter", k=k)).astype(str)
-        row = {"K": k}
+        row = {"K": k, "NMI(cluster, patient)": nmi(a.obs["patient"].astype(str).to_numpy(), lab)}
         for name, by_k in fits.items():
             if k in by_k:
                 row[f"ARI vs {name}"] = ari(by_k[k][0].argmax(1), lab)
@@ -372,24 +379,27 @@ def main() -> None:
     _optional_parts(a, ks, args, smoke, fits, res)
     if "students" in args.parts:
         _student_parts(a, fits, ks, args.max_epochs, imaged, tm, res)
-    print(f"Total run time: {(time.perf_counter() - res.t0) / 60:.1f} min ({os.cpu_count()} CPU cores, torch 1 thread).")
-    sys.exit(res.finish(data=desc, stable_threshold=STABLE))
+    cpu = time.process_time()
+    print(f"Total run time: {(time.perf_counter() - res.t0) / 60:.1f} min wall, {cpu / 60:.1f} min CPU "
+          f"({os.cpu_count()} CPU cores shared with other jobs, torch 1 thread).")
+    sys.exit(res.finish(data=desc, stable_threshold=STABLE, cpu_time_s=round(cpu, 1)))
 
 
 def _show(res, name: str, df: pd.DataFrame, title: str, note: str = "") -> None:
-    """Print a table under its title and record it in the results file (floats to PRECISION decimals)."""
+    """Print a table under its title and record it in the results file (floats to PRECISION decimals,
+    seconds to whole ones)."""
     from stdistill.recipes.niches import markdown
 
     print(f"\n## {title}\n\n{markdown(df)}" + (f"\n\n{note}" if note else ""), flush=True)
-    res.table(name, df, digits={c: PRECISION for c in df.columns if pd.api.types.is_float_dtype(df[c])})
+    res.table(name, df, digits={c: 0 if c == "seconds" else PRECISION for c in df.columns
+                                if pd.api.types.is_float_dtype(df[c])})
 
 
 def _optional_parts(a, ks, args, smoke, fits, res) -> None:
     if "auto" in args.parts:
-        curve, chosen = auto_part(a, args.members, (2, 4) if smoke else "auto")
-        _show(res, "auto", curve, 'K chosen by stability (`n_niches="auto"`, seed 0)', "Chosen: " + "; ".join(
-            f"{n}: K={c['K']} ({c['repeats']} bagged fits per K, {c['seconds']:.0f} s)" for n, c in chosen.items()))
-        res.table("auto_chosen", [dict(teacher=n, **c) for n, c in chosen.items()], digits={"seconds": 0})
+        curve, chosen = auto_part(a, args.members, (2, 4) if smoke else (2, 10))
+        _show(res, "auto", curve, "Stability curves (seed 0)")
+        _show(res, "auto_chosen", pd.DataFrame(chosen), "K chosen by stability")
     if "cellcharter" in args.parts:
         cc, note = cellcharter_part(a, ks, fits, args.cc_runs, smoke)
         print(note, flush=True)

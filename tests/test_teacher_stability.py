@@ -97,16 +97,18 @@ def test_auto_k_in_range_curve_recorded_and_saved(tmp_path, data):
     p = t.fit_predict(a, key_added="niche")
     st = a.uns["niche_stability"]
     assert list(st["k"]) == [2, 3, 4, 5] and 2 <= t.n_niches <= 5 and p.shape == (a.n_obs, t.n_niches)
-    assert st["chosen"] == t.n_niches == st["k"][int(np.argmax(st["ari_mean"]))]
+    assert st["chosen"] == t.n_niches == st["k"][int(np.argmax(st["score"]))]
     assert ((np.asarray(st["ari_mean"]) <= 1) & (np.asarray(st["n_pairs"]) == 6)).all()
+    np.testing.assert_array_equal(st["score"], st["split_mean"])  # a consensus scores its halves' agreement
     t.save(tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["n_niches"] == t.n_niches and cfg["stability"]["chosen"] == t.n_niches
     assert NicheTeacher.load(tmp_path / "t").n_niches == t.n_niches
     single = NicheTeacher("auto")  # no consensus: the curve from bagged fits on the one embedding
-    assert single.params["n_niches"] == list(range(2, 11))
+    assert single.params["n_niches"] == list(range(3, 11))
     single.fit(a.copy())
-    assert single.state_["stability"]["n_repeats"] == 10 and single.n_niches in range(2, 11)
+    st1 = single.state_["stability"]
+    assert st1["n_repeats"] == 10 and single.n_niches in range(3, 11) and st1["score"] == st1["ari_mean"]
 
 
 def test_teacher_options_bad_input():

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     def teacher(
         data: str = typer.Argument(..., help=".h5ad with raw counts (any sections, images not needed), a Visium/her2st folder, or a dataset name: 'her2st', 'mob', 'simulated'."),
         out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche'] and obsm['niche_probs']."),
-        n_niches: str = typer.Option("6", "--n-niches", "-k", help="Number of niches K; 'auto' (2..10), a range '4-10' or "
+        n_niches: str = typer.Option("6", "--n-niches", "-k", help="Number of niches K; 'auto' (3..10), a range '4-10' or "
                                      "a list '4,6,8': the K whose repeated fits agree best (curve printed, kept in uns)."),
         method: str = typer.Option("aggregate", help="'aggregate' (CellCharter-like) or 'nolan' (self-supervised)."),
         consensus: int = typer.Option(1, help="'aggregate': bagged mixture fits combined into one partition (1: one fit)."),
@@ -239,8 +239,8 @@ def _echo_teacher(t, adata, key: str) -> None:
     held by one patient only."""
     st = t.state_.get("stability")
     if st is not None:
-        typer.echo(f"K chosen by stability: {st['chosen']} (mean ARI between {st['n_repeats']} bagged fits, every pair):")
-        typer.echo("  " + ", ".join(f"K={k}: {m:.3f} ± {sd:.3f}" for k, m, sd in zip(st["k"], st["ari_mean"], st["ari_sd"])))
+        typer.echo(f"K chosen by stability: {st['chosen']} ({st['criterion']}, {st['n_repeats']} bagged fits):")
+        typer.echo("  " + ", ".join(f"K={k}: {v:.3f}" for k, v in zip(st["k"], st["score"])))
     d = t.diagnostics(adata, key=key)
     typer.echo(f"NMI(niche, patient) = {d['nmi_patient']:.3f} (0: niches shared by patients; 1: one niche per patient)")
     typer.echo("niche sizes per patient (spots):")

@@ -159,8 +159,8 @@ class NicheTeacher(Bundled):
     Parameters
     ----------
     n_niches
-        K, the number of niches; ``"auto"`` (K in 2..10), a tuple ``(lo, hi)`` or a list of K: the
-        K whose bagged fits agree best (mean pairwise ARI), curve in ``state_["stability"]``.
+        K, the number of niches; ``"auto"`` (K in 3..10), a tuple ``(lo, hi)`` or a list of K: the
+        K whose partition reproduces best over bagged fits (:mod:`._consensus`), curve in ``state_["stability"]``.
     method
         ``"aggregate"`` (CellCharter-like ring aggregation + Gaussian mixture) or ``"nolan"``
         (self-supervised global/local neighbourhood views with a K-way prototype head).
