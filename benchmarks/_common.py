@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -71,6 +72,48 @@ def dataset(name: str, root: str | os.PathLike | None = None) -> Path:
 
 def has_dataset(name: str) -> bool:
     return (data_root() / name).exists()
+
+
+#: a --smoke run's slice of HER2ST: one imaged section of each imaged patient (A at ~3.2 um/px, B, C)
+#: and B1 (no image; pathologist labels, which map niches to labels for the macro-F1 on A1)
+SMOKE_SECTIONS = ("A1", "B1", "B4", "C2")
+SMOKE_SPOTS = 30
+
+
+def her2st(root: str | os.PathLike | None = None, smoke: bool = False, images_only: bool = False):
+    """HER2ST (``stdistill.datasets.her2st``) from :func:`dataset`; with ``smoke``, only the
+    :data:`SMOKE_SPOTS` central spots of each of :data:`SMOKE_SECTIONS` (every patient and code
+    path of a leave-one-patient-out benchmark, a hundredth of the patches)."""
+    import stdistill as sd
+
+    path = dataset("her2st", root)
+    if not smoke:
+        return sd.datasets.her2st(root=path, images_only=images_only)
+    return central_spots(sd.datasets.her2st(root=path, sections=list(SMOKE_SECTIONS), images_only=images_only), SMOKE_SPOTS)
+
+
+def simulated_small(seed: int = 0):
+    """A --smoke run's simulated data: 3 sections of 3 patients, about 30 spots each (the same in
+    every script, so a shared feature cache computes its patches once)."""
+    import stdistill as sd
+
+    return sd.datasets.simulated(3, 3, seed=seed, spots_per_section=30)
+
+
+def central_spots(adata, n: int):
+    """The ``n`` spots of each section nearest its centre (a contiguous piece of tissue), as a copy."""
+    import numpy as np
+
+    import stdistill as sd
+
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    sec = adata.obs["section"].astype(str).to_numpy()
+    keep = np.zeros(adata.n_obs, bool)
+    for s in sd.io.sections(adata):
+        m = np.flatnonzero(sec == s)
+        d = ((xy[m] - xy[m].mean(0)) ** 2).sum(1)
+        keep[m[np.argsort(d, kind="stable")[:n]]] = True
+    return adata[keep].copy()
 
 
 # ================================================================================ arguments
@@ -192,6 +235,31 @@ def jsonable(x):
     return str(x)
 
 
+_NUMBER = re.compile(r"-?\d+(\.(\d+))?")
+
+
+def _number(cell: str) -> tuple[int | float, int] | None:
+    """(value, decimals) of a plain number cell ("12", "-0.125"); None for anything else."""
+    m = _NUMBER.fullmatch(cell)
+    if m is None:
+        return None
+    return (float(cell), len(m.group(2))) if m.group(1) else (int(cell), 0)
+
+
+def parse_markdown(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table in ``text``: (header cells, rows of cells), separator lines dropped."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.lstrip().startswith("|"):
+            block.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+            continue
+        if block:
+            rows = [r for r in block[1:] if not all(set(c) <= set("-: ") and c for c in r)]
+            tables.append((block[0], [r + [""] * (len(block[0]) - len(r)) for r in rows]))
+            block = []
+    return tables
+
+
 class Results:
     """The results file of one benchmark run (see the module docstring).
 
@@ -237,6 +305,24 @@ class Results:
                 rows = [list(r) for r in data]
         self.tables[name] = {"columns": list(columns or []), "rows": jsonable(rows), "digits": dict(digits or {})}
         return self.tables[name]
+
+    def markdown(self, text: str, names: list[str]) -> None:
+        """Record the markdown tables printed in ``text`` as they are, in order, as ``names``
+        (tables past the names: ``<last name>_<i>``): a column whose cells are all plain numbers
+        with the same number of decimals is stored as numbers (``digits`` = those decimals), any
+        other column as text."""
+        for i, (cols, rows) in enumerate(parse_markdown(text)):
+            name = names[i] if i < len(names) else f"{names[-1]}_{i - len(names) + 2}"
+            digits = {}
+            for j, c in enumerate(cols):
+                nums = [_number(r[j]) for r in rows if r[j] != ""]
+                if nums and all(n is not None for n in nums) and len({d for _, d in nums}) == 1:
+                    d = nums[0][1]
+                    for r in rows:
+                        r[j] = _number(r[j])[0] if r[j] != "" else None
+                    if d:
+                        digits[c] = d
+            self.table(name, rows, cols, digits)
 
     def errors(self) -> list[str]:
         """One line per row with a non-empty ``error`` cell."""

@@ -42,13 +42,17 @@ Writes ``results.csv`` (one row per fold x method x seed), ``table.md`` (the doc
 ``selection.csv``, ``per_gene.csv`` and the ERBB2 map (``erbb2_<section>.png``).
 
 ``--dataset simulated`` runs the same protocol on ``stdistill.datasets.simulated`` (6 sections,
-3 patients), a control where image and expression share a known cause.
+3 patients), a control where image and expression share a known cause. ``--smoke``: every row on
+the first fold of 3 small simulated sections, one seed, one epoch, a small grid (``--out`` only).
+
+Results file: ``docs/results/expression_her2st[-simulated].json`` (the printed tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -56,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+import _common
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,7 +108,8 @@ def fold_teacher(full, tr, tr_pats: list[str], n_components: int, n_clusters: in
     return teacher.transform(tr), {seed: teacher_targets(ref, n_clusters=n_clusters, seed=seed)[:2] for seed in seeds}
 
 
-def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str) -> tuple[str | None, str, dict]:
+def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str,
+                 solver: str = "covariance_eigh") -> tuple[str | None, str, dict]:
     """The fold's stain normalisation (None or ``"macenko"``), the frozen stain-normalised key
     written to ``img.obsm`` and, with ``mode="auto"``, each option's mean Pearson on the
     leave-one-patient-out folds inside the training patients (``bench.expression`` candidates)."""
@@ -115,16 +122,15 @@ def choose_stain(img, fold, genes, cfg: PekaConfig, tr, mode: str, map_gene: str
     if mode == "macenko":
         return "macenko", key, {}
     res = sd.bench.expression(img, {"none": "X_frozen", "macenko": key}, folds=[fold], genes=genes,
-                              extra_genes=[map_gene], svd_solver="covariance_eigh", key_added=None)
+                              extra_genes=[map_gene], svd_solver=solver, key_added=None)
     chosen = str(res.per_fold["chosen"].iloc[0])
     inner = {c: float(v) for c, v in res.selection.iloc[0].items()}
     return (None if chosen == "none" else "macenko"), key, inner
 
 
-def main() -> None:
+def main() -> int:
     warnings.filterwarnings("ignore")  # script only: not at import (other benchmarks import from here)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default="results/expression_her2st")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -148,7 +154,11 @@ def main() -> None:
                          "chosen per fold inside the training patients; macenko onto the fold's first imaged training section")
     ap.add_argument("--from-csv", action="store_true",
                     help="only re-print the tables from --out's results.csv and selection.csv (no training)")
+    ap.add_argument("--svd-solver", default="covariance_eigh", choices=["covariance_eigh", "full"], help="PCA solver of every HEST probe here (exact either way; --smoke: full, cheaper for a few dozen spots)")
+    _common.add_args(ap, root="her2st")
     args = ap.parse_args()
+    _common.smoke(args, dataset="simulated", seeds=[0], lr_miss=[1e-4], lr_lora=[1e-3], w_kd=[0.0, 0.1],
+                  rank_miss=[8], rank_lora=[4], max_epochs=1, n_components=8, svd_solver="full")
     t0 = time.time()
     if args.from_csv:
         res, sel = pd.read_csv(Path(args.out) / "results.csv"), pd.read_csv(Path(args.out) / "selection.csv")
@@ -158,17 +168,20 @@ def main() -> None:
         stain_csv = Path(args.out) / "stain.csv"
         stain_tab = stain_summary(pd.read_csv(stain_csv)) if stain_csv.is_file() else ""
         print(summarise(res.rename(columns={"r_ERBB2": "r_map"}), sel, gene) + "\n" + stain_tab + "\n" + grid_summary(sel))
-        return
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1 if args.smoke else max(1, os.cpu_count() or 1))
 
+    results = _common.Results(args, seeds=args.seeds, precision="fp32",
+                              variant=None if args.dataset == "her2st" else args.dataset)
     if args.dataset == "her2st":
-        full = sd.datasets.her2st(root=args.root)
+        full = sd.datasets.her2st(root=_common.dataset("her2st", args.root))
     else:  # the simulated control: image and expression share a known cause (cell-type mixtures)
-        full = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed)
+        full = (_common.simulated_small(args.data_seed) if args.smoke else
+                sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed))
         RES_NOTE.clear()
     if args.map_gene is None:
         tumour = full.var_names[full.var.get("marker_of", pd.Series(index=full.var_names, dtype=str)) == "tumour_A"]
@@ -187,7 +200,7 @@ def main() -> None:
     extract_precision = img.uns["features"]["X_extract"].get("precision")
     log(f"features.extract (precision {extract_precision}): done", t0)
 
-    folds = sd.pp.folds(img)
+    folds = sd.pp.folds(img)[:1] if args.smoke else sd.pp.folds(img)  # --smoke: the first fold (every row)
     map_patient = "B" if args.dataset == "her2st" else folds[0].patients_of("test")[0]
     rows, sel_rows, stain_rows, per_gene_tables = [], [], [], {}
     map_done = False
@@ -201,11 +214,11 @@ def main() -> None:
         n_teach = int(full.obs["patient"].astype(str).isin(tr_pats).sum())
         log(f"fold {fold.name}: train {tr_pats} ({tr.n_obs} imaged spots; teacher on {n_teach} spots), test {test_p}", t0)
 
-        def bench(key: str, solver: str = "covariance_eigh", alpha="hest", clip=False):
+        def bench(key: str, solver: str = args.svd_solver, alpha="hest", clip=False):
             return sd.bench.expression(img, key, folds=[fold], genes=genes, extra_genes=[args.map_gene],
                                        svd_solver=solver, alpha=alpha, clip=clip, key_added=None)
 
-        def frozen_row(name: str, key: str, solver: str = "covariance_eigh", stain_name: str = "none", res=None):
+        def frozen_row(name: str, key: str, solver: str = args.svd_solver, stain_name: str = "none", res=None):
             """One frozen-feature row (three probes) appended to ``rows``; returns the HEST probe's result."""
             res = res if res is not None else bench(key, solver)
             cv = bench(key, solver, alpha="cv")
@@ -222,7 +235,7 @@ def main() -> None:
         per_gene_tables[("frozen_ridge", test_p)] = b.per_gene[test_p]
 
         # ---- stain normalisation of this fold (chosen inside the training patients with --stain auto)
-        stain, skey, inner_stain = choose_stain(img, fold, genes, base_cfg, tr, args.stain, args.map_gene)
+        stain, skey, inner_stain = choose_stain(img, fold, genes, base_cfg, tr, args.stain, args.map_gene, args.svd_solver)
         stain_rows.append({"fold": test_p, "stain": stain or "none", "key": skey,
                            **{f"inner_{c}": v for c, v in inner_stain.items()}})
         log(f"  stain: {stain or 'none'}" + (f" (inner mean Pearson {inner_stain})" if inner_stain else ""), t0)
@@ -259,12 +272,12 @@ def main() -> None:
                 continue
             w_kd = chosen["miss_kd"].w_kd if "miss_kd" in chosen else 1.0
             grid = [{"adapter": family, "w_kd": w_kd, **g} for g in grids[family]]
-            _, table = select_peka(tr, T, genes, grid, base=sel_base, inner=inner_parts)
+            table = select_peka(tr, T, genes, grid, base=sel_base, inner=inner_parts).table
             for r in table.itertuples():
                 g = grid[r.candidate]
                 sel_rows.append({"fold": test_p, "adapter": family, "lr": g["lr"], "w_kd": g["w_kd"], "rank": g["rank"],
-                                 "val": r.val_patient, "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
-                log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {r.val_patient}: "
+                                 "val": r.split, "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
+                log(f"  select {family} lr={g['lr']:g} w_kd={g['w_kd']:g} rank={g['rank']} val {r.split}: "
                     f"{sel_rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
             for name, where in ((family, None), (f"{family}_kd", lambda g: g["w_kd"] > 0)):
                 if name == "lora_kd" or (where and not any(map(where, grid))):
@@ -320,12 +333,16 @@ def main() -> None:
     pd.DataFrame(sel_rows).to_csv(out / "selection.csv", index=False)
     pd.DataFrame(stain_rows).to_csv(out / "stain.csv", index=False)
     pd.DataFrame({f"{k[0]}|{k[1]}": v for k, v in per_gene_tables.items()}).to_csv(out / "per_gene.csv")
-    table = (summarise(res, pd.DataFrame(sel_rows), args.map_gene) + "\n" + stain_summary(pd.DataFrame(stain_rows))
-             + "\n" + grid_summary(pd.DataFrame(sel_rows)))
+    parts = {("main", "chosen"): summarise(res, pd.DataFrame(sel_rows), args.map_gene),
+             ("stain",): stain_summary(pd.DataFrame(stain_rows)), ("grid",): grid_summary(pd.DataFrame(sel_rows))}
+    for names, text in parts.items():
+        results.markdown(text, list(names))
+    table = "\n".join(parts.values())
     (out / "table.md").write_text(table)
     print(table)
     print(pd.DataFrame(sel_rows).to_string(index=False))
     log(f"total {time.time() - t0:.0f}s; outputs in {out}", t0)
+    return results.finish()
 
 
 def stain_summary(st: pd.DataFrame) -> str:
@@ -415,4 +432,4 @@ def summarise(res: pd.DataFrame, sel: pd.DataFrame | None = None, map_gene: str 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     nice -n 5 python benchmarks/extract_throughput.py [--encoder effnet-lite0-imagenet]
         [--batch-size 64] [--precision auto] [--device cpu] [--data ../shared/data/her2st]
+    python benchmarks/extract_throughput.py --smoke --out /tmp/smoke   # 2 small simulated sections
 
 In one run it prints
 
@@ -18,7 +19,10 @@ In one run it prints
    encoder counts too), over all HER2ST sections with an image, into an empty cache (simulated
    sections when the HER2ST copy is absent);
 3. for context: patch reading alone (decode, crop, resample; one thread) and the pure forward in
-   fp32 and bf16 (why ``precision="auto"`` picks bf16 on CPUs with native bf16).
+   fp32 and bf16 (how much ``precision="bf16"`` would gain; ``precision="auto"`` is fp32 on every
+   CPU, bf16 or fp16 on GPUs).
+
+Data: ``--data``, default ``$STDISTILL_DATA/her2st``, else ``../shared/data/her2st``.
 """
 
 from __future__ import annotations
@@ -33,13 +37,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("STDISTILL_SHARED_DATA", REPO.parent / "shared" / "data")) / "her2st"
+import _common  # noqa: E402
 
 
-def load_sections(data: Path):
+def load_sections(data: Path, smoke: bool = False):
     import stdistill as sd
 
+    if smoke:
+        return sd.datasets.simulated(n_sections=2, n_patients=2, spots_per_section=12, seed=0), "simulated (2 small sections)"
     if (data / "data" / "ST-cnts").is_dir():
         adata = sd.datasets.her2st(root=data, images_only=True)
         return adata, f"HER2ST, sections with an image ({data})"
@@ -115,8 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--size-um", type=float, default=112.0)
     p.add_argument("--px", type=int, default=224)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=Path, default=_common.data_root() / "her2st")
+    _common.add_args(p)
     args = p.parse_args(argv)
+    _common.smoke(args, batch_size=8)
+    results = _common.Results(args, precision=args.precision)
+    rows = []
 
     import torch
 
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, precision {prec}, "
           f"encoder {args.encoder}, batch {args.batch_size}, {args.size_um:g} um -> {args.px} px, "
           f"num_workers {args.num_workers}")
-    adata, what = load_sections(args.data)
+    adata, what = load_sections(args.data, args.smoke)
     print(f"data: {what}: {adata.n_obs} spots in {len(sd.io.sections(adata))} sections")
     enc = sd.encoders.load(args.encoder, device=device)
     # warm-up: every batch shape once (oneDNN builds its kernels per shape on first use), so that
@@ -157,6 +166,8 @@ def main(argv=None) -> int:
     print(f"whole extraction (decode, crop, resample, normalise, forward, cache write): {pipe:.1f} patches/s "
           f"({t_pipe:.1f} s)")
     print(f"ratio whole / pure forward: {pipe / fwd:.2f}  (goal >= 0.9)")
+    rows += [["pure forward, same batch shapes", prec, adata.n_obs, t_pure, fwd],
+             ["whole extraction, section by section", prec, adata.n_obs, t_pipe, pipe]]
 
     # 2) one call over all sections, by name, empty cache
     _open_cached.cache_clear()
@@ -169,13 +180,21 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t
     assert rep.patches_computed == adata.n_obs
     print(f"wall time to extract {what}: {wall:.1f} s for {adata.n_obs} patches ({adata.n_obs / wall:.1f} patches/s)")
+    rows.append([f"features.extract by name, one call ({what})", prec, adata.n_obs, wall, adata.n_obs / wall])
 
     read = reading_only(adata, args.size_um, args.px, limit=400)
     print(f"context: patch reading alone (decode, crop, resample; 1 thread): {read:.1f} patches/s")
+    rows.append(["patch reading alone (1 thread)", "", min(400, adata.n_obs), None, read])
     if device == "cpu":
         for p_ in ("fp32", "bf16"):
-            print(f"context: pure forward {p_}: {pure_forward(enc, args.batch_size, 3, p_, device):.1f} patches/s")
-    return 0
+            speed = pure_forward(enc, args.batch_size, 3, p_, device)
+            print(f"context: pure forward {p_}: {speed:.1f} patches/s")
+            rows.append([f"pure forward {p_}", p_, 3 * args.batch_size, None, speed])
+    results.table("throughput", rows, ["measure", "precision", "patches", "seconds", "patches/s"],
+                  {"seconds": 1, "patches/s": 1})
+    results.table("ratio", [[args.encoder, args.batch_size, pipe / fwd]], ["encoder", "batch", "whole / pure forward"],
+                  {"whole / pure forward": 2})
+    return results.finish()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Usage::
     python benchmarks/genst_her2st.py --root ../shared/data/her2st --out results/genst_her2st
     python benchmarks/genst_her2st.py --dataset simulated --out results/genst_simulated
     python benchmarks/genst_her2st.py --from-csv --out results/genst_her2st   # tables only
+    python benchmarks/genst_her2st.py --smoke --out /tmp/smoke   # small simulated data, first fold, 2 epochs, 8 codes
 
 Writes ``results.csv`` (fold x method x seed), ``selection.csv``, ``per_gene.csv``, ``history.csv``,
 ``table.md`` and figures (``predictability.png``, ``calibration.png``, ``curves.png``, a map of the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -45,6 +47,7 @@ import pandas as pd
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _common  # noqa: E402
 import stdistill as sd  # noqa: E402
 from stdistill.cli._common import imaged_sections  # noqa: E402
 from stdistill.recipes import GenST, GenstConfig, codebook_stats, select_genst  # noqa: E402
@@ -65,10 +68,11 @@ def log(msg: str, t0: float) -> None:
 def load(args) -> tuple:
     """(imaged spots with features, map gene)."""
     if args.dataset == "her2st":
-        img, gene = imaged_sections(sd.datasets.her2st(root=args.root)), "ERBB2"
+        img, gene = imaged_sections(_common.her2st(args.root, args.smoke)), "ERBB2"
     else:
         RES_NOTE.clear()
-        img = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed)
+        img = (_common.simulated_small(args.data_seed) if args.smoke else
+               sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed))
         gene = str(img.var_names[img.var["marker_of"].astype(str) == "tumour_A"][0])
     sd.features.extract(img, ENCODER, precision=args.precision)
     return img, gene
@@ -96,9 +100,9 @@ def coverage(y: np.ndarray, draws: np.ndarray, levels=(0.5, 0.8, 0.9)) -> dict[s
 def score_genst(m: GenST, te, genes: list[str], gene: str, seed: int) -> tuple[dict, pd.DataFrame, dict]:
     """Held-out scores of one fitted model, its per-gene table and (for the figures) arrays."""
     y = np.log1p(te[:, m.genes_].X.toarray())
-    pred = m.predict(te).to_numpy()
+    pred = m.predict(te, inplace=False).to_numpy()
     sd_codes = te.obsm["genst_sd"].to_numpy()
-    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, sd_key=None)
+    draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, inplace=False)
     tab = m.predictability(te)
     r = tab["generated"]
     row = {"pearson": float(r[genes].mean()), "ceiling": float(tab["reconstruction"][genes].mean()),
@@ -129,10 +133,11 @@ def ridge_rows(img, fold, genes: list[str], gene: str) -> tuple[list[dict], dict
 # ================================================================================ per fold
 def choose(args, tr, gene: str, base: GenstConfig, fold_name: str, t0: float) -> tuple[GenstConfig, list[dict]]:
     grid = [{"w_con": w, "head_input": h} for w in args.w_con for h in args.head_input]
-    cfg, table = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    sel = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
+    cfg, table = sel.config(), sel.table
     rows = []
     for r in table.itertuples():
-        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.val_patient,
+        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
     ci = grid.index({"w_con": cfg.w_con, "head_input": cfg.head_input})
     curves = [c for c, k in zip(table["curve"], table["candidate"]) if k == ci]
@@ -341,9 +346,8 @@ def report(res: pd.DataFrame, sel: pd.DataFrame, pg: pd.DataFrame, dataset: str,
     return "\n".join(parts)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default=None)
     ap.add_argument("--dataset", choices=["her2st", "simulated"], default="her2st")
     ap.add_argument("--data-seed", type=int, default=0)
@@ -357,7 +361,12 @@ def main() -> None:
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--from-csv", action="store_true", help="re-print the tables from --out's CSVs (no training)")
+    _common.add_args(ap, root="her2st")
     args = ap.parse_args()
+    _common.smoke(args, dataset="simulated", seeds=[0], head_input=["quantized"], codebook_size=8, expr_epochs=2,
+                  max_epochs=2, ablation_seeds=[0])
+    results = _common.Results(args, seeds=args.seeds, precision=args.precision,
+                              variant=None if args.dataset == "her2st" else args.dataset)
     out = Path(args.out or f"results/genst_{args.dataset}")
     t0 = time.time()
     gene = "ERBB2" if args.dataset == "her2st" else "GENE0020"
@@ -366,7 +375,7 @@ def main() -> None:
     if args.from_csv:
         print(report(pd.read_csv(out / "results.csv"), pd.read_csv(out / "selection.csv"),
                      pd.read_csv(out / "per_gene.csv", index_col=0), args.dataset, gene))
-        return
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     img, gene = load(args)
     meta = img.uns["features"][KEY]
@@ -375,7 +384,7 @@ def main() -> None:
     log(f"{args.dataset}: {img.n_obs} imaged spots in {len(sd.io.sections(img))} sections", t0)
     base = GenstConfig(codebook_size=args.codebook_size, hist_codebook_size=args.codebook_size,
                        expr_epochs=args.expr_epochs, max_epochs=args.max_epochs)
-    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)]
+    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)[: 1 if args.smoke else None]]
     res = pd.DataFrame([r for f in folds for r in f["rows"]])
     sel = pd.DataFrame([r for f in folds for r in f["sel"]])
     hist = pd.concat([h for f in folds for h in f["hist"]])
@@ -395,9 +404,12 @@ def main() -> None:
                           title=f"{gene} on held-out {sec}: measured, GenST (seed {args.seeds[0]}) and its SD")
     print(text)
     log(f"done: {time.time() - t0:.0f} s in all", t0)
+    results.markdown(text, ["main", "diagnostics", "selection", "genes"])
+    return results.finish()
 
 
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
-        main()
+        code = main()
+    sys.exit(code)

@@ -8,6 +8,7 @@ the pathologist labels, and niche maps of held-out sections.
 
     python benchmarks/niches_her2st.py                       # the full run (K 4/6/8 x seeds 0/1/2)
     python benchmarks/niches_her2st.py --ks 6 --seeds 0      # one cell of the grid
+    python benchmarks/niches_her2st.py --smoke --out /tmp/smoke   # every table on 30 spots of A1, B4, C2
     python benchmarks/niches_her2st.py --transfer auto --refine --teachers expression --no-investigation
         # the student's transfer setting (stain normalisation, augmented views, context token) chosen
         # on the validation patient inside each training fold, plus its refined predictions; the
@@ -36,6 +37,8 @@ import anndata as ad  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import _common  # noqa: E402
+
 KEY = "X_effnet-lite0-imagenet"
 METHODS = ["student", "kmeans", "kmeans_nbr"]
 #: with --refine / --transfer: the refined student, and both baselines on each fold's chosen features
@@ -46,29 +49,26 @@ A_NOTE = "A: images about 3.2 um/px (2000 px copies) vs 0.69 um/px for B/C: reso
 
 #: Feature extraction precision: fixed (not "auto"), so every machine computes the same features.
 PRECISION = "fp32"
+#: --smoke: student and NOLAN-like teacher settings (few epochs / steps)
+SMOKE_STUDENT, SMOKE_NOLAN = {}, {}
 
 
-def default_root() -> str | None:
-    """$STDISTILL_SHARED_HER2ST, else ``../shared/data/her2st`` beside the clone when present,
-    else None (``stdistill.datasets.her2st`` then uses $STDISTILL_DATA or its download cache)."""
-    env = os.environ.get("STDISTILL_SHARED_HER2ST")
-    if env:
-        return env
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
-    return str(beside) if beside.is_dir() else None
+def default_root() -> str:
+    """$STDISTILL_DATA/her2st, else ``../shared/data/her2st`` (one error line, exit 2, when absent)."""
+    return str(_common.dataset("her2st"))
 
 
-def load(features: Path | None, root: str | None, precision: str = PRECISION) -> ad.AnnData:
+def load(features: Path | None, root: str | None, precision: str = PRECISION, smoke: bool = False) -> ad.AnnData:
     """All 36 sections, with ``obsm[KEY]`` on the imaged spots (NaN elsewhere).
 
     Without ``features`` the features are computed here (``stdistill.features.extract`` at
     ``precision``; its cache under ``$STDISTILL_CACHE`` or ``~/.cache/stdistill`` makes reruns
     fast), so a clean clone needs nothing else. With ``features``, an .h5ad holding ``obsm[KEY]``
-    for (some of) the HER2ST spots is used instead.
+    for (some of) the HER2ST spots is used instead. ``smoke``: the slice of ``_common.her2st``.
     """
     import stdistill
 
-    a = stdistill.datasets.her2st(root=root)
+    a = _common.her2st(root, smoke)
     if features is None:
         c = stdistill.io.subset_sections(a, [s for s in stdistill.io.sections(a) if stdistill.io.has_image(a, s)])
         stdistill.features.extract(c, "effnet-lite0-imagenet", precision=precision, key_added=KEY)
@@ -151,15 +151,15 @@ def _chosen_features(a: ad.AnnData, record: dict, made: dict, store: dict) -> st
 def chosen_baselines(a: ad.AnnData, df: pd.DataFrame, k: int, seed: int, store: dict) -> pd.DataFrame:
     """Rows ``kmeans_chosen`` / ``kmeans_nbr_chosen``: both baselines on each fold's chosen
     features (:func:`_chosen_features`), fitted on every imaged spot like the plain baselines,
-    clusters mapped to teacher niches by majority on the fold's training patients."""
-    from stdistill.metrics import apply_map, ari, majority_map, niche_id_accuracy, nmi
+    clusters mapped to teacher niches by majority on the fold's training patients
+    (``recipes.niches.score_fold``, as the recipe scores its own baselines)."""
     from stdistill.pp.neighbors import radius_for_neighbors
-    from stdistill.recipes.niches import TEACHER_KEY, kmeans_niches
-    from stdistill.students import NicheStudent
+    from stdistill.recipes.niches import TEACHER_KEY, kmeans_niches, score_fold
+    from stdistill.students import NicheStudentConfig
 
     made = a.uns["features"][KEY]
     img = np.isfinite(a.obsm[KEY][:, 0])
-    r_nbr = radius_for_neighbors(a, NicheStudent().params["n_neighbors"], mask=img)
+    r_nbr = radius_for_neighbors(a, NicheStudentConfig().n_neighbors, mask=img)
     teach = a.obs[TEACHER_KEY].astype(str).to_numpy()
     pats = a.obs["patient"].astype(str).to_numpy()
     rows, codes = [], {}
@@ -170,13 +170,10 @@ def chosen_baselines(a: ad.AnnData, df: pd.DataFrame, k: int, seed: int, store: 
         base = df[(df["fold"] == fold) & (df["method"] == "kmeans_nbr")].iloc[0]
         for name, rad in (("kmeans_chosen", None), ("kmeans_nbr_chosen", r_nbr)):
             if (key, rad) not in codes:
-                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, key_added="_b")).astype(str)
-            cd = codes[key, rad]
-            mapped = apply_map(cd[te], majority_map(cd[tr], teach[tr]), default="-1").astype(str)
-            rows.append(dict(base, method=name, ari=ari(teach[te], cd[te]), nmi=nmi(teach[te], cd[te]),
-                             id_acc=niche_id_accuracy(teach[te], mapped), macro_f1=np.nan, f1_section="",
-                             note=f"on the student's chosen features ({key})"))
-    a.obs.drop(columns=["_b"], inplace=True, errors="ignore")
+                codes[key, rad] = np.asarray(kmeans_niches(a, key, k, radius_um=rad, seed=seed, inplace=False)).astype(str)
+            sc = score_fold(teach, codes[key, rad], tr, te, clusters=True)
+            rows.append(dict(base, method=name, ari=sc["ari"], nmi=sc["nmi"], id_acc=sc["id_acc"], macro_f1=np.nan,
+                             f1_section="", note=f"on the student's chosen features ({key})"))
     return pd.DataFrame(rows)
 
 
@@ -201,7 +198,7 @@ def run_grid(a, ks, seeds, out: Path, teacher_factory, label: str, student_kwarg
                 print(f"[{label}] K={k} seed={seed}: read back {cell}", flush=True)
                 continue
             df, f = niches.run(a, KEY, k, out_dir=out / f"K{k}_seed{seed}", seed=seed, reuse_teacher=True,
-                               student_kwargs=student_kwargs, student_candidates=candidates,
+                               student_kwargs={**SMOKE_STUDENT, **(student_kwargs or {})} or None, student_candidates=candidates,
                                figures=seed == figures_seed, verbose=False, transfer=transfer, refine=refine,
                                transfer_kwargs=tkw if transfer else None)
             if transfer:
@@ -236,22 +233,28 @@ def transfer_counts(res: pd.DataFrame) -> pd.DataFrame | None:
     return t
 
 
-def tables(res: pd.DataFrame) -> str:
-    """Per fold and mean over folds (mean ± sd over seeds), macro-F1 on A1, verdict per K."""
-    from stdistill.recipes.niches import markdown
+def tables(res: pd.DataFrame, store: dict | None = None) -> str:
+    """Per fold and mean over folds (mean ± sd over seeds), macro-F1 on A1, verdict per K; each
+    table also into ``store`` (name: DataFrame) when given."""
+    from stdistill.recipes.niches import markdown as md_table
 
-    out = []
+    out, store = [], {} if store is None else store
+
+    def markdown(df: pd.DataFrame, name: str) -> str:
+        store[name] = df
+        return md_table(df)
+
     m = res[res["method"].isin(METHODS + EXTRA)]
     per_fold = (m.groupby(["K", "fold", "method"], sort=False)
                 .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm), seen_share=("seen_share", "first"),
                      teacher_sizes=("teacher_sizes", "first"), one_niche=("single_niche", "first"))
                 .reset_index())
     per_fold["note"] = ["A at ~3.2 um/px" if f == "A" else "" for f in per_fold["fold"]]
-    out.append("Per fold (held-out patient), mean ± sd over seeds:\n\n" + markdown(per_fold))
+    out.append("Per fold (held-out patient), mean ± sd over seeds:\n\n" + markdown(per_fold, "per_fold"))
     fm = m.groupby(["K", "seed", "method"], sort=False)[["ari", "nmi", "id_acc"]].mean().reset_index()
     mean = (fm.groupby(["K", "method"], sort=False)
             .agg(ARI=("ari", pm), NMI=("nmi", pm), ID_acc=("id_acc", pm)).reset_index())
-    out.append("Mean over the 3 held-out patients (mean ± sd over seeds):\n\n" + markdown(mean))
+    out.append("Mean over the 3 held-out patients (mean ± sd over seeds):\n\n" + markdown(mean, "mean"))
     students = [s for s in ("student", "student_refined") if s in set(m["method"])]
     baselines = [b for b in ("kmeans", "kmeans_nbr", "kmeans_chosen", "kmeans_nbr_chosen") if b in set(m["method"])]
     verdict = []
@@ -266,11 +269,11 @@ def tables(res: pd.DataFrame) -> str:
                 f for f in folds_win.index if folds_win.loc[f, st] > folds_win.loc[f, baselines].max()) or "none"
             verdict.append(row)
     out.append(f"Verdict (mean over folds and seeds; baselines: {', '.join(baselines)}):\n\n"
-               + markdown(pd.DataFrame(verdict)))
+               + markdown(pd.DataFrame(verdict), "verdict"))
     chosen = transfer_counts(res)
     if chosen is not None:
         out.append("Transfer settings the student chose on its validation patient(s) (count over seeds):\n\n"
-                   + markdown(chosen))
+                   + markdown(chosen, "transfer_chosen"))
     f1 = res[(res["f1_section"] == "A1")]
     if len(f1):
         t = (f1.groupby(["K", "method"], sort=False)["macro_f1"].agg(pm).reset_index()
@@ -282,11 +285,11 @@ def tables(res: pd.DataFrame) -> str:
              else "most frequent label of the map's training labels, everywhere")
             for mth in t["method"]]
         out.append("Macro-F1 against the pathologist labels on A1 (student trained without patient A; "
-                   "'undetermined' spots left out):\n\n" + markdown(t))
+                   "'undetermined' spots left out):\n\n" + markdown(t, "macro_f1_A1"))
     return "\n\n".join(out)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", type=Path, default=None,
                     help=f"an .h5ad with obsm['{KEY}'] (default: computed here at fp32, cached under the user cache)")
@@ -306,7 +309,12 @@ def main() -> None:
                     help="each: with --transfer, every training patient validates the candidates in turn (mean score)")
     ap.add_argument("--resume", action="store_true",
                     help="read back the (K, seed) cells an earlier run with the same --out finished (<out>/<teacher>/K*_seed*/rows.csv)")
+    _common.add_args(ap)
     args = ap.parse_args()
+    if _common.smoke(args, ks=[3], seeds=[0]):
+        SMOKE_STUDENT.update(max_epochs=2, min_epochs=1)
+        SMOKE_NOLAN.update(n_steps=5)
+    results = _common.Results(args, seeds=args.seeds, precision=PRECISION)
 
     import torch
 
@@ -316,7 +324,7 @@ def main() -> None:
 
     t_all = time.perf_counter()
     root = args.root or default_root()
-    a = load(args.features, root)
+    a = load(args.features, root, smoke=args.smoke)
     print(f"HER2ST: {a.n_obs} spots, {a.obs['section'].nunique()} sections, "
           f"{int(np.isfinite(a.obsm[KEY][:, 0]).sum())} with image features", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +340,7 @@ def main() -> None:
     teachers = [
         ("expression", "aggregate on PCA of log-expression, per-section standardised (the default)", default_teacher),
         ("celltypes", "aggregate on stereoscope cell-type proportions (obsm['celltype_props']), per-section standardised",
-         lambda k: NicheTeacher(k, use_rep="celltype_props", seed=0)),
+         lambda k: NicheTeacher(k, feature_key="celltype_props", seed=0)),
     ]
     if args.teachers:
         teachers = [t for t in teachers if t[0] in args.teachers]
@@ -346,7 +354,11 @@ def main() -> None:
                                        student_kwargs={"val_patients": "each"} if args.val_patients == "each" else None,
                                        refine=args.refine, resume=args.resume)
         figs += f
-        md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n", tables(res)]
+        store = {}
+        md += [f"## {i}. Teacher: {label}\n", "### Teacher diagnostics\n", *ttxt, "### Student vs baselines\n",
+               tables(res, store)]
+        for tname, df in store.items():
+            results.table(f"{name}_{tname}", df, digits={c: 3 for c in df.columns})
         res.to_csv(args.out / f"{name}.csv", index=False)
 
     if not args.no_investigation:
@@ -354,7 +366,7 @@ def main() -> None:
         k = 6 if 6 in args.ks else args.ks[0]
         variants = [
             ("teacher: nolan (self-supervised global/local views), per-section standardised",
-             lambda k: NicheTeacher(k, method="nolan", seed=0), None, None),
+             lambda k: NicheTeacher(k, method="nolan", seed=0, **SMOKE_NOLAN), None, None),
             ("student: radius chosen on the validation patient from {250, 450, 650} um",
              default_teacher, None, [{"radius_um": 250.0}, {"radius_um": 450.0}, {"radius_um": 650.0}]),
             ("student: temperature chosen on the validation patient from {1, 2, 4}",
@@ -378,6 +390,7 @@ def main() -> None:
             r.to_csv(args.out / f"investigation_{len(inv)}.csv", index=False)
         md += [f"## Investigation (teacher: the default unless named; K={k}, seed {args.seeds[0]}; student settings "
                "chosen only on the validation patient inside each training fold)\n", markdown(pd.DataFrame(inv))]
+        results.table("investigation", pd.DataFrame(inv), digits={c: 3 for c in pd.DataFrame(inv).columns})
 
     total = time.perf_counter() - t_all
     md += ["## Figures\n", *[f"- `{p}`" for p in figs],
@@ -385,7 +398,8 @@ def main() -> None:
     (args.out / "table.md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"\nwrote {args.out / 'table.md'}")
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Diagnostics behind the HER2ST niche benchmark's choices (docs/niches.md, "What was investigated").
 
     python benchmarks/niches_her2st_diagnostics.py        # about 5 min on 2 CPU cores
+    python benchmarks/niches_her2st_diagnostics.py --smoke --out /tmp/smoke   # 30 spots of A1, B1, B4, C2; K=3
 
 1. Teacher batch correction, judged on the label-free NMI(niche, patient) over all 36 sections
    (no student result, no pathology label): global scaling, per-section standardisation with a
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -27,10 +29,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from niches_her2st import KEY, default_root, load  # noqa: E402
+import _common  # noqa: E402
+from niches_her2st import KEY, load  # noqa: E402
+
+BC = ["B4", "C2", "C3", "C4", "C5"]  # the imaged sections of patients B and C
 
 
-def main() -> None:
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_args(ap, root="her2st")
+    args = ap.parse_args()
+    ks, epochs = ((3,), 2) if _common.smoke(args) else ((4, 6, 8), 30)
+    results = _common.Results(args, seeds=[0], precision="fp32")
     import torch
 
     torch.set_num_threads(1)
@@ -46,7 +56,8 @@ def main() -> None:
     from stdistill.teachers import NicheTeacher
 
     t0 = time.perf_counter()
-    a = load(None, default_root())  # features computed at fp32 (cached under the user cache)
+    a = load(None, str(_common.dataset("her2st", args.root)), smoke=args.smoke)  # fp32 features (cached under the user cache)
+    bc_secs = [s for s in BC if s in io.sections(a)]
     pats = a.obs["patient"].astype(str).to_numpy()
 
     # 1 ------------------------------------------------------------------------------------
@@ -54,7 +65,7 @@ def main() -> None:
         ("global scaling (batch_correction=None)", dict(batch_correction=None)),
         ("per-section standardisation, full-covariance mixture", dict(covariance_type="full")),
         ("per-section standardisation, diagonal mixture (default)", dict()),
-        ("cell-type proportions, per-section standardisation", dict(use_rep="celltype_props")),
+        ("cell-type proportions, per-section standardisation", dict(feature_key="celltype_props")),
     ]
     if importlib.util.find_spec("harmonypy") is not None:
         variants += [("Harmony by section", dict(batch_correction="harmony")),
@@ -64,12 +75,13 @@ def main() -> None:
     rows = []
     for label, kw in variants:
         row = {"teacher": label}
-        for k in (4, 6, 8):
+        for k in ks:
             NicheTeacher(k, seed=0, **kw).fit_predict(a, key_added="t")
             row[f"NMI(niche, patient) K={k}"] = nmi(pats, a.obs["t"].astype(str))
         rows.append(row)
         print(row, flush=True)
     print("\n1. Teacher batch correction (all 36 sections):\n\n" + markdown(pd.DataFrame(rows)))
+    results.table("teacher_batch_correction", pd.DataFrame(rows), digits={f"NMI(niche, patient) K={k}": 3 for k in ks})
 
     # 2 ------------------------------------------------------------------------------------
     orig, holder = NicheStudent._train, {}
@@ -80,11 +92,11 @@ def main() -> None:
 
     NicheStudent._train = capture
     curves = []
-    for k in (4, 6, 8):
+    for k in ks:
         NicheTeacher(k, seed=0).fit_predict(a, key_added="t")
-        bc = io.subset_sections(a, ["B4", "C2", "C3", "C4", "C5"])
+        bc = io.subset_sections(a, bc_secs)
         for val in ("B", "C"):
-            NicheStudent(k, feature_key=KEY, refit=False, val_patients=[val], max_epochs=30, patience=100).fit(
+            NicheStudent(k, feature_key=KEY, refit=False, val_patients=[val], max_epochs=epochs, patience=100).fit(
                 bc, probs_key="t_probs")
             m = holder["m"]
             curves.append({"K": k, "train -> val": f"{'C' if val == 'B' else 'B'} -> {val}",
@@ -93,12 +105,13 @@ def main() -> None:
                            "epoch of best val KD loss": int(np.argmin(m.val_history)) + 1})
     NicheStudent._train = orig
     print("\n2. Student validation curves on the inner pairs (default teacher):\n\n" + markdown(pd.DataFrame(curves)))
+    results.table("student_curves", pd.DataFrame(curves))
 
     # 3 ------------------------------------------------------------------------------------
     rows = []
-    for label, kw in (("default (expression PCA)", {}), ("cell-type proportions", {"use_rep": "celltype_props"})):
+    for label, kw in (("default (expression PCA)", {}), ("cell-type proportions", {"feature_key": "celltype_props"})):
         NicheTeacher(6, seed=0, **kw).fit_predict(a, key_added="t")
-        bc = io.subset_sections(a, ["B4", "C2", "C3", "C4", "C5"])
+        bc = io.subset_sections(a, bc_secs)
         z, _ = normalise_features(bc, bc.obsm[KEY], "section")
         bc.obsm["z"] = z
         aggregate_neighbors(bc, "z", radius_um=400.4, mode="mean", key_added="zn")
@@ -106,17 +119,19 @@ def main() -> None:
         p = bc.obs["patient"].astype(str).to_numpy()
         for src, dst in (("B", "C"), ("C", "B")):
             s, d = p == src, p == dst
-            pca = PCA(32, random_state=0).fit(bc.obsm["zn"][s])
+            pca = PCA(min(32, int(s.sum()) - 1), random_state=0).fit(bc.obsm["zn"][s])  # 32 (fewer only in --smoke)
             clf = LogisticRegression(C=0.05, max_iter=2000).fit(pca.transform(bc.obsm["zn"][s]), y[s])
             pred = clf.predict(pca.transform(bc.obsm["zn"][d]))
             tgt = io.subset_sections(bc, [x for x in io.sections(bc) if x.startswith(dst)])
-            km = kmeans_niches(tgt, KEY, 6, radius_um=400.4, seed=0, key_added="km")
+            km = kmeans_niches(tgt, KEY, 6, radius_um=400.4, seed=0, inplace=False)
             rows.append({"teacher (K=6)": label, "train -> test": f"{src} -> {dst}",
                          "logistic regression ARI": ari(y[d], pred), "logistic regression ID-acc": niche_id_accuracy(y[d], pred),
                          "k-means on the test patient's own nbr-averaged features, ARI": ari(tgt.obs["t"].astype(str), km)})
     print("\n3. Cross-patient transfer of a supervised linear model:\n\n" + markdown(pd.DataFrame(rows)))
+    results.table("linear_transfer", pd.DataFrame(rows), digits={c: 3 for c in pd.DataFrame(rows).columns})
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

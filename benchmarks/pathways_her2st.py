@@ -33,6 +33,8 @@ Usage::
 
     python benchmarks/pathways_her2st.py --root ../shared/data/her2st --out results/pathways_her2st
     python benchmarks/pathways_her2st.py --from-csv --out results/pathways_her2st   # tables only
+    python benchmarks/pathways_her2st.py --smoke --out /tmp/smoke   # small simulated data (and a HER2ST slice
+                                                                    # where present): first fold, 1 seed, 1 epoch, rank 8
 
 Runs HER2ST (tiers 1-3) then the simulated data (tiers 1-4; ``--dataset`` picks one) and writes
 ``<out>/<dataset>/results.csv`` (fold x method x seed), ``per_pathway.csv``, ``selection.csv`` and
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -51,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+import _common
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,11 +79,12 @@ def log(msg: str, t0: float) -> None:
 def load(args) -> tuple:
     """(all sections with counts, imaged spots with pathway scores, map gene)."""
     if args.dataset == "her2st":
-        full = sd.datasets.her2st(root=args.root)
+        full = _common.her2st(args.root, args.smoke)
         img = sd.io.subset_sections(full, [s for s in sd.io.sections(full) if sd.io.has_image(full, s)])
         sd.pp.pathway_scores(img, "hallmark", method="ulm", standardize="section")
         return full, img, "ERBB2"
-    full = sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed)
+    full = (_common.simulated_small(args.data_seed) if args.smoke else
+            sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed))
     marker = full.var["marker_of"].astype(str)
     sets = pd.DataFrame({"source": marker.to_numpy(), "target": full.var_names, "weight": 1.0})
     sets = sets[sets["source"].isin(full.obsm["celltype_props"].columns)]  # the cell types' own programmes
@@ -157,12 +163,12 @@ def fold_labels(args, full, img, tr_pats) -> np.ndarray:
 def choose_settings(args, img, fold, base: StampConfig, t0: float) -> tuple[dict, list]:
     tr = sd.io.subset_sections(img, list(fold.train))
     grid = [{"w_con": w, "rank": r} for w in args.w_con for r in args.rank]
-    _, table = select_stamp(tr, grid, base=base, encoder=ENCODER)
+    table = select_stamp(tr, grid, base=base, encoder=ENCODER).table
     rows = []
     for r in table.itertuples():
-        rows.append({"fold": fold.patients_of("test")[0], **grid[r.candidate], "val": r.val_patient,
+        rows.append({"fold": fold.patients_of("test")[0], **grid[r.candidate], "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
-        log(f"  select w_con={rows[-1]['w_con']:g} rank={rows[-1]['rank']} val {r.val_patient}: {rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
+        log(f"  select w_con={rows[-1]['w_con']:g} rank={rows[-1]['rank']} val {r.split}: {rows[-1]['curve']} [{r.seconds:.0f}s]", t0)
     chosen = {}
     for name, where in (("stamp", None), ("stamp_con", lambda g: g["w_con"] > 0)):
         c = choose(table, grid, base, where=where)
@@ -197,7 +203,7 @@ def run_fold(args, full, img, fold, base, map_gene, t0) -> tuple[list, list, dic
     rows, per_path = [], {}
     # the frozen encoder with STAMP's ridge-initialised head (epoch 0, nothing trained): the head's baseline
     head0 = STAMP(ENCODER, replace(base, max_epochs=0)).fit(sd.io.subset_sections(img, list(fold.train)), "pathway_scores")
-    row, t1 = score(args, img, "X_frozen", fold, genes, map_gene, labels, pred=head0.predict(img))
+    row, t1 = score(args, img, "X_frozen", fold, genes, map_gene, labels, pred=head0.predict(img, inplace=False))
     rows.append({"fold": test_p, "method": "frozen", "seed": -1, **row})
     per_path[("frozen", test_p)] = t1["probe"]
     log("  frozen: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("t4_") or k == "t4_truth"), t0)
@@ -214,7 +220,7 @@ def run_fold(args, full, img, fold, base, map_gene, t0) -> tuple[list, list, dic
             m = STAMP(ENCODER, cfg).fit(tr, "pathway_scores")
             key = f"X_{name}_s{seed}"
             m.transform(img, key_added=key)
-            row, t1 = score(args, img, key, fold, genes, map_gene, labels, pred=m.predict(img))
+            row, t1 = score(args, img, key, fold, genes, map_gene, labels, pred=m.predict(img, inplace=False))
             rows.append({"fold": test_p, "method": name, "seed": seed, **row, "w_con": cfg.w_con, "rank": cfg.rank,
                          "epochs": cfg.max_epochs, "share": m.trainable_share, "seconds": round(m.fit_seconds_, 1),
                          "_pp": (name, test_p, seed)})
@@ -294,13 +300,19 @@ def combined(res: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines)
 
 
-def report(out: Path, datasets: list[str]) -> str:
-    """The combined table, then each dataset's tables, from the CSVs under ``out/<dataset>/``."""
+def report(out: Path, datasets: list[str], results=None) -> str:
+    """The combined table, then each dataset's tables, from the CSVs under ``out/<dataset>/``
+    (each table also into ``results`` when given)."""
     res = {d: pd.read_csv(out / d / "results.csv") for d in datasets if (out / d / "results.csv").is_file()}
     parts = ["All tiers (mean over held-out patients; seeds averaged):", "", combined(res)]
+    if results is not None:
+        results.markdown(parts[-1], ["all_tiers"])
     for d in res:
         pp = pd.read_csv(out / d / "per_pathway.csv", index_col=0)
         parts += ["", f"## {d}", "", summarise(res[d], RES_NOTE if d == "her2st" else {}), "", pathway_table(pp)]
+        if results is not None:
+            results.markdown(parts[-3], [f"{d}_tiers"])
+            results.markdown(parts[-1], [f"{d}_pathways"])
     return "\n".join(parts)
 
 
@@ -313,7 +325,7 @@ def run_dataset(args, dataset: str, out: Path, t0: float) -> None:
     base = StampConfig(adapter="miss", lr=args.lr, max_epochs=args.max_epochs, patience=2, train_positions=16, head_ridge=10.0)
     img.obsm["X_frozen"] = frozen_features(img, base)
     rows, sel, per_path = [], [], {}
-    for fold in sd.pp.folds(img):
+    for fold in sd.pp.folds(img)[: 1 if args.smoke else None]:  # --smoke: the first fold
         r, s, p = run_fold(args, full, img, fold, base, map_gene, t0)
         rows += r
         sel += s
@@ -324,9 +336,8 @@ def run_dataset(args, dataset: str, out: Path, t0: float) -> None:
     pp.to_csv(out / "per_pathway.csv")
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default="results/pathways_her2st")
     ap.add_argument("--dataset", choices=["her2st", "simulated", "both"], default="both",
                     help="her2st: tiers 1-3 on real data; simulated: tiers 1-4 (planted programmes); both (default)")
@@ -338,9 +349,14 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (default: all cores)")
     ap.add_argument("--from-csv", action="store_true", help="re-print the tables from --out's CSVs (no training)")
+    _common.add_args(ap, root="her2st")
     args = ap.parse_args()
+    _common.smoke(args, dataset="both" if _common.has_dataset("her2st") or args.root else "simulated", seeds=[0],
+                  w_con=[0.0, 1.0], rank=[8], max_epochs=1, threads=1)
     out, t0 = Path(args.out), time.time()
     datasets = ["her2st", "simulated"] if args.dataset == "both" else [args.dataset]
+    results = _common.Results(args, seeds=args.seeds, precision="fp32",
+                              variant=None if args.dataset == "both" else args.dataset)
     if not args.from_csv:
         import torch
 
@@ -350,11 +366,12 @@ def main() -> None:
               f"rank {args.rank}, lr {args.lr:g}, epochs <= {args.max_epochs}; torch {torch.__version__}, {args.threads} threads")
         for d in datasets:
             run_dataset(args, d, out / d, t0)
-    text = report(out, ["her2st", "simulated"] if args.from_csv else datasets)
+    text = report(out, ["her2st", "simulated"] if args.from_csv else datasets, results)
     if not args.from_csv:
         (out / "table.md").write_text(text + "\n")
     print(text)
     log(f"done: {time.time() - t0:.0f} s in all", t0)
+    return results.finish()
 
 
 def _mean_over_folds(per_path: dict) -> dict:
@@ -366,4 +383,4 @@ def _mean_over_folds(per_path: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

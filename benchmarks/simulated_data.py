@@ -1,6 +1,7 @@
 """Speed and ground-truth sanity of the simulated default data (datasets.simulated).
 
     python benchmarks/simulated_data.py [--seed 0] [--repeats 3]
+    python benchmarks/simulated_data.py --smoke --out /tmp/smoke    # 3 small sections, once
 
 Prints: generation time (best of --repeats, wall and CPU), sizes, sparsity, library sizes,
 niche spatial coherence (6-NN agreement vs chance), how strongly patients dominate raw
@@ -12,16 +13,27 @@ patch colour + dark-pixel fraction, grouped by patient). All numbers are compute
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 
+import _common
 
-def main() -> None:
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
+    _common.add_args(ap)
     args = ap.parse_args()
+    small = dict(n_sections=3, n_patients=3, spots_per_section=30) if _common.smoke(args, repeats=1) else {}
+    results = _common.Results(args, seeds=[args.seed])
+    rows = []
+
+    def say(what: str, value, unit: str = "", digits: int = 2) -> None:
+        rows.append([what, value, unit])
+        print(f"  {what}: {value:.{digits}f} {unit}".rstrip() if isinstance(value, float) else f"  {what}: {value} {unit}".rstrip())
 
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
@@ -39,17 +51,24 @@ def main() -> None:
     walls, cpus = [], []
     for _ in range(args.repeats):
         w, c = time.perf_counter(), time.process_time()
-        a = simulated(seed=args.seed)
+        a = simulated(seed=args.seed, **small)
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-    print(f"simulated(seed={args.seed}): best of {args.repeats}: {min(walls):.2f} s wall, {min(cpus):.2f} s CPU")
+    print(f"simulated(seed={args.seed}{', small' if small else ''}), best of {args.repeats}:")
+    say("generation, wall", min(walls), "s")
+    say("generation, CPU", min(cpus), "s")
     sizes = [io.image(a, s).size for s in io.sections(a)]
-    print(f"  {a.n_obs} spots x {a.n_vars} genes, {len(sizes)} sections, images up to "
-          f"{max(max(s) for s in sizes)} px at {io.microns_per_pixel(a, 'sim0'):g} um/px")
+    say("spots", a.n_obs)
+    say("genes", a.n_vars)
+    say("sections", len(sizes))
+    say("largest image side", max(max(s) for s in sizes), "px")
+    say("microns per pixel", float(io.microns_per_pixel(a, "sim0")), "um/px", 3)
     X = a.X
     lib = np.asarray(X.sum(1)).ravel()
-    print(f"  zeros {1 - X.nnz / np.prod(X.shape):.1%}; UMIs/spot median {np.median(lib):.0f} "
-          f"(5-95%: {np.percentile(lib, 5):.0f}-{np.percentile(lib, 95):.0f})")
+    say("zero counts", float(1 - X.nnz / np.prod(X.shape)), "share", 3)
+    say("UMIs per spot, median", float(np.median(lib)), "", 0)
+    say("UMIs per spot, 5th percentile", float(np.percentile(lib, 5)), "", 0)
+    say("UMIs per spot, 95th percentile", float(np.percentile(lib, 95)), "", 0)
 
     sec = a.obs["section"].astype(str).to_numpy()
     niche = a.obs["niche_true"].cat.codes.to_numpy()
@@ -62,7 +81,8 @@ def main() -> None:
         c = niche[m]
         agree.append((c[nn] == c[:, None]).mean())
         chance.append(((np.bincount(c) / len(c)) ** 2).sum())
-    print(f"  niche agreement with 6 nearest spots {np.mean(agree):.2f} (chance {np.mean(chance):.2f})")
+    say("niche agreement with the 6 nearest spots", float(np.mean(agree)))
+    say("niche agreement with 6 spots by chance", float(np.mean(chance)))
 
     dense = X.toarray().astype(float)
     L = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4)
@@ -73,8 +93,10 @@ def main() -> None:
         m = sec == s
         Z[m] = (Z[m] - Z[m].mean(0)) / (Z[m].std(0) + 1e-6)
     std = KMeans(k, n_init=10, random_state=0).fit_predict(PCA(20, random_state=0).fit_transform(Z))
-    print(f"  k-means on log-expression PCA: NMI(niche) {nmi(niche, raw):.2f}, NMI(patient) {nmi(patient, raw):.2f}; "
-          f"after per-section standardisation: NMI(niche) {nmi(niche, std):.2f}, NMI(patient) {nmi(patient, std):.2f}")
+    say("k-means on log-expression PCA: NMI(niche)", float(nmi(niche, raw)))
+    say("k-means on log-expression PCA: NMI(patient)", float(nmi(patient, raw)))
+    say("the same after per-section standardisation: NMI(niche)", float(nmi(niche, std)))
+    say("the same after per-section standardisation: NMI(patient)", float(nmi(patient, std)))
 
     ds = PatchDataset(a, size_um=112, px=56)
     feats = []
@@ -87,10 +109,13 @@ def main() -> None:
     acc = cross_val_score(clf, feats, niche, groups=patient, cv=cv).mean()
     tum = np.isin(a.obs["niche_true"].astype(str), ["tumour_A_nest", "tumour_B_nest"])
     acc_ab = cross_val_score(clf, feats[tum], niche[tum], groups=patient[tum], cv=cv).mean()
-    print(f"  image statistics -> niche, leave-patient-out accuracy {acc:.2f} (majority "
-          f"{np.bincount(niche).max() / len(niche):.2f}); tumour_A vs tumour_B nests {acc_ab:.2f} "
-          f"(majority {max(np.bincount(niche[tum])) / tum.sum():.2f})")
+    say("image statistics -> niche, leave-patient-out accuracy", float(acc))
+    say("the same, majority class", float(np.bincount(niche).max() / len(niche)))
+    say("image statistics -> tumour_A vs tumour_B nests, accuracy", float(acc_ab))
+    say("the same, majority class", float(max(np.bincount(niche[tum])) / tum.sum()))
+    results.table("summary", rows, ["measure", "value", "unit"])
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,6 +7,7 @@ then runs ``stdistill.slide.predict_slide`` on each slide in a fresh process and
 process's peak RSS and tiles/s. Streaming means the ratio of peak RSS (large / small) stays near 1.
 
     python benchmarks/slide_memory.py [--side 6144] [--threads 2] [--workdir DIR]
+    python benchmarks/slide_memory.py --smoke --out /tmp/smoke     # 768 px slides, a tiny student
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import _common
 
 TILE = 256
 MPP = 0.5  # um/px of the synthetic slides (a 20x scan)
@@ -62,7 +65,7 @@ def write_slide(path: Path, W: int, H: int, levels: int = 4) -> Path:
     return path
 
 
-def make_bundle(path: Path) -> Path:
+def make_bundle(path: Path, side: int = 5, epochs: int = 3) -> Path:
     """A niche student on simulated colour spots, effnet-lite0-imagenet features at 112 um / 224 px."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _io_helpers import colour_sections
@@ -71,10 +74,10 @@ def make_bundle(path: Path) -> Path:
     from stdistill.students import NicheStudent
     from stdistill.teachers import NicheTeacher
 
-    a = colour_sections(2, 5, seed=0)
+    a = colour_sections(2, side, seed=0)
     sd.features.extract(a, "effnet-lite0-imagenet", size_um=112, px=224, device="cpu", precision="fp32", cache_dir=False)
     NicheTeacher(3, seed=0).fit_predict(a)
-    s = NicheStudent(feature_key="X_effnet-lite0-imagenet", radius_um=250, max_epochs=3, val_patients=None, n_pcs=8)
+    s = NicheStudent(feature_key="X_effnet-lite0-imagenet", radius_um=250, max_epochs=epochs, val_patients=None, n_pcs=8)
     sd.bundle.save_bundle(s.fit(a), path)
     return path
 
@@ -95,35 +98,50 @@ def child(slide: str, bundle: str, out: str, threads: int) -> None:
     print(json.dumps({"tiles": r.n_tiles, "seconds": sec, "peak_rss_mib": peak}))
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=6144, help="width of the small slide in px (height 3/4 of it)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--workdir", type=Path, default=None, help="where slides and outputs go (default: a temp folder)")
     ap.add_argument("--child", nargs=3, metavar=("SLIDE", "BUNDLE", "OUT"), help=argparse.SUPPRESS)
+    _common.add_args(ap)
     args = ap.parse_args()
     if args.child:
-        return child(*args.child, threads=args.threads)
-    t_start = time.perf_counter()
+        child(*args.child, threads=args.threads)
+        return 0
+    small = _common.smoke(args, side=768, threads=1)
+    if small and args.workdir is None:
+        args.workdir = args.out / "work"
+    results = _common.Results(args, seeds=[0], precision="fp32")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stdistill_slide_memory_"))
     work.mkdir(parents=True, exist_ok=True)
-    bundle = make_bundle(work / "bundle")
+    bundle = make_bundle(work / "bundle", *((3, 1) if small else ()))
     rows = []
     for f in (1, 2):  # 2x each side: 4x the area
         W, H = args.side * f, args.side * 3 // 4 * f
         slide = write_slide(work / f"slide_{W}x{H}.tif", W, H)
         out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", str(slide), str(bundle),
-                              str(work / f"out_{W}x{H}")], capture_output=True, text=True, check=True)
+                              str(work / f"out_{W}x{H}")], capture_output=True, text=True)
+        row = {"slide px": f"{W}x{H}", "area mm2": W * H * MPP**2 / 1e6}
+        if out.returncode != 0:
+            rows.append({**row, "error": f"exit {out.returncode}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}"})
+            print(f"{W}x{H} px: {rows[-1]['error']}", flush=True)
+            continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"slide_px": f"{W}x{H}", "area_mm2": W * H * MPP**2 / 1e6, **r, "tiles_per_s": r["tiles"] / r["seconds"]})
-        print(f"{W}x{H} px ({rows[-1]['area_mm2']:.1f} mm^2): {r['tiles']} tiles in {r['seconds']:.1f} s "
-              f"({rows[-1]['tiles_per_s']:.1f} tiles/s), peak RSS {r['peak_rss_mib']:.0f} MiB")
-    ratio = rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
+        rows.append({**row, "tiles": r["tiles"], "seconds": r["seconds"], "tiles/s": r["tiles"] / r["seconds"],
+                     "peak RSS MiB": r["peak_rss_mib"], "error": None})
+        print(f"{W}x{H} px ({row['area mm2']:.1f} mm^2): {r['tiles']} tiles in {r['seconds']:.1f} s "
+              f"({rows[-1]['tiles/s']:.1f} tiles/s), peak RSS {r['peak_rss_mib']:.0f} MiB")
+    ok = [r for r in rows if not r["error"]]
+    ratio = ok[1]["peak RSS MiB"] / ok[0]["peak RSS MiB"] if len(ok) == 2 else float("nan")
     print(f"peak RSS ratio (4x area): {ratio:.3f} ({'OK' if ratio <= 1.2 else 'ABOVE'} the 1.2 bound); "
           f"threads {args.threads}; encoder effnet-lite0-imagenet fp32, 112 um / 224 px")
-    print(f"benchmark run time: {time.perf_counter() - t_start:.0f} s (outputs in {work})")
+    print(f"benchmark run time: {time.perf_counter() - results.t0:.0f} s (outputs in {work})")
+    results.table("slides", rows, digits={"area mm2": 1, "seconds": 1, "tiles/s": 1, "peak RSS MiB": 0})
+    results.table("ratio", [[ratio, args.threads]], ["peak RSS ratio (4x area)", "threads"], {"peak RSS ratio (4x area)": 3})
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

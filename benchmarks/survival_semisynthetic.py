@@ -1,4 +1,4 @@
-"""AMKD survival benchmark (seed 002), in layers labelled by how real they are.
+"""AMKD survival benchmark, in layers labelled by how real they are.
 
 1. **Semi-synthetic, from real data** (``datasets.her2st_survival``): 360 "patients", each a random
    window of a real HER2ST section with an H&E image; real patch features (effnet-lite0-imagenet,
@@ -9,6 +9,10 @@
    epochs chosen per fold on inner source patients (seed 0); 5 seeds; the oracle C-index of the
    true hazard is the ceiling. Diagnostics explain the student-vs-ABMIL result.
    **Fully simulated positive control** (``datasets.simulated_survival``): 5-fold patient CV.
+   **AMKD variants** (``--variants``, not in the default run): on the same windows and folds, the
+   redundancy loss in its reachable (whitened) form with disagreeing samples weighted up or down,
+   and teacher + student with 25% / 50% of each fold's training patients missing RNA (drawn with
+   seed 0 inside the training fold; test patients unchanged; epochs chosen anew on inner patients).
 2. **Real genomics + survival**: the genomic branch alone (SNN on Hallmark families) on real
    breast-cancer microarray cohorts from PyPI ``SurvSet`` (optional; skipped with a message when
    not installed), 5-fold CV; the clinical head on ``../shared/data/brace-marker-survival``
@@ -18,16 +22,19 @@
 Usage::
 
     python benchmarks/survival_semisynthetic.py --out results/survival --figures docs/figures
-    python benchmarks/survival_semisynthetic.py --quick --out /tmp/survival_quick   # small settings
+    python benchmarks/survival_semisynthetic.py --smoke --out /tmp/survival_smoke   # small settings
+    python benchmarks/survival_semisynthetic.py --variants --skip her2st,simulated,survset,brace --out results/survival_variants
 
-Writes ``<out>/<layer>/results.csv`` (+ selection, test risks) and ``<out>/table.md``; prints the
-tables and the run time.
+Writes ``<out>/<layer>/results.csv`` (+ selection, test risks), ``<out>/table.md`` and the results
+file ``docs/results/survival_semisynthetic[-variants].json`` (``benchmarks/_common.py``); prints the
+tables and the run time. Data: ``$STDISTILL_DATA``, else ``../shared/data`` beside the repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +44,7 @@ import pandas as pd
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _common
 import stdistill as sd
 from stdistill.recipes import (
     Cohort,
@@ -48,7 +56,6 @@ from stdistill.recipes import (
 )
 from stdistill.recipes._survival import Method
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOLD_NOTE = {"A": "A1/A2 images are 2000 px copies at ~3.2 um/px (blurrier): a resolution shift as well as a patient shift"}
 
 
@@ -158,10 +165,7 @@ def run_cv(c: Cohort, methods, folds, args, t0: float, groups=None, genesets=Non
     risks, keep = [], {}
 
     def on_fit(fold, seed, method, model, test, risk):
-        cut = np.nan  # risk-group cut-off for Kaplan-Meier: the median risk of the *training* patients
-        if method in ("amkd", "abmil"):
-            held = set(test.patients)
-            cut = float(np.median(model.predict(c.subset([p for p in c.patients if p not in held]))))
+        cut = model.risk_cut_  # risk-group cut-off for Kaplan-Meier: the median risk of the *training* patients
         risks.append(pd.DataFrame({"fold": fold, "seed": seed, "method": method, "patient": test.patients, "risk": risk,
                                    "cut": cut}))
         if seed == (seeds or args.seeds)[0] and method in ("amkd", "abmil"):
@@ -176,8 +180,8 @@ def save(out: Path, res: pd.DataFrame, sel: pd.DataFrame, risks: pd.DataFrame) -
     out.mkdir(parents=True, exist_ok=True)
     res.to_csv(out / "results.csv", index=False)
     if len(sel):
-        sel.assign(curve=sel["curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v)),
-                   raw_curve=sel["raw_curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v))).to_csv(out / "selection.csv", index=False)
+        # the measured C-index curves; the choice smoothed them (the Selection's criterion)
+        sel.assign(curve=sel["curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v))).to_csv(out / "selection.csv", index=False)
     risks.to_csv(out / "test_risks.csv", index=False)
 
 
@@ -221,8 +225,9 @@ def figures(c: Cohort, risks: pd.DataFrame, keep: dict, table: pd.DataFrame, pre
                                  title=f"AMKD student attention, window {p} (test fold {fold})")
 
 
-def her2st_report(c: Cohort, folds, res: pd.DataFrame, risks: pd.DataFrame, out: Path) -> list[str]:
+def her2st_report(c: Cohort, folds, res: pd.DataFrame, risks: pd.DataFrame, out: Path, args) -> list[str]:
     table = cv_table(res)
+    record(args, "her2st", display_table(table))
     ceil = image_ceiling(c, folds)
     diag = diagnostics(risks, c.table["hazard_true"])
     diag.to_csv(out / "diagnostics.csv")
@@ -240,16 +245,89 @@ def her2st_report(c: Cohort, folds, res: pd.DataFrame, risks: pd.DataFrame, out:
             "Spearman correlation of test risks (mean over folds and seeds):", "", frame_md(diag)]
 
 
+_COHORT: dict = {}
+
+
+def her2st_cohort(args, t0: float) -> Cohort:
+    """The semi-synthetic HER2ST cohort (built once per run)."""
+    if "her2st" not in _COHORT:
+        spots = _common.her2st(args.root, True, images_only=True) if args.smoke else None
+        _COHORT["her2st"] = c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient, spots=spots)
+        log(f"her2st_survival: {c}; censored {1 - c.event.mean():.0%}", t0)
+    return _COHORT["her2st"]
+
+
+def missing_table(res: pd.DataFrame, shares: list[float], n_train: dict[str, int]) -> pd.DataFrame:
+    """Teacher and student Harrell C per share of training patients without RNA: mean and sd over
+    seeds of the fold mean, and over all fold x seed runs."""
+    rows = []
+    for f in [0.0, *shares]:
+        tag = "" if f == 0 else f"_miss{round(100 * f)}"
+        row = {"training patients without RNA": f"{f:.0%}",
+               "per fold (" + " / ".join(n_train) + ")": " / ".join(str(int(round(f * n))) for n in n_train.values())}
+        for m in ("gge_teacher", "amkd"):
+            r = res[res["method"] == m + tag]
+            per_seed = r.groupby("seed")["cindex"].mean()
+            row |= {f"{m} C": per_seed.mean(), f"{m} sd (seeds)": per_seed.std(), f"{m} sd (folds x seeds)": r["cindex"].std()}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`cv_table` as the columns printed (numbers kept as numbers, for the results file)."""
+    folds = [c for c in table.columns if c.startswith("C_")]
+    out = pd.DataFrame({"method": table.index, "Harrell C": table["cindex_mean"], "sd": table["cindex_sd"],
+                        "Uno C": table["cindex_uno_mean"], "AUC(t)": table["auc_mean"],
+                        **{f"C {c[2:]}": table[c] for c in folds}, "seeds": table["n_seeds"].astype(int)})
+    return out.reset_index(drop=True)
+
+
+def record(args, name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Put ``df`` into the run's results file as table ``name`` (floats printed with 3 decimals)."""
+    args.record.table(name, df, digits={c: 3 for c in df.columns if df[c].dtype.kind == "f"})
+    return df
+
+
+def plain_md(df: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a markdown table, floats with ``digits`` decimals (NaN empty)."""
+    fmt = (lambda v: "" if isinstance(v, float) and np.isnan(v) else f"{v:.{digits}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|---" * df.shape[1] + "|"]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in df.itertuples(index=False)])
+
+
+def variants(args, t0: float) -> list[str]:
+    """AMKD variants on the semi-synthetic HER2ST windows: the reachable redundancy loss (weighting
+    up vs down) and incomplete modalities (training patients without RNA)."""
+    c = her2st_cohort(args, t0)
+    folds = patient_folds(c, groups="source_patient")
+    ms = amkd_methods(SurvivalConfig(max_epochs=args.max_epochs), rr_variants=True, missing_rna=args.missing)
+    ms = [m for m in ms if m.name not in ("snn", "late_fusion", "amkd_no_enhancement", "amkd_fixed_weight", "logit_kd")]
+    res, _, _ = cached_cv(args, "her2st_variants", lambda: run_cv(c, ms, folds, args, t0, groups="source_patient",
+                                                                  seeds=args.variant_seeds))
+    log("variants done", t0)
+    return ["", "## 1c. AMKD variants on the semi-synthetic HER2ST windows", "",
+            f"Same cohort and folds as layer 1; seeds {','.join(map(str, sorted(set(res['seed']))))}. amkd: the "
+            "redundancy loss over the batch (64 dimensions, rank <= 15), disagreeing samples weighted up; "
+            "amkd_rr_whitened: its reachable form (teacher's leading whitened principal directions, batch + queue "
+            "of 64 earlier rows), weighted up; amkd_rr_whitened_down: weighted down; amkd_no_rr: without the term; "
+            "all three for amkd's epochs. "
+            "*_miss25 / *_miss50: that share of each fold's training patients without RNA (drawn with seed 0 "
+            "inside the training fold; test patients unchanged), epochs chosen anew on the inner patients.", "",
+            plain_md(record(args, "variants", display_table(cv_table(res)))), "", epochs_table(res), "",
+            "Incomplete modalities (Harrell C on the test folds; the teacher is tested with RNA, the student "
+            "on slides alone):", "",
+            plain_md(record(args, "missing_rna", missing_table(res, args.missing, {f: len(tr) for f, tr, _ in folds})))]
+
+
 def layer1(args, t0: float) -> list[str]:
     """Semi-synthetic HER2ST windows (and the simulated positive control)."""
     parts = []
     base = SurvivalConfig(max_epochs=args.max_epochs)
     if "her2st" not in args.skip:
-        c = sd.datasets.her2st_survival(root=args.root, n_per_patient=args.n_per_patient)
-        log(f"her2st_survival: {c}; censored {1 - c.event.mean():.0%}", t0)
+        c = her2st_cohort(args, t0)
         folds = patient_folds(c, groups="source_patient")
         res, risks, keep = cached_cv(args, "her2st", lambda: run_cv(c, amkd_methods(base), folds, args, t0, groups="source_patient"))
-        parts += her2st_report(c, folds, res, risks, args.out / "her2st")
+        parts += her2st_report(c, folds, res, risks, args.out / "her2st", args)
         figures(c, risks, keep, cv_table(res), "survival_her2st", args.figures, image_folder=args.out / "her2st")
         log("her2st layer done", t0)
     if "simulated" not in args.skip:
@@ -259,6 +337,7 @@ def layer1(args, t0: float) -> list[str]:
         res, risks, keep = cached_cv(args, "simulated", lambda: run_cv(c, ms, patient_folds(c, 5), args, t0,
                                                                         genesets=c.meta["genesets"], seeds=args.sim_seeds))
         table = cv_table(res)
+        record(args, "simulated", display_table(table))
         parts += ["", "## 1b. Fully simulated positive control (planted programmes)", "",
                   f"{c}; 5-fold patient CV; gene families = the planted marker programmes.", "", md_table(table), "",
                   epochs_table(res)]
@@ -310,6 +389,7 @@ def layer2(args, t0: float) -> list[str]:
                 ms = [Method("snn", SurvivalConfig(kind="snn", max_epochs=args.max_epochs))]
                 res, _, _ = cached_cv(args, f"survset_{name}", lambda: run_cv(c, ms, patient_folds(c, 5), args, t0, seeds=args.sim_seeds))
                 tab = cv_table(res)
+                record(args, f"survset_{name}", display_table(tab))
                 for m, r in tab.iterrows():
                     rows.append(f"| {name} ({len(c.patients)} patients, {int(c.event.sum())} events) | {m} | "
                                 f"{r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f} | {r['cindex_uno_mean']:.3f} |")
@@ -326,6 +406,7 @@ def layer2(args, t0: float) -> list[str]:
             res, _, _ = cached_cv(args, "brace", lambda: run_cv(c, [Method("clinical", cfg)], patient_folds(c, 5), args, t0,
                                                                 seeds=args.sim_seeds))
             r = cv_table(res).loc["clinical"]
+            record(args, "brace", display_table(cv_table(res)))
             parts += ["", f"Clinical head (linear Cox on {len(cols)} clinical + slide-level columns) on BRACE cohort B "
                       f"({len(c.patients)} patients, {int(c.event.sum())} events; exercise only): Harrell C "
                       f"{r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f}, Uno C {r['cindex_uno_mean']:.3f} (5-fold CV)."]
@@ -333,10 +414,10 @@ def layer2(args, t0: float) -> list[str]:
     return parts
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(SHARED / "her2st")))
-    ap.add_argument("--brace", type=Path, default=SHARED / "brace-marker-survival" / "features" / "Cohort-B.csv")
+    ap.add_argument("--root", default=None, help="the her2st folder (default: $STDISTILL_DATA/her2st, else ../shared/data/her2st)")
+    ap.add_argument("--brace", type=Path, default=_common.data_root() / "brace-marker-survival" / "features" / "Cohort-B.csv")
     ap.add_argument("--out", type=Path, default=Path("results/survival"))
     ap.add_argument("--figures", type=Path, default=None, help="also write figures here (e.g. docs/figures)")
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -346,35 +427,52 @@ def main() -> None:
     ap.add_argument("--sim-patients", type=int, default=100)
     ap.add_argument("--survset", default="gse4335,gse1992,gse3143")
     ap.add_argument("--skip", default="", help="comma list of layers to skip: her2st,simulated,survset,brace")
-    ap.add_argument("--quick", action="store_true", help="small settings (1 seed, 5 epochs, 40 windows per patient)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also run the AMKD variants (reachable redundancy loss, training patients without RNA)")
+    ap.add_argument("--variant-seeds", default="0,1,2", help="seeds of the AMKD variants")
+    ap.add_argument("--missing", default="0.25,0.5", help="shares of training patients without RNA (variants)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables and figures from <out>/*/ CSVs (no training)")
+    _common.add_args(ap)
     args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.sim_seeds, args.max_epochs, args.n_per_patient, args.sim_patients = "0", "0", 5, 40, 40
-        args.survset = args.survset.split(",")[0]
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.sim_seeds = [int(s) for s in args.sim_seeds.split(",")]
+    if _common.smoke(args, seeds="0", sim_seeds="0", variant_seeds="0", max_epochs=2, n_per_patient=6, sim_patients=20,
+                     survset="gse4335"):  # every layer and table row, 1 seed, 2 epochs
+        if not (args.root or _common.has_dataset("her2st")):
+            print("her2st data absent: the smoke run skips the semi-synthetic HER2ST layer")
+            args.skip += ",her2st"
+    if "her2st" not in set(args.skip.split(",")) or args.variants:
+        args.root = str(_common.dataset("her2st", args.root))
+    for k in ("seeds", "sim_seeds", "variant_seeds"):
+        setattr(args, k, [int(v) for v in getattr(args, k).split(",")])
+    args.missing = [float(f) for f in args.missing.split(",") if f]
     args.survset = [s for s in args.survset.split(",") if s]
     args.skip = set(args.skip.split(","))
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    seeds = ((args.seeds if "her2st" not in args.skip else []) + (args.variant_seeds if args.variants else [])
+             + (args.sim_seeds if {"simulated", "survset", "brace"} - args.skip else []))
+    args.record = _common.Results(args, seeds=sorted(set(seeds)), precision="fp32", variant="variants" if args.variants else None)
     t0 = time.time()
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):  # small matrices: BLAS threads only contend (the nets train on one torch thread)
-        parts = layer1(args, t0) + layer2(args, t0)
+        parts = layer1(args, t0) + (variants(args, t0) if args.variants else []) + layer2(args, t0)
     took = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         line = f"Tables rebuilt from the saved CSVs (--report-only). {(args.out / 'run_time.txt').read_text().strip()}"
     else:
-        line = (f"Run time: {took / 60:.1f} min on this machine ({os.cpu_count()} CPUs, other jobs running), command: "
-                f"python benchmarks/survival_semisynthetic.py {' '.join(os.sys.argv[1:])}")
+        line = f"Run time: {took / 60:.1f} min on {os.cpu_count()} CPUs (other jobs running), command: {_common.command()}"
         (args.out / "run_time.txt").write_text(line + "\n")
     parts += ["", line]
     text = "\n".join(parts)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
+    return 0 if args.report_only else args.record.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

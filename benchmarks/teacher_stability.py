@@ -55,7 +55,7 @@ PRECISION = 3
 def kinds(members: int) -> dict[str, dict]:
     """Teacher kinds: NicheTeacher keyword arguments."""
     out = {"single": dict(consensus=1), "consensus": dict(consensus=members),
-           "celltypes": dict(use_rep="celltype_props", consensus=members),
+           "celltypes": dict(feature_key="celltype_props", consensus=members),
            "harmony_patient": dict(batch_key="patient", batch_correction="harmony", consensus=members)}
     import importlib.util
 
@@ -239,7 +239,7 @@ def outer_runs(a, fits: dict, ks, max_epochs: int, imaged: np.ndarray) -> pd.Dat
     on all test spots, stable spots and shared-niche spots."""
     from stdistill.metrics import shared_niche_mask
     from stdistill.recipes import niches
-    from stdistill.teachers.niche import write_niches
+    from stdistill._niches import write_niches
 
     pats = a.obs["patient"].astype(str).to_numpy()
     rows = []
@@ -273,7 +273,7 @@ def inner_gaps(a, fits: dict, ks, max_epochs: int, imaged: np.ndarray) -> pd.Dat
     from stdistill.pp.neighbors import radius_for_neighbors
     from stdistill.recipes.niches import TEACHER_KEY, kmeans_niches
     from stdistill.students import NicheStudent
-    from stdistill.teachers.niche import write_niches
+    from stdistill._niches import write_niches
 
     pats = a.obs["patient"].astype(str).to_numpy()
     sec = a.obs["section"].astype(str).to_numpy()

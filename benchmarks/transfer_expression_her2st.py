@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/transfer_expression_her2st.py --root ../shared/data/her2st
     ... --parts peka              # the PEKA arm (not in the default run; its own files under --out)
     ... --parts probes peka --from-csv   # re-print the tables of both parts from --out's files
+    ... --smoke --out /tmp/smoke   # both parts on 30 spots of A1, B4, C2, fold B: 1 view seed, 1 PEKA seed, 1 epoch
 
 Leave-one-patient-out over the imaged HER2ST patients (A: A1, A2 as ~3.2 um/px copies; B: B4;
 C: C2-C5, ~0.69 um/px), the protocol of ``benchmarks/expression_her2st.py`` through
@@ -57,6 +58,7 @@ os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
 from expression_her2st import fold_teacher  # noqa: E402
 
 import stdistill as sd  # noqa: E402
@@ -78,9 +80,9 @@ PROBES = {"hest": False, "clipped": True}  # probe name: clip
 TEACHER_DIM = 32  # PEKA's expression teacher: embedding width (as expression_her2st.py's --n-components)
 
 
-def load(root: str):
+def load(root: str | None, smoke: bool = False):
     """All HER2ST sections (for PEKA's teacher) and the imaged ones."""
-    full = sd.datasets.her2st(root=root)
+    full = _common.her2st(root, smoke)
     return full, sd.io.subset_sections(full, [s for s in sd.io.sections(full) if sd.io.has_image(full, s)])
 
 
@@ -126,7 +128,7 @@ def probe_arms(img, views: dict, args) -> tuple[list[dict], dict]:
             if with_views:
                 img.obsm[key + "_views"] = views[(stain, vs)]
             for probe, clip in PROBES.items():
-                res = sd.bench.expression(img, keys, views=with_views, svd_solver="covariance_eigh", clip=clip,
+                res = sd.bench.expression(img, keys, folds=args.folds, views=with_views, svd_solver=args.svd_solver, clip=clip,
                                           extra_genes=[MAP_GENE], key_added=None)
                 r, g = _rows(res, arm, probe, vs)
                 rows += r
@@ -149,7 +151,7 @@ def chosen_arm(img, views: dict, args, say=print) -> tuple[list[dict], dict]:
         cands[arm] = {"key": [key, key + "_ctx"] if context else [key], "views": with_views}
         if with_views:
             img.obsm[key + "_views"] = views[(stain, vs0)]
-    res = {probe: sd.bench.expression(img, cands, svd_solver="covariance_eigh", clip=clip, extra_genes=[MAP_GENE],
+    res = {probe: sd.bench.expression(img, cands, folds=args.folds, svd_solver=args.svd_solver, clip=clip, extra_genes=[MAP_GENE],
                                       key_added=None) for probe, clip in PROBES.items()}
     for key in (KEY, KEY + "_macenko"):
         img.obsm.pop(key + "_views", None)
@@ -173,7 +175,7 @@ def peka_arm(full, img, fold_genes: dict, args, say=print) -> tuple[list[dict], 
     from stdistill.recipes import PEKA, PekaConfig
 
     rows, per_gene = [], {}
-    for fold in sd.pp.folds(img):
+    for fold in args.folds or sd.pp.folds(img):
         p = fold.patients_of("test")[0]
         tr = sd.io.subset_sections(img, list(fold.train))
         cfg0 = PekaConfig(max_epochs=args.peka_epochs, train_positions=16, head_ridge=10.0)
@@ -183,7 +185,7 @@ def peka_arm(full, img, fold_genes: dict, args, say=print) -> tuple[list[dict], 
             m = PEKA(ENCODER, replace(cfg0, seed=seed)).fit(tr, T, fold_genes[p], kd_classifier=kd[seed])
             m.transform(img, key_added="X_peka")
             for probe, clip in PROBES.items():
-                res = sd.bench.expression(img, "X_peka", folds=[fold], genes=fold_genes[p], svd_solver="covariance_eigh",
+                res = sd.bench.expression(img, "X_peka", folds=[fold], genes=fold_genes[p], svd_solver=args.svd_solver,
                                           clip=clip, extra_genes=[MAP_GENE], key_added=None)
                 r, g = _rows(res, "peka", probe, seed)
                 rows += r
@@ -237,18 +239,24 @@ def paired_table(res: pd.DataFrame, per_gene: dict, col: str = "pearson") -> pd.
     return pd.DataFrame(out).T.replace(r" \[nan\]", "", regex=True)
 
 
-def report(res: pd.DataFrame, per_gene: dict) -> str:
+def report(res: pd.DataFrame, per_gene: dict, results=None) -> str:
+    """The printed tables (each also into ``results`` when given)."""
     paired = (res["arm"] == "none").any()  # the differences need the none arm (the probes part)
+    tabs = {"pearson": score_table(res, "pearson"), "pearson_vs_none": paired_table(res, per_gene) if paired else None,
+            "erbb2": score_table(res, "r_erbb2"), "erbb2_vs_none": paired_table(res, per_gene, "r_erbb2") if paired else None}
+    for name, t in tabs.items():
+        if results is not None and t is not None:
+            results.table(name, t.rename_axis(["arm", "probe"]))
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
         return "\n".join([
             "== mean Pearson over the 50 genes, per held-out patient (mean +- sd over seeds where seeded) ==",
-            score_table(res, "pearson").to_string(),
+            tabs["pearson"].to_string(),
             *(["== arm - none, mean Pearson (same probe; +- sd over seeds; [standard error over the 50 genes]) ==",
-               paired_table(res, per_gene).to_string()] if paired else []),
+               tabs["pearson_vs_none"].to_string()] if paired else []),
             f"== {MAP_GENE} r per held-out patient ==",
-            score_table(res, "r_erbb2").to_string(),
+            tabs["erbb2"].to_string(),
             *([f"== arm - none, {MAP_GENE} r (+- sd over seeds) ==",
-               paired_table(res, per_gene, "r_erbb2").to_string()] if paired else []),
+               tabs["erbb2_vs_none"].to_string()] if paired else []),
             f"* {APART}: A1/A2 are ~3.2 um/px copies (a 112 um patch is ~35 px upsampled to 224): a resolution shift "
             "as much as a patient shift; the 'mean' columns without it are the cleaner read.",
         ])
@@ -277,9 +285,8 @@ def _load(out: Path, parts) -> tuple[pd.DataFrame, dict, list[str]]:
     return pd.concat(rows, ignore_index=True), per_gene, header
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=os.environ.get("STDISTILL_HER2ST", str(Path(__file__).resolve().parents[2] / "shared/data/her2st")))
     ap.add_argument("--out", default="results/transfer_expression_her2st")
     ap.add_argument("--parts", nargs="+", default=["probes"], choices=["probes", "peka"],
                     help="what to run: the probe arms (default) and/or the PEKA arm (about 20 min more on 2 busy "
@@ -291,13 +298,19 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--peka-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--peka-epochs", type=int, default=2)
+    ap.add_argument("--svd-solver", default="covariance_eigh", choices=["covariance_eigh", "full"], help="PCA solver of every HEST probe here (exact either way; --smoke: full, cheaper for a few dozen spots)")
+    _common.add_args(ap, root="her2st")
     args = ap.parse_args()
+    _common.smoke(args, parts=["probes", "peka"], view_seeds=[0], views=1, peka_seeds=[0], peka_epochs=1, svd_solver="full")
+    results = _common.Results(args, seeds=sorted(set(args.view_seeds) | set(args.peka_seeds)), precision=args.precision,
+                              variant="-".join(args.parts) if args.parts != ["probes"] else None)
     out = Path(args.out)
     if not args.from_csv:
         run_parts(args, out)
     res, per_gene, header = _load(out, args.parts)
     print("\n".join(header))
-    print(report(res, per_gene))
+    print(report(res, per_gene, results))
+    return results.finish()
 
 
 def run_parts(args, out: Path) -> None:
@@ -312,8 +325,10 @@ def run_parts(args, out: Path) -> None:
                   f"cores, {torch.get_num_threads()} torch thread(s); "
                   + (f"view seeds {args.view_seeds} x {args.views} view(s)" if part == "probes" else
                      f"PEKA seeds {args.peka_seeds}, {args.peka_epochs} epochs")]
-        full, img = load(args.root)
+        full, img = load(args.root, args.smoke)
         header.append(f"imaged sections {sd.io.sections(img)} ({img.n_obs} spots)")
+        # --smoke: one held-out patient, not A (so the tables' "without A" columns are filled); else every fold
+        args.folds = [f for f in sd.pp.folds(img) if f.patients_of("test") != [APART]][:1] if args.smoke else None
         print("\n".join(header), flush=True)
         def say(msg: str) -> None:  # printed now and kept in the part's header
             print(msg, flush=True)
@@ -327,11 +342,12 @@ def run_parts(args, out: Path) -> None:
                 rows += more
                 per_gene.update(more_genes)
         else:
-            genes = {f.patients_of("test")[0]: sd.pp.hest_genes(img, 50, sections=list(f.train)) for f in sd.pp.folds(img)}
+            genes = {f.patients_of("test")[0]: sd.pp.hest_genes(img, 50, sections=list(f.train))
+                     for f in args.folds or sd.pp.folds(img)}
             rows, per_gene = peka_arm(full, img, genes, args, say)
         say(f"part {part}: wall {time.time() - t0:.0f} s")
         _save(out, part, rows, per_gene, header)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Patient-shift ablation of the niche student: none / +stain norm / +views / +refinement / all.
 
     python benchmarks/transfer_her2st.py --quick            # small simulated data, 1 seed, K=3 (minutes on 2 CPUs)
+    python benchmarks/transfer_her2st.py --smoke --out /tmp/smoke   # --quick on 30 spots per section, 1 view, 2 epochs, 1 fold
     python benchmarks/transfer_her2st.py --root ../shared/data/her2st         # default: 3 seeds, 20 epochs, 4 views, all arms
     python benchmarks/transfer_her2st.py --root ../shared/data/her2st --seeds 0 1 2 3 4   # docs/transfer.md's run
                                                                                # (74 min on 2 busy CPUs)
@@ -30,7 +31,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+
+import _common
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -54,9 +58,11 @@ APART = "A"  # HER2ST patient whose images are 3.2 um/px copies: reported apart
 def load(args):
     import stdistill as sd
 
+    if args.smoke:
+        return _common.simulated_small()
     if args.quick or args.data == "simulated":
         return sd.datasets.simulated(n_sections=3, n_patients=3, spots_per_section=120, seed=0)
-    a = sd.datasets.her2st(root=args.root)
+    a = _common.her2st(args.root)
     return sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
 
 
@@ -122,8 +128,8 @@ def one_fold(a, test_patient: str, k: int, config: str, seed: int, args) -> list
                       max_epochs=args.max_epochs, seed=seed)
     st.fit(tr, probs_key="niche_teacher_probs")
     st.predict(te, key_added="student", refine="auto")
-    base = kmeans_niches(a, base_key, k, radius_um=st.info_["radius_um"], seed=seed, key_added="kmeans_nbr")
-    plain = kmeans_niches(a, base_key, k, radius_um=None, seed=seed, key_added="kmeans")
+    base = kmeans_niches(a, base_key, k, radius_um=st.info_["radius_um"], seed=seed, inplace=False)
+    plain = kmeans_niches(a, base_key, k, radius_um=None, seed=seed, inplace=False)
     teach = te.obs["niche_teacher"].astype(str).to_numpy()
     is_te = a.obs["patient"].astype(str).to_numpy() == test_patient
     t_all = a.obs["niche_teacher"].astype(str).to_numpy()
@@ -143,7 +149,7 @@ def _refine_name(r: dict) -> str:
     return " ".join(f"{v}" if k == "method" else f"{k}={v}" for k, v in r.items())
 
 
-def table(rows, patients: list[str] | None = None):
+def table(rows, patients: list[str] | None = None, results=None, name: str = ""):
     """Per arm and K: means over the held-out ``patients`` (all: None), paired differences over seeds."""
     import pandas as pd
 
@@ -159,37 +165,46 @@ def table(rows, patients: list[str] | None = None):
     for d in ("d_ari", "d_nmi"):
         out[f"{d} mean"] = g[d].mean().round(3)
         out[f"{d} sd"] = g[d].std(ddof=1).round(3) if g.size().min() > 1 else float("nan")
-    return out.reindex([a for a in ARMS if a in set(df["arm"])], level=0)
+    out = out.reindex([a for a in ARMS if a in set(df["arm"])], level=0)
+    if results is not None:
+        results.table(name, out, digits=dict.fromkeys(out.columns, 3))
+    return out
 
 
-def report(rows, patients: list[str]) -> None:
+def report(rows, patients: list[str], results) -> None:
     """The tables: all held-out patients, without patient A, and A alone (when A is held out)."""
     import pandas as pd
 
     print(f"== mean over held-out patients {patients} ==")
-    print(table(rows).to_string())
+    print(table(rows, None, results, "all").to_string())
     if APART in patients and len(patients) > 1:
         rest = [p for p in patients if p != APART]
         print(f"== mean over held-out patients {rest} (fold {APART} apart: its images are 3.2 um/px copies) ==")
-        print(table(rows, rest).to_string())
+        print(table(rows, rest, results, "without_" + APART).to_string())
         print(f"== held-out patient {APART} alone ==")
-        print(table(rows, [APART]).to_string())
+        print(table(rows, [APART], results, APART).to_string())
     df = pd.DataFrame(rows)
     ref = df[df["arm"].str.endswith("+refine")].groupby(["arm", "k", "seed"]).mean(numeric_only=True)
     eff = pd.DataFrame({"ari": ref["student_ari"] - ref["raw_ari"], "nmi": ref["student_nmi"] - ref["raw_nmi"]})
     g = eff.groupby(["arm", "k"])
     print(f"refined - raw student, mean over held-out patients {patients}, mean and sd over seeds:")
-    print(pd.concat({"mean": g.mean(), "sd": g.std(ddof=1)}, axis=1).round(3).to_string())
+    refined = pd.concat({"mean": g.mean(), "sd": g.std(ddof=1)}, axis=1)
+    print(refined.round(3).to_string())
+    refined.columns = [f"{a} {b}" for a, b in refined.columns]
+    results.table("refined_minus_raw", refined, digits=dict.fromkeys(refined.columns, 3))
     raw = df[~df["arm"].str.endswith("+refine")]
     print("refinement chosen on the validation patient (folds x seeds):")
-    print(raw.groupby(["arm", "k"])["refine_chosen"].value_counts().unstack(fill_value=0).to_string())
+    chosen = raw.groupby(["arm", "k"])["refine_chosen"].value_counts().unstack(fill_value=0)
+    print(chosen.to_string())
+    chosen.columns.name = None
+    results.table("refine_chosen", chosen)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small simulated data, 1 seed, K=3, 2 views, 15 epochs, every configuration")
     ap.add_argument("--data", choices=["her2st", "simulated"], default="her2st")
-    ap.add_argument("--root", default=None, help="local HER2ST copy (default: $STDISTILL_DATA/her2st or the cache)")
+    ap.add_argument("--root", default=None, help="the her2st folder (default: $STDISTILL_DATA/her2st, else ../shared/data/her2st)")
     ap.add_argument("--k", type=int, nargs="+", default=[4, 6, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--views", type=int, default=4, help="augmented views per patch (0: no view arms)")
@@ -198,9 +213,13 @@ def main() -> None:
                     help="student configurations (view ones need --views > 0)")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=1)
+    _common.add_args(ap, out="results/transfer_her2st")
     args = ap.parse_args()
     if args.quick:
         args.k, args.seeds, args.views, args.max_epochs, args.configs = [3], [0], 2, 15, list(CONFIGS)
+    _common.smoke(args, k=[3], seeds=[0], views=1, max_epochs=2, configs=list(CONFIGS), threads=1)
+    results = _common.Results(args, seeds=args.seeds, precision=args.precision,
+                              variant="quick" if args.quick else None if args.data == "her2st" else args.data)
 
     import torch
 
@@ -214,7 +233,7 @@ def main() -> None:
     print(f"NMI(feature clusters, patient): plain {patient_nmi(a, KEY):.3f}, macenko {patient_nmi(a, KEY + '_macenko'):.3f}",
           flush=True)
     rows = []
-    patients = sorted(a.obs["patient"].astype(str).unique())
+    patients = sorted(a.obs["patient"].astype(str).unique())[: 1 if args.smoke else None]  # --smoke: one held-out patient
     configs = [c for c in args.configs if args.views > 0 or not CONFIGS[c][1]]
     for k in args.k:
         NicheTeacher(k, seed=0).fit_predict(a, key_added="niche_teacher")
@@ -223,10 +242,11 @@ def main() -> None:
                 for p in patients:
                     rows += one_fold(a, p, k, config, seed, args)
             print(f"K={k} {config} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    report(rows, patients)
+    report(rows, patients, results)
     print(f"{len(patients)} held-out patients, seeds {args.seeds}, wall {time.perf_counter() - t0:.0f} s "
           f"({os.cpu_count()} CPU cores, {args.threads} torch thread(s))")
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -66,8 +66,11 @@ def grid(data: dict, name: str) -> list[list[str]]:
     if t is None:
         raise TableError(f"{data['benchmark']} wrote no table {name!r} (it has {sorted(data['tables'])})")
     d = t.get("digits", {})
-    cols = t["columns"]
-    return [[cell(c, None) for c in cols]] + [[cell(v, d.get(c)) for c, v in zip(cols, r)] for r in t["rows"]]
+    cols, rows = t["columns"], t["rows"]
+    if "error" in cols and all(r[cols.index("error")] in (None, "") for r in rows):  # no row failed
+        j = cols.index("error")
+        cols, rows = cols[:j] + cols[j + 1:], [r[:j] + r[j + 1:] for r in rows]
+    return [[cell(c, None) for c in cols]] + [[cell(v, d.get(c)) for c, v in zip(cols, r)] for r in rows]
 
 
 def provenance(data: dict, stem: str) -> str:

@@ -88,10 +88,10 @@ def hest_folder(root: Path, sample: str = "TENX1", meta: dict | None = None, wsi
     return root
 
 
-def colour_sections(n_patients: int = 3, side: int = 5, genes=None, seed: int = 0, features_key: str | None = None):
+def colour_sections(n_patients: int = 3, side: int = 5, genes=None, seed: int = 0, feature_key: str | None = None):
     """One imaged section per patient (``S<p>``/``P<p>``): ``side`` x ``side`` spots on a 40 px grid,
     each a 28 px square whose colour drives its expression (learnable from the patch). Genes
-    default to G0..G11. With ``features_key``, ``obsm[features_key]`` = colour + 5 noise columns."""
+    default to G0..G11. With ``feature_key``, ``obsm[feature_key]`` = colour + 5 noise columns."""
     from stdistill.io import concat, new_section
 
     rng = np.random.default_rng(seed)
@@ -108,7 +108,7 @@ def colour_sections(n_patients: int = 3, side: int = 5, genes=None, seed: int = 
         counts = rng.poisson(np.exp(1.0 + (col / 255.0 - 0.5) @ W))
         a = new_section(counts, genes=genes, spots=[f"s{i}" for i in range(len(xy))], xy_px=xy, section=f"S{p}",
                         patient=f"P{p}", microns_per_pixel=1.0, spot_diameter_um=28, image=img)
-        if features_key:
-            a.obsm[features_key] = np.c_[col / 255.0, rng.normal(size=(len(xy), 5))].astype(np.float32)
+        if feature_key:
+            a.obsm[feature_key] = np.c_[col / 255.0, rng.normal(size=(len(xy), 5))].astype(np.float32)
         secs.append(a)
     return concat(secs)

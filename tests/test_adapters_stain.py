@@ -94,10 +94,10 @@ def test_peka_normalises_a_new_slide_onto_the_stored_training_reference(tmp_path
     est = stain_estimates(a, "macenko", **GEOM)
     assert m.stain_["method"] == "macenko" and m.stain_["reference_section"] == "sec0"
     assert m.stain_["reference"] == est["sec0"]  # the training section's estimate
-    pred = m.predict(new).to_numpy()
+    pred = m.predict(new, inplace=False).to_numpy()
     again = PEKA.load(m.save(tmp_path / "peka"), cache_dir=False)
     assert again.stain_ == m.stain_ and again.config.stain_norm == "macenko"
-    np.testing.assert_allclose(again.predict(new).to_numpy(), pred, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again.predict(new, inplace=False).to_numpy(), pred, rtol=1e-5, atol=1e-5)
     enc = again._frozen_encoder()
     onto_train = trunk_activations(enc, new, cfg, cache_dir=False, stain=StainNormalizer("macenko", est["sec0"]))
     onto_own = trunk_activations(enc, new, cfg, cache_dir=False, stain=StainNormalizer("macenko", est["sec1"]))
@@ -105,7 +105,7 @@ def test_peka_normalises_a_new_slide_onto_the_stored_training_reference(tmp_path
     torch.testing.assert_close(h, onto_train)
     assert (h.float() - onto_own.float()).abs().max() > 0.05  # not the new section's own stain
     plain = PEKA(TINY_VIT, cfg, cache_dir=tmp_path / "trunk", stain_norm=None).fit(tr, T, ["g0", "g1", "g2"])
-    assert plain.stain_ is None and not np.allclose(plain.predict(new).to_numpy(), pred, atol=1e-3)
+    assert plain.stain_ is None and not np.allclose(plain.predict(new, inplace=False).to_numpy(), pred, atol=1e-3)
 
 
 def test_unknown_stain_method_and_bad_reference_are_one_clear_error(tmp_path):
@@ -141,7 +141,7 @@ def test_stamp_cli_stain_norm_is_saved_and_used_by_predict(tmp_path, monkeypatch
     r = runner.invoke(app, ["pathways", "predict", str(model), str(scored), "--sections", "S2", "-o", str(out)])
     assert r.exit_code == 0, r.output
     got = sd.io.read_h5ad(out).obsm["pathway_pred"].to_numpy()
-    np.testing.assert_allclose(got, m.predict(sd.io.subset_sections(sd.io.read_h5ad(scored), ["S2"])).to_numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, m.predict(sd.io.subset_sections(sd.io.read_h5ad(scored), ["S2"]), inplace=False).to_numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_stain_reference_is_the_first_imaged_training_section_or_the_named_one():

@@ -89,3 +89,22 @@ def test_bad_candidates_are_one_clear_error(cands, match):
     a, genes = _cohort(n=10)
     with pytest.raises(StdistillError, match=match):
         _bench(a, cands, genes, key_added=None)
+
+
+def test_each_fold_keeps_its_selection_and_the_scores_recorded_before_the_engine():
+    """Inner scores recorded by benchmarks/checks/select_parity.py on the code before the selection
+    engine: the same choices, the same scores (to rounding; the same machine gives the same bits)."""
+    a, genes = _cohort()
+    _with_noise(a)
+    cands = {"noise": "X_noise", "signal": "X_f", "signal+views": {"key": "X_f", "views": True}}
+    res = _bench(a, cands, genes, key_added=None)
+    recorded = {"noise": ["-0x1.0a5bb1fcdb0acp-3", "-0x1.74c22be1eafbep-9", "-0x1.93bbe793ac3d3p-7"],
+                "signal": ["0x1.0c7f97098f7acp-1", "0x1.3c0bae9268e06p-1", "0x1.187aa3475e2edp-1"],
+                "signal+views": ["0x1.0ab9d14743aeep-1", "0x1.3a796c7089252p-1", "0x1.19f9f91a2563ap-1"]}
+    for c, v in recorded.items():
+        np.testing.assert_allclose(res.selection[c], [float.fromhex(x) for x in v], rtol=1e-12)
+    assert list(res.per_fold["chosen"]) == ["signal", "signal", "signal+views"]
+    for fold, sel in res.selections.items():
+        assert fold not in set(sel.table["split"]) and sel.table["split"].nunique() == 2  # the test patient never validates
+        assert sel.choice["settings"]["features"] == res.per_fold.set_index("fold").loc[fold, "chosen"]
+        assert sel.scores()["score"].tolist() == res.selection.loc[fold].tolist()

@@ -249,7 +249,7 @@ def test_cli_probe_writes_a_bundle_with_the_feature_record(tmp_path):
 
     from stdistill.cli import app
 
-    a = colour_sections(3, 5, [f"G{i}" for i in range(12)], 0, features_key="X_feat")
+    a = colour_sections(3, 5, [f"G{i}" for i in range(12)], 0, feature_key="X_feat")
     a.uns["features"] = {"X_feat": {**RECORD, "size_um": 32.0, "px": 32}}
     f = tmp_path / "d.h5ad"
     a.write_h5ad(f)

@@ -44,7 +44,7 @@ CAUSE = {
 
 @pytest.fixture(scope="module")
 def good():
-    return colour_sections(n_patients=2, side=4, features_key="X_feat")
+    return colour_sections(n_patients=2, side=4, feature_key="X_feat")
 
 
 COMMANDS = {  # DATA is replaced by the input, OUT by an output path

@@ -55,7 +55,7 @@ def test_peka_is_deterministic(tmp_path):
                          val_metric="head", train_positions=None)
         m = sd.recipes.peka(a, "X_teacher", list(a.var_names[:4]), train_sections=["S0", "S1"], val_sections=["S2"],
                             encoder=TINY_VIT, config=cfg, cache_dir=False, key_added="X_peka")
-        return a.obsm["X_peka"], m.predict(a).to_numpy(), [h.get("val_score") for h in m.history_]
+        return a.obsm["X_peka"], m.predict(a, inplace=False).to_numpy(), [h.get("val_score") for h in m.history_]
 
     (f1, p1, h1), (f2, p2, h2) = _twice(run)
     np.testing.assert_array_equal(f1, f2)
@@ -68,7 +68,7 @@ def test_stamp_is_deterministic():
     from stdistill.recipes import StampConfig
 
     def run():
-        a = colour_sections(3, 4, None, 0, features_key="colour")
+        a = colour_sections(3, 4, None, 0, feature_key="colour")
         col = np.asarray(a.obsm.pop("colour"))[:, :3]
         act = col @ np.random.default_rng(0).normal(size=(3, 4))
         a.obsm["pathway_scores"] = pd.DataFrame(act, index=a.obs_names, columns=[f"PW{i}" for i in range(4)])
@@ -97,7 +97,7 @@ def test_genst_is_deterministic():
 
     def run():
         m = GenST(cfg, feature_key="X_f").fit(tr, genes, val=va)
-        return m.predict(va, key_added=None).to_numpy(), m.sample(va, 2, seed=1)
+        return m.predict(va, inplace=False).to_numpy(), m.sample(va, 2, seed=1, inplace=False)
 
     (p1, s1), (p2, s2) = _twice(run)
     np.testing.assert_array_equal(p1, p2)

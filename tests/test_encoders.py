@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import warnings
 
@@ -49,7 +50,7 @@ def test_registry_has_the_required_entries_with_facts():
 
 def test_spec_is_frozen_and_validated():
     spec = sd.encoders.get_spec("uni")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'dim'"):
         spec.dim = 3  # type: ignore[misc]
     with pytest.raises(TypeError):
         spec.kwargs["init_values"] = 1.0  # read-only mapping

@@ -277,3 +277,20 @@ def test_missing_extra_gene_warns_and_is_left_out(tiny):
     assert "r_g2" in res.per_fold and "r_NOPE" not in res.per_fold
     assert "NOPE" not in res.per_gene.index and "g2" in res.per_gene.index
     assert res.mean == pytest.approx(sd.bench.expression(tiny, "X_f", genes=["g1"], key_added=None).mean)
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="the reset is to the core count: needs 2+ cores to show")
+@pytest.mark.parametrize("call", ["sd.pp.hest_genes(a, 20)",
+                                  "sd.teachers.ExpressionTeacher('pca', n_components=4, n_top_genes=100).fit(a)"])
+def test_gene_selection_keeps_torch_threads(call):
+    """scanpy's first parallel numba kernel (HVGs on sparse counts) resets torch's thread count to the
+    core count in a fresh process; hest_genes and ExpressionTeacher keep the caller's count."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\nimport stdistill as sd\n"
+            f"a = sd.datasets.simulated(2, 2, seed=0, spots_per_section=20)\ntorch.get_num_threads()\n{call}\n"
+            "print(torch.get_num_threads())\n")  # (torch's pool in use before the call, as in a benchmark)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1"]

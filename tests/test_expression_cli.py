@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def _imaged(n_patients=3, side=5, n_genes=12, seed=0):
     genes = [f"G{i}" for i in range(n_genes - 1)] + ["ERBB2"]
-    return colour_sections(n_patients, side, genes, seed, features_key="X_feat")
+    return colour_sections(n_patients, side, genes, seed, feature_key="X_feat")
 
 
 def test_bench_cli_and_figures(tmp_path):
@@ -59,10 +59,13 @@ def test_bench_cli_feature_candidates_are_chosen_per_fold(tmp_path):
     r = runner.invoke(app, ["expression", "bench", str(f), "-f", "noise=X_noise,feat=X_feat,both=X_feat+X_noise",
                             "--genes", str(_genes(tmp_path, a)), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    pf, sel = pd.read_csv(out / "per_fold.csv"), pd.read_csv(out / "selection.csv", index_col=0)
-    assert list(sel.columns) == ["noise", "feat", "both"] and len(sel) == 3
+    pf, sel = pd.read_csv(out / "per_fold.csv"), pd.read_csv(out / "selection.csv")  # every fold's Selection table
+    assert list(sel.columns) == ["candidate", "features", "split", "score", "seconds", "fold"]
+    assert len(sel) == 3 * 3 * 2  # 3 folds x 3 candidates x 2 inner patients
     assert (pf["chosen"] != "noise").all()  # the features carry the signal; noise does not
-    assert list(pf["chosen"]) == list(sel.idxmax(axis=1))
+    inner = sel.groupby(["fold", "features"], sort=False)["score"].mean().unstack()
+    assert list(pf["chosen"]) == list(inner.loc[pf["fold"]].idxmax(axis=1))
+    assert "fold P0: feature candidates on its training patients" in r.output and "chosen: features=" in r.output
     r = runner.invoke(app, ["expression", "bench", str(f), "-f", "noise=X_noise,feat", "-o", str(out)])
     assert r.exit_code != 0 and "is not name=KEY" in str(r.exception)
 
@@ -109,7 +112,11 @@ def test_peka_and_predict_cli(tmp_path):
                 "--rank", "4", "--epochs", "1", "--n-clusters", "4", "--genes", str(_genes(tmp_path, a)), "-o", str(model)]
         r = runner.invoke(app, [*grid, "--lr", "1e-3,1e-2"])  # a grid: chosen on P0 <-> P1, then trained on both
         assert r.exit_code == 0, r.output
-        assert "chosen: lr=" in r.output and r.output.count("P0") >= 2
+        assert "chosen: lr=" in r.output and "P0" in r.output and "P1" in r.output  # each inner patient's score
+        record = json.loads((model / "config.json").read_text())["bundle"]["training"]["selection"]
+        split = record["table"]["columns"].index("split")
+        assert record["choice"]["settings"]["lr"] in (1e-3, 1e-2) and {r[split] for r in record["table"]["rows"]} == {"P0", "P1"}
+        assert sd.recipes.PEKA.load(model).selection_.choice == record["choice"]
         r = runner.invoke(app, [*grid, "--lr", "1e-3,fast"])
         assert isinstance(r.exception, sd.StdistillError) and "--lr must be a number or a comma list" in str(r.exception)
     finally:

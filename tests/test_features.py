@@ -185,11 +185,15 @@ def test_sections_without_image(tmp_path, counting):
 
 def test_default_encoder_end_to_end(tmp_path):
     a = make_sections(1, n_spots=3)
-    out = sd.features.extract(a, size_um=24, px=32, cache_dir=tmp_path, device="cpu")
-    assert out is a
+    b = a.copy()
+    assert sd.features.extract(a, size_um=24, px=32, cache_dir=tmp_path, device="cpu") is None  # written in place
     X = a.obsm["X_effnet-lite0-imagenet"]
     assert X.shape == (3, 1280) and np.isfinite(X).all() and X.std() > 0
     assert a.uns["features"]["X_effnet-lite0-imagenet"]["precision"] in ("bf16", "fp32")
+    c = sd.features.extract(b, size_um=24, px=32, cache_dir=tmp_path, device="cpu", copy=True)  # a cache hit
+    assert c is not b and "X_effnet-lite0-imagenet" not in b.obsm and "features" not in b.uns
+    np.testing.assert_array_equal(c.obsm["X_effnet-lite0-imagenet"], X)
+    assert c.obs["patch_padded"].tolist() == a.obs["patch_padded"].tolist()
 
 
 def test_bad_arguments(counting):

@@ -66,26 +66,30 @@ def test_generation_on_features_without_genes(sim, model):
     te = parts["simP2"]
     tiles = ad.AnnData(obs=te.obs[["section", "patient"]].copy(), obsm={KEY: te.obsm[KEY]}, uns={"features": te.uns["features"]})
     assert tiles.n_vars == 0
-    pred = model.predict(tiles)
+    assert model.predict(tiles) is None
+    pred = tiles.obsm["genst_pred"]
     assert isinstance(pred, pd.DataFrame) and pred.shape == (te.n_obs, len(genes)) and list(pred.columns) == genes
-    assert tiles.obsm["genst_pred"] is pred and tiles.obsm["genst_sd"].shape == pred.shape
+    assert tiles.obsm["genst_sd"].shape == pred.shape
     assert (tiles.obsm["genst_sd"].to_numpy() >= 0).all() and np.isfinite(pred.to_numpy()).all()
-    np.testing.assert_allclose(pred.to_numpy(), model.predict(te, key_added=None).to_numpy())
+    np.testing.assert_allclose(pred.to_numpy(), model.predict(te, inplace=False).to_numpy())
     usage = model.codebook_usage(tiles)
     assert list(usage.index) == ["histology", "generated"]
 
 
 def test_sampling_is_reproducible(sim, model):
     te = sim[0]["simP2"]
-    a = model.sample(te, 6, seed=3)
-    b = model.sample(te, 6, seed=3)
+    assert model.sample(te, 6, seed=3) is None  # obsm["genst_samples"] and obsm["genst_sd"]
+    a = te.obsm["genst_samples"]
+    b = model.sample(te, 6, seed=3, inplace=False)
     assert a.shape == (te.n_obs, 6, len(model.genes_))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, model.sample(te, 6, seed=4))
-    c1, c2 = (model.sample(te, 5, seed=1, counts=True, top_k=3, temperature=0.5) for _ in range(2))
+    assert not np.array_equal(a, model.sample(te, 6, seed=4, inplace=False))
+    c1 = model.sample(te, 5, seed=1, counts=True, top_k=3, temperature=0.5, inplace=False)
+    model.sample(te, 5, seed=1, counts=True, top_k=3, temperature=0.5)
+    c2 = te.obsm["genst_samples"]
     np.testing.assert_array_equal(c1, c2)
     np.testing.assert_allclose(te.obsm["genst_sd"].to_numpy(), c2.std(1), rtol=1e-6)
-    one = model.sample(te, 4, seed=0, top_k=1)  # a single code per spot: no spread
+    one = model.sample(te, 4, seed=0, top_k=1, inplace=False)  # a single code per spot: no spread
     assert np.allclose(one.std(1), 0.0)
 
 
@@ -96,8 +100,9 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
     m2 = GenST.load(tmp_path / "m")
     b = sd.bundle.load_bundle(tmp_path / "m")
     assert b.recipe == "genst" and b.outputs == {"genes": model.genes_} and b.features["encoder"] == "fake-encoder"
-    np.testing.assert_array_equal(model.predict(te).to_numpy(), m2.predict(te).to_numpy())
-    np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True), m2.sample(te, 4, seed=2, counts=True))
+    np.testing.assert_array_equal(model.predict(te, inplace=False).to_numpy(), m2.predict(te, inplace=False).to_numpy())
+    np.testing.assert_array_equal(model.sample(te, 4, seed=2, counts=True, inplace=False),
+                                  m2.sample(te, 4, seed=2, counts=True, inplace=False))
     other = te.copy()
     other.uns["features"] = {KEY: {**te.uns["features"][KEY], "encoder": "uni2-h"}}
     with pytest.raises(sd.StdistillError, match="encoder='uni2-h'.*trained on encoder='fake-encoder'"):
@@ -109,14 +114,17 @@ def test_save_load_identical_and_other_encoder_refused(sim, model, tmp_path):
         GenST.load(tmp_path / "nothing")
 
 
-def test_select_chooses_on_inner_patients(sim):
+def test_select_chooses_on_inner_patients(sim, tmp_path):
     parts, _ = sim
     train = sd.io.concat([parts["simP0"], parts["simP1"]])
     grid = [{"w_con": 0.0}, {"w_con": 0.5, "head_input": "continuous"}]
     base = GenstConfig(**{**FAST, "expr_epochs": 10, "max_epochs": 3})
-    cfg, table = select_genst(train, grid, base=base, feature_key=KEY, n_genes=15)
-    assert set(table["val_patient"]) == {"simP0", "simP1"} and len(table) == 4
+    sel = select_genst(train, grid, base=base, feature_key=KEY, n_genes=15)
+    cfg, table = sel.config(), sel.table
+    assert set(table["split"]) == {"simP0", "simP1"} and len(table) == 4 and sel.criterion.metric == "val_pearson"
     assert all(len(c) == 4 for c in table["curve"]) and 0 <= cfg.max_epochs <= 3
+    m = GenST(cfg, feature_key=KEY).fit(train, sd.pp.hest_genes(train, 15), selection=sel)  # recorded in its bundle
+    assert GenST.load(m.save(tmp_path / "m")).selection_.to_dict() == sel.to_dict()
     with pytest.raises(sd.StdistillError, match="quantizer"):
         GenstConfig(quantizer="rvq")
 

@@ -127,12 +127,15 @@ def test_teacher_removes_patient_effect_and_finds_niches(data):
     from stdistill.teachers import NicheTeacher
 
     a = data.copy()
-    bad = NicheTeacher(3, batch_correction=None).fit_predict(a, key_added="bad")
-    assert bad.shape == (a.n_obs, 3)
+    assert NicheTeacher(3, batch_correction=None).fit_predict(a, key_added="bad") is None
+    assert a.obsm["bad_probs"].shape == (a.n_obs, 3)
     d_bad = NicheTeacher(3).diagnostics(a, key="bad")
     assert d_bad["nmi_patient"] > 0.8  # globally scaled: one niche per patient
     t = NicheTeacher(3)
-    probs = t.fit_predict(a, key_added="niche")
+    probs = t.fit_predict(a, key_added="niche", inplace=False)
+    assert "niche" not in a.obs  # inplace=False writes nothing
+    assert t.fit_predict(a, key_added="niche") is None  # seeded: the same fit, now written
+    np.testing.assert_array_equal(a.obsm["niche_probs"], probs)
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     assert list(a.obs["niche"].cat.categories) == ["0", "1", "2"]
     d = t.diagnostics(a)
@@ -146,7 +149,8 @@ def test_teacher_nolan_and_save_load(tmp_path, data):
 
     a = data.copy()
     t = NicheTeacher(3, method="nolan", n_steps=60, seed=1)
-    p = t.fit_predict(a)
+    t.fit_predict(a)
+    p = a.obsm["niche_probs"]
     assert p.shape == (a.n_obs, 3) and np.isfinite(p).all()
     assert len(np.unique(p.argmax(1))) >= 2  # the balanced objective does not collapse
     assert metrics.nmi(a.obs["patient"], a.obs["niche"]) < 0.5
@@ -202,8 +206,12 @@ def test_student_learns_from_soft_labels_and_roundtrips(tmp_path, data):
     s = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=25, patience=6, seed=0)
     s.fit(tr)
     assert s.info_["val_patients"] == ["P1"] and s.info_["train_patients"] == ["P1", "P2"]
-    probs = s.predict(te, key_added="pred")
+    assert s.predict(te, key_added="pred") is None  # writes, returns None (the return rule)
+    probs = te.obsm["pred_probs"]
     assert probs.shape == (te.n_obs, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    np.testing.assert_array_equal(s.predict(te, inplace=False), probs)
+    b = s.predict(te, key_added="other", copy=True)
+    assert "other" in b.obs and "other" not in te.obs
     assert "pred_probs" in te.obsm and list(te.obs["pred"].cat.categories) == ["0", "1", "2"]
     assert metrics.niche_id_accuracy(te.obs["niche"], te.obs["pred"]) > 0.6
     s.save(tmp_path / "s")
@@ -223,10 +231,14 @@ def test_student_candidates_chosen_on_validation_patient(data):
     tr, te = _split(a)
     s = NicheStudent(feature_key="X_toy", max_epochs=8, patience=3)
     s.fit(tr, candidates=[{"radius_um": 0.0}, {"radius_um": 450.0}])
-    sel = s.info_["selection"]
-    assert [c["radius_um"] for c in sel] == [0.0, 450.0]
-    best = min(sel, key=lambda c: c["val_score"])
-    assert s.params["radius_um"] == best["radius_um"] == s.info_["chosen"]["radius_um"]
+    sel = s.selection_  # a stdistill.select.Selection, kept as JSON in info_ and the bundle
+    assert sel.to_dict() == s.info_["selection"] and sel.criterion.metric == "val_ari" and sel.criterion.maximize
+    scores = sel.scores()
+    assert scores["radius_um"].tolist() == [0.0, 450.0]
+    best = scores.loc[scores["score"].idxmax()]  # validation ARI; ties: the first listed
+    assert s.config.radius_um == best["radius_um"] == s.info_["chosen"]["radius_um"]
+    assert s.info_["best_val"] == -best["score"]  # the monitored value (-ARI) at the chosen epoch
+    assert s.bundle_record()["training"]["selection"] == s.info_["selection"]
     with pytest.raises(StdistillError, match="cannot be chosen"):
         NicheStudent(feature_key="X_toy").fit(tr, candidates=[{"lr_typo": 1}])
 
@@ -243,13 +255,14 @@ def test_student_candidates_scored_with_each_training_patient_validating(data):
     each = NicheStudent(feature_key="X_toy", max_epochs=6, patience=3, val_patients="each").fit(tr, candidates=cands)
     first, second = one.info_["val_patients"][0], [q for q in one.info_["train_patients"] if q not in one.info_["val_patients"]]
     assert each.info_["val_patients"] == [first, *second]  # the default patient first, then the others in turn
-    for s1, se in zip(one.info_["selection"], each.info_["selection"]):
-        assert len(se["val_scores"]) == 2
-        assert se["val_scores"][0] == pytest.approx(s1["val_score"])  # the first turn is the default's run
-        assert se["val_score"] == pytest.approx(np.mean(se["val_scores"]))
-    best = min(each.info_["selection"], key=lambda c: c["val_score"])
-    assert each.params["radius_um"] == best["radius_um"] == each.info_["chosen"]["radius_um"]
-    assert "val_scores" not in one.info_["selection"][0]
+    s1, se = one.selection_, each.selection_
+    assert list(se.table["split"].unique()) == each.info_["val_patients"] and list(s1.table["split"].unique()) == [first]
+    per_split = se.summary()[each.info_["val_patients"]]  # each split's best validation ARI over epochs
+    np.testing.assert_array_equal(per_split[first], s1.summary()[first])  # the first turn is the default's run
+    np.testing.assert_allclose(se.scores()["score"], per_split.mean(axis=1))
+    best = se.scores().loc[se.choice["candidate"]]
+    assert best["score"] == se.scores()["score"].max()
+    assert each.config.radius_um == best["radius_um"] == each.info_["chosen"]["radius_um"]
 
 
 def test_student_predicts_on_tiles_without_genes(data):
@@ -294,8 +307,10 @@ def test_kmeans_baselines():
     from stdistill.recipes.niches import kmeans_niches
 
     a = toy(noise=3.0)
-    own = kmeans_niches(a, "X_toy", 3, seed=0, key_added="km")
-    nbr = kmeans_niches(a, "X_toy", 3, radius_um=450, seed=0, key_added="kmn")
+    own = kmeans_niches(a, "X_toy", 3, seed=0, inplace=False)
+    assert kmeans_niches(a, "X_toy", 3, radius_um=450, seed=0, key_added="kmn") is None
+    nbr = a.obs["kmn"].astype(int).to_numpy()
+    assert "niche_kmeans" not in a.obs  # inplace=False wrote nothing
     assert set(np.unique(own)) == {0, 1, 2}
     assert metrics.ari(a.obs["niche_true"], nbr) > metrics.ari(a.obs["niche_true"], own)
 
@@ -313,3 +328,42 @@ def test_plot_matches_colours(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000 and len(fig.axes) == 2
     with pytest.raises(StdistillError, match="obs"):
         pl.niches(a, ["missing"])
+
+
+def test_student_config_old_keywords_and_saved_params(tmp_path, data):
+    """NicheStudent(config) and the keyword form are one model; ``device`` and ``params`` still work
+    for one release (deprecated); bundles saved with ``device`` load."""
+    import json
+    import warnings
+
+    from stdistill.students import NicheStudent, NicheStudentConfig
+    from stdistill.teachers import NicheTeacher
+
+    a = data.copy()
+    NicheTeacher(3).fit_predict(a)
+    tr, te = _split(a)
+    cfg = NicheStudentConfig(feature_key="X_toy", radius_um=450, max_epochs=2, seed=0, refine_grid=[])
+    s1, s2 = NicheStudent(cfg), NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=2, seed=0, refine_grid=[])
+    assert s1.config == s2.config and s1.config is not cfg and s1.config.radius_um == 450.0
+    assert NicheStudent(cfg, seed=1).config.seed == 1 and cfg.seed == 0
+    np.testing.assert_array_equal(s1.fit(tr).predict_proba(te), s2.fit(tr).predict_proba(te))
+    with pytest.warns(DeprecationWarning, match=r"NicheStudent\(device=\.\.\.\) is now NicheStudent\(accelerator=\.\.\.\)"):
+        assert NicheStudent(device="cpu").config.accelerator == "cpu"
+    with pytest.warns(DeprecationWarning, match="params is now NicheStudent.config"):
+        p = s1.params
+    assert p["radius_um"] == 450.0 and p["device"] == "cpu"
+    with pytest.raises(TypeError):
+        p["radius_um"] = 1.0  # a read-only view
+    with pytest.raises(StdistillError, match="feature_norm"):
+        NicheStudentConfig(feature_norm="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s1.save(tmp_path / "m")
+        cfg_file = tmp_path / "m" / "config.json"
+        saved = json.loads(cfg_file.read_text())
+        params = saved["params"]
+        params["device"] = params.pop("accelerator")  # as an older version wrote it
+        params.pop("connectivity_key")
+        cfg_file.write_text(json.dumps(saved))
+        old = NicheStudent.load(tmp_path / "m")
+    np.testing.assert_array_equal(old.predict_proba(te), s1.predict_proba(te))

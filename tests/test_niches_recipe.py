@@ -100,6 +100,19 @@ def test_cli_teacher_distill_predict_evaluate(tmp_path, labelled):
     assert "kmeans_nbr" in res.output and (tmp_path / "ev" / "metrics_K3.csv").exists()
 
 
+def test_cli_teacher_old_option_name_warns(tmp_path, labelled):
+    """``--use-rep`` (the old name of ``--feature-key``) still works for one release, with a warning."""
+    src = tmp_path / "toy.h5ad"
+    labelled.write_h5ad(src)
+    res = CliRunner().invoke(app, ["niches", "teacher", str(src), "-o", str(tmp_path / "t.h5ad"), "-k", "3", "--use-rep",
+                                   "X_toy", "--model", str(tmp_path / "teacher")])
+    assert res.exit_code == 0, res.output
+    assert "warning: --use-rep is now --feature-key" in res.output
+    from stdistill.teachers import NicheTeacher
+
+    assert NicheTeacher.load(tmp_path / "teacher").params["feature_key"] == "X_toy"
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     import subprocess
     import sys
@@ -118,8 +131,9 @@ def test_teacher_on_her2st_is_not_a_patient_label(her2st_root):
     from stdistill.teachers import NicheTeacher
 
     a = her2st(root=her2st_root, sections=["A1", "B1", "C1", "D1"])
-    glob = NicheTeacher(4, batch_correction=None, n_top_genes=300).fit_predict(a, key_added="g")
-    corr = NicheTeacher(4, n_top_genes=300).fit_predict(a, key_added="c")
+    NicheTeacher(4, batch_correction=None, n_top_genes=300).fit_predict(a, key_added="g")
+    NicheTeacher(4, n_top_genes=300).fit_predict(a, key_added="c")
+    glob, corr = a.obsm["g_probs"], a.obsm["c_probs"]
     from stdistill.metrics import nmi
 
     pats = a.obs["patient"].astype(str)

@@ -87,7 +87,7 @@ def test_stamp_and_predict_cli(tmp_path, monkeypatch):
 
     r = runner.invoke(app, [*base, "--w-con", "0,1", "--val-metric", "head"])  # a grid: chosen on P0 <-> P1
     assert r.exit_code == 0, r.output
-    assert "Grid (leave one training patient out" in r.output and "grid, leave one training patient out" in r.output
+    assert "Selection over 2 candidates x 2 splits: max head" in r.output and "grid, leave one training patient out" in r.output
     r = runner.invoke(app, [*base, "--w-con", "0,1", "--val-patients", "P1"])
     assert isinstance(r.exception, sd.StdistillError) and "drop --val-patients" in str(r.exception)
 

@@ -33,13 +33,13 @@ def test_peka_fit_predict_save_load(tmp_path):
     assert [h["epoch"] for h in model.history_] == [0, 1, 2]  # epoch 0 = frozen encoder
     assert 0 <= model.best_epoch_ <= 2
     assert 0 < model.trainable_share < 0.2
-    pred = model.predict(sd.io.subset_sections(a, val))
+    pred = model.predict(sd.io.subset_sections(a, val), inplace=False)
     assert list(pred.columns) == genes and pred.shape == (25, 8) and np.isfinite(pred.to_numpy()).all()
     assert any(p.exists() for p in (tmp_path / "trunk").iterdir())  # trunk activations cached on disk
     path = model.save(tmp_path / "peka")
     again = PEKA.load(path, cache_dir=tmp_path / "trunk")
-    np.testing.assert_allclose(again.transform(a, key_added=None), a.obsm["X_peka"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(again.predict(a).to_numpy(), model.predict(a).to_numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(again.transform(a, inplace=False), a.obsm["X_peka"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(again.predict(a, inplace=False).to_numpy(), model.predict(a, inplace=False).to_numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_peka_trains_the_adapter_and_refuses_leaks(tmp_path):
@@ -55,7 +55,7 @@ def test_peka_trains_the_adapter_and_refuses_leaks(tmp_path):
 
     m = fit()  # trunk activations computed (cold cache) ...
     warm = fit()  # ... then read from memory: the same model (the adapter's random init does not depend on it)
-    np.testing.assert_array_equal(warm.predict(tr).to_numpy(), m.predict(tr).to_numpy())
+    np.testing.assert_array_equal(warm.predict(tr, inplace=False).to_numpy(), m.predict(tr, inplace=False).to_numpy())
     lora_b = [p for n, p in m.net_.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.detach().abs().sum()) > 0 for p in lora_b)  # the adapter moved (it starts at zero)
     assert len(m.history_) == 2 and "train_kd" in m.history_[0] and "train_sa" in m.history_[0]
@@ -73,13 +73,14 @@ def test_select_peka_on_inner_patients(tmp_path):
     genes = list(a.var_names[:6])
     T = np.random.default_rng(2).normal(size=(a.n_obs, 4)).astype(np.float32)
     base = PekaConfig(adapter="lora", rank=4, max_epochs=1, batch_size=10, n_clusters=2, size_um=32, px=32, val_metric="head")
-    cfg, table = select_peka(a, T, genes, [{"lr": 1e-3}, {"lr": 1e-2}], base=base, encoder=VIT, cache_dir=tmp_path)
-    assert len(table) == 4 and set(table["val_patient"]) == {"P0", "P1"}  # each patient validates once per candidate
+    sel = select_peka(a, T, genes, [{"lr": 1e-3}, {"lr": 1e-2}], base=base, encoder=VIT, cache_dir=tmp_path)
+    cfg, table = sel.config(), sel.table
+    assert len(table) == 4 and set(table["split"]) == {"P0", "P1"}  # each patient validates once per candidate
     assert all(len(c) == 2 for c in table["curve"])  # epoch 0 (frozen) and epoch 1
     assert cfg.lr in (1e-3, 1e-2) and 0 <= cfg.max_epochs <= 1
     seen = []
-    cfg2, _ = select_peka(a, T, genes, [{"lr": 1e-3}], base=base, encoder=VIT, cache_dir=tmp_path,
-                          inner=lambda tr, vp: seen.append((vp, tr.n_obs)) or {"genes": genes[:3]})
+    select_peka(a, T, genes, [{"lr": 1e-3}], base=base, encoder=VIT, cache_dir=tmp_path,
+                inner=lambda tr, vp: seen.append((vp, tr.n_obs)) or {"genes": genes[:3]})
     assert seen == [("P0", 25), ("P1", 25)]  # inner parts re-derived once per split, without its patient
     with pytest.raises(StdistillError, match="at least 2"):
         select_peka(sd.io.subset_sections(a, ["S0"]), T[:25], genes, [{}], base=base, encoder=VIT)
@@ -119,4 +120,4 @@ def test_peka_trains_on_activations_read_from_disk_as_on_the_tensor(tmp_path, mo
     lazy = sd.recipes.peka(a, "X_teacher", genes, key_added="X_lazy", run_dir=tmp_path / "r2", **kw)
     assert reads  # the training read its batches from the disk cache
     np.testing.assert_array_equal(a.obsm["X_lazy"], a.obsm["X_mem"])
-    np.testing.assert_array_equal(lazy.predict(a).to_numpy(), mem.predict(a).to_numpy())
+    np.testing.assert_array_equal(lazy.predict(a, inplace=False).to_numpy(), mem.predict(a, inplace=False).to_numpy())

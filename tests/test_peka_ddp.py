@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     from stdistill.recipes import PEKA, PekaConfig
 
     def data():
-        a = colour_sections(3, 6, [f"G{i}" for i in range(8)], 0, features_key="colour")
+        a = colour_sections(3, 6, [f"G{i}" for i in range(8)], 0, feature_key="colour")
         rng = np.random.default_rng(1)  # expression well above Poisson noise, driven by the patch colour
         a.X = rng.poisson(np.exp(3.0 + (a.obsm["colour"][:, :3] - 0.5) @ rng.normal(size=(3, 8)))).astype(np.float32)
         tr, va = (sd.io.subset_sections(a, s) for s in (["S0", "S1"], ["S2"]))
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent("""
         if devices > 1:  # every process must end with the same weights and history
             state = b"".join(v.numpy().tobytes() for v in m._state().values())
             print(f"RANK{rank}", hashlib.sha256(state + repr(m.history_).encode()).hexdigest(), flush=True)
-        pred = m.predict(va)
+        pred = m.predict(va, inplace=False)
         return {"val_pearson": float(np.nanmean(pearson_per_gene(log1p_targets(va, pred.columns), pred.to_numpy()))),
                 "curve": [h["val_head_pearson"] for h in m.history_], "reg": [h["train_reg"] for h in m.history_[1:]]}
 
@@ -70,7 +71,8 @@ def _run(tmp_path: Path) -> dict:
                        cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["devices1_rank0", "devices2_rank0"]  # rank 1 wrote nothing
-    ranks = dict(line.split() for line in r.stdout.splitlines() if line.startswith("RANK"))
+    # both processes share stdout, so their lines may interleave: read the hashes by pattern
+    ranks = dict(re.findall(r"(RANK[01]) ([0-9a-f]{64})", r.stdout))
     assert len(ranks) == 2 and ranks["RANK0"] == ranks["RANK1"], r.stdout  # DDP kept the processes in step
     return json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
 

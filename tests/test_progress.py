@@ -31,9 +31,18 @@ def test_quiet_flag_is_scoped_to_the_command(monkeypatch):
     assert PROGRESS_ENV not in os.environ  # restored when the command ends
 
 
-def test_epoch_bar_runs_through_a_fit(monkeypatch):
+def test_epoch_bar_is_drawn_through_a_fit(monkeypatch):
+    """The epoch bar is drawn (its description and the epochs done), on the console progress_display
+    opens, and only while progress is on."""
+    import io
+
     import lightning as L
+    import rich.console
     import torch
+
+    out = io.StringIO()
+    real = rich.console.Console
+    monkeypatch.setattr(rich.console, "Console", lambda **kw: real(file=out, force_terminal=True, width=100))
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -46,8 +55,18 @@ def test_epoch_bar_runs_through_a_fit(monkeypatch):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    monkeypatch.setenv(PROGRESS_ENV, "1")
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4)), batch_size=2)
-    t = make_trainer(max_epochs=3, monitor=None, accelerator="cpu", devices=1, enable_progress_bar=False, epoch_bar="tiny")
-    t.fit(Tiny(), data)
-    assert t.current_epoch == 3
+
+    def fit(progress: str) -> str:
+        monkeypatch.setenv(PROGRESS_ENV, progress)
+        out.seek(0)
+        out.truncate()
+        t = make_trainer(max_epochs=3, monitor=None, accelerator="cpu", devices=1, enable_progress_bar=False,
+                         epoch_bar="tiny epochs")
+        t.fit(Tiny(), data)
+        assert t.current_epoch == 3
+        return out.getvalue()
+
+    drawn = fit("1")
+    assert "tiny epochs" in drawn and "3/3" in drawn  # the bar's last frame: every epoch done
+    assert fit("0") == ""

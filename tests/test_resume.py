@@ -69,14 +69,14 @@ ADAPTED = """
             m = sd.recipes.peka(a, "X_teacher", list(a.var_names[:4]), train_sections=["S0", "S1"], val_sections=["S2"],
                                 encoder=TINY_VIT, config=cfg, cache_dir=False, key_added=None, run_dir=run)
         else:
-            a = colour_sections(3, 4, None, 0, features_key="colour")
+            a = colour_sections(3, 4, None, 0, feature_key="colour")
             act = np.asarray(a.obsm.pop("colour"))[:, :3] @ np.random.default_rng(0).normal(size=(3, 4))
             a.obsm["pathway_scores"] = pd.DataFrame(act, index=a.obs_names, columns=[f"PW{i}" for i in range(4)])
             cfg = StampConfig(adapter="lora", rank=4, lr=1e-2, max_epochs=3, batch_size=8, size_um=32, px=32,
                               proj_dim=8, val_metric="head", patience=50)
             m = sd.recipes.stamp(a, "pathway_scores", train_sections=["S0", "S1"], val_sections=["S2"], encoder=TINY_EFF,
                                  config=cfg, cache_dir=False, key_added=None, pred_key=None, run_dir=run)
-        return m, m.predict(a).to_numpy(), m.transform(a, key_added=None)
+        return m, m.predict(a, inplace=False).to_numpy(), m.transform(a, inplace=False)
 
     import hashlib
     from stdistill.adapters import clear_trunk_cache

@@ -96,10 +96,10 @@ def _old_teacher_pcs(self, logx, groups, fit):
 def _old_student_normalise(self, adata, f, fit, stats=None):
     from sklearn.decomposition import PCA
 
-    z, ok = normalise_features(adata, f, self.params["feature_norm"])
-    k = self.params["n_pcs"]
+    z, ok = normalise_features(adata, f, self.config.feature_norm)
+    k = self.config.n_pcs
     if fit:
-        pca = PCA(n_components=k, random_state=self.params["seed"], svd_solver="full").fit(z[ok])
+        pca = PCA(n_components=k, random_state=self.config.seed, svd_solver="full").fit(z[ok])
         self.info_["pca_mean"] = pca.mean_.astype(np.float32)
         self.info_["pca_components"] = pca.components_.astype(np.float32)
     z = ((z - self.info_["pca_mean"]) @ self.info_["pca_components"].T).astype(np.float32)

@@ -85,7 +85,7 @@ def test_peka_bundle_with_extra_genes(tmp_path):
     sd.bundle.save_bundle(m, tmp_path / "peka")
     b = sd.bundle.load_bundle(tmp_path / "peka")
     assert b.recipe == "peka" and b.outputs == {"genes": ["G0", "G1", "G9"]} and b.record["patch"]["size_um"] == SIZE_UM
-    np.testing.assert_allclose(b.model.predict(a).to_numpy(), m.predict(a).to_numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.model.predict(a, inplace=False).to_numpy(), m.predict(a, inplace=False).to_numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(StdistillError, match="no such model bundle"):
         sd.bundle.load_bundle(tmp_path / "nothing")
 

@@ -45,9 +45,9 @@ def test_openslide_opens_what_tiffslide_cannot(monkeypatch, mrxs):
     assert isinstance(r._slide, _FakeOpenSlide) and r.size == (300, 200)
     assert r.read_region(290, 0, 20, 5)[0, -1].tolist() == [255, 255, 255]  # outside: white
     assert r.read_region(0, 0, 4, 4)[0, 0].tolist() == [200, 100, 150]
-    from stdistill.pp.tile import _slide_mpp
+    from stdistill.pp.tile import slide_mpp
 
-    assert _slide_mpp(r) == 0.25
+    assert slide_mpp(r) == 0.25
 
 
 def test_no_reader_can_open_it_is_one_line(monkeypatch, mrxs):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("tiny_encoders")
 
 def _data(n_patients=3, seed=0):
     """Sections whose spot colour drives 4 'pathway activities' (a DataFrame in obsm, as pp.pathway_scores writes)."""
-    a = colour_sections(n_patients, 5, None, seed, features_key="colour")
+    a = colour_sections(n_patients, 5, None, seed, feature_key="colour")
     col = np.asarray(a.obsm.pop("colour"))[:, :3]
     W = np.random.default_rng(seed).normal(size=(3, 4))
     act = col @ W + 0.05 * np.random.default_rng(seed + 1).normal(size=(a.n_obs, 4))
@@ -59,8 +59,8 @@ def test_stamp_fit_writes_keys_saves_and_loads(tmp_path):
     assert 0 < model.trainable_share < 0.2
     path = model.save(tmp_path / "stamp")
     again = STAMP.load(path, cache_dir=tmp_path / "trunk")
-    np.testing.assert_allclose(again.transform(a, key_added=None), a.obsm["X_stamp"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(again.predict(a).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again.transform(a, inplace=False), a.obsm["X_stamp"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again.predict(a, inplace=False).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(StdistillError, match="this is a STAMP bundle, not a PEKA one"):
         sd.recipes.PEKA.load(path)
 
@@ -74,18 +74,25 @@ def test_stamp_learns_the_activities_and_predicts_on_he_only_tiles(tmp_path):
     moved = [p for n, p in m.net_.named_parameters() if "miss_" in n]
     assert moved and any(float(p.detach().abs().sum()) > 0 for p in moved)
     test = sd.io.subset_sections(a, ["S2"])
-    r = sd.metrics.pearson_per_gene(test.obsm["pathway_scores"].to_numpy(), m.predict(test).to_numpy())
+    r = sd.metrics.pearson_per_gene(test.obsm["pathway_scores"].to_numpy(), m.predict(test, inplace=False).to_numpy())
     assert float(r.mean()) > 0.3  # colour -> activity is learnable from the patch (chance: |r| ~ 0.2 on 25 spots)
     img = np.asarray(library(test, "S2")["images"]["fullres"])
     tiles = sd.pp.tile(img, size_um=32, px=32, microns_per_pixel=1.0, min_tissue=0.0)
     assert tiles.n_vars == 0
-    out = m.predict(tiles, key_added="pathway_pred")
-    assert out.shape == (tiles.n_obs, 4) and np.isfinite(out.to_numpy()).all() and "pathway_pred" in tiles.obsm
+    assert m.predict(tiles) is None  # written in place, under the documented key
+    out = tiles.obsm["pathway_pred"]
+    assert out.shape == (tiles.n_obs, 4) and np.isfinite(out.to_numpy()).all()
+    with pytest.warns(DeprecationWarning, match=r"STAMP.predict\(key_added=None\) is now STAMP.predict\(inplace=False\)"):
+        old = m.predict(tiles, key_added=None)  # the old spelling of "return it, write nothing", for one release
+    pd.testing.assert_frame_equal(old, out)
+    copied = m.predict(tiles, key_added="pw", copy=True)
+    assert copied is not tiles and "pw" in copied.obsm and "pw" not in tiles.obsm
 
 
 def test_select_stamp_and_bad_input(tmp_path):
     a = _data(n_patients=2, seed=4)
-    cfg, table = select_stamp(a, [{"w_con": 0.0}, {"w_con": 1.0}], base=_cfg(max_epochs=1), encoder=VIT, cache_dir=tmp_path)
+    sel = select_stamp(a, [{"w_con": 0.0}, {"w_con": 1.0}], base=_cfg(max_epochs=1), encoder=VIT, cache_dir=tmp_path)
+    cfg, table = sel.config(), sel.table
     assert len(table) == 4 and all(len(c) == 2 for c in table["curve"])
     assert cfg.w_con in (0.0, 1.0) and 0 <= cfg.max_epochs <= 1
     with pytest.raises(StdistillError, match="pathway_scores"):

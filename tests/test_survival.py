@@ -148,9 +148,11 @@ def test_configs_and_inputs_are_checked():
 
 def test_selection_and_cv_with_a_student():
     c = tiny_cohort(n=24, signal=1.5)
-    cfg, table = select_survival(c, SurvivalConfig(kind="abmil", **FAST), [{"lr": 1e-3}, {"lr": 3e-3}], inner_k=2)
+    sel = select_survival(c, SurvivalConfig(kind="abmil", **FAST), [{"lr": 1e-3}, {"lr": 3e-3}], inner_k=2)
+    cfg, table = sel.config(), sel.table
     assert 0 <= cfg.max_epochs <= 2 and cfg.lr in (1e-3, 3e-3)
     assert len(table) == 4 and all(len(v) == 3 for v in table["curve"])  # 2 candidates x 2 splits, epochs 0..2
+    assert (sel.criterion.metric, sel.criterion.smooth) == ("val_cindex", 3)  # measured curves, smoothed to choose
     base = SurvivalConfig(**FAST)
     methods = [Method("gge_teacher", SurvivalConfig(kind="gge", **FAST)), Method("amkd", SurvivalConfig(kind="student", **FAST), "gge_teacher")]
     res, sel = survival_cv(c, methods, patient_folds(c, 2), seeds=(0, 1), inner_k=2)

@@ -41,7 +41,8 @@ def test_consensus_teacher_identical_for_the_same_seed_set_and_not_otherwise(dat
 def test_consensus_teacher_agreement_predict_and_save_load(tmp_path, data):
     a = data.copy()
     t = NicheTeacher(3, consensus=4, seed=0)
-    p = t.fit_predict(a, key_added="niche")
+    t.fit_predict(a, key_added="niche")
+    p = a.obsm["niche_probs"]
     agree = a.obs["niche_agreement"].to_numpy()
     assert agree.shape == (a.n_obs,) and ((agree >= 0) & (agree <= 1)).all() and agree.mean() > 0.5
     np.testing.assert_allclose(t.state_["gmm"].agreement(t._aggregate(a, t._embed(a, fit=False))), agree, atol=1e-6)
@@ -94,7 +95,8 @@ def test_teacher_stability_pairs_and_subsamples(data):
 def test_auto_k_in_range_curve_recorded_and_saved(tmp_path, data):
     a = data.copy()
     t = NicheTeacher((2, 5), consensus=4, seed=0)
-    p = t.fit_predict(a, key_added="niche")
+    t.fit_predict(a, key_added="niche")
+    p = a.obsm["niche_probs"]
     st = a.uns["niche_stability"]
     assert list(st["k"]) == [2, 3, 4, 5] and 2 <= t.n_niches <= 5 and p.shape == (a.n_obs, t.n_niches)
     assert st["chosen"] == t.n_niches == st["k"][int(np.argmax(st["score"]))]

@@ -100,7 +100,8 @@ def test_refinement_never_reads_counts(taught, method, monkeypatch):
 def test_student_predict_writes_refined_beside_raw(taught):
     tr, te = _split(taught)
     s = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=4, patience=2, seed=0).fit(tr)
-    raw = s.predict(te, key_added="pred", refine="both")
+    raw = s.predict(te, inplace=False)
+    s.predict(te, key_added="pred", refine="both")
     np.testing.assert_array_equal(te.obsm["pred_probs"], raw)
     assert te.obsm["pred_refined_probs"].shape == raw.shape and "pred_refined" in te.obs
     with pytest.raises(StdistillError, match="refinement method"):
@@ -169,8 +170,11 @@ def test_refinement_is_chosen_on_the_validation_patient_not_the_test(taught, tmp
     grid = [{"method": "none"}, {"method": "propagate", "alpha": 0.3}, {"method": "gmm", "weight": 2.0}]
     s = NicheStudent(feature_key="X_toy", radius_um=450, max_epochs=4, patience=2, seed=0, refine_grid=grid).fit(tr)
     assert seen == [s.info_["val_patients"]] and "P0" not in seen[0]
-    assert s.info_["refine"] in grid and [r["method"] for r in s.info_["refine_selection"]] == ["none", "propagate", "gmm"]
-    assert all(0 <= r["val_ari"] <= 1 or r["val_ari"] < 0 for r in s.info_["refine_selection"])
+    ref = s.refine_selection_  # a stdistill.select.Selection: one split (the validation spots), ARI per entry
+    assert s.info_["refine"] in grid and ref.candidates == grid and ref.criterion.metric == "val_ari"
+    scores = ref.scores()["score"].tolist()
+    assert all(np.isfinite(v) and -1 <= v <= 1 for v in scores)  # an ARI per candidate, on the validation patient
+    assert ref.choice["settings"] == s.info_["refine"] and ref.choice["score"] == max(scores)  # the best validation ARI wins
     s.predict(te, key_added="pred", refine="auto")
     assert te.uns["pred_refined"]["params"]["method"] == s.info_["refine"]["method"]
     s2 = NicheStudent.load(s.save(tmp_path / "st"))

@@ -70,7 +70,7 @@ def test_recipe_chooses_transfer_on_training_patients_only(sim, monkeypatch):
     folds: list = []
     monkeypatch.setattr(fx, "_run", spy_run)
     monkeypatch.setattr(NicheStudent, "_prepare", spy_prepare)
-    monkeypatch.setattr(niches, "fit_transfer", spy_fit)
+    monkeypatch.setattr(importlib.import_module("stdistill.recipes._niches_folds"), "fit_transfer", spy_fit)  # the fold's fit
     grid = [{"stain_norm": "macenko", "context": True}, {}, {"views": True}]
     df, _ = niches.run(a.copy(), KEY, 3, seed=0, student_kwargs=FAST, figures=False, verbose=False, label_key=None,
                        transfer=grid, transfer_kwargs={"cache_dir": cache, "n_views": 1})
@@ -101,14 +101,14 @@ def test_chosen_transfer_is_saved_and_used_at_prediction(sim, tmp_path):
     tr = st.info_["transfer"]
     assert tr["chosen"] == {"stain_norm": "macenko", "views": False, "context": True}
     assert tr["stain_reference_section"] == "sim0" and tr["context_um"] == 64.0 and tr["val_patients"] == ["simP0"]
-    assert st.params["feature_key"] == f"{KEY}_macenko" and st.params["context_key"] == f"{KEY}_macenko_ctx"
+    assert st.config.feature_key == f"{KEY}_macenko" and st.config.context_key == f"{KEY}_macenko_ctx"
     st.save(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["bundle"]["training"]["transfer"]["chosen"] == tr["chosen"]
     loaded = sd.bundle.load_bundle(tmp_path / "m").model
     assert loaded.info_["transfer"] == cfg["info"]["transfer"]
     p1 = st.predict_proba(test.copy())
-    p2 = loaded.predict(test)
+    p2 = loaded.predict(test, inplace=False)
     np.testing.assert_allclose(p1, p2, atol=1e-6)
     made = test.uns["features"]
     ref = st.info_["features"]["stain"]["reference"]

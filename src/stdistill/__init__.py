@@ -3,7 +3,9 @@
 Submodules follow scverse conventions: ``io`` (readers), ``datasets``, ``pp`` (patches,
 tiling, neighbours, splits), ``encoders`` (registry), ``features`` (extraction + cache),
 ``teachers``, ``students``, ``losses``, ``metrics``, ``bench``, ``recipes``, ``pl``,
-``bundle`` (saved students) and ``slide`` (whole-slide prediction).
+``bundle`` (saved students), ``slide`` (whole-slide prediction), ``report`` (HTML summaries),
+``select`` (settings chosen on inner patients), ``adapters`` (adapted encoders) and ``keys`` (every
+AnnData key the package writes).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import importlib
 
 from ._errors import StdistillError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is set (pyproject.toml reads it)
 
 _SUBMODULES = {
     "io", "pp", "datasets", "encoders", "features", "teachers", "students",
-    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report",
+    "losses", "metrics", "bench", "recipes", "pl", "bundle", "slide", "report", "select", "adapters", "keys",
 }
 
 

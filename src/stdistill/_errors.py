@@ -9,7 +9,7 @@ from pathlib import Path
 MAX_MESSAGE = 600
 
 
-def _one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
@@ -26,7 +26,7 @@ class StdistillError(Exception):
 
     def __init__(self, message: str, path: str | PathLike | None = None):
         self.path = None if path is None else str(path)
-        message = _one_line(message)
+        message = one_line(message)
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 

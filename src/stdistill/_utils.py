@@ -79,6 +79,24 @@ def write_hdf5(path: str | os.PathLike, fill, mode: int | None = None) -> Path:
     return write_bytes(path, buf.getbuffer(), mode=mode)
 
 
+_UMASK: int | None = None
+
+
+def umask_mode() -> int:
+    """The permissions a plain new file gets under the user's umask (``0o666 & ~umask``), read once."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file written through a 0600 temporary file (:func:`atomic_path`) the permissions of the
+    user's umask, as a plain write would have."""
+    os.chmod(path, umask_mode())
+
+
 def env_bytes(name: str, default: float, unit: int) -> int:
     """Bytes from environment variable ``name`` given in ``unit`` bytes (e.g. ``2**30`` for GB),
     ``default`` units when unset; one clear error when it is not a number."""
@@ -101,6 +119,25 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Keep torch's CPU thread count across the block (when torch is imported).
+
+    The first parallel numba kernel of a process (scanpy's ``highly_variable_genes`` on a sparse
+    matrix) starts an OpenMP pool sized to the machine, which also resets torch's thread count,
+    overriding the caller's ``torch.set_num_threads`` or ``OMP_NUM_THREADS``.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -221,10 +258,10 @@ class Record(dict):
                              self.source)
 
 
-def _record(obj, source, what: str):
+def as_record(obj, source, what: str):
     """``obj`` with every nested dict turned into a :class:`Record`."""
     if isinstance(obj, dict):
-        return Record({k: _record(v, source, what) for k, v in obj.items()}, source, what)
+        return Record({k: as_record(v, source, what) for k, v in obj.items()}, source, what)
     return obj
 
 
@@ -249,7 +286,7 @@ def load_npz(path: str | os.PathLike, fmt: str, what: str) -> tuple[Record, Reco
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         got = meta.get("format") if isinstance(meta, dict) else None
         raise StdistillError(f"unknown format {got!r}; expected {fmt}", path)
-    return Record(arrays, path, what), _record(meta, path, what)
+    return Record(arrays, path, what), as_record(meta, path, what)
 
 
 def check_state(own: dict, state: dict, source, what: str, strict: bool = True) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from .._errors import StdistillError
 from .._utils import check_state
 from ..bundle import Bundled
+from ..select import Selection, selection_record
 from ._config import AdapterConfig
 from ._cut import parse_cut
 from ._module import TailModule, trainable_key
@@ -240,11 +241,9 @@ class AdaptedEncoder(Bundled):
                 got[k].append(out[k].float())
         return [torch.cat(got[k]).numpy().astype(np.float32) for k in keys]
 
-    def transform(self, adata: ad.AnnData, key_added: str | None = None) -> np.ndarray:
-        """(n_spots, dim) float32 adapted-encoder features; writes ``obsm[key_added]`` unless None."""
+    def _features_out(self, adata: ad.AnnData) -> np.ndarray:
+        """(n_spots, dim) float32 adapted-encoder features (a recipe's ``transform`` writes them)."""
         (f,) = self._outputs(adata, ("features",))
-        if key_added:
-            adata.obsm[key_added] = f
         return f
 
     def _predict_frame(self, adata: ad.AnnData) -> pd.DataFrame:
@@ -278,7 +277,7 @@ class AdaptedEncoder(Bundled):
             licence=enc.spec.licence, outputs={self.targets_key: list(targets)},
             training={"best_epoch": self.best_epoch_, "fit_seconds": round(self.fit_seconds_, 1),
                       "trainable_share": self.adapter_info_.get("share"),
-                      **getattr(self, "training_summary_", {})},
+                      **getattr(self, "training_summary_", {}), **selection_record(getattr(self, "selection_", None))},
         )
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -341,4 +340,5 @@ class AdaptedEncoder(Bundled):
         self.net_ = net.eval()
         training = meta.get("bundle", {}).get("training", {})
         self.best_epoch_, self.fit_seconds_, self.history_ = training.get("best_epoch", -1), training.get("fit_seconds", 0.0), []
+        self.selection_ = Selection.from_dict(training["selection"]) if training.get("selection") else None
         return self

@@ -289,7 +289,7 @@ def trunk_activations(
     encoder, adata: ad.AnnData, cfg: AdapterConfig, *, cache_dir: str | os.PathLike | bool | None = None,
     batch_size: int = 64, device: str = "cpu", lazy: bool | str = False, stain: StainNormalizer | None = None,
 ) -> torch.Tensor | SectionActivations:
-    """(n_spots, views, *shape) float16 frozen activations at ``cfg.train_from`` (uint8 patches for ``"input"``).
+    """``(n_spots, views, *shape)`` float16 frozen activations at ``cfg.train_from`` (uint8 patches for ``"input"``).
 
     Computed once per section and kept on disk (``cache_dir``; ``None``:
     ``$STDISTILL_CACHE/peka_trunk`` or ``~/.cache/stdistill/peka_trunk``; ``False``: no disk) and in

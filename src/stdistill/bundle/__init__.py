@@ -27,13 +27,8 @@ the errors.
 into place). Loading imports only modules of our own table, never one named in a file.
 """
 
-from ._format import (
-    SCHEMA,
-    Bundle,
-    bundle_record,
-    check_record,
-    niche_names,
-)
+from .._niches import niche_names
+from ._format import SCHEMA, Bundle, bundle_record, check_record
 from ._io import Bundled, check_shapes, check_target, load_bundle, save_bundle
 
 __all__ = ["SCHEMA", "Bundle", "Bundled", "bundle_record", "check_record", "check_shapes", "check_target", "load_bundle",

@@ -1,8 +1,7 @@
-"""The bundle record, its feature check, niche names and the loaded :class:`Bundle` (files: ``_io``)."""
+"""The bundle record, its feature check and the loaded :class:`Bundle` (files: ``_io``)."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,8 @@ import anndata as ad
 import numpy as np
 
 from .._errors import StdistillError
+from .._json import jsonable
+from .._keys import Key
 
 SCHEMA = "stdistill.bundle/1"
 
@@ -61,28 +62,10 @@ def bundle_record(
         "patch": None if size_um is None or px is None else {"size_um": float(size_um), "px": int(px)},
         "precision": precision,
         "feature_norm": feature_norm,
-        "features": _jsonable(f) if f else None,
+        "features": jsonable(f) if f else None,
         "outputs": {k: [str(x) for x in v] for k, v in (outputs or {}).items()},
-        "training": _jsonable(training or {}),
+        "training": jsonable(training or {}),
     }
-
-
-def _jsonable(x: Any, finite: bool = False) -> Any:
-    """``x`` with NumPy scalars/arrays, tuples and paths turned into plain JSON types; with
-    ``finite``, NaN and infinite floats become ``None`` (JSON has no such numbers)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v, finite) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v, finite) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist(), finite)
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, os.PathLike):
-        return str(x)
-    if finite and isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def check_record(record: dict, made: dict | None, what: str, path: str | os.PathLike | None = None) -> None:
@@ -105,34 +88,6 @@ def check_record(record: dict, made: dict | None, what: str, path: str | os.Path
     if not same:
         raise StdistillError(f"{what} came from {got} but the model was trained on {want}; "
                              f"extract them again with that encoder and patch size", path)
-
-
-def niche_names(adata: ad.AnnData, key: str = "niche", n_genes: int = 3) -> list[str] | None:
-    """Niche labels ``"<id>: GENE1/GENE2/GENE3"`` from the teacher's spots: the genes whose mean
-    log1p(counts per 10k) in the niche exceeds the other spots' the most. ``None`` without genes
-    or without ``obs[key]``. The niche number is kept first so maps and tables stay comparable."""
-    import scipy.sparse as sp
-
-    if key not in adata.obs or adata.n_vars == 0:
-        return None
-    lab = adata.obs[key]
-    cats = [str(c) for c in (lab.cat.categories if hasattr(lab, "cat") else sorted(lab.dropna().unique()))]
-    X = adata.X.tocsr() if sp.issparse(adata.X) else sp.csr_matrix(np.asarray(adata.X))
-    tot = np.asarray(X.sum(1)).ravel()
-    tot[tot == 0] = 1
-    L = sp.diags(1e4 / tot) @ X
-    L.data = np.log1p(L.data)
-    lab = lab.astype(str).to_numpy()
-    names = []
-    for c in cats:
-        m = lab == c
-        if not m.any() or m.all():
-            names.append(c)
-            continue
-        diff = np.asarray(L[m].mean(0)).ravel() - np.asarray(L[~m].mean(0)).ravel()
-        top = np.argsort(-diff, kind="stable")[:n_genes]
-        names.append(f"{c}: " + "/".join(str(adata.var_names[i]) for i in top))
-    return names
 
 
 @dataclass
@@ -178,4 +133,4 @@ class Bundle:
 
     def check_features(self, adata: ad.AnnData, key: str) -> None:
         """Refuse ``adata.obsm[key]`` when ``uns["features"][key]`` says it was made otherwise."""
-        check_record(self.record, adata.uns.get("features", {}).get(key), f'obsm["{key}"]', self.path)
+        check_record(self.record, adata.uns.get(Key.uns.features, {}).get(key), f'obsm["{key}"]', self.path)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import StdistillError
-from .._utils import Record, _record
-from ._format import Bundle, _jsonable
+from .._json import jsonable
+from .._utils import Record, as_record
+from ._format import Bundle
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -26,7 +27,7 @@ _READERS = {
     "stdistill.NicheStudent/1": ("stdistill.students.niche", "NicheStudent", "niches"),
     "stdistill.PEKA/1": ("stdistill.recipes._peka", "PEKA", "peka"),
     "stdistill.STAMP/1": ("stdistill.recipes._stamp", "STAMP", "stamp"),
-    "stdistill.HestRidge/2": ("stdistill.bench._expression", "HestRidge", "probe"),
+    "stdistill.HestRidge/2": ("stdistill.bench._probe", "HestRidge", "probe"),
     "stdistill.GenST/2": ("stdistill.recipes._genst._model", "GenST", "genst"),
     "stdistill.SurvivalModel/2": ("stdistill.recipes._survival._model", "SurvivalModel", "survival"),
     "stdistill.NicheTeacher/2": ("stdistill.teachers.niche", "NicheTeacher", "niche_teacher"),
@@ -145,7 +146,7 @@ def save_bundle(model, path: str | os.PathLike) -> Path:
     clash = {"format", "bundle"} & set(config)
     if clash:
         raise StdistillError(f"{type(model).__name__}: its config may not use the keys {sorted(clash)}")
-    doc = _jsonable({"format": fmt, "bundle": record, **config}, finite=True)
+    doc = jsonable({"format": fmt, "bundle": record, **config}, finite=True)
     try:
         _write_folder(path, doc, *_tensors(tensors))
     except OSError as e:
@@ -244,7 +245,7 @@ def load_bundle(path: str | os.PathLike, *, device: str = "cpu", encoder=None, e
     cls = _reader(config, path, expect)
     tensors = _read_tensors(path)
     what = cls.__name__
-    rec = _record(config, path, what)
+    rec = as_record(config, path, what)
     record = rec.pop("bundle")
     rec.pop("format")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .._errors import StdistillError
+from .._keys import Key
 
 
 def _split(v: Optional[str]) -> list[str]:
@@ -56,7 +57,7 @@ def patient_split(adata, test_patients: Optional[str], val_patients: Optional[st
     """Split by ``obs["patient"]`` from two comma lists. Returns ``train_all`` (every section of
     the other patients), ``train`` (their imaged sections), ``val`` and ``test`` (imaged sections of
     those patients, ``None`` when none are given). Unknown or overlapping patients are one error."""
-    pats = adata.obs["patient"].astype(str)
+    pats = adata.obs[Key.obs.patient].astype(str)
     test, val = set(_split(test_patients)), set(_split(val_patients))
     unknown = (test | val) - set(pats)
     if unknown:
@@ -81,3 +82,8 @@ def _not_rank_zero() -> bool:
     from .._lightning import is_global_zero
 
     return not is_global_zero()
+
+
+def print_selection(console, selection, title: str | None = None) -> None:
+    """Print a :class:`stdistill.select.Selection` the one way every command does (plain text)."""
+    console.print((f"{title}\n" if title else "") + str(selection), markup=False, highlight=False, soft_wrap=True)

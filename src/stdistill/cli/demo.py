@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import typer
 
+from .._keys import Key
+
 DEFAULT_OUT = Path("stdistill_out") / "demo"
 
 
@@ -99,10 +101,10 @@ def step_summary(run: DemoRun) -> None:
     from ..io import microns_per_pixel, sections
 
     a = run.adata
-    sec = a.obs["section"].astype(str).to_numpy()
+    sec = a.obs[Key.obs.section].astype(str).to_numpy()
     lib = np.asarray(a.X.sum(1)).ravel()
     nnz = np.diff(a.X.indptr)
-    niches = list(a.obs["niche_true"].cat.categories)
+    niches = list(a.obs[Key.obs.niche_true].cat.categories)
     short = {k: "".join(w[0] for w in k.split("_")) if "_" in k else k[:3] for k in niches}
     mpps = sorted({f"{microns_per_pixel(a, s):g}" for s in sections(a)})
     table = Table(title=f"simulated sections: {a.n_vars} genes, images at {'/'.join(mpps)} um/px; "
@@ -113,8 +115,8 @@ def step_summary(run: DemoRun) -> None:
         table.add_column(col, justify="left" if col in ("section", "patient") else "right", no_wrap=True)
     for s in sections(a):
         m = sec == s
-        w, h = a.uns["spatial"][s]["metadata"]["image_size"]
-        counts = a.obs.loc[m, "niche_true"].value_counts()
+        w, h = a.uns[Key.uns.spatial][s]["metadata"]["image_size"]
+        counts = a.obs.loc[m, Key.obs.niche_true].value_counts()
         table.add_row(
             s,
             str(a.obs.loc[m, "patient"].iloc[0]),
@@ -131,7 +133,7 @@ def step_summary(run: DemoRun) -> None:
 def step_figure(run: DemoRun) -> None:
     """Simulated H&E thumbnails with spots coloured by their true niche."""
     path = run.out / "simulated_niches.png"
-    _plot_sections(run.adata, "niche_true", path, title="simulated data: true niches")
+    _plot_sections(run.adata, Key.obs.niche_true, path, title="simulated data: true niches")
     run.outputs["H&E with true niches"] = path
 
 
@@ -153,7 +155,7 @@ def step_niches(run: DemoRun) -> None:
     """Niche distillation, leave one patient out: ST teacher -> H&E student vs histology baselines."""
     from ..recipes import niches
 
-    k = run.adata.obs["niche_true"].nunique()
+    k = run.adata.obs[Key.obs.niche_true].nunique()
     out = run.out / "niches"
     df, figs = niches.run(run.adata, run.info["feature_key"], n_niches=k, out_dir=out, seed=run.seed,
                           label_key="pathology", verbose=False)
@@ -175,7 +177,7 @@ def step_bundle(run: DemoRun) -> None:
     from ..students import NicheStudent
     from ..teachers import NicheTeacher
 
-    a, k = run.adata, run.adata.obs["niche_true"].nunique()
+    a, k = run.adata, run.adata.obs[Key.obs.niche_true].nunique()
     NicheTeacher(k, seed=run.seed).fit_predict(a, key_added="niche_all")
     s = NicheStudent(feature_key=run.info["feature_key"], size_um=112.0, px=run.patch_px, seed=run.seed,
                      max_epochs=3 if run.quick else 20).fit(a, probs_key="niche_all_probs")
@@ -224,14 +226,14 @@ def _plot_sections(adata, key: str, path: Path, title: str = "", thumb_px: int =
     nrow = int(np.ceil(len(secs) / ncol))
     fig = Figure(figsize=(3.6 * ncol, 3.6 * nrow + 0.7))
     axes = fig.subplots(nrow, ncol, squeeze=False)
-    sec = adata.obs["section"].astype(str).to_numpy()
+    sec = adata.obs[Key.obs.section].astype(str).to_numpy()
     for ax in axes.ravel():
         ax.axis("off")
     for ax, s in zip(axes.ravel(), secs):
         thumb, scale = image(adata, s).thumbnail(thumb_px)
         m = sec == s
-        xy = np.asarray(adata.obsm["spatial"])[m] * scale
-        d = adata.uns["spatial"][s]["scalefactors"]["spot_diameter_fullres"] * scale
+        xy = np.asarray(adata.obsm[Key.obsm.spatial])[m] * scale
+        d = adata.uns[Key.uns.spatial][s]["scalefactors"]["spot_diameter_fullres"] * scale
         ax.imshow(thumb)
         # marker size in points^2 from the spot diameter in thumbnail pixels
         ppd = ax.get_window_extent().width / thumb.shape[1] * 72 / fig.dpi
@@ -252,12 +254,12 @@ def _plot_patches(run: DemoRun, path: Path, per_niche: int = 6) -> None:
     from .._utils import atomic_path
 
     a = run.adata
-    levels = list(a.obs["niche_true"].cat.categories)
+    levels = list(a.obs[Key.obs.niche_true].cat.categories)
     rng = np.random.default_rng(run.seed)
     fig = Figure(figsize=(1.3 * per_niche, 1.4 * len(levels)))
     axes = fig.subplots(len(levels), per_niche, squeeze=False)
     for r, v in enumerate(levels):
-        idx = np.flatnonzero((a.obs["niche_true"] == v).to_numpy() & ~run.patches.padded)
+        idx = np.flatnonzero((a.obs[Key.obs.niche_true] == v).to_numpy() & ~run.patches.padded)
         pick = rng.choice(idx, size=min(per_niche, len(idx)), replace=False) if len(idx) else []
         for c in range(per_niche):
             ax = axes[r, c]

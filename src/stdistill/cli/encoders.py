@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .._keys import Key
+
 
 def _load_data(data: str):
     """Validated sections (:func:`stdistill.io.load_any`); her2st is read with its imaged sections only."""
@@ -19,11 +21,11 @@ def _load_data(data: str):
 
 
 def _write(adata, out: Path) -> None:
-    from ..features.cache import _share
+    from .._utils import follow_umask
     from ..io import write_h5ad
 
     write_h5ad(adata, out)
-    _share(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
+    follow_umask(out)  # atomic writes start as 0600 temporary files; follow the umask like a plain write
 
 
 def _manifest(console, manifest: str, out: Path, encoder: str, kwargs: dict) -> None:
@@ -185,7 +187,7 @@ def _stain_reference(value: str | None, encoder: str):
     p = Path(value)
     if not p.is_file():
         raise StdistillError("no such features file for --stain-reference", p)
-    stored = ad.read_h5ad(p).uns.get("features", {})
+    stored = ad.read_h5ad(p).uns.get(Key.uns.features, {})
     rec = [v["stain"] for k, v in stored.items() if isinstance(v, dict) and "stain" in v and v.get("encoder") == encoder]
     if not rec:
         raise StdistillError(f"holds no stain reference for encoder {encoder!r} (extract it with --stain-norm first)", p)

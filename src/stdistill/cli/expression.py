@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from .._keys import Key
 from ..bundle import check_target
 from ._common import (
     STAIN_NORM_HELP,
@@ -15,6 +16,7 @@ from ._common import (
     _numbers,
     _split,
     patient_split,
+    print_selection,
     stain_norm_option,
 )
 
@@ -79,16 +81,20 @@ def register(app: typer.Typer) -> None:
         al = alpha if alpha in ("hest", "cv") else float(alpha)
         res = sd.bench.expression(a, fk, folds=fl, genes=genes, alpha=al, extra_genes=_split(extra_genes))
         out.mkdir(parents=True, exist_ok=True)
-        tables = [("per_fold.csv", res.per_fold), ("per_gene.csv", res.per_gene)]
-        if res.selection is not None:
-            tables.append(("selection.csv", res.selection))
-        for name, df in tables:
+        import pandas as pd
+
+        tables = [("per_fold.csv", res.per_fold, False), ("per_gene.csv", res.per_gene, True)]
+        if res.selections:  # the candidates x inner folds table of every fold
+            tables.append(("selection.csv", pd.concat([s.table.assign(fold=k) for k, s in res.selections.items()]), False))
+        for name, df, index in tables:
             with atomic_path(out / name) as tmp:
-                df.to_csv(tmp, index=name != "per_fold.csv")
+                df.to_csv(tmp, index=index)
         with atomic_path(out / "summary.json") as tmp:
             tmp.write_text(json.dumps({"pearson_mean": res.mean, "pearson_std": res.std, **res.params}, indent=2))
         sd.pl.pearson_bars(res.per_gene, path=out / "pearson_bars.png")
         c = Console()
+        for k, sel in (res.selections or {}).items():
+            print_selection(c, sel, f"fold {k}: feature candidates on its training patients")
         c.print(res.per_fold.to_string(index=False))
         c.print(f"[bold]{res.summary()}[/bold]  ({out})")
 
@@ -145,22 +151,22 @@ def register(app: typer.Typer) -> None:
         many = (dev if isinstance(dev, int) else 1) * num_nodes > 1
         kw = {"accelerator": accelerator, "devices": dev, "strategy": "ddp" if many and strategy == "auto" else strategy,
               "num_nodes": num_nodes}
-        c = Console()
+        c, sel = Console(), None
         if len(grid) > 1:
             if va is not None:
                 raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
 
             def inner(inner_tr, val_p):  # genes and teacher without the validation patient
-                rest = train_all[(train_all.obs["patient"].astype(str) != val_p).to_numpy()].copy()
+                rest = train_all[(train_all.obs[Key.obs.patient].astype(str) != val_p).to_numpy()].copy()
                 t = ExpressionTeacher("pca").fit(rest)
                 return {"teacher": t.transform(inner_tr), "genes": g if genes else sd.pp.hest_genes(inner_tr, 50)}
 
-            cfg, table = select_peka(tr, teacher.transform(tr), g, grid, base=cfg, inner=inner, encoder=encoder, **kw)
+            sel = select_peka(tr, teacher.transform(tr), g, grid, base=cfg, inner=inner, encoder=encoder, **kw)
+            cfg = sel.config()
             c.quiet = _not_rank_zero()  # DDP: rank 0 prints
-            c.print(table.assign(curve=[" ".join(f"{x:.4f}" for x in v) for v in table["curve"]]).to_string(index=False))
-            c.print(f"chosen: lr={cfg.lr:g}, w_kd={cfg.w_kd:g}, rank={cfg.r}, epochs={cfg.max_epochs}")
+            print_selection(c, sel)
         m = PEKA(encoder, cfg, **kw).fit(tr, teacher.transform(tr), g, kd_reference=teacher.transform(train_all), val=va,
-                                         extra_genes=_split(extra_genes), run_dir=run_dir)
+                                         extra_genes=_split(extra_genes), run_dir=run_dir, selection=sel)
         if _not_rank_zero():  # DDP: every process holds the same weights; one writes the model
             return
         if m.resumed_:
@@ -195,14 +201,13 @@ def register(app: typer.Typer) -> None:
         a = load_any(data)
         secs = _split(sections) or [s for s in sd.io.sections(a) if sd.io.has_image(a, s)]
         a = sd.io.subset_sections(a, secs)
-        pred = m.predict(a).clip(lower=0.0)  # log1p expression is never negative; heads can undershoot
+        pred = m.predict(a, inplace=False).clip(lower=0.0)  # log1p expression is never negative; heads can undershoot
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             pred.to_csv(tmp)
         if features_out is not None:
-            m.transform(a, key_added="X_peka")
-            a.obsm["peka_pred"] = pred.to_numpy(np.float32)
-            a.uns["peka_pred_genes"] = list(pred.columns)
+            m.transform(a)  # obsm["X_peka"]
+            a.obsm[Key.obsm.peka_pred] = pred.astype(np.float32)  # genes as the frame's columns
             sd.io.write_h5ad(a, features_out)
         c = Console()
         for p in _gene_maps(a, pred, _split(map_gene), secs, out.parent, c):
@@ -227,7 +232,6 @@ def _register_probe(sub: typer.Typer) -> None:
 
         import stdistill as sd
         from stdistill.bench import HestRidge
-        from stdistill.bench._expression import _features
         from stdistill.io.summary import load_any
 
         check_target(out)
@@ -235,9 +239,9 @@ def _register_probe(sub: typer.Typer) -> None:
         a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
         if feature_key not in a.obsm and encoder is not None:
             sd.features.extract(a, encoder, key_added=feature_key)
-        F = _features(a, feature_key)
+        F = sd.features.feature_matrix(a, feature_key)
         g = sd.pp.read_gene_list(genes) if genes else sd.pp.hest_genes(a, n_genes)
-        made = a.uns.get("features", {}).get(feature_key)
+        made = a.uns.get(Key.uns.features, {}).get(feature_key)
         p = HestRidge().fit(F, sd.pp.log1p_targets(a, g), genes=g, features=made)
         p.save(out)
         c = Console()

@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
-from ._common import _numbers, _split, patient_split
+from ._common import _numbers, _split, patient_split, print_selection
 
 FEATURES_HELP = "obsm key of the patch features (extracted with --encoder when absent)."
 
@@ -128,7 +129,6 @@ def register(app: typer.Typer) -> None:
         from stdistill.recipes import GenST, GenstConfig, select_genst
 
         from .._utils import atomic_path
-        from .pathways import _print_grid
 
         grid = [{"w_con": w, "head_input": h} for w in _numbers(w_con, float, "--w-con") for h in _split(head_input)]
         if not grid:
@@ -144,12 +144,13 @@ def register(app: typer.Typer) -> None:
         tr = split["train"]
         g = sd.pp.hest_genes(tr, n_genes)
         genes = g + [x for x in _split(extra_genes) if x not in g and x in tr.var_names]
-        how = f"early stopping on {val_patients}" if val_patients else "fixed"
+        how, sel = f"early stopping on {val_patients}" if val_patients else "fixed", None
         if len(grid) > 1:
-            cfg, table = select_genst(tr, grid, base=cfg, feature_key=features, n_genes=n_genes, extra_genes=_split(extra_genes))
-            _print_grid(c, table)
+            sel = select_genst(tr, grid, base=cfg, feature_key=features, n_genes=n_genes, extra_genes=_split(extra_genes))
+            cfg = sel.config()
+            print_selection(c, sel)
             how = "grid, leave one training patient out"
-        m = GenST(cfg, feature_key=features).fit(tr, genes, val=split["val"])
+        m = GenST(cfg, feature_key=features).fit(tr, genes, val=split["val"], selection=sel)
         m.save(out)
         _print_lines(c, "GenST settings", {"features": f"{features} ({m.features_meta_.get('encoder', 'unknown')}, "
                                         f"{m.features_meta_.get('precision', '?')})", "chosen by": how,
@@ -182,7 +183,8 @@ def register(app: typer.Typer) -> None:
         import stdistill as sd
 
         m, a = _model_and_data(model, data, out, sections, extract)
-        pred = m.predict(a, temperature=temperature, top_k=top_k, extract=extract)
+        m.predict(a, temperature=temperature, top_k=top_k, extract=extract)  # obsm["genst_pred"], obsm["genst_sd"]
+        pred = a.obsm[Key.obsm.genst_pred]
         sd.io.write_h5ad(a, out)
         c = Console()
         if all(g in a.var_names for g in m.genes_):
@@ -209,10 +211,10 @@ def register(app: typer.Typer) -> None:
         import stdistill as sd
 
         m, a = _model_and_data(model, data, out, sections, extract)
-        draws = m.sample(a, n_samples, temperature=temperature, top_k=top_k, counts=counts, seed=seed, extract=extract)
-        m.predict(a, sd_key=None, temperature=temperature, top_k=top_k)
-        a.obsm["genst_samples"] = draws
-        a.uns["genst"] = {"genes": list(m.genes_), "params": {"n_samples": n_samples, "counts": counts, "seed": seed,
+        m.sample(a, n_samples, temperature=temperature, top_k=top_k, counts=counts, seed=seed, extract=extract)
+        m.predict(a, sd_key=None, temperature=temperature, top_k=top_k)  # the samples' SD stays in obsm["genst_sd"]
+        draws = a.obsm[Key.obsm.genst_samples]
+        a.uns[Key.uns.genst] = {"genes": list(m.genes_), "params": {"n_samples": n_samples, "counts": counts, "seed": seed,
                                                               "temperature": temperature or m.config.temperature,
                                                               "top_k": top_k if top_k is not None else (m.config.top_k or 0)}}
         sd.io.write_h5ad(a, out)

@@ -13,6 +13,7 @@ import typer
 
 from .._defaults import N_NEIGHBORS
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import _not_rank_zero
 
@@ -63,21 +64,26 @@ def register(app: typer.Typer) -> None:
         pca_solver: str = typer.Option("auto", "--pca-solver", help="'auto', 'randomized' or 'exact'."),
         batch_key: str = typer.Option("section", help="obs column whose effects are removed ('section' or 'patient')."),
         batch_correction: str = typer.Option("standardize", help="'standardize', 'harmony', 'scvi' or 'none'."),
-        use_rep: str = typer.Option(None, help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
+        feature_key: str = typer.Option(None, "--feature-key", help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
+        use_rep: str = typer.Option(None, "--use-rep", hidden=True, help="Old name of --feature-key (one more release)."),
         radius_um: float = typer.Option(None, help=RADIUS_HELP),
-        key_added: str = typer.Option("niche", help="obs/obsm key prefix to write."),
+        key_added: str = typer.Option(Key.obs.niche, help="obs/obsm key prefix to write."),
         model: str = typer.Option(None, help="Also save the fitted teacher to this bundle folder."),
         seed: int = typer.Option(0),
     ) -> None:
         """Fit the transcriptomic niche teacher; print NMI(niche, patient) and niche sizes per patient."""
         from ..teachers.niche import NicheTeacher
 
+        if use_rep is not None:
+            typer.echo("warning: --use-rep is now --feature-key (the old name goes in the next release)", err=True)
+            feature_key = feature_key or use_rep
         if model:
             check_target(model)
         adata = _load(data)
         t = NicheTeacher(_parse_k(n_niches), method=method, batch_key=batch_key,
                          batch_correction=None if batch_correction == "none" else batch_correction,
-                         use_rep=use_rep, radius_um=radius_um, seed=seed, consensus=consensus, pca_solver=pca_solver)
+                         feature_key=feature_key, radius_um=radius_um, seed=seed, consensus=consensus,
+                         pca_solver=pca_solver)
         t.fit_predict(adata, key_added=key_added)
         _echo_teacher(t, adata, key_added)
         if model:
@@ -90,7 +96,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Argument(..., help=".h5ad with teacher niches (obsm[<key>_probs]) and patch features."),
         model: str = typer.Option(..., "--model", "-m", help="Bundle folder to write the student to (for 'stdistill predict')."),
         features: str = typer.Option(FEATURES_DEFAULT, help="obsm key of the patch features."),
-        teacher_key: str = typer.Option("niche", help="Teacher key: uses obsm['<key>_probs']."),
+        teacher_key: str = typer.Option(Key.obs.niche, help="Teacher key: uses obsm['<key>_probs']."),
         train_patients: str = typer.Option(None, help="Comma-separated patients to train on (default: all)."),
         radius_um: float = typer.Option(None, help=RADIUS_HELP),
         temperature: float = typer.Option(2.0, help="KD temperature T (KL scaled by T^2)."),
@@ -154,13 +160,14 @@ def register(app: typer.Typer) -> None:
                    f"refinement chosen there: {s.info_.get('refine')}; saved to {model}")
         if s.info_.get("transfer"):
             typer.echo(f"transfer chosen: {describe_choice(s.info_['transfer'])}")
+            typer.echo(str(s.selection_))  # the candidates x validation patients table, as every recipe prints it
 
     @niches.command("predict")
     def predict(
         data: str = typer.Argument(..., help=".h5ad of spots or of pp.tile output (H&E only; features extracted if missing)."),
         model: str = typer.Option(..., "--model", "-m", help="Student folder written by 'niches distill'."),
         out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche_pred'], obsm['niche_pred_probs']."),
-        key_added: str = typer.Option("niche_pred", help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
+        key_added: str = typer.Option(Key.obs.niche_pred, help="obs/obsm key prefix to write (differs from the teacher's 'niche')."),
         plot: str = typer.Option(None, help="Also write niche maps (PNG) here: this file with one section, else one <name>_<section>.png per section."),
         refine: str = typer.Option("none", help="Test-time refinement with the section's own structure (label-free): "
                                                 "auto (the one chosen on the validation patient at distill), none, "

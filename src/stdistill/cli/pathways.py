@@ -9,16 +9,18 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import (
     STAIN_NORM_HELP,
     _numbers,
     _split,
     patient_split,
+    print_selection,
     stain_norm_option,
 )
 
-KEY = "pathway_scores"
+KEY = Key.obsm.pathway_scores
 GENESETS_HELP = "'hallmark' (MSigDB Hallmark), 'progeny' (PROGENy top 100) or a .gmt/.csv/.tsv gene-set file."
 METHOD_HELP = "'ulm', 'mlm', 'aucell' (decoupler) or 'mean_z' (no extra dependency)."
 
@@ -140,25 +142,6 @@ def _print_settings(c, rows: dict) -> None:
     c.print(t)
 
 
-def _print_grid(c, table) -> None:
-    from rich.table import Table
-
-    t = Table(title="Grid (leave one training patient out; validation score per epoch, epoch 0 first)",
-              title_justify="left")
-    shown = table.drop(columns=["seconds"], errors="ignore")
-    for col in shown.columns:
-        t.add_column(str(col))
-
-    def cell(k, v) -> str:
-        if k == "curve":
-            return " ".join(f"{x:.3f}" for x in v)
-        return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-
-    for _, r in shown.iterrows():
-        t.add_row(*(cell(k, v) for k, v in r.items()))
-    c.print(t)
-
-
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(help="Pathway activities: scoring the spots, STAMP alignment of an encoder, H&E-only prediction.",
                       no_args_is_help=True)
@@ -261,14 +244,15 @@ def register(app: typer.Typer) -> None:
         va = _finite(split["val"], KEY)[0] if split["val"] is not None and split["val"].n_obs else None
         dev = int(devices) if devices.isdigit() else devices
         kw = {"accelerator": accelerator, "devices": dev, "strategy": strategy}
-        how = "fixed"
+        how, sel = "fixed", None
         if len(grid) > 1:
-            cfg, table = select_stamp(tr, grid, pathways=KEY, base=cfg, encoder=encoder, **kw)
-            _print_grid(c, table)
+            sel = select_stamp(tr, grid, pathways=KEY, base=cfg, encoder=encoder, **kw)
+            cfg = sel.config()
+            print_selection(c, sel)
             how = "grid, leave one training patient out"
         elif va is not None:
             how = f"early stopping on {', '.join(_split(val_patients))}"
-        m = STAMP(encoder, cfg, **kw).fit(tr, KEY, val=va, run_dir=run_dir)
+        m = STAMP(encoder, cfg, **kw).fit(tr, KEY, val=va, run_dir=run_dir, selection=sel)
         if m.resumed_:
             c.print(f"{m.resumed_} from checkpoints in {run_dir}")
         m.save(out)
@@ -282,7 +266,7 @@ def register(app: typer.Typer) -> None:
         table = None
         if te is not None and te.n_obs:
             te = _finite(te, KEY)[0]
-            table = per_pathway_pearson(te, KEY, m.predict(te), by="patient") if te.n_obs else None
+            table = per_pathway_pearson(te, KEY, m.predict(te, inplace=False), by="patient") if te.n_obs else None
         if table is None:
             c.print("[yellow]no imaged test spot with a score: nothing to evaluate[/yellow]")
         else:
@@ -324,8 +308,9 @@ def register(app: typer.Typer) -> None:
         if not secs:
             raise StdistillError("no section has an image")
         a = sd.io.subset_sections(a, secs)
-        m.transform(a, key_added="X_stamp")
-        pred = m.predict(a, key_added="pathway_pred")
+        m.transform(a)  # obsm["X_stamp"]
+        m.predict(a)  # obsm["pathway_pred"]
+        pred = a.obsm[Key.obsm.pathway_pred]
         sd.io.write_h5ad(a, out)
         c = Console()
         table = per_pathway_pearson(a, KEY, pred, by="section")

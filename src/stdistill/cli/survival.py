@@ -1,4 +1,4 @@
-"""``stdistill survival fit|predict|evaluate``: slide-level survival (AMKD, seed 002) from the shell.
+"""``stdistill survival fit|predict|evaluate``: slide-level survival (AMKD) from the shell.
 
 A cohort is a clinical table (one row per patient: ``patient``, ``time``, ``event``) beside slide
 features, either a folder of TRIDENT/CLAM ``.h5`` files (``--features``) or tile AnnData from
@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..bundle import check_target
 from ._common import _numbers, _split
 
@@ -52,7 +53,7 @@ def _cohort(clinical: Optional[Path], features: Optional[Path], tiles: Optional[
     else:  # prediction only: one unlabelled patient per slide
         from ..io.h5ad import read_h5ad
 
-        ids = list(find_bags(features)) if features is not None else sorted(set(read_h5ad(tiles).obs["patient"].astype(str)))
+        ids = list(find_bags(features)) if features is not None else sorted(set(read_h5ad(tiles).obs[Key.obs.patient].astype(str)))
         table = pd.DataFrame({"time": np.zeros(len(ids)), "event": np.zeros(len(ids), int)}, index=ids)
     if features is not None:
         return read_cohort(table, features, rna, rna_orient=cols["orient"], slide_col=cols["slide"])
@@ -148,10 +149,11 @@ def register(app: typer.Typer) -> None:
             teacher = fitted.get(m.teacher)
             if select:
                 tf = (lambda _s, ci, _c=fitted[m.teacher].config: SurvivalModel(_c).fit(ci, genesets=gs)) if m.teacher else None
-                cfg, _ = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
+                sel = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
+                cfg = sel.config()
+                typer.echo(f"{m.name}: {sel}")
             fitted[m.name] = SurvivalModel(replace(cfg, seed=seed)).fit(c, teacher=teacher, genesets=gs)
-            typer.echo(f"{m.name}: {cfg.kind}, {cfg.max_epochs} epochs, {len(c.patients)} patients "
-                       f"({int(c.event.sum())} events), {fitted[m.name].fit_seconds_:.1f} s")
+            typer.echo(_fitted_line(m.name, c, fitted[m.name]))
         final = fitted[method]
         final.save(out)
         if methods[-1].teacher:
@@ -232,6 +234,13 @@ def register(app: typer.Typer) -> None:
 
         pl.cindex_bars(table, path=out / "cindex_bars.png")
         typer.echo(f"tables and figures -> {out}")
+
+
+def _fitted_line(name: str, cohort, model) -> str:
+    """One line on a fitted model: epochs, patients, events, patients without RNA, seconds."""
+    miss = model.n_missing_rna_
+    return (f"{name}: {model.config.kind}, {model.config.max_epochs} epochs, {len(cohort.patients)} patients "
+            f"({int(cohort.event.sum())} events{f', {miss} without RNA' if miss else ''}), {model.fit_seconds_:.1f} s")
 
 
 def _plots(model, cohort, risk, folder: Path, n_maps: int, tiles: Optional[Path], labelled: bool) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from .._utils import progress
 from ..io._section import concat
 from ..io.legacy_st import fit_affine, read_legacy_st
@@ -217,20 +218,20 @@ def her2st(
                 positions_without_counts="drop",
                 cache_dir=parsed,
             )
-            a.uns["spatial"][s]["metadata"]["image_description"] = what
-            a.obs["pathology"] = _pathology(base, s, a).to_numpy()
+            a.uns[Key.uns.spatial][s]["metadata"]["image_description"] = what
+            a.obs[Key.obs.pathology] = _pathology(base, s, a).to_numpy()
             props = _props(zf, s, a.obs_names)
             a.obs_names = [f"{s}_{i}" for i in a.obs_names]
             if props is not None:
                 props.index = a.obs_names
-                a.obsm["celltype_props"] = props
+                a.obsm[Key.obsm.celltype_props] = props
             parts.append(a)
     finally:
         if zf is not None:
             zf.close()
     out = concat(parts) if len(parts) > 1 else parts[0]
-    labels = out.obs["pathology"]
+    labels = out.obs[Key.obs.pathology]
     cats = sorted(pd.unique(labels.dropna().astype(str)))
-    out.obs["pathology"] = pd.Categorical(labels.where(labels.notna(), None), categories=cats)
-    out.uns["dataset"] = "her2st"
+    out.obs[Key.obs.pathology] = pd.Categorical(labels.where(labels.notna(), None), categories=cats)
+    out.uns[Key.uns.dataset] = "her2st"
     return out

@@ -1,4 +1,4 @@
-"""Survival cohorts with known ground truth, for the AMKD recipe (seed 002). Both are **semi-synthetic
+"""Survival cohorts with known ground truth, for the AMKD recipe. Both are **semi-synthetic
 or simulated**: no real patient outcome is involved.
 
 - :func:`her2st_survival` (**semi-synthetic, from real data**): each "patient" is a random
@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._cohort import Cohort
 from ..io._section import SECTION_KEY, sections, spatial_um
 
@@ -66,7 +67,7 @@ def _windows(spots: ad.AnnData, n_per_patient: int, radius_um: tuple[float, floa
     spread evenly over its sections; a window with fewer than ``min_spots`` spots is redrawn."""
     xy = spatial_um(spots)
     sec = spots.obs[SECTION_KEY].astype(str).to_numpy()
-    pat = spots.obs["patient"].astype(str).to_numpy()
+    pat = spots.obs[Key.obs.patient].astype(str).to_numpy()
     out = []
     for p in sorted(set(pat)):
         secs = sorted(set(sec[pat == p]))
@@ -106,7 +107,7 @@ def _cohort(spots: ad.AnnData, feats: np.ndarray, wins: list[tuple[str, np.ndarr
             table: pd.DataFrame, meta: dict) -> Cohort:
     ids = list(table.index)
     bags = {p: feats[m] for p, (_, m) in zip(ids, wins)}
-    xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+    xy = np.asarray(spots.obsm[Key.obsm.spatial], dtype=np.float64)
     return Cohort(table, bags, {p: p for p in ids}, rna=rna, coords={p: xy[m] for p, (_, m) in zip(ids, wins)},
                   instance_ids={p: spots.obs_names.to_numpy()[m].astype(str) for p, (_, m) in zip(ids, wins)},
                   meta={**meta, "spots": spots})
@@ -161,7 +162,7 @@ def her2st_survival(root: str | os.PathLike | None = None, *, n_per_patient: int
     sec = np.array([s for s, _ in wins])
     pb = ad.AnnData(bulk, obs=pd.DataFrame({SECTION_KEY: sec}, index=ids), var=pd.DataFrame(index=spots.var_names))
     pathway_scores(pb, _risk_net(risk_pathways), method="mean_z", standardize="section", min_genes=5)
-    act = pb.obsm["pathway_scores"]
+    act = pb.obsm[Key.obsm.pathway_scores]
     hidden = _zscore(sum(w * act[p].to_numpy() for p, w in risk_pathways.items()))
     t, e = draw_times(beta * hidden, censoring, base_rate, rng)
     L = pd.DataFrame(_log_cp10k(bulk), index=ids, columns=spots.var_names.astype(str))
@@ -210,12 +211,12 @@ def simulated_survival(n_patients: int = 100, *, spots_per_section: int = 30, be
     feats = _features(spots, encoder, precision, cache_dir, size_um, px)
     sec = spots.obs[SECTION_KEY].astype(str).to_numpy()
     wins = [(s, np.flatnonzero(sec == s)) for s in sections(spots)]
-    props = spots.obsm["celltype_props"]
+    props = spots.obsm[Key.obsm.celltype_props]
     tb = np.array([props["tumour_B"].to_numpy()[m].mean() for _, m in wins])
     ly = np.array([(props["T_cell"] + props["B_cell"]).to_numpy()[m].mean() for _, m in wins])
     hidden = _zscore(_zscore(tb) - _zscore(ly))
     t, e = draw_times(beta * hidden, censoring, base_rate, np.random.default_rng([seed, 7]))
-    ids = [str(spots.obs["patient"].astype(str).to_numpy()[m][0]) for _, m in wins]
+    ids = [str(spots.obs[Key.obs.patient].astype(str).to_numpy()[m][0]) for _, m in wins]
     bulk = _pseudobulk(spots, [m for _, m in wins])
     rna = pd.DataFrame(_log_cp10k(bulk), index=ids, columns=spots.var_names.astype(str))
     marker = spots.var["marker_of"].astype(str)

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._section import concat, new_section
-from ..io.h5ad import _open_h5ad
+from ..io.h5ad import open_h5ad
 from ..io.legacy_st import ST_SPOT_DIAMETER_UM
 
 FOLDER = "mob-st-stahl2016-spacest"
@@ -64,7 +65,7 @@ def mob(root: str | os.PathLike | None = None, patient_per_replicate: bool = Fal
     parts = []
     for rep in REPLICATES:
         path = base / "derived" / f"{rep}_MOB_counts_spots.h5ad"
-        src = _open_h5ad(path, "MOB counts file")
+        src = open_h5ad(path, "MOB counts file")
         mpp = src.uns.get("um_per_px")
         img = src.uns.get("image")
         image = base / str(img) if img is not None else base / "inst" / "extdata" / f"HE_{rep}.jpg"
@@ -75,7 +76,7 @@ def mob(root: str | os.PathLike | None = None, patient_per_replicate: bool = Fal
             src.X,
             genes=list(src.var_names),
             spots=list(src.obs_names),
-            xy_px=np.asarray(src.obsm["spatial"], dtype=np.float64),
+            xy_px=np.asarray(src.obsm[Key.obsm.spatial], dtype=np.float64),
             section=rep,
             patient=rep if patient_per_replicate else "MOB",
             microns_per_pixel=None if mpp is None else float(mpp),
@@ -84,10 +85,10 @@ def mob(root: str | os.PathLike | None = None, patient_per_replicate: bool = Fal
             obs=obs,
             source=path,
         )
-        a.uns["spatial"][rep]["metadata"]["reader"] = "datasets.mob"
-        a.uns["spatial"][rep]["metadata"]["species"] = "Mus musculus"
+        a.uns[Key.uns.spatial][rep]["metadata"]["reader"] = "datasets.mob"
+        a.uns[Key.uns.spatial][rep]["metadata"]["species"] = "Mus musculus"
         a.obs_names = [f"{rep}_{i}" for i in a.obs_names]
         parts.append(a)
     out = concat(parts)
-    out.uns["dataset"] = "mob"
+    out.uns[Key.uns.dataset] = "mob"
     return out

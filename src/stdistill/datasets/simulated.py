@@ -37,6 +37,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._section import SPATIAL_KEY, concat, new_section
 
 #: Cell types, in the column order of ``obsm["celltype_props"]``.
@@ -344,7 +345,7 @@ def _section(
         obs=obs,
         source=f"simulated section {section}",
     )
-    adata.obsm["celltype_props"] = pd.DataFrame(props, index=adata.obs_names, columns=list(CELL_TYPES))
+    adata.obsm[Key.obsm.celltype_props] = pd.DataFrame(props, index=adata.obs_names, columns=list(CELL_TYPES))
     adata.uns[SPATIAL_KEY][section]["metadata"].update({"dataset": "simulated", "simulated": True})
     return adata
 
@@ -469,8 +470,8 @@ def simulated(
     for k, cats in (("niche_true", list(NICHES)), ("pathology", sorted(set(NICHE_PATHOLOGY.values())))):
         adata.obs[k] = pd.Categorical(adata.obs[k].astype(str), categories=cats)
     adata.var["marker_of"] = pd.Categorical(marker_of.astype(str))
-    adata.varm["celltype_profile"] = pd.DataFrame(profiles.T, index=adata.var_names, columns=list(CELL_TYPES))
-    adata.uns["simulated"] = {
+    adata.varm[Key.varm.celltype_profile] = pd.DataFrame(profiles.T, index=adata.var_names, columns=list(CELL_TYPES))
+    adata.uns[Key.uns.simulated] = {
         "dataset": "simulated",
         "params": params,
         "cell_types": list(CELL_TYPES),

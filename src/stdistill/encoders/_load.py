@@ -15,7 +15,7 @@ from torch import nn
 
 from .._errors import StdistillError, require_file
 from .._utils import check_state, file_digest
-from .registry import EncoderSpec, get_spec
+from .registry import EncoderSpec, get_spec, hub_weights_file
 
 
 class LicenceWarning(UserWarning):
@@ -261,29 +261,6 @@ def _is_hub_error(e: BaseException) -> bool:
     return bool(mods & {"huggingface_hub", "requests", "urllib3", "httpx", "httpx2", "httpcore"}) or any(
         isinstance(c, (ConnectionError, TimeoutError)) for c in _chain(e)
     )
-
-
-def hub_weights_file(spec: EncoderSpec) -> str | None:
-    """Path of the spec's weights in the local hub cache, or None (never touches the network)."""
-    hub_id = spec.hub_id
-    if not hub_id:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
-    for fname in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
-        try:
-            p = try_to_load_from_cache(hub_id, fname)
-        except Exception:
-            p = None
-        if isinstance(p, str) and os.path.isfile(p):
-            return p
-    return None
-
-
-def weights_in_local_cache(spec: EncoderSpec) -> bool:
-    return hub_weights_file(spec) is not None
 
 
 # ---------------------------------------------------------------------------------------------

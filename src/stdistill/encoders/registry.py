@@ -11,6 +11,7 @@ Licences were read from the models' public cards (not re-checked from this machi
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -290,6 +291,29 @@ def get_spec(name: str | EncoderSpec) -> EncoderSpec:
         ) from None
 
 
+def hub_weights_file(spec: EncoderSpec) -> str | None:
+    """Path of the spec's weights in the local hub cache, or None (never touches the network)."""
+    hub_id = spec.hub_id
+    if not hub_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    for fname in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+        try:
+            p = try_to_load_from_cache(hub_id, fname)
+        except Exception:
+            p = None
+        if isinstance(p, str) and os.path.isfile(p):
+            return p
+    return None
+
+
+def weights_in_local_cache(spec: EncoderSpec) -> bool:
+    return hub_weights_file(spec) is not None
+
+
 def list_encoders() -> pd.DataFrame:
     """One row per registered encoder: source, id, dim, input px, licence, gated, usable offline,
     stain normalisation of ``features.extract(stain_norm="auto")``.
@@ -297,8 +321,6 @@ def list_encoders() -> pd.DataFrame:
     ``usable_offline`` is true when the weights ship with an installed package or already sit in
     the local Hugging Face cache.
     """
-    from ._load import weights_in_local_cache
-
     rows = []
     for s in sorted(_REGISTRY.values(), key=lambda s: (not s.offline, s.name)):
         rows.append({

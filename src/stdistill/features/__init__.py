@@ -8,6 +8,7 @@
 """
 
 from ._manifest import ManifestReport, extract_manifest, read_manifest
+from ._matrix import feature_matrix
 from .cache import FeatureCache, default_cache_dir
 from .extract import (
     DEFAULT_ENCODER,
@@ -38,6 +39,7 @@ __all__ = [
     "extract_distributed",
     "extraction_kwargs",
     "extract_manifest",
+    "feature_matrix",
     "read_manifest",
     "resolve_precision",
     "run_extraction",

@@ -36,12 +36,13 @@ from typing import Any
 
 import pandas as pd
 
-from .._errors import StdistillError, _one_line, require_file
+from .._errors import StdistillError, one_line, require_file
+from .._keys import Key
 
 log = logging.getLogger(__name__)
 
 #: ``uns`` key of an output that records its input and settings (a JSON string).
-RECORD_KEY = "features_manifest"
+RECORD_KEY = Key.uns.features_manifest
 SUMMARY = "features_summary.tsv"
 
 
@@ -201,7 +202,7 @@ def extract_manifest(
         try:
             record = _record(e.path, settings)
         except OSError as err:
-            e.status, e.message = "failed", _one_line(f"{e.path}: cannot read ({err.strerror or err})")
+            e.status, e.message = "failed", one_line(f"{e.path}: cannot read ({err.strerror or err})")
             log.error("[%d/%d] %s failed: %s", k, len(entries), e.name, e.message)
             continue
         if _done(out, record):
@@ -221,7 +222,7 @@ def extract_manifest(
                 e.status = "done"
             except Exception as err:  # isolate the slide: log, skip, list at the end
                 e.status = "failed"
-                e.message = _one_line(str(err) if isinstance(err, StdistillError) else f"{e.path}: {type(err).__name__}: {err}")
+                e.message = one_line(str(err) if isinstance(err, StdistillError) else f"{e.path}: {type(err).__name__}: {err}")
                 log.error("[%d/%d] %s failed: %s", k, len(entries), e.name, e.message)
         e.seconds = time.perf_counter() - t0
         if e.status == "done":

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import StdistillError
-from .._utils import write_hdf5
+from .._utils import umask_mode, write_hdf5
 
 FORMAT = 1
 ENV = "STDISTILL_CACHE"
@@ -59,24 +59,6 @@ def entry_key(**parts) -> str:
     """Stable hex key of the keyword parts (JSON, sorted keys)."""
     blob = json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-
-
-def _entry_mode() -> int:
-    """Temporary files are created 0600; entries get the permissions of the user's umask (set on
-    the temporary file, before the rename: another process may evict the entry right after)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
-
-
-def _share(path: Path) -> None:
-    """Give a file written through a 0600 temporary file the permissions of the user's umask."""
-    os.chmod(path, _entry_mode())
-
-
-_UMASK: int | None = None
 
 
 def _safe(name: str) -> str:
@@ -177,7 +159,7 @@ class FeatureCache:
             f.attrs["key_parts"] = json.dumps(key_parts or {}, sort_keys=True, default=str)
 
         try:
-            write_hdf5(p, fill, mode=_entry_mode())  # built in memory: a full disk is an OSError, not an h5py crash
+            write_hdf5(p, fill, mode=umask_mode())  # built in memory: a full disk is an OSError, not an h5py crash
         except OSError as e:
             raise StdistillError(f"cannot write the feature cache ({e}); pass cache_dir= or set {ENV}", p) from None
         return p

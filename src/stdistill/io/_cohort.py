@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._api import renamed_kwargs
 from .._errors import StdistillError
+from .._keys import Key
 
 __all__ = ["Cohort", "cohort_from_tiles", "find_bags", "read_bag", "read_clinical", "read_cohort", "read_rna"]
 
@@ -343,22 +345,24 @@ def read_cohort(clinical: str | os.PathLike | pd.DataFrame, features: str | os.P
     return Cohort(table.loc[keep], bags, sp, rna=rna_df, coords=coords, meta={"features": str(features)})
 
 
+@renamed_kwargs(features_key="feature_key")
 def cohort_from_tiles(tiles, table: pd.DataFrame, rna: pd.DataFrame | None = None, *,
-                      features_key: str | None = None) -> Cohort:
+                      feature_key: str | None = None) -> Cohort:
     """A :class:`Cohort` from tile AnnData (:func:`stdistill.pp.tile` + :func:`stdistill.features.extract`,
     one or several slides concatenated): slide = ``obs["section"]``, patient = ``obs["patient"]``,
-    instances = ``obsm[features_key]`` (default: the only ``X_*`` key), coords = ``obsm["spatial"]``.
-    ``table`` is indexed by patient with ``time`` and ``event`` (e.g. from :func:`read_clinical`)."""
+    instances = ``obsm[feature_key]`` (default: the only ``X_*`` key), coords = ``obsm["spatial"]``.
+    ``table`` is indexed by patient with ``time`` and ``event`` (e.g. from :func:`read_clinical`).
+    ``feature_key`` was ``features_key`` (still accepted for one release)."""
     from ._section import PATIENT_KEY, SECTION_KEY, SPATIAL_KEY
 
     keys = [k for k in tiles.obsm if k.startswith("X_")]
-    if features_key is None:
+    if feature_key is None:
         if len(keys) != 1:
-            raise StdistillError(f"pass features_key= (tile features found: {keys or 'none; run features.extract'})")
-        features_key = keys[0]
-    if features_key not in tiles.obsm:
-        raise StdistillError(f'no obsm["{features_key}"]: run stdistill.features.extract first')
-    X = np.asarray(tiles.obsm[features_key], dtype=np.float32)
+            raise StdistillError(f"pass feature_key= (tile features found: {keys or 'none; run features.extract'})")
+        feature_key = keys[0]
+    if feature_key not in tiles.obsm:
+        raise StdistillError(f'no obsm["{feature_key}"]: run stdistill.features.extract first')
+    X = np.asarray(tiles.obsm[feature_key], dtype=np.float32)
     sec = tiles.obs[SECTION_KEY].astype(str).to_numpy()
     pat = tiles.obs[PATIENT_KEY].astype(str).to_numpy()
     bags, sp, coords, ids = {}, {}, {}, {}
@@ -376,4 +380,4 @@ def cohort_from_tiles(tiles, table: pd.DataFrame, rna: pd.DataFrame | None = Non
     sp = {s: p for s, p in sp.items() if p in set(keep)}
     return Cohort(table.loc[keep], {s: bags[s] for s in sp}, sp, rna=rna, coords={s: coords[s] for s in sp},
                   instance_ids={s: ids[s] for s in sp},
-                  meta={"features_key": features_key, "features_record": tiles.uns.get("features", {}).get(features_key)})
+                  meta={"feature_key": feature_key, "features_record": tiles.uns.get(Key.uns.features, {}).get(feature_key)})

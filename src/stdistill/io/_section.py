@@ -33,11 +33,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._keys import Key
 from ._image import ArrayImage, ImageReader, open_image
 
-SECTION_KEY = "section"
-PATIENT_KEY = "patient"
-SPATIAL_KEY = "spatial"
+#: the table's names (:mod:`stdistill.keys`), as the readers and checks here use them
+SECTION_KEY, PATIENT_KEY, SPATIAL_KEY = Key.obs.section, Key.obs.patient, Key.obsm.spatial
 HIRES_MAX = 2000
 
 

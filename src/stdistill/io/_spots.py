@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError, require_file
+from .._keys import Key
 
 #: Column names tried, in order, for spot centres in full-resolution pixels (x = column, y = row).
 X_COLUMNS = ("x", "pixel_x", "pxl_col_in_fullres", "imagecol", "x_px")
@@ -83,16 +84,16 @@ def _from_tables(counts: Path, positions: Path, x: str | None, y: str | None):
 
 def _from_h5ad(path: Path, layer: str | None):
     """(counts, genes, spot ids, xy px, obs) from an .h5ad with ``obsm["spatial"]`` in image pixels."""
-    from .h5ad import _open_h5ad
+    from .h5ad import open_h5ad
 
-    a = _open_h5ad(path, ".h5ad file")
-    if "spatial" not in a.obsm:
+    a = open_h5ad(path, ".h5ad file")
+    if Key.obsm.spatial not in a.obsm:
         raise StdistillError('no obsm["spatial"] (spot centres in full-resolution pixels)', path)
     if layer is not None and layer not in a.layers:
         raise StdistillError(f"no layer {layer!r} (have {list(a.layers)})", path)
-    X = a.layers[layer] if layer is not None else (a.layers["counts"] if "counts" in a.layers else a.X)
+    X = a.layers[layer] if layer is not None else (a.layers[Key.layers.counts] if Key.layers.counts in a.layers else a.X)
     keep = a.obs.drop(columns=[c for c in ("section", "patient") if c in a.obs])
-    return X, list(a.var_names), list(a.obs_names), np.asarray(a.obsm["spatial"], dtype=np.float64)[:, :2], keep
+    return X, list(a.var_names), list(a.obs_names), np.asarray(a.obsm[Key.obsm.spatial], dtype=np.float64)[:, :2], keep
 
 
 def read_spots(

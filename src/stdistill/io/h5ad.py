@@ -101,7 +101,7 @@ def validate(adata: ad.AnnData, source: str | os.PathLike | None = None, check_i
     return adata
 
 
-def _open_h5ad(path: str | os.PathLike, what: str = ".h5ad file") -> ad.AnnData:
+def open_h5ad(path: str | os.PathLike, what: str = ".h5ad file") -> ad.AnnData:
     """``anndata.read_h5ad`` with one-line errors naming ``path`` (``what`` names the file's role)."""
     path = Path(path)
     require_file(path, what)
@@ -114,7 +114,7 @@ def _open_h5ad(path: str | os.PathLike, what: str = ".h5ad file") -> ad.AnnData:
 def read_h5ad(path: str | os.PathLike, check_images: bool = True) -> ad.AnnData:
     """Read an ``.h5ad`` written by :func:`write_h5ad` (or any file in the stdistill layout) and validate it."""
     path = Path(path)
-    adata = _open_h5ad(path)
+    adata = open_h5ad(path)
     for lib in adata.uns.get(SPATIAL_KEY, {}).values():
         meta = lib.get("metadata", {}) if isinstance(lib, dict) else {}
         if "image_size" in meta:  # h5py gives arrays back; the layout holds a [width, height] list

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError, require_file
+from .._keys import Key
 from ._section import new_section
-from .h5ad import _open_h5ad
+from .h5ad import open_h5ad
 
 _SPOT_DIAMETER_UM = {"visium": 55.0, "visium hd": 2.0, "spatial transcriptomics": 100.0, "st": 100.0}
 _KEEP_OBS = ("in_tissue", "array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres")
@@ -62,11 +63,11 @@ def read_hest(
             meta_path,
         )
     require_file(wsi_path, "HEST whole-slide image")
-    st = _open_h5ad(st_path, "HEST counts file")
+    st = open_h5ad(st_path, "HEST counts file")
     if "in_tissue" in st.obs:
         st = st[st.obs["in_tissue"].astype(int).to_numpy() == 1]
-    if "spatial" in st.obsm:
-        xy = np.asarray(st.obsm["spatial"], dtype=np.float64)[:, :2]
+    if Key.obsm.spatial in st.obsm:
+        xy = np.asarray(st.obsm[Key.obsm.spatial], dtype=np.float64)[:, :2]
     elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(st.obs.columns):
         xy = st.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     else:
@@ -87,7 +88,7 @@ def read_hest(
         obs=obs,
         source=st_path,
     )
-    info = adata.uns["spatial"][sample_id]["metadata"]
+    info = adata.uns[Key.uns.spatial][sample_id]["metadata"]
     info["reader"] = "read_hest"
     for k in ("st_technology", "species", "organ", "tissue", "oncotree_code", "disease_state"):
         if isinstance(meta.get(k), str):

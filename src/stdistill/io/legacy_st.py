@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError, require_file
+from .._keys import Key
 from .._utils import atomic_path, file_digest
 from ._section import _check_counts, join_positions, new_section
 
@@ -266,7 +267,7 @@ def read_legacy_st(
         obs=obs,
         source=image if image is not None else counts,
     )
-    meta = adata.uns["spatial"][section]["metadata"]
+    meta = adata.uns[Key.uns.spatial][section]["metadata"]
     meta["reader"] = "read_legacy_st"
     meta["coordinate_scale"] = float(scale)
     if affine is not None:

@@ -11,6 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._keys import Key
 from ._section import PATIENT_KEY, SECTION_KEY, SPATIAL_KEY, library, sections
 
 DATASETS = ("her2st", "simulated", "mob")
@@ -62,7 +63,7 @@ def load_any(path_or_name: str | os.PathLike) -> ad.AnnData:
 
         mod = importlib.import_module(f"..datasets.{name.lower()}", __package__)
         adata = getattr(mod, name.lower())()
-        adata.uns.setdefault("dataset", name.lower())  # so that "simulated" shows wherever it is summarised
+        adata.uns.setdefault(Key.uns.dataset, name.lower())  # so that "simulated" shows wherever it is summarised
         return adata
     raise StdistillError(f"no such file or folder, and not a dataset name ({', '.join(DATASETS)})", name)
 
@@ -150,7 +151,7 @@ def summarise(adata: ad.AnnData, console=None, title: str | None = None) -> pd.D
     from rich.table import Table
 
     df = section_table(adata)
-    ds = adata.uns.get("dataset")
+    ds = adata.uns.get(Key.uns.dataset)
     shape = f"{adata.n_obs} spots x {adata.n_vars} genes"
     counts = f"{_n(len(df), 'section')}, {_n(df['patient'].nunique(), 'patient')}"
     title = title or (f"{ds}: " if isinstance(ds, str) else "") + f"{shape}, {counts}"

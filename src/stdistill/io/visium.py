@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from ._section import new_section
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -175,6 +176,6 @@ def read_visium(
         if col in counts.var:
             adata.var[col] = counts.var[col].to_numpy()
     adata.obsm["spatial_fullres"] = xy_full
-    meta = adata.uns["spatial"][library_id]["metadata"]
+    meta = adata.uns[Key.uns.spatial][library_id]["metadata"]
     meta.update(reader="read_visium", image_frame=frame, fullres_scale=scale, visium_folder=str(root.resolve()))
     return adata

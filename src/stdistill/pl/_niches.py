@@ -57,6 +57,9 @@ def niches(
 ):
     """Spots coloured by niche on the section's H&E thumbnail, one panel per ``obs`` key.
 
+    Colours come from :data:`stdistill.pl.NICHE_PALETTE` (visible on H&E; the slide maps use the
+    same). The legend sits outside the panels, on the right, with the reference's niches.
+
     Parameters
     ----------
     keys
@@ -73,9 +76,6 @@ def niches(
     names
         Legend labels of the reference's niches "0", "1", ..., e.g. a student's
         ``info_["niche_names"]`` (``"0: ERBB2/KRT19/..."``, the teacher's top marker genes).
-
-    Colours come from :data:`stdistill.pl.NICHE_PALETTE` (visible on H&E; the slide maps use the
-    same). The legend sits outside the panels, on the right, with the reference's niches.
 
     Returns
     -------

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from ._common import _clim, _one_section, _spots, _subplots, _thumbnail
 from ._expression import _save
 
@@ -42,8 +43,8 @@ def pathways(
     names: str | Sequence[str],
     *,
     section: str | None = None,
-    measured_key: str | None = "pathway_scores",
-    pred_key: str = "pathway_pred",
+    measured_key: str | None = Key.obsm.pathway_scores,
+    pred_key: str = Key.obsm.pathway_pred,
     path: str | os.PathLike | None = None,
     scale: str = "row",
     spot_scale: float = 1.0,

@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import StdistillError, require_file
+from .._keys import Key
 
 __all__ = ["read_gmt", "genesets", "pathway_scores", "SHIPPED_GENESETS", "PATHWAY_METHODS"]
 
@@ -283,8 +284,8 @@ def pathway_scores(
     normalize: bool = True,
     standardize: str | None = None,
     min_genes: int = 5,
-    section_key: str = "section",
-    key_added: str = "pathway_scores",
+    section_key: str = Key.obs.section,
+    key_added: str = Key.obsm.pathway_scores,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Pathway (gene-set) activity of every spot.

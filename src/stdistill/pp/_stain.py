@@ -135,19 +135,19 @@ class StainNormalizer:
 
     def __init__(self, method: str = "macenko", reference: dict | None = None):
         self.method = check_method(method)
-        self.reference = None if reference is None else _rounded(reference)
+        self.reference = None if reference is None else round_estimate(reference)
 
     def __repr__(self) -> str:
         return f"StainNormalizer({self.method!r}, fitted={self.reference is not None})"
 
     def fit(self, patches) -> StainNormalizer:
         """Take the reference estimate from ``patches`` (RGB uint8, see :func:`estimate_stain`)."""
-        self.reference = _rounded(estimate_stain(patches, self.method))
+        self.reference = round_estimate(estimate_stain(patches, self.method))
         return self
 
     def estimate(self, patches) -> dict:
         """A section's stain estimate (same method)."""
-        return _rounded(estimate_stain(patches, self.method))
+        return round_estimate(estimate_stain(patches, self.method))
 
     def transform(self, patch: torch.Tensor, source: dict) -> torch.Tensor:
         """``patch`` (uint8, 3 x H x W) of a section with estimate ``source`` -> the reference's stain."""
@@ -179,7 +179,7 @@ def _plain(d: Any) -> Any:
     return d
 
 
-def _rounded(d: dict, digits: int = 6) -> dict:
+def round_estimate(d: dict, digits: int = 6) -> dict:
     """An estimate with floats rounded (stable cache keys across platforms)."""
     return json.loads(json.dumps(_plain(d)), parse_float=lambda s: round(float(s), digits))
 

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import StdistillError, require_file
+from .._utils import torch_threads_kept
 from ..io._section import SECTION_KEY, sections as _sections
 
 __all__ = ["hest_genes", "read_gene_list", "log1p_targets"]
@@ -91,7 +92,8 @@ def hest_genes(
     stacked = X[np.concatenate(rows)][:, idx].astype(np.float32)
     st = ad.AnnData(X=stacked, var=pd.DataFrame(index=pd.Index(common.astype(str))))
     sc.pp.log1p(st)
-    sc.pp.highly_variable_genes(st, n_top_genes=n_genes, flavor="seurat")
+    with torch_threads_kept():
+        sc.pp.highly_variable_genes(st, n_top_genes=n_genes, flavor="seurat")
     return st.var_names[st.var["highly_variable"].to_numpy()][:n_genes].tolist()
 
 

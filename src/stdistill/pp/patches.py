@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._errors import StdistillError
 from ..io._section import SECTION_KEY, SPATIAL_KEY, has_image, image, microns_per_pixel, sections
+from .._keys import Key
 
 
 def _crop_box(x: float, y: float, side_px: float) -> tuple[int, int, int]:
@@ -89,7 +90,7 @@ class PatchDataset(Dataset):
                           persistent_workers=False, pin_memory=False)
 
 
-def patches(adata: ad.AnnData, size_um: float = 112.0, px: int = 224, key_added: str | None = "patch_padded") -> PatchDataset:
+def patches(adata: ad.AnnData, size_um: float = 112.0, px: int = 224, key_added: str | None = Key.obs.patch_padded) -> PatchDataset:
     """Patch dataset of ``adata``'s spots (see :class:`PatchDataset`).
 
     Writes ``obs[key_added]`` (bool): the patch reaches beyond the image edge and was padded.

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
+from .._keys import Key
 from ..io._image import ArrayImage, ImageReader, open_image
 from ..io._section import new_section
 
@@ -28,7 +29,7 @@ def _reader(image) -> ImageReader:
     raise StdistillError(f"tile: image must be a path, an ImageReader or an RGB array, got {type(image).__name__}")
 
 
-def _slide_mpp(reader) -> float | None:
+def slide_mpp(reader) -> float | None:
     """Microns per pixel recorded in a whole-slide file's metadata (tiffslide/openslide), if any."""
     props = getattr(getattr(reader, "_slide", None), "properties", None) or {}
     for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
@@ -197,7 +198,7 @@ def tile(
     """
     reader = _reader(image)
     source = getattr(reader, "path", None) or f"image of section {section!r}"
-    mpp = microns_per_pixel if microns_per_pixel is not None else _slide_mpp(reader)
+    mpp = microns_per_pixel if microns_per_pixel is not None else slide_mpp(reader)
     if mpp is None or not np.isfinite(mpp) or mpp <= 0:
         raise StdistillError(
             "microns per pixel of the slide is missing; pass microns_per_pixel= (Python) or "
@@ -248,9 +249,9 @@ def tile(
     ids = [f"{section}_t{r:05d}_{c:05d}" for r, c in zip(rows, cols)]
     obs = pd.DataFrame(
         {
-            "tissue_fraction": frac.astype(np.float32),
-            "tile_row": rows.astype(np.int32),
-            "tile_col": cols.astype(np.int32),
+            Key.obs.tissue_fraction: frac.astype(np.float32),
+            Key.obs.tile_row: rows.astype(np.int32),
+            Key.obs.tile_col: cols.astype(np.int32),
         },
         index=ids,
     )
@@ -267,5 +268,5 @@ def tile(
         obs=obs,
         source=source,
     )
-    adata.uns["spatial"][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
+    adata.uns[Key.uns.spatial][section]["metadata"].update({"tile_size_um": float(size_um), "tile_px": int(px)})
     return adata

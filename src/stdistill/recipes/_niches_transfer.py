@@ -19,6 +19,7 @@ import os
 import anndata as ad
 
 from .._errors import StdistillError
+from .._keys import Key
 
 #: the switches of a transfer setting and their "off" values
 TRANSFER_OFF = {"stain_norm": None, "views": False, "context": False}
@@ -123,7 +124,7 @@ def candidate_features(
     """
     from ..features import run_extraction
 
-    made = adata.uns.get("features", {}).get(feature_key)
+    made = adata.uns.get(Key.uns.features, {}).get(feature_key)
     if not made or not made.get("encoder"):
         raise StdistillError(f'transfer settings need obsm["{feature_key}"] made by stdistill.features.extract '
                              f'(uns["features"]["{feature_key}"] names the encoder and patch)')
@@ -154,7 +155,7 @@ def fit_transfer(
     feature_key: str,
     transfer: str | list[dict] = "auto",
     *,
-    probs_key: str = "niche_probs",
+    probs_key: str = Key.obsm.niche_probs,
     student_kwargs: dict | None = None,
     n_views: int = 2,
     view_seed: int = 0,
@@ -196,16 +197,16 @@ def fit_transfer(
         raise StdistillError("views / context_key are chosen by transfer=; leave them out of student_kwargs")
     overrides = candidate_features(adata, feature_key, grid, n_views=n_views, view_seed=view_seed, context_um=context_um,
                                    cache_dir=cache_dir, device=device)
-    made = adata.uns["features"][feature_key]
+    made = adata.uns[Key.uns.features][feature_key]
     skw.setdefault("encoder", made["encoder"])
     student = NicheStudent(feature_key=feature_key, **skw)
     student.fit(adata, probs_key=probs_key, candidates=overrides, **fit_kwargs)
-    sign = -1.0 if student.params["monitor"] == "val_ari" else 1.0  # the student minimises -ARI
-    selection = [dict(g, val_score=sign * r["val_score"], best_epoch=r["best_epoch"])
-                 for g, r in zip(grid, student.info_["selection"])]
-    chosen = grid[overrides.index(student.info_["chosen"])]
+    scores = student.selection_.scores()  # ARI in its own sign (the student minimises -ARI)
+    selection = [dict(g, val_score=float(r["score"]), best_epoch=int(r["epoch"]))
+                 for g, (_, r) in zip(grid, scores.iterrows())]
+    chosen = grid[student.selection_.choice["candidate"]]
     student.info_["transfer"] = {
-        "chosen": chosen, "selection": selection, "monitor": student.params["monitor"],
+        "chosen": chosen, "selection": selection, "monitor": student.config.monitor,
         "val_patients": student.info_.get("val_patients"), "n_views": int(n_views), "view_seed": int(view_seed),
         "context_um": _context_um(made, context_um),
         "stain_reference_section": (student.info_.get("features") or {}).get("stain", {}).get("reference_section"),

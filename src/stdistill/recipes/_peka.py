@@ -41,8 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._api import write_obsm
 from .._errors import StdistillError
+from .._keys import Key
 from .._utils import seed_everything
+from ..select import Selection, select
 from ..adapters import (
     AdaptedEncoder,
     AdaptedNet,
@@ -168,6 +171,7 @@ class PEKA(AdaptedEncoder):
         val: ad.AnnData | None = None,
         extra_genes: Sequence[str] = (),
         run_dir: str | os.PathLike | None = None,
+        selection: Selection | None = None,
     ) -> PEKA:
         """Train on ``adata``'s spots (each section with an image).
 
@@ -195,9 +199,13 @@ class PEKA(AdaptedEncoder):
             Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
             after a kill resumes there and ends with the same weights as an uninterrupted run
             (``resumed_``: ``"resumed"``, ``"finished"`` or None).
+        selection
+            The :class:`~stdistill.select.Selection` that chose this config (:func:`select_peka`),
+            kept as ``selection_`` and in the saved bundle's training record.
         """
         cfg = self.config
         t0 = time.time()
+        self.selection_ = selection
         seed_everything(cfg.seed)
         T = np.asarray(adata.obsm[teacher] if isinstance(teacher, str) else teacher, dtype=np.float32)
         if T.shape[0] != adata.n_obs or T.ndim != 2 or not np.isfinite(T).all():
@@ -208,8 +216,8 @@ class PEKA(AdaptedEncoder):
             check_patient_disjoint(adata, val)
         self.genes_ = _with_extra(genes, extra_genes, adata.var_names)
         self.training_summary_ = {"n_train_spots": int(adata.n_obs),
-                                  "train_sections": sorted(set(adata.obs["section"].astype(str))),
-                                  "train_patients": sorted(set(adata.obs["patient"].astype(str)))}
+                                  "train_sections": sorted(set(adata.obs[Key.obs.section].astype(str))),
+                                  "train_patients": sorted(set(adata.obs[Key.obs.patient].astype(str)))}
         Yz = self._standardize_targets(self._targets(adata, self.genes_))
         W, b, P = self._kd_targets(T, kd_reference, kd_classifier)
         self._fit_stain(adata)  # the stain reference (config.stain_norm): a training section
@@ -229,13 +237,20 @@ class PEKA(AdaptedEncoder):
         return self
 
     # -------------------------------------------------------------- inference
-    def transform(self, adata: ad.AnnData, key_added: str | None = "X_peka") -> np.ndarray:
-        """(n_spots, dim) float32 adapted-encoder features; writes ``obsm[key_added]`` unless None."""
-        return super().transform(adata, key_added)
+    def transform(self, adata: ad.AnnData, key_added: str | None = Key.obsm.peka, *, inplace: bool = True,
+                  copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Adapted-encoder features (n_spots, dim) float32 into ``obsm[key_added]``. Returns None
+        (``copy=True``: a new AnnData with them; ``inplace=False``: the array, nothing written)."""
+        return write_obsm(adata, self._features_out(adata), key_added, inplace=inplace, copy=copy, where="PEKA.transform")
 
-    def predict(self, adata: ad.AnnData) -> pd.DataFrame:
-        """(n_spots x genes) predicted log1p expression from the regression head."""
-        return self._predict_frame(adata)
+    def predict(self, adata: ad.AnnData, key_added: str | None = Key.obsm.peka_pred, *, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | pd.DataFrame | None:
+        """Predicted log1p expression from the regression head (DataFrame n_spots x genes) into
+        ``obsm[key_added]``. Returns None (``copy=True``: a new AnnData; ``inplace=False``: the frame).
+
+        .. versionchanged:: writes ``obsm["peka_pred"]`` and returns None (it returned the frame and
+           wrote nothing); ``inplace=False`` gives the frame."""
+        return write_obsm(adata, self._predict_frame(adata), key_added, inplace=inplace, copy=copy, where="PEKA.predict")
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> PekaNet:
         return PekaNet(tail, tail.encoder.spec.dim, len(self.genes_), state["proj.weight"].shape[0], state["cls_w"], state["cls_b"])
@@ -252,7 +267,7 @@ def peka(
     kd_reference: np.ndarray | None = None,
     encoder="effnet-lite0-imagenet",
     config: PekaConfig | None = None,
-    key_added: str | None = "X_peka",
+    key_added: str | None = Key.obsm.peka,
     extra_genes: Sequence[str] = (),
     run_dir: str | os.PathLike | None = None,
     **kw,
@@ -285,7 +300,7 @@ def select_peka(
     inner: Callable[[ad.AnnData, str], dict] | None = None,
     encoder="effnet-lite0-imagenet",
     **kw,
-) -> tuple[PekaConfig, pd.DataFrame]:
+) -> Selection:
     """Choose PEKA's settings and epochs by leave-one-patient-out **inside** ``adata`` (a fold's
     training patients) with :func:`stdistill.select.select`.
 
@@ -308,23 +323,21 @@ def select_peka(
 
     Returns
     -------
-    The chosen config (``max_epochs`` = chosen epochs) and the table of
-    :func:`stdistill.select.select`.
+    A :class:`~stdistill.select.Selection`: ``.config()`` is the chosen config (``max_epochs`` =
+    chosen epochs), ``.table`` the curves. (Unpacking it as ``(config, table)`` is deprecated.)
     """
-    from ..select import select
-
-    base = base or PekaConfig()
     T = np.asarray(teacher)
 
-    def parts(tr: ad.AnnData, vp: str, mask: np.ndarray) -> dict:
-        return {"teacher": T[mask], "genes": list(genes), "kd_classifier": None, **(inner(tr, vp) if inner is not None else {})}
+    def parts(s) -> dict:
+        return {"teacher": T[s.train_rows], "genes": list(genes), "kd_classifier": None,
+                **(inner(s.train, s.name) if inner is not None else {})}
 
-    def fit_curve(cfg: PekaConfig, tr: ad.AnnData, va: ad.AnnData, p: dict) -> list[float]:
-        model = PEKA(encoder, cfg, **kw).fit(tr, p["teacher"], p["genes"], kd_reference=kd_reference,
-                                             kd_classifier=p["kd_classifier"], val=va)
+    def fit_score(cfg: PekaConfig, s) -> list[float]:
+        model = PEKA(encoder, cfg, **kw).fit(s.train, s.parts["teacher"], s.parts["genes"], kd_reference=kd_reference,
+                                             kd_classifier=s.parts["kd_classifier"], val=s.val)
         return val_curve(model.history_, cfg.val_metric)
 
-    return select(adata, fit_curve, grid, base, parts=parts)
+    return select(adata, fit_score, grid, base=base or PekaConfig(), parts=parts, full_curves=True)
 
 
 def choose_peka(table: pd.DataFrame, grid: Sequence[dict], base: PekaConfig | None = None,

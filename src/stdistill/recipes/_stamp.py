@@ -32,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._api import write_obsm
 from .._errors import StdistillError
+from .._keys import Key
 from .._utils import seed_everything
+from ..select import Selection, select
 from ..adapters import AdaptedEncoder, AdaptedNet, AdapterConfig, Tail, TailModule, ridge_init, val_curve
 
 __all__ = ["STAMP", "StampConfig", "StampModule", "StampNet", "pathway_targets", "select_stamp", "stamp"]
@@ -133,9 +136,9 @@ class STAMP(AdaptedEncoder):
     heads = StampModule.heads
     targets_key = "pathways"
 
-    def fit(self, adata: ad.AnnData, pathways: str | pd.DataFrame | np.ndarray = "pathway_scores", *,
+    def fit(self, adata: ad.AnnData, pathways: str | pd.DataFrame | np.ndarray = Key.obsm.pathway_scores, *,
             names: Sequence[str] | None = None, val: ad.AnnData | None = None,
-            run_dir: str | os.PathLike | None = None) -> STAMP:
+            run_dir: str | os.PathLike | None = None, selection: Selection | None = None) -> STAMP:
         """Train on ``adata``'s spots (training patients only, each section with an image).
 
         Parameters
@@ -150,8 +153,12 @@ class STAMP(AdaptedEncoder):
             Checkpoint folder: Lightning writes a checkpoint every epoch; rerunning the same call
             after a kill resumes there and ends with the same weights as an uninterrupted run
             (``resumed_``: ``"resumed"``, ``"finished"`` or None).
+        selection
+            The :class:`~stdistill.select.Selection` that chose this config (:func:`select_stamp`),
+            kept as ``selection_`` and in the saved bundle's training record.
         """
         cfg, t0 = self.config, time.time()
+        self.selection_ = selection
         seed_everything(cfg.seed)
         Y, self.pathways_ = pathway_targets(adata, pathways, names)
         if val is not None:
@@ -175,17 +182,20 @@ class STAMP(AdaptedEncoder):
         self._train(net, data, vdata, t0, run_dir)
         return self
 
-    def transform(self, adata: ad.AnnData, key_added: str | None = "X_stamp") -> np.ndarray:
-        """(n_spots, dim) float32 aligned features; writes ``obsm[key_added]`` unless None."""
-        return super().transform(adata, key_added)
+    def transform(self, adata: ad.AnnData, key_added: str | None = Key.obsm.stamp, *, inplace: bool = True,
+                  copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Aligned features (n_spots, dim) float32 into ``obsm[key_added]``. Returns None
+        (``copy=True``: a new AnnData with them; ``inplace=False``: the array, nothing written)."""
+        return write_obsm(adata, self._features_out(adata), key_added, inplace=inplace, copy=copy, where="STAMP.transform")
 
-    def predict(self, adata: ad.AnnData, key_added: str | None = None) -> pd.DataFrame:
-        """(n_spots x pathways) predicted activities (the training targets' scale); also written to
-        ``obsm[key_added]`` when given."""
-        df = self._predict_frame(adata)
-        if key_added:
-            adata.obsm[key_added] = df
-        return df
+    def predict(self, adata: ad.AnnData, key_added: str | None = Key.obsm.pathway_pred, *, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | pd.DataFrame | None:
+        """Predicted activities (DataFrame n_spots x pathways, the training targets' scale) into
+        ``obsm[key_added]``. Returns None (``copy=True``: a new AnnData; ``inplace=False``: the frame).
+
+        .. versionchanged:: writes ``obsm["pathway_pred"]`` by default and returns None (it returned the
+           frame and wrote only with ``key_added``); ``inplace=False`` gives the frame."""
+        return write_obsm(adata, self._predict_frame(adata), key_added, inplace=inplace, copy=copy, where="STAMP.predict")
 
     def _net_from_state(self, tail: Tail, state: dict[str, torch.Tensor]) -> StampNet:
         cfg = self.config
@@ -194,14 +204,14 @@ class STAMP(AdaptedEncoder):
 
 def stamp(
     adata: ad.AnnData,
-    pathways: str = "pathway_scores",
+    pathways: str = Key.obsm.pathway_scores,
     *,
     train_sections: Sequence[str] | None = None,
     val_sections: Sequence[str] | None = None,
     encoder="effnet-lite0-imagenet",
     config: StampConfig | None = None,
-    key_added: str | None = "X_stamp",
-    pred_key: str | None = "pathway_pred",
+    key_added: str | None = Key.obsm.stamp,
+    pred_key: str | None = Key.obsm.pathway_pred,
     run_dir: str | os.PathLike | None = None,
     **kw,
 ) -> STAMP:
@@ -227,25 +237,22 @@ def select_stamp(
     adata: ad.AnnData,
     grid: Sequence[dict],
     *,
-    pathways: str = "pathway_scores",
+    pathways: str = Key.obsm.pathway_scores,
     base: StampConfig | None = None,
     encoder="effnet-lite0-imagenet",
     **kw,
-) -> tuple[StampConfig, pd.DataFrame]:
+) -> Selection:
     """Choose STAMP's loss weights, rank, learning rate and epochs by leave-one-patient-out **inside**
     ``adata`` (a fold's training patients), with :func:`stdistill.select.select`: every candidate
     trains on all but one training patient and records the ``base.val_metric`` score on the held-out
     one after each epoch (epoch 0 = the frozen encoder with a ridge head).
 
     Pathway activities are per-spot statistics (per-section standardised), so nothing about the
-    validation patient reaches training through them.
+    validation patient reaches training through them. Returns a :class:`~stdistill.select.Selection`
+    (``.config()``: the chosen config; unpacking it as ``(config, table)`` is deprecated).
     """
-    from ..select import select
 
-    base = base or StampConfig()
+    def fit_score(cfg: StampConfig, s) -> list[float]:
+        return val_curve(STAMP(encoder, cfg, **kw).fit(s.train, pathways, val=s.val).history_, cfg.val_metric)
 
-    def fit_curve(cfg: StampConfig, tr: ad.AnnData, va: ad.AnnData, _: dict) -> list[float]:
-        model = STAMP(encoder, cfg, **kw).fit(tr, pathways, val=va)
-        return val_curve(model.history_, cfg.val_metric)
-
-    return select(adata, fit_curve, grid, base)
+    return select(adata, fit_score, grid, base=base or StampConfig(), full_curves=True)

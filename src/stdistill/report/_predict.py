@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._collect import _figures, _read_json, _spread, _table, encoder_rows
+from .._keys import Key
+from ._common import _figures, _read_json, _spread, _table, encoder_rows
 
 
 def _niche_table(a) -> pd.DataFrame:
     """Per predicted niche: tiles, share of tiles, and the assigned probability (mean +- sd)."""
-    probs = np.asarray(a.obsm["niche_pred_probs"])
-    names = a.obs["niche_pred_name"] if "niche_pred_name" in a.obs else a.obs["niche_pred"]
-    codes = np.asarray(a.obs["niche_pred"].cat.codes) if hasattr(a.obs["niche_pred"], "cat") else np.argmax(probs, 1)
+    probs = np.asarray(a.obsm[Key.obsm.probs(Key.obs.niche_pred)])
+    names = a.obs[Key.obs.name(Key.obs.niche_pred)] if Key.obs.name(Key.obs.niche_pred) in a.obs else a.obs[Key.obs.niche_pred]
+    codes = np.asarray(a.obs[Key.obs.niche_pred].cat.codes) if hasattr(a.obs[Key.obs.niche_pred], "cat") else np.argmax(probs, 1)
     rows = []
     for k in range(probs.shape[1]):
         hit = codes == k
@@ -48,23 +49,23 @@ def _run_rows(folder: Path, run: dict, record: dict, a) -> list[tuple[str, str]]
         rows.append(("training data", f"{train.get('n_train_spots', '?')} spots from sections "
                                       f"{', '.join(map(str, train.get('train_sections', [])))} of patients "
                                       f"{', '.join(map(str, train.get('train_patients', [])))}"))
-    if "tissue_fraction" in a.obs:
-        rows.append(("tissue fraction per tile", _spread(a.obs["tissue_fraction"].to_numpy())))
+    if Key.obs.tissue_fraction in a.obs:
+        rows.append(("tissue fraction per tile", _spread(a.obs[Key.obs.tissue_fraction].to_numpy())))
     return rows
 
 
 def collect_predict(folder: Path) -> dict:
     """Run, model, encoder licence, per-output summaries and the maps of a predict folder."""
-    from ..io.h5ad import _open_h5ad
+    from ..io.h5ad import open_h5ad
 
     run = _read_json(folder / "run.json")
     h5 = folder / f"{Path(run['slide']).stem}.h5ad"
-    a = _open_h5ad(h5 if h5.is_file() else sorted(folder.glob("*.h5ad"))[0], "prediction .h5ad")
-    pred = a.uns.get("predict", {})
+    a = open_h5ad(h5 if h5.is_file() else sorted(folder.glob("*.h5ad"))[0], "prediction .h5ad")
+    pred = a.uns.get(Key.uns.predict, {})
     record = json.loads(pred["bundle"]) if isinstance(pred.get("bundle"), str) else {}
     about = run.get("about", {})
     tables = []
-    if "niche_pred_probs" in a.obsm:
+    if Key.obsm.probs(Key.obs.niche_pred) in a.obsm:
         tables.append(_table("Predicted niches", _niche_table(a), "shares over tissue tiles; the probability the "
                              "student gives the niche it assigns (mean +- sd over those tiles)"))
     for key in sorted(k for k in a.obsm if k.endswith("_pred") and isinstance(a.obsm[k], pd.DataFrame)):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .._errors import StdistillError
 from .._utils import atomic_path, versions
-from ._collect import MAX_FIGURES, collect
+from ._collect import collect
+from ._common import MAX_FIGURES
 
 TEMPLATE = "report.html.j2"
 

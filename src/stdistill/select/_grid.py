@@ -1,17 +1,18 @@
 """Settings and epochs chosen on validation patients *inside* the training patients, for any recipe.
 
-:func:`select` holds each training patient out in turn (leave-one-patient-out inside the fold),
-trains every candidate of a grid on the others with the recipe's ``fit_curve``, and records the
-validation curve (a score after each epoch, epoch 0 = before training). :func:`choose` averages
-the curves over the inner splits and returns the best (candidate, epoch). The test patients are
-never seen: the caller passes only a fold's training patients.
+:func:`select` trains every candidate on every inner split of a fold's training patients (by
+default leave-one-patient-out) with the recipe's ``fit_score``, which returns the validation score
+after each epoch (a curve, epoch 0 = before training) or one score, and returns a
+:class:`~stdistill.select.Selection`. :func:`choose` re-aggregates such a table. The test patients
+are never seen: the caller passes only a fold's training patients.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import is_dataclass, replace
 from typing import Any
 
 import anndata as ad
@@ -19,101 +20,161 @@ import numpy as np
 import pandas as pd
 
 from .._errors import StdistillError
-from ..io._section import PATIENT_KEY, SECTION_KEY, subset_sections
+from ._selection import Criterion, Selection, settings_of
+from ._splits import LeaveOnePatientOut, Split
 
-#: ``fit_curve(config, inner_train, inner_val, parts) -> validation scores for epochs 0..max_epochs``
-FitCurve = Callable[[Any, ad.AnnData, ad.AnnData, dict], Sequence[float]]
+#: ``fit_score(settings, split) -> scores per epoch (a curve) or one score``
+FitScore = Callable[[Any, Split], "Sequence[float] | float"]
+
+
+def _criterion(base, criterion: Criterion | None) -> Criterion:
+    if criterion is not None:
+        return criterion
+    return Criterion(maximize=bool(getattr(base, "maximize", True)), metric=str(getattr(base, "val_metric", "score")))
+
+
+def _record(upd: dict, split: str, out, seconds: float, ci: int) -> dict:
+    """One table row from a fit_score result (a curve or a number)."""
+    row = {"candidate": ci, **upd, "split": split}
+    if np.ndim(out) == 0:
+        row["score"] = float(out)
+    else:
+        row["curve"] = [float(x) for x in out]
+    row["seconds"] = round(seconds, 1)
+    return row
+
+
+def _full(base, full_curves: bool):
+    """``base`` with early stopping off (``patience`` past ``max_epochs``) for ``full_curves``."""
+    if not full_curves:
+        return base
+    if getattr(base, "max_epochs", 1) < 1:
+        raise StdistillError(f"choosing settings needs base.max_epochs >= 1, got {base.max_epochs}")
+    return replace(base, patience=base.max_epochs + 1) if is_dataclass(base) else {**base, "patience": base["max_epochs"] + 1}
+
+
+def _run(fit_score: FitScore, candidates: list[dict], splits: list[Split], base, order: str,
+         with_candidate: bool) -> pd.DataFrame:
+    """The candidates x splits table, candidate-major (``order="candidates"``) or split-major."""
+    pairs = ([(ci, s) for ci in range(len(candidates)) for s in splits] if order == "candidates"
+             else [(ci, s) for s in splits for ci in range(len(candidates))])
+    rows = {}
+    for ci, s in pairs:
+        t0 = time.time()
+        out = fit_score(settings_of(base, candidates[ci]), s, *((ci,) if with_candidate else ()))
+        rows[(ci, s.name)] = _record(candidates[ci], s.name, out, time.time() - t0, ci)
+    kinds = {"curve" in r for r in rows.values()}
+    if len(kinds) > 1:
+        raise StdistillError("fit_score returned curves for some runs and single scores for others")
+    return pd.DataFrame([rows[(ci, s.name)] for ci in range(len(candidates)) for s in splits])
+
+
+def select(
+    data,
+    fit_score: FitScore,
+    candidates: Sequence[dict],
+    *legacy,
+    base: Any = None,
+    splitter: Callable[[Any], list[Split]] | None = None,
+    criterion: Criterion | None = None,
+    parts: Callable[..., dict] | None = None,
+    where: Callable[[dict], bool] | None = None,
+    full_curves: bool = False,
+    order: str = "candidates",
+    with_candidate: bool = False,
+) -> Selection:
+    """Train every candidate on every inner split of ``data`` and choose one.
+
+    Parameters
+    ----------
+    data
+        A fold's **training** patients: an AnnData (``obs["patient"]``, ``obs["section"]``), a
+        cohort, ... whatever ``splitter`` takes.
+    fit_score
+        The recipe's training run: ``fit_score(settings, split)`` trains ``settings`` (``base``
+        updated with one candidate) on ``split.train`` and returns the score on ``split.val``
+        after each epoch (a curve, first value at ``criterion.first_epoch``) or one number.
+    candidates
+        Settings to try: dicts updating ``base``.
+    base
+        A dataclass config or a dict (None: the candidates alone).
+    splitter
+        ``splitter(data) -> list[Split]``; default :class:`LeaveOnePatientOut`.
+    criterion
+        How scores are compared (:class:`Criterion`); default: maximise (or ``base.maximize``) the
+        mean curve.
+    parts
+        ``parts(split) -> dict``: what a recipe derives from ``split.train`` alone (genes, a
+        teacher, ...), computed once per split before training; in ``split.parts``.
+    where
+        Only candidates whose dict passes are chosen (all are trained).
+    full_curves
+        Record whole curves: candidates train with ``patience = max_epochs + 1`` (no early
+        stopping); ``base`` needs ``max_epochs >= 1``.
+    order
+        ``"candidates"`` (each candidate on every split in turn) or ``"splits"`` (every candidate on
+        one split, then the next split). The table lists candidates in order either way.
+    with_candidate
+        Call ``fit_score(settings, split, candidate)`` with the candidate's index (for run names or
+        keeping a fitted model per candidate and split).
+
+    Returns
+    -------
+    Selection
+        ``.config()`` is ``base`` with the chosen settings (and, for curves, ``max_epochs`` = the
+        chosen epoch; 0: training did not help).
+
+    Notes
+    -----
+    The form ``select(adata, fit_curve, grid, base, parts=...)`` returning ``(config, table)``, with
+    ``fit_curve(config, inner_train, inner_val, parts)`` and ``parts(inner_train, val_patient,
+    train_mask)``, is deprecated and still works for one release.
+    """
+    if legacy:
+        return _legacy_select(data, fit_score, candidates, *legacy, parts=parts, where=where)
+    if order not in ("candidates", "splits"):
+        raise StdistillError(f"order must be 'candidates' or 'splits', got {order!r}")
+    candidates = [dict(c) for c in candidates] or [{}]
+    fit_base = _full(base, full_curves)
+    splits = (splitter or LeaveOnePatientOut())(data)
+    if parts is not None:
+        for s in splits:
+            s.parts = parts(s)
+    table = _run(fit_score, candidates, splits, fit_base, order, with_candidate)
+    return Selection.from_table(table, candidates, _criterion(base, criterion), base=base, where=where)
+
+
+def _legacy_select(adata, fit_curve, grid, base, parts=None, where=None) -> tuple[Any, pd.DataFrame]:
+    warnings.warn("select(adata, fit_curve, grid, base) returning (config, table) is deprecated; use "
+                  "select(data, fit_score, candidates, base=..., full_curves=True) and its Selection",
+                  DeprecationWarning, stacklevel=3)
+    new_parts = (lambda s: parts(s.train, s.name, s.train_rows)) if parts is not None else None
+    sel = select(adata, lambda cfg, s: fit_curve(cfg, s.train, s.val, s.parts), grid, base=base, parts=new_parts,
+                 where=where, full_curves=True)
+    return sel.config(), sel.table.rename(columns={"split": "val_patient"})
 
 
 def inner_splits(
     adata: ad.AnnData, parts: Callable[[ad.AnnData, str, np.ndarray], dict] | None = None,
 ) -> list[tuple[str, ad.AnnData, ad.AnnData, dict]]:
-    """Leave-one-patient-out splits of ``adata``: ``(val_patient, inner_train, inner_val, parts)``.
+    """Leave-one-patient-out splits of ``adata``: ``(val_patient, inner_train, inner_val, parts)``
+    (:class:`LeaveOnePatientOut` as tuples).
 
     ``parts(inner_train, val_patient, train_mask) -> dict`` derives what a recipe needs without the
-    validation patient (genes, a teacher, ...); ``train_mask`` is the (n_obs,) bool mask of
-    ``inner_train``'s rows in ``adata``. Needs at least 2 patients in ``obs["patient"]``.
+    validation patient; ``train_mask`` is the (n_obs,) bool mask of ``inner_train``'s rows in
+    ``adata``. Needs at least 2 patients in ``obs["patient"]``.
     """
-    pats = adata.obs[PATIENT_KEY].astype(str).to_numpy()
-    secs = adata.obs[SECTION_KEY].astype(str).to_numpy()
-    uniq = sorted(set(pats))
-    if len(uniq) < 2:
-        raise StdistillError(f"choosing settings needs at least 2 training patients (one for validation), got {uniq}")
-    out = []
-    for vp in uniq:
-        tr = subset_sections(adata, sorted(set(secs[pats != vp])))
-        va = subset_sections(adata, sorted(set(secs[pats == vp])))
-        out.append((vp, tr, va, parts(tr, vp, pats != vp) if parts is not None else {}))
-    return out
+    return [(s.name, s.train, s.val, parts(s.train, s.name, s.train_rows) if parts is not None else {})
+            for s in LeaveOnePatientOut()(adata)]
 
 
-def select(
-    adata: ad.AnnData,
-    fit_curve: FitCurve,
-    grid: Sequence[dict],
-    base,
-    *,
-    parts: Callable[[ad.AnnData, str, np.ndarray], dict] | None = None,
-    where: Callable[[dict], bool] | None = None,
-) -> tuple[Any, pd.DataFrame]:
-    """Choose a grid candidate and its number of epochs on inner validation patients.
-
-    Parameters
-    ----------
-    adata
-        A fold's **training** patients (``obs["patient"]``, ``obs["section"]``).
-    fit_curve
-        The recipe's training run: ``fit_curve(config, inner_train, inner_val, parts)`` returns the
-        validation score after each epoch, epoch 0 first (before training), ``base.max_epochs + 1``
-        values. It must not stop early (``select`` sets ``patience`` past ``max_epochs``).
-    grid
-        Candidates: dicts of config fields updating ``base``.
-    base
-        A dataclass config with ``max_epochs``, ``patience`` and ``maximize`` (whether a larger
-        score is better).
-    parts
-        See :func:`inner_splits`.
-
-    Returns
-    -------
-    The chosen config (``max_epochs`` = the chosen epoch; 0: training did not help) and a table with
-    one row per candidate x validation patient (``candidate``, the grid keys, ``val_patient``,
-    ``curve``, ``seconds``).
-    """
-    if base.max_epochs < 1:
-        raise StdistillError(f"choosing settings needs base.max_epochs >= 1, got {base.max_epochs}")
-    splits = inner_splits(adata, parts)
-    rows = []
-    for ci, upd in enumerate(grid):
-        cfg = replace(base, **upd, patience=base.max_epochs + 1)  # full curves: no early stopping
-        for vp, tr, va, p in splits:
-            t0 = time.time()
-            curve = [float(x) for x in fit_curve(cfg, tr, va, p)]
-            rows.append({"candidate": ci, **upd, "val_patient": vp, "curve": curve, "seconds": round(time.time() - t0, 1)})
-    table = pd.DataFrame(rows)
-    return choose(table, grid, base, where=where), table
-
-
-def choose(table: pd.DataFrame, grid: Sequence[dict], base, where: Callable[[dict], bool] | None = None):
-    """The best (candidate, epoch) of :func:`select`'s table: curves averaged over the inner splits
-    (truncated to the shortest), among the candidates whose grid dict passes ``where`` (default: all).
+def choose(table: pd.DataFrame, grid: Sequence[dict], base, where: Callable[[dict], bool] | None = None, *,
+           criterion: Criterion | None = None):
+    """The best (candidate, epoch) of a selection table (:attr:`Selection.table`, or the older
+    ``val_patient`` tables): by default curves averaged over the splits (cut to the shortest), among
+    the candidates whose dict passes ``where`` (default: all).
 
     Returns ``base`` updated with the winner and ``max_epochs`` = its epoch.
     """
-    sign = -1.0 if base.maximize else 1.0  # lower is better after the sign
-    best = None  # (signed mean score, candidate, epoch)
-    for ci, upd in enumerate(grid):
-        if where is not None and not where(upd):
-            continue
-        curves = list(table.loc[table["candidate"] == ci, "curve"])
-        if not curves:
-            continue
-        n = min(map(len, curves))
-        loss = sign * np.mean([c[:n] for c in curves], axis=0)
-        ep = int(np.argmin(loss))
-        if best is None or loss[ep] < best[0]:
-            best = (loss[ep], ci, ep)
-    if best is None:
-        raise StdistillError("no candidate of the grid passes `where` (or the table is empty)")
-    _, ci, ep = best
-    return replace(base, **grid[ci], max_epochs=ep)
+    t = table if "split" in table.columns else table.rename(columns={"val_patient": "split", "val_patients": "split"})
+    return Selection.from_table(t, grid, _criterion(base, criterion), base=base, where=where).config()

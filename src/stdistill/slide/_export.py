@@ -10,11 +10,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils import atomic_path
 from ..pl._common import NICHE_PALETTE as PALETTE
 from ..pl._common import niche_colours
 
-NICHE_KEY = "niche_pred"
+NICHE_KEY = Key.obs.niche_pred
 
 
 def _rgb(hex_colour: str) -> list[int]:
@@ -30,7 +31,7 @@ def _niche_labels(names: list[str], k: int) -> list[str]:
 def _annotate(tiles: ad.AnnData, bundle, outputs: dict) -> ad.AnnData:
     """The tiles with predictions: niches in ``obs["niche_pred"]`` (+ ``"niche_pred_name"``) and
     ``obsm["niche_pred_probs"]``; expression/pathways as ``obsm["<kind>_pred"]`` (DataFrame)."""
-    from ..teachers.niche import write_niches
+    from .._niches import write_niches
 
     a = tiles.copy()
     if "niches" in outputs:
@@ -38,15 +39,15 @@ def _annotate(tiles: ad.AnnData, bundle, outputs: dict) -> ad.AnnData:
         write_niches(a, probs, NICHE_KEY)
         labels = _niche_labels(bundle.outputs.get("niches", []), probs.shape[1])
         codes = a.obs[NICHE_KEY].cat.codes.to_numpy()
-        a.obs[f"{NICHE_KEY}_name"] = pd.Categorical.from_codes(codes, categories=labels)
+        a.obs[Key.obs.name(NICHE_KEY)] = pd.Categorical.from_codes(codes, categories=labels)
     for kind, values in outputs.items():
         if kind == "niches":
             continue
         v = np.asarray(values, dtype=np.float32)
         if kind == "genes":
             v = np.maximum(v, 0.0)  # log1p expression is never negative
-        a.obsm[f"{kind}_pred"] = pd.DataFrame(v, index=a.obs_names, columns=bundle.outputs.get(kind))
-    a.uns["predict"] = {"bundle": json.dumps(bundle.record), "outputs": sorted(outputs)}
+        a.obsm[Key.obsm.prediction(kind)] = pd.DataFrame(v, index=a.obs_names, columns=bundle.outputs.get(kind))
+    a.uns[Key.uns.predict] = {"bundle": json.dumps(bundle.record), "outputs": sorted(outputs)}
     return a
 
 
@@ -84,17 +85,17 @@ def write_geojson(a: ad.AnnData, path: str | Path) -> Path:
     = the predicted niche (with its map colour), ``measurements`` = niche probabilities and
     predicted values. Written feature by feature (atomically)."""
     path = Path(path)
-    sec = a.obs["section"].iloc[0]
-    meta = a.uns["spatial"][sec]
+    sec = a.obs[Key.obs.section].iloc[0]
+    meta = a.uns[Key.uns.spatial][sec]
     half = meta["scalefactors"]["spot_diameter_fullres"] / 2
-    xy = np.asarray(a.obsm["spatial"], dtype=float)
+    xy = np.asarray(a.obsm[Key.obsm.spatial], dtype=float)
     cols: list[tuple[str, np.ndarray]] = []
-    if f"{NICHE_KEY}_probs" in a.obsm:
-        labels = list(a.obs[f"{NICHE_KEY}_name"].cat.categories)
-        cols += [(f"p({lab})", a.obsm[f"{NICHE_KEY}_probs"][:, i]) for i, lab in enumerate(labels)]
+    if Key.obsm.probs(NICHE_KEY) in a.obsm:
+        labels = list(a.obs[Key.obs.name(NICHE_KEY)].cat.categories)
+        cols += [(f"p({lab})", a.obsm[Key.obsm.probs(NICHE_KEY)][:, i]) for i, lab in enumerate(labels)]
     for key in sorted(k for k in a.obsm if k.endswith("_pred") and isinstance(a.obsm[k], pd.DataFrame)):
         cols += [(str(c), a.obsm[key][c].to_numpy()) for c in a.obsm[key].columns]
-    names = a.obs[f"{NICHE_KEY}_name"] if f"{NICHE_KEY}_name" in a.obs else None
+    names = a.obs[Key.obs.name(NICHE_KEY)] if Key.obs.name(NICHE_KEY) in a.obs else None
     codes = names.cat.codes.to_numpy() if names is not None else None
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write('{"type": "FeatureCollection", "features": [\n')
@@ -116,12 +117,12 @@ def write_geojson(a: ad.AnnData, path: str | Path) -> Path:
 
 def _grid(a: ad.AnnData, values: np.ndarray):
     """A (rows, cols) grid of per-tile ``values`` (NaN off tissue) and its extent on the thumbnail."""
-    sec = a.obs["section"].iloc[0]
-    lib = a.uns["spatial"][sec]
+    sec = a.obs[Key.obs.section].iloc[0]
+    lib = a.uns[Key.uns.spatial][sec]
     scale = float(lib["scalefactors"]["tissue_hires_scalef"])
     side = float(lib["scalefactors"]["spot_diameter_fullres"])
-    r, c = a.obs["tile_row"].to_numpy(), a.obs["tile_col"].to_numpy()
-    xy = np.asarray(a.obsm["spatial"], dtype=float)
+    r, c = a.obs[Key.obs.tile_row].to_numpy(), a.obs[Key.obs.tile_col].to_numpy()
+    xy = np.asarray(a.obsm[Key.obsm.spatial], dtype=float)
     x0, y0 = float(np.median(xy[:, 0] - (c + 0.5) * side)), float(np.median(xy[:, 1] - (r + 0.5) * side))
     grid = np.full((r.max() + 1, c.max() + 1), np.nan)
     grid[r, c] = values
@@ -153,7 +154,7 @@ def niche_map(a: ad.AnnData, path: str | Path, title: str = "") -> Path:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    names = a.obs[f"{NICHE_KEY}_name"]
+    names = a.obs[Key.obs.name(NICHE_KEY)]
     labels = list(names.cat.categories)
     codes = names.cat.codes.to_numpy().astype(float)
     codes[codes < 0] = np.nan
@@ -192,7 +193,7 @@ def write_outputs(tiles: ad.AnnData, bundle, outputs: dict, out: Path, name: str
     if "niches" in outputs:
         maps.append(niche_map(a, out / "maps" / "niches.png", f"{name}: predicted niches ({bundle.encoder})"))
     for kind in sorted(k for k in outputs if k != "niches"):
-        frame = a.obsm[f"{kind}_pred"]
+        frame = a.obsm[Key.obsm.prediction(kind)]
         chosen = list(map_genes) if map_genes else list(frame.columns[:4])
         missing = [g for g in chosen if g not in frame.columns]
         if missing:

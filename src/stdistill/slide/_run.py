@@ -50,10 +50,10 @@ class SlideRun:
 def _open_slide(slide: str | os.PathLike, mpp: float | None):
     """The slide's reader and its microns per pixel (``mpp`` or the file's own metadata)."""
     from ..io._image import open_image
-    from ..pp.tile import _slide_mpp
+    from ..pp.tile import slide_mpp
 
     reader = open_image(slide)
-    um = mpp if mpp is not None else _slide_mpp(reader)
+    um = mpp if mpp is not None else slide_mpp(reader)
     if um is None or not np.isfinite(um) or um <= 0:
         raise StdistillError("the slide records no microns per pixel; pass --mpp (e.g. 0.5 for a 20x scan)", slide)
     return reader, float(um)
@@ -164,7 +164,7 @@ def _niche_chunk(tiles, chunks, feat_path, a: int, b: int, model, stats, made: d
     first = chunks[ids[0]][0]
     sub = tiles[need].copy()
     sub.uns["features"] = {}
-    for what, key in (("features", model.params["feature_key"]), ("context", model.params.get("context_key"))):
+    for what, key in (("features", model.config.feature_key), ("context", model.config.context_key)):
         if key:
             sub.obsm[key] = np.concatenate([_load_chunk(feat_path(i), what) for i in ids])[need - first]
             sub.uns["features"][key] = made[what]
@@ -177,7 +177,7 @@ def _predict_niches(tiles, bundle, out: Path, chunks, enc, *, batch_size, device
     feat_path, pred_path = _chunk_paths(out, "features"), _chunk_paths(out, "niches")
     prec = bundle.record.get("precision")
     made = {"features": {**model.feature_record(), "size_um": bundle.size_um, "px": bundle.px}}
-    made["context"] = model.feature_record(context=True) if model.params.get("context_key") else None
+    made["context"] = model.feature_record(context=True) if model.config.context_key else None
     kw = {what: _slide_extraction(tiles, rec, prec) for what, rec in made.items() if rec}
 
     def features(a, b):
@@ -200,7 +200,7 @@ def _predict_adapted(tiles, bundle, out: Path, chunks, *, bar, pause) -> tuple[d
     path = _chunk_paths(out, "pred")
 
     def compute(a, b):
-        frame = model.predict(tiles[np.arange(a, b)].copy())
+        frame = model.predict(tiles[np.arange(a, b)].copy(), inplace=False)
         return {"pred": np.asarray(getattr(frame, "to_numpy", lambda: frame)(), dtype=np.float32)}
 
     reused = _stage("predict", tiles, chunks, path, compute, bar, pause)

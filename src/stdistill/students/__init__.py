@@ -8,6 +8,7 @@ from .._lazy import attach
 # package stays light). Add an entry when you add a public object.
 _LAZY: dict[str, str] = {
     "NicheStudent": "niche",
+    "NicheStudentConfig": "niche",
     "refine_niches": "_refine",
     "propagate_labels": "_refine",
     "gmm_refine": "_refine",

@@ -29,6 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import StdistillError
+from .._keys import Key
+from .._niches import write_niches
 from ..io._section import SECTION_KEY, sections
 
 REFINE_METHODS = ("none", "propagate", "gmm", "both")
@@ -99,7 +101,7 @@ def _section_features(adata: ad.AnnData, feature_key: str, rows: np.ndarray, adj
 
 def refine_niches(
     adata: ad.AnnData,
-    probs_key: str = "niche_probs",
+    probs_key: str = Key.obsm.niche_probs,
     *,
     method: str = "propagate",
     feature_key: str | None = None,
@@ -111,7 +113,8 @@ def refine_niches(
     n_pcs: int = 20,
     feature_radius_um: float | None = None,
     seed: int = 0,
-    key_added: str = "niche_refined",
+    key_added: str = Key.obs.niche_refined,
+    connectivity_key: str = Key.obsp.spatial_connectivities,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Refine a student's niche probabilities with each section's own structure (label-free, H&E only).
@@ -144,11 +147,14 @@ def refine_niches(
     key_added
         Writes ``obs[key_added]`` (categorical argmax), ``obsm[key_added + "_probs"]`` (n_obs, K)
         and ``uns[key_added]["params"]``; ``obsm[probs_key]`` is left as it was.
+    connectivity_key
+        ``obsp`` spot graph read when its radius is ``radius_um`` (or ``feature_radius_um``), or when
+        the user supplied it (used as given); a graph of another radius is never reused. A graph
+        built here is stored for the next call (:func:`stdistill.pp.spot_graph`).
     copy
         Work on a copy and return it; else modify ``adata`` and return None.
     """
-    from ..pp.neighbors import radius_for_neighbors, radius_graph
-    from ..teachers.niche import write_niches
+    from ..pp.neighbors import radius_for_neighbors
 
     if method not in REFINE_METHODS:
         raise StdistillError(f"refinement method must be one of {REFINE_METHODS}, got {method!r}")
@@ -162,9 +168,27 @@ def refine_niches(
     if feature_key is not None and method in ("gmm", "both"):
         ok &= np.all(np.isfinite(np.asarray(adata.obsm[feature_key], dtype=np.float64)), axis=1)
     r = float(radius_um) if radius_um else radius_for_neighbors(adata, 6, mask=ok)
-    graph = radius_graph(adata, r).tocsr()
     r_feat = float(feature_radius_um) if feature_radius_um else r
-    fgraph = graph if r_feat == r or method not in ("gmm", "both") else radius_graph(adata, r_feat).tocsr()
+    out = _refine_sections(adata, probs, ok, method, r, r_feat, connectivity_key,
+                           dict(alpha=alpha, n_iter=n_iter, weight=weight, em_steps=em_steps, n_pcs=n_pcs, seed=seed,
+                                feature_key=feature_key))
+    write_niches(adata, out.astype(np.float32), key_added)
+    adata.uns[key_added] = {"params": {"probs_key": probs_key, "method": method, "feature_key": feature_key or "",
+                                       "radius_um": r, "alpha": float(alpha), "n_iter": int(n_iter), "weight": float(weight),
+                                       "em_steps": int(em_steps), "n_pcs": int(n_pcs), "feature_radius_um": r_feat,
+                                       "seed": int(seed)}}
+    return adata if copy else None
+
+
+def _refine_sections(adata: ad.AnnData, probs: np.ndarray, ok: np.ndarray, method: str, r: float, r_feat: float,
+                     connectivity_key: str, kw: dict) -> np.ndarray:
+    """(n_obs, K) refined probabilities (NaN outside ``ok``), one section at a time, on the spot
+    graphs of radius ``r`` (propagation) and ``r_feat`` (the mixture's feature averaging)."""
+    from ..pp.neighbors import spot_graph
+
+    graph = spot_graph(adata, r, connectivity_key=connectivity_key).tocsr()
+    gmm = method in ("gmm", "both")
+    fgraph = graph if r_feat == r or not gmm else spot_graph(adata, r_feat, connectivity_key=connectivity_key).tocsr()
     out = np.full(probs.shape, np.nan)
     sec = adata.obs[SECTION_KEY].astype(str).to_numpy()
     for s in sections(adata):
@@ -173,18 +197,14 @@ def refine_niches(
             continue
         adj = graph[rows][:, rows]
         p = probs[rows] / probs[rows].sum(1, keepdims=True)
-        if method in ("gmm", "both") and len(rows) > probs.shape[1]:
-            x = _section_features(adata, feature_key, rows, adj if fgraph is graph else fgraph[rows][:, rows], n_pcs, seed)
-            p = gmm_refine(x, p, n_iter=em_steps, weight=weight)
+        if gmm and len(rows) > probs.shape[1]:
+            x = _section_features(adata, kw["feature_key"], rows, adj if fgraph is graph else fgraph[rows][:, rows],
+                                  kw["n_pcs"], kw["seed"])
+            p = gmm_refine(x, p, n_iter=kw["em_steps"], weight=kw["weight"])
         if method in ("propagate", "both"):
-            p = propagate_labels(adj, p, alpha=alpha, n_iter=n_iter)
+            p = propagate_labels(adj, p, alpha=kw["alpha"], n_iter=kw["n_iter"])
         out[rows] = p
-    write_niches(adata, out.astype(np.float32), key_added)
-    adata.uns[key_added] = {"params": {"probs_key": probs_key, "method": method, "feature_key": feature_key or "",
-                                       "radius_um": r, "alpha": float(alpha), "n_iter": int(n_iter), "weight": float(weight),
-                                       "em_steps": int(em_steps), "n_pcs": int(n_pcs), "feature_radius_um": r_feat,
-                                       "seed": int(seed)}}
-    return adata if copy else None
+    return out
 
 
 #: Refinements tried on the validation patient by default (the first wins ties: "none").
@@ -222,34 +242,40 @@ def choose_refinement(
     radius_um: float | None = None,
     student_radius_um: float | None = None,
     seed: int = 0,
-) -> tuple[dict, list[dict]]:
-    """The refinement of ``grid`` whose argmax agrees best (ARI) with the teacher on validation spots.
+    connectivity_key: str = Key.obsp.spatial_connectivities,
+):
+    """The refinement of ``grid`` whose argmax agrees best (ARI) with the teacher on validation spots,
+    chosen by :func:`stdistill.select.select` (one split: the validation spots).
 
     ``probs`` (n_obs, K): the student's probabilities from a model that did not train on
     ``rows`` (the validation patient or block); ``teacher`` (n_obs,): the teacher's niche ids;
-    ``rows`` (n_obs,) bool. Only the validation spots' features, coordinates and sections are
-    read (never counts). ``student_radius_um`` resolves entries with ``feature_radius_um="student"``
-    (:func:`resolve_refinement`). Ties go to the earlier entry. Returns the chosen dict and one
-    ``dict(entry, val_ari=...)`` per entry.
+    ``rows`` (n_obs,) bool. Only the validation spots' features, coordinates, sections and spot
+    graphs (``obsp``, restricted to them) are read (never counts). ``student_radius_um`` resolves
+    entries with ``feature_radius_um="student"`` (:func:`resolve_refinement`). Ties: a later entry
+    wins only when better by more than 1e-9. Returns the chosen dict and the
+    :class:`~stdistill.select.Selection` (one ``score`` = validation ARI per entry).
     """
     from ..metrics import ari
+    from ..select import Criterion, Split, select
 
     rows = np.asarray(rows, dtype=bool) & np.all(np.isfinite(probs), axis=1)
     if not rows.any():
         raise StdistillError("choosing a refinement needs validation spots with predictions")
-    obsm = {"spatial": np.asarray(adata.obsm["spatial"])[rows], "student_probs": np.asarray(probs)[rows]}
+    idx = np.flatnonzero(rows)
+    obsm = {Key.obsm.spatial: np.asarray(adata.obsm[Key.obsm.spatial])[rows], "student_probs": np.asarray(probs)[rows]}
     if feature_key is not None and feature_key in adata.obsm:
         obsm[feature_key] = np.asarray(adata.obsm[feature_key])[rows]
-    va = ad.AnnData(obs=adata.obs.iloc[np.flatnonzero(rows)][[SECTION_KEY]].copy(), obsm=obsm, uns=adata.uns)
+    va = ad.AnnData(obs=adata.obs.iloc[idx][[SECTION_KEY]].copy(), obsm=obsm, uns=dict(adata.uns),
+                    obsp={k: sp.csr_matrix(g)[idx][:, idx] for k, g in adata.obsp.items()})  # a radius graph's restriction
     truth = np.asarray(teacher)[rows]
-    table, best = [], None
-    for entry in grid:
+
+    def fit_score(entry: dict, split: Split) -> float:
         kw = resolve_refinement(entry, student_radius_um)
         method = kw.pop("method", "none")
-        refine_niches(va, "student_probs", method=method, feature_key=feature_key, radius_um=radius_um, seed=seed,
-                      key_added="cand", **kw)
-        score = float(ari(truth, va.obs["cand"].astype(str).to_numpy()))
-        table.append(dict(entry, val_ari=round(score, 4)))
-        if best is None or score > best[0] + 1e-9:
-            best = (score, dict(entry))
-    return best[1], table
+        refine_niches(split.val, "student_probs", method=method, feature_key=feature_key, radius_um=radius_um, seed=seed,
+                      key_added="cand", connectivity_key=connectivity_key, **kw)
+        return float(ari(truth, split.val.obs["cand"].astype(str).to_numpy()))
+
+    sel = select(va, fit_score, grid, splitter=lambda data: [Split("val", data, data)],
+                 criterion=Criterion(metric="val_ari", tol=1e-9, ties="running"))
+    return dict(grid[sel.choice["candidate"]]), sel

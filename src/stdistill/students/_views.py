@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from .._errors import StdistillError
+from .._moments import section_moments
 from ..io._section import SECTION_KEY, SPATIAL_KEY
 
 
@@ -25,8 +26,6 @@ def normalise_views(adata: ad.AnnData, f: np.ndarray, views: np.ndarray, how: st
     if how == "global":
         out[ok] = (v[ok] - mean) / sd
     else:
-        from .niche import section_moments
-
         for m, mu, s_ in section_moments(adata, f, ok):
             out[m] = (v[m] - mu[None]) / s_[None]
     return np.clip(out, -10, 10).astype(np.float32)

@@ -47,8 +47,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._api import write_obsm
 from .._errors import StdistillError
-from .._utils import seed_everything
+from .._keys import Key
+from .._utils import seed_everything, torch_threads_kept
 from ..bundle import Bundled
 from ..io._section import SECTION_KEY
 
@@ -209,7 +211,9 @@ class ExpressionTeacher(Bundled):
                 if self.batch_key in adata.obs and adata.obs[self.batch_key].nunique() > 1:
                     tmp.obs["_b"] = adata.obs[self.batch_key].astype(str).to_numpy()
                     batch = "_b"
-                sc.pp.highly_variable_genes(tmp, n_top_genes=min(self.n_top_genes, tmp.n_vars), flavor="seurat", batch_key=batch)
+                with torch_threads_kept():
+                    sc.pp.highly_variable_genes(tmp, n_top_genes=min(self.n_top_genes, tmp.n_vars), flavor="seurat",
+                                                batch_key=batch)
                 genes = tmp.var_names[tmp.var["highly_variable"].to_numpy()]
             self.genes_ = [str(g) for g in genes]
         else:
@@ -291,12 +295,15 @@ class ExpressionTeacher(Bundled):
             return ((out - self.mean_) / self.scale_).astype(np.float32)
         return out
 
-    def fit_transform(self, adata: ad.AnnData, key_added: str | None = "X_teacher") -> np.ndarray:
-        """Fit on ``adata`` and embed it; writes ``obsm[key_added]`` unless ``None``."""
-        Z = self.fit(adata).transform(adata)
-        if key_added:
-            adata.obsm[key_added] = Z
-        return Z
+    def fit_transform(self, adata: ad.AnnData, key_added: str | None = Key.obsm.teacher, *, inplace: bool = True,
+                      copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Fit on ``adata`` and write its (n_spots, dim) float32 embeddings to ``obsm[key_added]``.
+        Returns None (``copy=True``: a new AnnData; ``inplace=False``: the array, nothing written;
+        :meth:`transform` embeds other spots as an array).
+
+        .. versionchanged:: returns None when it writes (it returned the array too)."""
+        return write_obsm(adata, self.fit(adata).transform(adata), key_added, inplace=inplace, copy=copy,
+                          where="ExpressionTeacher.fit_transform")
 
     @property
     def dim(self) -> int:

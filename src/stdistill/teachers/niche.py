@@ -22,15 +22,15 @@ sizes per patient.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._api import deliver, renamed_kwargs
 from .._errors import StdistillError
+from .._niches import write_niches
 from .._pca import project, row_blocks, standardized_blocks
 from .._utils import load_state, seed_everything
 from ..bundle import Bundled, bundle_record, check_shapes
@@ -164,13 +164,13 @@ class NicheTeacher(Bundled):
     method
         ``"aggregate"`` (CellCharter-like ring aggregation + Gaussian mixture) or ``"nolan"``
         (self-supervised global/local neighbourhood views with a K-way prototype head).
-    use_rep
+    feature_key
         ``obsm`` key of a per-spot expression embedding (e.g. ``"X_scVI"``); ``None``: PCA of
-        log-normalised counts (``n_top_genes`` genes, ``n_pcs`` components) computed here.
+        log-normalised counts (``n_top_genes`` genes, ``n_pcs`` components) computed here (was ``use_rep``).
     batch_key
         ``obs`` column whose groups are corrected for (``"section"`` default; ``"patient"``).
     batch_correction
-        ``"standardize"`` (per-group z-scores of log-expression, or of ``use_rep``),
+        ``"standardize"`` (per-group z-scores of log-expression, or of ``feature_key``),
         ``"scvi"`` (scVI latent with ``batch_key``; needs the ``scvi`` extra), ``"harmony"``
         (Harmony on the PCA; needs ``harmonypy``), or ``None`` (global scaling).
     radius_um
@@ -192,12 +192,13 @@ class NicheTeacher(Bundled):
         ``"auto"`` (randomized above 500 genes), ``"randomized"`` or ``"exact"`` (covariance eigenvectors).
     """
 
+    @renamed_kwargs(use_rep="feature_key")
     def __init__(
         self,
         n_niches: int | str | tuple | list = 6,
         method: str = "aggregate",
         *,
-        use_rep: str | None = None,
+        feature_key: str | None = None,
         batch_key: str | None = SECTION_KEY,
         batch_correction: str | None = "standardize",
         n_pcs: int = 10,
@@ -229,7 +230,7 @@ class NicheTeacher(Bundled):
         if batch_correction is not None and batch_key is None:
             raise StdistillError("batch_correction needs batch_key= (e.g. 'section' or 'patient')")
         self.params = dict(
-            n_niches=n_niches, method=method, use_rep=use_rep, batch_key=batch_key,
+            n_niches=n_niches, method=method, feature_key=feature_key, batch_key=batch_key,
             batch_correction=batch_correction, n_pcs=int(n_pcs), n_top_genes=int(n_top_genes),
             min_gene_frac=float(min_gene_frac), radius_um=radius_um, n_rings=int(n_rings),
             n_neighbors=int(n_neighbors), covariance_type=covariance_type, n_steps=int(n_steps),
@@ -262,16 +263,16 @@ class NicheTeacher(Bundled):
         p = self.params
         groups = self._groups(adata)
         corr = p["batch_correction"]
-        if p["use_rep"] is not None:
-            if p["use_rep"] not in adata.obsm:
-                raise StdistillError(f'AnnData has no obsm["{p["use_rep"]}"] (use_rep); compute it or pass use_rep=None')
-            e = np.asarray(adata.obsm[p["use_rep"]], dtype=np.float32)
+        if p["feature_key"] is not None:
+            if p["feature_key"] not in adata.obsm:
+                raise StdistillError(f'AnnData has no obsm["{p["feature_key"]}"] (feature_key); compute it or pass feature_key=None')
+            e = np.asarray(adata.obsm[p["feature_key"]], dtype=np.float32)
             if corr == "standardize":
                 e = _standardize_by(e, groups)
             elif corr == "harmony":
                 e = self._harmony(e, adata)
             elif corr == "scvi":
-                raise StdistillError("batch_correction='scvi' computes its own latent; pass use_rep=None")
+                raise StdistillError("batch_correction='scvi' computes its own latent; pass feature_key=None")
             else:
                 e = _standardize_by(e, np.zeros(len(e)))
             return e
@@ -410,9 +411,9 @@ class NicheTeacher(Bundled):
         model = _nolan_module(**self._hp)
         trainer = make_trainer(max_epochs=-1, max_steps=p["n_steps"], monitor=None, accelerator="cpu", devices=1,
                                enable_progress_bar=False)
-        from ..students.niche import _threads
+        from .._threads import torch_threads
 
-        with _threads(1), quiet():
+        with torch_threads(1), quiet():
             trainer.fit(model, dl)
         model.eval()
         self.state_["nolan"] = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -452,23 +453,27 @@ class NicheTeacher(Bundled):
         self._check_fitted()
         return self._probs(adata, self._embed(adata, fit=False))
 
-    def predict(self, adata: ad.AnnData, key_added: str = "niche") -> np.ndarray:
-        """Write ``obsm[f"{key_added}_probs"]`` (n_obs, K) and ``obs[key_added]`` (categorical
-        "0".."K-1", the argmax). Returns the probabilities."""
+    def predict(self, adata: ad.AnnData, key_added: str = "niche", *, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """Write ``obsm[f"{key_added}_probs"]`` (n_obs, K) and ``obs[key_added]`` (categorical "0".."K-1",
+        the argmax). Returns None (``copy=True``: a new AnnData; ``inplace=False``: the probabilities)."""
         probs = self.predict_proba(adata)
-        write_niches(adata, probs, key_added)
-        return probs
+        return deliver(adata, probs, lambda target: write_niches(target, probs, key_added), copy=copy, inplace=inplace)
 
-    def fit_predict(self, adata: ad.AnnData, key_added: str = "niche") -> np.ndarray:
-        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`); with a range of K also
-        ``uns[f"{key_added}_stability"]`` (the stability curve), with ``consensus`` > 1
+    def fit_predict(self, adata: ad.AnnData, key_added: str = "niche", *, inplace: bool = True,
+                    copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`; the same return rule); with a
+        range of K also ``uns[f"{key_added}_stability"]`` (the stability curve), with ``consensus`` > 1
         ``obs[f"{key_added}_agreement"]`` (share of members agreeing with each spot's niche)."""
-        self.fit(adata)
-        write_niches(adata, self.fit_probs_, key_added)
         from ._consensus import record_fit
 
-        record_fit(self, adata, key_added)
-        return self.fit_probs_
+        probs = self.fit(adata).fit_probs_
+
+        def write(target: ad.AnnData) -> None:
+            write_niches(target, probs, key_added)
+            record_fit(self, target, key_added)
+
+        return deliver(adata, probs, write, copy=copy, inplace=inplace)
 
     def diagnostics(self, adata: ad.AnnData, key: str = "niche", patient_key: str = PATIENT_KEY) -> dict:
         """``{"nmi_patient": NMI(niche, patient), "sizes": DataFrame patients x niches (spots),
@@ -507,7 +512,9 @@ class NicheTeacher(Bundled):
 
     @classmethod
     def _from_bundle(cls, cfg, tensors, record, path, **_) -> NicheTeacher:
-        t = cls(**cfg["params"])
+        params = dict(cfg["params"])
+        params.setdefault("feature_key", params.pop("use_rep", None))  # saved before the rename
+        t = cls(**params)
         t.state_ = {k: cfg[k] for k in ("radius_um", *_STATE) if k in cfg}
         t.state_.update({"genes": cfg["genes"]} if cfg.get("genes") is not None else {})
         k = t.n_niches
@@ -529,25 +536,3 @@ class NicheTeacher(Bundled):
             load_state(t._model, nol, path, "NicheTeacher")
             t._model.eval()
         return t
-
-def write_niches(adata: ad.AnnData, probs: np.ndarray, key_added: str = "niche") -> None:
-    """``obsm[f"{key_added}_probs"]`` = probs (n_obs, K); ``obs[key_added]`` = categorical argmax "0".."K-1".
-
-    Rows of ``probs`` that are not finite give a missing niche (NaN category)."""
-    probs = np.asarray(probs, dtype=np.float32)
-    ok = np.all(np.isfinite(probs), axis=1)
-    codes = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
-    adata.obsm[f"{key_added}_probs"] = probs
-    adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=[str(i) for i in range(probs.shape[1])])
-
-
-def niche_codes(adata: ad.AnnData, key: str) -> np.ndarray:
-    """Integer niche ids (n_obs,) of ``obs[key]`` written by :func:`write_niches` (-1 = missing)."""
-    if key not in adata.obs:
-        raise StdistillError(f'AnnData has no obs["{key}"] (niches)')
-    c = adata.obs[key]
-    if isinstance(c.dtype, pd.CategoricalDtype):
-        cats = np.asarray(c.cat.categories).astype(int)
-        codes = c.cat.codes.to_numpy()
-        return np.where(codes >= 0, cats[np.maximum(codes, 0)], -1)
-    return pd.to_numeric(c, errors="coerce").fillna(-1).astype(int).to_numpy()

@@ -11,12 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..._api import deliver, write_or_return
 from ..._errors import StdistillError
+from ..._json import jsonable
+from ..._keys import Key
+from ..._threads import torch_threads
 from ..._utils import load_state, seed_everything
 from ...bundle import Bundled
-from ...bundle._format import _jsonable
 from ...metrics import pearson_per_gene
-from ...students.niche import _threads
+from ...select import Selection, selection_record
 from ._config import GenstConfig
 from ._data import _counts, _expr_inputs, _frame, _tempered, _zscore_fit, codebook_stats
 from ._modules import AlignModule, ExprVQModule, _fit_module, generated_pearson
@@ -57,18 +60,18 @@ class GenST(Bundled):
     def _features(self, adata: ad.AnnData, fit: bool = False, extract: bool = False) -> torch.Tensor:
         """(n, D) z-scored, clipped features; checks the encoder and width against the fitted ones."""
         key = self.feature_key
-        meta = dict(adata.uns.get("features", {}).get(key, {}) or {})
+        meta = dict(adata.uns.get(Key.uns.features, {}).get(key, {}) or {})
         if key not in adata.obsm:
             if not (extract and getattr(self, "features_meta_", {}).get("encoder")):
                 raise StdistillError(f'no obsm["{key}"]: run stdistill.features.extract(adata, <encoder>) first')
             self._extract(adata)
-            meta = dict(adata.uns["features"][key])
+            meta = dict(adata.uns[Key.uns.features][key])
         F_ = np.asarray(adata.obsm[key], dtype=np.float32)
         if F_.ndim != 2 or len(F_) != adata.n_obs or not np.isfinite(F_).all():
             raise StdistillError(f'obsm["{key}"] must be finite (n_spots, D) features, got {F_.shape}')
         if fit:
             self.features_meta_ = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
-            self.features_record_ = _jsonable(meta)  # the whole record (stain normalisation too) for the bundle
+            self.features_record_ = jsonable(meta)  # the whole record (stain normalisation too) for the bundle
             self.n_features_ = F_.shape[1]
             self.prep_["feat_mean"], self.prep_["feat_sd"] = _zscore_fit(F_)
         else:
@@ -110,7 +113,7 @@ class GenST(Bundled):
 
     # -------------------------------------------------------------- training
     def fit(self, adata: ad.AnnData, genes: Sequence[str] | None = None, *, n_genes: int = 50,
-            val: ad.AnnData | None = None, layer: str | None = None) -> GenST:
+            val: ad.AnnData | None = None, layer: str | None = None, selection: Selection | None = None) -> GenST:
         """Train on ``adata``'s spots (training patients only; raw counts in ``X`` or ``layer``, features
         in ``obsm[feature_key]``).
 
@@ -118,9 +121,12 @@ class GenST(Bundled):
         (:func:`stdistill.pp.hest_genes`). ``val``: spots of other patients, scored after every
         alignment epoch (mean Pearson of the generated expression) for early stopping and
         :func:`select_genst`; the best epoch is kept. Sets ``curve_`` (validation r, epoch 0 = the
-        untrained head) and ``history_`` (losses per epoch).
+        untrained head) and ``history_`` (losses per epoch). ``selection``: the
+        :class:`~stdistill.select.Selection` that chose this config (:func:`select_genst`), kept as
+        ``selection_`` and in the saved bundle's training record.
         """
-        with _threads(self.num_threads):
+        self.selection_ = selection
+        with torch_threads(self.num_threads):
             return self._fit(adata, genes, n_genes, val, layer)
 
     def _fit(self, adata, genes, n_genes, val, layer) -> GenST:
@@ -209,18 +215,20 @@ class GenST(Bundled):
         self._check_fitted()
         f = self._features(adata, extract=extract)
         self.net_.eval()
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             return np.concatenate([self.net_.code_logits(f[i:i + 4096])[0].numpy() for i in range(0, len(f), 4096)]
                               or [np.zeros((0, self.net_.expr.codebook_size), np.float32)]).astype(np.float64)
 
-    def predict(self, adata: ad.AnnData, *, key_added: str | None = "genst_pred", sd_key: str | None = "genst_sd",
-                temperature: float | None = None, top_k: int | None = None, extract: bool = False) -> pd.DataFrame:
+    def predict(self, adata: ad.AnnData, *, key_added: str | None = Key.obsm.genst_pred, sd_key: str | None = Key.obsm.genst_sd,
+                temperature: float | None = None, top_k: int | None = None, extract: bool = False, inplace: bool = True,
+                copy: bool = False) -> ad.AnnData | pd.DataFrame | None:
         """Generated expression from H&E features alone (works on tiles with 0 genes).
 
-        Returns the (n_spots x genes) mixture mean ``sum_k p_k log1p(mu_k)`` over the predicted
-        expression-code distribution (``temperature``/``top_k``: default the config's), log1p scale.
-        Writes it to ``obsm[key_added]`` and the mixture SD (the spread of code samples) to
-        ``obsm[sd_key]``, both DataFrames with gene names. ``extract``: compute missing features
+        The (n_spots x genes) mixture mean ``sum_k p_k log1p(mu_k)`` over the predicted
+        expression-code distribution (``temperature``/``top_k``: default the config's), log1p scale,
+        goes to ``obsm[key_added]`` and the mixture SD (the spread of code samples) to ``obsm[sd_key]``
+        (None: not written), both DataFrames with gene names. Returns None (``copy=True``: a new
+        AnnData; ``inplace=False``: the mean, nothing written). ``extract``: compute missing features
         with the encoder the model was trained on.
         """
         cfg = self.config
@@ -230,19 +238,27 @@ class GenST(Bundled):
         mean = P @ T
         sd = np.sqrt(np.maximum(P @ T ** 2 - mean ** 2, 0.0))
         pred = _frame(mean, adata, self.genes_)
-        if key_added:
-            adata.obsm[key_added] = pred
-        if sd_key:
-            adata.obsm[sd_key] = _frame(sd, adata, self.genes_)
-        return pred
+
+        def write(target: ad.AnnData) -> None:
+            target.obsm[key_added] = pred
+            if sd_key:
+                target.obsm[sd_key] = _frame(sd, adata, self.genes_)
+
+        return deliver(adata, pred, write, copy=copy, inplace=write_or_return(key_added, inplace, "GenST.predict"))
 
     def sample(self, adata: ad.AnnData, n_samples: int = 32, *, temperature: float | None = None, top_k: int | None = None,
-               counts: bool = False, seed: int = 0, sd_key: str | None = "genst_sd", extract: bool = False) -> np.ndarray:
-        """(n_spots, n_samples, genes) log1p expression drawn from the generative model, seeded.
+               counts: bool = False, seed: int = 0, key_added: str = Key.obsm.genst_samples,
+               sd_key: str | None = Key.obsm.genst_sd, extract: bool = False, inplace: bool = True,
+               copy: bool = False) -> ad.AnnData | np.ndarray | None:
+        """(n_spots, n_samples, genes) float32 log1p expression drawn from the generative model, seeded,
+        into ``obsm[key_added]``; the per-spot, per-gene SD over draws into ``obsm[sd_key]`` (None: not
+        written). Returns None (``copy=True``: a new AnnData; ``inplace=False``: the draws, nothing written).
 
         Each draw picks an expression code from the predicted distribution (``temperature``,
         ``top_k``) and decodes it; ``counts=True`` also draws the counts from the code's negative
-        binomial (``likelihood="nb"`` only). The per-spot, per-gene SD over draws goes to ``obsm[sd_key]``.
+        binomial (``likelihood="nb"`` only).
+
+        .. versionchanged:: writes the draws and returns None (it returned them); ``inplace=False`` gives them.
         """
         cfg = self.config
         if n_samples < 1:
@@ -260,9 +276,13 @@ class GenST(Bundled):
             draws = np.log1p(rng.negative_binomial(theta, theta / (theta + mu))).astype(np.float32)
         else:
             draws = self.table_["log1p"][idx].astype(np.float32)
-        if sd_key:
-            adata.obsm[sd_key] = _frame(draws.std(1), adata, self.genes_)
-        return draws
+
+        def write(target: ad.AnnData) -> None:
+            target.obsm[key_added] = draws
+            if sd_key:
+                target.obsm[sd_key] = _frame(draws.std(1), adata, self.genes_)
+
+        return deliver(adata, draws, write, copy=copy, inplace=inplace)
 
     # -------------------------------------------------------------- interpretation
     @torch.no_grad()
@@ -271,7 +291,7 @@ class GenST(Bundled):
         self._check_fitted()
         x = torch.from_numpy(self._expression(adata, layer=layer)["x"].astype(np.float32))
         self.net_.eval()
-        with _threads(self.num_threads):
+        with torch_threads(self.num_threads):
             return self.net_.expr(x)["idx"].numpy()
 
     def reconstruct(self, adata: ad.AnnData, layer: str | None = None) -> pd.DataFrame:
@@ -284,7 +304,7 @@ class GenST(Bundled):
         log1p counts (``generated``) beside the reconstruction's (``reconstruction``, the ceiling);
         best predicted first."""
         y = np.log1p(_counts(adata, self.genes_, layer)[0])
-        gen = self.predict(adata, key_added=None, sd_key=None).to_numpy()
+        gen = self.predict(adata, inplace=False).to_numpy()
         rec = self.reconstruct(adata, layer).to_numpy()
         table = pd.DataFrame({"generated": pearson_per_gene(y, gen, self.genes_),
                               "reconstruction": pearson_per_gene(y, rec, self.genes_)})
@@ -321,7 +341,7 @@ class GenST(Bundled):
                 "curve": [float(x) for x in getattr(self, "curve_", [])]}
         rec = bundle_record("genst", features=getattr(self, "features_record_", None) or self.features_meta_,
                             feature_norm="z-score (training mean/sd), clipped", outputs={"genes": self.genes_},
-                            training={"curve": meta["curve"]})
+                            training={"curve": meta["curve"], **selection_record(getattr(self, "selection_", None))})
         return meta, tensors, rec
 
     @classmethod
@@ -336,5 +356,7 @@ class GenST(Bundled):
         load_state(net, tensors, path, "GenST model")
         self.net_ = net.eval()
         self.curve_ = list(meta["curve"])
+        sel = record.get("training", {}).get("selection")
+        self.selection_ = Selection.from_dict(sel) if sel else None
         self.table_ = self._code_table()
         return self

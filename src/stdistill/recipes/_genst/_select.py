@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import anndata as ad
-import numpy as np
-import pandas as pd
 
+from ...select import Criterion, Selection, select
 from ._config import GenstConfig
 from ._model import GenST
 
@@ -24,23 +23,24 @@ def select_genst(
     extra_genes: Sequence[str] = (),
     layer: str | None = None,
     **kw,
-) -> tuple[GenstConfig, pd.DataFrame]:
+) -> Selection:
     """Choose GenST settings and alignment epochs by leave-one-patient-out **inside** ``adata`` (a
     fold's training patients) with :func:`stdistill.select.select`: each candidate trains on all but
     one training patient, with ``n_genes`` genes chosen HEST's way on those patients (plus
     ``extra_genes``), and records the mean Pearson of the generated expression on the held-out one
-    after each alignment epoch (epoch 0 = untrained alignment). Returns the chosen config and the table.
+    after each alignment epoch (epoch 0 = untrained alignment). Returns a
+    :class:`~stdistill.select.Selection` (``.config()``: the chosen config; unpacking it as
+    ``(config, table)`` is deprecated).
     """
     from ...pp.genes import hest_genes
-    from ...select import select
+
+    def parts(s) -> dict:
+        g = hest_genes(s.train, n_genes, layer=layer)
+        return {"genes": g + [x for x in extra_genes if x not in g and x in s.train.var_names]}
+
+    def fit_score(cfg: GenstConfig, s) -> list[float]:
+        return GenST(cfg, feature_key=feature_key, **kw).fit(s.train, s.parts["genes"], val=s.val, layer=layer).curve_
 
     base = base or GenstConfig()
-
-    def parts(tr: ad.AnnData, _vp: str, _mask: np.ndarray) -> dict:
-        g = hest_genes(tr, n_genes, layer=layer)
-        return {"genes": g + [x for x in extra_genes if x not in g and x in tr.var_names]}
-
-    def fit_curve(cfg: GenstConfig, tr: ad.AnnData, va: ad.AnnData, p: dict) -> list[float]:
-        return GenST(cfg, feature_key=feature_key, **kw).fit(tr, p["genes"], val=va, layer=layer).curve_
-
-    return select(adata, fit_curve, grid, base, parts=parts)
+    return select(adata, fit_score, grid, base=base, parts=parts, full_curves=True,
+                  criterion=Criterion(metric="val_pearson", maximize=base.maximize))

@@ -1,4 +1,4 @@
-"""AMKD (seed 002): slide-level survival from H&E alone, distilled from a pathology + genomics teacher.
+"""AMKD: slide-level survival from H&E alone, distilled from a pathology + genomics teacher.
 
 No public code exists; this is built from the paper's description (Xu et al., 2026,
 doi:10.70401/cbm.2026.0015), each choice documented in docs/survival.md:
@@ -10,8 +10,9 @@ doi:10.70401/cbm.2026.0015), each choice documented in docs/survival.md:
   *enhanced pathology feature*;
 - an **H&E-only student** (``kind="student"``: gated-attention ABMIL) trained with the survival
   loss + feature distillation to the teacher's enhanced feature + the **adaptive redundancy
-  reduction** loss (student-teacher cross-correlation driven to the identity, each sample
-  weighted by the teacher-student prediction discrepancy);
+  reduction** loss (our reading: student-teacher cross-correlation driven to the identity, each
+  sample weighted by the teacher-student prediction discrepancy); patients without RNA train the
+  student's pathology path and head and stay out of the distillation terms;
 - baselines (ABMIL, SNN, late fusion) and ablations (:func:`amkd_methods`), evaluated by
   :func:`survival_cv` on patient-level folds with settings chosen on inner patients
   (:func:`select_survival`).
@@ -34,6 +35,7 @@ from ._cv import (
                       amkd,
                       amkd_methods,
                       cv_table,
+                      mask_rna,
                       patient_folds,
                       select_survival,
                       survival_cv,
@@ -46,11 +48,13 @@ from ._losses import (
                       nll_risk,
                       redundancy_reduction,
                       time_to_bin,
+                      whitened_redundancy,
 )
 from ._model import SurvivalConfig, SurvivalModel
 from ._module import SurvivalModule
 
 __all__ = ["Cohort", "Method", "SurvivalConfig", "SurvivalModel", "SurvivalModule", "amkd", "amkd_methods",
            "cohort_from_tiles", "cox_loss", "cv_table", "discrepancy_weights", "find_bags", "fit_time_bins",
-           "nll_loss", "nll_risk", "patient_folds", "read_bag", "read_clinical", "read_cohort", "read_rna",
-           "redundancy_reduction", "select_survival", "survival_cv", "time_to_bin"]
+           "mask_rna", "nll_loss", "nll_risk", "patient_folds", "read_bag", "read_clinical", "read_cohort", "read_rna",
+           "redundancy_reduction", "select_survival", "survival_cv", "time_to_bin",
+           "whitened_redundancy"]

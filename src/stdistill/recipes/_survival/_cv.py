@@ -1,10 +1,6 @@
-"""Patient-level cross-validation of survival models, with settings chosen on inner patients.
-
-:func:`stdistill.select.select` is written for AnnData (``obs["patient"]``/``obs["section"]``);
-a cohort is a table, so :func:`select_survival` builds the same candidate x split table of
-validation curves over inner patient splits of a :class:`~stdistill.io._cohort.Cohort` and hands
-it to the shared :func:`stdistill.select.choose` unchanged.
-"""
+"""Patient-level cross-validation of survival models, with settings chosen on inner patients
+(:func:`select_survival`: the shared :func:`stdistill.select.select` over a cohort's inner patient
+folds, :class:`stdistill.select.PatientFolds`)."""
 
 from __future__ import annotations
 
@@ -16,6 +12,7 @@ import pandas as pd
 
 from ..._errors import StdistillError
 from ...io._cohort import Cohort
+from ...select import Criterion, PatientFolds, Selection, select
 from ._model import SurvivalConfig, SurvivalModel
 
 Fold = tuple[str, list[str], list[str]]  # (name, training patients, test patients)
@@ -24,19 +21,30 @@ Fold = tuple[str, list[str], list[str]]  # (name, training patients, test patien
 @dataclass
 class Method:
     """A named model of a comparison; a student names the method that is its teacher; ``epochs_like``
-    names an earlier method whose chosen epochs this one reuses (ablations: saves their selection)."""
+    names an earlier method whose chosen epochs this one reuses (ablations: saves their selection);
+    ``missing_rna``: the share of each fold's training patients whose RNA is removed before
+    anything is chosen or trained (:func:`mask_rna`; test patients keep theirs). A student and its
+    teacher must share it."""
 
     name: str
     config: SurvivalConfig
     teacher: str | None = None
     epochs_like: str | None = None  # train for the epochs chosen for this (earlier) method instead of choosing
+    missing_rna: float = 0.0
 
 
-def amkd_methods(base: SurvivalConfig | None = None, ablations: bool = True) -> list[Method]:
+def amkd_methods(base: SurvivalConfig | None = None, ablations: bool = True, rr_variants: bool = False,
+                 missing_rna: Sequence[float] = ()) -> list[Method]:
     """Baselines (ABMIL, SNN, late fusion), AMKD's teacher (``gge``) and student, and the ablations:
     no enhancement module (student of the late-fusion model), no redundancy reduction, fixed
     instead of adaptive weights, plain logit KD; the ablations train for the epochs chosen for
-    AMKD. Teachers come before their students."""
+    AMKD. Teachers come before their students.
+
+    ``rr_variants``: also the student with the reachable redundancy loss (``rr_form="whitened"``),
+    disagreeing samples weighted up (``amkd_rr_whitened``) and down (``amkd_rr_whitened_down``),
+    for AMKD's epochs. ``missing_rna``: per share f, a teacher and a student trained with f of the
+    training patients' RNA removed (``gge_teacher_miss<100f>``, ``amkd_miss<100f>``), their epochs
+    chosen anew on the inner patients (which lose their RNA in the same way)."""
     b = base or SurvivalConfig()
     s = replace(b, kind="student")
     out = [Method("abmil", replace(b, kind="abmil")), Method("snn", replace(b, kind="snn")),
@@ -47,72 +55,68 @@ def amkd_methods(base: SurvivalConfig | None = None, ablations: bool = True) -> 
                 Method("amkd_no_rr", replace(s, w_rr=0.0), "gge_teacher", "amkd"),
                 Method("amkd_fixed_weight", replace(s, rr_weight="fixed"), "gge_teacher", "amkd"),
                 Method("logit_kd", replace(s, w_feat=0.0, w_rr=0.0, w_logit=1.0), "gge_teacher", "amkd")]
+    if rr_variants:
+        out += [Method("amkd_rr_whitened", replace(s, rr_form="whitened"), "gge_teacher", "amkd"),
+                Method("amkd_rr_whitened_down", replace(s, rr_form="whitened", rr_weight="adaptive_down"),
+                       "gge_teacher", "amkd")]
+    for f in missing_rna:
+        tag = f"miss{round(100 * f)}"
+        out += [Method(f"gge_teacher_{tag}", replace(b, kind="gge"), missing_rna=f),
+                Method(f"amkd_{tag}", s, f"gge_teacher_{tag}", missing_rna=f)]
     return out
+
+
+def mask_rna(cohort: Cohort, fraction: float, seed: int = 0) -> Cohort:
+    """``cohort`` with the RNA of ``round(fraction x n)`` patients removed (all-missing rows): the
+    first patients of a permutation of the sorted patient ids drawn with ``seed``, so a larger
+    fraction removes a superset. Pass training patients only."""
+    if not 0.0 <= fraction < 1.0:
+        raise StdistillError(f"missing_rna must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return cohort
+    if cohort.rna is None:
+        raise StdistillError("mask_rna needs a cohort with an RNA table")
+    n = int(round(fraction * len(cohort.patients)))
+    order = np.random.default_rng(seed).permutation(sorted(cohort.patients))
+    rna = cohort.rna.copy()
+    rna.loc[list(order[:n])] = np.nan
+    return replace(cohort, rna=rna)
 
 
 def patient_folds(cohort: Cohort, k: int = 5, *, groups: str | None = None, seed: int = 0) -> list[Fold]:
     """Patient-level folds: leave one ``table[groups]`` value out (e.g. the source patient of the
-    semi-synthetic cohort), else ``k`` folds stratified by event (shuffled with ``seed``)."""
-    pats = np.asarray(cohort.patients)
-    if groups is not None:
-        if groups not in cohort.table.columns:
-            raise StdistillError(f"no column {groups!r} in the cohort table")
-        g = cohort.table[groups].astype(str).to_numpy()
-        if len(set(g)) < 2:
-            raise StdistillError(f"leave-one-{groups}-out needs >= 2 groups, got {sorted(set(g))}")
-        return [(v, list(pats[g != v]), list(pats[g == v])) for v in sorted(set(g))]
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    ev = cohort.event
-    if k < 2 or k > len(pats):
-        raise StdistillError(f"k must be in [2, {len(pats)}] patients, got {k}")
-    strat = min(ev.sum(), len(ev) - ev.sum()) >= k
-    split = (StratifiedKFold(k, shuffle=True, random_state=seed).split(pats, ev) if strat
-             else KFold(k, shuffle=True, random_state=seed).split(pats))
-    return [(f"fold{i}", list(pats[tr]), list(pats[te])) for i, (tr, te) in enumerate(split)]
+    semi-synthetic cohort), else ``k`` folds stratified by event (shuffled with ``seed``)
+    (:class:`stdistill.select.PatientFolds`)."""
+    return PatientFolds(k, groups=groups, seed=seed).folds(cohort)
 
 
 def select_survival(cohort: Cohort, config: SurvivalConfig, grid: Sequence[dict] | None = None, *,
                     teacher_fn: Callable[[str, Cohort], SurvivalModel] | None = None, groups: str | None = None,
-                    inner_k: int = 3, smooth: int = 3, genesets=None) -> tuple[SurvivalConfig, pd.DataFrame]:
+                    inner_k: int = 3, smooth: int = 3, genesets=None) -> Selection:
     """Choose grid fields and the number of epochs on inner validation patients of ``cohort`` (a
-    fold's **training** patients): every candidate trains on each inner split for
-    ``config.max_epochs`` epochs, Harrell's C-index on the inner validation patients is recorded
-    after every epoch, and :func:`stdistill.select.choose` picks the best mean curve point.
+    fold's **training** patients) with :func:`stdistill.select.select`: every candidate trains on
+    each inner split for ``config.max_epochs`` epochs, Harrell's C-index on the inner validation
+    patients is recorded after every epoch, and the best point of the mean curve wins.
 
     ``teacher_fn(split name, inner training cohort)`` gives a student its teacher, fitted on the
-    same inner training patients. Inner splits: leave one ``groups`` value out when it has >= 2
-    values, else ``inner_k`` stratified folds; splits without an event are skipped. A C-index on a
-    few dozen validation patients is noisy from epoch to epoch, so each curve is smoothed with a
-    centred moving average over ``smooth`` epochs (``curve``; the raw one is ``raw_curve``).
+    same inner training patients. Inner splits (:class:`stdistill.select.PatientFolds`): leave one
+    ``groups`` value out when it has >= 2 values, else ``inner_k`` stratified folds; splits without
+    an event are skipped. A C-index on a few dozen validation patients is noisy from epoch to
+    epoch, so the criterion smooths each curve with a centred moving average over ``smooth`` epochs
+    before averaging (the table keeps the raw curves).
 
-    Returns the chosen config (``max_epochs`` = the chosen epoch) and the table of curves.
+    Returns a :class:`~stdistill.select.Selection` (``.config()``: the chosen config, ``max_epochs``
+    = the chosen epoch; unpacking it as ``(config, table)`` is deprecated).
     """
-    from ...select import choose
-
-    grid = list(grid or [{}])
     use_groups = groups if groups is not None and cohort.table[groups].nunique() >= 2 else None
-    splits = [s for s in patient_folds(cohort, inner_k, groups=use_groups) if cohort.subset(s[2]).event.sum() > 0]
-    if not splits:
-        raise StdistillError("no inner validation split has an event: cannot choose settings")
-    rows = []
-    for ci, upd in enumerate(grid):
-        cfg = replace(config, **upd)
-        for name, tr, va in splits:
-            ctr, cva = cohort.subset(tr), cohort.subset(va)
-            teacher = teacher_fn(name, ctr) if teacher_fn is not None else None
-            m = SurvivalModel(cfg).fit(ctr, teacher=teacher, val=cva, genesets=genesets)
-            raw = [h["val_cindex"] for h in m.history_]
-            rows.append({"candidate": ci, **upd, "val_patients": name, "curve": _smooth(raw, smooth), "raw_curve": raw,
-                         "seconds": m.fit_seconds_})
-    table = pd.DataFrame(rows)
-    return choose(table, grid, config), table
 
+    def fit_score(cfg: SurvivalConfig, s) -> list[float]:
+        teacher = teacher_fn(s.name, s.train) if teacher_fn is not None else None
+        m = SurvivalModel(cfg).fit(s.train, teacher=teacher, val=s.val, genesets=genesets)
+        return [h["val_cindex"] for h in m.history_]
 
-def _smooth(curve: Sequence[float], k: int) -> list[float]:
-    """Centred moving average over ``k`` epochs (the window shrinks at the ends)."""
-    v, h = np.asarray(curve, dtype=np.float64), max(int(k), 1) // 2
-    return [float(np.mean(v[max(0, i - h): i + h + 1])) for i in range(len(v))]
+    return select(cohort, fit_score, list(grid or [{}]), base=config, splitter=PatientFolds(inner_k, groups=use_groups),
+                  criterion=Criterion(metric="val_cindex", maximize=config.maximize, smooth=smooth))
 
 
 def _scores(method: str, fold: str, seed: int, risk: np.ndarray, test: Cohort, train: Cohort) -> dict:
@@ -143,10 +147,10 @@ def _choose_all(ctr: Cohort, methods: Sequence[Method], grid: dict | None, group
                 if (_t, split) not in inner:
                     inner[(_t, split)] = SurvivalModel(chosen[_t]).fit(c, genesets=genesets)
                 return inner[(_t, split)]
-        cfg, table = select_survival(ctr, m.config, (grid or {}).get(m.name), teacher_fn=tf, groups=groups,
-                                     inner_k=inner_k, genesets=genesets)
-        chosen[m.name] = cfg
-        tables.append(table.assign(method=m.name, fold=fold))
+        sel = select_survival(mask_rna(ctr, m.missing_rna), m.config, (grid or {}).get(m.name), teacher_fn=tf, groups=groups,
+                              inner_k=inner_k, genesets=genesets)
+        chosen[m.name] = sel.config()
+        tables.append(sel.table.assign(method=m.name, fold=fold))
     return chosen, tables
 
 
@@ -159,7 +163,8 @@ def survival_cv(cohort: Cohort, methods: Sequence[Method], folds: Sequence[Fold]
 
     Per fold, on the training patients only: time bins, gene standardisation and (``select``)
     each method's epochs and ``grid[method]`` fields, chosen by :func:`select_survival` with seed 0
-    (students get a teacher trained on the same inner patients). Then, per seed, every method is
+    (students get a teacher trained on the same inner patients); a method's ``missing_rna`` share of
+    the training patients loses its RNA first (:func:`mask_rna`, seed 0). Then, per seed, every method is
     trained on all training patients (a student from its teacher of the same seed) and scored on
     the test patients: Harrell and Uno C-index (IPCW from the training fold) and the cumulative AUC
     at the training median event time. H&E-only models are given the test cohort without RNA.
@@ -174,6 +179,8 @@ def survival_cv(cohort: Cohort, methods: Sequence[Method], folds: Sequence[Fold]
         for ref in (m.teacher, m.epochs_like):
             if ref is not None and (ref not in names or names.index(ref) > names.index(m.name)):
                 raise StdistillError(f"method {m.name!r}: {ref!r} (its teacher or epochs_like) must be listed before it")
+        if m.teacher is not None and methods[names.index(m.teacher)].missing_rna != m.missing_rna:
+            raise StdistillError(f"method {m.name!r} and its teacher {m.teacher!r} must share missing_rna")
     rows, tables = [], []
     for fold, tr, te in folds:
         if set(tr) & set(te):
@@ -188,7 +195,7 @@ def survival_cv(cohort: Cohort, methods: Sequence[Method], folds: Sequence[Fold]
             fitted: dict[str, SurvivalModel] = {}
             for m in methods:
                 cfg = replace(chosen[m.name], seed=seed)
-                model = SurvivalModel(cfg).fit(ctr, teacher=fitted.get(m.teacher), genesets=genesets)
+                model = SurvivalModel(cfg).fit(mask_rna(ctr, m.missing_rna), teacher=fitted.get(m.teacher), genesets=genesets)
                 fitted[m.name] = model
                 risk = model.predict(_view(cte, cfg)).to_numpy()
                 rows.append({**_scores(m.name, fold, seed, risk, cte, ctr), "epochs": cfg.max_epochs,

@@ -5,8 +5,10 @@
 - :func:`nll_loss`: the discrete-time negative log-likelihood of MCAT/SurvPath.
 - :func:`cox_loss`: Cox partial likelihood (torchsurv, Efron ties).
 - :func:`redundancy_reduction`: cross-correlation of student and teacher embeddings driven to
-  the identity (Barlow-Twins form), with per-sample weights; :func:`discrepancy_weights` makes
-  AMKD's adaptive weights from the teacher-student prediction discrepancy.
+  the identity (Barlow-Twins form; our reading of AMKD's redundancy reduction), with per-sample
+  weights; :func:`whitened_redundancy`: the same loss on the teacher's whitened principal
+  directions, so that its identity target can be reached; :func:`discrepancy_weights` makes the
+  adaptive weights from the teacher-student prediction discrepancy.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def _zscore(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - x.mean(0)) / (x.std(0, unbiased=False) + eps)
 
 
+def _identity_gap(C: torch.Tensor, offdiag: float) -> torch.Tensor:
+    """[sum_i (1 - C_ii)^2 + offdiag * sum_{i != j} C_ij^2] / k of a (k, k) cross-correlation."""
+    diag = torch.diagonal(C)
+    return (((1 - diag) ** 2).sum() + offdiag * ((C**2).sum() - (diag**2).sum())) / C.shape[0]
+
+
 def redundancy_reduction(zs: torch.Tensor, zt: torch.Tensor, weight: torch.Tensor | None = None,
                          offdiag: float = 0.05) -> torch.Tensor:
     """Cross-correlation loss between (B, D) student ``zs`` and teacher ``zt`` embeddings.
@@ -95,18 +103,51 @@ def redundancy_reduction(zs: torch.Tensor, zt: torch.Tensor, weight: torch.Tenso
     w = torch.ones(len(zs), device=zs.device) if weight is None else weight.to(zs.dtype)
     w = w / w.sum().clamp_min(EPS)
     C = (_zscore(zs) * w[:, None]).T @ _zscore(zt)
-    diag = torch.diagonal(C)
-    on = ((1 - diag) ** 2).sum()
-    off = (C**2).sum() - (diag**2).sum()
-    return (on + offdiag * off) / zs.shape[1]
+    return _identity_gap(C, offdiag)
 
 
-def discrepancy_weights(risk_teacher: torch.Tensor, risk_student: torch.Tensor, smooth: float = 0.1) -> torch.Tensor:
-    """(B,) AMKD's adaptive per-sample weights, mean 1, no gradient: the absolute difference of the
-    batch-standardised teacher and student risks (a ranking discrepancy, valid for NLL and Cox
-    risks alike), plus ``smooth``, divided by its batch mean."""
+def whitened_redundancy(zs: torch.Tensor, zt: torch.Tensor, weight: torch.Tensor | None = None,
+                        offdiag: float = 0.05, dim: int = 16, rel_eps: float = 1e-3) -> torch.Tensor:
+    """Redundancy reduction whose identity target is reachable, over the n rows given.
+
+    :func:`redundancy_reduction` asks a (D, D) cross-correlation for the identity, which no student
+    can reach when the rows are fewer than D (rank <= n - 1) or the teacher's D dimensions are
+    correlated (the student would have to match each teacher dimension and be uncorrelated with its
+    correlated neighbours at once). Here the teacher's (n, D) ``zt`` is centred (weighted) and
+    projected onto its k leading principal directions, k = min(``dim``, n - 1, eigenvalues above
+    ``rel_eps`` x the largest), each scaled to unit weighted variance: k target columns that are
+    exactly uncorrelated over the rows. The student's (n, D) ``zs`` is projected onto the same
+    directions and standardised (weighted); C = sum_b w_b s_b t_b^T / sum_b w_b (k, k) and
+    L = [sum_i (1 - C_ii)^2 + offdiag * sum_{i != j} C_ij^2] / k, which is 0 when the student
+    equals the teacher up to a shift and a scale per direction. ``weight`` (n,) >= 0, default 1.
+    """
+    if zs.shape != zt.shape or zs.ndim != 2:
+        raise StdistillError(f"embeddings must both be (n, D), got {tuple(zs.shape)} and {tuple(zt.shape)}")
+    w = torch.ones(len(zs), dtype=zs.dtype, device=zs.device) if weight is None else weight.to(zs.dtype)
+    w = (w / w.sum().clamp_min(EPS))[:, None]
+    with torch.no_grad():
+        ct = zt - (w * zt).sum(0)
+        val, vec = torch.linalg.eigh((ct * w).T @ ct)  # ascending
+        val, vec = val.flip(0), vec.flip(1)
+        k = min(int(dim), len(zt) - 1, int((val > rel_eps * val[0].clamp_min(EPS)).sum()))
+        if k < 1:
+            return zs.sum() * 0.0  # nothing to correlate (one row, or a constant teacher)
+        t = (ct @ vec[:, :k]) / val[:k].sqrt()
+    s = zs @ vec[:, :k]
+    s = s - (w * s).sum(0)
+    s = s / ((w * s**2).sum(0).sqrt() + 1e-5)
+    return _identity_gap((s * w).T @ t, offdiag)
+
+
+def discrepancy_weights(risk_teacher: torch.Tensor, risk_student: torch.Tensor, smooth: float = 0.1,
+                        down: bool = False) -> torch.Tensor:
+    """(B,) adaptive per-sample weights, mean 1, no gradient, from d = the absolute difference of
+    the batch-standardised teacher and student risks (a ranking discrepancy, valid for NLL and Cox
+    risks alike) plus ``smooth``: w = d (disagreeing samples count more) or, with ``down``, 1 / d
+    (agreeing samples count more); divided by the batch mean."""
     with torch.no_grad():
         d = (_zscore(risk_teacher.view(-1, 1)) - _zscore(risk_student.view(-1, 1))).abs().view(-1) + smooth
+        d = 1.0 / d if down else d
         return d / d.mean()
 
 

@@ -7,20 +7,18 @@ student reads bags only; the RNA table is never touched.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..._errors import StdistillError
+from ..._threads import torch_threads
 from ..._utils import load_state, seed_everything
 from ...bundle import Bundled
 from ...io._cohort import Cohort
-from ...students.niche import _threads
 from ._losses import fit_time_bins, time_to_bin
 from ._module import Arrays, Collate, SurvivalModule, predict_arrays
 from ._nets import KINDS, USES_BAG, USES_GENES, build_net
@@ -38,8 +36,12 @@ class SurvivalConfig:
     fitted teacher), ``"clinical"`` (linear head on the ``clinical`` columns).
     ``loss``: ``"nll"`` (discrete time, ``n_bins`` bins fitted on the training events, MCAT's
     ``alpha``) or ``"cox"`` (partial likelihood). Student terms: ``w_feat`` (feature distillation
-    to the teacher's enhanced pathology feature), ``w_rr`` with ``rr_weight`` ``"adaptive"``
-    (weights from the teacher-student discrepancy) or ``"fixed"``, ``w_logit`` (plain KD).
+    to the teacher's enhanced pathology feature), ``w_rr`` (redundancy reduction) with
+    ``rr_weight`` ``"adaptive"`` (disagreeing samples weighted up), ``"adaptive_down"`` (weighted
+    down) or ``"fixed"``, ``rr_form`` ``"batch"`` (cross-correlation of the batch over all ``dim``
+    dimensions, off-diagonal weight ``rr_offdiag``) or ``"whitened"`` (over the batch and the last
+    ``rr_queue`` rows of earlier batches, on the teacher's ``rr_dim`` leading whitened principal
+    directions: a reachable target), ``w_logit`` (plain KD).
     ``standardize_features``: z-score each instance feature with the training instances' mean/sd;
     ``pca``: then project onto that many principal components of the training instances.
     ``patience`` and ``maximize`` let :func:`stdistill.select.choose` pick ``max_epochs``.
@@ -69,6 +71,9 @@ class SurvivalConfig:
     w_rr: float = 1.0
     rr_weight: str = "adaptive"
     rr_offdiag: float = 0.05
+    rr_form: str = "batch"
+    rr_dim: int = 16
+    rr_queue: int = 64
     w_logit: float = 0.0
     seed: int = 0
     patience: int = 10**6
@@ -82,12 +87,16 @@ class SurvivalConfig:
             raise StdistillError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.loss not in ("nll", "cox"):
             raise StdistillError(f"loss must be 'nll' or 'cox', got {self.loss!r}")
-        if self.rr_weight not in ("adaptive", "fixed"):
-            raise StdistillError(f"rr_weight must be 'adaptive' or 'fixed', got {self.rr_weight!r}")
+        if self.rr_weight not in ("adaptive", "adaptive_down", "fixed"):
+            raise StdistillError(f"rr_weight must be 'adaptive', 'adaptive_down' or 'fixed', got {self.rr_weight!r}")
+        if self.rr_form not in ("batch", "whitened"):
+            raise StdistillError(f"rr_form must be 'batch' or 'whitened', got {self.rr_form!r}")
+        if self.rr_queue < 0:
+            raise StdistillError(f"rr_queue must be >= 0, got {self.rr_queue}")
         if self.kind == "clinical" and not self.clinical:
             raise StdistillError("kind='clinical' needs the clinical columns (clinical=[...])")
         self.clinical = tuple(self.clinical)
-        for k in ("batch_size", "dim", "n_bins"):
+        for k in ("batch_size", "dim", "n_bins", "rr_dim"):
             if getattr(self, k) < 1:
                 raise StdistillError(f"{k} must be >= 1, got {getattr(self, k)}")
 
@@ -115,6 +124,7 @@ class SurvivalModel(Bundled):
         self.config = SurvivalConfig(**{**(asdict(config) if config else {}), **kw})
         self.net_ = None
         self.history_: list[dict] = []
+        self.risk_cut_: float | None = None
 
     def __repr__(self) -> str:
         state = "fitted" if self.net_ is not None else "not fitted"
@@ -127,6 +137,8 @@ class SurvivalModel(Bundled):
 
         cfg = self.config
         R = self._rna(cohort, fitted=False)
+        if len(R) < 2:
+            raise StdistillError(f"a {cfg.kind!r} model needs >= 2 training patients with an RNA profile, got {len(R)}")
         var = R.std(axis=0, skipna=False) > 1e-8  # genes with a missing value in training are left out
         present = set(R.columns[var.to_numpy()])
         net = load_sets(genesets if genesets is not None else cfg.genesets)
@@ -143,23 +155,33 @@ class SurvivalModel(Bundled):
         self.groups_ = {k: [pos[g] for g in v] for k, v in groups.items()}
         self.gene_mean_, self.gene_sd_ = _standardise(R[self.genes_].to_numpy(np.float64))
 
-    def _rna(self, cohort: Cohort, fitted: bool = True) -> pd.DataFrame:
+    def _rna(self, cohort: Cohort, fitted: bool = True, allow_missing: bool = False) -> pd.DataFrame:
+        """The RNA table (log1p'd if configured). Before fitting: the patients with a profile only
+        (rows not all missing). Fitted: the model's genes for every patient; a patient missing any
+        of them is an error unless ``allow_missing`` (its row then holds NaN)."""
         if cohort.rna is None:
             raise StdistillError(f"a {self.config.kind!r} model needs the RNA table (cohort.rna is None)")
         R = cohort.rna if not self.config.rna_log1p else np.log1p(cohort.rna.clip(lower=0))
         if not fitted:
-            bad = R.isna().all(axis=1)
-            if bad.any():
-                raise StdistillError(f"{int(bad.sum())} patients have no RNA profile (e.g. {list(R.index[bad])[:3]})")
-            return R
+            return R.loc[~R.isna().all(axis=1).to_numpy()]  # patients without a profile are left out
         missing = [g for g in self.genes_ if g not in R.columns]
         if missing:
             raise StdistillError(f"the RNA table lacks {len(missing)} of the model's genes (e.g. {missing[:3]})")
         R = R[self.genes_]
         bad = R.isna().any(axis=1)
-        if bad.any():
+        if bad.any() and not allow_missing:
             raise StdistillError(f"{int(bad.sum())} patients have no (complete) RNA profile (e.g. {list(R.index[bad])[:3]})")
         return R
+
+    def _with_rna(self, cohort: Cohort, what: str) -> Cohort:
+        """``cohort`` restricted to the patients with a complete profile over the model's genes
+        (a genomic model trains and validates on these; ``what`` names the patients in errors)."""
+        if cohort.rna is None:
+            raise StdistillError(f"a {self.config.kind!r} model needs the RNA table (cohort.rna is None)")
+        ok = ~self._rna(cohort, allow_missing=True).isna().any(axis=1).to_numpy()
+        if ok.sum() < 2:
+            raise StdistillError(f"a {self.config.kind!r} model needs >= 2 {what} with an RNA profile, got {int(ok.sum())}")
+        return cohort if ok.all() else cohort.subset(np.asarray(cohort.patients)[ok])
 
     def _clin(self, cohort: Cohort) -> np.ndarray:
         cols = list(self.config.clinical)
@@ -188,16 +210,20 @@ class SurvivalModel(Bundled):
                 else torch.zeros(1, self._d_net) for p in cohort.patients]
         genes = None
         src = teacher if teacher is not None else (self if kind in USES_GENES else None)
-        if src is not None:
-            G = (src._rna(cohort).to_numpy(np.float64) - src.gene_mean_) / src.gene_sd_
+        has_rna = None
+        if src is not None:  # a student's patients may lack RNA: zeros, flagged, kept out of distillation
+            G = (src._rna(cohort, allow_missing=teacher is not None).to_numpy(np.float64) - src.gene_mean_) / src.gene_sd_
+            ok = ~np.isnan(G).any(axis=1)
+            G[~ok] = 0.0
             genes = torch.from_numpy(G.astype(np.float32))
+            has_rna = None if ok.all() else torch.from_numpy(ok)
         clin = None
         if kind == "clinical":
             C = (self._clin(cohort) - self.clin_mean_) / self.clin_sd_
             clin = torch.from_numpy(np.nan_to_num(C, nan=0.0).astype(np.float32))  # missing -> the training mean
         y = time_to_bin(cohort.time, self.bins_) if self.config.loss == "nll" else np.zeros(len(cohort.patients), int)
         return Arrays(bags, genes, clin, torch.from_numpy(y), torch.from_numpy(cohort.event.astype(np.float32)),
-                      torch.from_numpy(cohort.time.astype(np.float32)))
+                      torch.from_numpy(cohort.time.astype(np.float32)), has_rna)
 
     # ------------------------------------------------------------------ fit
     def _check_teacher(self, teacher: SurvivalModel | None) -> None:
@@ -270,10 +296,17 @@ class SurvivalModel(Bundled):
         Harrell's C-index after every epoch (epoch 0 = untrained) into ``history_`` (choosing
         settings; never the test patients). ``genesets``: gene families (a name, file or
         source/target DataFrame; default ``config.genesets``).
+
+        Patients without an RNA profile (all-missing rows of ``cohort.rna``, or patients absent from
+        it): a genomic model (``snn``, ``late_fusion``, ``gge``) trains on the others (its time bins
+        and instance statistics still come from every training patient); a student trains its
+        pathology path and survival head on every patient, and only those with RNA enter the
+        distillation terms. ``n_missing_rna_`` counts them. ``risk_cut_``: the median risk of the
+        training patients (in-sample, after training), the cut of :meth:`predict_group`.
         """
         cfg, t0 = self.config, time.time()
         self._check_teacher(teacher)
-        with _threads(cfg.num_threads):
+        with torch_threads(cfg.num_threads):
             self._fit(cohort, teacher, val, genesets)
         self.fit_seconds_ = round(time.time() - t0, 2)
         return self
@@ -285,13 +318,20 @@ class SurvivalModel(Bundled):
 
         cfg = self.config
         seed_everything(cfg.seed)
-        self._fit_inputs(cohort, genesets, teacher)
-        arrays = self._arrays(cohort, teacher)
+        self._fit_inputs(cohort, genesets, teacher)  # bins and instance statistics: every training patient
+        train = self._with_rna(cohort, "training patients") if cfg.kind in USES_GENES else cohort
+        arrays = self._arrays(train, teacher)
+        self.n_missing_rna_ = (len(cohort.patients) - len(train.patients) if teacher is None
+                               else 0 if arrays.has_rna is None else int((~arrays.has_rna).sum()))
+        if arrays.has_rna is not None and not bool(arrays.has_rna.any()):
+            raise StdistillError("no training patient has an RNA profile: the student has nothing to distil")
         net = self._build()
         score = None
         if val is not None:
             from ...metrics import cindex
 
+            if cfg.kind in USES_GENES:
+                val = self._with_rna(val, "validation patients")
             varr = self._arrays(val)
             score = (lambda n: cindex(val.time, val.event, predict_arrays(n, varr, cfg.loss)["risk"]))  # noqa: E731
         module = SurvivalModule(net, asdict(cfg), teacher=None if teacher is None else teacher.net_, score=score)
@@ -308,6 +348,7 @@ class SurvivalModel(Bundled):
                 trainer.fit(module, loader)
             self.history_ += module.history
         self.net_ = net.eval()
+        self.risk_cut_ = float(np.median(predict_arrays(net, arrays, cfg.loss)["risk"]))
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
@@ -316,13 +357,22 @@ class SurvivalModel(Bundled):
 
     def _predict(self, cohort: Cohort) -> dict:
         self._check_fitted()
-        with _threads(self.config.num_threads):
+        with torch_threads(self.config.num_threads):
             return predict_arrays(self.net_, self._arrays(cohort), self.config.loss)
 
     def predict(self, cohort: Cohort) -> pd.Series:
         """(n_patients,) risk (higher = earlier event), indexed by patient. A student or ABMIL reads
         the bags only; genomic models read ``cohort.rna``."""
         return pd.Series(self._predict(cohort)["risk"], index=pd.Index(cohort.patients, name="patient"), name="risk")
+
+    def predict_group(self, cohort: Cohort) -> pd.Series:
+        """(n_patients,) ``"high risk"`` where the risk is above ``risk_cut_`` (the median risk of the
+        training patients, stored by :meth:`fit`), else ``"low risk"``. The cut never depends on
+        ``cohort``, so a single new slide gets the same group as it would in any cohort."""
+        if self.risk_cut_ is None:
+            raise StdistillError("the model has no stored risk cut (risk_cut_): refit it with this version")
+        r = self.predict(cohort)
+        return pd.Series(np.where(r.to_numpy() > self.risk_cut_, "high risk", "low risk"), index=r.index, name="group")
 
     def predict_survival(self, cohort: Cohort) -> pd.DataFrame:
         """Patients x time bins: S(bin end) of the discrete-time model (``loss="nll"`` only)."""
@@ -363,7 +413,7 @@ class SurvivalModel(Bundled):
         tensors["bins"] = np.asarray(self.bins_, dtype=np.float64)
         tensors.update({k: getattr(self, k) for k in _ARRAYS if getattr(self, k, None) is not None})  # dtypes kept
         cfg = {"config": {**asdict(self.config), "clinical": list(self.config.clinical)}, "d_in": int(self.d_in_),
-               "genes": list(self.genes_), "groups": self.groups_, "history": self.history_}
+               "genes": list(self.genes_), "groups": self.groups_, "history": self.history_, "risk_cut": self.risk_cut_}
         rec = bundle_record("survival", features=getattr(self, "features_", None), outputs={"risk": ["risk"]},
                             feature_norm="z-score" + (f" + PCA({self.config.pca})" if self.config.pca else "")
                             if self.feat_mean_ is not None else None,
@@ -376,6 +426,7 @@ class SurvivalModel(Bundled):
         known = {f.name for f in fields(SurvivalConfig)}
         m = cls(SurvivalConfig(**{k: v for k, v in meta["config"].items() if k in known}))
         m.d_in_, m.genes_, m.groups_, m.history_ = int(meta["d_in"]), list(meta["genes"]), dict(meta["groups"]), meta["history"]
+        m.risk_cut_ = None if meta.get("risk_cut") is None else float(meta["risk_cut"])  # absent in older models
         m.bins_, m.features_ = tensors.pop("bins").numpy(), record.get("features")
         m.feat_mean_ = m.feat_sd_ = m.feat_proj_ = None
         for k in _ARRAYS:

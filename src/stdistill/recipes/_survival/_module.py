@@ -21,13 +21,16 @@ from ._losses import (
     nll_loss,
     nll_risk,
     redundancy_reduction,
+    whitened_redundancy,
 )
 
 
 @dataclass
 class Arrays:
     """What a net needs of P patients, aligned: ``bags`` P tensors (n_i, d); ``genes`` (P, G) and
-    ``clin`` (P, C) standardised or None; ``y`` (P,) time bin, ``event`` (P,), ``time`` (P,)."""
+    ``clin`` (P, C) standardised or None; ``y`` (P,) time bin, ``event`` (P,), ``time`` (P,);
+    ``has_rna`` (P,) bool or None (all): patients whose ``genes`` row is a real profile (the
+    others hold zeros and never reach the teacher)."""
 
     bags: list[torch.Tensor]
     genes: torch.Tensor | None
@@ -35,6 +38,7 @@ class Arrays:
     y: torch.Tensor
     event: torch.Tensor
     time: torch.Tensor
+    has_rna: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -42,7 +46,7 @@ class Arrays:
 
 class Collate:
     """Builds a padded batch from patient indices: ``bag`` (B, N, d), ``mask`` (B, N) bool, ``genes``,
-    ``clin``, ``y``, ``event``, ``time``. In training, bags above ``max_instances`` are subsampled
+    ``clin``, ``y``, ``event``, ``time``, ``has_rna`` (B,) bool or None. In training, bags above ``max_instances`` are subsampled
     at random (torch's global generator, seeded per run)."""
 
     def __init__(self, arrays: Arrays, max_instances: int | None = None, train: bool = False):
@@ -65,7 +69,7 @@ class Collate:
         t = torch.as_tensor(idx)
         pick = (lambda x: None if x is None else x[t])  # noqa: E731
         return {"bag": bag, "mask": mask, "genes": pick(self.a.genes), "clin": pick(self.a.clin),
-                "y": self.a.y[t], "event": self.a.event[t], "time": self.a.time[t]}
+                "y": self.a.y[t], "event": self.a.event[t], "time": self.a.time[t], "has_rna": pick(self.a.has_rna)}
 
 
 def run_net(net: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -111,14 +115,27 @@ def predict_arrays(net: nn.Module, arrays: Arrays, loss: str, batch_size: int = 
             "emb": torch.stack(emb).numpy(), "attn": attn}
 
 
+def _rows_with_rna(out: dict, batch: dict) -> tuple[dict, dict | None]:
+    """``out`` and ``batch`` restricted to the patients with an RNA profile (``batch["has_rna"]``;
+    None: all); ``batch`` is None when no patient has one."""
+    keep = batch.get("has_rna")
+    if keep is None or bool(keep.all()):
+        return out, batch
+    if not bool(keep.any()):
+        return out, None
+    rows = (lambda d: {k: v[keep] if torch.is_tensor(v) else v for k, v in d.items()})  # noqa: E731
+    return rows(out), rows(batch)
+
+
 class SurvivalModule(L.LightningModule):
     """Trains ``net`` with the survival loss and, with a frozen ``teacher``, AMKD's distillation.
 
     ``cfg`` (a plain dict of :class:`~stdistill.recipes.SurvivalConfig` fields) sets the loss
     (``"nll"``/``"cox"``, ``alpha``), the optimiser (``lr``, ``weight_decay``) and the weights of the
     distillation terms: ``w_feat`` (student projection -> teacher ``emb``, cosine),
-    ``w_rr`` (redundancy reduction, ``rr_weight`` ``"adaptive"`` or ``"fixed"``, ``rr_offdiag``)
-    and ``w_logit`` (plain prediction KD). ``score`` (optional, ``net -> float``) is called after
+    ``w_rr`` (redundancy reduction: ``rr_form`` ``"batch"`` or ``"whitened"`` with ``rr_dim`` and
+    ``rr_queue``; ``rr_weight`` ``"adaptive"``, ``"adaptive_down"`` or ``"fixed"``; ``rr_offdiag``)
+    and ``w_logit`` (plain prediction KD); only patients with RNA (``has_rna``) enter them. ``score`` (optional, ``net -> float``) is called after
     each epoch; its values go to ``history``.
     """
 
@@ -130,6 +147,7 @@ class SurvivalModule(L.LightningModule):
             teacher.requires_grad_(False)
         self.history: list[dict] = []
         self._losses: list[float] = []
+        self._queue: tuple[torch.Tensor, ...] | None = None  # (student, teacher, weight) rows of earlier batches
 
     def survival_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.cfg["loss"] == "cox":
@@ -137,9 +155,15 @@ class SurvivalModule(L.LightningModule):
         return nll_loss(logits, batch["y"], batch["event"], alpha=self.cfg["alpha"])
 
     def distill_terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
-        """The weighted distillation terms against the frozen teacher (empty without a teacher)."""
+        """The weighted distillation terms against the frozen teacher (empty without a teacher).
+
+        Only patients with an RNA profile (``batch["has_rna"]``) enter them: the teacher sees their
+        rows alone, and a batch without any such patient adds no term (zero, never NaN)."""
         cfg, terms = self.cfg, {}
         if self.teacher is None:
+            return terms
+        out, batch = _rows_with_rna(out, batch)
+        if batch is None:
             return terms
         with torch.no_grad():
             t = run_net(self.teacher, batch)
@@ -147,14 +171,31 @@ class SurvivalModule(L.LightningModule):
             z = self.net.proj(out["emb"])
             if cfg["w_feat"]:
                 terms["feat"] = cfg["w_feat"] * feature_kd(z, t["emb"])
-            if cfg["w_rr"] and len(z) > 1:
-                w = None
-                if cfg["rr_weight"] == "adaptive":
-                    w = discrepancy_weights(risk_of(t["logits"], cfg["loss"]), risk_of(out["logits"], cfg["loss"]))
-                terms["rr"] = cfg["w_rr"] * redundancy_reduction(z, t["emb"], w, cfg["rr_offdiag"])
+            rr = self.redundancy(z, t, out) if cfg["w_rr"] else None
+            if rr is not None:
+                terms["rr"] = cfg["w_rr"] * rr
         if cfg["w_logit"]:
             terms["logit"] = cfg["w_logit"] * logit_kd(out["logits"], t["logits"], cfg["loss"])
         return terms
+
+    def redundancy(self, z: torch.Tensor, t: dict, out: dict) -> torch.Tensor | None:
+        """The unweighted redundancy-reduction term of (B, D) projected student ``z`` and the teacher's
+        output ``t``: ``rr_form="batch"``, :func:`redundancy_reduction` over the batch (None below 2
+        rows); ``"whitened"``, :func:`whitened_redundancy` over the batch and the last ``rr_queue``
+        rows of earlier batches (their student rows as computed then, without gradient)."""
+        cfg = self.cfg
+        w = None
+        if cfg["rr_weight"] != "fixed" and (len(z) > 1 or cfg["rr_form"] != "batch"):
+            w = discrepancy_weights(risk_of(t["logits"], cfg["loss"]), risk_of(out["logits"], cfg["loss"]),
+                                    down=cfg["rr_weight"] == "adaptive_down")
+        if cfg["rr_form"] == "batch":
+            return redundancy_reduction(z, t["emb"], w, cfg["rr_offdiag"]) if len(z) > 1 else None
+        rows = (z, t["emb"], torch.ones(len(z), dtype=z.dtype) if w is None else w)
+        if self._queue is not None:
+            rows = tuple(torch.cat([old, new]) for old, new in zip(self._queue, rows))
+        if cfg["rr_queue"] > 0:
+            self._queue = tuple(r.detach()[-cfg["rr_queue"]:] for r in rows)
+        return whitened_redundancy(*rows, offdiag=cfg["rr_offdiag"], dim=cfg["rr_dim"])
 
     def training_step(self, batch: dict, _batch_idx: int) -> torch.Tensor:
         out = run_net(self.net, batch)

@@ -1,6 +1,7 @@
 """Why test-time refinement hurt, on the quick simulated data: a free mixture drifts, an anchored one does not.
 
-    python benchmarks/refine_drift.py          # about 2 min on 2 CPUs (features cached after the first run)
+    python benchmarks/checks/refine_drift.py          # about 2 min on 2 CPUs (features cached after the first run)
+    python benchmarks/checks/refine_drift.py --smoke --out /tmp/smoke   # 30 spots per section, 2 epochs
 
 Leave-one-patient-out over 3 simulated patients (K=3, 15 epochs, seed 0): the student's ARI
 against the teacher on the held-out patient, raw and after each refinement: label propagation
@@ -12,9 +13,15 @@ EM steps).
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("STDISTILL_PROGRESS", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
 
 SEED = 0
 
@@ -38,7 +45,13 @@ def free_mixture(x, probs, em_steps: int):
         return gm.fit(x).predict_proba(x)
 
 
-def main() -> None:
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=15)
+    _common.add_args(ap)
+    args = ap.parse_args()
+    small = _common.smoke(args, epochs=2)
+    results = _common.Results(args, seeds=[SEED], precision="fp32")
     import numpy as np
     import torch
 
@@ -51,30 +64,34 @@ def main() -> None:
 
     torch.set_num_threads(1)
     print(f"seed {SEED}")
-    a = sd.datasets.simulated(n_sections=3, n_patients=3, spots_per_section=120, seed=SEED)
+    a = _common.simulated_small(SEED) if small else sd.datasets.simulated(n_sections=3, n_patients=3, spots_per_section=120, seed=SEED)
     sd.features.run_extraction(a, "effnet-lite0-imagenet", key_added="X", precision="fp32")
     NicheTeacher(3, seed=SEED).fit_predict(a, key_added="t")
     secs = sd.io.sections(a)
     pats = a.obs.groupby("section", observed=True)["patient"].first().astype(str)
     variants = ([("propagate", {"alpha": v}) for v in (0.2, 0.5, 0.8)]
                 + [("gmm", {"weight": w, "em_steps": e}) for w, e in ((1.0, 3), (4.0, 3), (1.0, 10))])
+    rows = []
     for tp in sorted(set(pats)):
         tr = sd.io.subset_sections(a, [s for s in secs if pats[s] != tp])
         te = sd.io.subset_sections(a, [s for s in secs if pats[s] == tp])
-        st = NicheStudent(3, feature_key="X", max_epochs=15, seed=SEED, refine_grid=[]).fit(tr, probs_key="t_probs")
+        st = NicheStudent(3, feature_key="X", max_epochs=args.epochs, seed=SEED, refine_grid=[]).fit(tr, probs_key="t_probs")
         p = st.predict(te, key_added="s")
-        out = [f"raw {ari(te.obs['t'], te.obs['s']):.3f}"]
+        row = {"patient": tp, "raw": ari(te.obs["t"], te.obs["s"])}
         ok = np.all(np.isfinite(p), 1)
         adj = radius_graph(te, radius_for_neighbors(te, 6, mask=ok)).tocsr()  # one section per simulated patient
         x = _section_features(te, "X", np.flatnonzero(ok), adj[ok][:, ok], 20)
         for steps in (1, 2, 10):
             q = free_mixture(x, p[ok], steps)
-            out.append(f"free mixture {steps} EM {ari(te.obs['t'].to_numpy()[ok], q.argmax(1).astype(str)):.3f}")
+            row[f"free mixture {steps} EM"] = ari(te.obs["t"].to_numpy()[ok], q.argmax(1).astype(str))
         for method, kw in variants:
             refine_niches(te, "s_probs", method=method, feature_key="X", key_added="r", seed=SEED, **kw)
-            out.append(f"{method} {kw} {ari(te.obs['t'], te.obs['r']):.3f}")
-        print(tp, " | ".join(out), flush=True)
+            row[f"{method} {kw}"] = ari(te.obs["t"], te.obs["r"])
+        rows.append(row)
+        print(tp, " | ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "patient"), flush=True)
+    results.table("ari", rows, digits={k: 3 for k in rows[0] if k != "patient"})
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

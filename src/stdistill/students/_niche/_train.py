@@ -1,13 +1,22 @@
-"""The niche student's network and LightningModule, at module level (picklable, checkpointable)."""
+"""The niche student's training: its network and LightningModule (at module level: picklable,
+checkpointable) and one Lightning run with checkpoints and resume (:func:`train_net`)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
-from ..losses import distillation_loss
+from ..._threads import torch_threads
+from ..._utils import seed_everything
+from ...losses import distillation_loss
+from ._config import ENGINEERING, NicheStudentConfig
+
+__all__ = ["NicheDistill", "NicheTransformer", "make_net", "train_net"]
 
 
 class NicheTransformer(nn.Module):
@@ -119,7 +128,7 @@ class NicheDistill(L.LightningModule):
         if self.trainer.sanity_checking:
             self._reset_val()
             return
-        from ..metrics import ari
+        from ...metrics import ari
 
         sums = (self._val_sum, self._val_n, self._val_hit)
         true, pred = np.concatenate(self._val_true), np.concatenate(self._val_pred)
@@ -165,3 +174,83 @@ class NicheDistill(L.LightningModule):
             torch.set_rng_state(s["torch_rng"])
         if s.get("loader_rng") is not None and self.loader_generator is not None:
             self.loader_generator.set_state(s["loader_rng"])
+
+
+def make_net(cfg: NicheStudentConfig, d_in: int) -> NicheTransformer:
+    """The untrained network of ``cfg`` for ``d_in`` input features."""
+    return NicheTransformer(d_in, cfg.n_niches, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.summary_token)
+
+
+def _stage_dir(run_dir: str | os.PathLike, stage: str, cfg: NicheStudentConfig, seed: int, epochs: int, arrays,
+               *idx) -> Path:
+    """The checkpoint folder of one training stage (:func:`stdistill._resume.stage_dir`): the
+    fingerprint covers the settings (not the engineering ones), seed, epochs, inputs and the
+    training/validation rows."""
+    from ..._resume import stage_dir
+
+    keep = {k: v for k, v in cfg.as_dict().items() if k not in ENGINEERING}
+    return stage_dir(run_dir, stage, [keep, seed, epochs], (*arrays[:5], *idx))
+
+
+def _loaders(train_idx: np.ndarray, val_idx: np.ndarray | None, batch_size: int, world: int, g: torch.Generator):
+    """Shuffled training batches (``batch_size / world`` rows per process) and validation batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    bs = min(-(-batch_size // world), len(train_idx))
+    tr = DataLoader(TensorDataset(torch.from_numpy(train_idx)), batch_size=bs, shuffle=True, generator=g,
+                    drop_last=len(train_idx) > bs and len(train_idx) % bs == 1)
+    va = None if val_idx is None else DataLoader(TensorDataset(torch.from_numpy(val_idx)), batch_size=1024)
+    return tr, va
+
+
+def train_net(cfg: NicheStudentConfig, arrays, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: int,
+              seed: int, *, run_opts: dict, views: np.ndarray | None = None, run_dir: str | os.PathLike | None = None,
+              stage: str = "fit", resumed: list | None = None) -> NicheDistill:
+    """Train one net on ``arrays`` (features, token index, offsets, mask, soft labels, rows; from
+    ``NicheData._prepare``) rows ``train_idx``, early stopping on ``val_idx`` (None: ``epochs``).
+
+    ``run_opts``: Lightning's ``accelerator``, ``devices``, ``strategy``, ``num_nodes``. ``views``:
+    (n, V, d) augmented views drawn each epoch. With ``run_dir``, checkpoint every epoch and resume
+    from the last one; a stage that finished is read back from ``done.ckpt`` (its name is added to
+    ``resumed``). Returns the LightningModule (histories, ``best_state``).
+    """
+    from ..._lightning import make_trainer, quiet
+
+    f, index, offset, mask, probs, _ = arrays
+    seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    mod = NicheDistill(make_net(cfg, f.shape[1]), f, index, offset, mask, probs, temperature=cfg.temperature,
+                       hard_weight=cfg.hard_weight, lr=cfg.lr, weight_decay=cfg.weight_decay, token_drop=cfg.token_drop,
+                       monitor=cfg.monitor, loader_generator=g)
+    ro = run_opts
+    tr, va = _loaders(train_idx, val_idx, cfg.batch_size,
+                      (ro["devices"] if isinstance(ro["devices"], int) else 1) * ro["num_nodes"], g)
+    ckpt_dir, callbacks, resume = None, [], None
+    if views is not None:
+        from .._views import ViewSampler
+
+        callbacks.append(ViewSampler(f, views, seed))
+    if run_dir is not None:
+        from ..._resume import checkpoint_callback, last_ckpt, read_done
+
+        ckpt_dir = _stage_dir(run_dir, stage, cfg, seed, epochs, arrays, train_idx, val_idx)
+        if read_done(mod, ckpt_dir):
+            (resumed if resumed is not None else []).append(f"{stage} (finished)")
+            return mod
+        callbacks.append(checkpoint_callback(ckpt_dir))
+        resume = last_ckpt(ckpt_dir)
+        if resume is not None and resumed is not None:
+            resumed.append(stage)
+    trainer = make_trainer(max_epochs=epochs, monitor=cfg.monitor if va is not None else None,
+                           patience=cfg.patience, accelerator=ro["accelerator"], devices=ro["devices"],
+                           strategy=ro["strategy"], num_nodes=ro["num_nodes"],
+                           num_sanity_val_steps=0, enable_progress_bar=False, callbacks=callbacks,
+                           epoch_bar=f"niche student ({stage}): epochs",
+                           enable_checkpointing=ckpt_dir is not None)
+    with torch_threads(cfg.num_threads), quiet():
+        trainer.fit(mod, tr, va, ckpt_path=resume, weights_only=True)
+    if ckpt_dir is not None:
+        from ..._resume import save_done
+
+        save_done(trainer, ckpt_dir)
+    return mod

@@ -9,13 +9,14 @@ this script forces the streamed path at every size. For each dataset and K this 
 scikit-learn's exact ``svd_solver="full"`` PCA, the largest embedding difference between the
 old and new paths (after aligning component signs) and the ARI between their fitted niches.
 
-    python benchmarks/pca_paths.py                       # simulated + HER2ST teacher
-    python benchmarks/pca_paths.py --student             # also the student on HER2ST's imaged
+    python benchmarks/checks/pca_paths.py                # simulated + HER2ST teacher
+    python benchmarks/checks/pca_paths.py --student      # also the student on HER2ST's imaged
                                                          # sections (effnet-lite0 features, fp32;
                                                          # read from the feature cache or computed)
-    python benchmarks/pca_paths.py --time 100000         # only: seconds of the student's
+    python benchmarks/checks/pca_paths.py --time 100000  # only: seconds of the student's
                                                          # normalisation + PCA, old vs new, on
                                                          # benchmarks/scale.py's synthetic features
+    python benchmarks/checks/pca_paths.py --smoke --out /tmp/smoke   # all three on small data (K=3)
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ import pandas as pd
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 
-import stdistill as sd
-from stdistill.students import NicheStudent
-from stdistill.students.niche import normalise_features
-from stdistill.teachers import NicheTeacher
-from stdistill.teachers.niche import _standardize_by
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common, scale
+
+import _common  # noqa: E402
+import stdistill as sd  # noqa: E402
+from stdistill.students import NicheStudent  # noqa: E402
+from stdistill.students.niche import normalise_features  # noqa: E402
+from stdistill.teachers import NicheTeacher  # noqa: E402
+from stdistill.teachers.niche import _standardize_by  # noqa: E402
 
 
 def _sklearn_teacher_pcs(solver: str | None):
@@ -97,7 +101,7 @@ def _teacher_rows(name: str, a, ks) -> list[dict]:
     return rows
 
 
-def _student_rows(a, k: int = 6, epochs: int = 12) -> list[dict]:
+def _student_rows(a, k: int = 6, epochs: int = 12, name: str = "her2st imaged") -> list[dict]:
     a = sd.io.subset_sections(a, [s for s in sd.io.sections(a) if sd.io.has_image(a, s)])
     sd.features.run_extraction(a, "effnet-lite0-imagenet", key_added="X_e", precision="fp32")
     a.obsm["niche_probs"] = NicheTeacher(k, seed=0).fit(a).fit_probs_
@@ -116,17 +120,15 @@ def _student_rows(a, k: int = 6, epochs: int = 12) -> list[dict]:
     r = _compare(old.info_["pca_components"], new.info_["pca_components"], exact, old_e,
                  new._normalise(a, new._features(a), fit=False)[0])
     ari = adjusted_rand_score(old.predict_proba(a).argmax(1), new.predict_proba(a).argmax(1))
-    row = {"data": "her2st imaged", "model": f"student ({epochs} epochs)", "K": k, **r,
+    row = {"data": name, "model": f"student ({epochs} epochs)", "K": k, **r,
            "ARI(old, new niches)": ari, "s": time.perf_counter() - t0}
     print(row, flush=True)
     return [row]
 
 
-def _time_student(n: int, threads: int = 2) -> None:
+def _time_student(n: int, threads: int = 2) -> dict:
     """Seconds of the student's normalisation + PCA fit + projection, new path then old path."""
     import torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from scale import _cohort
 
     torch.set_num_threads(threads)
@@ -140,29 +142,45 @@ def _time_student(n: int, threads: int = 2) -> None:
     t2 = time.perf_counter()
     print(f"student normalisation + PCA(64) on {n} x {f.shape[1]} features, {threads} threads: "
           f"streamed exact {t1 - t0:.1f} s, old (scikit-learn, {s.info_['solver']} solver) {t2 - t1:.1f} s")
+    return {"spots": n, "features": f.shape[1], "threads": threads, "streamed exact s": t1 - t0,
+            f"old (scikit-learn, {s.info_['solver']} solver) s": t2 - t1}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=None, help="local HER2ST copy (default: $STDISTILL_DATA/her2st or the cache)")
     ap.add_argument("--student", action="store_true", help="also compare the student on HER2ST's imaged sections")
     ap.add_argument("--time", type=int, default=0, help="only time the student's normalisation + PCA on this many spots")
+    _common.add_args(ap, root="her2st")
     args = ap.parse_args()
+    small = _common.smoke(args, student=True)
+    results = _common.Results(args, seeds=[0], precision="fp32",
+                              variant="time" if args.time else "student" if args.student else None)
     # the streamed path at every size (the estimators stream only past _pca.IN_MEMORY_MB): what is compared
     os.environ["STDISTILL_PCA_IN_MEMORY_MB"] = "0"
-    if args.time:
-        _time_student(args.time)
-        return
+    if args.time or small:
+        t = _time_student(args.time or 2000, 1 if small else 2)
+        results.table("time", [t], digits={k: 1 for k in t if k.endswith(" s")})
+        if not small:
+            return results.finish()
     t0 = time.perf_counter()
-    rows = _teacher_rows("simulated", sd.datasets.simulated(seed=0), (3, 6))
-    her = sd.datasets.her2st(root=args.root)
-    rows += _teacher_rows("her2st", her, (4, 6, 8))
+    rows = _teacher_rows("simulated", _common.simulated_small() if small else sd.datasets.simulated(seed=0),
+                         (3,) if small else (3, 6))
+    if small and not _common.has_dataset("her2st") and not args.root:
+        print("her2st data absent: the smoke run compares the simulated teacher and student only")
+        her = _common.simulated_small()
+    else:
+        her = _common.her2st(args.root, small)
+        rows += _teacher_rows("her2st", her, (3,) if small else (4, 6, 8))
     if args.student:
-        rows += _student_rows(her)
+        rows += _student_rows(her, 3 if small else 6, 2 if small else 12,
+                              "her2st imaged" if "her2st" in {r["data"] for r in rows} else "simulated")
+    df = pd.DataFrame(rows).drop(columns="s")
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3g}".format):
-        print(pd.DataFrame(rows).drop(columns="s").to_string(index=False))
+        print(df.to_string(index=False))
     print(f"# total {time.perf_counter() - t0:.0f} s")
+    results.table("paths", df)
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
