@@ -153,6 +153,26 @@ def teacher_metrics(a, fits: dict, members: dict, imaged: np.ndarray) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def niche_table(a, fits: dict, k: int, imaged: np.ndarray) -> pd.DataFrame:
+    """Per teacher at K = ``k``, per niche: its share of all spots, the patients holding it (at least
+    2% of a patient's spots; all 8 patients, then the imaged ones) and the imaged patients' spots in it."""
+    from stdistill.metrics import niche_patients
+
+    pats = a.obs["patient"].astype(str).to_numpy()
+    rows = []
+    for name, by_k in fits.items():
+        n = by_k[k][0].argmax(1).astype(str)
+        cats = [str(i) for i in range(k)]
+        held, held_img = niche_patients(n, pats, categories=cats), niche_patients(n[imaged], pats[imaged], categories=cats)
+        img_cols = [c for c in held_img.columns if c not in ("n_patients", "patients")]
+        for c in cats:
+            rows.append({"teacher": name, "K": k, "niche": c, "share of spots": float(np.mean(n == c)),
+                         "patients holding": held.loc[c, "patients"], "n patients": int(held.loc[c, "n_patients"]),
+                         "imaged holding": held_img.loc[c, "patients"],
+                         **{f"spots {p}": int(held_img.loc[c, p]) for p in img_cols}})
+    return pd.DataFrame(rows)
+
+
 def auto_part(a, members: int, k_range: tuple[int, int]) -> tuple[pd.DataFrame, list[dict]]:
     """Stability curves over ``k_range`` (K=2 included, to show it) of the single-fit and the
     consensus teacher, and the K that ``n_niches="auto"`` (3..10) and ``k_range`` choose: the
@@ -378,6 +398,8 @@ def main() -> None:
                                     {k: v for k, v in kinds_.items() if k in ("single", "consensus")}, agree)
     tm = teacher_metrics(a, fits, members_ag, imaged)
     _show(res, "teachers", tm, "The teachers' own metrics (seed 0)")
+    kn = ks[len(ks) // 2]
+    _show(res, "niche_patients", niche_table(a, fits, kn, imaged), f"Which patients hold each niche (K={kn}, seed 0)")
     _optional_parts(a, ks, args, smoke, fits, res)
     if "students" in args.parts:
         _student_parts(a, fits, ks, args.max_epochs, imaged, tm, res, chosen="chosen" in args.parts)
