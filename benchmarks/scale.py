@@ -22,7 +22,8 @@ filtering), features N(0, 1) float32 1280-d. Peak RSS is the high-water mark of 
 (reset after the data are built, through ``/proc/self/clear_refs``), in GiB; "+/feat" is the
 fit's own increase (peak minus the RSS before the fit, which already holds the data and about
 0.6 GiB of imported libraries) divided by the feature matrix's size (for ``trunk``: by the
-activations' size). The issue's goal "peak RSS under 2x the feature matrix" is "+/feat" < 1. The exponent is the slope of a log-log least-squares fit of time
+activations' size). The goal "peak RSS under 2x the feature matrix" is "+/feat" < 1. The exponent is
+the slope of a log-log least-squares fit of time
 (and of peak RSS) against spots.
 
     python benchmarks/scale.py                 # 10k and 100k spots (trunk: 1k, 10k)

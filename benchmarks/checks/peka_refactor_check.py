@@ -10,7 +10,7 @@ with a digest of the adapted features. Run it on two checkouts and compare the p
     PYTHONPATH=<other checkout>/src python benchmarks/checks/peka_refactor_check.py --root ../shared/data/her2st
     python benchmarks/checks/peka_refactor_check.py --smoke --out /tmp/smoke   # 30 spots per section, 1 epoch
 
-Identical lines mean the refactor did not move PEKA's numbers on this machine (it needs
+Identical lines mean the refactor did not move PEKA's numbers on the machine that ran both (it needs
 ``stdistill.recipes.PEKA``, ``PekaConfig`` and ``select_peka``).
 """
 

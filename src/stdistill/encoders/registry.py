@@ -4,8 +4,7 @@ A spec says where the weights come from (``source`` and ``model_id``), how to bu
 network (``arch`` + ``kwargs``), how to feed it (``input_px``, ``mean``, ``std``), how to pool its
 output (``pooling``), what comes out (``dim``) and under which licence.
 
-Licences were read from the models' public cards (not re-checked from this machine unless
-``notes`` says so); always read the card yourself before using a model or its outputs.
+Licences were read from the models' public cards; always read the card yourself before using a model or its outputs.
 """
 
 from __future__ import annotations
