@@ -14,6 +14,10 @@ Per fold, on the training patients only:
   Pearson of the generated expression after each alignment epoch); then trained on all training
   patients for each seed; ablations with the chosen settings: MSE on log1p instead of the negative
   binomial (``genst_mse``), FSQ instead of VectorQuantize (``genst_fsq``) and 256 codes (``genst_k256``);
+* the same with the histology VQ-VAE end to end on the patch pixels (``genst_pixels``: 112 um
+  patches at 64 px, a convolutional VQ-VAE trained from scratch with the alignment; its own
+  settings and epochs chosen the same way, up to ``--pixel-max-epochs``), and its ablation with the
+  histology VQ-VAE first trained on reconstruction alone for 10 epochs (``genst_pixels_pre``);
 * scored on the held-out patient: per-gene Pearson of the generated expression (mixture mean);
   the expression VQ-VAE's reconstruction (ceiling); Spearman of the predictive spread vs the
   absolute error per gene (spread of code draws, and of code + count draws), interval coverage
@@ -21,12 +25,15 @@ Per fold, on the training patients only:
 
 Usage::
 
-    python benchmarks/genst_her2st.py --root ../shared/data/her2st --out results/genst_her2st
-    python benchmarks/genst_her2st.py --dataset simulated --out results/genst_simulated
-    python benchmarks/genst_her2st.py --from-csv --out results/genst_her2st   # tables only
-    python benchmarks/genst_her2st.py --smoke --out /tmp/smoke   # small simulated data, first fold, 2 epochs, 8 codes
+    python benchmarks/genst_her2st.py                        # HER2ST ($STDISTILL_DATA/her2st, else ../shared/data/her2st)
+    python benchmarks/genst_her2st.py --dataset simulated
+    python benchmarks/genst_her2st.py --from-csv              # tables only, from results/genst_her2st's CSVs
+    python benchmarks/genst_her2st.py --no-pixels ...         # feature-level rows only
+    python benchmarks/genst_her2st.py --smoke --out /tmp/genst_smoke   # small simulated data, first fold, every row, seconds
 
-Writes ``results.csv`` (fold x method x seed), ``selection.csv``, ``per_gene.csv``, ``history.csv``,
+Writes ``docs/results/genst_her2st-<dataset>.json`` (the tables, command, commit, machine, run
+time; ``benchmarks/_common.py``) and, under ``--out`` (default ``results/genst_<dataset>``),
+``results.csv`` (fold x method x seed), ``selection.csv``, ``per_gene.csv``, ``history.csv``,
 ``table.md`` and figures (``predictability.png``, ``calibration.png``, ``curves.png``, a map of the
 map gene); prints the tables and the run time.
 """
@@ -50,14 +57,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import _common  # noqa: E402
 import stdistill as sd  # noqa: E402
 from stdistill.cli._common import imaged_sections  # noqa: E402
-from stdistill.recipes import GenST, GenstConfig, codebook_stats, select_genst  # noqa: E402
+from stdistill.recipes import GenST, GenstConfig, codebook_stats, genst_patches, select_genst  # noqa: E402
 
 ENCODER, KEY = "effnet-lite0-imagenet", "X_effnet-lite0-imagenet"
 RES_NOTE = {"A": "A1/A2 at ~3.2 um/px (2000 px app copies): resolution shift + patient shift"}
-PEKA = {"her2st": ("peka_miss (docs/expression.md, not retrained)", {"A": 0.0203, "B": 0.1273, "C": 0.1814}),
-        "simulated": ("peka_miss (docs/expression.md, not retrained)", {"simP0": 0.4103, "simP1": 0.3841, "simP2": 0.3032})}
+# PEKA is not retrained here: its rows are quoted from docs/expression.md, each naming the run it comes from
+PEKA = {"her2st": [("PEKA peka_miss, raw patches (expression.md, earlier run)", {"A": 0.0203, "B": 0.1273, "C": 0.1814}),
+                   ("PEKA peka_miss_kd, stain chosen in the folds (expression.md)", {"A": 0.0270, "B": 0.1141, "C": 0.2220})],
+        "simulated": [("PEKA peka_miss (expression.md, simulated run)", {"simP0": 0.4103, "simP1": 0.3841, "simP2": 0.3032})]}
 ABLATIONS = {"genst_mse": {"likelihood": "mse"}, "genst_fsq": {"quantizer": "fsq", "fsq_levels": (8, 8)},
              "genst_k256": {"codebook_size": 256, "hist_codebook_size": 256}}
+PIXEL_ABLATIONS = {"genst_pixels_pre": {"hist_epochs": 10}}
 
 
 def log(msg: str, t0: float) -> None:
@@ -75,6 +85,8 @@ def load(args) -> tuple:
                sd.datasets.simulated(n_sections=6, n_patients=3, seed=args.data_seed))
         gene = str(img.var_names[img.var["marker_of"].astype(str) == "tumour_A"][0])
     sd.features.extract(img, ENCODER, precision=args.precision)
+    if args.pixels:
+        genst_patches(img, 112.0, args.pixel_px)  # obsm["genst_patches"]: read once, shared by every fit
     return img, gene
 
 
@@ -100,8 +112,8 @@ def coverage(y: np.ndarray, draws: np.ndarray, levels=(0.5, 0.8, 0.9)) -> dict[s
 def score_genst(m: GenST, te, genes: list[str], gene: str, seed: int) -> tuple[dict, pd.DataFrame, dict]:
     """Held-out scores of one fitted model, its per-gene table and (for the figures) arrays."""
     y = np.log1p(te[:, m.genes_].X.toarray())
-    pred = m.predict(te, inplace=False).to_numpy()
-    sd_codes = te.obsm["genst_sd"].to_numpy()
+    m.predict(te)  # obsm["genst_pred"], obsm["genst_sd"] (the map figure reads them too)
+    pred, sd_codes = te.obsm["genst_pred"].to_numpy(), te.obsm["genst_sd"].to_numpy()
     draws = m.sample(te, 32, counts=m.config.likelihood == "nb", seed=seed, inplace=False)
     tab = m.predictability(te)
     r = tab["generated"]
@@ -135,16 +147,16 @@ def choose(args, tr, gene: str, base: GenstConfig, fold_name: str, t0: float) ->
     grid = [{"w_con": w, "head_input": h} for w in args.w_con for h in args.head_input]
     sel = select_genst(tr, grid, base=base, feature_key=KEY, n_genes=50, extra_genes=[gene])
     cfg, table = sel.config(), sel.table
-    rows = []
+    rows, hist = [], base.histology
     for r in table.itertuples():
-        rows.append({"fold": fold_name, "w_con": r.w_con, "head_input": r.head_input, "val": r.split,
+        rows.append({"fold": fold_name, "histology": hist, "w_con": r.w_con, "head_input": r.head_input, "val": r.split,
                      "curve": " ".join(f"{x:.4f}" for x in r.curve), "seconds": r.seconds})
     ci = grid.index({"w_con": cfg.w_con, "head_input": cfg.head_input})
     curves = [c for c, k in zip(table["curve"], table["candidate"]) if k == ci]
     val_r = float(np.mean([c[cfg.max_epochs] for c in curves]))
-    rows.append({"fold": fold_name, "w_con": cfg.w_con, "head_input": cfg.head_input, "val": "chosen",
+    rows.append({"fold": fold_name, "histology": hist, "w_con": cfg.w_con, "head_input": cfg.head_input, "val": "chosen",
                  "curve": f"{val_r:.4f}", "epochs": cfg.max_epochs})
-    log(f"  chosen w_con={cfg.w_con:g}, head_input={cfg.head_input}, alignment epochs={cfg.max_epochs} (val r {val_r:.4f}); "
+    log(f"  {hist}: chosen w_con={cfg.w_con:g}, head_input={cfg.head_input}, alignment epochs={cfg.max_epochs} (val r {val_r:.4f}); "
         f"selection {table['seconds'].sum():.0f}s", t0)
     return cfg, rows
 
@@ -160,36 +172,58 @@ def run_fold(args, img, fold, gene: str, base: GenstConfig, t0: float) -> dict:
         r["fold"] = name
         log(f"  {r['method']}: r {r['pearson']:.4f}, {gene} {r['r_map']:.3f}", t0)
     cfg, sel = choose(args, tr, gene, base, name, t0)
+    arms = [("genst", cfg, {"genst": {}, **(ABLATIONS if args.ablations else {})})]
+    if args.pixels:
+        px_base = replace(base, histology="pixels", patch_um=112.0, patch_px=args.pixel_px, max_epochs=args.pixel_max_epochs)
+        cfg_px, sel_px = choose(args, tr, gene, px_base, name, t0)
+        sel += sel_px
+        arms.append(("genst_pixels", cfg_px, {"genst_pixels": {}, **(PIXEL_ABLATIONS if args.ablations else {})}))
     out = {"rows": rows, "sel": sel, "per_gene": {(k, name): v for k, v in ridge_pg.items()}, "hist": [], "arrays": None, "te": te,
            "preds": {}}
-    for method, upd in {"genst": {}, **(ABLATIONS if args.ablations else {})}.items():
-        for seed in args.seeds if method == "genst" else args.ablation_seeds:
-            m = GenST(replace(cfg, seed=seed, **upd), feature_key=KEY).fit(tr, model_genes)
-            row, tab, arr = score_genst(m, te, genes, gene, seed)
-            rows.append({"fold": name, "method": method, "seed": seed, **row, "seconds": round(m.seconds_, 1),
-                         "w_con": cfg.w_con, "head_input": cfg.head_input, "epochs": cfg.max_epochs})
-            out["per_gene"][(method, name, seed)] = tab
-            log(f"  {method} seed {seed}: r {row['pearson']:.4f} (ceiling {row['ceiling']:.4f}), {gene} {row['r_map']:.3f}, "
-                f"spread-error Spearman {row['spear_codes']:.3f} / {row['spear_draws']:.3f}, perplexity expr "
-                f"{row.get('expression_perp', np.nan):.1f} hist {row['histology_perp']:.1f} gen {row['generated_perp']:.1f} "
-                f"[{m.seconds_:.0f}s]", t0)
-            if method == "genst" and seed == args.seeds[0]:
-                out["hist"].append(m.history_.assign(fold=name))
-                out["arrays"] = arr
-                out["preds"] = {"GenST": te.obsm["genst_pred"][gene].copy(), "GenST SD": te.obsm["genst_sd"][gene].copy()}
+    for main, cfg, methods in arms:
+        for method, upd in methods.items():
+            for seed in args.seeds if method == main else args.ablation_seeds:
+                fit_one(out, method, replace(cfg, seed=seed, **upd), tr, te, genes, model_genes, gene, name, args, t0)
     return out
 
 
+def fit_one(out: dict, method: str, cfg: GenstConfig, tr, te, genes: list[str], model_genes: list[str], gene: str, name: str,
+            args, t0: float) -> None:
+    """Fit one GenST run, score it on the held-out patient and add its row (and, for seed 0 of ``genst``, the arrays)."""
+    seed, rows = cfg.seed, out["rows"]
+    m = GenST(cfg, feature_key=KEY).fit(tr, model_genes)
+    row, tab, arr = score_genst(m, te, genes, gene, seed)
+    rows.append({"fold": name, "method": method, "seed": seed, **row, "seconds": round(m.seconds_, 1),
+                 "w_con": cfg.w_con, "head_input": cfg.head_input, "epochs": cfg.max_epochs})
+    out["per_gene"][(method, name, seed)] = tab
+    log(f"  {method} seed {seed}: r {row['pearson']:.4f} (ceiling {row['ceiling']:.4f}), {gene} {row['r_map']:.3f}, "
+        f"spread-error Spearman {row['spear_codes']:.3f} / {row['spear_draws']:.3f}, perplexity expr "
+        f"{row.get('expression_perp', np.nan):.1f} hist {row['histology_perp']:.1f} gen {row['generated_perp']:.1f} "
+        f"[{m.seconds_:.0f}s]", t0)
+    if method == "genst" and seed == args.seeds[0]:
+        out["hist"].append(m.history_.assign(fold=name))
+        out["arrays"] = arr
+        out["preds"] = {"GenST": te.obsm["genst_pred"][gene].copy(), "GenST SD": te.obsm["genst_sd"][gene].copy()}
+
+
 # ================================================================================ tables
+Table = tuple[list[str], list[list[str]]]
+
+
 def fmt(v: pd.Series) -> str:
     return f"{v.mean():.4f}" + (f" +- {v.std(ddof=0):.4f}" if len(v) > 1 else "")
 
 
-def main_table(res: pd.DataFrame, dataset: str, gene: str) -> str:
+def markdown(t: Table) -> str:
+    cols, rows = t
+    return "\n".join(["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main_table(res: pd.DataFrame, dataset: str, gene: str) -> Table:
     folds = [f for f in dict.fromkeys(res["fold"])]
-    lines = ["| method | " + " | ".join(f"{f}{' *' if f in RES_NOTE else ''}" for f in folds)
-             + f" | mean +- std over folds | {gene} r | ceiling (VQ-VAE reconstruction) | train s/run |",
-             "|---" * (len(folds) + 5) + "|"]
+    cols = (["method"] + [f"{f}{' *' if f in RES_NOTE else ''}" for f in folds]
+            + ["mean +- std over folds", f"{gene} r", "ceiling (VQ-VAE reconstruction)", "train s/run"])
+    rows = []
     for meth in dict.fromkeys(res["method"]):
         d = res[res["method"] == meth]
         per_fold = [fmt(d[d["fold"] == f]["pearson"]) for f in folds]
@@ -198,43 +232,40 @@ def main_table(res: pd.DataFrame, dataset: str, gene: str) -> str:
         agg = f"{fm.mean():.4f} +- {fm.std(ddof=0):.4f}" + (f" (seeds +- {seeds.std(ddof=0):.4f})" if len(seeds) > 1 else "")
         ceil = f"{d['ceiling'].mean():.4f}" if "ceiling" in d and d["ceiling"].notna().any() else ""
         secs = f"{d['seconds'].mean():.0f}" if "seconds" in d and d["seconds"].notna().any() else ""
-        lines.append(f"| {meth} | " + " | ".join(per_fold) + f" | {agg} | {d['r_map'].mean():.3f} | {ceil} | {secs} |")
-    name, peka = PEKA[dataset]
-    if all(f in peka for f in folds):
-        v = pd.Series([peka[f] for f in folds])
-        lines.append(f"| {name} | " + " | ".join(f"{peka[f]:.4f}" for f in folds) + f" | {v.mean():.4f} +- {v.std(ddof=0):.4f} | | | |")
-    return "\n".join(lines)
+        rows.append([meth, *per_fold, agg, f"{d['r_map'].mean():.3f}", ceil, secs])
+    for name, peka in PEKA[dataset]:
+        if all(f in peka for f in folds):
+            v = pd.Series([peka[f] for f in folds])
+            rows.append([name, *(f"{peka[f]:.4f}" for f in folds), f"{v.mean():.4f} +- {v.std(ddof=0):.4f}", "", "", ""])
+    return cols, rows
 
 
-def diag_table(res: pd.DataFrame) -> str:
+def diag_table(res: pd.DataFrame) -> Table:
     g = res[res["method"].str.startswith("genst")]
     cols = [("spear_codes", "Spearman(SD codes, abs err)"), ("spear_draws", "Spearman(SD codes+counts, abs err)"),
             ("cover50", "50% cover"), ("cover80", "80% cover"), ("cover90", "90% cover"),
             ("train_expr_perp", "expr perplexity (training spots)"), ("expression_perp", "expr perplexity"), ("expression_used", "expr used"), ("histology_perp", "hist perplexity"),
             ("histology_used", "hist used"), ("generated_perp", "generated perplexity"), ("generated_used", "generated used"), ("K", "K")]
     cols = [(k, n) for k, n in cols if k in g]
-    lines = ["| method | fold | " + " | ".join(n for _, n in cols) + " | collapse flagged |", "|---" * (len(cols) + 3) + "|"]
+    rows = []
     for (meth, fold), d in g.groupby(["method", "fold"], sort=False):
         flags = [c.replace("_collapsed", "") for c in d.columns if c.endswith("_collapsed") and d[c].astype(bool).any()]
-        lines.append(f"| {meth} | {fold} | " + " | ".join(f"{d[k].mean():.3f}" if k.startswith(("spear", "cover"))
-                                                          else f"{d[k].mean():.1f}" for k, _ in cols)
-                     + f" | {', '.join(flags) or 'none'} |")
-    return "\n".join(lines)
+        rows.append([meth, fold, *(f"{d[k].mean():.3f}" if k.startswith(("spear", "cover")) else f"{d[k].mean():.1f}" for k, _ in cols),
+                     ", ".join(flags) or "none"])
+    return ["method", "fold", *(n for _, n in cols), "collapse flagged"], rows
 
 
-def selection_table(sel: pd.DataFrame) -> str:
+def selection_table(sel: pd.DataFrame) -> Table:
     s = sel[sel["val"] == "chosen"]
-    lines = ["| fold | w_con | head input | alignment epochs | mean val r |", "|---|---|---|---|---|"]
-    lines += [f"| {r.fold} | {r.w_con:g} | {r.head_input} | {int(r.epochs)} | {r.curve} |" for r in s.itertuples()]
-    return "\n".join(lines)
+    rows = [[r.fold, r.histology, f"{r.w_con:g}", r.head_input, str(int(r.epochs)), r.curve] for r in s.itertuples()]
+    return ["fold", "histology", "w_con", "head input", "alignment epochs", "mean val r"], rows
 
 
-def gene_table(pg: pd.DataFrame, top: int = 8) -> str:
+def gene_table(pg: pd.DataFrame, top: int = 8) -> Table:
     d = pg.dropna(subset=["generated"]).sort_values("generated", ascending=False)
     pick = d if len(d) <= 2 * top else pd.concat([d.head(top), d.tail(top)])
-    lines = ["| gene | GenST r | ceiling r | ridge alpha=cv r | ridge HEST r |", "|---|---|---|---|---|"]
-    lines += [f"| {g} | {r.generated:.3f} | {r.reconstruction:.3f} | {r.ridge:.3f} | {r.ridge_hest:.3f} |" for g, r in pick.iterrows()]
-    return "\n".join(lines)
+    rows = [[g, f"{r.generated:.3f}", f"{r.reconstruction:.3f}", f"{r.ridge:.3f}", f"{r.ridge_hest:.3f}"] for g, r in pick.iterrows()]
+    return ["gene", "GenST r", "ceiling r", "ridge alpha=cv r", "ridge HEST r"], rows
 
 
 # ================================================================================ figures
@@ -313,9 +344,9 @@ def fig_curves(hist: pd.DataFrame, sel: pd.DataFrame, path: Path, title: str) ->
         axes[0, j].set_xlabel("epoch")
         axes[0, j].legend(fontsize=7)
         s = sel[(sel["fold"] == f) & (sel["val"] != "chosen")]
-        for (w, hi), d in s.groupby(["w_con", "head_input"]):
+        for (h_in, w, hi), d in s.groupby(["histology", "w_con", "head_input"]):
             c = np.mean([[float(x) for x in v.split()] for v in d["curve"]], axis=0)
-            axes[1, j].plot(np.arange(len(c)), c, label=f"w_con={w:g}, {hi}")
+            axes[1, j].plot(np.arange(len(c)), c, "-" if h_in == "features" else "--", label=f"{h_in}: w_con={w:g}, {hi}")
         axes[1, j].set_title("inner validation r (mean of inner splits)", fontsize=9)
         axes[1, j].set_xlabel("alignment epoch (0 = untrained)")
         axes[1, j].legend(fontsize=6)
@@ -336,19 +367,25 @@ def gene_summary(per_gene: dict) -> pd.DataFrame:
     return g.sort_values("generated", ascending=False)
 
 
+def tables(res: pd.DataFrame, sel: pd.DataFrame, pg: pd.DataFrame, dataset: str, gene: str) -> dict[str, Table]:
+    """The run's tables by name (as printed and as recorded in the results file)."""
+    return {"main": main_table(res, dataset, gene), "uncertainty": diag_table(res), "selection": selection_table(sel),
+            "genes": gene_table(pg)}
+
+
 def report(res: pd.DataFrame, sel: pd.DataFrame, pg: pd.DataFrame, dataset: str, gene: str) -> str:
+    t = {k: markdown(v) for k, v in tables(res, sel, pg, dataset, gene).items()}
     parts = ["Pearson r (mean over the 50 genes on the held-out patient; per fold mean +- std over seeds):", "",
-             main_table(res, dataset, gene), "", "Uncertainty vs error and codebooks (held-out spots, mean over seeds):", "",
-             diag_table(res), "", "Settings chosen on inner validation patients:", "", selection_table(sel), "",
-             "Best and worst generated genes (mean over folds and seeds):", "", gene_table(pg)]
+             t["main"], "", "Uncertainty vs error and codebooks (held-out spots, mean over seeds):", "",
+             t["uncertainty"], "", "Settings chosen on inner validation patients:", "", t["selection"], "",
+             "Best and worst generated genes (mean over folds and seeds):", "", t["genes"]]
     for f, note in RES_NOTE.items():
         parts.append(f"\n* {f}: {note}.")
     return "\n".join(parts)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None)
     ap.add_argument("--dataset", choices=["her2st", "simulated"], default="her2st")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--precision", default="fp32", help="feature extraction precision (printed)")
@@ -360,31 +397,21 @@ def main() -> int:
     ap.add_argument("--max-epochs", type=int, default=30, help="most alignment epochs tried (the best is chosen)")
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run GenST with the histology VQ-VAE on the patch pixels (genst_pixels rows)")
+    ap.add_argument("--pixel-px", type=int, default=64, help="pixels per 112 um patch for the pixel-level model")
+    ap.add_argument("--pixel-max-epochs", type=int, default=20, help="most alignment epochs tried for the pixel-level model")
     ap.add_argument("--from-csv", action="store_true", help="re-print the tables from --out's CSVs (no training)")
     _common.add_args(ap, root="her2st")
     args = ap.parse_args()
     _common.smoke(args, dataset="simulated", seeds=[0], head_input=["quantized"], codebook_size=8, expr_epochs=2,
-                  max_epochs=2, ablation_seeds=[0])
-    results = _common.Results(args, seeds=args.seeds, precision=args.precision,
-                              variant=None if args.dataset == "her2st" else args.dataset)
-    out = Path(args.out or f"results/genst_{args.dataset}")
-    t0 = time.time()
-    gene = "ERBB2" if args.dataset == "her2st" else "GENE0020"
-    if args.dataset != "her2st":
-        RES_NOTE.clear()
-    if args.from_csv:
-        print(report(pd.read_csv(out / "results.csv"), pd.read_csv(out / "selection.csv"),
-                     pd.read_csv(out / "per_gene.csv", index_col=0), args.dataset, gene))
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    img, gene = load(args)
-    meta = img.uns["features"][KEY]
-    print(f"features: {meta['encoder']} ({meta['dim']}-d), precision {meta['precision']}, {meta['size_um']} um at {meta['px']} px; "
-          f"seeds {args.seeds}; torch threads for GenST: 1", flush=True)
-    log(f"{args.dataset}: {img.n_obs} imaged spots in {len(sd.io.sections(img))} sections", t0)
-    base = GenstConfig(codebook_size=args.codebook_size, hist_codebook_size=args.codebook_size,
-                       expr_epochs=args.expr_epochs, max_epochs=args.max_epochs)
-    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)[: 1 if args.smoke else None]]
+                  max_epochs=2, pixel_max_epochs=2, ablation_seeds=[0])
+    args.out = Path(args.out or f"results/genst_{args.dataset}")
+    return args
+
+
+def write_outputs(args, folds: list[dict], gene: str, out: Path) -> dict[str, Table]:
+    """CSVs, table.md and figures of the run under ``out``; returns its tables."""
     res = pd.DataFrame([r for f in folds for r in f["rows"]])
     sel = pd.DataFrame([r for f in folds for r in f["sel"]])
     hist = pd.concat([h for f in folds for h in f["hist"]])
@@ -398,18 +425,46 @@ def main() -> int:
     fig_predictability(pg, out / "predictability.png", f"Per-gene predictability ({label})")
     fig_calibration([f["arrays"] for f in folds], out / "calibration.png", f"GenST spread vs error, held-out patients ({label})")
     fig_curves(hist, sel, out / "curves.png", f"GenST alignment ({label})")
-    f_map = folds[1] if args.dataset == "her2st" else folds[0]  # B4 (patient B) / sim0
+    f_map = folds[1] if args.dataset == "her2st" and len(folds) > 1 else folds[0]  # B4 (patient B) / sim0
     sec = sd.io.sections(f_map["te"])[0]
     sd.pl.expression_maps(f_map["te"], gene, f_map["preds"], section=sec, path=out / f"{gene.lower()}_{sec}.png",
                           title=f"{gene} on held-out {sec}: measured, GenST (seed {args.seeds[0]}) and its SD")
     print(text)
+    return tables(res, sel, pg, args.dataset, gene)
+
+
+def main() -> int:
+    args = parse_args()
+    out, t0 = args.out, time.time()
+    gene = "ERBB2" if args.dataset == "her2st" else "GENE0020"
+    if args.dataset != "her2st":
+        RES_NOTE.clear()
+    if args.from_csv:
+        sel = pd.read_csv(out / "selection.csv")
+        sel["histology"] = sel["histology"].fillna("features") if "histology" in sel else "features"
+        print(report(pd.read_csv(out / "results.csv"), sel, pd.read_csv(out / "per_gene.csv", index_col=0), args.dataset, gene))
+        return 0
+    results = _common.Results(args, seeds=args.seeds, precision=args.precision, variant=args.dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    img, gene = load(args)
+    meta = img.uns["features"][KEY]
+    print(f"features: {meta['encoder']} ({meta['dim']}-d), precision {meta['precision']}, {meta['size_um']} um at {meta['px']} px; "
+          f"seeds {args.seeds}; torch threads for GenST: 1", flush=True)
+    if args.pixels:
+        px = GenstConfig(histology="pixels", patch_px=args.pixel_px)
+        print(f"pixel-level histology VQ-VAE: 112 um patches at {args.pixel_px} px, conv channels {px.conv_channels}, "
+              f"up to {args.pixel_max_epochs} alignment epochs", flush=True)
+    log(f"{args.dataset}: {img.n_obs} imaged spots in {len(sd.io.sections(img))} sections", t0)
+    base = GenstConfig(codebook_size=args.codebook_size, hist_codebook_size=args.codebook_size,
+                       expr_epochs=args.expr_epochs, max_epochs=args.max_epochs)
+    folds = [run_fold(args, img, f, gene, base, t0) for f in sd.pp.folds(img)[: 1 if args.smoke else None]]
+    for name, (cols, rows) in write_outputs(args, folds, gene, out).items():
+        results.table(name, rows, columns=cols)
     log(f"done: {time.time() - t0:.0f} s in all", t0)
-    results.markdown(text, ["main", "diagnostics", "selection", "genes"])
     return results.finish()
 
 
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
-        code = main()
-    sys.exit(code)
+        sys.exit(main())

@@ -86,6 +86,7 @@ def _module(name: str, path: Path):
 
 @pytest.fixture
 def common(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the command line records it when set
     monkeypatch.setattr(sys, "argv", [str(REPO / "benchmarks" / "toy.py"), "--root", str(REPO.parent / "data")])
     return _module("bench_common", REPO / "benchmarks" / "_common.py")
 

@@ -168,3 +168,33 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "no such model bundle" in err[0]
+
+
+def test_fit_trains_on_its_thread_count_whatever_gene_selection_does(sim, monkeypatch):
+    """scanpy's gene selection can change torch's thread count (numba's OpenMP layer): genes are
+    chosen before GenST sets its own, so training runs on ``num_threads`` either way."""
+    import torch
+
+    import stdistill.pp.genes as genes_mod
+    import stdistill.recipes._genst._model as model_mod
+
+    parts, _ = sim
+    real_hest, real_fit = genes_mod.hest_genes, model_mod._fit_module
+    seen = []
+
+    def hest_then_threads(*a, **k):
+        torch.set_num_threads(3)
+        return real_hest(*a, **k)
+
+    def fit_spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(genes_mod, "hest_genes", hest_then_threads)
+    monkeypatch.setattr(model_mod, "_fit_module", fit_spy)
+    before = torch.get_num_threads()
+    try:
+        GenST(GenstConfig(**{**FAST, "expr_epochs": 2, "max_epochs": 1}), feature_key=KEY).fit(parts["simP0"], n_genes=10)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]

@@ -76,7 +76,8 @@ def main() -> int:
         tr = sd.io.subset_sections(a, [s for s in secs if pats[s] != tp])
         te = sd.io.subset_sections(a, [s for s in secs if pats[s] == tp])
         st = NicheStudent(3, feature_key="X", max_epochs=args.epochs, seed=SEED, refine_grid=[]).fit(tr, probs_key="t_probs")
-        p = st.predict(te, key_added="s")
+        st.predict(te, key_added="s")
+        p = np.asarray(te.obsm["s_probs"], dtype=float)
         row = {"patient": tp, "raw": ari(te.obs["t"], te.obs["s"])}
         ok = np.all(np.isfinite(p), 1)
         adj = radius_graph(te, radius_for_neighbors(te, 6, mask=ok)).tocsr()  # one section per simulated patient

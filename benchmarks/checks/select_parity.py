@@ -5,11 +5,15 @@ runs compare to the last bit): run it before and after a change to the selection
 
     python benchmarks/checks/select_parity.py > before.json   # (and after.json), then: diff before.json after.json
 
+The results file holds one row per recipe with the SHA-1 of its part of the document.
+
 Uses the tests' tiny encoders and simulated sections (tests/ must be importable); CPU, seeds fixed.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: E402
 
 
 def _hex(x):
@@ -82,7 +88,7 @@ def stamp(tmp):
 
     from stdistill.recipes import StampConfig, select_stamp
 
-    a = colour_sections(2, 5, None, 4, features_key="colour")
+    a = colour_sections(2, 5, None, 4, feature_key="colour")
     col = np.asarray(a.obsm.pop("colour"))[:, :3]
     act = col @ np.random.default_rng(4).normal(size=(3, 4)) + 0.05 * np.random.default_rng(5).normal(size=(a.n_obs, 4))
     a.obsm["pathway_scores"] = pd.DataFrame(act, index=a.obs_names, columns=[f"PW{i}" for i in range(4)])
@@ -159,13 +165,19 @@ def niche():
         s = NicheStudent(feature_key="X_toy", max_epochs=5, patience=3, val_patients=vp, seed=0,
                          refine_grid=[{"method": "none"}, {"method": "propagate", "alpha": 0.3, "n_iter": 5}]).fit(a, candidates=cands)
         out[vp] = {"chosen": s.info_["chosen"], "best_epoch": s.info_["best_epoch"], "best_val": _hex(s.info_["best_val"]),
-                   "selection": _hex([[c.get("val_score"), c.get("best_epoch"), c.get("val_scores")] for c in s.info_["selection"]]),
+                   "selection": _hex(s.selection_.table.to_numpy().tolist()),
                    "refine": s.info_["refine"], "refine_selection": s.info_["refine_selection"]}
     return out
 
 
-def main() -> None:
+def main() -> int:
     import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _common.add_args(ap)
+    args = ap.parse_args()
+    _common.smoke(args)  # the inputs are tiny already: the smoke run is the full run
+    results = _common.Results(args, seeds=[0], precision="fp32")
 
     from conftest import register_tiny_encoders
 
@@ -176,7 +188,10 @@ def main() -> None:
         out = {"peka": peka(Path(tmp) / "p"), "stamp": stamp(Path(tmp) / "s"), "genst": genst(), "survival": survival(),
                "bench_expression": bench(), "niche": niche()}
     print(json.dumps(out, indent=1, sort_keys=True, default=_hex))
+    rows = [[k, hashlib.sha1(json.dumps(v, sort_keys=True, default=_hex).encode()).hexdigest()[:16]] for k, v in sorted(out.items())]
+    results.table("digests", rows, ["choice", "sha1"])
+    return results.finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,6 +34,8 @@ slot        key                                     written by                  
 ``obsm``    ``X_stamp``, ``pathway_pred``           ``STAMP.transform`` / ``predict``  aligned features; predicted activities
 ``obsm``    ``genst_pred``, ``genst_sd``,           ``GenST.predict`` / ``sample``     generated log1p expression, its SD
             ``genst_samples``                                                          over code samples, the samples
+``obsm``    ``genst_patches``                       ``recipes.genst_patches``          uint8 patches (n, 3, px, px) a pixel-level
+                                                                                       GenST reads
 ``obsm``    ``<kind>_pred`` (``genes_pred``,        ``predict-slide``                  a bundle's outputs on tiles
             ``pathways_pred``)
 ``obsm``    ``celltype_props``                      dataset readers                    cell-type proportions (DataFrame)
@@ -52,6 +54,7 @@ slot        key                                     written by                  
 ``uns``     ``niche_refined``                       ``students.refine_niches``         its params
 ``uns``     ``bench_expression``                    ``bench.expression``               the HEST-protocol results
 ``uns``     ``genst``                               ``stdistill genst sample``         genes and sampling params
+``uns``     ``genst_patches``                       ``recipes.genst_patches``          their ``size_um`` and ``px``
 ``uns``     ``predict``                             ``predict-slide``                  the bundle record and outputs
 ``uns``     ``dataset``, ``simulated``              dataset readers                    dataset name; simulation settings
 ``layers``  ``counts``                              user data                          raw counts when ``X`` holds others
@@ -110,6 +113,7 @@ class Key:
         genst_pred = "genst_pred"
         genst_sd = "genst_sd"
         genst_samples = "genst_samples"
+        genst_patches = "genst_patches"
         celltype_props = "celltype_props"
         features = _derived("X_{}", "Patch features of the encoder ``name`` (a registry name)")
         views = _derived("{}_views", "Augmented views of the features ``name``")
@@ -132,6 +136,7 @@ class Key:
         niche_refined = "niche_refined"
         bench_expression = "bench_expression"
         genst = "genst"
+        genst_patches = "genst_patches"
         predict = "predict"
         dataset = "dataset"
         simulated = "simulated"

@@ -51,6 +51,17 @@ def _print_lines(c, title: str, rows: dict) -> None:
         c.print(f"  {k}: {v}")
 
 
+def _settings(m, features: str, how: str, tr) -> dict:
+    """The fitted model's settings as printed by ``genst fit``."""
+    cfg, meta = m.config, m.features_meta_
+    src = (f"{features} ({meta.get('encoder', 'unknown')}, {meta.get('precision', '?')})" if cfg.histology == "features"
+           else f"patch pixels, {cfg.patch_um:g} um at {cfg.patch_px} px")
+    return {"histology": src, "chosen by": how, "w_con": cfg.w_con, "head input": cfg.head_input,
+            "alignment epochs": cfg.max_epochs, "codebooks": f"{cfg.quantizer}, {m.net_.expr.codebook_size} codes",
+            "likelihood": cfg.likelihood, "genes": len(m.genes_),
+            "training spots": f"{tr.n_obs} ({tr.obs['patient'].nunique()} patients)", "seconds": f"{m.seconds_:.0f}"}
+
+
 def _print_usage(c, usage) -> None:
     from rich.table import Table
 
@@ -87,7 +98,7 @@ def _model_and_data(model: Path, data: str, out: Path, sections: Optional[str], 
     if unknown:
         raise StdistillError(f"unknown sections {unknown[:3]} (have {have[:6]})")
     a = sd.io.subset_sections(a, secs)
-    if m.feature_key not in a.obsm and not extract:
+    if m.config.histology == "features" and m.feature_key not in a.obsm and not extract:
         raise StdistillError(f'no obsm["{m.feature_key}"]; extract features first or drop --no-extract')
     return m, a
 
@@ -115,6 +126,8 @@ def register(app: typer.Typer) -> None:
         likelihood: str = typer.Option("nb", help="'nb' (negative binomial on raw counts) or 'mse' (log1p counts)."),
         expr_epochs: int = typer.Option(80, help="Epochs of the expression VQ-VAE."),
         max_epochs: int = typer.Option(30, help="Alignment epochs (with a grid: the most tried; the best is chosen)."),
+        histology: str = typer.Option("features", help="'features' (VQ-VAE on --features) or 'pixels' (end to end on 112 um patches)."),
+        patch_px: int = typer.Option(64, help="Pixels per 112 um patch with --histology pixels."),
         seed: int = typer.Option(0),
     ) -> None:
         """Train GenST on the non-test patients; report per-gene predictability and codebook usage on the test patients.
@@ -134,12 +147,14 @@ def register(app: typer.Typer) -> None:
         if not grid:
             raise StdistillError("--head-input must name 'quantized' and/or 'continuous'")
         cfg = GenstConfig(codebook_size=codebook_size, hist_codebook_size=codebook_size, quantizer=quantizer,
-                          likelihood=likelihood, expr_epochs=expr_epochs, max_epochs=max_epochs, seed=seed, **grid[0])
+                          likelihood=likelihood, expr_epochs=expr_epochs, max_epochs=max_epochs, seed=seed,
+                          histology=histology, patch_px=patch_px, **grid[0])
         if len(grid) > 1 and val_patients:
             raise StdistillError("a grid chooses settings by rotating validation among the training patients; drop --val-patients")
         check_target(out)
         c = Console()
-        a = _with_features(load_any(data), features, encoder, precision)
+        a = load_any(data)
+        a = _with_features(a, features, encoder, precision) if histology == "features" else a
         split = patient_split(a, test_patients, val_patients)
         tr = split["train"]
         g = sd.pp.hest_genes(tr, n_genes)
@@ -152,12 +167,7 @@ def register(app: typer.Typer) -> None:
             how = "grid, leave one training patient out"
         m = GenST(cfg, feature_key=features).fit(tr, genes, val=split["val"], selection=sel)
         m.save(out)
-        _print_lines(c, "GenST settings", {"features": f"{features} ({m.features_meta_.get('encoder', 'unknown')}, "
-                                        f"{m.features_meta_.get('precision', '?')})", "chosen by": how,
-                            "w_con": cfg.w_con, "head input": cfg.head_input, "alignment epochs": cfg.max_epochs,
-                            "codebooks": f"{cfg.quantizer}, {m.net_.expr.codebook_size} codes", "likelihood": cfg.likelihood,
-                            "genes": len(genes), "training spots": f"{tr.n_obs} ({tr.obs['patient'].nunique()} patients)",
-                            "seconds": f"{m.seconds_:.0f}"})
+        _print_lines(c, "GenST settings", _settings(m, features, how, tr))
         te = split["test"]
         if te is not None and te.n_obs:
             table = m.predictability(te)

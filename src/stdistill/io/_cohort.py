@@ -1,6 +1,6 @@
 """Survival cohorts: one row per patient, a bag of instance features per slide, optional RNA per patient.
 
-The data model of the slide-level survival recipe (AMKD, seed 002):
+The data model of the slide-level survival recipe (AMKD):
 
 - ``Cohort.table``: DataFrame indexed by patient id (str, index name ``"patient"``) with ``time``
   (float64, >= 0, any unit) and ``event`` (int 0/1: 1 = the event was observed, 0 = censored),

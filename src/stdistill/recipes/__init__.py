@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("Cohort", "SurvivalConfig", "SurvivalModel", "amkd", "amkd_methods", "survival_cv", "select_survival",
                      "patient_folds", "cv_table", "read_cohort", "read_clinical", "read_rna", "cohort_from_tiles"), "_survival"),
     "GenST": "_genst", "GenstConfig": "_genst", "select_genst": "_genst", "codebook_stats": "_genst",
+    "genst_patches": "_genst",
 
 }
 

@@ -1,10 +1,12 @@
 """STAMP: pathway activities of the spots aligned into an image encoder with parameter-efficient fine-tuning.
 
-Spot transcriptomes are noisy; STAMP (seed paper 003) aggregates them into pathway activities
-(:func:`stdistill.pp.pathway_scores`: MSigDB Hallmark or PROGENy, decoupler's ULM per spot, per
-section standardised) and aligns the encoder to those. The encoder (any registered timm ViT or
-EfficientNet) gets a peft adapter after a cut and trains on cached trunk activations
-(:mod:`stdistill.adapters`, shared with PEKA), with two losses:
+Spot transcriptomes are noisy; STAMP (the paper "Spatial Transcriptomics-Guided Alignment Enhances
+Molecular Profiling in Pathology Foundation Model") aggregates them into pathway activities and
+aligns the encoder to those. Here the activities come from :func:`stdistill.pp.pathway_scores`
+(MSigDB Hallmark or PROGENy, decoupler's ULM per spot, per section standardised). The encoder
+(any registered timm ViT or EfficientNet) gets a peft adapter after a cut and trains on cached
+trunk activations (:mod:`stdistill.adapters`, shared with PEKA), with two losses, our reading of
+the paper's "pathway-informed alignment" (its abstract names no loss):
 
 (i) **regression**: a linear head on the adapted features predicts the spot's pathway
     activities (z-scored on the training spots), MSE;

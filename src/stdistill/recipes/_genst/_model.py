@@ -22,8 +22,9 @@ from ...metrics import pearson_per_gene
 from ...select import Selection, selection_record
 from ._config import GenstConfig
 from ._data import _counts, _expr_inputs, _frame, _tempered, _zscore_fit, codebook_stats
-from ._modules import AlignModule, ExprVQModule, _fit_module, generated_pearson
+from ._modules import AlignModule, ExprVQModule, HistVQModule, _fit_module, generated_pearson
 from ._nets import GenstNet
+from ._pixels import channel_stats, patch_pixels, scale_pixels
 
 __all__ = ["GenST"]
 
@@ -57,6 +58,18 @@ class GenST(Bundled):
         self.num_threads = num_threads
 
     # -------------------------------------------------------------- inputs
+    def _histology(self, adata: ad.AnnData, fit: bool = False, extract: bool = False) -> torch.Tensor:
+        """The histology VQ-VAE's inputs: (n, D) features, or (n, 3, px, px) standardised patches."""
+        if self.config.histology == "features":
+            return self._features(adata, fit, extract)
+        cfg = self.config
+        u8 = patch_pixels(adata, cfg.patch_um, cfg.patch_px)
+        if fit:
+            self.features_meta_ = {"size_um": cfg.patch_um, "px": cfg.patch_px}
+            self.n_features_ = 3
+            self.prep_["feat_mean"], self.prep_["feat_sd"] = channel_stats(u8)
+        return scale_pixels(u8, self.prep_["feat_mean"], self.prep_["feat_sd"])
+
     def _features(self, adata: ad.AnnData, fit: bool = False, extract: bool = False) -> torch.Tensor:
         """(n, D) z-scored, clipped features; checks the encoder and width against the fitted ones."""
         key = self.feature_key
@@ -126,15 +139,18 @@ class GenST(Bundled):
         ``selection_`` and in the saved bundle's training record.
         """
         self.selection_ = selection
-        with torch_threads(self.num_threads):
-            return self._fit(adata, genes, n_genes, val, layer)
-
-    def _fit(self, adata, genes, n_genes, val, layer) -> GenST:
         from ...pp.genes import hest_genes
 
-        cfg, t0 = self.config, time.time()
+        t0 = time.time()
+        # genes first: scanpy's gene selection can reset torch's thread count (numba's OpenMP layer)
+        genes = list(genes) if genes is not None else hest_genes(adata, n_genes, sections=None, layer=layer)
+        with torch_threads(self.num_threads):
+            return self._fit(adata, genes, val, layer, t0)
+
+    def _fit(self, adata, genes, val, layer, t0: float) -> GenST:
+        cfg = self.config
         seed_everything(cfg.seed)
-        self.genes_ = list(genes) if genes is not None else hest_genes(adata, n_genes, sections=None, layer=layer)
+        self.genes_ = genes
         if len(set(self.genes_)) != len(self.genes_) or not self.genes_:
             raise StdistillError("genes must be a non-empty list without duplicates")
         if val is not None:
@@ -142,14 +158,14 @@ class GenST(Bundled):
 
             check_patient_disjoint(adata, val)
         self.prep_ = {}
-        f = self._features(adata, fit=True)
+        f = self._histology(adata, fit=True)
         e = self._expression(adata, fit=True, layer=layer)
         self.net_ = GenstNet(len(self.genes_), self.n_features_, cfg)
         hist = self._fit_expression(e)
         vdata = None
         if val is not None:
-            vdata = {"f": self._features(val), "y": torch.from_numpy(self._expression(val, layer=layer)["y"])}
-        hist += self._fit_alignment(f, e, vdata)
+            vdata = {"f": self._histology(val), "y": torch.from_numpy(self._expression(val, layer=layer)["y"])}
+        hist += self._fit_histology(f) + self._fit_alignment(f, e, vdata)
         self.history_ = pd.DataFrame(hist)
         self.seconds_ = time.time() - t0
         self.net_.eval()
@@ -178,6 +194,20 @@ class GenST(Bundled):
             out = np.minimum(out, 20.0)
             return {"log1p": np.log1p(np.exp(out)), "log_mu": out}
         return {"log1p": out * self.prep_["y_sd"] + self.prep_["y_mean"]}
+
+    def _fit_histology(self, f: torch.Tensor) -> list[dict]:
+        """The histology VQ-VAE alone for ``hist_epochs`` (none by default); its codebook is
+        k-means-initialised on all training spots first."""
+        cfg, net = self.config, self.net_
+        if cfg.hist_epochs < 1:
+            return []
+        with torch.no_grad():
+            net.eval()
+            net.hist(f)
+        mod = HistVQModule(net, cfg, f)
+        _fit_module(mod, len(f), cfg.hist_epochs, cfg, self.trainer_kw)
+        net.eval()
+        return mod.history
 
     def _fit_alignment(self, f: torch.Tensor, e: dict[str, np.ndarray], vdata: dict | None) -> list[dict]:
         """Stage 2 (expression VQ-VAE frozen); the histology codebook is k-means-initialised on all training spots."""
@@ -210,14 +240,27 @@ class GenST(Bundled):
             raise StdistillError("GenST is not fitted; call fit() or GenST.load() first")
 
     @torch.no_grad()
-    def code_logits(self, adata: ad.AnnData, extract: bool = False) -> np.ndarray:
-        """(n_spots, K) expression-code logits from the histology features alone."""
+    def _hist_outputs(self, adata: ad.AnnData, extract: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(n_spots, K) expression-code logits and (n_spots,) histology codes, computed in chunks."""
         self._check_fitted()
-        f = self._features(adata, extract=extract)
+        cfg = self.config
+        if cfg.histology == "pixels":  # standardise chunk by chunk: patches of a whole slide stay uint8
+            x, step = patch_pixels(adata, cfg.patch_um, cfg.patch_px), 256
+            prep = lambda c: scale_pixels(c, self.prep_["feat_mean"], self.prep_["feat_sd"])  # noqa: E731
+        else:
+            x, step, prep = self._features(adata, extract=extract), 4096, (lambda c: c)
         self.net_.eval()
+        logits, idx = [np.zeros((0, self.net_.expr.codebook_size), np.float32)], [np.zeros(0, np.int64)]
         with torch_threads(self.num_threads):
-            return np.concatenate([self.net_.code_logits(f[i:i + 4096])[0].numpy() for i in range(0, len(f), 4096)]
-                              or [np.zeros((0, self.net_.expr.codebook_size), np.float32)]).astype(np.float64)
+            for i in range(0, len(x), step):
+                lg, h = self.net_.code_logits(prep(x[i:i + step]), decode=False)
+                logits.append(lg.numpy())
+                idx.append(h["idx"].numpy())
+        return np.concatenate(logits).astype(np.float64), np.concatenate(idx)
+
+    def code_logits(self, adata: ad.AnnData, extract: bool = False) -> np.ndarray:
+        """(n_spots, K) expression-code logits from the histology (features or patch pixels) alone."""
+        return self._hist_outputs(adata, extract)[0]
 
     def predict(self, adata: ad.AnnData, *, key_added: str | None = Key.obsm.genst_pred, sd_key: str | None = Key.obsm.genst_sd,
                 temperature: float | None = None, top_k: int | None = None, extract: bool = False, inplace: bool = True,
@@ -314,14 +357,10 @@ class GenST(Bundled):
         """Codebook usage on ``adata`` (rows): ``expression`` (the spots' own codes, needs counts),
         ``histology`` and ``generated`` (argmax of the predicted expression code); columns of
         :func:`codebook_stats` (a collapsed codebook is flagged)."""
-        self._check_fitted()
-        f = self._features(adata)
-        with torch.no_grad():
-            self.net_.eval()
-            logits, h = self.net_.code_logits(f)
+        logits, hidx = self._hist_outputs(adata)
         K = self.net_.expr.codebook_size
-        rows = {"histology": codebook_stats(h["idx"].numpy(), self.net_.hist.codebook_size),
-                "generated": codebook_stats(logits.argmax(-1).numpy(), K)}
+        rows = {"histology": codebook_stats(hidx, self.net_.hist.codebook_size),
+                "generated": codebook_stats(logits.argmax(-1), K)}
         if adata.n_vars:
             rows = {"expression": codebook_stats(self.expression_codes(adata, layer), K), **rows}
         return pd.DataFrame.from_dict(rows, orient="index")
@@ -339,8 +378,11 @@ class GenST(Bundled):
         meta = {"config": asdict(self.config), "genes": self.genes_, "feature_key": self.feature_key,
                 "n_features": self.n_features_, "features": self.features_meta_,
                 "curve": [float(x) for x in getattr(self, "curve_", [])]}
-        rec = bundle_record("genst", features=getattr(self, "features_record_", None) or self.features_meta_,
-                            feature_norm="z-score (training mean/sd), clipped", outputs={"genes": self.genes_},
+        if self.config.histology == "pixels":  # the model reads patch pixels, not an encoder's features
+            feats, norm = {"pixels": True, **self.features_meta_}, "RGB / 255 z-scored per channel (training patches)"
+        else:
+            feats, norm = getattr(self, "features_record_", None) or self.features_meta_, "z-score (training mean/sd), clipped"
+        rec = bundle_record("genst", features=feats, feature_norm=norm, outputs={"genes": self.genes_},
                             training={"curve": meta["curve"], **selection_record(getattr(self, "selection_", None))})
         return meta, tensors, rec
 

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from ...metrics import pearson_per_gene
 from ._config import GenstConfig
 from ._nets import GenstNet, nb_nll
+from ._pixels import augment_pixels
 
-__all__ = ["AlignModule", "ExprVQModule", "generated_pearson"]
+__all__ = ["AlignModule", "ExprVQModule", "HistVQModule", "generated_pearson"]
 
 
 def _epoch_means(acc: dict[str, list[float]]) -> dict[str, float]:
@@ -56,7 +57,50 @@ class ExprVQModule(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 
-class AlignModule(L.LightningModule):
+class _HistInput:
+    """Training inputs of the histology VQ-VAE: patches are augmented (``cfg.augment``), seeded by ``cfg.seed``."""
+
+    def _setup_aug(self, cfg: GenstConfig) -> None:
+        self.aug = cfg.histology == "pixels" and cfg.augment
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def hist_input(self, f: torch.Tensor) -> torch.Tensor:
+        return augment_pixels(f, self.gen) if self.aug else f
+
+
+class HistVQModule(_HistInput, L.LightningModule):
+    """Histology VQ-VAE alone (``cfg.hist_epochs`` before the alignment): reconstruction (MSE) +
+    commitment on ``f`` (n, D) features or (n, 3, px, px) patches. Batches are (B,) row indices."""
+
+    def __init__(self, net: GenstNet, cfg: GenstConfig, f: torch.Tensor):
+        super().__init__()
+        self.net, self.cfg = net, cfg
+        self.register_buffer("f", f, persistent=False)
+        self._setup_aug(cfg)
+        self.history: list[dict] = []
+        self._acc: dict[str, list[float]] = {"rec_h": [], "vq_h": []}
+
+    def on_fit_start(self):
+        self.net.train()
+        self.net.expr.eval()
+
+    def training_step(self, batch, _):
+        x = self.hist_input(self.f[batch[0]])
+        h = self.net.hist(x)
+        rec = F.mse_loss(h["out"], x)
+        self._acc["rec_h"].append(float(rec.detach()))
+        self._acc["vq_h"].append(float(h["vq_loss"].detach()))
+        return self.cfg.w_rec * rec + h["vq_loss"]
+
+    def on_train_epoch_end(self):
+        self.history.append({"stage": "hist", "epoch": self.current_epoch + 1, **_epoch_means(self._acc)})
+        self._acc = {k: [] for k in self._acc}
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.hist.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+
+class AlignModule(_HistInput, L.LightningModule):
     """Stage 2: histology VQ-VAE + cross-modal head + contrastive projections, with the expression
     VQ-VAE frozen. Training data: ``f`` (n, D) features, ``code`` (n,) expression codes, ``zq`` (n,
     latent) quantised expression latents. Validation (optional): ``val_f`` (m, D) and ``val_y`` (m, G)
@@ -72,6 +116,7 @@ class AlignModule(L.LightningModule):
         for k, v in {**data, **{f"val_{k}": v for k, v in (val or {}).items()}, "table": table}.items():
             self.register_buffer(k, v, persistent=False)
         self.has_val = val is not None
+        self._setup_aug(cfg)
         self.history: list[dict] = []
         self.val_scores: list[float] = []
         self.best_state: dict | None = None
@@ -85,8 +130,9 @@ class AlignModule(L.LightningModule):
         from ...losses import info_nce
 
         i, cfg = batch[0], self.cfg
-        logits, h = self.net.code_logits(self.f[i])
-        terms = {"rec_h": F.mse_loss(h["out"], self.f[i]), "vq_h": h["vq_loss"], "ce": F.cross_entropy(logits, self.code[i])}
+        x = self.hist_input(self.f[i])
+        logits, h = self.net.code_logits(x)
+        terms = {"rec_h": F.mse_loss(h["out"], x), "vq_h": h["vq_loss"], "ce": F.cross_entropy(logits, self.code[i])}
         if cfg.w_con > 0 and len(i) > 1:
             terms["con"] = info_nce(self.net.proj_h(h["zq"]), self.net.proj_e(self.zq[i]), self.net.logit_scale)
         for k, v in terms.items():
@@ -119,7 +165,7 @@ def generated_pearson(net: GenstNet, f: torch.Tensor, y: torch.Tensor, table: to
     """Mean over genes of the Pearson r between measured (m, G) ``y`` and the mixture-mean generation."""
     was = net.training
     net.eval()
-    pred = torch.softmax(net.code_logits(f)[0], -1) @ table
+    pred = torch.softmax(net.code_logits(f, decode=False)[0], -1) @ table
     net.train(was)
     r = pearson_per_gene(y.cpu().numpy(), pred.cpu().numpy()).to_numpy()
     return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0

@@ -20,7 +20,7 @@ from ..._errors import StdistillError
 if TYPE_CHECKING:
     from ._config import GenstConfig
 
-__all__ = ["GenstNet", "Quantizer", "VQVAE", "mlp", "nb_nll", "import_vq"]
+__all__ = ["ConvVQVAE", "GenstNet", "Quantizer", "VQVAE", "mlp", "nb_nll", "import_vq"]
 
 
 def import_vq():
@@ -104,15 +104,58 @@ class VQVAE(nn.Module):
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward``'s outputs without the decoder's ``out``."""
         z = self.encoder(x)
         zq, idx, vq_loss = self.quantizer(z)
-        return {"z": z, "zq": zq, "idx": idx, "vq_loss": vq_loss, "out": self.decoder(zq)}
+        return {"z": z, "zq": zq, "idx": idx, "vq_loss": vq_loss}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.encode(x)
+        return {**h, "out": self.decoder(h["zq"])}
 
     def code_table(self) -> torch.Tensor:
         """(K, d_out): the decoder's output for every code."""
         idx = torch.arange(self.codebook_size, device=next(self.parameters()).device)
         return self.decoder(self.quantizer.codes(idx))
+
+
+class ConvVQVAE(nn.Module):
+    """Convolutional encoder -> :class:`Quantizer` -> convolutional decoder over (B, 3, px, px) patches.
+
+    Encoder: per ``channels`` entry a stride-2 4x4 convolution (BatchNorm, GELU), then the mean over
+    positions and a Linear to the (B, d) latent (one code per patch). Decoder: a Linear to the
+    smallest grid and per entry a stride-2 transposed convolution back to (B, 3, px, px). ``forward``
+    returns the same dict as :class:`VQVAE` (``out``: the reconstructed patch). BatchNorm rather than
+    a per-patch normalisation, which would remove a patch's mean colour.
+    """
+
+    def __init__(self, px: int, channels: Sequence[int], latent_dim: int, quantizer: Quantizer, dropout: float = 0.0):
+        super().__init__()
+        chans = [3, *channels]
+        self.grid, self.top = px // 2 ** len(channels), chans[-1]
+        enc: list[nn.Module] = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            enc += [nn.Conv2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.GELU()]
+        self.encoder = nn.Sequential(*enc, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                     nn.Linear(chans[-1], latent_dim))
+        self.quantizer = quantizer
+        dec: list[nn.Module] = []
+        rev = chans[::-1]
+        for a, b in zip(rev[:-1], rev[1:]):
+            dec += [nn.ConvTranspose2d(a, b, 4, 2, 1)] + ([nn.BatchNorm2d(b), nn.GELU()] if b != 3 else [])
+        self.expand = nn.Linear(latent_dim, self.top * self.grid ** 2)
+        self.decoder = nn.Sequential(*dec)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    encode = VQVAE.encode
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.encode(x)
+        return {**h, "out": self.decoder(self.expand(h["zq"]).view(len(x), self.top, self.grid, self.grid))}
 
 
 def nb_nll(counts: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -129,7 +172,8 @@ class GenstNet(nn.Module):
     """Both VQ-VAEs, the cross-modal head and the contrastive projections.
 
     ``expr``: (B, G + 1) inputs -> (B, G) log NB means (or z-scored log1p for ``mse``); ``log_theta``
-    (G,) log inverse dispersions; ``hist``: (B, D) features -> (B, D); ``head``: (B, latent) ->
+    (G,) log inverse dispersions; ``hist``: (B, D) features -> (B, D) (``histology="pixels"``: a
+    :class:`ConvVQVAE`, (B, 3, px, px) -> (B, 3, px, px)); ``head``: (B, latent) ->
     (B, K) expression-code logits; ``proj_h``/``proj_e``: (B, latent) -> (B, proj_dim).
     """
 
@@ -139,15 +183,19 @@ class GenstNet(nn.Module):
         self.expr = VQVAE(n_genes + 1, n_genes, cfg.latent_dim, cfg.hidden,
                           Quantizer(cfg.quantizer, cfg.latent_dim, cfg.codebook_size, **qkw))
         self.log_theta = nn.Parameter(torch.full((n_genes,), math.log(5.0)))
-        self.hist = VQVAE(n_features, n_features, cfg.latent_dim, cfg.hist_hidden,
-                          Quantizer(cfg.quantizer, cfg.latent_dim, cfg.hist_codebook_size, **qkw), cfg.dropout)
+        hq = Quantizer(cfg.quantizer, cfg.latent_dim, cfg.hist_codebook_size, **qkw)
+        if cfg.histology == "pixels":
+            self.hist: nn.Module = ConvVQVAE(cfg.patch_px, cfg.conv_channels, cfg.latent_dim, hq, cfg.dropout)
+        else:
+            self.hist = VQVAE(n_features, n_features, cfg.latent_dim, cfg.hist_hidden, hq, cfg.dropout)
         self.head = mlp(cfg.latent_dim, cfg.head_hidden, self.expr.codebook_size, cfg.dropout)
         self.proj_h = nn.Linear(cfg.latent_dim, cfg.proj_dim)
         self.proj_e = nn.Linear(cfg.latent_dim, cfg.proj_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.con_temperature)))
         self.head_input = cfg.head_input
 
-    def code_logits(self, f: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(B, D) features -> (B, K) expression-code logits and the histology VQ-VAE's outputs."""
-        h = self.hist(f)
+    def code_logits(self, f: torch.Tensor, decode: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, D) features (or (B, 3, px, px) patches) -> (B, K) expression-code logits and the histology
+        VQ-VAE's outputs (``decode=False``: without its reconstruction ``out``)."""
+        h = self.hist(f) if decode else self.hist.encode(f)
         return self.head(h["zq"] if self.head_input == "quantized" else h["z"]), h
