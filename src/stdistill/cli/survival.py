@@ -97,143 +97,157 @@ def _csv(df, path: Path) -> None:
         df.to_csv(tmp)
 
 
+_CLINICAL = typer.Option(None, "--clinical", help="Clinical CSV/TSV: one row per patient (patient, time, event, ...).")
+_FEATURES = typer.Option(None, "--features", help="Folder of slide feature files (TRIDENT features_<enc>/ or CLAM h5_files/).")
+_TILES = typer.Option(None, "--tiles", help="Tile .h5ad (pp.tile + features.extract) instead of --features.")
+_RNA = typer.Option(None, "--rna", help="Bulk RNA CSV/TSV (patients x genes or genes x patients; gene symbols).")
+_DATASET = typer.Option(None, "--dataset", help=f"Instead of files: {' or '.join(DATASETS)} (semi-synthetic / simulated).")
+
+
+def _cols(patient_col: str, time_col: str, event_col: str, slide_col: str, rna_orient: str) -> dict:
+    return {"patient": patient_col, "time": time_col, "event": event_col, "slide": slide_col, "orient": rna_orient}
+
+
+def _fit_all(c, methods, select: bool, seed: int, genesets: str) -> dict:
+    """Fit every method in order (teachers first), each choosing its epochs on inner patients with ``select``."""
+    from dataclasses import replace
+
+    from ..recipes._survival import SurvivalModel, select_survival
+
+    fitted = {}
+    for m in methods:
+        cfg = m.config
+        teacher = fitted.get(m.teacher)
+        if select:
+            tf = (lambda _s, ci, _c=fitted[m.teacher].config: SurvivalModel(_c).fit(ci, genesets=genesets)) if m.teacher else None
+            sel = select_survival(c, cfg, teacher_fn=tf, genesets=genesets)
+            cfg = sel.config()
+            typer.echo(f"{m.name}: {sel}")
+        fitted[m.name] = SurvivalModel(replace(cfg, seed=seed)).fit(c, teacher=teacher, genesets=genesets)
+        typer.echo(_fitted_line(m.name, c, fitted[m.name]))
+    return fitted
+
+
+def fit(
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
+    clinical: Optional[Path] = _CLINICAL, features: Optional[Path] = _FEATURES, tiles: Optional[Path] = _TILES,
+    rna: Optional[Path] = _RNA, dataset: Optional[str] = _DATASET,
+    method: str = typer.Option("amkd", help=f"One of: {METHOD_HELP}."),
+    loss: str = typer.Option("nll", help="'nll' (discrete time, 4 bins from the training events) or 'cox'."),
+    epochs: int = typer.Option(20, help="Epochs (with --select: the most tried)."),
+    select: bool = typer.Option(False, help="Choose the epochs on inner patients (3 folds) before the final fit."),
+    dim: int = typer.Option(64), lr: float = typer.Option(5e-4), batch_size: int = typer.Option(16),
+    genesets: str = typer.Option("hallmark", help="Gene families: 'hallmark', 'progeny' or a .gmt/.csv file."),
+    rna_log1p: bool = typer.Option(False, help="log1p the RNA values first (counts, TPM, RSEM)."),
+    clinical_cols: Optional[str] = typer.Option(None, help="Comma-separated clinical columns (method 'clinical')."),
+    test_patients: Optional[str] = typer.Option(None, help="Comma-separated patients to leave out of training."),
+    patient_col: str = typer.Option("patient"), time_col: str = typer.Option("time"),
+    event_col: str = typer.Option("event"), slide_col: str = typer.Option("slide"),
+    rna_orient: str = typer.Option("auto", help="'auto', 'patients' (rows) or 'genes' (rows)."),
+    seed: int = typer.Option(0), accelerator: str = typer.Option("cpu"),
+) -> None:
+    """Train a survival model (AMKD: teacher, then the H&E-only student) on the cohort's patients."""
+    check_target(out)
+    base = _base(loss, epochs, dim, lr, batch_size, seed, genesets, clinical_cols, accelerator, rna_log1p)
+    methods = _methods([method], base)
+    c = _cohort(clinical, features, tiles, rna, dataset, _cols(patient_col, time_col, event_col, slide_col, rna_orient))
+    held = _split(test_patients)
+    if held:
+        c = c.subset([p for p in c.patients if p not in set(held)])
+    fitted = _fit_all(c, methods, select, seed, c.meta.get("genesets", genesets))
+    final = fitted[method]
+    final.save(out)
+    if methods[-1].teacher:
+        fitted[methods[-1].teacher].save(out / "teacher")
+        typer.echo(f"teacher -> {out / 'teacher'}")
+    typer.echo(f"saved {out} ({final.config.kind}; predicts from {'slides only' if final.config.kind in ('abmil', 'student') else 'its inputs'})")
+
+
+def predict(
+    model: Path = typer.Argument(..., help="A model folder (stdistill survival fit)."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV of risks (one row per patient)."),
+    clinical: Optional[Path] = _CLINICAL, features: Optional[Path] = _FEATURES, tiles: Optional[Path] = _TILES,
+    rna: Optional[Path] = _RNA,
+    plot: Optional[Path] = typer.Option(None, help="Folder for figures: attention maps (and Kaplan-Meier with --clinical)."),
+    n_maps: int = typer.Option(3, help="Attention maps for this many slides."),
+    patient_col: str = typer.Option("patient"), time_col: str = typer.Option("time"),
+    event_col: str = typer.Option("event"), slide_col: str = typer.Option("slide"),
+    rna_orient: str = typer.Option("auto"),
+) -> None:
+    """Risk per patient; an H&E-only model (ABMIL, AMKD student) needs slide features only."""
+    from ..recipes._survival import SurvivalModel
+
+    m = SurvivalModel.load(model)
+    c = _cohort(clinical, features, tiles, rna, None, _cols(patient_col, time_col, event_col, slide_col, rna_orient),
+                need_labels=False)
+    if m.config.kind in ("abmil", "student"):
+        c = c.without_rna()
+    risk = m.predict(c)
+    df = risk.to_frame()
+    if m.config.loss == "nll":
+        df = df.join(m.predict_survival(c).add_prefix("S"))
+    _csv(df, out)
+    typer.echo(f"{len(df)} patients -> {out}")
+    if clinical is not None and c.event.sum() > 0:
+        from ..metrics import cindex
+
+        typer.echo(f"Harrell C-index on these patients: {cindex(c.time, c.event, risk.to_numpy()):.3f}")
+    if plot is not None:
+        _plots(m, c, risk, plot, n_maps, tiles, labelled=clinical is not None)
+
+
+def _write_cv(res, table, sel, out: Path) -> None:
+    """results.csv, table.csv, selection.csv (when epochs were chosen) and cindex_bars.png."""
+    from .. import pl
+
+    out.mkdir(parents=True, exist_ok=True)
+    _csv(res.set_index("fold"), out / "results.csv")
+    _csv(table, out / "table.csv")
+    if len(sel):
+        _csv(sel.assign(curve=sel["curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v))), out / "selection.csv")
+    typer.echo(table.round(3).to_string())
+    pl.cindex_bars(table, path=out / "cindex_bars.png")
+
+
+def evaluate(
+    out: Path = typer.Option(Path("stdistill_out/survival"), "--out", "-o", help="Folder for tables and figures."),
+    clinical: Optional[Path] = _CLINICAL, features: Optional[Path] = _FEATURES, tiles: Optional[Path] = _TILES,
+    rna: Optional[Path] = _RNA, dataset: Optional[str] = _DATASET,
+    methods: str = typer.Option("abmil,snn,gge_teacher,amkd", help=f"Comma list of: {METHOD_HELP}."),
+    folds: int = typer.Option(5, help="Patient-level folds (stratified by event)."),
+    groups: Optional[str] = typer.Option(None, help="Leave-one-group-out on this clinical column instead of folds."),
+    seeds: str = typer.Option("0", help="Comma list of seeds."),
+    select: bool = typer.Option(True, help="Choose epochs on inner patients of each training fold."),
+    loss: str = typer.Option("nll"), epochs: int = typer.Option(20), dim: int = typer.Option(64),
+    lr: float = typer.Option(5e-4), batch_size: int = typer.Option(16),
+    genesets: str = typer.Option("hallmark"), rna_log1p: bool = typer.Option(False),
+    clinical_cols: Optional[str] = typer.Option(None),
+    patient_col: str = typer.Option("patient"), time_col: str = typer.Option("time"),
+    event_col: str = typer.Option("event"), slide_col: str = typer.Option("slide"),
+    rna_orient: str = typer.Option("auto"), accelerator: str = typer.Option("cpu"),
+) -> None:
+    """Patient-level cross-validation: Harrell/Uno C-index and AUC, mean +- sd over seeds."""
+    from ..recipes._survival import cv_table, patient_folds, survival_cv
+
+    base = _base(loss, epochs, dim, lr, batch_size, 0, genesets, clinical_cols, accelerator, rna_log1p)
+    ms = _methods(_split(methods), base)
+    c = _cohort(clinical, features, tiles, rna, dataset, _cols(patient_col, time_col, event_col, slide_col, rna_orient))
+    if groups is None and dataset == "her2st_survival":
+        groups = "source_patient"  # windows of one source patient never straddle a split
+    fl = patient_folds(c, folds, groups=groups)
+    res, sel = survival_cv(c, ms, fl, seeds=_numbers(seeds, int, "--seeds"), select=select, groups=groups,
+                           genesets=c.meta.get("genesets", genesets), log=typer.echo)
+    _write_cv(res, cv_table(res), sel, out)
+    typer.echo(f"tables and figures -> {out}")
+
+
 def register(app: typer.Typer) -> None:
+    """``stdistill survival fit|predict|evaluate``."""
     sub = typer.Typer(help="Slide-level survival: AMKD (H&E student distilled from a pathology + genomics teacher).",
                       no_args_is_help=True)
     app.add_typer(sub, name="survival")
-
-    clinical_o = typer.Option(None, "--clinical", help="Clinical CSV/TSV: one row per patient (patient, time, event, ...).")
-    features_o = typer.Option(None, "--features", help="Folder of slide feature files (TRIDENT features_<enc>/ or CLAM h5_files/).")
-    tiles_o = typer.Option(None, "--tiles", help="Tile .h5ad (pp.tile + features.extract) instead of --features.")
-    rna_o = typer.Option(None, "--rna", help="Bulk RNA CSV/TSV (patients x genes or genes x patients; gene symbols).")
-    dataset_o = typer.Option(None, "--dataset", help=f"Instead of files: {' or '.join(DATASETS)} (semi-synthetic / simulated).")
-
-    def cols(patient_col: str, time_col: str, event_col: str, slide_col: str, rna_orient: str) -> dict:
-        return {"patient": patient_col, "time": time_col, "event": event_col, "slide": slide_col, "orient": rna_orient}
-
-    @sub.command("fit")
-    def fit(
-        out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
-        clinical: Optional[Path] = clinical_o, features: Optional[Path] = features_o, tiles: Optional[Path] = tiles_o,
-        rna: Optional[Path] = rna_o, dataset: Optional[str] = dataset_o,
-        method: str = typer.Option("amkd", help=f"One of: {METHOD_HELP}."),
-        loss: str = typer.Option("nll", help="'nll' (discrete time, 4 bins from the training events) or 'cox'."),
-        epochs: int = typer.Option(20, help="Epochs (with --select: the most tried)."),
-        select: bool = typer.Option(False, help="Choose the epochs on inner patients (3 folds) before the final fit."),
-        dim: int = typer.Option(64), lr: float = typer.Option(5e-4), batch_size: int = typer.Option(16),
-        genesets: str = typer.Option("hallmark", help="Gene families: 'hallmark', 'progeny' or a .gmt/.csv file."),
-        rna_log1p: bool = typer.Option(False, help="log1p the RNA values first (counts, TPM, RSEM)."),
-        clinical_cols: Optional[str] = typer.Option(None, help="Comma-separated clinical columns (method 'clinical')."),
-        test_patients: Optional[str] = typer.Option(None, help="Comma-separated patients to leave out of training."),
-        patient_col: str = typer.Option("patient"), time_col: str = typer.Option("time"),
-        event_col: str = typer.Option("event"), slide_col: str = typer.Option("slide"),
-        rna_orient: str = typer.Option("auto", help="'auto', 'patients' (rows) or 'genes' (rows)."),
-        seed: int = typer.Option(0), accelerator: str = typer.Option("cpu"),
-    ) -> None:
-        """Train a survival model (AMKD: teacher, then the H&E-only student) on the cohort's patients."""
-        from dataclasses import replace
-
-        from ..recipes._survival import SurvivalModel, select_survival
-
-        check_target(out)
-        base = _base(loss, epochs, dim, lr, batch_size, seed, genesets, clinical_cols, accelerator, rna_log1p)
-        methods = _methods([method], base)
-        c = _cohort(clinical, features, tiles, rna, dataset, cols(patient_col, time_col, event_col, slide_col, rna_orient))
-        held = _split(test_patients)
-        if held:
-            c = c.subset([p for p in c.patients if p not in set(held)])
-        gs = c.meta.get("genesets", genesets)
-        fitted = {}
-        for m in methods:
-            cfg = m.config
-            teacher = fitted.get(m.teacher)
-            if select:
-                tf = (lambda _s, ci, _c=fitted[m.teacher].config: SurvivalModel(_c).fit(ci, genesets=gs)) if m.teacher else None
-                sel = select_survival(c, cfg, teacher_fn=tf, genesets=gs)
-                cfg = sel.config()
-                typer.echo(f"{m.name}: {sel}")
-            fitted[m.name] = SurvivalModel(replace(cfg, seed=seed)).fit(c, teacher=teacher, genesets=gs)
-            typer.echo(_fitted_line(m.name, c, fitted[m.name]))
-        final = fitted[method]
-        final.save(out)
-        if methods[-1].teacher:
-            fitted[methods[-1].teacher].save(out / "teacher")
-            typer.echo(f"teacher -> {out / 'teacher'}")
-        typer.echo(f"saved {out} ({final.config.kind}; predicts from {'slides only' if final.config.kind in ('abmil', 'student') else 'its inputs'})")
-
-    @sub.command("predict")
-    def predict(
-        model: Path = typer.Argument(..., help="A model folder (stdistill survival fit)."),
-        out: Path = typer.Option(..., "--out", "-o", help="CSV of risks (one row per patient)."),
-        clinical: Optional[Path] = clinical_o, features: Optional[Path] = features_o, tiles: Optional[Path] = tiles_o,
-        rna: Optional[Path] = rna_o,
-        plot: Optional[Path] = typer.Option(None, help="Folder for figures: attention maps (and Kaplan-Meier with --clinical)."),
-        n_maps: int = typer.Option(3, help="Attention maps for this many slides."),
-        patient_col: str = typer.Option("patient"), time_col: str = typer.Option("time"),
-        event_col: str = typer.Option("event"), slide_col: str = typer.Option("slide"),
-        rna_orient: str = typer.Option("auto"),
-    ) -> None:
-        """Risk per patient; an H&E-only model (ABMIL, AMKD student) needs slide features only."""
-        from ..recipes._survival import SurvivalModel
-
-        m = SurvivalModel.load(model)
-        c = _cohort(clinical, features, tiles, rna, None, cols(patient_col, time_col, event_col, slide_col, rna_orient),
-                    need_labels=False)
-        if m.config.kind in ("abmil", "student"):
-            c = c.without_rna()
-        risk = m.predict(c)
-        df = risk.to_frame()
-        if m.config.loss == "nll":
-            df = df.join(m.predict_survival(c).add_prefix("S"))
-        _csv(df, out)
-        typer.echo(f"{len(df)} patients -> {out}")
-        if clinical is not None and c.event.sum() > 0:
-            from ..metrics import cindex
-
-            typer.echo(f"Harrell C-index on these patients: {cindex(c.time, c.event, risk.to_numpy()):.3f}")
-        if plot is not None:
-            _plots(m, c, risk, plot, n_maps, tiles, labelled=clinical is not None)
-
-    @sub.command("evaluate")
-    def evaluate(
-        out: Path = typer.Option(Path("stdistill_out/survival"), "--out", "-o", help="Folder for tables and figures."),
-        clinical: Optional[Path] = clinical_o, features: Optional[Path] = features_o, tiles: Optional[Path] = tiles_o,
-        rna: Optional[Path] = rna_o, dataset: Optional[str] = dataset_o,
-        methods: str = typer.Option("abmil,snn,gge_teacher,amkd", help=f"Comma list of: {METHOD_HELP}."),
-        folds: int = typer.Option(5, help="Patient-level folds (stratified by event)."),
-        groups: Optional[str] = typer.Option(None, help="Leave-one-group-out on this clinical column instead of folds."),
-        seeds: str = typer.Option("0", help="Comma list of seeds."),
-        select: bool = typer.Option(True, help="Choose epochs on inner patients of each training fold."),
-        loss: str = typer.Option("nll"), epochs: int = typer.Option(20), dim: int = typer.Option(64),
-        lr: float = typer.Option(5e-4), batch_size: int = typer.Option(16),
-        genesets: str = typer.Option("hallmark"), rna_log1p: bool = typer.Option(False),
-        clinical_cols: Optional[str] = typer.Option(None),
-        patient_col: str = typer.Option("patient"), time_col: str = typer.Option("time"),
-        event_col: str = typer.Option("event"), slide_col: str = typer.Option("slide"),
-        rna_orient: str = typer.Option("auto"), accelerator: str = typer.Option("cpu"),
-    ) -> None:
-        """Patient-level cross-validation: Harrell/Uno C-index and AUC, mean +- sd over seeds."""
-        from ..recipes._survival import cv_table, patient_folds, survival_cv
-
-        base = _base(loss, epochs, dim, lr, batch_size, 0, genesets, clinical_cols, accelerator, rna_log1p)
-        ms = _methods(_split(methods), base)
-        c = _cohort(clinical, features, tiles, rna, dataset, cols(patient_col, time_col, event_col, slide_col, rna_orient))
-        if groups is None and dataset == "her2st_survival":
-            groups = "source_patient"  # windows of one source patient never straddle a split
-        fl = patient_folds(c, folds, groups=groups)
-        res, sel = survival_cv(c, ms, fl, seeds=_numbers(seeds, int, "--seeds"), select=select, groups=groups,
-                               genesets=c.meta.get("genesets", genesets), log=typer.echo)
-        table = cv_table(res)
-        out.mkdir(parents=True, exist_ok=True)
-        _csv(res.set_index("fold"), out / "results.csv")
-        _csv(table, out / "table.csv")
-        if len(sel):
-            _csv(sel.assign(curve=sel["curve"].map(lambda v: " ".join(f"{x:.3f}" for x in v))), out / "selection.csv")
-        typer.echo(table.round(3).to_string())
-        from .. import pl
-
-        pl.cindex_bars(table, path=out / "cindex_bars.png")
-        typer.echo(f"tables and figures -> {out}")
+    for name, fn in (("fit", fit), ("predict", predict), ("evaluate", evaluate)):
+        sub.command(name)(fn)
 
 
 def _fitted_line(name: str, cohort, model) -> str:

@@ -148,6 +148,41 @@ def _props(zf: zipfile.ZipFile | None, s: str, spot_ids: Sequence[str]) -> pd.Da
     return df.reindex(list(spot_ids)).astype(np.float64)
 
 
+def _wanted(sections: Sequence[str] | None) -> list[str]:
+    wanted = list(SECTIONS if sections is None else sections)
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown:
+        raise StdistillError(f"unknown her2st section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+    if not wanted:
+        raise StdistillError("no her2st sections requested")
+    return wanted
+
+
+def _read_section(base: Path, s: str, image: tuple, zf: zipfile.ZipFile | None, parsed: Path) -> ad.AnnData:
+    """Section ``s`` with its image, pathology labels and cell-type proportions; spots named ``<s>_<x>x<y>``."""
+    img, scale, affine, what = image
+    a = read_legacy_st(
+        base / _counts(s),
+        base / _spotfile(s),
+        img,
+        microns_per_pixel="pitch",
+        section=s,
+        patient=s[0],
+        scale=scale,
+        affine=affine,
+        positions_without_counts="drop",
+        cache_dir=parsed,
+    )
+    a.uns[Key.uns.spatial][s]["metadata"]["image_description"] = what
+    a.obs[Key.obs.pathology] = _pathology(base, s, a).to_numpy()
+    props = _props(zf, s, a.obs_names)
+    a.obs_names = [f"{s}_{i}" for i in a.obs_names]
+    if props is not None:
+        props.index = a.obs_names
+        a.obsm[Key.obsm.celltype_props] = props
+    return a
+
+
 def her2st(
     root: str | os.PathLike | None = None,
     sections: Sequence[str] | None = None,
@@ -187,12 +222,7 @@ def her2st(
       is 200 um (about 0.69 um/px for the full-resolution JPEGs, about 3.2 um/px for the A1/A2
       copies). Spots are 100 um across.
     """
-    wanted = list(SECTIONS if sections is None else sections)
-    unknown = [s for s in wanted if s not in SECTIONS]
-    if unknown:
-        raise StdistillError(f"unknown her2st section(s) {unknown}; valid: {', '.join(SECTIONS)}")
-    if not wanted:
-        raise StdistillError("no her2st sections requested")
+    wanted = _wanted(sections)
     base = resolve_root(root, wanted)
     images = {s: _image_for(base, s) for s in wanted}
     if images_only:
@@ -202,30 +232,9 @@ def her2st(
     parsed = _download.cache_dir() / "parsed"
     zpath = base / _PROPS_ZIP
     zf = zipfile.ZipFile(zpath) if zpath.is_file() else None
-    parts = []
-    try:
-        for s in progress(wanted, desc="her2st: reading sections"):  # ~1 min on first run (parsing)
-            img, scale, affine, what = images[s]
-            a = read_legacy_st(
-                base / _counts(s),
-                base / _spotfile(s),
-                img,
-                microns_per_pixel="pitch",
-                section=s,
-                patient=s[0],
-                scale=scale,
-                affine=affine,
-                positions_without_counts="drop",
-                cache_dir=parsed,
-            )
-            a.uns[Key.uns.spatial][s]["metadata"]["image_description"] = what
-            a.obs[Key.obs.pathology] = _pathology(base, s, a).to_numpy()
-            props = _props(zf, s, a.obs_names)
-            a.obs_names = [f"{s}_{i}" for i in a.obs_names]
-            if props is not None:
-                props.index = a.obs_names
-                a.obsm[Key.obsm.celltype_props] = props
-            parts.append(a)
+    try:  # ~1 min on first run (parsing)
+        sections_read = progress(wanted, desc="her2st: reading sections")
+        parts = [_read_section(base, s, images[s], zf, parsed) for s in sections_read]
     finally:
         if zf is not None:
             zf.close()

@@ -27,21 +27,15 @@ Ground truth: ``obs["niche_true"]``, ``obsm["celltype_props"]`` (DataFrame), ``o
 
 from __future__ import annotations
 
-import functools
-
 import anndata as ad
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy.ndimage import gaussian_filter
-from scipy.spatial import cKDTree
 
 from .._errors import StdistillError
 from .._keys import Key
 from ..io._section import SPATIAL_KEY, concat, new_section
+from ._sim_render import _DENSITY, CELL_TYPES, _frame, _Frame, _render, _smooth_fields
 
-#: Cell types, in the column order of ``obsm["celltype_props"]``.
-CELL_TYPES: tuple[str, ...] = ("tumour_A", "tumour_B", "T_cell", "B_cell", "fibroblast", "endothelial", "adipocyte")
 #: Niches, in the category order of ``obs["niche_true"]``.
 NICHES: tuple[str, ...] = ("tumour_A_nest", "tumour_B_nest", "immune_aggregate", "stroma", "adipose")
 #: Niche -> mean cell-type fractions (rows sum to 1; columns follow :data:`CELL_TYPES`).
@@ -63,20 +57,9 @@ NICHE_PATHOLOGY: dict[str, str] = {
     "adipose": "adipose tissue",
 }
 
-# Morphology per cell type (columns follow CELL_TYPES). Look-alike pairs share every value.
-_DENSITY = np.array([7000, 7000, 12000, 12000, 1800, 2500, 250.0])  # cells / mm^2 of pure tissue
-# nucleus and cell-body semi-axes (um)
-_NUC_UM = np.array([[5.0, 3.8], [5.0, 3.8], [2.9, 2.6], [2.9, 2.6], [6.5, 1.6], [5.0, 1.8], [4.0, 1.4]])
-_BODY_UM = np.array([[8.5, 7.0], [8.5, 7.0], [3.8, 3.6], [3.8, 3.6], [9.0, 2.6], [7.0, 2.6], [40.0, 36.0]])
-_SIZE_SD = np.array([0.18, 0.18, 0.07, 0.07, 0.12, 0.12, 0.10])  # relative size variation (log SD)
-_HEMA = np.array([0.095, 0.095, 0.15, 0.15, 0.12, 0.11, 0.10])  # hematoxylin in the nucleus (HED units)
-_EOSIN_BODY = np.array([0.036, 0.036, 0.012, 0.012, 0.050, 0.030, 0.001])  # eosin of the cell body
-_EOSIN_BG = np.array([0.020, 0.020, 0.014, 0.014, 0.036, 0.024, 0.024])  # eosin between cells (ECM, membranes)
-_NUC_OFFSET = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9])  # nucleus off-centre (fraction of the body radius)
-_ALIGNED = np.array([False, False, False, False, True, True, False])  # cells follow the local fibre direction
+# Per cell type (columns follow CELL_TYPES).
 _RNA = np.array([1.6, 1.6, 0.5, 0.5, 1.0, 0.8, 0.4])  # relative mRNA per cell
 _LINEAGES = {"epithelial": (0, 1), "lymphocyte": (2, 3)}  # lineage-shared markers
-_SIZE_BINS, _ANGLE_BINS = 9, 12
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -107,103 +90,63 @@ def _programmes(n_genes: int, n_markers: int, seed: int) -> tuple[np.ndarray, np
     return mu / mu.sum(1, keepdims=True), marker_of
 
 
-class _Blob:
-    """An irregular ellipse (um): the tissue outline."""
-
-    def __init__(self, area_um2: float, rng: np.random.Generator):
-        aspect = rng.uniform(0.87, 1.15)
-        self.a, self.b = np.sqrt(area_um2 * aspect / np.pi), np.sqrt(area_um2 / (aspect * np.pi))
-        self.phase = rng.uniform(0, 2 * np.pi, 3)
-
-    def inside(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        ang = np.arctan2(y / self.b, x / self.a)
-        wobble = 1 + sum(0.05 * np.sin(k * ang + ph) for k, ph in zip((2, 3, 5), self.phase))
-        return (x / self.a) ** 2 + (y / self.b) ** 2 <= wobble**2
-
-
-def _lattice(blob: _Blob, pitch: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hexagonal lattice points (um, blob-centred) inside ``blob``, and their (row, col)."""
-    row_pitch = pitch * np.sqrt(3) / 2
-    nr, nc = int(2.3 * blob.b / row_pitch) + 4, int(2.3 * blob.a / pitch) + 4
-    r, c = np.meshgrid(np.arange(nr), np.arange(nc), indexing="ij")
-    y = (r - nr // 2) * row_pitch
-    x = (c - nc // 2) * pitch + (r % 2) * pitch / 2
-    keep = blob.inside(x, y)
-    return np.c_[x[keep], y[keep]], np.c_[r[keep], c[keep]]
+def _niches(rng: np.random.Generator, fr: _Frame, niche_scale_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each spot's niche (arg-max of smooth fields on the coarse grid) and its cell-type fractions (n, types)."""
+    gh, gw = fr.grid
+    fields = _smooth_fields((gh, gw), len(NICHES), niche_scale_um / fr.cell, rng)
+    fields += rng.normal(0.0, 0.35, (len(NICHES), 1, 1))  # section-specific niche abundance
+    gi = np.clip((fr.xy_um[:, 1] / fr.cell).astype(int), 0, gh - 1)
+    gj = np.clip((fr.xy_um[:, 0] / fr.cell).astype(int), 0, gw - 1)
+    f = fields[:, gi, gj].T  # (n, niches)
+    niche = f.argmax(1)
+    soft = np.exp(8.0 * (f - f.max(1, keepdims=True)))  # mixed spots only near niche borders
+    soft /= soft.sum(1, keepdims=True)
+    alpha = 30.0 * soft @ NICHE_PROTOTYPES + 0.02
+    return niche, np.stack([rng.dirichlet(a) for a in alpha])
 
 
-def _smooth_fields(shape: tuple[int, int], k: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """(k, h, w) standardised Gaussian random fields with correlation length ``sigma`` (grid cells)."""
-    f = np.stack([gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect") for _ in range(k)])
-    return (f - f.mean(axis=(1, 2), keepdims=True)) / f.std(axis=(1, 2), keepdims=True)
+def _counts(rng, props, density, profiles, gamma, library_size, patient_lib, dispersion) -> np.ndarray:
+    """(n, genes) int32 negative binomial counts of the RNA-weighted mixture; library size grows with density."""
+    rna = props * _RNA
+    p = (rna / rna.sum(1, keepdims=True)) @ profiles * gamma
+    p /= p.sum(1, keepdims=True)
+    section_lib = np.exp(rng.normal(0.0, 0.15))
+    n = len(props)
+    lib = library_size * patient_lib * section_lib * (density / 4000.0) ** 0.5 * np.exp(rng.normal(0.0, 0.35, n))
+    lam = lib[:, None] * p
+    return rng.poisson(rng.gamma(dispersion, lam / dispersion)).astype(np.int32)
 
 
-def _upsample(a: np.ndarray, w: int, h: int) -> np.ndarray:
-    return np.array(Image.fromarray(a.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+def _pathology(rng: np.random.Generator, niche: np.ndarray, label_noise: float) -> tuple[np.ndarray, list[str]]:
+    """Pathologist-like labels: the niche's region name, a ``label_noise`` share replaced at random."""
+    labels = np.array([NICHE_PATHOLOGY[NICHES[k]] for k in niche], dtype=object)
+    classes = sorted(set(NICHE_PATHOLOGY.values()))
+    flip = rng.random(len(niche)) < label_noise
+    labels[flip] = rng.choice(classes, size=int(flip.sum()))
+    return labels, classes
 
 
-@functools.lru_cache(maxsize=4096)
-def _stamp(ax: float, ay: float, theta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel offsets (dy, dx) of a filled ellipse with semi-axes (ax, ay) px rotated by theta, and d^2 in [0, 1]."""
-    r = int(np.ceil(max(ax, ay))) + 1
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    c, s = np.cos(theta), np.sin(theta)
-    u, v = (xx * c + yy * s) / max(ax, 0.5), (-xx * s + yy * c) / max(ay, 0.5)
-    d2 = u**2 + v**2
-    m = d2 <= 1.0
-    if not m.any():
-        m[r, r] = True
-    return yy[m], xx[m], d2[m]
-
-
-def _draw(canvas, pos_px, ctype, size, theta, axes_um, value, mpp, rim=0.0) -> None:
-    """Paint filled ellipses (one per object) onto ``canvas`` in place; objects sharing a stamp go together.
-
-    ``value`` (n,) is the painted level; ``rim`` > 0 darkens towards the edge (nuclear membrane).
-    """
-    h, w = canvas.shape
-    s_bin = np.clip(np.round(np.log(size) / 0.1) + _SIZE_BINS // 2, 0, _SIZE_BINS - 1).astype(int)
-    a_bin = (np.round(theta / (np.pi / _ANGLE_BINS)) % _ANGLE_BINS).astype(int)
-    key = (ctype * _SIZE_BINS + s_bin) * _ANGLE_BINS + a_bin
-    order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.diff(key[order])) + 1
-    for sel in np.split(order, bounds):
-        if not len(sel):
-            continue
-        t, rest = divmod(int(key[sel[0]]), _SIZE_BINS * _ANGLE_BINS)
-        sb, ab = divmod(rest, _ANGLE_BINS)
-        sc = float(np.exp((sb - _SIZE_BINS // 2) * 0.1))
-        ax, ay = (round(float(v) * sc / mpp, 2) for v in axes_um[t])
-        dy, dx, d2 = _stamp(ax, ay, ab * np.pi / _ANGLE_BINS)
-        yy = pos_px[sel, 1, None] + dy[None, :]
-        xx = pos_px[sel, 0, None] + dx[None, :]
-        keep = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-        shade = (1.0 - rim + 2 * rim * d2) if rim else np.ones_like(d2)
-        vals = value[sel, None] * shade[None, :]
-        canvas[yy[keep], xx[keep]] = vals[keep]
-
-
-def _hed_to_rgb(h: np.ndarray, e: np.ndarray, d: float, levels: int = 4096) -> np.ndarray:
-    """RGB in [0, 1] (float32, (..., 3)) of hematoxylin ``h``, eosin ``e`` and a constant DAB ``d`` (HED units).
-
-    Exactly skimage's :func:`~skimage.color.hed2rgb`, evaluated per stain on a fine lookup table:
-    the stains' optical densities add, so their transmitted RGB multiply.
-    """
-    from skimage.color import hed2rgb
-
-    top = float(max(h.max(), e.max(), 1e-6))
-    grid = np.linspace(0.0, top, levels)
-    zero = np.zeros_like(grid)
-    lut_h = hed2rgb(np.c_[grid, zero, zero]).astype(np.float32)
-    lut_e = hed2rgb(np.c_[zero, grid, zero]).astype(np.float32)
-    tint = hed2rgb(np.array([[0.0, 0.0, d]]))[0].astype(np.float32)
-    scale = np.float32((levels - 1) / top)
-    ih = np.rint(np.clip(h, 0, top) * scale).astype(np.int32)
-    ie = np.rint(np.clip(e, 0, top) * scale).astype(np.int32)
-    rgb = lut_h[ih]
-    rgb *= lut_e[ie]
-    rgb *= tint
-    return rgb
+def _section_adata(i, patient, fr, niche, labels, classes, n_cells, counts, props, img, spot_diameter_um):
+    """One simulated section in the stdistill layout (:func:`~stdistill.io.new_section`)."""
+    section = f"sim{i}"
+    spots = [f"{section}_r{r:02d}c{c:02d}" for r, c in fr.rc - fr.rc.min(0)]
+    obs = pd.DataFrame(
+        {
+            "niche_true": pd.Categorical([NICHES[k] for k in niche], categories=list(NICHES)),
+            "pathology": pd.Categorical(labels, categories=classes),
+            "n_nuclei": n_cells.astype(np.int32),
+        },
+        index=spots,
+    )
+    genes = [f"GENE{g + 1:04d}" for g in range(counts.shape[1])]
+    adata = new_section(
+        counts, genes=genes, spots=spots, xy_px=fr.xy_um / fr.mpp, section=section, patient=f"simP{patient}",
+        microns_per_pixel=fr.mpp, spot_diameter_um=spot_diameter_um, image=img, obs=obs,
+        source=f"simulated section {section}",
+    )
+    adata.obsm[Key.obsm.celltype_props] = pd.DataFrame(props, index=adata.obs_names, columns=list(CELL_TYPES))
+    adata.uns[SPATIAL_KEY][section]["metadata"].update({"dataset": "simulated", "simulated": True})
+    return adata
 
 
 def _section(
@@ -225,129 +168,86 @@ def _section(
     label_noise: float,
     margin_um: float,
 ) -> ad.AnnData:
+    """Section ``sim<i>``: niches, cell-type mixtures, counts, labels and image from one random stream."""
     rng = _rng(seed, 2, i)
-    mpp, pitch = microns_per_pixel, spot_pitch_um
-    row_pitch = pitch * np.sqrt(3) / 2
-    blob = _Blob(spots_per_section * pitch * row_pitch, rng)
-    xy_um, rc = _lattice(blob, pitch)
-    n = len(xy_um)
-    lo = xy_um.min(0) - pitch / 2 - margin_um  # image origin in blob coordinates (um)
-    w_px, h_px = (np.ceil((xy_um.max(0) + pitch / 2 + margin_um - lo) / mpp)).astype(int)
-    xy_um = xy_um - lo  # um from the image's top-left corner
-
-    # -- niches: arg-max of smooth fields on a coarse grid (10 um cells) --------------------------
-    cell = 10.0
-    gh, gw = int(np.ceil(h_px * mpp / cell)), int(np.ceil(w_px * mpp / cell))
-    fields = _smooth_fields((gh, gw), len(NICHES), niche_scale_um / cell, rng)
-    fields += rng.normal(0.0, 0.35, (len(NICHES), 1, 1))  # section-specific niche abundance
-    gi = np.clip((xy_um[:, 1] / cell).astype(int), 0, gh - 1)
-    gj = np.clip((xy_um[:, 0] / cell).astype(int), 0, gw - 1)
-    f = fields[:, gi, gj].T  # (n, niches)
-    niche = f.argmax(1)
-    soft = np.exp(8.0 * (f - f.max(1, keepdims=True)))  # mixed spots only near niche borders
-    soft /= soft.sum(1, keepdims=True)
-    alpha = 30.0 * soft @ NICHE_PROTOTYPES + 0.02
-    props = np.stack([rng.dirichlet(a) for a in alpha])
-
-    # -- counts -------------------------------------------------------------------------------------
+    fr = _frame(rng, spots_per_section, spot_pitch_um, microns_per_pixel, margin_um)
+    niche, props = _niches(rng, fr, niche_scale_um)
     area_share = props / _DENSITY  # mm^2 per cell of each type, weighted by fraction
     density = 1.0 / area_share.sum(1)  # cells / mm^2 at this spot
-    rna = props * _RNA
-    p = (rna / rna.sum(1, keepdims=True)) @ profiles * gamma
-    p /= p.sum(1, keepdims=True)
-    section_lib = np.exp(rng.normal(0.0, 0.15))
-    lib = library_size * patient_lib * section_lib * (density / 4000.0) ** 0.5 * np.exp(rng.normal(0.0, 0.35, n))
-    lam = lib[:, None] * p
-    counts = rng.poisson(rng.gamma(dispersion, lam / dispersion)).astype(np.int32)
+    counts = _counts(rng, props, density, profiles, gamma, library_size, patient_lib, dispersion)
+    labels, classes = _pathology(rng, niche, label_noise)
+    img, n_cells = _render(rng, fr, props, area_share, density, stain)
+    return _section_adata(i, patient, fr, niche, labels, classes, n_cells, counts, props, img, spot_diameter_um)
 
-    # -- pathologist-like labels: the niche's region name, some spots mislabelled ----------------
-    labels = np.array([NICHE_PATHOLOGY[NICHES[k]] for k in niche], dtype=object)
-    classes = sorted(set(NICHE_PATHOLOGY.values()))
-    flip = rng.random(n) < label_noise
-    labels[flip] = rng.choice(classes, size=int(flip.sum()))
 
-    # -- image: every location belongs to its nearest spot and shows that spot's mixture -------------
-    tree = cKDTree(xy_um)
-    cy, cx = np.meshgrid((np.arange(gh) + 0.5) * cell, (np.arange(gw) + 0.5) * cell, indexing="ij")
-    tissue_c = gaussian_filter(blob.inside(cx + lo[0], cy + lo[1]).astype(np.float32), 1.0)
-    owner_c = tree.query(np.c_[cx.ravel(), cy.ravel()])[1].reshape(gh, gw)
-    area_frac = area_share / area_share.sum(1, keepdims=True)
-    eos_c = gaussian_filter((area_frac @ _EOSIN_BG)[owner_c].astype(np.float32), 1.5)
-    angle_c = _smooth_fields((gh, gw), 1, 8.0, rng)[0] * 1.2  # local fibre direction (radians)
-    tissue = _upsample(tissue_c, w_px, h_px) > 0.5
-    E = _upsample(eos_c, w_px, h_px)
-    H = np.where(tissue, np.float32(0.012), np.float32(0.0))
+#: Arguments of :func:`simulated` that every section takes as they are.
+_SECTION_ARGS = (
+    "spots_per_section", "microns_per_pixel", "spot_pitch_um", "spot_diameter_um", "niche_scale_um",
+    "library_size", "dispersion", "label_noise", "margin_um",
+)
 
-    # cells: a Poisson process at the highest density, thinned to each owner spot's density
-    d_max = float(density.max())
-    m = rng.poisson(d_max * w_px * h_px * mpp**2 * 1e-6)
-    pos_um = rng.random((m, 2)) * np.array([w_px, h_px]) * mpp
-    owner = tree.query(pos_um)[1]
-    keep = (rng.random(m) < density[owner] / d_max) & tissue[
-        np.minimum((pos_um[:, 1] / mpp).astype(int), h_px - 1), np.minimum((pos_um[:, 0] / mpp).astype(int), w_px - 1)
+
+def _check_args(
+    n_sections, n_patients, spots_per_section, label_noise, microns_per_pixel, spot_pitch_um, spot_diameter_um,
+    niche_scale_um, library_size, dispersion, **_,
+) -> None:
+    """Refuse arguments that cannot make a section (one :class:`StdistillError` naming the argument)."""
+    if n_sections < 1 or n_patients < 1 or n_patients > n_sections:
+        raise StdistillError(
+            f"simulated: need 1 <= n_patients <= n_sections, got n_sections={n_sections}, n_patients={n_patients}"
+        )
+    if spots_per_section < 10:
+        raise StdistillError(f"simulated: spots_per_section={spots_per_section} is too small; use >= 10")
+    for name, v in (("microns_per_pixel", microns_per_pixel), ("spot_pitch_um", spot_pitch_um),
+                    ("spot_diameter_um", spot_diameter_um), ("niche_scale_um", niche_scale_um),
+                    ("library_size", library_size), ("dispersion", dispersion)):
+        if not np.isfinite(v) or v <= 0:
+            raise StdistillError(f"simulated: {name} must be positive, got {v}")
+    if not 0 <= label_noise <= 1:
+        raise StdistillError(f"simulated: label_noise must be in [0, 1], got {label_noise}")
+
+
+def _patient(seed: int, p: int, n_genes: int, patient_effect: float, stain_variation: float) -> dict:
+    """Patient ``p``'s gene scaling (``gamma``), library-size factor and stain strengths (H, E, DAB)."""
+    rng = _rng(seed, 3, p)
+    return dict(
+        gamma=np.exp(rng.normal(0.0, patient_effect, n_genes)),
+        patient_lib=float(np.exp(rng.normal(0.0, 0.25))),
+        stain=np.array(
+            [np.exp(rng.normal(0.0, stain_variation)), np.exp(rng.normal(0.0, stain_variation)),
+             abs(rng.normal(0.0, 0.003 + 0.03 * stain_variation))]
+        ),
+    )
+
+
+def _sections(params: dict, profiles: np.ndarray) -> list[ad.AnnData]:
+    """Every section with its patient's draws; consecutive sections share a patient."""
+    seed, n_sections, n_patients = params["seed"], params["n_sections"], params["n_patients"]
+    patients = [
+        _patient(seed, p, params["n_genes"], params["patient_effect"], params["stain_variation"])
+        for p in range(n_patients)
     ]
-    pos_um, owner = pos_um[keep], owner[keep]
-    m = len(owner)
-    cum = np.cumsum(props[owner], axis=1)
-    ctype = np.minimum((rng.random(m)[:, None] > cum).sum(1), len(CELL_TYPES) - 1)
-    size = np.exp(rng.normal(0.0, _SIZE_SD[ctype]))
-    gy = np.minimum((pos_um[:, 1] / cell).astype(int), gh - 1)
-    gx = np.minimum((pos_um[:, 0] / cell).astype(int), gw - 1)
-    theta = np.where(_ALIGNED[ctype], angle_c[gy, gx] + rng.normal(0, 0.25, m), rng.uniform(0, np.pi, m))
-    body_e = _EOSIN_BODY[ctype] * np.exp(rng.normal(0.0, 0.1, m))
-    pos_px = np.round(pos_um / mpp).astype(int)
-    fat = ctype == CELL_TYPES.index("adipocyte")
-    for sel in (fat, ~fat):  # fat vacuoles first, the other cells over their edges
-        _draw(E, pos_px[sel], ctype[sel], size[sel], theta[sel], _BODY_UM, body_e[sel], mpp)
-    # nuclei: centred, or pushed to the rim of the cell (adipocytes), tangential there
-    phi = rng.uniform(0, 2 * np.pi, m)
-    off = (_NUC_OFFSET[ctype] * _BODY_UM[ctype, 1] * size)[:, None] * np.c_[np.cos(phi), np.sin(phi)]
-    nuc_theta = np.where(_NUC_OFFSET[ctype] > 0, phi + np.pi / 2, theta) % np.pi
-    hema = _HEMA[ctype] * np.exp(rng.normal(0.0, 0.12, m))
-    _draw(H, np.round((pos_um + off) / mpp).astype(int), ctype, size, nuc_theta, _NUC_UM, hema, mpp, rim=0.2)
-    n_cells = np.bincount(owner, minlength=n)
+    shared = {k: params[k] for k in _SECTION_ARGS}
+    sections = []
+    for i in range(n_sections):
+        p = i * n_patients // n_sections
+        sections.append(_section(i, seed=seed, patient=p, profiles=profiles, **patients[p], **shared))
+    return sections
 
-    nuclear = H > 0.03
-    # fibrous eosin texture (~2 um grain), drawn at half resolution
-    texture = gaussian_filter(rng.standard_normal(((h_px + 1) // 2, (w_px + 1) // 2), dtype=np.float32), 0.6)
-    texture = _upsample(texture * np.float32(1.3) + np.float32(1.0), w_px, h_px)
-    E *= np.maximum(texture, 0.3, out=texture)
-    E[nuclear] *= 0.35
-    H[nuclear] *= np.clip(1.0 + 0.3 * rng.standard_normal(int(nuclear.sum()), dtype=np.float32), 0.5, 1.6)
-    E[~tissue] = 0.0
-    rgb = _hed_to_rgb(H * np.float32(stain[0]), E * np.float32(stain[1]), float(stain[2]))
-    rgb *= 248.0
-    rgb += rng.standard_normal((h_px, w_px, 1), dtype=np.float32) * np.float32(1.5) + np.float32(4.0)
-    img = np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
-    img[~tissue] = np.clip(252 + rng.integers(-2, 3, (int((~tissue).sum()), 1)), 0, 255)  # glass
 
-    section = f"sim{i}"
-    spots = [f"{section}_r{r:02d}c{c:02d}" for r, c in rc - rc.min(0)]
-    obs = pd.DataFrame(
-        {
-            "niche_true": pd.Categorical([NICHES[k] for k in niche], categories=list(NICHES)),
-            "pathology": pd.Categorical(labels, categories=classes),
-            "n_nuclei": n_cells.astype(np.int32),
-        },
-        index=spots,
-    )
-    genes = [f"GENE{g + 1:04d}" for g in range(profiles.shape[1])]
-    adata = new_section(
-        counts,
-        genes=genes,
-        spots=spots,
-        xy_px=xy_um / mpp,
-        section=section,
-        patient=f"simP{patient}",
-        microns_per_pixel=mpp,
-        spot_diameter_um=spot_diameter_um,
-        image=img,
-        obs=obs,
-        source=f"simulated section {section}",
-    )
-    adata.obsm[Key.obsm.celltype_props] = pd.DataFrame(props, index=adata.obs_names, columns=list(CELL_TYPES))
-    adata.uns[SPATIAL_KEY][section]["metadata"].update({"dataset": "simulated", "simulated": True})
-    return adata
+def _annotate(adata: ad.AnnData, profiles: np.ndarray, marker_of: np.ndarray, params: dict) -> None:
+    """Fixed categories, marker labels, cell-type programmes and the parameters (in place)."""
+    for k, cats in (("niche_true", list(NICHES)), ("pathology", sorted(set(NICHE_PATHOLOGY.values())))):
+        adata.obs[k] = pd.Categorical(adata.obs[k].astype(str), categories=cats)
+    adata.var["marker_of"] = pd.Categorical(marker_of.astype(str))
+    adata.varm[Key.varm.celltype_profile] = pd.DataFrame(profiles.T, index=adata.var_names, columns=list(CELL_TYPES))
+    adata.uns[Key.uns.simulated] = {
+        "dataset": "simulated",
+        "params": params,
+        "cell_types": list(CELL_TYPES),
+        "niches": list(NICHES),
+        "niche_pathology": dict(NICHE_PATHOLOGY),
+    }
 
 
 def simulated(
@@ -421,61 +321,9 @@ def simulated(
     """
     if n_patients is None:
         n_patients = min(3, max(n_sections, 1))
-    if n_sections < 1 or n_patients < 1 or n_patients > n_sections:
-        raise StdistillError(
-            f"simulated: need 1 <= n_patients <= n_sections, got n_sections={n_sections}, n_patients={n_patients}"
-        )
-    if spots_per_section < 10:
-        raise StdistillError(f"simulated: spots_per_section={spots_per_section} is too small; use >= 10")
-    for name, v in (("microns_per_pixel", microns_per_pixel), ("spot_pitch_um", spot_pitch_um),
-                    ("spot_diameter_um", spot_diameter_um), ("niche_scale_um", niche_scale_um),
-                    ("library_size", library_size), ("dispersion", dispersion)):
-        if not np.isfinite(v) or v <= 0:
-            raise StdistillError(f"simulated: {name} must be positive, got {v}")
-    if not 0 <= label_noise <= 1:
-        raise StdistillError(f"simulated: label_noise must be in [0, 1], got {label_noise}")
-    params = dict(
-        n_sections=n_sections, n_patients=n_patients, seed=seed, spots_per_section=spots_per_section,
-        n_genes=n_genes, n_markers=n_markers, microns_per_pixel=microns_per_pixel, spot_pitch_um=spot_pitch_um,
-        spot_diameter_um=spot_diameter_um, niche_scale_um=niche_scale_um, library_size=library_size,
-        dispersion=dispersion, patient_effect=patient_effect, stain_variation=stain_variation,
-        label_noise=label_noise, margin_um=margin_um,
-    )
+    params = dict(locals())  # the arguments, in signature order, with n_patients resolved
+    _check_args(**params)
     profiles, marker_of = _programmes(n_genes, n_markers, seed)
-    patients = []
-    for p in range(n_patients):
-        rng = _rng(seed, 3, p)
-        patients.append(
-            dict(
-                gamma=np.exp(rng.normal(0.0, patient_effect, n_genes)),
-                patient_lib=float(np.exp(rng.normal(0.0, 0.25))),
-                stain=np.array(
-                    [np.exp(rng.normal(0.0, stain_variation)), np.exp(rng.normal(0.0, stain_variation)),
-                     abs(rng.normal(0.0, 0.003 + 0.03 * stain_variation))]
-                ),
-            )
-        )
-    sections = []
-    for i in range(n_sections):
-        p = i * n_patients // n_sections
-        sections.append(
-            _section(
-                i, seed=seed, patient=p, profiles=profiles, **patients[p],
-                spots_per_section=spots_per_section, microns_per_pixel=microns_per_pixel,
-                spot_pitch_um=spot_pitch_um, spot_diameter_um=spot_diameter_um, niche_scale_um=niche_scale_um,
-                library_size=library_size, dispersion=dispersion, label_noise=label_noise, margin_um=margin_um,
-            )
-        )
-    adata = concat(sections)
-    for k, cats in (("niche_true", list(NICHES)), ("pathology", sorted(set(NICHE_PATHOLOGY.values())))):
-        adata.obs[k] = pd.Categorical(adata.obs[k].astype(str), categories=cats)
-    adata.var["marker_of"] = pd.Categorical(marker_of.astype(str))
-    adata.varm[Key.varm.celltype_profile] = pd.DataFrame(profiles.T, index=adata.var_names, columns=list(CELL_TYPES))
-    adata.uns[Key.uns.simulated] = {
-        "dataset": "simulated",
-        "params": params,
-        "cell_types": list(CELL_TYPES),
-        "niches": list(NICHES),
-        "niche_pathology": dict(NICHE_PATHOLOGY),
-    }
+    adata = concat(_sections(params, profiles))
+    _annotate(adata, profiles, marker_of, params)
     return adata

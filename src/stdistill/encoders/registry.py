@@ -349,7 +349,8 @@ _NC_ND = (
 #: validation patients (docs/transfer.md).
 
 
-def _builtin() -> list[EncoderSpec]:
+def _imagenet() -> list[EncoderSpec]:
+    """ImageNet models (offline default and HEST's baseline family)."""
     return [
         EncoderSpec(
             name="effnet-lite0-imagenet", source="package", model_id="tf_efficientnet_lite0",
@@ -368,6 +369,12 @@ def _builtin() -> list[EncoderSpec]:
                   "the hub (timm/resnet50.tv_in1k).",
             url="https://huggingface.co/timm/resnet50.tv_in1k",
         ),
+    ]
+
+
+def _uni() -> list[EncoderSpec]:
+    """Mahmood lab's UNI and UNI2-h (gated, non-commercial, no derivatives)."""
+    return [
         EncoderSpec(
             name="uni", source="hf-hub", model_id="hf-hub:MahmoodLab/uni", arch="vit_large_patch16_224",
             kwargs={"init_values": 1e-5, "dynamic_img_size": True}, input_px=224, dim=1024,
@@ -387,6 +394,12 @@ def _builtin() -> list[EncoderSpec]:
             notes="UNI2-h (ViT-H/14 with 8 registers, Mahmood lab). " + _NC_ND + ".",
             url="https://huggingface.co/MahmoodLab/UNI2-h",
         ),
+    ]
+
+
+def _hoptimus() -> list[EncoderSpec]:
+    """Bioptimus' H-optimus-0 (Apache-2.0) and H-optimus-1 (gated)."""
+    return [
         EncoderSpec(
             name="h-optimus-0", source="hf-hub", model_id="hf-hub:bioptimus/H-optimus-0",
             arch="vit_giant_patch14_reg4_dinov2", kwargs={"init_values": 1e-5, "dynamic_img_size": False},
@@ -407,6 +420,12 @@ def _builtin() -> list[EncoderSpec]:
                   "normalisation assumed equal to H-optimus-0.",
             url="https://huggingface.co/bioptimus/H-optimus-1",
         ),
+    ]
+
+
+def _virchow_conch() -> list[EncoderSpec]:
+    """Virchow2 (Paige) and CONCH's image tower (Mahmood lab); both gated."""
+    return [
         EncoderSpec(
             name="virchow2", source="hf-hub", model_id="hf-hub:paige-ai/Virchow2", arch="vit_huge_patch14_224",
             kwargs={
@@ -432,6 +451,10 @@ def _builtin() -> list[EncoderSpec]:
             url="https://huggingface.co/MahmoodLab/conch",
         ),
     ]
+
+
+def _builtin() -> list[EncoderSpec]:
+    return [*_imagenet(), *_uni(), *_hoptimus(), *_virchow_conch()]
 
 
 for _s in _builtin():

@@ -91,6 +91,80 @@ def join_positions(count_ids: Sequence[str], position_ids: Sequence[str], source
         )
 
 
+def _counts_or_empty(counts, genes: Sequence[str], n: int, source):
+    """``counts`` checked against ``n`` spots x ``genes``; ``None`` (no genes) becomes an empty (n, 0) matrix."""
+    if counts is None:  # H&E only (e.g. pp.tile): no transcriptome, X is an empty (n, 0) matrix
+        if len(genes):
+            raise StdistillError(f"{len(genes)} genes given but no counts; pass counts= or genes=[]", source)
+        return sp.csr_matrix((n, 0), dtype=np.int32)
+    if counts.shape != (n, len(genes)):
+        raise StdistillError(f"counts shape {counts.shape} does not match {n} spots x {len(genes)} genes", source)
+    if len(genes) == 0:
+        raise StdistillError("section has no genes", source)
+    return counts
+
+
+def _spot_index(xy: np.ndarray, spots: Sequence[str], source) -> pd.Index:
+    """Spot ids as an index, after checking the (n, 2) finite positions and unique ids."""
+    if xy.shape != (len(spots), 2):
+        raise StdistillError(f"spot positions must be (n_spots, 2) pixel coordinates, got shape {xy.shape}", source)
+    _check_finite_xy(xy, spots, source)
+    spots_idx = pd.Index(spots, dtype=str)
+    if spots_idx.has_duplicates:
+        raise StdistillError(f"duplicate spot ids: {list(spots_idx[spots_idx.duplicated()][:3])}", source)
+    return spots_idx
+
+
+def _check_mpp(microns_per_pixel, source) -> None:
+    if microns_per_pixel is None:
+        raise StdistillError(
+            "microns per pixel of the full-resolution image is missing; pass microns_per_pixel=<um/px>, "
+            "e.g. 0.5 for a 20x scan",
+            source,
+        )
+    if not (np.isfinite(microns_per_pixel) and microns_per_pixel > 0):
+        raise StdistillError(
+            f"microns per pixel is {microns_per_pixel!r}; it must be a positive number of um/px "
+            "(e.g. 0.5 for a 20x scan)",
+            source,
+        )
+
+
+def _gene_table(genes: Sequence[str], source) -> pd.DataFrame:
+    """``var`` indexed by the genes; repeated names made unique with a :class:`DuplicateGenesWarning`."""
+    var = pd.DataFrame(index=pd.Index(genes, dtype=str))
+    if var.index.has_duplicates:
+        dup = list(pd.unique(var.index[var.index.duplicated()]))
+        shown = ", ".join(dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        warnings.warn(
+            f"{source}: {len(dup)} gene names occur more than once ({shown}); made unique by appending "
+            "-1, -2, ... (as anndata's var_names_make_unique does)",
+            DuplicateGenesWarning,
+            stacklevel=4,  # the caller of the reader that called new_section
+        )
+        var.index = pd.Index(ad.utils.make_index_unique(var.index.to_series().astype(str)))
+    return var
+
+
+def _attach_image(adata: ad.AnnData, image, section: str, source, require_inside: bool) -> None:
+    """Attach ``image`` (path, array or reader) and refuse spot centres outside it when ``require_inside``."""
+    reader = image if hasattr(image, "read_region") else (
+        ArrayImage(image) if isinstance(image, np.ndarray) else open_image(image)
+    )
+    set_image(adata, reader, section=section)
+    if not require_inside:
+        return
+    xy, w, h = adata.obsm[SPATIAL_KEY], *reader.size
+    out = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w) | (xy[:, 1] >= h)
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        raise StdistillError(
+            f"{int(out.sum())} spot centres lie outside the {w}x{h} px image "
+            f"(e.g. {adata.obs_names[i]} at x={xy[i, 0]:.0f}, y={xy[i, 1]:.0f}); wrong image or scale?",
+            source,
+        )
+
+
 def new_section(
     counts,
     *,
@@ -133,45 +207,11 @@ def new_section(
     n = len(spots)
     if n == 0:
         raise StdistillError("section is empty (no spots)", source)
-    if counts is None:  # H&E only (e.g. pp.tile): no transcriptome, X is an empty (n, 0) matrix
-        if len(genes):
-            raise StdistillError(f"{len(genes)} genes given but no counts; pass counts= or genes=[]", source)
-        counts = sp.csr_matrix((n, 0), dtype=np.int32)
-    else:
-        if counts.shape != (n, len(genes)):
-            raise StdistillError(f"counts shape {counts.shape} does not match {n} spots x {len(genes)} genes", source)
-        if len(genes) == 0:
-            raise StdistillError("section has no genes", source)
-    if xy.shape != (n, 2):
-        raise StdistillError(f"spot positions must be (n_spots, 2) pixel coordinates, got shape {xy.shape}", source)
-    _check_finite_xy(xy, spots, source)
-    spots_idx = pd.Index(spots, dtype=str)
-    if spots_idx.has_duplicates:
-        raise StdistillError(f"duplicate spot ids: {list(spots_idx[spots_idx.duplicated()][:3])}", source)
-    if microns_per_pixel is None:
-        raise StdistillError(
-            "microns per pixel of the full-resolution image is missing; pass microns_per_pixel=<um/px>, "
-            "e.g. 0.5 for a 20x scan",
-            source,
-        )
-    if not (np.isfinite(microns_per_pixel) and microns_per_pixel > 0):
-        raise StdistillError(
-            f"microns per pixel is {microns_per_pixel!r}; it must be a positive number of um/px "
-            "(e.g. 0.5 for a 20x scan)",
-            source,
-        )
+    counts = _counts_or_empty(counts, genes, n, source)
+    spots_idx = _spot_index(xy, spots, source)
+    _check_mpp(microns_per_pixel, source)
     X = _check_counts(counts, source)
-    var = pd.DataFrame(index=pd.Index(genes, dtype=str))
-    if var.index.has_duplicates:
-        dup = list(pd.unique(var.index[var.index.duplicated()]))
-        shown = ", ".join(dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
-        warnings.warn(
-            f"{source}: {len(dup)} gene names occur more than once ({shown}); made unique by appending "
-            "-1, -2, ... (as anndata's var_names_make_unique does)",
-            DuplicateGenesWarning,
-            stacklevel=3,
-        )
-        var.index = pd.Index(ad.utils.make_index_unique(var.index.to_series().astype(str)))
+    var = _gene_table(genes, source)
     obs_df = pd.DataFrame(index=spots_idx) if obs is None else obs.copy()
     obs_df.index = spots_idx
     obs_df[SECTION_KEY] = pd.Categorical([section] * n)
@@ -189,20 +229,7 @@ def new_section(
     }
     adata.uns[SPATIAL_KEY] = {section: lib}
     if image is not None:
-        reader = image if hasattr(image, "read_region") else (
-            ArrayImage(image) if isinstance(image, np.ndarray) else open_image(image)
-        )
-        set_image(adata, reader, section=section)
-        if require_inside:
-            w, h = reader.size
-            out = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w) | (xy[:, 1] >= h)
-            if out.any():
-                i = int(np.flatnonzero(out)[0])
-                raise StdistillError(
-                    f"{int(out.sum())} spot centres lie outside the {w}x{h} px image "
-                    f"(e.g. {spots_idx[i]} at x={xy[i, 0]:.0f}, y={xy[i, 1]:.0f}); wrong image or scale?",
-                    source,
-                )
+        _attach_image(adata, image, section, source, require_inside)
     return adata
 
 

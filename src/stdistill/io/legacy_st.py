@@ -173,6 +173,45 @@ def pitch_pixels(array_xy: np.ndarray, pixel_xy: np.ndarray, source=None) -> flo
     return px_per_step
 
 
+def _positions_of(spot_ids: list[str], pos: pd.DataFrame, positions_without_counts: str, source):
+    """The spot file's rows (every id of ``spot_ids`` has one) and how many positions without counts were dropped."""
+    n_dropped = 0
+    if positions_without_counts == "drop":
+        keep = pos.index.isin(pd.Index(spot_ids))
+        n_dropped = int((~keep).sum())
+        pos = pos[keep]
+    elif positions_without_counts != "raise":
+        raise StdistillError(f"positions_without_counts must be 'raise' or 'drop', got {positions_without_counts!r}")
+    join_positions(spot_ids, pos.index, source=source)
+    return pos, n_dropped
+
+
+def _image_xy(pos: pd.DataFrame, affine, scale: float, spots) -> np.ndarray:
+    """(n, 2) spot centres in the image's pixels: ``(pixel_x, pixel_y)``, through ``affine``, times ``scale``."""
+    xy = pos[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+    if affine is not None:
+        xy = apply_affine(xy, affine)
+    if not (np.isfinite(scale) and scale > 0):
+        raise StdistillError(f"scale must be a positive number, got {scale}", spots)
+    return xy * float(scale)
+
+
+def _resolve_mpp(mpp, pos: pd.DataFrame, xy: np.ndarray, spots) -> float:
+    """um/px as given, or from the 200 um array pitch when ``"pitch"`` (sub-spot coordinates when present)."""
+    if isinstance(mpp, str):
+        if mpp != "pitch":
+            raise StdistillError(f"microns_per_pixel must be a number or 'pitch', got {mpp!r}", spots)
+        cols = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(pos.columns) else ["x", "y"]
+        return ST_PITCH_UM / pitch_pixels(pos[cols].to_numpy(float), xy, source=spots)
+    if mpp is None:
+        raise StdistillError(
+            "microns per pixel is missing; pass microns_per_pixel=<um/px of the image> or "
+            "microns_per_pixel='pitch' to derive it from the 200 um spot pitch",
+            spots,
+        )
+    return mpp
+
+
 def read_legacy_st(
     counts: str | os.PathLike,
     spots: str | os.PathLike,
@@ -223,36 +262,11 @@ def read_legacy_st(
     in the image's pixels.
     """
     X, spot_ids, genes = read_counts_table(counts, cache_dir=cache_dir)
-    pos = read_spot_file(spots)
-    n_dropped = 0
-    if positions_without_counts == "drop":
-        counts_idx = pd.Index(spot_ids)
-        keep = pos.index.isin(counts_idx)
-        n_dropped = int((~keep).sum())
-        pos = pos[keep]
-    elif positions_without_counts != "raise":
-        raise StdistillError(f"positions_without_counts must be 'raise' or 'drop', got {positions_without_counts!r}")
-    join_positions(spot_ids, pos.index, source=f"{counts} / {spots}")
+    pos, n_dropped = _positions_of(spot_ids, read_spot_file(spots), positions_without_counts, f"{counts} / {spots}")
     X = _check_counts(X, counts)
     pos = pos.loc[spot_ids]
-    xy = pos[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
-    if affine is not None:
-        xy = apply_affine(xy, affine)
-    if not (np.isfinite(scale) and scale > 0):
-        raise StdistillError(f"scale must be a positive number, got {scale}", spots)
-    xy = xy * float(scale)
-    mpp = microns_per_pixel
-    if isinstance(mpp, str):
-        if mpp != "pitch":
-            raise StdistillError(f"microns_per_pixel must be a number or 'pitch', got {mpp!r}", spots)
-        cols = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(pos.columns) else ["x", "y"]
-        mpp = ST_PITCH_UM / pitch_pixels(pos[cols].to_numpy(float), xy, source=spots)
-    elif mpp is None:
-        raise StdistillError(
-            "microns per pixel is missing; pass microns_per_pixel=<um/px of the image> or "
-            "microns_per_pixel='pitch' to derive it from the 200 um spot pitch",
-            spots,
-        )
+    xy = _image_xy(pos, affine, scale, spots)
+    mpp = _resolve_mpp(microns_per_pixel, pos, xy, spots)
     obs = pd.DataFrame({"array_x": pos["x"].to_numpy(), "array_y": pos["y"].to_numpy()}, index=pd.Index(spot_ids))
     adata = new_section(
         X,

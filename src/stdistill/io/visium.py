@@ -55,6 +55,84 @@ def _is_blank(path: Path) -> bool:
     return float(small.reshape(-1, 3).std(axis=0).max()) < 1.0
 
 
+def _read_counts(root: Path, count_file: str) -> tuple[ad.AnnData, Path]:
+    """The Space Ranger count matrix of ``root`` (scanpy's reader) and its path."""
+    if root.is_file():
+        raise StdistillError("Visium folder expected, but this is a file", root)
+    if not root.is_dir():
+        raise StdistillError("Visium folder does not exist", root)
+    h5 = root / count_file
+    if not h5.is_file():
+        raise StdistillError(f"no {count_file} (Space Ranger count matrix) in this folder", root)
+    import scanpy as sc
+
+    try:
+        return sc.read_10x_h5(h5), h5
+    except Exception as e:
+        raise StdistillError(f"count matrix is unreadable ({type(e).__name__}: {e})", h5) from None
+
+
+def _in_tissue(counts: ad.AnnData, spatial: Path, h5: Path) -> tuple[ad.AnnData, pd.DataFrame]:
+    """Counts and positions of the spots under tissue, joined by barcode (every counted barcode needs a position)."""
+    pos, pos_path = _read_positions(spatial)
+    if pos.index.has_duplicates:
+        raise StdistillError(
+            f"duplicate barcodes in the positions: {list(pos.index[pos.index.duplicated()][:3])}", pos_path
+        )
+    if counts.obs_names.has_duplicates:
+        dup = counts.obs_names[counts.obs_names.duplicated()]
+        raise StdistillError(f"duplicate barcodes in the counts: {list(dup[:3])}", h5)
+    no_pos = counts.obs_names.difference(pos.index)
+    if len(no_pos):
+        raise StdistillError(f"{len(no_pos)} barcodes have counts but no position (e.g. {list(no_pos[:3])})", h5)
+    pos = pos.loc[counts.obs_names]
+    in_tissue = pos["in_tissue"].to_numpy() == 1
+    return counts[in_tissue], pos[in_tissue]
+
+
+def _scalefactors(spatial: Path, microns_per_pixel: float | None) -> tuple[dict, float]:
+    """``scalefactors_json.json`` and the full-resolution um/px (given, or from the 55 um spot diameter)."""
+    sf_path = spatial / "scalefactors_json.json"
+    try:
+        scalef = json.loads(sf_path.read_text())
+    except FileNotFoundError:
+        raise StdistillError("scale factors file is missing", sf_path) from None
+    except Exception as e:
+        raise StdistillError(f"scale factors are unreadable ({type(e).__name__}: {e})", sf_path) from None
+    if microns_per_pixel is not None:
+        return scalef, microns_per_pixel
+    d = scalef.get("spot_diameter_fullres")
+    if d is None:
+        raise StdistillError(
+            "microns per pixel is missing (no spot_diameter_fullres); pass microns_per_pixel=", sf_path
+        )
+    try:
+        d = float(d)
+    except (TypeError, ValueError):
+        d = float("nan")
+    if not (np.isfinite(d) and d > 0):
+        raise StdistillError(
+            f"spot_diameter_fullres is {scalef['spot_diameter_fullres']!r}, not a positive number of pixels; "
+            "fix it or pass microns_per_pixel=",
+            sf_path,
+        )
+    return scalef, VISIUM_SPOT_DIAMETER_UM / d
+
+
+def _attached_image(spatial: Path, scalef: dict, source_image_path) -> tuple[Path | None, float, str]:
+    """The image to attach, its scale from full-resolution pixels and its frame's name.
+
+    The given full-resolution image, else the hires PNG unless blank, else the lowres PNG, else none.
+    """
+    if source_image_path is not None:
+        return Path(source_image_path), 1.0, "fullres"
+    for name, key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
+        p = spatial / f"tissue_{name}_image.png"
+        if p.is_file() and key in scalef and not _is_blank(p):
+            return p, float(scalef[key]), name
+    return None, 1.0, "fullres (no image attached)"
+
+
 def read_visium(
     path: str | os.PathLike,
     *,
@@ -90,74 +168,15 @@ def read_visium(
         (Visium spots are 55 um across).
     """
     root = Path(path)
-    if root.is_file():
-        raise StdistillError("Visium folder expected, but this is a file", root)
-    if not root.is_dir():
-        raise StdistillError("Visium folder does not exist", root)
-    h5 = root / count_file
-    if not h5.is_file():
-        raise StdistillError(f"no {count_file} (Space Ranger count matrix) in this folder", root)
-    import scanpy as sc
-
-    try:
-        counts = sc.read_10x_h5(h5)
-    except Exception as e:
-        raise StdistillError(f"count matrix is unreadable ({type(e).__name__}: {e})", h5) from None
+    counts, h5 = _read_counts(root, count_file)
     if library_id is None:
         library_id = (root.parent.name if root.name == "outs" else root.name) or "visium"
     patient = patient or library_id
     spatial = root / "spatial"
-    pos, pos_path = _read_positions(spatial)
-    if pos.index.has_duplicates:
-        raise StdistillError(
-            f"duplicate barcodes in the positions: {list(pos.index[pos.index.duplicated()][:3])}", pos_path
-        )
-    if counts.obs_names.has_duplicates:
-        dup = counts.obs_names[counts.obs_names.duplicated()]
-        raise StdistillError(f"duplicate barcodes in the counts: {list(dup[:3])}", h5)
-    no_pos = counts.obs_names.difference(pos.index)
-    if len(no_pos):
-        raise StdistillError(f"{len(no_pos)} barcodes have counts but no position (e.g. {list(no_pos[:3])})", h5)
-    pos = pos.loc[counts.obs_names]
-    in_tissue = pos["in_tissue"].to_numpy() == 1
-    counts, pos = counts[in_tissue], pos[in_tissue]
-
-    sf_path = spatial / "scalefactors_json.json"
-    try:
-        scalef = json.loads(sf_path.read_text())
-    except FileNotFoundError:
-        raise StdistillError("scale factors file is missing", sf_path) from None
-    except Exception as e:
-        raise StdistillError(f"scale factors are unreadable ({type(e).__name__}: {e})", sf_path) from None
-    mpp_full = microns_per_pixel
-    if mpp_full is None:
-        d = scalef.get("spot_diameter_fullres")
-        if d is None:
-            raise StdistillError(
-                "microns per pixel is missing (no spot_diameter_fullres); pass microns_per_pixel=", sf_path
-            )
-        try:
-            d = float(d)
-        except (TypeError, ValueError):
-            d = float("nan")
-        if not (np.isfinite(d) and d > 0):
-            raise StdistillError(
-                f"spot_diameter_fullres is {scalef['spot_diameter_fullres']!r}, not a positive number of pixels; "
-                "fix it or pass microns_per_pixel=",
-                sf_path,
-            )
-        mpp_full = VISIUM_SPOT_DIAMETER_UM / d
-
+    counts, pos = _in_tissue(counts, spatial, h5)
+    scalef, mpp_full = _scalefactors(spatial, microns_per_pixel)
     xy_full = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
-    if source_image_path is not None:
-        image, scale, frame = Path(source_image_path), 1.0, "fullres"
-    else:
-        image, scale, frame = None, 1.0, "fullres (no image attached)"
-        for name, key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
-            p = spatial / f"tissue_{name}_image.png"
-            if p.is_file() and key in scalef and not _is_blank(p):
-                image, scale, frame = p, float(scalef[key]), name
-                break
+    image, scale, frame = _attached_image(spatial, scalef, source_image_path)
     obs = pos[["in_tissue", "array_row", "array_col"]].copy()
     adata = new_section(
         counts.X,
