@@ -178,6 +178,18 @@ def test_cli_fit_predict_evaluate(tmp_path):
                                  "-o", str(tmp_path / "risk.csv"), "--plot", str(tmp_path / "fig"), "--n-maps", "1"])
     assert r.exit_code == 0, r.output  # no clinical table, no RNA: the student reads slides only
     assert (tmp_path / "risk.csv").read_text().count("\n") == 21 and len(list((tmp_path / "fig").glob("attention_*.png"))) == 1
+    # groups come from the cut stored at training, the same for a cohort of one patient as for all
+    import pandas as pd
+
+    from stdistill.recipes._survival import SurvivalModel
+
+    cut = SurvivalModel.load(tmp_path / "m").risk_cut_
+    df = pd.read_csv(tmp_path / "risk.csv", index_col=0)
+    assert cut is not None and (df["group"] == np.where(df["risk"] > cut, "high risk", "low risk")).all()
+    r = CliRunner().invoke(app, ["survival", "predict", str(tmp_path / "m"), *files, "-o", str(tmp_path / "risk_c.csv"),
+                                 "--plot", str(tmp_path / "fig_c"), "--n-maps", "0"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fig_c" / "km_risk_groups.png").is_file() or "Kaplan-Meier skipped" in r.output
     r = CliRunner().invoke(app, ["survival", "evaluate", "-o", str(tmp_path / "ev"), *files, "--methods", "abmil,clinical",
                                  "--clinical-cols", "age", "--folds", "2", "--epochs", "2", "--dim", "8", "--no-select"])
     assert r.exit_code == 0, r.output

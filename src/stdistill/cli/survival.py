@@ -184,6 +184,9 @@ def predict(
         c = c.without_rna()
     risk = m.predict(c)
     df = risk.to_frame()
+    group = m.predict_group(c) if m.risk_cut_ is not None else None  # the cut stored from training, never this cohort's
+    if group is not None:
+        df = df.join(group)
     if m.config.loss == "nll":
         df = df.join(m.predict_survival(c).add_prefix("S"))
     _csv(df, out)
@@ -193,7 +196,7 @@ def predict(
 
         typer.echo(f"Harrell C-index on these patients: {cindex(c.time, c.event, risk.to_numpy()):.3f}")
     if plot is not None:
-        _plots(m, c, risk, plot, n_maps, tiles, labelled=clinical is not None)
+        _plots(m, c, risk, plot, n_maps, tiles, labelled=clinical is not None, group=group)
 
 
 def _write_cv(res, table, sel, out: Path) -> None:
@@ -257,16 +260,30 @@ def _fitted_line(name: str, cohort, model) -> str:
             f"({int(cohort.event.sum())} events{f', {miss} without RNA' if miss else ''}), {model.fit_seconds_:.1f} s")
 
 
-def _plots(model, cohort, risk, folder: Path, n_maps: int, tiles: Optional[Path], labelled: bool) -> None:
-    """Kaplan-Meier by predicted risk (labelled cohorts) and attention maps of the first slides."""
+def _km(cohort, risk, group, folder: Path) -> None:
+    """Kaplan-Meier of the risk groups: the model's stored training cut (``group``), else (older
+    models without one) this cohort's median risk, said as such."""
+    from .. import pl
+
+    if group is None:
+        typer.echo("the model stores no risk cut (saved by an older version): groups split at this cohort's median risk")
+    elif group.nunique() < 2:
+        typer.echo(f"Kaplan-Meier skipped: every patient is '{group.iloc[0]}' at the model's training cut")
+        return
+    fig = pl.km_risk_groups(cohort.time, cohort.event, risk.to_numpy(), path=folder / "km_risk_groups.png",
+                            groups=None if group is None else group.reindex(risk.index).to_numpy())
+    typer.echo(f"Kaplan-Meier: {folder / 'km_risk_groups.png'} (log-rank p = {fig.logrank_p:.2g})")
+
+
+def _plots(model, cohort, risk, folder: Path, n_maps: int, tiles: Optional[Path], labelled: bool, group=None) -> None:
+    """Kaplan-Meier by predicted risk group (labelled cohorts) and attention maps of the first slides."""
     import pandas as pd
 
     from .. import pl
 
     folder.mkdir(parents=True, exist_ok=True)
     if labelled and cohort.event.sum() > 0:
-        fig = pl.km_risk_groups(cohort.time, cohort.event, risk.to_numpy(), path=folder / "km_risk_groups.png")
-        typer.echo(f"Kaplan-Meier: {folder / 'km_risk_groups.png'} (log-rank p = {fig.logrank_p:.2g})")
+        _km(cohort, risk, group, folder)
     if model.config.kind not in ("abmil", "student", "late_fusion", "gge"):
         return
     att = model.attention(cohort)
