@@ -16,7 +16,7 @@ from stdistill._pca import fit_pca, project
 from stdistill.students import NicheStudent
 from stdistill.students.niche import normalise_features
 from stdistill.teachers import NicheTeacher
-from stdistill.teachers.niche import _log_norm, _standardize_by
+from stdistill.teachers._embedding import _log_norm, _standardize_by
 
 
 def _old_standardize(x: np.ndarray, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:

@@ -39,7 +39,7 @@ import stdistill as sd  # noqa: E402
 from stdistill.students import NicheStudent  # noqa: E402
 from stdistill.students.niche import normalise_features  # noqa: E402
 from stdistill.teachers import NicheTeacher  # noqa: E402
-from stdistill.teachers.niche import _standardize_by  # noqa: E402
+from stdistill.teachers._embedding import _standardize_by  # noqa: E402
 
 
 def _sklearn_teacher_pcs(solver: str | None):

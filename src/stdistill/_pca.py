@@ -33,10 +33,10 @@ Blocks = Iterable[tuple[np.ndarray, np.ndarray]]
 """Row blocks: (row indices into the full data (b,), values (b, d)) pairs."""
 
 
-def fit_pca(blocks: Blocks, n_components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (d,) and the first ``n_components`` principal axes (k, d), both float32, of the rows
-    of ``blocks`` (as scikit-learn's ``PCA.mean_`` / ``components_``, same signs)."""
-    n, mean, scatter = 0, None, None
+def scatter(blocks: Blocks) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """``(n, mean (d,), scatter (d, d))`` of the rows of ``blocks``, float64, accumulated block by
+    block (Chan et al.'s pairwise update); ``(0, None, None)`` for no rows."""
+    n, mean, sc = 0, None, None
     for _, x in blocks:
         if len(x) == 0:
             continue
@@ -46,24 +46,65 @@ def fit_pca(blocks: Blocks, n_components: int) -> tuple[np.ndarray, np.ndarray]:
         sb = xb.T @ xb
         nb = len(xb)
         if mean is None:
-            n, mean, scatter = nb, mb, sb
+            n, mean, sc = nb, mb, sb
             continue
         delta = mb - mean
         tot = n + nb
-        scatter += sb
-        scatter += np.outer(delta, delta) * (n * nb / tot)
+        sc += sb
+        sc += np.outer(delta, delta) * (n * nb / tot)
         mean += delta * (nb / tot)
         n = tot
+    return n, mean, sc
+
+
+def remove_rows(total: tuple, part: tuple) -> tuple[int, np.ndarray, np.ndarray]:
+    """:func:`scatter` statistics of the rows of ``total`` that are not in ``part`` (a subset of
+    them): the pairwise update run backwards, so a fit on most rows costs a pass over the others."""
+    n, mean, sc = total
+    n_p, mean_p, sc_p = part
+    if n_p == 0:
+        return n, mean, sc
+    n_k = n - n_p
+    mean_k = (n * mean - n_p * mean_p) / n_k
+    delta = mean_p - mean_k
+    return n_k, mean_k, sc - sc_p - np.outer(delta, delta) * (n_k * n_p / n)
+
+
+def components(stats: tuple, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (d,) and the first ``n_components`` principal axes (k, d), float32, from
+    :func:`scatter` statistics (scikit-learn's sign convention)."""
+    n, mean, sc = stats
     if mean is None or n < 2:
         raise StdistillError(f"PCA needs at least 2 rows, got {n}")
     d = len(mean)
     k = int(min(n_components, d))
     # top-k eigenpairs of the covariance, ascending -> descending
-    _, vecs = scipy.linalg.eigh(scatter / (n - 1), subset_by_index=[d - k, d - 1])
+    _, vecs = scipy.linalg.eigh(sc / (n - 1), subset_by_index=[d - k, d - 1])
     comps = vecs[:, ::-1].T
     top = np.argmax(np.abs(comps), axis=1)
     comps *= np.sign(comps[np.arange(k), top])[:, None]
     return mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32)
+
+
+def fit_pca(blocks: Blocks, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (d,) and the first ``n_components`` principal axes (k, d), both float32, of the rows
+    of ``blocks`` (as scikit-learn's ``PCA.mean_`` / ``components_``, same signs)."""
+    return components(scatter(blocks), n_components)
+
+
+def in_memory(n_rows: int, n_cols: int) -> bool:
+    """Whether a float32 (n_rows, n_cols) PCA input fits :data:`IN_MEMORY_MB` (``$STDISTILL_PCA_IN_MEMORY_MB``)."""
+    return n_rows * n_cols * 4 <= env_bytes("STDISTILL_PCA_IN_MEMORY_MB", IN_MEMORY_MB, 2**20)
+
+
+def assemble(blocks: Blocks, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_rows, n_cols) float32 array of the blocks' rows in row order, and (n_rows,) bool of the rows filled."""
+    x = np.empty((n_rows, n_cols), dtype=np.float32)
+    filled = np.zeros(n_rows, dtype=bool)
+    for rows, z in blocks:
+        x[rows] = z
+        filled[rows] = True
+    return x, filled
 
 
 def fit_pca_auto(make_blocks, n_rows: int, n_cols: int, n_components: int, *, seed: int = 0,
@@ -73,15 +114,11 @@ def fit_pca_auto(make_blocks, n_rows: int, n_cols: int, n_components: int, *, se
     else the streamed exact :func:`fit_pca` (memory: one block plus d x d). ``make_blocks``: a
     zero-argument callable returning fresh :data:`Blocks` over the (n_rows, n_cols) data (rows no
     block names are left out of the fit)."""
-    if n_rows * n_cols * 4 > env_bytes("STDISTILL_PCA_IN_MEMORY_MB", IN_MEMORY_MB, 2**20):
+    if not in_memory(n_rows, n_cols):
         return fit_pca(make_blocks(), n_components)
     from sklearn.decomposition import PCA
 
-    x = np.empty((n_rows, n_cols), dtype=np.float32)
-    filled = np.zeros(n_rows, dtype=bool)
-    for rows, z in make_blocks():
-        x[rows] = z
-        filled[rows] = True
+    x, filled = assemble(make_blocks(), n_rows, n_cols)
     pca = PCA(n_components=n_components, random_state=seed, svd_solver=svd_solver).fit(x if filled.all() else x[filled])
     return pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
 

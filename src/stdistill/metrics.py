@@ -65,6 +65,28 @@ def niche_sizes(niches, groups, categories=None) -> pd.DataFrame:
     return tab
 
 
+def niche_patients(niches, patients, min_share: float = 0.02, categories=None) -> pd.DataFrame:
+    """Which patients hold each niche: one row per niche, the spots of each patient in it (one
+    column per patient), ``n_patients`` holding it (at least ``min_share`` of that patient's
+    spots) and ``patients`` (their ids, comma-separated). A niche no training patient holds
+    cannot be learnt from those patients, whatever the student's input."""
+    tab = niche_sizes(niches, patients, categories).T  # niches x patients
+    held = tab.div(tab.sum(0).replace(0, 1), axis=1) >= min_share
+    out = tab.copy()
+    out.columns = [str(c) for c in out.columns]
+    out["n_patients"] = held.sum(1).astype(int)
+    out["patients"] = [",".join(str(p) for p in held.columns[row]) for row in held.to_numpy()]
+    out.index.name = "niche"
+    return out
+
+
+def shared_niche_mask(test_niches, train_niches, train_patients, min_share: float = 0.02) -> np.ndarray:
+    """(n_test,) bool: test spots whose niche is held (:func:`niche_patients`) by at least one
+    training patient."""
+    held = niche_patients(train_niches, train_patients, min_share)
+    return np.isin(np.asarray(test_niches).astype(str), held.index[held["n_patients"] > 0].astype(str))
+
+
 def majority_map(source, target) -> dict:
     """``{source label: most frequent target label among its spots}`` (ties: first in sorted order).
 

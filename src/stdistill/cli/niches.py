@@ -52,8 +52,11 @@ def _write(adata, path: str) -> Path:
 def teacher(
     data: str = typer.Argument(..., help=".h5ad with raw counts (any sections, images not needed), a Visium/her2st folder, or a dataset name: 'her2st', 'mob', 'simulated'."),
     out: str = typer.Option(..., "--out", "-o", help="Output .h5ad with obs['niche'] and obsm['niche_probs']."),
-    n_niches: int = typer.Option(6, "--n-niches", "-k", help="Number of niches K."),
+    n_niches: str = typer.Option("6", "--n-niches", "-k", help="Number of niches K; 'auto' (3..10), a range '4-10' or "
+                                 "a list '4,6,8': the K whose repeated fits agree best (curve printed, kept in uns)."),
     method: str = typer.Option("aggregate", help="'aggregate' (CellCharter-like) or 'nolan' (self-supervised)."),
+    consensus: int = typer.Option(1, help="'aggregate': bagged mixture fits combined into one partition (1: one fit)."),
+    pca_solver: str = typer.Option("auto", "--pca-solver", help="'auto', 'randomized' or 'exact'."),
     batch_key: str = typer.Option("section", help="obs column whose effects are removed ('section' or 'patient')."),
     batch_correction: str = typer.Option("standardize", help="'standardize', 'harmony', 'scvi' or 'none'."),
     feature_key: str = typer.Option(None, "--feature-key", help="obsm embedding to use instead of PCA of counts (e.g. X_scVI)."),
@@ -72,24 +75,49 @@ def teacher(
     if model:
         check_target(model)
     adata = _load(data)
-    t = NicheTeacher(n_niches, method=method, batch_key=batch_key,
+    t = NicheTeacher(_parse_k(n_niches), method=method, batch_key=batch_key,
                      batch_correction=None if batch_correction == "none" else batch_correction,
-                     feature_key=feature_key, radius_um=radius_um, seed=seed)
+                     feature_key=feature_key, radius_um=radius_um, seed=seed, consensus=consensus, pca_solver=pca_solver)
     t.fit_predict(adata, key_added=key_added)
-    _print_teacher(t.diagnostics(adata, key=key_added))
+    _print_teacher(t, t.diagnostics(adata, key=key_added))
     if model:
         t.save(model)
         typer.echo(f"teacher saved to {model}")
     typer.echo(f"wrote {_write(adata, out)}")
 
 
-def _print_teacher(d: dict) -> None:
-    """NMI(niche, patient), niche sizes per patient and patients held in one niche (teacher diagnostics)."""
+def _parse_k(text: str):
+    """``-k``: an int, ``auto``, a range ``lo-hi`` (tuple) or a list ``a,b,c``."""
+    t = text.strip()
+    try:
+        if t == "auto":
+            return t
+        if "-" in t:
+            lo, hi = t.split("-")
+            return (int(lo), int(hi))
+        return [int(v) for v in t.split(",")] if "," in t else int(t)
+    except ValueError:
+        raise StdistillError(f"-k must be an int, 'auto', a range like 4-10 or a list like 4,6,8; got {text!r}") from None
+
+
+def _print_teacher(t, d: dict) -> None:
+    """The stability curve (K chosen), NMI(niche, patient), niche sizes per patient, patients held in one
+    niche and niches held by one patient only (teacher diagnostics ``d``)."""
+    st = t.state_.get("stability")
+    if st is not None:
+        typer.echo(f"K chosen by stability: {st['chosen']} ({st['criterion']}, {st['n_repeats']} bagged fits):")
+        typer.echo("  " + ", ".join(f"K={k}: {v:.3f}" for k, v in zip(st["k"], st["score"])))
     typer.echo(f"NMI(niche, patient) = {d['nmi_patient']:.3f} (0: niches shared by patients; 1: one niche per patient)")
     typer.echo("niche sizes per patient (spots):")
     typer.echo(d["sizes"].to_string())
     if d["single_niche_patients"]:
         typer.echo(f"warning: patients with >= 95% of spots in one niche: {d['single_niche_patients']}")
+    held = d["patients_per_niche"]
+    alone = held[held["n_patients"] <= 1]
+    if len(alone):
+        typer.echo("warning: niches held by one patient or none (>= 2% of a patient's spots), which a student "
+                   "trained on other patients cannot learn: " + ", ".join(f"{n} ({r['patients'] or '-'})"
+                                                                         for n, r in alone.iterrows()))
 
 
 def _train_patients(adata, train_patients: str | None, data: str):

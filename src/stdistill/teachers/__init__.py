@@ -8,6 +8,8 @@ from .._lazy import attach
 # package stays light). Add an entry when you add a public object.
 _LAZY: dict[str, str] = {
     "NicheTeacher": "niche",
+    "ConsensusMixture": "_consensus",
+    **dict.fromkeys(("teacher_stability", "summarise_stability", "spot_agreement"), "_stability"),
     "ExpressionTeacher": "expression",
     "CountEmbedder": "expression",
     "register_embedder": "expression",

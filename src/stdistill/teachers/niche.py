@@ -31,8 +31,9 @@ import scipy.sparse as sp
 from .._api import deliver, renamed_kwargs
 from .._errors import StdistillError
 from .._niches import write_niches
-from .._pca import fit_pca_auto, project, row_blocks, standardized_blocks
+from .._pca import project, standardized_blocks
 from .._utils import load_state, seed_everything
+from ._embedding import _group_rows, _log_norm, _select_genes, _sparse_moments, _standardize_by
 from ..bundle import Bundled, bundle_record, check_shapes
 from ..io._section import PATIENT_KEY, SECTION_KEY
 from ..pp.neighbors import (
@@ -47,100 +48,8 @@ METHODS = ("nolan", "aggregate")
 CORRECTIONS = ("standardize", "scvi", "harmony", None)
 _FORMAT = "stdistill.NicheTeacher/2"
 _ARRAYS = ("pca_components", "pca_mean", "gene_mean", "gene_sd")
-_GMM = ("weights_", "means_", "covariances_", "precisions_cholesky_")
-
-
-# ----------------------------------------------------------------------------- embedding
-def _log_norm(adata: ad.AnnData, genes: pd.Index | None = None) -> sp.csr_matrix:
-    """Sparse (n, len(genes)) float32 log1p(CP10k) of raw counts (library size over all genes);
-    genes missing from ``adata`` are 0. ``genes=None``: all genes. One copy of the (selected)
-    counts is made and scaled in place."""
-    X = adata.X
-    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
-    lib = np.asarray(X.sum(1)).ravel().astype(np.float64)
-    lib[lib == 0] = 1.0
-    if genes is None:
-        out = X.astype(np.float32)  # a copy (astype copies by default)
-    else:
-        pos = adata.var_names.get_indexer(genes)
-        have = np.flatnonzero(pos >= 0)
-        sub = X[:, pos[have]]  # a new csr matrix, columns in the order of ``genes``
-        # the present genes' columns moved to their positions among ``genes`` (an increasing map)
-        out = sp.csr_matrix((sub.data.astype(np.float32, copy=False), have[sub.indices], sub.indptr),
-                            shape=(adata.n_obs, len(genes)))
-    out.data *= np.repeat((1e4 / lib).astype(np.float32), np.diff(out.indptr))
-    np.log1p(out.data, out=out.data)
-    return out
-
-
-def _standardize_by(x: np.ndarray | sp.spmatrix, groups: np.ndarray, clip: float = 10.0) -> np.ndarray:
-    """(n, d) float32: each column z-scored within each group (constant columns -> 0), clipped to
-    +-clip. A sparse ``x`` is made dense one group at a time (no dense copy of the whole input)."""
-    out = np.empty(x.shape, dtype=np.float32)
-    for g in pd.unique(groups):
-        m = groups == g
-        xm = x[m].toarray() if sp.issparse(x) else x[m]  # a copy of the group's rows either way
-        mu = xm.mean(0)
-        sd = xm.std(0)
-        sd[sd < 1e-8] = np.inf
-        if xm.dtype == np.float32:  # in place: the same float32 numbers, no temporaries
-            xm -= mu
-            xm /= sd
-            out[m] = np.clip(xm, -clip, clip, out=xm)
-        else:
-            out[m] = np.clip((xm - mu) / sd, -clip, clip)
-    return out
-
-
-def _group_rows(groups: np.ndarray) -> list[np.ndarray]:
-    """Row indices of each group, groups in order of first appearance."""
-    return [np.flatnonzero(groups == g) for g in pd.unique(groups)]
-
-
-def _sparse_moments(x: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sd (ddof 0) of each column of ``x[rows]`` as float32, computed in float64 from the
-    sparse form (two passes over row blocks, never dense); sds below 1e-8 are inf (z-score 0)."""
-    d = x.shape[1]
-    total = np.zeros(d)
-    for r in row_blocks(rows):
-        b = x[r]
-        total += np.bincount(b.indices, weights=b.data, minlength=d)
-    mu = total / max(len(rows), 1)
-    ss = np.zeros(d)
-    nnz = np.zeros(d)
-    for r in row_blocks(rows):
-        b = x[r]
-        ss += np.bincount(b.indices, weights=(b.data - mu[b.indices]) ** 2, minlength=d)
-        nnz += np.bincount(b.indices, minlength=d)
-    ss += (len(rows) - nnz) * mu**2  # the implicit zeros
-    sd = np.sqrt(ss / max(len(rows), 1)).astype(np.float32)
-    sd[sd < 1e-8] = np.inf
-    return mu.astype(np.float32), sd
-
-
-def _select_genes(logx: sp.csr_matrix, genes: pd.Index, groups: np.ndarray, n_top: int, min_frac: float) -> pd.Index:
-    """Genes detected in >= ``min_frac`` of spots of every group, ranked by the *median* over
-    groups of their within-group variance of log-expression: genes that vary inside every
-    section (shared biology) rank above genes that vary in one patient only, and patient-level
-    shifts never choose genes. Returns the top ``n_top`` in their original order."""
-    ug = pd.unique(groups)
-    ok = np.ones(len(genes), dtype=bool)
-    var = np.zeros((len(ug), len(genes)))
-    for i, g in enumerate(ug):
-        m = groups == g
-        sub = logx[m]
-        n = sub.shape[0]
-        det = np.asarray((sub > 0).sum(0)).ravel() / n
-        ok &= det >= min_frac
-        mu = np.asarray(sub.mean(0)).ravel()
-        ex2 = np.asarray(sub.multiply(sub).mean(0)).ravel()
-        var[i] = ex2 - mu**2
-    score = np.median(var, axis=0)
-    if ok.sum() < 10:  # tiny or very sparse data: fall back to genes detected anywhere
-        ok = np.asarray((logx > 0).sum(0)).ravel() > 0
-    idx = np.flatnonzero(ok)
-    idx = idx[np.argsort(-score[idx], kind="stable")[:n_top]]
-    return genes[np.sort(idx)]
+#: fitted state kept in the bundle's config: K chosen, its stability curve, the consensus embedding's layout
+_STATE = ("n_niches", "stability", "embed_members", "embed_width")
 
 
 def _nolan_module(**hp):
@@ -158,7 +67,8 @@ class NicheTeacher(Bundled):
     Parameters
     ----------
     n_niches
-        K, the number of niches.
+        K, the number of niches; ``"auto"`` (K in 3..10), a tuple ``(lo, hi)`` or a list of K: the
+        K whose partition reproduces best over bagged fits (:mod:`._consensus`), curve in ``state_["stability"]``.
     method
         ``"aggregate"`` (CellCharter-like ring aggregation + Gaussian mixture) or ``"nolan"``
         (self-supervised global/local neighbourhood views with a K-way prototype head).
@@ -183,12 +93,17 @@ class NicheTeacher(Bundled):
         covariances fit patient-specific correlation structure (NMI(niche, patient) 0.65 vs 0.20).
     n_steps, batch_size, d_model
         ``"nolan"``: optimisation steps, spots per step, width of the set encoder.
+    consensus
+        ``"aggregate"``: number of bagged mixture fits (each on 90% of the spots, with its own PCA)
+        combined by co-association into one partition (:mod:`._consensus`); 1: one mixture.
+    pca_solver
+        ``"auto"`` (randomized above 500 genes), ``"randomized"`` or ``"exact"`` (covariance eigenvectors).
     """
 
     @renamed_kwargs(use_rep="feature_key")
     def __init__(
         self,
-        n_niches: int = 6,
+        n_niches: int | str | tuple | list = 6,
         method: str = "aggregate",
         *,
         feature_key: str | None = None,
@@ -205,31 +120,42 @@ class NicheTeacher(Bundled):
         batch_size: int = 256,
         d_model: int = 32,
         seed: int = 0,
+        consensus: int = 1,
+        pca_solver: str = "auto",
     ):
+        from ._consensus import SOLVERS, parse_n_niches
+
         if method not in METHODS:
             raise StdistillError(f"method must be one of {METHODS}, got {method!r}")
         if batch_correction not in CORRECTIONS:
             raise StdistillError(f"batch_correction must be one of {CORRECTIONS}, got {batch_correction!r}")
-        if int(n_niches) < 2:
-            raise StdistillError(f"n_niches must be >= 2, got {n_niches}")
+        n_niches = parse_n_niches(n_niches)
+        if int(consensus) < 1 or (method == "nolan" and (int(consensus) > 1 or isinstance(n_niches, list))):
+            raise StdistillError(f"consensus must be >= 1; 'nolan' takes neither consensus nor a range of K "
+                                 f"(got consensus={consensus}, n_niches={n_niches})")
+        if pca_solver not in SOLVERS:
+            raise StdistillError(f"pca_solver must be one of {SOLVERS}, got {pca_solver!r}")
         if batch_correction is not None and batch_key is None:
             raise StdistillError("batch_correction needs batch_key= (e.g. 'section' or 'patient')")
         self.params = dict(
-            n_niches=int(n_niches), method=method, feature_key=feature_key, batch_key=batch_key,
+            n_niches=n_niches, method=method, feature_key=feature_key, batch_key=batch_key,
             batch_correction=batch_correction, n_pcs=int(n_pcs), n_top_genes=int(n_top_genes),
             min_gene_frac=float(min_gene_frac), radius_um=radius_um, n_rings=int(n_rings),
             n_neighbors=int(n_neighbors), covariance_type=covariance_type, n_steps=int(n_steps),
-            batch_size=int(batch_size), d_model=int(d_model), seed=int(seed),
+            batch_size=int(batch_size), d_model=int(d_model), seed=int(seed), consensus=int(consensus),
+            pca_solver=pca_solver,
         )
         self.state_: dict | None = None
 
     def __repr__(self) -> str:
         p = self.params
-        return f"NicheTeacher(n_niches={p['n_niches']}, method={p['method']!r}, batch_correction={p['batch_correction']!r})"
+        return (f"NicheTeacher(n_niches={p['n_niches']}, method={p['method']!r}, batch_correction={p['batch_correction']!r}"
+                f", consensus={p['consensus']})")
 
     @property
-    def n_niches(self) -> int:
-        return self.params["n_niches"]
+    def n_niches(self) -> int | list[int]:
+        """K (after a fit with a range of K: the K chosen)."""
+        return (self.state_ or {}).get("n_niches", self.params["n_niches"])
 
     # ------------------------------------------------------------------ embedding
     def _groups(self, adata: ad.AnnData) -> np.ndarray | None:
@@ -289,10 +215,16 @@ class NicheTeacher(Bundled):
                 self.state_["gene_mean"], self.state_["gene_sd"] = _sparse_moments(logx, every)
             parts = [(every, self.state_["gene_mean"], self.state_["gene_sd"])]
         if fit:
-            n_pcs = max(1, min(self.params["n_pcs"], logx.shape[1], logx.shape[0] - 1))
-            self.state_["pca_mean"], self.state_["pca_components"] = fit_pca_auto(
-                lambda: standardized_blocks(logx, parts), *logx.shape, n_pcs, seed=self.params["seed"],
-                svd_solver="randomized" if logx.shape[1] > 500 else "full")
+            from ._consensus import fit_member_pcas, member_seeds
+
+            p = self.params
+            n_pcs = max(1, min(p["n_pcs"], logx.shape[1], logx.shape[0] - 1))
+            members = p["consensus"] if p["method"] == "aggregate" and p["batch_correction"] != "harmony" else 1
+            self.state_.update(embed_members=members, embed_width=n_pcs)
+            self.state_["pca_mean"], self.state_["pca_components"] = fit_member_pcas(
+                lambda rows: standardized_blocks(logx, parts if rows is None else [
+                    (np.intersect1d(r, rows, assume_unique=True), mu, sd) for r, mu, sd in parts]),
+                *logx.shape, n_pcs, p["pca_solver"], member_seeds(p["seed"], members))
         return project(standardized_blocks(logx, parts), self.state_["pca_mean"], self.state_["pca_components"],
                        logx.shape[0])
 
@@ -334,23 +266,24 @@ class NicheTeacher(Bundled):
             return 1.5 * radius_for_neighbors(adata, 1)
         return radius_for_neighbors(adata, p["n_neighbors"])
 
-    def fit(self, adata: ad.AnnData) -> NicheTeacher:
-        """Fit on ``adata`` (any number of sections; images not needed). Returns self."""
-        p = self.params
-        seed_everything(p["seed"])
-        if adata.n_obs < p["n_niches"]:
-            raise StdistillError(f"{adata.n_obs} spots cannot hold {p['n_niches']} niches")
-        self.state_ = {}
+    def _fit_embedding(self, adata: ad.AnnData) -> np.ndarray:
+        """Seed, reset the state and fit the expression embedding (n_obs, d); K-independent."""
+        seed_everything(self.params["seed"])
+        if adata.n_obs < np.min(self.params["n_niches"]):
+            raise StdistillError(f"{adata.n_obs} spots cannot hold {self.params['n_niches']} niches")
+        self.state_, self.fit_agreement_ = {}, None
         e = self._embed(adata, fit=True)
         self.state_["radius_um"] = self._radius(adata)
-        if p["method"] == "aggregate":
-            from sklearn.mixture import GaussianMixture
+        return e
 
-            f = self._aggregate(adata, e)
-            gmm = GaussianMixture(p["n_niches"], covariance_type=p["covariance_type"], random_state=p["seed"],
-                                  n_init=3, reg_covar=1e-3, max_iter=200).fit(f)
-            self.state_["gmm"] = gmm
-            self.fit_probs_ = gmm.predict_proba(f).astype(np.float32)  # the same rings: no second graph
+    def fit(self, adata: ad.AnnData) -> NicheTeacher:
+        """Fit on ``adata`` (any number of sections; images not needed). Returns self."""
+        e = self._fit_embedding(adata)
+        if self.params["method"] == "aggregate":
+            from ._consensus import fit_mixture
+
+            # the same rings give the fitted soft labels: no second graph
+            self.state_["gmm"], self.fit_probs_ = fit_mixture(self, self._aggregate(adata, e))
         else:
             self._fit_nolan(adata, e)
             self.fit_probs_ = self._probs(adata, e)
@@ -437,14 +370,24 @@ class NicheTeacher(Bundled):
 
     def fit_predict(self, adata: ad.AnnData, key_added: str = "niche", *, inplace: bool = True,
                     copy: bool = False) -> ad.AnnData | np.ndarray | None:
-        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`; the same return rule)."""
+        """:meth:`fit` then write the fitted soft labels (see :meth:`predict`; the same return rule); with a
+        range of K also ``uns[f"{key_added}_stability"]`` (the stability curve), with ``consensus`` > 1
+        ``obs[f"{key_added}_agreement"]`` (share of members agreeing with each spot's niche)."""
+        from ._consensus import record_fit
+
         probs = self.fit(adata).fit_probs_
-        return deliver(adata, probs, lambda target: write_niches(target, probs, key_added), copy=copy, inplace=inplace)
+
+        def write(target: ad.AnnData) -> None:
+            write_niches(target, probs, key_added)
+            record_fit(self, target, key_added)
+
+        return deliver(adata, probs, write, copy=copy, inplace=inplace)
 
     def diagnostics(self, adata: ad.AnnData, key: str = "niche", patient_key: str = PATIENT_KEY) -> dict:
         """``{"nmi_patient": NMI(niche, patient), "sizes": DataFrame patients x niches (spots),
-        "single_niche_patients": patients whose spots are >= 95% one niche}``."""
-        from ..metrics import niche_sizes, nmi
+        "single_niche_patients": patients whose spots are >= 95% one niche, "patients_per_niche":
+        :func:`~stdistill.metrics.niche_patients`}``."""
+        from ..metrics import niche_patients, niche_sizes, nmi
 
         if key not in adata.obs:
             raise StdistillError(f'AnnData has no obs["{key}"]; run teacher.predict(adata, key_added="{key}") first')
@@ -453,7 +396,8 @@ class NicheTeacher(Bundled):
         sizes = niche_sizes(niches, pats, categories=[str(i) for i in range(self.n_niches)])
         frac = sizes.div(sizes.sum(1), axis=0)
         return {"nmi_patient": nmi(pats, niches), "sizes": sizes,
-                "single_niche_patients": list(frac.index[frac.max(1) >= 0.95])}
+                "single_niche_patients": list(frac.index[frac.max(1) >= 0.95]),
+                "patients_per_niche": niche_patients(niches, pats, categories=sizes.columns)}
 
     # ------------------------------------------------------------------ persistence
     _bundle_format = _FORMAT
@@ -464,10 +408,12 @@ class NicheTeacher(Bundled):
             raise StdistillError("an scVI-based teacher cannot be saved; save its niches (obs/obsm) instead")
         arrays = {k: np.asarray(self.state_[k]) for k in _ARRAYS if k in self.state_}  # dtypes kept: same numbers
         if "gmm" in self.state_:
-            arrays.update({f"gmm.{k}": np.asarray(getattr(self.state_["gmm"], k), dtype=np.float64) for k in _GMM})
+            from ._consensus import mixture_arrays
+
+            arrays.update(mixture_arrays(self.state_["gmm"]))
         arrays.update({f"nolan.{k}": v for k, v in self.state_.get("nolan", {}).items()})
         cfg = {"params": self.params, "radius_um": self.state_["radius_um"], "genes": self.state_.get("genes"),
-               "nolan_hp": self.state_.get("nolan_hp")}
+               "nolan_hp": self.state_.get("nolan_hp"), **{k: self.state_[k] for k in _STATE if k in self.state_}}
         rec = bundle_record("niche_teacher", outputs={"niches": [str(i) for i in range(self.n_niches)]},
                             training={"method": self.params["method"], "radius_um": self.state_["radius_um"]})
         return cfg, arrays, rec
@@ -477,18 +423,20 @@ class NicheTeacher(Bundled):
         params = dict(cfg["params"])
         params.setdefault("feature_key", params.pop("use_rep", None))  # saved before the rename
         t = cls(**params)
-        t.state_ = {"radius_um": cfg["radius_um"], **({"genes": cfg["genes"]} if cfg.get("genes") is not None else {})}
-        k = t.params["n_niches"]
+        t.state_ = {k: cfg[k] for k in ("radius_um", *_STATE) if k in cfg}
+        t.state_.update({"genes": cfg["genes"]} if cfg.get("genes") is not None else {})
+        k = t.n_niches
         check_shapes(tensors, {"pca_components?": ("c", "g"), "pca_mean?": ("g",), "gene_mean?": ("g",),
                                "gene_sd?": ("g",), "gmm.weights_?": (k,), "gmm.means_?": (k, "d"),
-                               "gmm.covariances_?": None, "gmm.precisions_cholesky_?": None}, path, "NicheTeacher")
+                               "gmm.covariances_?": None, "gmm.precisions_cholesky_?": None,
+                               "consensus.maps?": ("r", k, k), "consensus.cols?": ("r", "f")}, path, "NicheTeacher")
         t.state_.update({n: tensors[n].numpy() for n in _ARRAYS if n in tensors})
-        if "gmm.weights_" in tensors:
-            from sklearn.mixture import GaussianMixture
+        from ._consensus import member_seeds, mixture_from_arrays
 
-            t.state_["gmm"] = g = GaussianMixture(k, covariance_type=t.params["covariance_type"])
-            for n in _GMM:
-                setattr(g, n, tensors[f"gmm.{n}"].numpy())
+        g = mixture_from_arrays({n: v.numpy() for n, v in tensors.items() if n.startswith(("gmm.", "consensus."))},
+                                t.params["covariance_type"], member_seeds(t.params["seed"], t.params["consensus"]))
+        if g is not None:
+            t.state_["gmm"] = g
         nol = {n[len("nolan."):]: v for n, v in tensors.items() if n.startswith("nolan.")}
         if nol:
             t.state_["nolan"], t.state_["nolan_hp"] = {n: v.numpy() for n, v in nol.items()}, dict(cfg["nolan_hp"])
