@@ -79,5 +79,25 @@ def test_the_niche_recipe_builds_each_graph_once(builds):
     assert len(made) == len(set(made))  # no AnnData built a graph of one radius twice
     r_nbr = a.uns["spatial_neighbors"]["params"]["radius_um"]  # the neighbourhood's graph, built on every spot
     assert [(x, r) for x, _, r in builds if r == r_nbr] == [(a, r_nbr)]  # once: baselines, students, refinements read it
-    # the refinement's first ring (6 neighbours) is its own radius, built once on each AnnData it refines
-    assert {r for _, _, r in builds} - {r_nbr} and all(x is not a for x, _, r in builds if r != r_nbr)
+    # on every spot: the neighbourhood's graph and the teacher's rings (its own radius, read from obsp
+    # when there), each once; the refinement's first ring (6 neighbours) is its own radius, built once
+    # on each AnnData it refines
+    on_a = [r for x, _, r in builds if x is a]
+    assert len(on_a) == len(set(on_a)) == 2 and r_nbr in on_a
+    assert any(x is not a for x, _, r in builds if r not in on_a)
+
+
+def test_the_niche_teacher_reads_its_rings_from_obsp(builds):
+    from stdistill.teachers import NicheTeacher
+
+    a = toy(n_patients=2, grid=5)
+    t = NicheTeacher(3, method="aggregate", seed=0)
+    t.fit(a)
+    r = t.state_["radius_um"]
+    assert [x is a for x, _, rr in builds if rr == r] == [True] and not len(a.obsp)  # built once, nothing written
+    pp.spatial_neighbors(a, radius_um=r)  # the user's graph of that radius, squidpy's layout
+    n = len(builds)
+    t2 = NicheTeacher(3, method="aggregate", seed=0)
+    t2.fit(a)
+    assert len(builds) == n  # read from obsp, not rebuilt
+    np.testing.assert_allclose(t2.fit_probs_, t.fit_probs_)

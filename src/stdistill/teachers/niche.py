@@ -41,7 +41,7 @@ from ..pp.neighbors import (
     aggregate,
     neighbor_tokens,
     radius_for_neighbors,
-    radius_graph,
+    spot_graph,
 )
 
 METHODS = ("nolan", "aggregate")
@@ -290,7 +290,9 @@ class NicheTeacher(Bundled):
         return self
 
     def _aggregate(self, adata: ad.AnnData, e: np.ndarray) -> np.ndarray:
-        return aggregate(radius_graph(adata, self.state_["radius_um"]), e, self.params["n_rings"]).astype(np.float64)
+        # the spot graph of obsp when one of this radius is there (pp.spatial_neighbors), else built here
+        g = spot_graph(adata, self.state_["radius_um"], store=False)
+        return aggregate(g, e, self.params["n_rings"]).astype(np.float64)
 
     def _views(self, adata: ad.AnnData, e: np.ndarray):
         r = self.state_["radius_um"]
