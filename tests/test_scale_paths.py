@@ -178,12 +178,12 @@ def test_pca_streams_only_past_the_in_memory_limit(monkeypatch):
 
 
 def test_teacher_fit_builds_the_ring_graph_once(monkeypatch):
-    import stdistill.teachers.niche as tn
+    import stdistill.pp.neighbors as nb
 
     a = toy(n_patients=2, grid=6, n_genes=20)
     calls = []
-    real = tn.radius_graph
-    monkeypatch.setattr(tn, "radius_graph", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    real = nb.radius_graph
+    monkeypatch.setattr(nb, "radius_graph", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     t = NicheTeacher(3, seed=0).fit(a)
     assert len(calls) == 1
     np.testing.assert_allclose(t.predict_proba(a), t.fit_probs_, atol=1e-6)  # the fitted labels are the predicted ones
