@@ -275,7 +275,8 @@ class Results:
                      "precision": precision, "machine": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_time_s": None,
                      "smoke": bool(getattr(args, "smoke", False)), "variant": variant,
-                     "args": jsonable({k: v for k, v in vars(args).items() if k not in ("results",)})}
+                     "args": jsonable({k: _rel(v) if isinstance(v, str) else v  # paths given as strings too
+                                       for k, v in vars(args).items() if k not in ("results",)})}
         self.tables: dict[str, dict] = {}
 
     @property

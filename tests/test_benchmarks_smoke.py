@@ -63,6 +63,7 @@ def test_smoke(script, tmp_path, smoke_cache):
         data = json.loads(f.read_text())
         assert data["smoke"] is True and data["benchmark"] == script.name and data["tables"], f
         assert not os.path.isabs(data["command"].split()[-1]) and str(REPO) not in data["command"]
+        assert not [k for k, v in data["args"].items() if isinstance(v, str) and os.path.isabs(v)], data["args"]
         for name, t in data["tables"].items():
             assert t["rows"], f"{f.name}: table {name} has no rows"
             assert all(len(row) == len(t["columns"]) for row in t["rows"]), f"{f.name}: table {name}"
