@@ -184,7 +184,7 @@ def predict(
         c = c.without_rna()
     risk = m.predict(c)
     df = risk.to_frame()
-    group = m.predict_group(c) if m.risk_cut_ is not None else None  # the cut stored from training, never this cohort's
+    group = m.predict_group(c, risk) if m.risk_cut_ is not None else None  # the cut stored from training, never this cohort's
     if group is not None:
         df = df.join(group)
     if m.config.loss == "nll":
@@ -271,7 +271,7 @@ def _km(cohort, risk, group, folder: Path) -> None:
         typer.echo(f"Kaplan-Meier skipped: every patient is '{group.iloc[0]}' at the model's training cut")
         return
     fig = pl.km_risk_groups(cohort.time, cohort.event, risk.to_numpy(), path=folder / "km_risk_groups.png",
-                            groups=None if group is None else group.reindex(risk.index).to_numpy())
+                            groups=None if group is None else group.to_numpy())
     typer.echo(f"Kaplan-Meier: {folder / 'km_risk_groups.png'} (log-rank p = {fig.logrank_p:.2g})")
 
 

@@ -98,8 +98,9 @@ def predict_survival(job: Job) -> tuple[dict, np.ndarray, int]:
         c = Cohort(pd.DataFrame({"time": [0.0], "event": [0]}, index=["slide"]), {"slide": X[good]}, {"slide": "slide"})
         attn = np.full(n, np.nan, np.float32)
         attn[good] = m.attention(c)["slide"]
-        high = m.predict_group(c).iloc[0] == "high risk"
-        return {"risk": np.array([m.predict(c).iloc[0]]), "high": np.array([int(high)]), "attention": attn}
+        risk = m.predict(c)
+        high = m.predict_group(c, risk).iloc[0] == "high risk"
+        return {"risk": np.array([risk.iloc[0]]), "high": np.array([int(high)]), "attention": attn}
 
     reused += run_stage("survival", [(0, n)], path, compute, job.bar)
     z = {k: load_chunk(path(0), k) for k in ("risk", "high", "attention")}

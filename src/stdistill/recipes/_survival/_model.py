@@ -365,13 +365,14 @@ class SurvivalModel(Bundled):
         the bags only; genomic models read ``cohort.rna``."""
         return pd.Series(self._predict(cohort)["risk"], index=pd.Index(cohort.patients, name="patient"), name="risk")
 
-    def predict_group(self, cohort: Cohort) -> pd.Series:
+    def predict_group(self, cohort: Cohort, risk: pd.Series | None = None) -> pd.Series:
         """(n_patients,) ``"high risk"`` where the risk is above ``risk_cut_`` (the median risk of the
         training patients, stored by :meth:`fit`), else ``"low risk"``. The cut never depends on
-        ``cohort``, so a single new slide gets the same group as it would in any cohort."""
+        ``cohort``, so a single new slide gets the same group as it would in any cohort. ``risk``:
+        :meth:`predict`'s output for ``cohort`` when already computed (not predicted again)."""
         if self.risk_cut_ is None:
             raise StdistillError("the model has no stored risk cut (risk_cut_): refit it with this version")
-        r = self.predict(cohort)
+        r = self.predict(cohort) if risk is None else risk
         return pd.Series(np.where(r.to_numpy() > self.risk_cut_, "high risk", "low risk"), index=r.index, name="group")
 
     def predict_survival(self, cohort: Cohort) -> pd.DataFrame:
