@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -46,7 +45,8 @@ SCRIPT = textwrap.dedent("""
         m.save(os.path.join(out, f"devices{devices}_rank{rank}"))
         if devices > 1:  # every process must end with the same weights and history
             state = b"".join(v.numpy().tobytes() for v in m._state().values())
-            print(f"RANK{rank}", hashlib.sha256(state + repr(m.history_).encode()).hexdigest(), flush=True)
+            with open(os.path.join(os.path.dirname(out), f"hash_rank{rank}.txt"), "w") as f:
+                f.write(hashlib.sha256(state + repr(m.history_).encode()).hexdigest())
         pred = m.predict(va, inplace=False)
         return {"val_pearson": float(np.nanmean(pearson_per_gene(log1p_targets(va, pred.columns), pred.to_numpy()))),
                 "curve": [h["val_head_pearson"] for h in m.history_], "reg": [h["train_reg"] for h in m.history_[1:]]}
@@ -71,9 +71,9 @@ def _run(tmp_path: Path) -> dict:
                        cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["devices1_rank0", "devices2_rank0"]  # rank 1 wrote nothing
-    # both processes share stdout, so their lines may interleave: read the hashes by pattern
-    ranks = dict(re.findall(r"(RANK[01]) ([0-9a-f]{64})", r.stdout))
-    assert len(ranks) == 2 and ranks["RANK0"] == ranks["RANK1"], r.stdout  # DDP kept the processes in step
+    # each rank writes its hash to its own file (the two processes share stdout, whose writes interleave)
+    ranks = [(tmp_path / f"hash_rank{k}.txt").read_text() for k in (0, 1)]
+    assert len(ranks[0]) == 64 and ranks[0] == ranks[1], ranks  # DDP kept the processes in step
     return json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
 
 
