@@ -344,7 +344,8 @@ def main() -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--w-con", type=float, nargs="+", default=[0.0, 1.0], help="contrastive weights tried")
-    ap.add_argument("--rank", type=int, nargs="+", default=[32, 128], help="MiSS ranks tried")
+    ap.add_argument("--rank", type=int, nargs="+", default=[32],
+                    help="MiSS ranks tried (e.g. 32 128; each rank doubles the selection runs)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (default: all cores)")
