@@ -89,10 +89,15 @@ def frame_md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def epochs_table(res: pd.DataFrame) -> str:
+def epochs_frame(res: pd.DataFrame) -> pd.DataFrame:
+    """Epochs chosen on the inner patients: one row per method, one column per test fold."""
     ep = res[res["method"] != "oracle"].groupby(["method", "fold"], sort=False)["epochs"].first().unstack("fold")
+    return ep.astype(int)
+
+
+def epochs_table(res: pd.DataFrame) -> str:
     return "Epochs chosen on inner patients (per fold): " + "; ".join(
-        f"{m} {'/'.join(str(int(v)) for v in r)}" for m, r in ep.iterrows())
+        f"{m} {'/'.join(str(int(v)) for v in r)}" for m, r in epochs_frame(res).iterrows())
 
 
 # ================================================================================ layer 1
@@ -232,6 +237,10 @@ def her2st_report(c: Cohort, folds, res: pd.DataFrame, risks: pd.DataFrame, out:
     diag = diagnostics(risks, c.table["hazard_true"])
     diag.to_csv(out / "diagnostics.csv")
     shift = image_transfer(c)
+    record(args, "her2st_epochs", epochs_frame(res).reset_index())
+    record(args, "ceiling", pd.DataFrame([{"ceiling": "privileged ridge C", **ceil, "mean": float(np.mean(list(ceil.values())))}]))
+    record(args, "transfer", shift.reset_index())
+    record(args, "risk_spearman", diag.reset_index())
     return ["## 1. Semi-synthetic HER2ST windows (real features and pseudo-bulk, planted hazard)", "",
             f"{c}; {1 - c.event.mean():.0%} censored; leave one source patient out; encoder "
             f"{c.meta['encoder']} ({c.meta['precision']}).", "", md_table(table, FOLD_NOTE), "", epochs_table(res), "",
@@ -338,6 +347,7 @@ def layer1(args, t0: float) -> list[str]:
                                                                         genesets=c.meta["genesets"], seeds=args.sim_seeds))
         table = cv_table(res)
         record(args, "simulated", display_table(table))
+        record(args, "simulated_epochs", epochs_frame(res).reset_index())
         parts += ["", "## 1b. Fully simulated positive control (planted programmes)", "",
                   f"{c}; 5-fold patient CV; gene families = the planted marker programmes.", "", md_table(table), "",
                   epochs_table(res)]
@@ -383,7 +393,7 @@ def layer2(args, t0: float) -> list[str]:
             parts.append("SurvSet is not installed (pip install 'stdistill[survival-bench]'; GPL-3 data): the real-genomics layer was skipped.")
             log("SurvSet not installed: skipping the real-genomics layer", t0)
         else:
-            rows = []
+            rows, table_rows = [], []
             for name in args.survset:
                 c = survset_cohort(name)
                 ms = [Method("snn", SurvivalConfig(kind="snn", max_epochs=args.max_epochs))]
@@ -391,9 +401,12 @@ def layer2(args, t0: float) -> list[str]:
                 tab = cv_table(res)
                 record(args, f"survset_{name}", display_table(tab))
                 for m, r in tab.iterrows():
+                    table_rows.append({"cohort": name, "patients": len(c.patients), "events": int(c.event.sum()), "model": m,
+                                       "Harrell C": r["cindex_mean"], "sd": r["cindex_sd"], "Uno C": r["cindex_uno_mean"]})
                     rows.append(f"| {name} ({len(c.patients)} patients, {int(c.event.sum())} events) | {m} | "
                                 f"{r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f} | {r['cindex_uno_mean']:.3f} |")
                 log(f"SurvSet {name} done", t0)
+            record(args, "survset", pd.DataFrame(table_rows))
             parts += ["Genomic branch alone (SNN over Hallmark families), 5-fold patient CV, mean +- sd over seeds:", "",
                       "| cohort | model | Harrell C | Uno C |", "|---|---|---|---|", *rows]
     if "brace" not in args.skip:
