@@ -41,6 +41,7 @@ map gene); prints the tables and the run time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -61,10 +62,6 @@ from stdistill.recipes import GenST, GenstConfig, codebook_stats, genst_patches,
 
 ENCODER, KEY = "effnet-lite0-imagenet", "X_effnet-lite0-imagenet"
 RES_NOTE = {"A": "A1/A2 at ~3.2 um/px (2000 px app copies): resolution shift + patient shift"}
-# PEKA is not retrained here: its rows are quoted from docs/expression.md, each naming the run it comes from
-PEKA = {"her2st": [("PEKA peka_miss, raw patches (expression.md, earlier run)", {"A": 0.0203, "B": 0.1273, "C": 0.1814}),
-                   ("PEKA peka_miss_kd, stain chosen in the folds (expression.md)", {"A": 0.0270, "B": 0.1141, "C": 0.2220})],
-        "simulated": [("PEKA peka_miss (expression.md, simulated run)", {"simP0": 0.4103, "simP1": 0.3841, "simP2": 0.3032})]}
 ABLATIONS = {"genst_mse": {"likelihood": "mse"}, "genst_fsq": {"quantizer": "fsq", "fsq_levels": (8, 8)},
              "genst_k256": {"codebook_size": 256, "hist_codebook_size": 256}}
 PIXEL_ABLATIONS = {"genst_pixels_pre": {"hist_epochs": 10}}
@@ -219,6 +216,24 @@ def markdown(t: Table) -> str:
     return "\n".join(["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def peka_rows(dataset: str) -> list[tuple[str, dict[str, float]]]:
+    """PEKA's held-out Pearson per fold (mean over seeds), quoted, not retrained: read from the
+    results file of ``benchmarks/expression_her2st.py`` on the same dataset, where it exists."""
+    path = _common.RESULTS_DIR / ("expression_her2st" + ("" if dataset == "her2st" else f"-{dataset}") + ".json")
+    table = json.loads(path.read_text())["tables"].get("main") if path.is_file() else None
+    if table is None:
+        return []
+    cols = table["columns"]
+    folds = cols[1:cols.index("mean +- std over folds")] if "mean +- std over folds" in cols else []
+    rows = []
+    for row in table["rows"]:
+        r = dict(zip(cols, row))
+        if r["method"] in ("peka_miss", "peka_miss_kd"):
+            rows.append((f"PEKA {r['method']} (quoted from {path.name})",
+                         {f.rstrip(" *"): float(str(r[f]).split()[0]) for f in folds}))
+    return rows
+
+
 def main_table(res: pd.DataFrame, dataset: str, gene: str) -> Table:
     folds = [f for f in dict.fromkeys(res["fold"])]
     cols = (["method"] + [f"{f}{' *' if f in RES_NOTE else ''}" for f in folds]
@@ -233,7 +248,7 @@ def main_table(res: pd.DataFrame, dataset: str, gene: str) -> Table:
         ceil = f"{d['ceiling'].mean():.4f}" if "ceiling" in d and d["ceiling"].notna().any() else ""
         secs = f"{d['seconds'].mean():.0f}" if "seconds" in d and d["seconds"].notna().any() else ""
         rows.append([meth, *per_fold, agg, f"{d['r_map'].mean():.3f}", ceil, secs])
-    for name, peka in PEKA[dataset]:
+    for name, peka in peka_rows(dataset):
         if all(f in peka for f in folds):
             v = pd.Series([peka[f] for f in folds])
             rows.append([name, *(f"{peka[f]:.4f}" for f in folds), f"{v.mean():.4f} +- {v.std(ddof=0):.4f}", "", "", ""])
