@@ -208,7 +208,11 @@ Table = tuple[list[str], list[list[str]]]
 
 
 def fmt(v: pd.Series) -> str:
-    return f"{v.mean():.4f}" + (f" +- {v.std(ddof=0):.4f}" if len(v) > 1 else "")
+    """mean +- std over seeds; runs whose r is undefined (a constant prediction, e.g. one code for
+    every spot) are left out of both and counted in the cell."""
+    ok = v.dropna()
+    cell = (f"{ok.mean():.4f}" + (f" +- {ok.std(ddof=0):.4f}" if len(ok) > 1 else "")) if len(ok) else "undefined"
+    return cell + (f" ({v.isna().sum()} of {len(v)} runs: r undefined)" if v.isna().any() and len(ok) else "")
 
 
 def markdown(t: Table) -> str:
