@@ -359,6 +359,7 @@ def main() -> int:
                tables(res, store)]
         for tname, df in store.items():
             results.table(f"{name}_{tname}", df, digits={c: 3 for c in df.columns})
+        results.markdown("\n".join(ttxt), [f"{name}_sizes_K{k}" for k in args.ks])  # teacher niche sizes per K
         res.to_csv(args.out / f"{name}.csv", index=False)
 
     if not args.no_investigation:
