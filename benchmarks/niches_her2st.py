@@ -360,10 +360,9 @@ def main() -> int:
         for tname, df in store.items():
             results.table(f"{name}_{tname}", df, digits={c: 3 for c in df.columns})
         results.markdown("\n".join(ttxt), [f"{name}_sizes_K{k}" for k in args.ks])  # teacher niche sizes per K
-        results.table(f"{name}_teacher", pd.DataFrame([{"K": k, "NMI(niche, patient), 36 sections": v["nmi_all"],
-                                                        "NMI(niche, patient), imaged spots": v["nmi_img"]}
-                                                       for k, v in tinfo.items()]), digits=dict.fromkeys(
-            ["NMI(niche, patient), 36 sections", "NMI(niche, patient), imaged spots"], 3))
+        nmi_k = pd.DataFrame([{"K": k, "NMI(niche, patient), 36 sections": v["nmi_all"],
+                               "NMI(niche, patient), imaged spots": v["nmi_img"]} for k, v in tinfo.items()])
+        results.table(f"{name}_teacher", nmi_k, digits={c: 3 for c in nmi_k.columns if c != "K"})
         res.to_csv(args.out / f"{name}.csv", index=False)
 
     if not args.no_investigation:

@@ -393,19 +393,19 @@ def layer2(args, t0: float) -> list[str]:
             parts.append("SurvSet is not installed (pip install 'stdistill[survival-bench]'; GPL-3 data): the real-genomics layer was skipped.")
             log("SurvSet not installed: skipping the real-genomics layer", t0)
         else:
-            rows, table_rows = [], []
+            table_rows = []
             for name in args.survset:
                 c = survset_cohort(name)
                 ms = [Method("snn", SurvivalConfig(kind="snn", max_epochs=args.max_epochs))]
                 res, _, _ = cached_cv(args, f"survset_{name}", lambda: run_cv(c, ms, patient_folds(c, 5), args, t0, seeds=args.sim_seeds))
                 tab = cv_table(res)
                 record(args, f"survset_{name}", display_table(tab))
-                for m, r in tab.iterrows():
-                    table_rows.append({"cohort": name, "patients": len(c.patients), "events": int(c.event.sum()), "model": m,
-                                       "Harrell C": r["cindex_mean"], "sd": r["cindex_sd"], "Uno C": r["cindex_uno_mean"]})
-                    rows.append(f"| {name} ({len(c.patients)} patients, {int(c.event.sum())} events) | {m} | "
-                                f"{r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f} | {r['cindex_uno_mean']:.3f} |")
+                table_rows += [{"cohort": name, "patients": len(c.patients), "events": int(c.event.sum()), "model": m,
+                                "Harrell C": r["cindex_mean"], "sd": r["cindex_sd"], "Uno C": r["cindex_uno_mean"]}
+                               for m, r in tab.iterrows()]
                 log(f"SurvSet {name} done", t0)
+            rows = [f"| {r['cohort']} ({r['patients']} patients, {r['events']} events) | {r['model']} | "
+                    f"{r['Harrell C']:.3f} +- {r['sd']:.3f} | {r['Uno C']:.3f} |" for r in table_rows]
             record(args, "survset", pd.DataFrame(table_rows))
             parts += ["Genomic branch alone (SNN over Hallmark families), 5-fold patient CV, mean +- sd over seeds:", "",
                       "| cohort | model | Harrell C | Uno C |", "|---|---|---|---|", *rows]
