@@ -314,6 +314,7 @@ def variants(args, t0: float) -> list[str]:
     res, _, _ = cached_cv(args, "her2st_variants", lambda: run_cv(c, ms, folds, args, t0, groups="source_patient",
                                                                   seeds=args.variant_seeds))
     log("variants done", t0)
+    record(args, "variants_epochs", epochs_frame(res).reset_index())
     return ["", "## 1c. AMKD variants on the semi-synthetic HER2ST windows", "",
             f"Same cohort and folds as layer 1; seeds {','.join(map(str, sorted(set(res['seed']))))}. amkd: the "
             "redundancy loss over the batch (64 dimensions, rank <= 15), disagreeing samples weighted up; "

@@ -239,6 +239,16 @@ def paired_table(res: pd.DataFrame, per_gene: dict, col: str = "pearson") -> pd.
     return pd.DataFrame(out).T.replace(r" \[nan\]", "", regex=True)
 
 
+def chosen_table(res: pd.DataFrame) -> pd.DataFrame | None:
+    """The ``chosen`` arm: per held-out patient and probe, the arm chosen inside the training
+    patients and its inner mean Pearson (None without that arm)."""
+    if "chosen_arm" not in res or not (res["arm"] == "chosen").any():
+        return None
+    t = res.loc[res["arm"] == "chosen", ["patient", "probe", "chosen_arm", "inner_pearson", "pearson"]]
+    return t.rename(columns={"chosen_arm": "arm chosen", "inner_pearson": "its inner mean Pearson",
+                             "pearson": "held-out mean Pearson"}).reset_index(drop=True)
+
+
 def report(res: pd.DataFrame, per_gene: dict, results=None) -> str:
     """The printed tables (each also into ``results`` when given)."""
     paired = (res["arm"] == "none").any()  # the differences need the none arm (the probes part)
@@ -247,6 +257,9 @@ def report(res: pd.DataFrame, per_gene: dict, results=None) -> str:
     for name, t in tabs.items():
         if results is not None and t is not None:
             results.table(name, t.rename_axis(["arm", "probe"]))
+    chosen = chosen_table(res)
+    if results is not None and chosen is not None:
+        results.table("chosen", chosen, digits={"its inner mean Pearson": 4, "held-out mean Pearson": 4})
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
         return "\n".join([
             "== mean Pearson over the 50 genes, per held-out patient (mean +- sd over seeds where seeded) ==",
@@ -257,6 +270,9 @@ def report(res: pd.DataFrame, per_gene: dict, results=None) -> str:
             tabs["erbb2"].to_string(),
             *([f"== arm - none, {MAP_GENE} r (+- sd over seeds) ==",
                tabs["erbb2_vs_none"].to_string()] if paired else []),
+            *(["== the arm chosen inside the training patients (the chosen rows above) ==",
+               chosen.round(4).to_string(index=False)]
+              if chosen is not None else []),
             f"* {APART}: A1/A2 are ~3.2 um/px copies (a 112 um patch is ~35 px upsampled to 224): a resolution shift "
             "as much as a patient shift; the 'mean' columns without it are the cleaner read.",
         ])
