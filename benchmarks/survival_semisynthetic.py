@@ -95,9 +95,12 @@ def epochs_frame(res: pd.DataFrame) -> pd.DataFrame:
     return ep.astype(int)
 
 
-def epochs_table(res: pd.DataFrame) -> str:
+def epochs_table(args, name: str, res: pd.DataFrame) -> str:
+    """Record the epochs chosen on the inner patients as table ``name``; the line printed in the report."""
+    ep = epochs_frame(res)
+    record(args, name, ep.reset_index())
     return "Epochs chosen on inner patients (per fold): " + "; ".join(
-        f"{m} {'/'.join(str(int(v)) for v in r)}" for m, r in epochs_frame(res).iterrows())
+        f"{m} {'/'.join(str(int(v)) for v in r)}" for m, r in ep.iterrows())
 
 
 # ================================================================================ layer 1
@@ -237,13 +240,13 @@ def her2st_report(c: Cohort, folds, res: pd.DataFrame, risks: pd.DataFrame, out:
     diag = diagnostics(risks, c.table["hazard_true"])
     diag.to_csv(out / "diagnostics.csv")
     shift = image_transfer(c)
-    record(args, "her2st_epochs", epochs_frame(res).reset_index())
+    epochs = epochs_table(args, "her2st_epochs", res)
     record(args, "ceiling", pd.DataFrame([{"ceiling": "privileged ridge C", **ceil, "mean": float(np.mean(list(ceil.values())))}]))
     record(args, "transfer", shift.reset_index())
     record(args, "risk_spearman", diag.reset_index())
     return ["## 1. Semi-synthetic HER2ST windows (real features and pseudo-bulk, planted hazard)", "",
             f"{c}; {1 - c.event.mean():.0%} censored; leave one source patient out; encoder "
-            f"{c.meta['encoder']} ({c.meta['precision']}).", "", md_table(table, FOLD_NOTE), "", epochs_table(res), "",
+            f"{c.meta['encoder']} ({c.meta['precision']}).", "", md_table(table, FOLD_NOTE), "", epochs, "",
             "Privileged image ceiling (ridge from mean-pooled patch features to the *true* hidden activity, "
             "trained on the training folds; not a real model): " + ", ".join(f"{k} {v:.3f}" for k, v in ceil.items())
             + f" (mean {np.mean(list(ceil.values())):.3f}).", "",
@@ -314,7 +317,7 @@ def variants(args, t0: float) -> list[str]:
     res, _, _ = cached_cv(args, "her2st_variants", lambda: run_cv(c, ms, folds, args, t0, groups="source_patient",
                                                                   seeds=args.variant_seeds))
     log("variants done", t0)
-    record(args, "variants_epochs", epochs_frame(res).reset_index())
+    epochs = epochs_table(args, "variants_epochs", res)
     return ["", "## 1c. AMKD variants on the semi-synthetic HER2ST windows", "",
             f"Same cohort and folds as layer 1; seeds {','.join(map(str, sorted(set(res['seed']))))}. amkd: the "
             "redundancy loss over the batch (64 dimensions, rank <= 15), disagreeing samples weighted up; "
@@ -323,7 +326,7 @@ def variants(args, t0: float) -> list[str]:
             "all three for amkd's epochs. "
             "*_miss25 / *_miss50: that share of each fold's training patients without RNA (drawn with seed 0 "
             "inside the training fold; test patients unchanged), epochs chosen anew on the inner patients.", "",
-            plain_md(record(args, "variants", display_table(cv_table(res)))), "", epochs_table(res), "",
+            plain_md(record(args, "variants", display_table(cv_table(res)))), "", epochs, "",
             "Incomplete modalities (Harrell C on the test folds; the teacher is tested with RNA, the student "
             "on slides alone):", "",
             plain_md(record(args, "missing_rna", missing_table(res, args.missing, {f: len(tr) for f, tr, _ in folds})))]
@@ -348,10 +351,10 @@ def layer1(args, t0: float) -> list[str]:
                                                                         genesets=c.meta["genesets"], seeds=args.sim_seeds))
         table = cv_table(res)
         record(args, "simulated", display_table(table))
-        record(args, "simulated_epochs", epochs_frame(res).reset_index())
+        epochs = epochs_table(args, "simulated_epochs", res)
         parts += ["", "## 1b. Fully simulated positive control (planted programmes)", "",
                   f"{c}; 5-fold patient CV; gene families = the planted marker programmes.", "", md_table(table), "",
-                  epochs_table(res)]
+                  epochs]
         figures(c, risks, keep, table, "survival_simulated", args.figures)
         log("simulated layer done", t0)
     return parts
